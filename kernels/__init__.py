@@ -1,0 +1,33 @@
+"""Segmented LoRA ops: Triton kernels and their torch reference twins.
+
+`COTUNE_KERNELS` picks the implementation: `reference` (torch, any device), `triton`
+(fused kernels), or `auto` (the default: Triton on a CUDA device when its kernels are
+available, the reference otherwise). Every implementation has the same signatures as
+`cotune.kernels.sgmv_reference`.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+CHOICES = ("reference", "triton", "auto")
+
+
+class KernelChoiceError(ValueError):
+    """COTUNE_KERNELS names an implementation that cannot run here."""
+
+
+def backend() -> ModuleType:
+    """The module of segmented ops chosen by COTUNE_KERNELS (read at each call)."""
+    choice = os.environ.get("COTUNE_KERNELS", "auto")
+    if choice not in CHOICES:
+        raise KernelChoiceError(f"COTUNE_KERNELS={choice!r} is not accepted; use one of {CHOICES}")
+    if choice == "triton":
+        raise KernelChoiceError(
+            "COTUNE_KERNELS=triton: cotune has no Triton implementation of the segmented LoRA "
+            "ops yet; use COTUNE_KERNELS=reference or auto"
+        )
+    from cotune.kernels import sgmv_reference
+
+    return sgmv_reference

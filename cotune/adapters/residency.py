@@ -1,0 +1,60 @@
+"""Which adapter occupies which device slot of the base model's LoRA pools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cotune.adapters.peft_format import AdapterError, LoraAdapter, load_peft_adapter
+from cotune.model.llama import LORA_TARGETS, CausalLM
+
+
+class ResidentAdapters:
+    """Loads PEFT adapters into the slot pools of every VirtualizedLinear of `model`.
+
+    A load is validated completely before any slot is written, so a refused adapter leaves
+    the pools and the table of resident adapters exactly as they were.
+    """
+
+    def __init__(self, model: CausalLM, num_slots: int, max_rank: int,
+                 targets: tuple[str, ...] = LORA_TARGETS):
+        self.max_rank = max_rank
+        self.modules = model.lora_modules(targets)
+        for module in self.modules.values():
+            module.allocate_slots(num_slots, max_rank)
+        self.base_modules = {name: (m.in_features, m.out_features)
+                             for name, m in self.modules.items()}
+        self._slot_of: dict[str, int] = {}
+        self._free = list(range(num_slots))
+
+    def slot_of(self, key: str) -> int | None:
+        return self._slot_of.get(key)
+
+    def load(self, key: str, path: str | Path) -> int:
+        """Makes the PEFT adapter at `path` resident under `key`; returns its slot."""
+        if key in self._slot_of:
+            return self._slot_of[key]
+        adapter = load_peft_adapter(path, self.base_modules, self.max_rank)
+        return self.place(key, adapter)
+
+    def place(self, key: str, adapter: LoraAdapter) -> int:
+        """Writes a validated adapter into a free slot; returns the slot."""
+        if not self._free:
+            raise AdapterError(
+                f"no free adapter slot for {key!r}: all {len(self._slot_of)} slots hold "
+                "resident adapters; evict one or start with more slots"
+            )
+        slot = self._free.pop(0)
+        for name, module in self.modules.items():
+            lora = adapter.modules.get(name)
+            if lora is None:
+                module.clear_slot(slot)
+            else:
+                module.load_slot(slot, lora.a, lora.b, lora.scale)
+        self._slot_of[key] = slot
+        return slot
+
+    def evict(self, key: str) -> None:
+        slot = self._slot_of.pop(key)
+        for module in self.modules.values():
+            module.clear_slot(slot)
+        self._free.append(slot)

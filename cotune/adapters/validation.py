@@ -1,0 +1,264 @@
+"""What an adapter_config.json means, by PEFT's own rules, and which of its options cotune refuses.
+
+The rules mirror peft 0.21: `LoraConfig` (tuners/lora/config.py), `check_target_module_exists`
+(tuners/tuners_utils.py), `get_pattern_key` (utils/other.py) and `LoraLayer.update_layer`
+(tuners/lora/layer.py). Every refusal says what is wrong and what is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+
+# The options whose non-default value changes the math of the LoRA delta (or adds parameters
+# cotune does not hold), with the values accepted and the reason. Defaults are PEFT's.
+_UNSUPPORTED_OPTIONS: dict[str, tuple[tuple, str]] = {
+    "use_dora": ((False,), "DoRA (a learned magnitude rescales each output) is not supported yet"),
+    "modules_to_save": ((None, []), "full copies of base modules cannot share the one base"),
+    "fan_in_fan_out": ((False,), "cotune's bases store weights as (out_features, in_features)"),
+    "bias": (("none",), "trained biases of the base are not part of a LoRA delta"),
+    "lora_bias": ((False,), "a bias on lora_B is not supported"),
+    "target_parameters": ((None, []), "LoRA on raw parameters (MoE experts) is not supported"),
+    "layer_replication": ((None, []), "replicated layers change the base model itself"),
+    "use_qalora": ((False,), "QALoRA pools the input before lora_A"),
+    "trainable_token_indices": ((None,), "trainable embedding rows are not supported"),
+    "megatron_config": ((None,), "Megatron-parallel LoRA layers are not supported"),
+    "alora_invocation_tokens": ((None,), "activated LoRA (aLoRA) applies only after its tokens"),
+    "velora_config": ((None,), "VeLoRA stores extra state and approximates the backward pass"),
+    "monteclora_config": ((None,), "MonteCLoRA samples perturbations of the weights"),
+    "use_bdlora": ((None,), "block-diagonal LoRA (BD-LoRA) is not supported"),
+    "arrow_config": ((None,), "Arrow routing between experts is not supported"),
+    "kasa_config": ((None,), "KaSA inserts singular values between A and B and changes the base"),
+}
+
+# The options cotune reads and honours below.
+_HONOURED_OPTIONS = frozenset({
+    "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",
+    "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "init_lora_weights",
+})
+
+# Options that leave the math of a saved adapter alone: metadata, training-time settings, and
+# settings that only matter together with an option checked above.
+_INERT_OPTIONS = frozenset({
+    "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "lora_dropout", "runtime_config", "ensure_weight_tying", "megatron_core",
+    "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+})
+
+# Initialisations whose weights are saved as they are; the others change the base weights.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+_RESIDUAL_INIT_PREFIXES = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+# PEFT's defaults, used where a config omits the key (as PEFT does).
+_DEFAULT_R = 8
+_DEFAULT_ALPHA = 8
+
+
+class AdapterError(ValueError):
+    """An adapter that cotune refuses; the message says what is wrong and what is accepted."""
+
+
+def check_config(config: dict, where: str) -> None:
+    """Refuses a config whose options cotune would otherwise ignore or misread."""
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(
+            f"adapter {where} has peft_type {config.get('peft_type')!r} in adapter_config.json; "
+            "cotune accepts only peft_type 'LORA' (plain LoRA adapters)")
+    _check_options(config, where)
+    _check_init(config.get("init_lora_weights", True), where)
+    _check_rank_and_alpha(config, where)
+    _check_targeting(config, where)
+
+
+def _check_options(config: dict, where: str) -> None:
+    for name, value in config.items():
+        if name in _UNSUPPORTED_OPTIONS:
+            accepted, why = _UNSUPPORTED_OPTIONS[name]
+            if value not in accepted:
+                raise AdapterError(
+                    f"adapter {where} sets {name}={json.dumps(value)} in adapter_config.json, "
+                    f"which cotune does not support: {why}; accepted: {name}="
+                    + " or ".join(json.dumps(a) for a in accepted))
+        elif name not in _HONOURED_OPTIONS and name not in _INERT_OPTIONS:
+            # An option of a newer PEFT: harmless only while it is off.
+            if value not in (None, False, [], {}):
+                raise AdapterError(
+                    f"adapter {where} sets {name}={json.dumps(value)} in adapter_config.json, "
+                    "an option cotune does not know and cannot honour; accepted: leave it unset "
+                    "(null), or use plain LoRA options only")
+
+
+def _check_init(init, where: str) -> None:
+    if init in _PLAIN_INITS and type(init) is type(next(i for i in _PLAIN_INITS if i == init)):
+        return
+    if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INIT_PREFIXES):
+        raise AdapterError(
+            f"adapter {where} uses init_lora_weights={init!r}, which changes the base weights, so "
+            "its LoRA only works on PEFT's modified base; accepted: a plain LoRA, e.g. re-saved by "
+            "PEFT with save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+    raise AdapterError(
+        f"adapter {where} uses init_lora_weights={json.dumps(init)}, which cotune does not know; "
+        "accepted: " + ", ".join(json.dumps(i) for i in _PLAIN_INITS))
+
+
+def _check_rank_and_alpha(config: dict, where: str) -> None:
+    _check_rank(config.get("r", _DEFAULT_R), "r", where)
+    _check_alpha(config.get("lora_alpha", _DEFAULT_ALPHA), "lora_alpha", where)
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdapterError(f"adapter {where}: use_rslora must be true or false")
+    for field, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"adapter {where}: {field} must map module patterns to values")
+        for pattern, value in patterns.items():
+            _compile(pattern, f"{field} key", where)
+            check(value, f"{field}[{pattern!r}]", where)
+
+
+def _check_rank(value, name: str, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AdapterError(
+            f"adapter {where} has {name}={json.dumps(value)}; accepted: a positive integer rank")
+
+
+def _check_alpha(value, name: str, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise AdapterError(
+            f"adapter {where} has {name}={json.dumps(value)}; accepted: a finite number")
+
+
+def _check_targeting(config: dict, where: str) -> None:
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        if targets.lower() == "all-linear":
+            raise AdapterError(
+                f"adapter {where} has target_modules='all-linear', which PEFT resolves against "
+                "its model before saving; accepted: the module names (as PEFT writes them) or a "
+                "regex")
+        _compile(targets, "target_modules", where)
+        if config.get("layers_to_transform") is not None or config.get("layers_pattern"):
+            raise AdapterError(
+                f"adapter {where} combines a regex target_modules with layers_to_transform or "
+                "layers_pattern, which PEFT refuses too; accepted: a list of names with them")
+    elif not _is_list_of(targets, str):
+        raise AdapterError(
+            f"adapter {where} has target_modules={json.dumps(targets)}; accepted: a list of "
+            "module names (e.g. [\"q_proj\", \"v_proj\"]) or a regex string")
+    excluded = config.get("exclude_modules")
+    if isinstance(excluded, str):
+        _compile(excluded, "exclude_modules", where)
+    elif excluded is not None and not _is_list_of(excluded, str):
+        raise AdapterError(
+            f"adapter {where} has exclude_modules={json.dumps(excluded)}; accepted: null, a list "
+            "of module names or a regex string")
+    _check_layers(config, where)
+
+
+def _check_layers(config: dict, where: str) -> None:
+    layers = config.get("layers_to_transform")
+    pattern = config.get("layers_pattern")
+    if layers is not None and not (isinstance(layers, int) or _is_list_of(layers, int)):
+        raise AdapterError(
+            f"adapter {where} has layers_to_transform={json.dumps(layers)}; accepted: null, a "
+            "layer index or a list of layer indices")
+    if pattern is not None and not (isinstance(pattern, str) or _is_list_of(pattern, str)):
+        raise AdapterError(
+            f"adapter {where} has layers_pattern={json.dumps(pattern)}; accepted: null, a name "
+            "or a list of names (e.g. \"layers\")")
+    if pattern and layers is None:
+        raise AdapterError(
+            f"adapter {where} sets layers_pattern without layers_to_transform, which PEFT "
+            "refuses too; accepted: layers_pattern only together with layers_to_transform")
+
+
+def _is_list_of(value, kind: type) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, kind) and not isinstance(v, bool) for v in value)
+
+
+def _compile(pattern: str, what: str, where: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise AdapterError(
+            f"adapter {where} has an invalid regex in {what}: {pattern!r} ({e}); accepted: a "
+            "Python regular expression") from None
+
+
+def is_targeted(config: dict, path: str) -> bool:
+    """Whether PEFT puts LoRA on the module at `path` (check_target_module_exists)."""
+    if _matches(config.get("exclude_modules"), path):
+        return False
+    targets = config["target_modules"]
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    if path in targets:  # a full path is taken as is, whatever layers_to_transform says
+        return True
+    return _matches(targets, path) and _in_transformed_layers(config, path)
+
+
+def _matches(names_or_regex: str | list[str] | None, path: str) -> bool:
+    if not names_or_regex:
+        return False
+    if isinstance(names_or_regex, str):
+        return re.fullmatch(names_or_regex, path) is not None
+    return any(path == name or path.endswith(f".{name}") for name in names_or_regex)
+
+
+def _in_transformed_layers(config: dict, path: str) -> bool:
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = config.get("layers_pattern")
+    if not patterns:
+        # the first numbered segment is the layer index, not a nested one (an expert's)
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match["idx"])
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def check_targets_exist(config: dict, base_paths: Iterable[str], where: str) -> None:
+    """Refuses a target_modules entry (or regex) that matches no LoRA-capable base module."""
+    base_paths = list(base_paths)
+    targets = config["target_modules"]
+    for target in [targets] if isinstance(targets, str) else targets:
+        if not any(_matches(target if isinstance(targets, list) else targets, p)
+                   if isinstance(targets, str) else _matches([target], p) for p in base_paths):
+            raise AdapterError(
+                f"adapter {where} targets module {target!r} which the base model does not have; "
+                f"{describe_base(base_paths)}")
+
+
+def describe_base(base_paths: Iterable[str]) -> str:
+    names = dict.fromkeys(p.rsplit(".", 1)[-1] for p in base_paths)
+    return "the base has LoRA-capable modules named " + ", ".join(names)
+
+
+def module_rank(config: dict, path: str) -> int:
+    """The rank PEFT gives the module at `path`: rank_pattern's first match, else r."""
+    return _pattern_value(config.get("rank_pattern") or {}, path, config.get("r", _DEFAULT_R))
+
+
+def module_scale(config: dict, path: str) -> float:
+    """scale = alpha / r, or alpha / sqrt(r) with rsLoRA, per module (LoraLayer.update_layer)."""
+    r = module_rank(config, path)
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, path,
+                           config.get("lora_alpha", _DEFAULT_ALPHA))
+    return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    # get_pattern_key: the first key, in file order, that matches a suffix of whole segments
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default

@@ -1,0 +1,76 @@
+"""The `cotune` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cotune.engine.offline import DTYPES, OfflineEngine, TextRequest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cotune", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate for a prompt or a file of requests")
+    _model_options(gen)
+    gen.add_argument("--requests", help="JSONL file; all requests run in one mixed batch")
+    gen.add_argument("--adapter", help="PEFT adapter directory for the single prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("prompt", nargs="?", help="the prompt (when --requests is not given)")
+    gen.set_defaults(run=_generate)
+
+    demo = commands.add_parser("demo", help="generate for a mixed batch of adapters and explain")
+    _model_options(demo)
+    demo.set_defaults(run=_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"cotune: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _model_options(parser):
+    parser.add_argument("--model", default="default",
+                        help="'default' (SmolLM2-135M-Instruct), a checkpoint dir or a .gguf")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--max-rank", type=int, default=64,
+                        help="largest LoRA rank the slot pool holds")
+
+
+def _generate(args) -> int:
+    from cotune.requests_file import read_requests
+
+    if (args.requests is None) == (args.prompt is None):
+        raise ValueError("give either --requests FILE or a prompt, not both")
+    if args.requests is not None:
+        if args.adapter is not None:
+            raise ValueError("--adapter applies to a single prompt; put adapters in the file")
+        requests = read_requests(args.requests)
+    else:
+        requests = [TextRequest(prompt=args.prompt, adapter=args.adapter,
+                                max_tokens=args.max_tokens, temperature=args.temperature)]
+    distinct = {r.adapter for r in requests if r.adapter is not None}
+    engine = OfflineEngine(args.model, args.dtype, args.max_rank, num_slots=max(1, len(distinct)))
+    outputs = engine.generate(requests)
+    if args.requests is None:
+        print(outputs[0]["text"])
+    else:
+        for output in outputs:
+            print(json.dumps(output))
+    return 0
+
+
+def _demo(args) -> int:
+    from cotune.demo import run_demo
+
+    run_demo(args.model, args.dtype, args.max_rank)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

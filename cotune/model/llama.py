@@ -1,0 +1,182 @@
+"""A compact Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over a flat token batch.
+
+Module and parameter names mirror Hugging Face's LlamaForCausalLM, so checkpoints load by
+name and PEFT adapter keys map one to one onto VirtualizedLinear modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cotune.model.config import ModelConfig
+from cotune.model.kv import SequenceKV
+from cotune.model.lora_routing import LoraRouting
+from cotune.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
+from cotune.model.virtualized_linear import VirtualizedLinear
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ForwardBatch:
+    """A flat batch: the new tokens of several sequences, one after another.
+
+    token_ids: (T,) with T = sum(seq_lens)
+    kv:        one SequenceKV per sequence, extended in place; None to attend only within
+               the given tokens (training and scoring)
+    lora:      the adapter of every row; None for the base model alone
+    """
+
+    token_ids: torch.Tensor
+    seq_lens: list[int]
+    kv: list[SequenceKV] | None = None
+    lora: LoraRouting | None = None
+
+    def past_lengths(self) -> list[int]:
+        return [0] * len(self.seq_lens) if self.kv is None else [kv.length for kv in self.kv]
+
+    def positions(self) -> torch.Tensor:
+        """(T,) absolute position of every row."""
+        return torch.cat([torch.arange(p, p + n) for p, n in
+                          zip(self.past_lengths(), self.seq_lens)])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, prefix: str):
+        super().__init__()
+        c = config
+        self.config = c
+        q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.q_proj = VirtualizedLinear(c.hidden_size, q_out, c.qkv_bias, f"{prefix}.q_proj")
+        self.k_proj = VirtualizedLinear(c.hidden_size, kv_out, c.qkv_bias, f"{prefix}.k_proj")
+        self.v_proj = VirtualizedLinear(c.hidden_size, kv_out, c.qkv_bias, f"{prefix}.v_proj")
+        self.o_proj = VirtualizedLinear(q_out, c.hidden_size, c.o_bias, f"{prefix}.o_proj")
+
+    def forward(self, x, cos, sin, batch: ForwardBatch, layer: int) -> torch.Tensor:
+        c, T = self.config, x.shape[0]
+        q = self.q_proj(x, batch.lora).view(T, c.num_heads, c.head_dim)
+        k = self.k_proj(x, batch.lora).view(T, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x, batch.lora).view(T, c.num_kv_heads, c.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        outputs, start = [], 0
+        for i, n in enumerate(batch.seq_lens):  # each sequence attends only to itself
+            qi = q[start:start + n].transpose(0, 1)  # (H, n, D)
+            ki = k[start:start + n].transpose(0, 1)  # (Hkv, n, D)
+            vi = v[start:start + n].transpose(0, 1)
+            if batch.kv is not None:
+                ki, vi = batch.kv[i].append(layer, ki, vi)  # (Hkv, past + n, D)
+            outputs.append(self._attend(qi, ki, vi).transpose(0, 1))  # (n, H, D)
+            start += n
+        out = torch.cat(outputs).reshape(T, c.num_heads * c.head_dim)
+        return self.o_proj(out, batch.lora)
+
+    def _attend(self, q, k, v) -> torch.Tensor:
+        n, total = q.shape[1], k.shape[1]
+        window = self.config.sliding_window
+        if n == total and (window is None or window >= n):
+            mask, causal = None, True
+        else:  # query i sits at position past + i and sees keys up to it, within the window
+            q_pos = torch.arange(total - n, total, device=q.device)[:, None]
+            k_pos = torch.arange(total, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            causal = False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=True)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, prefix: str):
+        super().__init__()
+        c = config
+        self.gate_proj = VirtualizedLinear(c.hidden_size, c.intermediate_size, c.mlp_bias,
+                                           f"{prefix}.gate_proj")
+        self.up_proj = VirtualizedLinear(c.hidden_size, c.intermediate_size, c.mlp_bias,
+                                         f"{prefix}.up_proj")
+        self.down_proj = VirtualizedLinear(c.intermediate_size, c.hidden_size, c.mlp_bias,
+                                           f"{prefix}.down_proj")
+
+    def forward(self, x, lora: LoraRouting | None) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        prefix = f"model.layers.{index}"
+        self.index = index
+        self.self_attn = Attention(config, f"{prefix}.self_attn")
+        self.mlp = MLP(config, f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, self.index)
+        return x + self.mlp(self.post_attention_layernorm(x), batch.lora)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """The shared base. forward() gives final hidden states; logits() projects chosen rows."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head.weight.requires_grad_(False)
+        self._inv_freq: torch.Tensor | None = None
+
+    def lora_modules(self, targets=LORA_TARGETS) -> dict[str, VirtualizedLinear]:
+        """The projections that can carry LoRA, by full module path, restricted to `targets`."""
+        return {name: m for name, m in self.named_modules()
+                if isinstance(m, VirtualizedLinear) and name.rsplit(".", 1)[-1] in targets}
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """(T, hidden_size) final hidden states of every row."""
+        x = self.model.embed_tokens(batch.token_ids.to(self.device))
+        cos, sin = rotary_cos_sin(self._frequencies(), batch.positions().to(self.device), x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, batch)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(rows, vocab_size) float32 logits of the given hidden rows."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def _frequencies(self) -> torch.Tensor:
+        if self._inv_freq is None or self._inv_freq.device != self.device:
+            self._inv_freq = inverse_frequencies(self.config).to(self.device)
+        return self._inv_freq

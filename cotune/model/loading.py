@@ -1,0 +1,60 @@
+"""Loading a base model from a Hugging Face checkpoint directory: built on `meta`, then the
+safetensors weights are assigned. Nothing is ever unpickled."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from cotune.model.config import ModelConfig, ModelConfigError
+from cotune.model.llama import CausalLM
+
+_PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: one file, or the shards its index names."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / shard for shard in shards]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickled = [name for name in _PICKLED_WEIGHTS if (path / name).exists()]
+    if pickled:
+        raise ModelConfigError(
+            f"{path} holds weights only as {pickled[0]} (pickle), which cotune never loads; "
+            "accepted: model.safetensors or a sharded model.safetensors.index.json"
+        )
+    raise ModelConfigError(f"{path} has no model.safetensors or model.safetensors.index.json")
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> CausalLM:
+    """The base model of checkpoint directory `path`, frozen, in `dtype` on `device`."""
+    path = Path(path)
+    config = ModelConfig.from_dir(path)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    state = {}
+    for file in weight_files(path):
+        state.update(load_file(file, device=str(device)))
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
+    if missing or unexpected:
+        raise ModelConfigError(
+            f"{path}: weights do not match the {config.model_type} architecture of its "
+            f"config.json; missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    state = {k: state[k].to(dtype) for k in expected}
+    model.load_state_dict(state, assign=True, strict=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

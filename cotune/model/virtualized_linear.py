@@ -1,0 +1,100 @@
+"""A frozen base projection shared by every tenant, plus a pool of resident LoRA adapters."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cotune.kernels import backend
+from cotune.kernels.segmented_lora import segmented_lora
+from cotune.model.lora_routing import LoraRouting
+
+
+class VirtualizedLinear(nn.Module):
+    """y = x @ W.T + b for every row, plus each row's own LoRA delta.
+
+    The base GEMM runs once over all rows. Served rows read their adapter from the slot
+    pool (no autograd state); trained rows read the TrainableLora's parameters and are
+    differentiable with respect to them. Rows with no adapter get exactly the base output.
+
+    Pool layout (slots padded with zeros to max_rank):
+      a_pool: (num_slots, max_rank, in_features)
+      b_pool: (num_slots, out_features, max_rank)
+      scales: (num_slots,) float32, alpha/r or alpha/sqrt(r)
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, name: str):
+        super().__init__()
+        self.in_features, self.out_features, self.name = in_features, out_features, name
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.register_buffer("a_pool", None, persistent=False)
+        self.register_buffer("b_pool", None, persistent=False)
+        self.register_buffer("scales", None, persistent=False)
+        self.slot_ranks: list[int] = []  # 0: this module has no adapter in that slot
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slot_ranks)
+
+    @property
+    def max_rank(self) -> int:
+        return 0 if self.a_pool is None else self.a_pool.shape[1]
+
+    def allocate_slots(self, num_slots: int, max_rank: int) -> None:
+        """Creates an empty pool on the weight's device and dtype (drops resident adapters)."""
+        like = dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.a_pool = torch.zeros(num_slots, max_rank, self.in_features, **like)
+        self.b_pool = torch.zeros(num_slots, self.out_features, max_rank, **like)
+        self.scales = torch.zeros(num_slots, dtype=torch.float32, device=self.weight.device)
+        self.slot_ranks = [0] * num_slots
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Makes an adapter resident: a (r, in_features), b (out_features, r), r <= max_rank."""
+        rank = a.shape[0]
+        if a.shape != (rank, self.in_features) or b.shape != (self.out_features, rank):
+            raise ValueError(
+                f"{self.name}: LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
+                f"({self.in_features} -> {self.out_features})"
+            )
+        if rank > self.max_rank:
+            raise ValueError(f"{self.name}: rank {rank} exceeds the pool's max_rank {self.max_rank}")
+        self.clear_slot(slot)
+        self.a_pool[slot, :rank] = a.to(self.a_pool.dtype)
+        self.b_pool[slot, :, :rank] = b.to(self.b_pool.dtype)
+        self.scales[slot] = scale
+        self.slot_ranks[slot] = rank
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        self.a_pool[slot].zero_()
+        self.b_pool[slot].zero_()
+        self.scales[slot] = 0.0
+        self.slot_ranks[slot] = 0
+
+    def forward(self, x: torch.Tensor, lora: LoraRouting | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # (T, out_features), all rows at once
+        if lora is None:
+            return y
+        starts = None
+        served = [s if s >= 0 and self._holds(s) else -1 for s in lora.seg_slots]
+        if any(s >= 0 for s in served):
+            starts, slots = lora.starts_tensor(), torch.tensor(served)
+            ops = backend()
+            # Served rows carry no autograd state. Adding a constant in place leaves y's
+            # gradient unchanged, and rows outside served segments are never written.
+            with torch.no_grad():
+                h = ops.sgmv_shrink(x, self.a_pool, starts, slots)  # (T, max_rank)
+                ops.sgmv_expand(y, h, self.b_pool, starts, slots, self.scales)
+        if lora.has_training:
+            pool = lora.training_pool(self.name, x.device, x.dtype)
+            if pool is not None:
+                starts = lora.starts_tensor() if starts is None else starts
+                a_pool, b_pool, scales, seg_slots = pool
+                y = y + segmented_lora(x, a_pool, b_pool, scales, starts, seg_slots)
+        return y
+
+    def _holds(self, slot: int) -> bool:
+        return slot < self.num_slots and self.slot_ranks[slot] > 0

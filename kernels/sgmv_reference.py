@@ -1,0 +1,95 @@
+"""Segmented LoRA ops in plain torch: the reference twins of the Triton kernels.
+
+A flat batch of T rows is cut into S contiguous segments; segment i covers rows
+`seg_starts[i]:seg_starts[i+1]` and uses the adapter in slot `seg_slots[i]` of a pool,
+or none when the slot is -1. Pools are padded to a common max rank R with zeros.
+
+Arguments shared by every op:
+  seg_starts: (S+1,) int tensor, non-decreasing, seg_starts[0] = 0, seg_starts[S] <= T
+  seg_slots:  (S,) int tensor, -1 or an index into the pool's first dimension
+
+Every op computes in float32 (written for clarity, not speed) and writes the result in the
+dtype of its output. Rows outside an adapter segment are never written by an expand.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor):
+    """Yields (start, end, slot) for every segment that has an adapter."""
+    starts = seg_starts.tolist()
+    for i, slot in enumerate(seg_slots.tolist()):
+        if slot >= 0 and starts[i + 1] > starts[i]:
+            yield starts[i], starts[i + 1], slot
+
+
+def _row_scale(scales: torch.Tensor | None, slot: int) -> float:
+    return 1.0 if scales is None else float(scales[slot])
+
+
+def sgmv_shrink(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Semantics: h[s[i]:s[i+1]] = scale[slot[i]] * x[s[i]:s[i+1]] @ W[slot[i]].T
+
+    x:       (T, d_in)
+    weights: (N, R, d_in)  the A pool (or B transposed, for backward)
+    scales:  (N,) float32, or None for 1
+    returns h: (T, R) in x's dtype; rows without an adapter are zero.
+    """
+    h = torch.zeros(x.shape[0], weights.shape[1], dtype=x.dtype, device=x.device)
+    for start, end, slot in _segments(seg_starts, seg_slots):
+        rows = x[start:end].float() @ weights[slot].float().T  # (n, R)
+        h[start:end] = (_row_scale(scales, slot) * rows).to(h.dtype)
+    return h
+
+
+def sgmv_expand(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    weights: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Semantics: y[s[i]:s[i+1]] += scale[slot[i]] * h[s[i]:s[i+1]] @ W[slot[i]].T  (in place)
+
+    y:       (T, d_out), updated in place and returned
+    h:       (T, R)
+    weights: (N, d_out, R)  the B pool (or A transposed, for backward)
+    scales:  (N,) float32, or None for 1
+    """
+    for start, end, slot in _segments(seg_starts, seg_slots):
+        delta = h[start:end].float() @ weights[slot].float().T  # (n, d_out)
+        y[start:end] = (y[start:end].float() + _row_scale(scales, slot) * delta).to(y.dtype)
+    return y
+
+
+def sgmv_weight_grad(
+    grad_out: torch.Tensor,
+    inputs: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor,
+    num_slots: int,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Semantics: dW[slot] = sum over segments i of that slot of
+                             scale[slot] * grad_out[s[i]:s[i+1]].T @ inputs[s[i]:s[i+1]]
+
+    The gradient of a segmented product `out = scale * inputs @ W[slot].T` with respect to
+    the pool W, reduced per adapter over all of that adapter's rows.
+    grad_out: (T, d_out)   inputs: (T, d_in)
+    returns dW: (num_slots, d_out, d_in) float32; slots no segment uses are zero.
+    """
+    grad = torch.zeros(num_slots, grad_out.shape[1], inputs.shape[1], dtype=torch.float32,
+                       device=inputs.device)
+    for start, end, slot in _segments(seg_starts, seg_slots):
+        grad[slot] += _row_scale(scales, slot) * (grad_out[start:end].float().T
+                                                  @ inputs[start:end].float())
+    return grad

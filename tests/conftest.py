@@ -1,0 +1,109 @@
+"""Shared test fixtures: tiny random Llama-family checkpoints and real PEFT adapters."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# One table of tolerances, keyed by dtype: max abs difference of logits against a reference.
+LOGIT_ATOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=320, max_position_embeddings=256)
+
+# Tiny configs of every supported family, with the features that set them apart.
+FAMILIES = {
+    "llama2": dict(model_type="llama", tie_word_embeddings=False),
+    "llama3-rope": dict(model_type="llama", rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16)),
+    "mistral-window": dict(model_type="mistral", sliding_window=5),
+    "qwen2-bias": dict(model_type="qwen2", tie_word_embeddings=True),
+    "smollm2-tied": dict(model_type="llama", tie_word_embeddings=True, head_dim=16),
+}
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """The seed of this test's random inputs: COTUNE_TEST_SEED or a fixed default, printed
+    on failure so a failing draw can be replayed."""
+    value = int(os.environ.get("COTUNE_TEST_SEED", "1234"))
+    torch.manual_seed(value)
+    random.seed(value)
+    yield value
+    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        print(f"\nreplay with COTUNE_TEST_SEED={value}")
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+def tiny_hf_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A random transformers model of `family` (float32, eval mode)."""
+    fields = dict(TINY, **FAMILIES[family])
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # transformers zero-inits biases; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path, family):
+    """(transformers model, checkpoint directory) of a tiny random model of `family`."""
+    model = tiny_hf_model(family)
+    path = tmp_path / f"base-{family}"
+    model.save_pretrained(path)
+    return model, path
+
+
+def make_peft_adapter(base: torch.nn.Module, path, *, r: int, alpha: float,
+                      targets: list[str], rslora: bool = False, seed: int = 0):
+    """Saves a real PEFT LoRA adapter of `base` with random A and B to `path`; returns its
+    LoraConfig."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
+                        lora_dropout=0.0, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    peft_model.save_pretrained(path)
+    return config
+
+
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def random_adapter_specs(count: int, rng: random.Random) -> list[dict]:
+    """`count` adapters as tenants make them: mixed ranks 1..64, target subsets, rsLoRA."""
+    specs = []
+    for i in range(count):
+        r = rng.choice([1, 2, 7, 8, 16, 33, 64])
+        targets = rng.sample(ALL_TARGETS, rng.randint(1, len(ALL_TARGETS)))
+        specs.append(dict(r=r, alpha=rng.choice([1, 8, 16, 32]), targets=targets,
+                          rslora=rng.random() < 0.4, seed=rng.randint(0, 10**6) + i))
+    return specs
