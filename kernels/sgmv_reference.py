@@ -8,8 +8,8 @@ Arguments shared by every op:
   seg_starts: (S+1,) int tensor, non-decreasing, seg_starts[0] = 0, seg_starts[S] <= T
   seg_slots:  (S,) int tensor, -1 or an index into the pool's first dimension
 
-Every op computes in float32 (written for clarity, not speed) and writes the result in the
-dtype of its output. Rows outside an adapter segment are never written by an expand.
+Every op computes in float32 or wider (written for clarity, not speed) and writes the result
+in the dtype of its output. Rows outside an adapter segment are never written by an expand.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ def _segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor):
     for i, slot in enumerate(seg_slots.tolist()):
         if slot >= 0 and starts[i + 1] > starts[i]:
             yield starts[i], starts[i + 1], slot
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in float32, or float64 when it already is."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _row_scale(scales: torch.Tensor | None, slot: int) -> float:
@@ -45,7 +50,7 @@ def sgmv_shrink(
     """
     h = torch.zeros(x.shape[0], weights.shape[1], dtype=x.dtype, device=x.device)
     for start, end, slot in _segments(seg_starts, seg_slots):
-        rows = x[start:end].float() @ weights[slot].float().T  # (n, R)
+        rows = _wide(x[start:end]) @ _wide(weights[slot]).T  # (n, R)
         h[start:end] = (_row_scale(scales, slot) * rows).to(h.dtype)
     return h
 
@@ -66,8 +71,8 @@ def sgmv_expand(
     scales:  (N,) float32, or None for 1
     """
     for start, end, slot in _segments(seg_starts, seg_slots):
-        delta = h[start:end].float() @ weights[slot].float().T  # (n, d_out)
-        y[start:end] = (y[start:end].float() + _row_scale(scales, slot) * delta).to(y.dtype)
+        delta = _wide(h[start:end]) @ _wide(weights[slot]).T  # (n, d_out)
+        y[start:end] = (_wide(y[start:end]) + _row_scale(scales, slot) * delta).to(y.dtype)
     return y
 
 
@@ -85,11 +90,11 @@ def sgmv_weight_grad(
     The gradient of a segmented product `out = scale * inputs @ W[slot].T` with respect to
     the pool W, reduced per adapter over all of that adapter's rows.
     grad_out: (T, d_out)   inputs: (T, d_in)
-    returns dW: (num_slots, d_out, d_in) float32; slots no segment uses are zero.
+    returns dW: (num_slots, d_out, d_in) in float32 or wider; slots no segment uses are zero.
     """
-    grad = torch.zeros(num_slots, grad_out.shape[1], inputs.shape[1], dtype=torch.float32,
-                       device=inputs.device)
+    grad = torch.zeros(num_slots, grad_out.shape[1], inputs.shape[1],
+                       dtype=_wide(inputs[:0]).dtype, device=inputs.device)
     for start, end, slot in _segments(seg_starts, seg_slots):
-        grad[slot] += _row_scale(scales, slot) * (grad_out[start:end].float().T
-                                                  @ inputs[start:end].float())
+        grad[slot] += _row_scale(scales, slot) * (_wide(grad_out[start:end]).T
+                                                  @ _wide(inputs[start:end]))
     return grad

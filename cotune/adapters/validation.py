@@ -47,8 +47,9 @@ _INERT_OPTIONS = frozenset({
     "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
 })
 
-# Initialisations whose weights are saved as they are; the others change the base weights.
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+# Initialisations (besides true and false) whose weights are saved as they are; the residual
+# ones change the base weights, so their LoRA alone is not the adapter.
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
 _RESIDUAL_INIT_PREFIXES = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 # PEFT's defaults, used where a config omits the key (as PEFT does).
@@ -91,7 +92,7 @@ def _check_options(config: dict, where: str) -> None:
 
 
 def _check_init(init, where: str) -> None:
-    if init in _PLAIN_INITS and type(init) is type(next(i for i in _PLAIN_INITS if i == init)):
+    if isinstance(init, bool) or init in _PLAIN_INITS:
         return
     if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INIT_PREFIXES):
         raise AdapterError(
@@ -100,7 +101,7 @@ def _check_init(init, where: str) -> None:
             "PEFT with save_pretrained(..., path_initial_model_for_weight_conversion=...)")
     raise AdapterError(
         f"adapter {where} uses init_lora_weights={json.dumps(init)}, which cotune does not know; "
-        "accepted: " + ", ".join(json.dumps(i) for i in _PLAIN_INITS))
+        "accepted: true, false, " + ", ".join(json.dumps(i) for i in _PLAIN_INITS))
 
 
 def _check_rank_and_alpha(config: dict, where: str) -> None:
@@ -230,11 +231,16 @@ def check_targets_exist(config: dict, base_paths: Iterable[str], where: str) -> 
     """Refuses a target_modules entry (or regex) that matches no LoRA-capable base module."""
     base_paths = list(base_paths)
     targets = config["target_modules"]
-    for target in [targets] if isinstance(targets, str) else targets:
-        if not any(_matches(target if isinstance(targets, list) else targets, p)
-                   if isinstance(targets, str) else _matches([target], p) for p in base_paths):
+    if isinstance(targets, str):
+        if not any(_matches(targets, path) for path in base_paths):
             raise AdapterError(
-                f"adapter {where} targets module {target!r} which the base model does not have; "
+                f"adapter {where} has target_modules regex {targets!r}, which matches no module "
+                f"of the base model; {describe_base(base_paths)}")
+        return
+    for name in targets:
+        if not any(_matches([name], path) for path in base_paths):
+            raise AdapterError(
+                f"adapter {where} targets module {name!r} which the base model does not have; "
                 f"{describe_base(base_paths)}")
 
 

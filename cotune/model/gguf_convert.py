@@ -74,6 +74,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
         _write_checkpoint(gguf_path, tmp)
+        _make_world_readable(tmp)
         try:
             tmp.rename(out_dir)  # atomic; refuses to replace a directory that is not empty
         except OSError as e:
@@ -132,6 +133,14 @@ def _write_checkpoint(gguf_path: Path, out_dir: Path) -> None:
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _save_tokenizer(gguf_path, out_dir)
+
+
+def _make_world_readable(out_dir: Path) -> None:
+    """mkdtemp and safetensors create owner-only entries; a shared cache (say, one filled at
+    image build time by another user) must be readable by every user that serves from it."""
+    out_dir.chmod(0o755)
+    for path in out_dir.iterdir():
+        path.chmod(0o644)
 
 
 def _open_reader(gguf_path: Path) -> GGUFReader:

@@ -1,0 +1,321 @@
+"""Hugging Face PEFT's LoRA format on disk: adapter_config.json + adapter_model.safetensors.
+
+An adapter is a directory. Its weights are named by PEFT's keys,
+`base_model.model.<module path>.lora_A.weight` of shape (r, in_features) and
+`base_model.model.<module path>.lora_B.weight` of shape (out_features, r), and a module's delta
+is `y += scale * x @ A.T @ B.T`. Adapters move freely between cotune, PEFT and vLLM.
+
+Weights are read from safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cotune.adapters.validation import (
+    AdapterError,
+    check_config,
+    check_targets_exist,
+    describe_base,
+    is_targeted,
+    module_rank,
+    module_scale,
+)
+
+__all__ = ["AdapterError", "LoraAdapter", "LoraModule", "load_peft_adapter", "save_peft_adapter"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True, eq=False)
+class LoraModule:
+    """The LoRA of one base module: delta(x) = scale * x @ a.T @ b.T."""
+
+    a: torch.Tensor  # (r, in_features), float32, contiguous
+    b: torch.Tensor  # (out_features, r), float32, contiguous
+    scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (per module)
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    modules: dict[str, LoraModule]  # key: the base module's path, "model.layers.0.self_attn.q_proj"
+    config: dict  # adapter_config.json as read (or as will be written)
+
+    @property
+    def max_rank(self) -> int:
+        return max((m.a.shape[0] for m in self.modules.values()), default=0)
+
+
+def load_peft_adapter(path: str | Path, base_modules: Mapping[str, tuple[int, int]],
+                      max_rank: int) -> LoraAdapter:
+    """Reads the PEFT LoRA adapter in directory `path`, or raises AdapterError.
+
+    base_modules maps each base module path that can carry LoRA (e.g.
+    'model.layers.0.self_attn.q_proj') to (in_features, out_features). The adapter is complete
+    or refused: nothing is half-loaded, and the directory is only read.
+    """
+    where = str(path)
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"adapter {where} does not exist or is not a directory; accepted: a "
+                           f"directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    config = _read_config(path, where)
+    _refuse_pickles(path, where)
+    check_config(config, where)
+    check_targets_exist(config, base_modules, where)
+    factors = _lora_factors(_read_weights(path, where), where)
+    _check_module_set(config, factors, base_modules, where)
+    modules = {name: _lora_module(config, name, a, b, base_modules[name], where)
+               for name, (a, b) in factors.items()}
+    adapter = LoraAdapter(modules=modules, config=config)
+    if adapter.max_rank > max_rank:
+        raise AdapterError(
+            f"adapter {where} has rank {adapter.max_rank}, which exceeds max_rank {max_rank} of "
+            f"this server; lower the rank to at most {max_rank} or start the server with "
+            f"--max-rank {adapter.max_rank}")
+    return adapter
+
+
+def _read_config(path: Path, where: str) -> dict:
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterError(f"adapter {where} has no {CONFIG_NAME}; accepted: a PEFT adapter "
+                           f"directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = json.loads(config_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"adapter {where} has an invalid {CONFIG_NAME} ({e}); accepted: a "
+                           "JSON object as PEFT's save_pretrained writes it") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter {where} has a {CONFIG_NAME} that is not a JSON object; "
+                           "accepted: a JSON object as PEFT's save_pretrained writes it")
+    return config
+
+
+def _refuse_pickles(path: Path, where: str) -> None:
+    # a pickle can run any code when loaded, so it is refused by name and never opened
+    for child in sorted(path.iterdir()):
+        if child.suffix.lower() in _PICKLE_SUFFIXES:
+            raise AdapterError(
+                f"adapter {where} contains {child.name}, a pickle weights file; cotune never "
+                f"unpickles files; accepted: weights in {WEIGHTS_NAME} only (PEFT writes it by "
+                "default; convert a pickled adapter with PEFT where you trust it)")
+
+
+def _read_weights(path: Path, where: str) -> dict[str, torch.Tensor]:
+    weights_path = path / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise AdapterError(f"adapter {where} has no {WEIGHTS_NAME}; accepted: LoRA weights in "
+                           f"{WEIGHTS_NAME} as PEFT's save_pretrained writes them")
+    with open(weights_path, "rb") as f:
+        head = f.read(4)
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a raw pickle
+        raise AdapterError(
+            f"adapter {where} has a {WEIGHTS_NAME} that is a pickle (torch.save) file, not "
+            "safetensors; cotune never unpickles files; accepted: a real safetensors file")
+    try:
+        return load_file(weights_path)
+    except SafetensorError as e:
+        raise AdapterError(f"adapter {where} has a {WEIGHTS_NAME} that is not a valid "
+                           f"safetensors file ({e}); accepted: a safetensors file as PEFT's "
+                           "save_pretrained writes it") from None
+
+
+def _lora_factors(tensors: dict[str, torch.Tensor],
+                  where: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Groups PEFT's keys by module path: {path: (lora_A, lora_B)}; refuses any other key."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.fullmatch(key)
+        if match is None:
+            unknown.append(key)
+        else:
+            found.setdefault(match["module"], {})[match["factor"]] = tensor
+    if unknown:
+        shown = ", ".join(f"{k!r} ({_what_is(k)})" for k in sorted(unknown)[:3])
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise AdapterError(
+            f"adapter {where} has tensors that are not plain LoRA weights: {shown}{more}; "
+            f"accepted: only '{KEY_PREFIX}<module>.lora_A.weight' and "
+            f"'{KEY_PREFIX}<module>.lora_B.weight'")
+    for module, pair in found.items():
+        if len(pair) == 1:
+            (has,), missing = pair, "B" if "A" in pair else "A"
+            raise AdapterError(
+                f"adapter {where} has lora_{has} but no lora_{missing} for module {module!r}; "
+                "accepted: both lora_A and lora_B for every module")
+    return {module: (pair["A"], pair["B"]) for module, pair in sorted(found.items())}
+
+
+def _what_is(key: str) -> str:
+    if "lora_magnitude_vector" in key:
+        return "a DoRA magnitude"
+    if "lora_embedding_" in key:
+        return "LoRA of an embedding"
+    if key.endswith("bias"):
+        return "a bias"
+    if ".lora_" in key:
+        return "not a lora_A/lora_B weight"
+    return "a full weight, e.g. from modules_to_save or a resized embedding"
+
+
+def _check_module_set(config: dict, factors: Mapping, base_modules: Mapping, where: str) -> None:
+    """The weights hold exactly the base modules that the config targets."""
+    for name in factors:
+        if name not in base_modules:
+            raise AdapterError(
+                f"adapter {where} targets module {name!r} which the base model does not have; "
+                f"{describe_base(base_modules)}")
+        if not is_targeted(config, name):
+            raise AdapterError(
+                f"adapter {where} has weights for module {name!r} but its target_modules do not "
+                "select it (PEFT would ignore them); accepted: weights for exactly the modules "
+                "that adapter_config.json targets")
+    for name in base_modules:
+        if is_targeted(config, name) and name not in factors:
+            raise AdapterError(
+                f"adapter {where} targets module {name!r} in adapter_config.json but "
+                f"{WEIGHTS_NAME} has no lora_A/lora_B for it; accepted: weights for exactly the "
+                "modules that adapter_config.json targets")
+    if not factors:
+        raise AdapterError(f"adapter {where} has no LoRA weights; accepted: at least one module")
+
+
+def _lora_module(config: dict, name: str, a: torch.Tensor, b: torch.Tensor,
+                 features: tuple[int, int], where: str) -> LoraModule:
+    in_features, out_features = features
+    for factor, tensor in (("A", a), ("B", b)):
+        if tensor.dtype not in _ACCEPTED_DTYPES:
+            raise AdapterError(
+                f"adapter {where}: tensor {_key(name, factor)!r} has dtype "
+                f"{str(tensor.dtype).removeprefix('torch.')}; accepted: float32, float16, "
+                "bfloat16 (quantised adapters are not supported)")
+    if a.dim() != 2 or a.shape[1] != in_features:
+        raise AdapterError(
+            f"adapter {where}: lora_A of module {name!r} has shape {tuple(a.shape)}, but the base "
+            f"module has in_features={in_features}; accepted: (r, {in_features})")
+    if b.dim() != 2 or b.shape[0] != out_features:
+        raise AdapterError(
+            f"adapter {where}: lora_B of module {name!r} has shape {tuple(b.shape)}, but the base "
+            f"module has out_features={out_features}; accepted: ({out_features}, r)")
+    r = a.shape[0]
+    if b.shape[1] != r:
+        raise AdapterError(
+            f"adapter {where}: module {name!r} has lora_A of rank {r} but lora_B of rank "
+            f"{b.shape[1]}; accepted: lora_A (r, in_features) and lora_B (out_features, r)")
+    if r != module_rank(config, name):
+        raise AdapterError(
+            f"adapter {where}: module {name!r} has rank {r} in {WEIGHTS_NAME} but rank "
+            f"{module_rank(config, name)} by adapter_config.json (r, rank_pattern); accepted: "
+            "the same rank in both")
+    for factor, tensor in (("A", a), ("B", b)):
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(
+                f"adapter {where}: tensor {_key(name, factor)!r} contains NaN or Inf; accepted: "
+                "finite values only")
+    return LoraModule(a=_float32(a), b=_float32(b), scale=module_scale(config, name))
+
+
+def _key(module: str, factor: str) -> str:
+    return f"{KEY_PREFIX}{module}.lora_{factor}.weight"
+
+
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to(device="cpu", dtype=torch.float32,
+                              memory_format=torch.contiguous_format, copy=True)
+
+
+def save_peft_adapter(adapter: LoraAdapter, path: str | Path) -> None:
+    """Writes adapter_config.json + adapter_model.safetensors atomically (temp dir beside path,
+    fsync files, rename), loadable by peft.PeftModel.from_pretrained.
+
+    Refuses (AdapterError) an adapter whose config would not give PEFT the same ranks and
+    scales, and (FileExistsError) a path that exists: a published version is never rewritten.
+    """
+    where = str(path)
+    path = Path(path)
+    tensors = _tensors_to_save(adapter, where)
+    config_bytes = json.dumps(adapter.config, indent=2, sort_keys=True).encode("utf-8")
+    if path.exists():
+        raise FileExistsError(f"{where} already exists; an adapter is written once, to a new path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the adapter is for any reader
+        _write_synced(tmp / CONFIG_NAME, config_bytes)
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        _fsync(tmp / WEIGHTS_NAME)
+        _fsync(tmp)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(path.parent)
+
+
+def _tensors_to_save(adapter: LoraAdapter, where: str) -> dict[str, torch.Tensor]:
+    config = adapter.config
+    check_config(config, where)
+    if not adapter.modules:
+        raise AdapterError(f"adapter {where} has no LoRA modules; accepted: at least one module")
+    tensors = {}
+    for name, module in adapter.modules.items():
+        _check_module_to_save(config, name, module, where)
+        tensors[_key(name, "A")] = _float32(module.a)
+        tensors[_key(name, "B")] = _float32(module.b)
+    return tensors
+
+
+def _check_module_to_save(config: dict, name: str, module: LoraModule, where: str) -> None:
+    a, b = module.a, module.b
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise AdapterError(
+            f"adapter {where}: module {name!r} has a {tuple(a.shape)} and b {tuple(b.shape)}; "
+            "accepted: a (r, in_features) and b (out_features, r)")
+    if not is_targeted(config, name):
+        raise AdapterError(
+            f"adapter {where}: module {name!r} is not selected by the config's target_modules, "
+            "so PEFT would not load it; accepted: a config that targets every module")
+    rank, scale = module_rank(config, name), module_scale(config, name)
+    if a.shape[0] != rank or not math.isclose(module.scale, scale, rel_tol=1e-6):
+        raise AdapterError(
+            f"adapter {where}: module {name!r} has rank {a.shape[0]} and scale {module.scale}, "
+            f"but its config gives rank {rank} and scale {scale}; accepted: r, lora_alpha, "
+            "use_rslora, rank_pattern and alpha_pattern that give each module its rank and scale")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise AdapterError(
+            f"adapter {where}: module {name!r} contains NaN or Inf; accepted: finite values only")
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(path: Path) -> None:
+    """Makes a written file, or a directory's entries, durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

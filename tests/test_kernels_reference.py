@@ -1,0 +1,144 @@
+"""The reference segmented LoRA ops against a naive per-row computation, over the adapter
+popularity patterns tenants really produce and sizes chosen to be awkward."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from cotune.kernels import KernelChoiceError, backend, sgmv_reference as ref
+from cotune.kernels.segmented_lora import segmented_lora
+
+POPULARITY = ("distinct", "uniform", "zipf", "identical", "skewed")
+
+
+def _row_slots(num_rows: int, num_slots: int, popularity: str, rng: random.Random) -> list[int]:
+    """The adapter slot of every row (-1: no adapter), drawn as tenants behave."""
+    if popularity == "distinct":
+        return [i % num_slots for i in range(num_rows)]
+    if popularity == "uniform":
+        return [rng.randrange(-1, num_slots) for _ in range(num_rows)]
+    if popularity == "zipf":  # zipf with exponent 1.5
+        weights = [1 / (k + 1) ** 1.5 for k in range(num_slots)]
+        return rng.choices(range(num_slots), weights, k=num_rows)
+    if popularity == "identical":
+        return [num_slots - 1] * num_rows
+    return [0 if rng.random() < 0.9 else rng.randrange(-1, num_slots) for _ in range(num_rows)]
+
+
+def _segments(row_slots: list[int]):
+    """Cuts rows into runs of one slot: (seg_starts, seg_slots) tensors."""
+    starts, slots = [0], []
+    for i, slot in enumerate(row_slots):
+        if slots and slots[-1] == slot:
+            starts[-1] = i + 1
+        else:
+            slots.append(slot)
+            starts.append(i + 1)
+    return torch.tensor(starts), torch.tensor(slots)
+
+
+def _pools(num_slots: int, ranks: list[int], d_in: int, d_out: int):
+    """A and B pools padded with zeros beyond each slot's rank."""
+    max_rank = max(ranks)
+    a = torch.zeros(num_slots, max_rank, d_in)
+    b = torch.zeros(num_slots, d_out, max_rank)
+    for s, r in enumerate(ranks):
+        a[s, :r] = torch.randn(r, d_in)
+        b[s, :, :r] = torch.randn(d_out, r)
+    return a, b, torch.rand(num_slots) + 0.5
+
+
+def _naive_delta(x, a, b, scales, row_slots):
+    """Row by row: delta[t] = scale * B[slot] @ (A[slot] @ x[t])."""
+    rows = [torch.zeros(b.shape[1]) if s < 0 else scales[s] * (b[s] @ (a[s] @ x[t]))
+            for t, s in enumerate(row_slots)]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("num_rows", [1, 7, 133])
+def test_shrink_then_expand_matches_naive_rows(popularity, num_rows, seed):
+    rng = random.Random(seed * 31 + num_rows)
+    num_slots, d_in, d_out = 6, 45, 70
+    ranks = [rng.choice(range(1, 65)) for _ in range(num_slots)]
+    a, b, scales = _pools(num_slots, ranks, d_in, d_out)
+    row_slots = _row_slots(num_rows, num_slots, popularity, rng)
+    starts, slots = _segments(row_slots)
+    x = torch.randn(num_rows, d_in)
+    y0 = torch.randn(num_rows, d_out)
+    y = ref.sgmv_expand(y0.clone(), ref.sgmv_shrink(x, a, starts, slots), b, starts, slots, scales)
+    expected = y0 + _naive_delta(x, a, b, scales, row_slots)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4,
+                               msg=lambda m: f"{m} (seed {seed}, ranks {ranks})")
+
+
+def test_rows_without_adapter_are_untouched_bit_for_bit(seed):
+    row_slots = [-1, -1, 0, 0, -1, 1, -1]
+    starts, slots = _segments(row_slots)
+    a, b, scales = _pools(2, [3, 9], 17, 29)
+    x, y0 = torch.randn(7, 17), torch.randn(7, 29)
+    y = ref.sgmv_expand(y0.clone(), ref.sgmv_shrink(x, a, starts, slots), b, starts, slots, scales)
+    untouched = torch.tensor([s < 0 for s in row_slots])
+    assert torch.equal(y[untouched], y0[untouched])
+    assert not torch.equal(y[~untouched], y0[~untouched])
+
+
+def test_no_adapter_anywhere_leaves_output_identical(seed):
+    starts, slots = _segments([-1] * 11)
+    a, b, scales = _pools(3, [4, 4, 4], 8, 8)
+    y0 = torch.randn(11, 8)
+    y = ref.sgmv_expand(y0.clone(), ref.sgmv_shrink(torch.randn(11, 8), a, starts, slots),
+                        b, starts, slots, scales)
+    assert torch.equal(y, y0)
+
+
+@pytest.mark.parametrize("popularity", POPULARITY)
+def test_segmented_lora_gradients_match_autograd_of_naive_rows(popularity, seed):
+    rng = random.Random(seed + 7)
+    num_slots, d_in, d_out = 4, 19, 23
+    ranks = [rng.choice([1, 5, 16, 64]) for _ in range(num_slots)]
+    a, b, scales = _pools(num_slots, ranks, d_in, d_out)
+    row_slots = _row_slots(37, num_slots, popularity, rng)
+    starts, slots = _segments(row_slots)
+    x = torch.randn(37, d_in)
+    upstream = torch.randn(37, d_out)
+
+    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+    (segmented_lora(*leaves, scales, starts, slots) * upstream).sum().backward()
+    naive = [t.clone().requires_grad_() for t in (x, a, b)]
+    (_naive_delta(*naive, scales, row_slots) * upstream).sum().backward()
+    for name, got, want in zip(("dx", "dA", "dB"), leaves, naive):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m} (seed {seed})")
+
+
+def test_segmented_lora_passes_gradcheck_in_float64(seed):
+    starts, slots = _segments([1, 1, -1, 0, 0, 0, 2, 1])
+    a, b, scales = _pools(3, [2, 3, 1], 5, 4)
+    inputs = [t.double().requires_grad_() for t in (torch.randn(8, 5), a, b)]
+    assert torch.autograd.gradcheck(
+        lambda x, a, b: segmented_lora(x, a, b, scales.double(), starts, slots), inputs)
+
+
+def test_weight_grad_reduces_over_all_segments_of_one_adapter(seed):
+    """Adapter 0 appears in two separate segments; its gradient sums both."""
+    starts, slots = torch.tensor([0, 3, 5, 9]), torch.tensor([0, 1, 0])
+    grad_out, inputs = torch.randn(9, 4), torch.randn(9, 6)
+    dw = ref.sgmv_weight_grad(grad_out, inputs, starts, slots, num_slots=2)
+    rows0 = torch.tensor([0, 1, 2, 5, 6, 7, 8])
+    torch.testing.assert_close(dw[0], grad_out[rows0].T @ inputs[rows0])
+    torch.testing.assert_close(dw[1], grad_out[3:5].T @ inputs[3:5])
+
+
+def test_kernel_choice_rejects_unknown_and_unavailable(monkeypatch):
+    monkeypatch.setenv("COTUNE_KERNELS", "cuda-magic")
+    with pytest.raises(KernelChoiceError, match="not accepted"):
+        backend()
+    monkeypatch.setenv("COTUNE_KERNELS", "triton")
+    with pytest.raises(KernelChoiceError, match="no Triton implementation"):
+        backend()
+    monkeypatch.setenv("COTUNE_KERNELS", "reference")
+    assert backend() is ref
