@@ -124,15 +124,16 @@ def _read_weights(path: Path, where: str) -> dict[str, torch.Tensor]:
     if not weights_path.is_file():
         raise AdapterError(f"adapter {where} has no {WEIGHTS_NAME}; accepted: LoRA weights in "
                            f"{WEIGHTS_NAME} as PEFT's save_pretrained writes them")
-    with open(weights_path, "rb") as f:
-        head = f.read(4)
-    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a raw pickle
-        raise AdapterError(
-            f"adapter {where} has a {WEIGHTS_NAME} that is a pickle (torch.save) file, not "
-            "safetensors; cotune never unpickles files; accepted: a real safetensors file")
     try:
-        return load_file(weights_path)
+        return load_file(weights_path)  # parses a header and copies bytes; runs no code
     except SafetensorError as e:
+        with open(weights_path, "rb") as f:
+            head = f.read(4)
+        if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, a raw pickle
+            raise AdapterError(
+                f"adapter {where} has a {WEIGHTS_NAME} that is a pickle (torch.save) file, not "
+                "safetensors; cotune never unpickles files; accepted: a real safetensors file "
+                "as PEFT's save_pretrained writes it") from None
         raise AdapterError(f"adapter {where} has a {WEIGHTS_NAME} that is not a valid "
                            f"safetensors file ({e}); accepted: a safetensors file as PEFT's "
                            "save_pretrained writes it") from None
@@ -158,7 +159,8 @@ def _lora_factors(tensors: dict[str, torch.Tensor],
             f"'{KEY_PREFIX}<module>.lora_B.weight'")
     for module, pair in found.items():
         if len(pair) == 1:
-            (has,), missing = pair, "B" if "A" in pair else "A"
+            has = next(iter(pair))
+            missing = "B" if has == "A" else "A"
             raise AdapterError(
                 f"adapter {where} has lora_{has} but no lora_{missing} for module {module!r}; "
                 "accepted: both lora_A and lora_B for every module")
