@@ -138,9 +138,8 @@ def _write_checkpoint(gguf_path: Path, out_dir: Path) -> None:
 def _make_world_readable(out_dir: Path) -> None:
     """mkdtemp and safetensors create owner-only entries; a shared cache (say, one filled at
     image build time by another user) must be readable by every user that serves from it."""
-    out_dir.chmod(0o755)
-    for path in out_dir.iterdir():
-        path.chmod(0o644)
+    for path in [out_dir, *out_dir.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _open_reader(gguf_path: Path) -> GGUFReader:
@@ -328,8 +327,12 @@ def _convert_tensors(
 
 
 def _save_tokenizer(gguf_path: Path, out_dir: Path) -> None:
-    """Rebuild the tokenizer (vocab, merges, special tokens, chat template) with transformers."""
+    """Rebuild the tokenizer (vocab, merges, special tokens, chat template) with transformers.
+
+    The chat template goes into tokenizer_config.json rather than a separate .jinja file:
+    every reader of Hugging Face checkpoints, old or new, looks for it there.
+    """
     from transformers import AutoTokenizer  # slow import, needed only while converting
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    tokenizer.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir, save_jinja_files=False)
