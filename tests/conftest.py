@@ -78,7 +78,8 @@ def hf_checkpoint(tmp_path, family):
 
 
 def make_peft_adapter(base: torch.nn.Module, path, *, r: int, alpha: float,
-                      targets: list[str], rslora: bool = False, seed: int = 0):
+                      targets: list[str], rslora: bool = False, seed: int = 0,
+                      std: float = 0.1):
     """Saves a real PEFT LoRA adapter of `base` with random A and B to `path`; returns its
     LoraConfig."""
     from peft import LoraConfig, get_peft_model
@@ -90,7 +91,7 @@ def make_peft_adapter(base: torch.nn.Module, path, *, r: int, alpha: float,
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
     peft_model.save_pretrained(path)
     return config
 
@@ -107,3 +108,17 @@ def random_adapter_specs(count: int, rng: random.Random) -> list[dict]:
         specs.append(dict(r=r, alpha=rng.choice([1, 8, 16, 32]), targets=targets,
                           rslora=rng.random() < 0.4, seed=rng.randint(0, 10**6) + i))
     return specs
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """(transformers model loaded from the embedded GGUF, cotune's converted checkpoint dir).
+    Session-wide: the real model loads once for every test that needs it."""
+    from cotune.model.default_model import default_gguf_path
+    from cotune.model.gguf_convert import cached_checkpoint
+
+    gguf_file = default_gguf_path()
+    checkpoint = cached_checkpoint(gguf_file, tmp_path_factory.mktemp("cotune-cache"))
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
+    return hf_model, checkpoint

@@ -7,8 +7,8 @@ import random
 
 import pytest
 import torch
-
-from cotune.kernels import KernelChoiceError, backend, sgmv_reference as ref
+from cotune.kernels import KernelChoiceError, backend
+from cotune.kernels import sgmv_reference as ref
 from cotune.kernels.segmented_lora import segmented_lora
 
 POPULARITY = ("distinct", "uniform", "zipf", "identical", "skewed")

@@ -107,19 +107,23 @@ def _check_init(init, where: str) -> None:
 def _check_rank_and_alpha(config: dict, where: str) -> None:
     _check_rank(config.get("r", _DEFAULT_R), "r", where)
     _check_alpha(config.get("lora_alpha", _DEFAULT_ALPHA), "lora_alpha", where)
-    if not isinstance(config.get("use_rslora", False), bool):
-        raise AdapterError(f"adapter {where}: use_rslora must be true or false")
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise AdapterError(
+            f"adapter {where} has use_rslora={json.dumps(rslora)}; accepted: true or false")
     for field, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
         patterns = config.get(field) or {}
         if not isinstance(patterns, dict):
-            raise AdapterError(f"adapter {where}: {field} must map module patterns to values")
+            raise AdapterError(
+                f"adapter {where} has {field}={json.dumps(patterns)}; accepted: an object that "
+                "maps module names or regexes to values")
         for pattern, value in patterns.items():
             _compile(pattern, f"{field} key", where)
             check(value, f"{field}[{pattern!r}]", where)
 
 
 def _check_rank(value, name: str, where: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int(value) or value < 1:
         raise AdapterError(
             f"adapter {where} has {name}={json.dumps(value)}; accepted: a positive integer rank")
 
@@ -160,7 +164,7 @@ def _check_targeting(config: dict, where: str) -> None:
 def _check_layers(config: dict, where: str) -> None:
     layers = config.get("layers_to_transform")
     pattern = config.get("layers_pattern")
-    if layers is not None and not (isinstance(layers, int) or _is_list_of(layers, int)):
+    if layers is not None and not (_is_int(layers) or _is_list_of(layers, int)):
         raise AdapterError(
             f"adapter {where} has layers_to_transform={json.dumps(layers)}; accepted: null, a "
             "layer index or a list of layer indices")
@@ -168,6 +172,8 @@ def _check_layers(config: dict, where: str) -> None:
         raise AdapterError(
             f"adapter {where} has layers_pattern={json.dumps(pattern)}; accepted: null, a name "
             "or a list of names (e.g. \"layers\")")
+    for name in [pattern] if isinstance(pattern, str) else pattern or []:
+        _compile(name, "layers_pattern", where)
     if pattern and layers is None:
         raise AdapterError(
             f"adapter {where} sets layers_pattern without layers_to_transform, which PEFT "
@@ -177,6 +183,10 @@ def _check_layers(config: dict, where: str) -> None:
 def _is_list_of(value, kind: type) -> bool:
     return isinstance(value, list) and all(
         isinstance(v, kind) and not isinstance(v, bool) for v in value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _compile(pattern: str, what: str, where: str) -> None:

@@ -67,7 +67,8 @@ class ModelConfig:
                 f"accepted: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         if hf.get("hidden_act", "silu") != "silu":
-            raise ModelConfigError(f"hidden_act {hf['hidden_act']!r} is not supported; accepted: silu")
+            raise ModelConfigError(
+                f"hidden_act {hf['hidden_act']!r} is not supported; accepted: silu")
         qkv_bias, o_bias = _FAMILY_BIASES[model_type]
         if "attention_bias" in hf:  # Llama's flag biases q, k, v and o alike
             qkv_bias = o_bias = bool(hf["attention_bias"])

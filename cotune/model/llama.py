@@ -98,8 +98,9 @@ class Attention(nn.Module):
             if window is not None:
                 mask &= k_pos > q_pos - window
             causal = False
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                              enable_gqa=True)
+        # 4-D (batch of one): the layout the fused CPU and GPU kernels are built for
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                              is_causal=causal, enable_gqa=True)[0]
 
 
 class MLP(nn.Module):

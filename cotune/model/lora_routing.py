@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+
 class TrainableLora(nn.Module):
     """A LoRA adapter being trained: float32 A (r, d_in) and B (d_out, r) per target module."""
 

@@ -60,7 +60,8 @@ class VirtualizedLinear(nn.Module):
                 f"({self.in_features} -> {self.out_features})"
             )
         if rank > self.max_rank:
-            raise ValueError(f"{self.name}: rank {rank} exceeds the pool's max_rank {self.max_rank}")
+            raise ValueError(
+                f"{self.name}: rank {rank} exceeds the pool's max_rank {self.max_rank}")
         self.clear_slot(slot)
         self.a_pool[slot, :rank] = a.to(self.a_pool.dtype)
         self.b_pool[slot, :, :rank] = b.to(self.b_pool.dtype)
