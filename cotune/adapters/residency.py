@@ -37,7 +37,9 @@ class ResidentAdapters:
         return self.place(key, adapter)
 
     def place(self, key: str, adapter: LoraAdapter) -> int:
-        """Writes a validated adapter into a free slot; returns the slot."""
+        """Writes an adapter into a free slot; returns the slot. Everything is checked before
+        the first write, so a refusal changes nothing."""
+        self._check_fits(key, adapter)
         if not self._free:
             raise AdapterError(
                 f"no free adapter slot for {key!r}: all {len(self._slot_of)} slots hold "
@@ -52,6 +54,21 @@ class ResidentAdapters:
                 module.load_slot(slot, lora.a, lora.b, lora.scale)
         self._slot_of[key] = slot
         return slot
+
+    def _check_fits(self, key: str, adapter: LoraAdapter) -> None:
+        for name, lora in adapter.modules.items():
+            if name not in self.modules:
+                raise AdapterError(f"adapter {key!r} targets {name!r}, which carries no LoRA pool "
+                                   f"here; pools exist for {len(self.modules)} modules such as "
+                                   f"{next(iter(self.modules), 'none')!r}")
+            d_in, d_out = self.base_modules[name]
+            rank = lora.a.shape[0]
+            if lora.a.shape != (rank, d_in) or lora.b.shape != (d_out, rank):
+                raise AdapterError(f"adapter {key!r}, module {name!r}: A {tuple(lora.a.shape)} "
+                                   f"and B {tuple(lora.b.shape)} do not fit ({d_in} -> {d_out})")
+            if rank > self.max_rank:
+                raise AdapterError(f"adapter {key!r}: rank {rank} exceeds max_rank "
+                                   f"{self.max_rank}; lower the rank or raise --max-rank")
 
     def evict(self, key: str) -> None:
         slot = self._slot_of.pop(key)
