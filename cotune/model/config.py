@@ -70,7 +70,8 @@ class ModelConfig:
             raise ModelConfigError(
                 f"hidden_act {hf['hidden_act']!r} is not supported; accepted: silu")
         qkv_bias, o_bias = _FAMILY_BIASES[model_type]
-        if "attention_bias" in hf:  # Llama's flag biases q, k, v and o alike
+        # Llama's flag biases q, k, v and o alike; transformers' Mistral and Qwen2 ignore it
+        if model_type == "llama" and "attention_bias" in hf:
             qkv_bias = o_bias = bool(hf["attention_bias"])
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads

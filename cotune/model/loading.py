@@ -45,13 +45,22 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
         state.update(load_file(file, device=str(device)))
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
+    expected = model.state_dict()  # meta tensors: names and shapes only
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
     if missing or unexpected:
         raise ModelConfigError(
             f"{path}: weights do not match the {config.model_type} architecture of its "
             f"config.json; missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    # checked here, not left to load_state_dict: its RuntimeError is no ModelConfigError
+    wrong_shapes = [f"{k} has shape {tuple(state[k].shape)}, the config expects "
+                    f"{tuple(expected[k].shape)}"
+                    for k in sorted(expected) if state[k].shape != expected[k].shape]
+    if wrong_shapes:
+        raise ModelConfigError(
+            f"{path}: weights do not match the shapes of its config.json; "
+            + "; ".join(wrong_shapes[:5])
         )
     state = {k: state[k].to(dtype) for k in expected}
     model.load_state_dict(state, assign=True, strict=True)

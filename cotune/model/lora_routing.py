@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class TrainableLora(nn.Module):
@@ -82,7 +84,9 @@ class LoraRouting:
     def has_training(self) -> bool:
         return any(t >= 0 for t in self.seg_trainables)
 
-    def starts_tensor(self) -> torch.Tensor:
+    @cached_property
+    def starts(self) -> torch.Tensor:
+        """seg_starts as a tensor, made once per step for every layer."""
         return torch.tensor(self.seg_starts, dtype=torch.int64)
 
     def training_pool(self, name: str, device, dtype):
@@ -93,26 +97,19 @@ class LoraRouting:
         seg_slots = [i if i >= 0 and weights[i] is not None else -1 for i in self.seg_trainables]
         if all(s < 0 for s in seg_slots):
             return None
-        rank = max(w[0].shape[0] for w in weights if w is not None)
-        a_list, b_list, scales = [], [], []
-        for w in weights:
-            if w is None:  # a trained adapter that does not target this module
-                a_list.append(None)
-                b_list.append(None)
-                scales.append(0.0)
-                continue
-            a, b, scale = w
-            pad = rank - a.shape[0]
-            a_list.append(nn.functional.pad(a, (0, 0, 0, pad)))  # (R, d_in)
-            b_list.append(nn.functional.pad(b, (0, pad)))  # (d_out, R)
-            scales.append(scale)
-        a_ref = next(a for a in a_list if a is not None)
-        b_ref = next(b for b in b_list if b is not None)
-        a_pool = torch.stack([a if a is not None else torch.zeros_like(a_ref) for a in a_list])
-        b_pool = torch.stack([b if b is not None else torch.zeros_like(b_ref) for b in b_list])
+        present = [w for w in weights if w is not None]
+        rank = max(a.shape[0] for a, _, _ in present)
+        d_in, d_out = present[0][0].shape[1], present[0][1].shape[0]
+        # An adapter that does not target this module gets zeros and scale 0; no segment of
+        # this module points at it anyway.
+        a_pool = torch.stack([torch.zeros(rank, d_in) if w is None
+                              else F.pad(w[0], (0, 0, 0, rank - w[0].shape[0])) for w in weights])
+        b_pool = torch.stack([torch.zeros(d_out, rank) if w is None
+                              else F.pad(w[1], (0, rank - w[1].shape[1])) for w in weights])
+        scales = [0.0 if w is None else w[2] for w in weights]
         return (
-            a_pool.to(device=device, dtype=dtype),
-            b_pool.to(device=device, dtype=dtype),
+            a_pool.to(device=device, dtype=dtype),  # (N, R, d_in)
+            b_pool.to(device=device, dtype=dtype),  # (N, d_out, R)
             torch.tensor(scales, dtype=torch.float32, device=device),
             torch.tensor(seg_slots, dtype=torch.int64),
         )

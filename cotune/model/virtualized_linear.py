@@ -79,10 +79,9 @@ class VirtualizedLinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)  # (T, out_features), all rows at once
         if lora is None:
             return y
-        starts = None
         served = [s if s >= 0 and self._holds(s) else -1 for s in lora.seg_slots]
         if any(s >= 0 for s in served):
-            starts, slots = lora.starts_tensor(), torch.tensor(served)
+            starts, slots = lora.starts, torch.tensor(served)
             ops = backend()
             # Served rows carry no autograd state. Adding a constant in place leaves y's
             # gradient unchanged, and rows outside served segments are never written.
@@ -92,9 +91,8 @@ class VirtualizedLinear(nn.Module):
         if lora.has_training:
             pool = lora.training_pool(self.name, x.device, x.dtype)
             if pool is not None:
-                starts = lora.starts_tensor() if starts is None else starts
                 a_pool, b_pool, scales, seg_slots = pool
-                y = y + segmented_lora(x, a_pool, b_pool, scales, starts, seg_slots)
+                y = y + segmented_lora(x, a_pool, b_pool, scales, lora.starts, seg_slots)
         return y
 
     def _holds(self, slot: int) -> bool:
