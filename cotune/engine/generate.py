@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from cotune.engine.sampler import sample
+from cotune.model.config import ModelConfig
 from cotune.model.kv import SequenceKV
 from cotune.model.llama import CausalLM, ForwardBatch
 from cotune.model.lora_routing import LoraRouting
@@ -32,12 +33,19 @@ class Completion:
     finish_reason: str  # "stop" (an end-of-sequence token) or "length"
 
 
-def validate_request(request: GenerationRequest, vocab_size: int) -> None:
+def validate_request(request: GenerationRequest, config: ModelConfig) -> None:
     if not request.prompt_token_ids:
         raise ValueError("a request needs a non-empty prompt")
+    vocab_size = config.vocab_size
     bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    total = len(request.prompt_token_ids) + request.max_tokens
+    if total > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt of {len(request.prompt_token_ids)} tokens plus max_tokens "
+            f"{request.max_tokens} exceeds the model's context of "
+            f"{config.max_position_embeddings} tokens; shorten the prompt or lower max_tokens")
     if request.max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
     if request.temperature < 0:
@@ -49,7 +57,7 @@ def generate(model: CausalLM, requests: list[GenerationRequest],
              stop_token_ids: set[int]) -> list[Completion]:
     """Runs every request together; returns completions in request order."""
     for request in requests:
-        validate_request(request, model.config.vocab_size)
+        validate_request(request, model.config)
     kv = [SequenceKV(model.config.num_layers) for _ in requests]
     generators = [None if r.seed is None else torch.Generator().manual_seed(r.seed)
                   for r in requests]

@@ -96,7 +96,7 @@ class Attention(nn.Module):
             k_pos = torch.arange(total, device=q.device)[None, :]
             mask = k_pos <= q_pos
             if window is not None:
-                mask &= k_pos >= q_pos - window
+                mask &= k_pos > q_pos - window
             causal = False
         # 4-D (batch of one): the layout the fused CPU and GPU kernels are built for
         return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,

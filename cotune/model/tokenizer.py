@@ -7,9 +7,18 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from cotune.model.config import ModelConfigError
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(str(path))
+    """The checkpoint's own tokenizer, with its chat template; nothing is fetched."""
+    if not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelConfigError(
+            f"{path} has no tokenizer; expected one of {', '.join(_TOKENIZER_FILES)} "
+            "beside config.json")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def stop_token_ids(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> set[int]:
