@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from cotune.engine.offline import DTYPES, OfflineEngine, TextRequest
+from cotune.engine.runtime import DTYPES, Request, Runtime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,16 +52,17 @@ def _generate(args) -> int:
             raise ValueError("--adapter applies to a single prompt; put adapters in the file")
         requests = read_requests(args.requests)
     else:
-        requests = [TextRequest(prompt=args.prompt, adapter=args.adapter,
-                                max_tokens=args.max_tokens, temperature=args.temperature)]
+        requests = [Request(prompt=args.prompt, adapter=args.adapter,
+                            max_tokens=args.max_tokens, temperature=args.temperature)]
     distinct = {r.adapter for r in requests if r.adapter is not None}
-    engine = OfflineEngine(args.model, args.dtype, args.max_rank, num_slots=max(1, len(distinct)))
-    outputs = engine.generate(requests)
+    with Runtime.load(args.model, dtype=args.dtype, max_rank=args.max_rank,
+                      num_slots=max(1, len(distinct))) as runtime:
+        completions = runtime.generate(requests)
     if args.requests is None:
-        print(outputs[0]["text"])
+        print(completions[0].text)
     else:
-        for output in outputs:
-            print(json.dumps(output))
+        for completion in completions:
+            print(json.dumps({"token_ids": completion.token_ids, "text": completion.text}))
     return 0
 
 

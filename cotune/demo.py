@@ -13,55 +13,62 @@ from pathlib import Path
 import torch
 
 from cotune.adapters.peft_format import LoraAdapter, LoraModule, save_peft_adapter
-from cotune.engine.offline import OfflineEngine, TextRequest
+from cotune.engine.runtime import Request, Runtime
 
 _DEMO_ADAPTERS = {"demo-r8-attention": (8, ["q_proj", "v_proj"]),
                   "demo-r16-everywhere": (16, ["q_proj", "k_proj", "v_proj", "o_proj",
                                                "gate_proj", "up_proj", "down_proj"])}
 
 
-def _random_adapter(engine: OfflineEngine, rank: int, targets: list[str], seed: int):
+def _random_adapter(runtime: Runtime, rank: int, targets: list[str], seed: int):
     generator = torch.Generator().manual_seed(seed)
     modules = {}
-    for name, (d_in, d_out) in engine.adapters.base_modules.items():
+    for name, (d_in, d_out) in runtime.engine.adapters.base_modules.items():
         if name.rsplit(".", 1)[-1] in targets:
             a = torch.randn(rank, d_in, generator=generator) / d_in**0.5
             b = torch.randn(d_out, rank, generator=generator) * 0.02
             modules[name] = LoraModule(a=a, b=b, scale=2.0)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
               "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
-              "base_model_name_or_path": str(engine.path)}
+              "base_model_name_or_path": str(runtime.model_path)}
     return LoraAdapter(modules=modules, config=config)
 
 
 def run_demo(model: str = "default", dtype: str = "float32", max_rank: int = 64) -> None:
     started = time.perf_counter()
-    engine = OfflineEngine(model, dtype, max_rank, num_slots=len(_DEMO_ADAPTERS))
-    config = engine.model.config
-    print(f"loaded {engine.path} in {time.perf_counter() - started:.1f}s: "
-          f"{config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}")
+    with Runtime.load(model, dtype=dtype, max_rank=max_rank,
+                      num_slots=len(_DEMO_ADAPTERS)) as runtime:
+        config = runtime.engine.model.config
+        print(f"loaded {runtime.model_path} in {time.perf_counter() - started:.1f}s: "
+              f"{config.num_layers} layers, hidden {config.hidden_size}, "
+              f"vocab {config.vocab_size}")
+        _serve_mixed_batch(runtime)
+
+
+def _serve_mixed_batch(runtime: Runtime) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="cotune-demo-"))
     paths = {}
     for seed, (name, (rank, targets)) in enumerate(_DEMO_ADAPTERS.items()):
         paths[name] = workdir / name
-        save_peft_adapter(_random_adapter(engine, rank, targets, seed), paths[name])
+        save_peft_adapter(_random_adapter(runtime, rank, targets, seed), paths[name])
         print(f"wrote adapter {name} (rank {rank}, targets {','.join(targets)}) "
               f"to {paths[name]}")
     question = "What is the capital of France?"
-    prompt = engine.tokenizer.apply_chat_template(
+    prompt = runtime.tokenizer.apply_chat_template(
         [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
-    requests = [TextRequest(prompt=prompt, max_tokens=24),
-                TextRequest(prompt=prompt, adapter=str(paths["demo-r8-attention"]), max_tokens=24),
-                TextRequest(prompt=prompt, adapter=str(paths["demo-r16-everywhere"]),
-                            max_tokens=24),
-                TextRequest(prompt="The three primary colours are", max_tokens=24)]
+    requests = [Request(prompt=prompt, max_tokens=24),
+                Request(prompt=prompt, adapter=str(paths["demo-r8-attention"]), max_tokens=24),
+                Request(prompt=prompt, adapter=str(paths["demo-r16-everywhere"]), max_tokens=24),
+                Request(prompt="The three primary colours are", max_tokens=24)]
     started = time.perf_counter()
-    outputs = engine.generate(requests)
+    completions = runtime.generate(requests)
     elapsed = time.perf_counter() - started
-    tokens = sum(len(o["token_ids"]) for o in outputs)
+    tokens = sum(c.completion_tokens for c in completions)
+    steps = runtime.engine.scheduler.counters["steps"]
     print(f"\none mixed batch: {len(requests)} requests on 3 adapters (base included), "
-          f"{tokens} tokens in {elapsed:.1f}s; every step ran one forward pass for all of them")
-    for request, output in zip(requests, outputs):
+          f"{tokens} tokens in {elapsed:.1f}s over {steps} engine steps; every step ran one "
+          "forward pass for all of them")
+    for request, completion in zip(requests, completions):
         adapter = Path(request.adapter).name if request.adapter else "base"
         shown = question if request.prompt == prompt else request.prompt
-        print(f"\n[{adapter}] {shown}\n  -> {output['text'].strip()!r}")
+        print(f"\n[{adapter}] {shown}\n  -> {completion.text.strip()!r}")

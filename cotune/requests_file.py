@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cotune.engine.offline import TextRequest
+from cotune.engine.runtime import Request
 
 _FIELDS = {
     "prompt": (str,),
@@ -21,7 +21,7 @@ class RequestFileError(ValueError):
     pass
 
 
-def read_requests(path: str | Path) -> list[TextRequest]:
+def read_requests(path: str | Path) -> list[Request]:
     """Every request of a JSONL file; one bad line fails the whole file, naming the line."""
     requests = []
     with open(path, encoding="utf-8") as f:
@@ -33,7 +33,7 @@ def read_requests(path: str | Path) -> list[TextRequest]:
     return requests
 
 
-def _parse(line: str, where: str) -> TextRequest:
+def _parse(line: str, where: str) -> Request:
     try:
         data = json.loads(line)
     except json.JSONDecodeError as e:
@@ -52,4 +52,4 @@ def _parse(line: str, where: str) -> TextRequest:
     ids = data.get("prompt_token_ids")
     if ids is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise RequestFileError(f"{where}: prompt_token_ids must be a list of integers")
-    return TextRequest(**data)
+    return Request(**data)

@@ -16,8 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from cotune.engine.kv_cache import PagedKVCache
 from cotune.model.config import ModelConfig, ModelConfigError
-from cotune.model.kv import SequenceKV
 from cotune.model.llama import ForwardBatch
 from cotune.model.loading import load_model
 from cotune.model.rope import inverse_frequencies
@@ -364,13 +364,16 @@ def test_sliding_window_decode_beyond_window_matches_transformers_at_every_posit
     # the window changes every position past it: without it this test would check nothing
     assert max_diff(want[window:], unwindowed[window:]) > 100 * ATOL32
 
-    kv = SequenceKV(model.config.num_layers)
+    cache = PagedKVCache(model.config, num_blocks=8, block_size=2)
     got = []
     with torch.no_grad():
         for start in range(0, len(token_ids), chunk):  # fed `chunk` tokens at a time
             new = token_ids[start:start + chunk]
-            got.append(model.logits(model(ForwardBatch(new, [len(new)], kv=[kv]))))
+            assert cache.reserve("seq", len(new))
+            got.append(model.logits(model(ForwardBatch(new, [len(new)],
+                                                       kv=[cache.view("seq")]))))
+            cache.commit("seq", len(new))
     got = torch.cat(got)
-    assert kv.length == len(token_ids)
+    assert cache.lengths["seq"] == len(token_ids)
     diffs = (got - want).abs().amax(dim=-1)  # (12,) per position
     assert diffs.max().item() <= ATOL32, f"per-position max |diff| {diffs.tolist()} (seed {seed})"

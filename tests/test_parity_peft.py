@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from conftest import LOGIT_ATOL
+from engine_helpers import run_to_completion
 from parity import cotune_logits, cotune_trainable, relative_error
 from peft_reference import (
     next_token_loss,
@@ -19,7 +20,8 @@ from peft_reference import (
 )
 
 from cotune.adapters.residency import ResidentAdapters
-from cotune.engine.generate import GenerationRequest, generate
+from cotune.engine.engine import Engine, EngineConfig
+from cotune.engine.sampling import SamplingParams
 from cotune.model.llama import ForwardBatch
 from cotune.model.loading import load_model
 from cotune.model.lora_routing import LoraRouting
@@ -48,19 +50,18 @@ def test_greedy_tokens_match_peft_for_32_new_tokens(hf_checkpoint, tmp_path, see
     hf_model, base_dir = hf_checkpoint
     rng = random.Random(seed)
     dirs = save_random_adapters(hf_model, tmp_path, 4, rng)
-    model = load_model(base_dir)
-    resident = ResidentAdapters(model, num_slots=4, max_rank=64)
-    slots = [resident.load(str(d), d) for d in dirs]
+    engine = Engine(load_model(base_dir), config=EngineConfig(num_slots=4))
     choices = [None, 0, 1, 2, 3, 1, None, 0]
-    prompts = [torch.randint(0, model.config.vocab_size, (rng.randint(1, 11),)).tolist()
+    prompts = [torch.randint(0, engine.model.config.vocab_size, (rng.randint(1, 11),)).tolist()
                for _ in choices]
-    requests = [GenerationRequest(p, None if c is None else slots[c], max_tokens=32)
-                for p, c in zip(prompts, choices)]
-    completions = generate(model, requests, stop_token_ids=set())
+    seqs = [engine.add(p, SamplingParams(max_tokens=32),
+                       None if c is None else (str(dirs[c]), dirs[c]))
+            for p, c in zip(prompts, choices)]
+    run_to_completion(engine)
     reference = peft_with_adapters(hf_model, dirs)
-    for prompt, choice, completion in zip(prompts, choices, completions):
+    for prompt, choice, seq in zip(prompts, choices, seqs):
         expected = reference_greedy(reference, prompt, choice, 32)
-        assert completion.token_ids == expected, f"adapter {choice} (seed {seed})"
+        assert seq.output_ids == expected, f"adapter {choice} (seed {seed})"
 
 
 def test_lora_gradients_match_peft_in_a_mixed_batch(hf_checkpoint, tmp_path, seed):

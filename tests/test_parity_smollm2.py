@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 from conftest import LOGIT_ATOL
+from engine_helpers import run_to_completion
 from parity import cotune_logits, cotune_trainable, relative_error
 from peft_reference import (
     next_token_loss,
@@ -20,8 +21,8 @@ from peft_reference import (
     save_random_adapters,
 )
 
-from cotune.adapters.residency import ResidentAdapters
-from cotune.engine.generate import GenerationRequest, generate
+from cotune.engine.engine import Engine, EngineConfig
+from cotune.engine.sampling import SamplingParams
 from cotune.model.llama import ForwardBatch
 from cotune.model.loading import load_model
 from cotune.model.lora_routing import LoraRouting
@@ -39,15 +40,16 @@ def setup(smollm2, tmp_path_factory):
     directory = tmp_path_factory.mktemp("smollm2-adapters")
     dirs = save_random_adapters(hf_model, directory, 3, random.Random(7), std=0.02)
     model = load_model(checkpoint)
-    resident = ResidentAdapters(model, num_slots=3, max_rank=64)
-    slots = [resident.load(str(d), d) for d in dirs]
+    engine = Engine(model, config=EngineConfig(num_slots=3))
+    slots = [engine.adapters.load(str(d), d) for d in dirs]
     reference = peft_with_adapters(copy.deepcopy(hf_model), dirs)
     prompts = [load_tokenizer(checkpoint)(p).input_ids for p in PROMPTS]
-    return model, slots, reference, prompts, dirs
+    return engine, slots, reference, prompts, dirs
 
 
 def test_smollm2_each_sequence_alone_matches_peft(setup):
-    model, slots, reference, prompts, _ = setup
+    engine, slots, reference, prompts, _ = setup
+    model = engine.model
     for prompt, choice in zip(prompts, [0, None, 2, 1]):
         seq = torch.tensor(prompt)
         logits = cotune_logits(model, [seq], [None if choice is None else slots[choice]])
@@ -59,7 +61,8 @@ def test_smollm2_mixed_batch_logits_match_peft(setup):
     """SmolLM2's hidden states reach ~2e4, so float32 rounding that depends on how many rows
     a GEMM holds moves its logits by ~1e-4: PEFT batched against PEFT one sequence at a time
     differs that much by itself. The bound is 1e-4 or twice PEFT's own batching noise."""
-    model, slots, reference, prompts, _ = setup
+    engine, slots, reference, prompts, _ = setup
+    model = engine.model
     choices = [0, None, 2, 1]
     seqs = [torch.tensor(p) for p in prompts]
     logits = cotune_logits(model, seqs, [None if c is None else slots[c] for c in choices])
@@ -72,17 +75,19 @@ def test_smollm2_mixed_batch_logits_match_peft(setup):
 
 
 def test_smollm2_greedy_tokens_match_peft_for_32_new_tokens(setup):
-    model, slots, reference, prompts, _ = setup
+    engine, _, reference, prompts, dirs = setup
     choices = [None, 0, 1, 2]
-    requests = [GenerationRequest(p, None if c is None else slots[c], max_tokens=32)
-                for p, c in zip(prompts, choices)]
-    completions = generate(model, requests, stop_token_ids=set())
-    for prompt, choice, completion in zip(prompts, choices, completions):
-        assert completion.token_ids == reference_greedy(reference, prompt, choice, 32), choice
+    seqs = [engine.add(p, SamplingParams(max_tokens=32),
+                       None if c is None else (str(dirs[c]), dirs[c]))
+            for p, c in zip(prompts, choices)]
+    run_to_completion(engine)
+    for prompt, choice, seq in zip(prompts, choices, seqs):
+        assert seq.output_ids == reference_greedy(reference, prompt, choice, 32), choice
 
 
 def test_smollm2_lora_gradients_match_peft(setup):
-    model, _, reference, prompts, dirs = setup
+    engine, _, reference, prompts, dirs = setup
+    model = engine.model
     trainable = cotune_trainable(model, dirs[1])
     seqs = [torch.tensor(p) for p in prompts[:2]]
     lens = [len(s) for s in seqs]

@@ -7,48 +7,63 @@ import re
 
 import pytest
 from conftest import tiny_hf_model
+from engine_helpers import run_to_completion
 
-from cotune.engine.generate import GenerationRequest, generate
+from cotune.engine.engine import Engine
+from cotune.engine.sampling import SamplingParams
 from cotune.model.loading import load_model
 from cotune.requests_file import RequestFileError, read_requests
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def base_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("base")
     tiny_hf_model("llama2").save_pretrained(path)
-    return load_model(path)
+    return path
 
 
-@pytest.mark.parametrize("request_, message", [
-    (GenerationRequest([]), "non-empty prompt"),
-    (GenerationRequest([5, 320]), r"outside the vocabulary \[0, 320\)"),
-    (GenerationRequest([1] * 250, max_tokens=7), "exceeds the model's context of 256"),
-    (GenerationRequest([1], max_tokens=0), "max_tokens must be at least 1"),
-    (GenerationRequest([1], temperature=-0.5), "temperature must be >= 0"),
+@pytest.fixture
+def engine(base_dir):
+    return Engine(load_model(base_dir))
+
+
+def _generate(engine, prompt, params, stop_token_ids=()):
+    engine.stop_token_ids = set(stop_token_ids)
+    seq = engine.add(prompt, params)
+    run_to_completion(engine)
+    return seq
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], {}, "non-empty prompt"),
+    ([5, 320], {}, r"outside the vocabulary \[0, 320\)"),
+    ([1] * 250, dict(max_tokens=7), "exceeds the model's context of 256"),
 ])
-def test_invalid_request_is_refused_before_any_work(model, request_, message):
+def test_invalid_prompt_is_refused_before_any_work(engine, prompt, params, message):
     with pytest.raises(ValueError, match=message):
-        generate(model, [GenerationRequest([1, 2, 3]), request_], stop_token_ids=set())
+        engine.add(prompt, SamplingParams(**params))
+    assert not engine.has_work
 
 
-def test_same_seed_gives_the_same_sample_and_others_differ(model):
+def test_same_seed_gives_the_same_sample_and_others_differ(engine):
     def run(seed):
-        request = GenerationRequest([3, 1, 4], max_tokens=24, temperature=1.5, seed=seed)
-        return generate(model, [request], stop_token_ids=set())[0].token_ids
+        params = SamplingParams(max_tokens=24, temperature=1.5, seed=seed)
+        return _generate(engine, [3, 1, 4], params).output_ids
 
     assert run(7) == run(7)
     assert len({tuple(run(s)) for s in range(4)}) > 1
 
 
-def test_generation_stops_at_a_stop_token_and_says_so(model):
-    greedy = generate(model, [GenerationRequest([9, 8, 7], max_tokens=6)], set())[0]
-    assert greedy.finish_reason == "length" and len(greedy.token_ids) == 6
-    stop = greedy.token_ids[2]
-    stopped = generate(model, [GenerationRequest([9, 8, 7], max_tokens=6)], {stop})[0]
-    first = greedy.token_ids.index(stop)
-    assert stopped.token_ids == greedy.token_ids[: first + 1]
+def test_generation_stops_at_an_end_of_sequence_token_and_says_so(engine):
+    greedy = _generate(engine, [9, 8, 7], SamplingParams(max_tokens=6))
+    assert greedy.finish_reason == "length" and len(greedy.output_ids) == 6
+    stop = greedy.output_ids[2]
+    stopped = _generate(engine, [9, 8, 7], SamplingParams(max_tokens=6), {stop})
+    first = greedy.output_ids.index(stop)
+    assert stopped.output_ids == greedy.output_ids[: first + 1]
     assert stopped.finish_reason == "stop"
+    ignored = _generate(engine, [9, 8, 7], SamplingParams(max_tokens=6, ignore_eos=True), {stop})
+    assert ignored.output_ids == greedy.output_ids
 
 
 def _file(tmp_path, *lines):

@@ -71,12 +71,27 @@ def test_refused_adapter_leaves_pools_and_slots_untouched(base, tmp_path, defect
     assert resident.load("next", _adapter(hf_model, tmp_path / "next", seed=2)) == good_slot + 1
 
 
-def test_full_pool_refuses_with_a_clear_message(base, tmp_path):
+def test_pool_full_of_pinned_adapters_refuses_with_a_clear_message(base, tmp_path):
     hf_model, model = base
     resident = ResidentAdapters(model, num_slots=1, max_rank=16)
-    resident.load("first", _adapter(hf_model, tmp_path / "first"))
-    with pytest.raises(AdapterError, match="no free adapter slot"):
+    resident.acquire("first", _adapter(hf_model, tmp_path / "first"))
+    with pytest.raises(AdapterError, match="no free adapter slot .* in use"):
         resident.load("second", _adapter(hf_model, tmp_path / "second", seed=1))
+    assert resident.slot_of("first") == 0
+
+
+def test_full_pool_evicts_the_least_recently_used_unpinned_adapter(base, tmp_path):
+    hf_model, model = base
+    resident = ResidentAdapters(model, num_slots=2, max_rank=16)
+    paths = [_adapter(hf_model, tmp_path / f"a{i}", seed=i) for i in range(4)]
+    resident.load("a0", paths[0])
+    resident.acquire("a1", paths[1])
+    resident.load("a0", paths[0])  # a0 used more recently than a1, but a1 is pinned
+    resident.load("a2", paths[2])
+    assert resident.slot_of("a0") is None and resident.slot_of("a1") is not None
+    resident.release("a1")
+    resident.load("a3", paths[3])  # now a1 is the least recently used and unpinned
+    assert resident.slot_of("a1") is None and resident.slot_of("a2") is not None
 
 
 def test_loading_the_same_key_twice_reuses_its_slot(base, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 from cotune.adapters.peft_format import AdapterError, LoraAdapter, load_peft_adapter
@@ -12,7 +13,9 @@ class ResidentAdapters:
     """Loads PEFT adapters into the slot pools of every VirtualizedLinear of `model`.
 
     A load is validated completely before any slot is written, so a refused adapter leaves
-    the pools and the table of resident adapters exactly as they were.
+    the pools and the table of resident adapters exactly as they were. Adapters in use by a
+    request are pinned (`acquire` / `release`); when the pool is full, the least recently
+    used unpinned adapter makes room.
     """
 
     def __init__(self, model: CausalLM, num_slots: int, max_rank: int,
@@ -23,15 +26,28 @@ class ResidentAdapters:
             module.allocate_slots(num_slots, max_rank)
         self.base_modules = {name: (m.in_features, m.out_features)
                              for name, m in self.modules.items()}
-        self._slot_of: dict[str, int] = {}
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
+        self._pins: Counter[str] = Counter()
         self._free = list(range(num_slots))
 
     def slot_of(self, key: str) -> int | None:
         return self._slot_of.get(key)
 
+    def acquire(self, key: str, path: str | Path) -> int:
+        """Makes the adapter resident and pins it until `release`; returns its slot."""
+        slot = self.load(key, path)
+        self._pins[key] += 1
+        return slot
+
+    def release(self, key: str) -> None:
+        self._pins[key] -= 1
+        if self._pins[key] <= 0:
+            del self._pins[key]
+
     def load(self, key: str, path: str | Path) -> int:
         """Makes the PEFT adapter at `path` resident under `key`; returns its slot."""
         if key in self._slot_of:
+            self._slot_of.move_to_end(key)
             return self._slot_of[key]
         adapter = load_peft_adapter(path, self.base_modules, self.max_rank)
         return self.place(key, adapter)
@@ -41,10 +57,12 @@ class ResidentAdapters:
         the first write, so a refusal changes nothing."""
         self._check_fits(key, adapter)
         if not self._free:
-            raise AdapterError(
-                f"no free adapter slot for {key!r}: all {len(self._slot_of)} slots hold "
-                "resident adapters; evict one or start with more slots"
-            )
+            idle = next((k for k in self._slot_of if not self._pins[k]), None)
+            if idle is None:
+                raise AdapterError(
+                    f"no free adapter slot for {key!r}: all {len(self._slot_of)} slots hold "
+                    "adapters in use; retry later or start with more slots")
+            self.evict(idle)
         slot = self._free.pop(0)
         for name, module in self.modules.items():
             lora = adapter.modules.get(name)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cotune.model.config import ModelConfig
-from cotune.model.kv import SequenceKV
+from cotune.model.kv import KVView
 from cotune.model.lora_routing import LoraRouting
 from cotune.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 from cotune.model.virtualized_linear import VirtualizedLinear
@@ -26,18 +26,19 @@ class ForwardBatch:
     """A flat batch: the new tokens of several sequences, one after another.
 
     token_ids: (T,) with T = sum(seq_lens)
-    kv:        one SequenceKV per sequence, extended in place; None to attend only within
-               the given tokens (training and scoring)
+    kv:        per sequence, its cached keys and values (extended in place), or None to attend
+               only within the given tokens (training and scoring); None for all sequences
     lora:      the adapter of every row; None for the base model alone
     """
 
     token_ids: torch.Tensor
     seq_lens: list[int]
-    kv: list[SequenceKV] | None = None
+    kv: list[KVView | None] | None = None
     lora: LoraRouting | None = None
 
     def past_lengths(self) -> list[int]:
-        return [0] * len(self.seq_lens) if self.kv is None else [kv.length for kv in self.kv]
+        kv = self.kv or [None] * len(self.seq_lens)
+        return [0 if cache is None else cache.length for cache in kv]
 
     def positions(self) -> torch.Tensor:
         """(T,) absolute position of every row."""
@@ -79,7 +80,7 @@ class Attention(nn.Module):
             qi = q[start:start + n].transpose(0, 1)  # (H, n, D)
             ki = k[start:start + n].transpose(0, 1)  # (Hkv, n, D)
             vi = v[start:start + n].transpose(0, 1)
-            if batch.kv is not None:
+            if batch.kv is not None and batch.kv[i] is not None:
                 ki, vi = batch.kv[i].append(layer, ki, vi)  # (Hkv, past + n, D)
             outputs.append(self._attend(qi, ki, vi).transpose(0, 1))  # (n, H, D)
             start += n

@@ -1,0 +1,161 @@
+"""The engine: one base model, its paged KV cache, adapter slots and scheduler. Each `step`
+is one forward pass over every scheduled token, whatever adapter each row uses."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cotune.adapters.residency import ResidentAdapters
+from cotune.engine.detokenizer import IncrementalDetokenizer
+from cotune.engine.kv_cache import PagedKVCache
+from cotune.engine.sampling import Sampler, SamplingParams, TokenLogprob
+from cotune.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from cotune.engine.sequence import Sequence
+from cotune.model.llama import CausalLM, ForwardBatch
+from cotune.model.lora_routing import LoraRouting
+
+
+@dataclass
+class EngineConfig:
+    max_rank: int = 64  # largest LoRA rank a slot holds
+    num_slots: int = 32  # adapters resident at once
+    kv_cache_tokens: int = 16384  # tokens the paged KV cache holds over all sequences
+    block_size: int = 16  # tokens per KV block
+    max_batched_tokens: int = 512  # tokens per step
+    max_running: int = 128  # sequences in the cache at once
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    token_id: int
+    text: str  # text that became final with this token
+    logprob: TokenLogprob | None
+    finished: bool
+
+
+class Engine:
+    def __init__(self, model: CausalLM, tokenizer=None, stop_token_ids: set[int] = frozenset(),
+                 config: EngineConfig | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config = config or EngineConfig()
+        self.stop_token_ids = set(stop_token_ids)
+        num_blocks = -(-config.kv_cache_tokens // config.block_size)
+        weight = model.model.embed_tokens.weight
+        self.cache = PagedKVCache(model.config, num_blocks, config.block_size,
+                                  dtype=weight.dtype, device=weight.device)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_batched_tokens, config.max_running), self.cache)
+        self.adapters = ResidentAdapters(model, config.num_slots, config.max_rank)
+        self.sampler = Sampler()
+        self._ids = itertools.count()
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def add(self, prompt_ids: list[int], params: SamplingParams,
+            adapter: tuple[str, str | Path] | None = None, request_id: str | None = None,
+            tenant: str = "default") -> Sequence:
+        """Queues a request; `adapter` is (key, PEFT directory) or None for the base model.
+        Everything is checked before the request is queued."""
+        self._check_prompt(prompt_ids, params)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine has none")
+        request_id = request_id or f"req-{next(self._ids)}"
+        slot = None
+        if adapter is not None:
+            slot = self.adapters.acquire(*adapter)
+        seq = Sequence(request_id, list(prompt_ids), params, slot=slot,
+                       adapter=None if adapter is None else adapter[0], tenant=tenant)
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params.stop)
+        try:
+            self.scheduler.add(seq)
+        except ValueError:
+            self._release(seq)
+            raise
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        if not seq.is_finished:
+            self.scheduler.abort(seq)
+            seq.finish_reason = "abort"
+            self._release(seq)
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Schedules, runs one forward pass, samples; returns one output per new token."""
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        # Rows of one adapter side by side: fewer segments for the LoRA ops.
+        chunks = sorted(plan.chunks, key=lambda c: -1 if c.seq.slot is None else c.seq.slot)
+        hidden = self.model(self._batch(chunks))  # (T, hidden)
+        ends = torch.tensor([c.num_tokens for c in chunks]).cumsum(0) - 1
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        for chunk in chunks:
+            self.cache.commit(chunk.seq.id, chunk.num_tokens)
+            chunk.seq.computed += chunk.num_tokens
+        if not sampling:
+            return []
+        logits = self.model.logits(hidden[ends[sampling]])  # (sampling rows, vocab)
+        seqs = [chunks[i].seq for i in sampling]
+        tokens, logprobs = self.sampler.sample(logits, [s.params for s in seqs],
+                                               [s.generator for s in seqs])
+        return [self._advance(s, t, lp) for s, t, lp in zip(seqs, tokens, logprobs)]
+
+    def _batch(self, chunks: list[ScheduledChunk]) -> ForwardBatch:
+        lens = [c.num_tokens for c in chunks]
+        ids = [c.seq.token_ids[c.seq.computed:c.seq.computed + c.num_tokens] for c in chunks]
+        return ForwardBatch(
+            token_ids=torch.tensor([t for chunk_ids in ids for t in chunk_ids]),
+            seq_lens=lens,
+            kv=[self.cache.view(c.seq.id) for c in chunks],
+            lora=LoraRouting.from_sequences(lens, [c.seq.slot for c in chunks]),
+        )
+
+    def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> StepOutput:
+        now = time.monotonic()
+        seq.first_token_time = seq.first_token_time or now
+        seq.last_token_time = now
+        seq.output_ids.append(token)
+        seq.logprobs.append(logprob)
+        text = seq.detokenizer.add(token) if seq.detokenizer else ""
+        params = seq.params
+        if (token in params.stop_token_ids or (not params.ignore_eos and token in
+                                                self.stop_token_ids)
+                or (seq.detokenizer is not None and seq.detokenizer.stopped)):
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= params.max_tokens:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            if seq.detokenizer is not None and not seq.detokenizer.stopped:
+                text += seq.detokenizer.finish()
+            self.scheduler.finish(seq)
+            self._release(seq)
+        return StepOutput(seq, token, text, logprob, seq.finish_reason is not None)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.adapter is not None:
+            self.adapters.release(seq.adapter)
+
+    def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        config = self.model.config
+        if not prompt_ids:
+            raise ValueError("a request needs a non-empty prompt")
+        bad = [t for t in prompt_ids if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                             f"[0, {config.vocab_size})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > config.max_position_embeddings:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens plus max_tokens {params.max_tokens} "
+                f"exceeds the model's context of {config.max_position_embeddings} tokens; "
+                "shorten the prompt or lower max_tokens")

@@ -1,0 +1,248 @@
+"""`cotune.Runtime`: the embedded co-runtime. One base model in this process serves requests
+on many adapters; a background thread runs engine steps while there is work.
+
+    rt = Runtime.load("default")
+    rt.generate([Request(prompt="Hi", adapter="./my-adapter")])
+    for delta in rt.stream(Request(prompt="Hi")): print(delta.text, end="")
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cotune.engine.engine import Engine, EngineConfig, StepOutput
+from cotune.engine.sampling import SamplingParams, TokenLogprob
+from cotune.engine.sequence import Sequence
+from cotune.model.default_model import resolve_model_path
+from cotune.model.loading import load_model
+from cotune.model.tokenizer import load_tokenizer, stop_token_ids
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Request:
+    """A generation request: prompt text or token ids, an adapter (a PEFT directory or a name
+    registered with `Runtime.register_adapter`; None for the base model), and sampling."""
+
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    adapter: str | None = None
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None
+    ignore_eos: bool = False
+    request_id: str | None = None
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, seed=self.seed, stop=tuple(self.stop),
+            stop_token_ids=tuple(self.stop_token_ids), ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs)
+
+
+@dataclass
+class Delta:
+    """Tokens and text a stream yields as they are sampled."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob | None]
+    finish_reason: str | None = None
+
+
+@dataclass
+class Completion:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop", "length" or "abort"
+    prompt_tokens: int
+    logprobs: list[TokenLogprob | None] | None = None
+    ttft_s: float | None = None  # arrival to first token
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Runtime:
+    def __init__(self, engine: Engine, model_path: Path | None = None):
+        self.engine, self.model_path = engine, model_path
+        self._adapter_paths: dict[str, Path] = {}
+        self._lock = threading.Condition()
+        self._listeners: dict[Sequence, queue.Queue] = {}
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="cotune-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def load(cls, model: str | Path = "default", *, dtype: str = "float32",
+             device: str = "cpu", **engine_options) -> Runtime:
+        """A runtime on `model` ('default', a checkpoint directory or a .gguf file); options
+        are the fields of EngineConfig (max_rank, num_slots, kv_cache_tokens, ...)."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported; accepted: {', '.join(DTYPES)}")
+        path = resolve_model_path(model)
+        tokenizer = load_tokenizer(path)
+        base = load_model(path, dtype=DTYPES[dtype], device=device)
+        engine = Engine(base, tokenizer, stop_token_ids(path, tokenizer),
+                        EngineConfig(**engine_options))
+        return cls(engine, path)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def register_adapter(self, name: str, path: str | Path) -> None:
+        """Makes `name` usable as a request's adapter for the PEFT directory `path`."""
+        if not Path(path, "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a PEFT adapter directory "
+                                    "(no adapter_config.json)")
+        self._adapter_paths[name] = Path(path)
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        """Runs all requests together (they share steps); completions in request order.
+        Every request is checked before any runs: one bad request fails the call."""
+        with self._lock:
+            seqs, sinks = self._submit(requests)
+        return [self._collect(seq, sink) for seq, sink in zip(seqs, sinks)]
+
+    def stream(self, request: Request) -> Iterator[Delta]:
+        """Yields the request's tokens and text as they are sampled; closing the iterator
+        early aborts the request."""
+        with self._lock:
+            (seq,), (sink,) = self._submit([request])
+        finished = False
+        try:
+            while not finished:
+                outputs, finished = self._next_outputs(sink)
+                yield Delta(seq.id, [o.token_id for o in outputs], "".join(o.text for o in outputs),
+                            [o.logprob for o in outputs], seq.finish_reason if finished else None)
+        finally:
+            if not finished:
+                self.abort(seq.id)
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a running or queued request; False when no such request is in flight."""
+        with self._lock:
+            for seq, sink in list(self._listeners.items()):
+                if seq.id == request_id:
+                    self.engine.abort(seq)
+                    del self._listeners[seq]
+                    sink.put(None)
+                    return True
+        return False
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._thread.join()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _submit(self, requests: list[Request]):
+        if self._closed:
+            raise RuntimeError("the runtime is closed")
+        prepared = [self._prepare(r) for r in requests]  # all checked before any is queued
+        seqs, sinks = [], []
+        try:
+            for prompt_ids, params, adapter, request_id in prepared:
+                seqs.append(self.engine.add(prompt_ids, params, adapter, request_id))
+        except BaseException:
+            for seq in seqs:
+                self.engine.abort(seq)
+            raise
+        for seq in seqs:
+            sinks.append(queue.Queue())
+            self._listeners[seq] = sinks[-1]
+        self._lock.notify_all()
+        return seqs, sinks
+
+    def _prepare(self, request: Request):
+        if (request.prompt is None) == (request.prompt_token_ids is None):
+            raise ValueError("a request needs exactly one of prompt or prompt_token_ids")
+        ids = request.prompt_token_ids
+        if ids is None:
+            ids = self.tokenizer(request.prompt).input_ids
+        return list(ids), request.sampling_params(), self._adapter(request.adapter), \
+            request.request_id
+
+    def _adapter(self, name: str | None):
+        if name is None:
+            return None
+        if name in self._adapter_paths:
+            return name, self._adapter_paths[name]
+        path = Path(name)
+        if path.is_dir():
+            return str(path.resolve()), path
+        raise FileNotFoundError(f"adapter {name!r} is neither a registered adapter name nor a "
+                                "PEFT adapter directory")
+
+    def _collect(self, seq: Sequence, sink: queue.Queue) -> Completion:
+        text, finished = [], False
+        while not finished:
+            outputs, finished = self._next_outputs(sink)
+            text.extend(o.text for o in outputs)
+        ttft = None if seq.first_token_time is None else seq.first_token_time - seq.arrival
+        return Completion(seq.id, list(seq.output_ids), "".join(text), seq.finish_reason,
+                          len(seq.prompt_ids), list(seq.logprobs) if seq.params.logprobs
+                          is not None else None, ttft)
+
+    def _next_outputs(self, sink: queue.Queue) -> tuple[list[StepOutput], bool]:
+        """Blocks for the next token(s) of one request: (outputs, whether it has ended).
+        An aborted request ends with its finish_reason "abort"; an engine failure raises."""
+        outputs = [sink.get()]
+        while not sink.empty():
+            outputs.append(sink.get())
+        if outputs[-1] is None:
+            if self._error is not None:
+                raise RuntimeError("the engine stopped on an error") from self._error
+            return outputs[:-1], True
+        return outputs, outputs[-1].finished
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self.engine.has_work:
+                    self._lock.wait()
+                if self._closed:
+                    self._fail_all(None)
+                    return
+                try:
+                    outputs = self.engine.step()
+                except BaseException as e:  # fail every waiter rather than hang them
+                    self._error = e
+                    self._fail_all(e)
+                    return
+                for output in outputs:
+                    sink = self._listeners.get(output.seq)
+                    if sink is not None:
+                        sink.put(output)
+                        if output.finished:
+                            del self._listeners[output.seq]
+
+    def _fail_all(self, error: BaseException | None) -> None:
+        for seq, sink in self._listeners.items():
+            self.engine.abort(seq)
+            sink.put(None)
+        self._listeners.clear()

@@ -1,0 +1,153 @@
+"""Which tokens run in the next step: continuous batching over the paged KV cache.
+
+Called by the engine once per step (`schedule`), and when requests arrive (`add`), are
+aborted (`abort`) or finish (`finish`). Decode tokens of running sequences come first (they
+set the time per output token), then chunks of prefills (time to first token) within the
+step's token budget. When the cache is full, the most recently arrived running sequence is
+preempted: its blocks are freed and it recomputes from its tokens later.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from cotune.engine.kv_cache import PagedKVCache
+from cotune.engine.sequence import SeqState, Sequence
+
+
+@dataclass
+class SchedulerConfig:
+    max_batched_tokens: int = 512  # tokens per step (decode + prefill)
+    max_running: int = 128  # sequences in the cache at once
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens fed this step, starting at seq.computed
+
+    @property
+    def samples(self) -> bool:
+        """This chunk feeds the last pending token, so the step samples the next one."""
+        return self.num_tokens == self.seq.pending
+
+
+@dataclass
+class StepPlan:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache: PagedKVCache):
+        self.config, self.cache = config, cache
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.counters: Counter[str] = Counter()  # decisions, for metrics
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queues a new sequence; refuses one that could never fit in the cache."""
+        need = -(-(len(seq.prompt_ids) + seq.params.max_tokens) // self.cache.block_size)
+        if need > self.cache.num_blocks:
+            capacity = self.cache.num_blocks * self.cache.block_size
+            raise ValueError(
+                f"request {seq.id} needs {len(seq.prompt_ids) + seq.params.max_tokens} tokens "
+                f"of KV cache (prompt + max_tokens) but the whole cache holds {capacity}; "
+                "shorten the prompt, lower max_tokens, or start with a larger KV cache")
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self.finish(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Frees a sequence's cache blocks; called when it ends for any reason."""
+        if seq in self.running:
+            self.running.remove(seq)
+        self.cache.free(seq.id)
+        seq.state = SeqState.FINISHED
+
+    def schedule(self, budget: int | None = None) -> StepPlan:
+        """The chunks of the next step, at most `budget` tokens (default: the config's)."""
+        budget = self.config.max_batched_tokens if budget is None else budget
+        plan = StepPlan()
+        budget -= self._schedule_decodes(plan, budget)
+        self._schedule_prefills(plan, budget)
+        self.counters["steps"] += 1
+        self.counters["decode_tokens"] += sum(c.num_tokens for c in plan.chunks
+                                              if c.seq.pending == 1)
+        self.counters["prefill_tokens"] += sum(c.num_tokens for c in plan.chunks
+                                               if c.seq.pending > 1)
+        return plan
+
+    def _schedule_decodes(self, plan: StepPlan, budget: int) -> int:
+        used = 0
+        for seq in list(self.running):
+            if seq.state is not SeqState.RUNNING or seq.pending != 1 or used >= budget:
+                continue
+            while not self.cache.reserve(seq.id, 1):
+                victim = self.running[-1]
+                self._preempt(victim, plan)
+                if victim is seq:
+                    break
+            else:
+                plan.chunks.append(ScheduledChunk(seq, 1))
+                used += 1
+        return used
+
+    def _schedule_prefills(self, plan: StepPlan, budget: int) -> None:
+        # Sequences already running with a partial prefill continue first, then new ones.
+        partial = [s for s in self.running if s.pending > 1]
+        for seq in partial:
+            if budget <= 0:
+                return
+            chunk = self._reserve_chunk(seq, budget)
+            if chunk:
+                plan.chunks.append(ScheduledChunk(seq, chunk))
+                budget -= chunk
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+            seq = self.waiting[0]
+            chunk = self._reserve_chunk(seq, budget)
+            if not chunk:
+                break
+            self.waiting.popleft()
+            seq.state = SeqState.RUNNING
+            self.running.append(seq)
+            plan.chunks.append(ScheduledChunk(seq, chunk))
+            budget -= chunk
+
+    def _reserve_chunk(self, seq: Sequence, budget: int) -> int:
+        """The largest chunk of seq's pending tokens, up to `budget`, that the cache can take."""
+        chunk = min(seq.pending, budget)
+        room = self.cache.free_blocks * self.cache.block_size + self._slack(seq)
+        chunk = min(chunk, room)
+        if chunk <= 0 or not self.cache.reserve(seq.id, chunk):
+            return 0
+        return chunk
+
+    def _slack(self, seq: Sequence) -> int:
+        """Free token rows left in the last block the sequence already holds."""
+        held = len(self.cache.tables.get(seq.id, ())) * self.cache.block_size
+        return held - self.cache.lengths.get(seq.id, 0)
+
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        """Frees a running sequence's blocks; it recomputes its tokens when readmitted."""
+        self.running.remove(seq)
+        plan.chunks = [c for c in plan.chunks if c.seq is not seq]
+        self.cache.free(seq.id)
+        seq.computed = 0
+        seq.state = SeqState.WAITING
+        seq.preemptions += 1
+        self.waiting.appendleft(seq)
+        plan.preempted.append(seq)
+        self.counters["preemptions"] += 1
