@@ -4,12 +4,19 @@
 `cotune.client` stays importable without torch.
 """
 
-__all__ = ["Completion", "Delta", "Request", "Runtime"]
+_EXPORTS = {
+    "Runtime": "cotune.engine.runtime", "Request": "cotune.engine.runtime",
+    "Completion": "cotune.engine.runtime", "Delta": "cotune.engine.runtime",
+    "FinetuneSpec": "cotune.engine.finetune_spec", "LoraSettings": "cotune.engine.finetune_spec",
+    "OptimizerSettings": "cotune.engine.finetune_spec", "Job": "cotune.engine.job",
+    "JobState": "cotune.engine.job",
+}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        from cotune.engine import runtime
+    if name in _EXPORTS:
+        import importlib
 
-        return getattr(runtime, name)
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'cotune' has no attribute {name!r}")

@@ -122,3 +122,38 @@ def smollm2(tmp_path_factory):
     hf_model = AutoModelForCausalLM.from_pretrained(
         gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
     return hf_model, checkpoint
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_tokenizer(vocab_size: int = TINY["vocab_size"]):
+    """A real byte-level BPE tokenizer with a ChatML template, trained here on a few lines so
+    that its ids fit the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["the cat sat on the mat", "a capital city of a country", "user assistant system",
+              "what is the answer? the answer is forty two."] * 20
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=CHATML)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(transformers model, directory) of a tiny Llama checkpoint with its own tokenizer:
+    a whole model directory, as Runtime.load takes it."""
+    path = tmp_path_factory.mktemp("tiny-checkpoint")
+    model = tiny_hf_model("llama2")
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return model, path

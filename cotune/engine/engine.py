@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from cotune.engine.kv_cache import PagedKVCache
 from cotune.engine.sampling import Sampler, SamplingParams, TokenLogprob
 from cotune.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from cotune.engine.sequence import Sequence
+from cotune.engine.trainer import Trainer, TrainingChunk
 from cotune.model.llama import CausalLM, ForwardBatch
 from cotune.model.lora_routing import LoraRouting
 
@@ -28,6 +30,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     max_batched_tokens: int = 512  # tokens per step
     max_running: int = 128  # sequences in the cache at once
+    train_floor_tokens: int = 64  # training tokens every step may take, however busy serving is
 
 
 @dataclass
@@ -54,10 +57,23 @@ class Engine:
         self.adapters = ResidentAdapters(model, config.num_slots, config.max_rank)
         self.sampler = Sampler()
         self._ids = itertools.count()
+        self.trainers: list[Trainer] = []
+        # Called as on_version(trainer, version, path) after a job publishes a version, and
+        # on_job_end(trainer, error) when a job finishes (error None) or fails.
+        self.on_version: Callable[[Trainer, int, Path], None] | None = None
+        self.on_job_end: Callable[[Trainer, BaseException | None], None] | None = None
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self.trainers)
+
+    def add_trainer(self, trainer: Trainer) -> None:
+        """Starts training a job in the steps to come."""
+        self.trainers.append(trainer)
+
+    def remove_trainer(self, trainer: Trainer) -> None:
+        if trainer in self.trainers:
+            self.trainers.remove(trainer)
 
     def add(self, prompt_ids: list[int], params: SamplingParams,
             adapter: tuple[str, str | Path] | None = None, request_id: str | None = None,
@@ -88,16 +104,60 @@ class Engine:
             seq.finish_reason = "abort"
             self._release(seq)
 
-    @torch.inference_mode()
-    def step(self) -> list[StepOutput]:
-        """Schedules, runs one forward pass, samples; returns one output per new token."""
+    def step(self, on_output: Callable[[list[StepOutput]], None] | None = None
+             ) -> list[StepOutput]:
+        """One forward pass over the scheduled inference tokens and a chunk of training
+        rows. Inference rows are sampled and handed to `on_output` before backward runs over
+        the training rows. Returns one output per new token."""
         plan = self.scheduler.schedule()
-        if not plan.chunks:
-            return []
         # Rows of one adapter side by side: fewer segments for the LoRA ops.
         chunks = sorted(plan.chunks, key=lambda c: -1 if c.seq.slot is None else c.seq.slot)
-        hidden = self.model(self._batch(chunks))  # (T, hidden)
-        ends = torch.tensor([c.num_tokens for c in chunks]).cumsum(0) - 1
+        training = self._training_chunk(self.config.max_batched_tokens - plan.num_tokens)
+        if not chunks and training is None:
+            return []
+        with torch.set_grad_enabled(training is not None):
+            hidden = self.model(self._batch(chunks, training))  # (T, hidden)
+        inference_rows = plan.num_tokens
+        with torch.no_grad():
+            outputs = self._sample(chunks, hidden[:inference_rows].detach())
+        if on_output is not None:
+            on_output(outputs)  # streamed before backward: the stream must not wait
+        if training is not None:
+            self._train(*training, hidden[inference_rows:])
+        return outputs
+
+    def _training_chunk(self, room: int):
+        """(trainer, chunk) of the job whose turn it is, or None. Training fills the room
+        serving leaves, and never less than the floor."""
+        if not self.trainers:
+            return None
+        trainer = self.trainers.pop(0)
+        self.trainers.append(trainer)  # round robin over jobs
+        chunk = trainer.next_chunk(max(room, self.config.train_floor_tokens))
+        self.scheduler.counters["training_tokens"] += chunk.num_tokens
+        return trainer, chunk
+
+    def _batch(self, chunks: list[ScheduledChunk], training) -> ForwardBatch:
+        lens = [c.num_tokens for c in chunks]
+        ids = [c.seq.token_ids[c.seq.computed:c.seq.computed + c.num_tokens] for c in chunks]
+        kv = [self.cache.view(c.seq.id) for c in chunks]
+        adapters = [c.seq.slot for c in chunks]
+        if training is not None:  # training rows: whole examples, no cache
+            trainer, chunk = training
+            for example in chunk.examples:
+                lens.append(len(example.token_ids))
+                ids.append(example.token_ids)
+                kv.append(None)
+                adapters.append(trainer.lora)
+        return ForwardBatch(
+            token_ids=torch.tensor([t for row_ids in ids for t in row_ids]),
+            seq_lens=lens,
+            kv=kv,
+            lora=LoraRouting.from_sequences(lens, adapters),
+        )
+
+    def _sample(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> list[StepOutput]:
+        ends = torch.tensor([c.num_tokens for c in chunks], dtype=torch.int64).cumsum(0) - 1
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         for chunk in chunks:
             self.cache.commit(chunk.seq.id, chunk.num_tokens)
@@ -110,15 +170,25 @@ class Engine:
                                                [s.generator for s in seqs])
         return [self._advance(s, t, lp) for s, t, lp in zip(seqs, tokens, logprobs)]
 
-    def _batch(self, chunks: list[ScheduledChunk]) -> ForwardBatch:
-        lens = [c.num_tokens for c in chunks]
-        ids = [c.seq.token_ids[c.seq.computed:c.seq.computed + c.num_tokens] for c in chunks]
-        return ForwardBatch(
-            token_ids=torch.tensor([t for chunk_ids in ids for t in chunk_ids]),
-            seq_lens=lens,
-            kv=[self.cache.view(c.seq.id) for c in chunks],
-            lora=LoraRouting.from_sequences(lens, [c.seq.slot for c in chunks]),
-        )
+    def _train(self, trainer: Trainer, chunk: TrainingChunk, hidden: torch.Tensor) -> None:
+        """Backward over the training rows only; optimizer step, versions, job end. A job
+        that fails ends alone: serving and other jobs go on."""
+        try:
+            loss = trainer.loss(self.model.logits(hidden), chunk)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()}")
+            loss.backward()
+            if trainer.after_chunk(chunk, loss.item()) and trainer.should_checkpoint():
+                version = trainer.checkpoint()
+                if self.on_version is not None:
+                    self.on_version(trainer, version, trainer.spec.adapter_dir / f"v{version}")
+            error = None
+        except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
+            error = e
+        if error is not None or trainer.finished:
+            self.remove_trainer(trainer)
+            if self.on_job_end is not None:
+                self.on_job_end(trainer, error)
 
     def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> StepOutput:
         now = time.monotonic()

@@ -8,6 +8,7 @@ on many adapters; a background thread runs engine steps while there is work.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Iterator
@@ -16,11 +17,15 @@ from pathlib import Path
 
 import torch
 
+from cotune.adapters.peft_format import AdapterError
 from cotune.engine.engine import Engine, EngineConfig, StepOutput
+from cotune.engine.finetune_spec import FinetuneSpec
+from cotune.engine.job import Job, JobState
 from cotune.engine.sampling import SamplingParams, TokenLogprob
 from cotune.engine.sequence import Sequence
+from cotune.engine.trainer import Trainer
 from cotune.model.default_model import resolve_model_path
-from cotune.model.loading import load_model
+from cotune.model.loading import checkpoint_fingerprint, load_model
 from cotune.model.tokenizer import load_tokenizer, stop_token_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -82,7 +87,12 @@ class Completion:
 class Runtime:
     def __init__(self, engine: Engine, model_path: Path | None = None):
         self.engine, self.model_path = engine, model_path
-        self._adapter_paths: dict[str, Path] = {}
+        self.base_fingerprint = "" if model_path is None else checkpoint_fingerprint(model_path)
+        self._adapters: dict[str, tuple[str, Path]] = {}  # name -> (residency key, directory)
+        self._jobs: dict[Trainer, Job] = {}
+        self._job_ids = itertools.count(1)
+        engine.on_version = self._published
+        engine.on_job_end = self._job_ended
         self._lock = threading.Condition()
         self._listeners: dict[Sequence, queue.Queue] = {}
         self._closed = False
@@ -113,7 +123,23 @@ class Runtime:
         if not Path(path, "adapter_config.json").is_file():
             raise FileNotFoundError(f"{path} is not a PEFT adapter directory "
                                     "(no adapter_config.json)")
-        self._adapter_paths[name] = Path(path)
+        self._adapters[name] = (name, Path(path))
+
+    def finetune(self, spec: FinetuneSpec) -> Job:
+        """Starts training a new adapter in the same steps that serve requests. The data is
+        read and checked before this returns. Each version it publishes is servable at once
+        as `name@v{k}`, and `name` names the newest."""
+        job_id = f"job-{next(self._job_ids)}"
+        trainer = Trainer(spec, self.engine.model, self.tokenizer, job_id,
+                          self.base_fingerprint)
+        job = Job(job_id, trainer, self._cancel_job)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the runtime is closed")
+            self._jobs[trainer] = job
+            self.engine.add_trainer(trainer)
+            self._lock.notify_all()
+        return job
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Runs all requests together (they share steps); completions in request order.
@@ -190,8 +216,8 @@ class Runtime:
     def _adapter(self, name: str | None):
         if name is None:
             return None
-        if name in self._adapter_paths:
-            return name, self._adapter_paths[name]
+        if name in self._adapters:
+            return self._adapters[name]
         path = Path(name)
         if path.is_dir():
             return str(path.resolve()), path
@@ -229,19 +255,46 @@ class Runtime:
                     self._fail_all(None)
                     return
                 try:
-                    outputs = self.engine.step()
+                    self.engine.step(on_output=self._deliver)
                 except BaseException as e:  # fail every waiter rather than hang them
                     self._error = e
                     self._fail_all(e)
                     return
-                for output in outputs:
-                    sink = self._listeners.get(output.seq)
-                    if sink is not None:
-                        sink.put(output)
-                        if output.finished:
-                            del self._listeners[output.seq]
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        for output in outputs:
+            sink = self._listeners.get(output.seq)
+            if sink is not None:
+                sink.put(output)
+                if output.finished:
+                    del self._listeners[output.seq]
+
+    def _published(self, trainer: Trainer, version: int, path: Path) -> None:
+        """A job published a version: servable now, straight from the trainer's weights."""
+        key = f"{trainer.spec.name}@v{version}"
+        self._adapters[key] = (key, path)
+        self._adapters[trainer.spec.name] = (key, path)
+        try:
+            self.engine.adapters.place(key, trainer.adapter())
+        except AdapterError:  # every slot busy: the first request loads it from `path`
+            pass
+
+    def _job_ended(self, trainer: Trainer, error: BaseException | None) -> None:
+        job = self._jobs.pop(trainer, None)
+        if job is not None:
+            job._end(JobState.FAILED if error else JobState.SUCCEEDED, error)
+
+    def _cancel_job(self, job: Job) -> None:
+        with self._lock:
+            self.engine.remove_trainer(job.trainer)
+            if self._jobs.pop(job.trainer, None) is not None:
+                job._end(JobState.CANCELLED)
 
     def _fail_all(self, error: BaseException | None) -> None:
+        for trainer, job in list(self._jobs.items()):
+            self.engine.remove_trainer(trainer)
+            job._end(JobState.CANCELLED if error is None else JobState.FAILED, error)
+        self._jobs.clear()
         for seq, sink in self._listeners.items():
             self.engine.abort(seq)
             sink.put(None)

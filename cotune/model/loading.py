@@ -3,6 +3,7 @@ safetensors weights are assigned. Nothing is ever unpickled."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -67,3 +68,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """sha256 over config.json and the names and sizes of the weight files: which base an
+    adapter version was trained on, without hashing gigabytes."""
+    path = Path(path)
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for file in weight_files(path):
+        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+    return digest.hexdigest()

@@ -13,10 +13,14 @@ from torch.nn import functional as F
 
 
 class TrainableLora(nn.Module):
-    """A LoRA adapter being trained: float32 A (r, d_in) and B (d_out, r) per target module."""
+    """A LoRA adapter being trained: float32 A (r, d_in) and B (d_out, r) per target module,
+    and LoRA dropout on its rows' inputs, drawn from its own generator (so that what else
+    shares the batch never changes its masks)."""
 
-    def __init__(self, modules: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]):
+    def __init__(self, modules: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+                 dropout: float = 0.0, generator: torch.Generator | None = None):
         super().__init__()
+        self.dropout, self.generator = dropout, generator
         self.a = nn.ParameterDict()
         self.b = nn.ParameterDict()
         self.scales: dict[str, float] = {}
@@ -83,6 +87,23 @@ class LoraRouting:
     @property
     def has_training(self) -> bool:
         return any(t >= 0 for t in self.seg_trainables)
+
+    def dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, d) with each trained segment's LoRA dropout applied to its rows (a fresh mask
+        per call, as PEFT draws one per module)."""
+        if not any(t.dropout > 0 for t in self.trainables):
+            return x
+        pieces, starts = [], self.seg_starts
+        for i, index in enumerate(self.seg_trainables):
+            rows = x[starts[i]:starts[i + 1]]
+            if index >= 0 and self.trainables[index].dropout > 0:
+                trainable = self.trainables[index]
+                keep = 1.0 - trainable.dropout
+                mask = torch.empty(rows.shape).bernoulli_(keep, generator=trainable.generator)
+                rows = rows * (mask.to(rows) / keep)
+            pieces.append(rows)
+        pieces.append(x[starts[-1]:])
+        return torch.cat(pieces)
 
     @cached_property
     def starts(self) -> torch.Tensor:

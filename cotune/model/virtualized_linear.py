@@ -92,7 +92,8 @@ class VirtualizedLinear(nn.Module):
             pool = lora.training_pool(self.name, x.device, x.dtype)
             if pool is not None:
                 a_pool, b_pool, scales, seg_slots = pool
-                y = y + segmented_lora(x, a_pool, b_pool, scales, lora.starts, seg_slots)
+                y = y + segmented_lora(lora.dropped(x), a_pool, b_pool, scales, lora.starts,
+                                       seg_slots)
         return y
 
     def _holds(self, slot: int) -> bool:
