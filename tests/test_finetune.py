@@ -86,8 +86,8 @@ def test_gradients_in_a_mixed_batch_equal_peft_on_the_same_data_alone(tiny_check
     for prompt in ([5, 6, 7, 8, 9], [1, 2], [44, 45, 46]):
         engine.add(prompt, SamplingParams(max_tokens=30),
                    (str(tmp_path / "served"), tmp_path / "served"))
-    engine.step()
-    assert trainer.step == 1 and engine.scheduler.counters["prefill_tokens"] > 0
+    _steps_until(engine, lambda: trainer.step == 1)
+    assert engine.scheduler.counters["prefill_tokens"] > 0
 
     examples = [trainer.train_examples[i] for i in trainer.order(0)[:spec.batch_size]]
     reference.train()

@@ -17,6 +17,7 @@ from cotune.engine.kv_cache import PagedKVCache
 from cotune.engine.sampling import Sampler, SamplingParams, TokenLogprob
 from cotune.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from cotune.engine.sequence import Sequence
+from cotune.engine.step_time import StepTimeModel
 from cotune.engine.trainer import Trainer, TrainingChunk
 from cotune.model.llama import CausalLM, ForwardBatch
 from cotune.model.lora_routing import LoraRouting
@@ -28,8 +29,10 @@ class EngineConfig:
     num_slots: int = 32  # adapters resident at once
     kv_cache_tokens: int = 16384  # tokens the paged KV cache holds over all sequences
     block_size: int = 16  # tokens per KV block
-    max_batched_tokens: int = 512  # tokens per step
+    max_batched_tokens: int = 512  # tokens per step, the hard cap
     max_running: int = 128  # sequences in the cache at once
+    ttft_target_s: float = 2.0  # serving SLOs that size each step
+    tpot_target_s: float = 0.25
     train_floor_tokens: int = 64  # training tokens every step may take, however busy serving is
 
 
@@ -52,8 +55,10 @@ class Engine:
         weight = model.model.embed_tokens.weight
         self.cache = PagedKVCache(model.config, num_blocks, config.block_size,
                                   dtype=weight.dtype, device=weight.device)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_batched_tokens, config.max_running), self.cache)
+        self.scheduler = Scheduler(SchedulerConfig(
+            config.max_batched_tokens, config.max_running, config.ttft_target_s,
+            config.tpot_target_s), self.cache)
+        self.step_time = StepTimeModel()
         self.adapters = ResidentAdapters(model, config.num_slots, config.max_rank)
         self.sampler = Sampler()
         self._ids = itertools.count()
@@ -109,10 +114,11 @@ class Engine:
         """One forward pass over the scheduled inference tokens and a chunk of training
         rows. Inference rows are sampled and handed to `on_output` before backward runs over
         the training rows. Returns one output per new token."""
-        plan = self.scheduler.schedule()
+        started = time.perf_counter()
+        plan = self.scheduler.schedule(self._inference_budget())
         # Rows of one adapter side by side: fewer segments for the LoRA ops.
         chunks = sorted(plan.chunks, key=lambda c: -1 if c.seq.slot is None else c.seq.slot)
-        training = self._training_chunk(self.config.max_batched_tokens - plan.num_tokens)
+        training = self._training_chunk(self._training_room(plan.num_tokens))
         if not chunks and training is None:
             return []
         with torch.set_grad_enabled(training is not None):
@@ -124,7 +130,25 @@ class Engine:
             on_output(outputs)  # streamed before backward: the stream must not wait
         if training is not None:
             self._train(*training, hidden[inference_rows:])
+        train_tokens = 0 if training is None else training[1].num_tokens
+        self.step_time.observe(plan.num_tokens, train_tokens, time.perf_counter() - started)
         return outputs
+
+    def _inference_budget(self) -> int:
+        """While requests decode, the largest step that keeps their time per output token;
+        otherwise the cap (prefills then finish as fast as they can)."""
+        cap = self.config.max_batched_tokens
+        if not self.scheduler.decoding:
+            return cap
+        return self.step_time.inference_budget(self.config.tpot_target_s, cap)
+
+    def _training_room(self, inference_tokens: int) -> int:
+        """Training tokens the SLOs leave in this step: all of the cap when nothing is served,
+        else what still fits in the TPOT target beside the inference tokens."""
+        cap = self.config.max_batched_tokens - inference_tokens
+        if not self.scheduler.has_work:
+            return self.config.max_batched_tokens
+        return self.step_time.training_budget(self.config.tpot_target_s, inference_tokens, cap)
 
     def _training_chunk(self, room: int):
         """(trainer, chunk) of the job whose turn it is, or None. Training fills the room
@@ -205,11 +229,23 @@ class Engine:
         elif len(seq.output_ids) >= params.max_tokens:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
+            self._count_slo(seq)
             if seq.detokenizer is not None and not seq.detokenizer.stopped:
                 text += seq.detokenizer.finish()
             self.scheduler.finish(seq)
             self._release(seq)
         return StepOutput(seq, token, text, logprob, seq.finish_reason is not None)
+
+    def _count_slo(self, seq: Sequence) -> None:
+        """Counts whether a finished request met its TTFT and TPOT targets."""
+        counters, config = self.scheduler.counters, self.config
+        ttft = seq.first_token_time - seq.arrival
+        tokens = len(seq.output_ids)
+        tpot = (seq.last_token_time - seq.first_token_time) / (tokens - 1) if tokens > 1 else 0.0
+        ttft_met, tpot_met = ttft <= config.ttft_target_s, tpot <= config.tpot_target_s
+        counters[f"slo_ttft_{'met' if ttft_met else 'missed'}"] += 1
+        counters[f"slo_tpot_{'met' if tpot_met else 'missed'}"] += 1
+        counters[f"slo_both_{'met' if ttft_met and tpot_met else 'missed'}"] += 1
 
     def _release(self, seq: Sequence) -> None:
         if seq.adapter is not None:

@@ -4,7 +4,9 @@ Called by the engine once per step (`schedule`), and when requests arrive (`add`
 aborted (`abort`) or finish (`finish`). Decode tokens of running sequences come first (they
 set the time per output token), then chunks of prefills (time to first token) within the
 step's token budget. When the cache is full, the most recently arrived running sequence is
-preempted: its blocks are freed and it recomputes from its tokens later.
+preempted: its blocks are freed and it recomputes from its tokens later. Waiting requests
+are admitted tenant by tenant, the tenant served least recently first, so one tenant's
+burst cannot starve the others.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from cotune.engine.sequence import SeqState, Sequence
 
 @dataclass
 class SchedulerConfig:
-    max_batched_tokens: int = 512  # tokens per step (decode + prefill)
+    max_batched_tokens: int = 512  # tokens per step (decode + prefill), the hard cap
     max_running: int = 128  # sequences in the cache at once
+    ttft_target_s: float = 2.0  # time to first token a request should get
+    tpot_target_s: float = 0.25  # time per output token a running request should get
+    tenant_memory: float = 0.99  # per step, how much of a tenant's served tokens is remembered
 
 
 @dataclass
@@ -49,6 +54,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.counters: Counter[str] = Counter()  # decisions, for metrics
+        self.tenant_tokens: Counter[str] = Counter()  # recent tokens served, decaying
 
     @property
     def has_work(self) -> bool:
@@ -88,7 +94,16 @@ class Scheduler:
                                               if c.seq.pending == 1)
         self.counters["prefill_tokens"] += sum(c.num_tokens for c in plan.chunks
                                                if c.seq.pending > 1)
+        for tenant in list(self.tenant_tokens):
+            self.tenant_tokens[tenant] *= self.config.tenant_memory
+        for chunk in plan.chunks:
+            self.tenant_tokens[chunk.seq.tenant] += chunk.num_tokens
         return plan
+
+    @property
+    def decoding(self) -> bool:
+        """Some running sequence waits for its next token (so TPOT bounds the step)."""
+        return any(s.pending == 1 for s in self.running)
 
     def _schedule_decodes(self, plan: StepPlan, budget: int) -> int:
         used = 0
@@ -116,15 +131,21 @@ class Scheduler:
                 plan.chunks.append(ScheduledChunk(seq, chunk))
                 budget -= chunk
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
-            seq = self.waiting[0]
+            seq = self._next_waiting()
             chunk = self._reserve_chunk(seq, budget)
             if not chunk:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.state = SeqState.RUNNING
             self.running.append(seq)
             plan.chunks.append(ScheduledChunk(seq, chunk))
             budget -= chunk
+
+    def _next_waiting(self) -> Sequence:
+        """Preempted sequences first (they already waited); then the oldest request of the
+        tenant served least recently."""
+        return min(self.waiting, key=lambda s: (s.preemptions == 0,
+                                                self.tenant_tokens[s.tenant], s.arrival))
 
     def _reserve_chunk(self, seq: Sequence, budget: int) -> int:
         """The largest chunk of seq's pending tokens, up to `budget`, that the cache can take."""
