@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cotune.engine.kv_cache import PagedKVCache
+from cotune.engine.kv_cache import PagedBatch, PagedKVCache
+from cotune.model.attention import attend_one
 from cotune.model.config import ModelConfig
 
 CONFIG = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=2,
@@ -37,25 +38,39 @@ def test_free_returns_every_block():
     assert cache.reserve("c", 4) and sorted(cache.tables["c"] + cache.tables["b"]) == [0, 1, 2]
 
 
-def test_view_returns_every_token_in_order_across_scattered_blocks():
-    cache = PagedKVCache(CONFIG, num_blocks=6, block_size=2)
-    cache.reserve("other", 3)  # interleave blocks of two sequences
-    written_k, written_v = [], []
-    for step, n in enumerate([3, 1, 2, 1]):
-        assert cache.reserve("a", n)
-        cache.reserve("other", 1)
-        cache.commit("other", 0)
-        view = cache.view("a")
-        k = torch.randn(CONFIG.num_kv_heads, n, CONFIG.head_dim)
-        v = torch.randn(CONFIG.num_kv_heads, n, CONFIG.head_dim)
-        for layer in range(CONFIG.num_layers):
-            keys, values = view.append(layer, k + layer, v - layer)
-        cache.commit("a", n)
-        written_k.append(k + (CONFIG.num_layers - 1))
-        written_v.append(v - (CONFIG.num_layers - 1))
-        assert torch.equal(keys, torch.cat(written_k, dim=1)), step
-        assert torch.equal(values, torch.cat(written_v, dim=1)), step
-    assert cache.lengths["a"] == 7
+def test_paged_attention_equals_attention_over_contiguous_keys(seed):
+    """Three sequences step by step (prefill chunks, then decodes side by side) next to an
+    uncached one: the paged batch gives what attention over contiguous tensors gives."""
+    config = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=4, sliding_window=6)
+    cache = PagedKVCache(config, num_blocks=20, block_size=3)
+    history = {sid: ([], []) for sid in "abc"}  # all keys, values so far (layer 1)
+    for step, lens in enumerate([{"a": 5, "b": 2}, {"a": 1, "b": 4, "c": 7}, {"a": 1, "b": 1,
+                                                                          "c": 1}] * 2):
+        seq_ids = [*lens, None]
+        seq_lens = [*lens.values(), 3]  # the uncached sequence: 3 training rows
+        for sid, n in lens.items():
+            assert cache.reserve(sid, n)
+        batch = PagedBatch(cache, seq_ids, seq_lens)
+        total = sum(seq_lens)
+        q = torch.randn(total, 4, 4)
+        k, v = torch.randn(total, 2, 4), torch.randn(total, 2, 4)
+        for layer in range(2):
+            out = batch.attention(layer, q, k, v, config.sliding_window)
+        start = 0
+        for sid, n in zip(seq_ids, seq_lens):
+            keys, values = k[start:start + n], v[start:start + n]
+            if sid is not None:
+                history[sid][0].append(keys)
+                history[sid][1].append(values)
+                keys, values = torch.cat(history[sid][0]), torch.cat(history[sid][1])
+            want = attend_one(q[start:start + n].transpose(0, 1), keys.transpose(0, 1),
+                              values.transpose(0, 1), config.sliding_window).transpose(0, 1)
+            torch.testing.assert_close(out[start:start + n], want,
+                                       msg=lambda m, s=sid, i=step: f"step {i}, seq {s}: {m}")
+            start += n
+        for sid, n in lens.items():
+            cache.commit(sid, n)
 
 
 def test_cache_refuses_nonsense_sizes():

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from cotune.engine.kv_cache import PagedKVCache
+from cotune.engine.kv_cache import PagedBatch, PagedKVCache
 from cotune.model.config import ModelConfig, ModelConfigError
 from cotune.model.llama import ForwardBatch
 from cotune.model.loading import load_model
@@ -370,8 +370,8 @@ def test_sliding_window_decode_beyond_window_matches_transformers_at_every_posit
         for start in range(0, len(token_ids), chunk):  # fed `chunk` tokens at a time
             new = token_ids[start:start + chunk]
             assert cache.reserve("seq", len(new))
-            got.append(model.logits(model(ForwardBatch(new, [len(new)],
-                                                       kv=[cache.view("seq")]))))
+            paged = PagedBatch(cache, ["seq"], [len(new)])
+            got.append(model.logits(model(ForwardBatch(new, [len(new)], kv=paged))))
             cache.commit("seq", len(new))
     got = torch.cat(got)
     assert cache.lengths["seq"] == len(token_ids)

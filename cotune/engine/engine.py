@@ -13,7 +13,7 @@ import torch
 
 from cotune.adapters.residency import ResidentAdapters
 from cotune.engine.detokenizer import IncrementalDetokenizer
-from cotune.engine.kv_cache import PagedKVCache
+from cotune.engine.kv_cache import PagedBatch, PagedKVCache
 from cotune.engine.sampling import Sampler, SamplingParams, TokenLogprob
 from cotune.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from cotune.engine.sequence import Sequence
@@ -136,11 +136,15 @@ class Engine:
 
     def _inference_budget(self) -> int:
         """While requests decode, the largest step that keeps their time per output token;
-        otherwise the cap (prefills then finish as fast as they can)."""
+        otherwise the cap (prefills then finish as fast as they can). When even the running
+        decodes alone cannot meet the target, no budget can: the cap then gives the most
+        throughput."""
         cap = self.config.max_batched_tokens
-        if not self.scheduler.decoding:
+        decodes = self.scheduler.decoding
+        if not decodes:
             return cap
-        return self.step_time.inference_budget(self.config.tpot_target_s, cap)
+        budget = self.step_time.inference_budget(self.config.tpot_target_s, cap)
+        return cap if budget <= decodes else budget
 
     def _training_room(self, inference_tokens: int) -> int:
         """Training tokens the SLOs leave in this step: all of the cap when nothing is served,
@@ -164,19 +168,19 @@ class Engine:
     def _batch(self, chunks: list[ScheduledChunk], training) -> ForwardBatch:
         lens = [c.num_tokens for c in chunks]
         ids = [c.seq.token_ids[c.seq.computed:c.seq.computed + c.num_tokens] for c in chunks]
-        kv = [self.cache.view(c.seq.id) for c in chunks]
+        seq_ids = [c.seq.id for c in chunks]
         adapters = [c.seq.slot for c in chunks]
         if training is not None:  # training rows: whole examples, no cache
             trainer, chunk = training
             for example in chunk.examples:
                 lens.append(len(example.token_ids))
                 ids.append(example.token_ids)
-                kv.append(None)
+                seq_ids.append(None)
                 adapters.append(trainer.lora)
         return ForwardBatch(
             token_ids=torch.tensor([t for row_ids in ids for t in row_ids]),
             seq_lens=lens,
-            kv=kv,
+            kv=PagedBatch(self.cache, seq_ids, lens),
             lora=LoraRouting.from_sequences(lens, adapters),
         )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from cotune.model.attention import attend_decode, attend_one
 from cotune.model.config import ModelConfig
 
 
@@ -66,10 +67,6 @@ class PagedKVCache:
         self._free.extend(reversed(self.tables.pop(seq_id, [])))
         self.lengths.pop(seq_id, None)
 
-    def view(self, seq_id) -> SequenceView:
-        """The model-facing handle of one sequence for one forward pass."""
-        return SequenceView(self, seq_id)
-
     def commit(self, seq_id, new_tokens: int) -> None:
         """Records that a forward pass wrote `new_tokens` more tokens of `seq_id`."""
         self.lengths[seq_id] += new_tokens
@@ -82,24 +79,76 @@ class PagedKVCache:
         return rows.to(self.keys[0].device)
 
 
-class SequenceView:
-    """What the attention of one sequence sees during one forward pass: `length` tokens already
-    cached; `append` writes this pass's keys and values and returns all of them."""
+class PagedBatch:
+    """One forward pass's view of the cache, built once per step and used by every layer:
+    where each sequence's past and new keys live. Sequences whose id is None are not cached
+    (training rows): they attend only within their own tokens.
 
-    def __init__(self, cache: PagedKVCache, seq_id):
-        self.cache, self.seq_id = cache, seq_id
-        self.length = cache.lengths.get(seq_id, 0)
-        self._rows: torch.Tensor | None = None
+    Decoding sequences (one new token, cached) attend together in one padded call; prefill
+    chunks and uncached sequences attend one by one.
+    """
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """k, v: (kv_heads, n, head_dim) of the new tokens -> all keys and values so far,
-        each (kv_heads, length + n, head_dim). The cache holds no autograd state: cached rows
-        are served rows, and training rows never go through the cache."""
-        n = k.shape[1]
-        if self._rows is None:  # the same rows for every layer of this pass
-            self._rows = self.cache._rows(self.seq_id, 0, self.length + n)
+    def __init__(self, cache: PagedKVCache, seq_ids: list, seq_lens: list[int]):
+        self.cache = cache
+        self.past_lengths = [0 if sid is None else cache.lengths[sid] for sid in seq_ids]
+        device = cache.keys[0].device
+        starts = [0]
+        for n in seq_lens:
+            starts.append(starts[-1] + n)
+        decode, others, write_tokens, write_rows = [], [], [], []
+        for i, (sid, n) in enumerate(zip(seq_ids, seq_lens)):
+            rows = None
+            if sid is not None:
+                past = self.past_lengths[i]
+                rows = cache._rows(sid, 0, past + n)  # (past + n,)
+                write_tokens.append(torch.arange(starts[i], starts[i] + n))
+                write_rows.append(rows[past:])
+            if sid is not None and n == 1:
+                decode.append((starts[i], rows))
+            else:
+                others.append((starts[i], n, rows))
+        self.others = others
+        self.write_tokens = _cat_or_empty(write_tokens).to(device)
+        self.write_rows = _cat_or_empty(write_rows).to(device)
+        self.decode_tokens = torch.tensor([t for t, _ in decode], dtype=torch.int64, device=device)
+        self.decode_lengths = torch.tensor([len(r) for _, r in decode], device=device)
+        longest = max((len(r) for _, r in decode), default=0)
+        self.decode_rows = torch.zeros(len(decode), longest, dtype=torch.int64, device=device)
+        for b, (_, rows) in enumerate(decode):  # padding points at row 0, masked out
+            self.decode_rows[b, :len(rows)] = rows
+        # Outputs come out decode group first, then the others: put them back in batch order.
+        order = [t for t, _ in decode] + [t for start, n, _ in others
+                                           for t in range(start, start + n)]
+        self.inverse = None
+        if order != sorted(order):
+            self.inverse = torch.empty(len(order), dtype=torch.int64)
+            self.inverse[torch.tensor(order)] = torch.arange(len(order))
+            self.inverse = self.inverse.to(device)
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  window: int | None) -> torch.Tensor:
+        """q (T, H, D), k, v (T, Hkv, D) of this pass -> (T, H, D). The cache holds no
+        autograd state: cached rows are served rows; training rows never enter it."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        new_rows = self._rows[self.length:]
-        keys[new_rows] = k.detach().transpose(0, 1).to(keys.dtype)
-        values[new_rows] = v.detach().transpose(0, 1).to(values.dtype)
-        return keys[self._rows].transpose(0, 1), values[self._rows].transpose(0, 1)
+        if self.write_rows.numel():
+            keys[self.write_rows] = k[self.write_tokens].detach().to(keys.dtype)
+            values[self.write_rows] = v[self.write_tokens].detach().to(values.dtype)
+        pieces = []
+        if self.decode_tokens.numel():
+            pieces.append(attend_decode(q[self.decode_tokens], keys[self.decode_rows].to(q.dtype),
+                                        values[self.decode_rows].to(q.dtype),
+                                        self.decode_lengths, window))  # (B, H, D)
+        for start, n, rows in self.others:
+            if rows is None:
+                ki, vi = k[start:start + n], v[start:start + n]
+            else:
+                ki, vi = keys[rows].to(q.dtype), values[rows].to(q.dtype)
+            out = attend_one(q[start:start + n].transpose(0, 1), ki.transpose(0, 1),
+                             vi.transpose(0, 1), window)  # (H, n, D)
+            pieces.append(out.transpose(0, 1))
+        out = torch.cat(pieces)
+        return out if self.inverse is None else out[self.inverse]
+
+
+def _cat_or_empty(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(tensors) if tensors else torch.empty(0, dtype=torch.int64)

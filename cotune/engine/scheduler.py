@@ -88,7 +88,7 @@ class Scheduler:
         budget = self.config.max_batched_tokens if budget is None else budget
         plan = StepPlan()
         budget -= self._schedule_decodes(plan, budget)
-        self._schedule_prefills(plan, budget)
+        self._schedule_prefills(plan, min(budget, self.config.max_batched_tokens - plan.num_tokens))
         self.counters["steps"] += 1
         self.counters["decode_tokens"] += sum(c.num_tokens for c in plan.chunks
                                               if c.seq.pending == 1)
@@ -101,14 +101,16 @@ class Scheduler:
         return plan
 
     @property
-    def decoding(self) -> bool:
-        """Some running sequence waits for its next token (so TPOT bounds the step)."""
-        return any(s.pending == 1 for s in self.running)
+    def decoding(self) -> int:
+        """Running sequences waiting for their next token (TPOT bounds their steps)."""
+        return sum(s.pending == 1 for s in self.running)
 
     def _schedule_decodes(self, plan: StepPlan, budget: int) -> int:
-        used = 0
+        """Every running sequence's next token, within the hard cap (a budget set by the SLOs
+        only slows admissions: a running request is never paused for a new one)."""
+        used, cap = 0, self.config.max_batched_tokens
         for seq in list(self.running):
-            if seq.state is not SeqState.RUNNING or seq.pending != 1 or used >= budget:
+            if seq.state is not SeqState.RUNNING or seq.pending != 1 or used >= cap:
                 continue
             while not self.cache.reserve(seq.id, 1):
                 victim = self.running[-1]

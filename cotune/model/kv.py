@@ -1,4 +1,4 @@
-"""What attention needs of a sequence's cached keys and values (the engine's paged cache
+"""What the model asks of a KV cache during one forward pass (the engine's paged cache
 provides it)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from typing import Protocol
 import torch
 
 
-class KVView(Protocol):
-    length: int  # tokens already cached, fixed for the whole forward pass
+class CachedAttention(Protocol):
+    past_lengths: list[int]  # per sequence, tokens already cached before this pass
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Caches this pass's k, v (kv_heads, n, head_dim) of `layer`; returns all of them,
-        each (kv_heads, length + n, head_dim)."""
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  window: int | None) -> torch.Tensor:
+        """Caches this pass's k, v (T, kv_heads, D) of `layer` and returns every sequence's
+        causal attention output (T, heads, D), rows in batch order."""

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cotune.model.attention import attend_one
 from cotune.model.config import ModelConfig
-from cotune.model.kv import KVView
+from cotune.model.kv import CachedAttention
 from cotune.model.lora_routing import LoraRouting
 from cotune.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 from cotune.model.virtualized_linear import VirtualizedLinear
@@ -26,19 +27,18 @@ class ForwardBatch:
     """A flat batch: the new tokens of several sequences, one after another.
 
     token_ids: (T,) with T = sum(seq_lens)
-    kv:        per sequence, its cached keys and values (extended in place), or None to attend
-               only within the given tokens (training and scoring); None for all sequences
+    kv:        the KV cache's view of this pass (it attends and caches the new keys and
+               values); None when every sequence attends only within its given tokens
     lora:      the adapter of every row; None for the base model alone
     """
 
     token_ids: torch.Tensor
     seq_lens: list[int]
-    kv: list[KVView | None] | None = None
+    kv: CachedAttention | None = None
     lora: LoraRouting | None = None
 
     def past_lengths(self) -> list[int]:
-        kv = self.kv or [None] * len(self.seq_lens)
-        return [0 if cache is None else cache.length for cache in kv]
+        return [0] * len(self.seq_lens) if self.kv is None else self.kv.past_lengths
 
     def positions(self) -> torch.Tensor:
         """(T,) absolute position of every row."""
@@ -75,33 +75,15 @@ class Attention(nn.Module):
         k = self.k_proj(x, batch.lora).view(T, c.num_kv_heads, c.head_dim)
         v = self.v_proj(x, batch.lora).view(T, c.num_kv_heads, c.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        outputs, start = [], 0
-        for i, n in enumerate(batch.seq_lens):  # each sequence attends only to itself
-            qi = q[start:start + n].transpose(0, 1)  # (H, n, D)
-            ki = k[start:start + n].transpose(0, 1)  # (Hkv, n, D)
-            vi = v[start:start + n].transpose(0, 1)
-            if batch.kv is not None and batch.kv[i] is not None:
-                ki, vi = batch.kv[i].append(layer, ki, vi)  # (Hkv, past + n, D)
-            outputs.append(self._attend(qi, ki, vi).transpose(0, 1))  # (n, H, D)
-            start += n
-        out = torch.cat(outputs).reshape(T, c.num_heads * c.head_dim)
-        return self.o_proj(out, batch.lora)
-
-    def _attend(self, q, k, v) -> torch.Tensor:
-        n, total = q.shape[1], k.shape[1]
-        window = self.config.sliding_window
-        if n == total and (window is None or window >= n):
-            mask, causal = None, True
-        else:  # query i sits at position past + i and sees keys up to it, within the window
-            q_pos = torch.arange(total - n, total, device=q.device)[:, None]
-            k_pos = torch.arange(total, device=q.device)[None, :]
-            mask = k_pos <= q_pos
-            if window is not None:
-                mask &= k_pos > q_pos - window
-            causal = False
-        # 4-D (batch of one): the layout the fused CPU and GPU kernels are built for
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
-                                              is_causal=causal, enable_gqa=True)[0]
+        if batch.kv is not None:  # the cache attends, and writes this pass's keys and values
+            out = batch.kv.attention(layer, q, k, v, c.sliding_window)
+        else:  # each sequence attends only to itself
+            out = torch.cat([
+                attend_one(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
+                           c.sliding_window).transpose(0, 1)
+                for qi, ki, vi in zip(q.split(batch.seq_lens), k.split(batch.seq_lens),
+                                      v.split(batch.seq_lens))])
+        return self.o_proj(out.reshape(T, c.num_heads * c.head_dim), batch.lora)
 
 
 class MLP(nn.Module):
