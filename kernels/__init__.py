@@ -1,9 +1,9 @@
 """Segmented LoRA ops: Triton kernels and their torch reference twins.
 
-`COTUNE_KERNELS` picks the implementation: `reference` (torch, any device), `triton`
-(fused kernels), or `auto` (the default: Triton on a CUDA device when its kernels are
-available, the reference otherwise). Every implementation has the same signatures as
-`cotune.kernels.sgmv_reference`.
+`COTUNE_KERNELS` picks the implementation: `reference` (plain torch written for clarity, a
+loop over segments), `torch` (batched torch, fast on the CPU), `triton` (fused kernels), or
+`auto` (the default: Triton on a CUDA device when its kernels are available, batched torch
+otherwise). Every implementation has the same signatures as `cotune.kernels.sgmv_reference`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-CHOICES = ("reference", "triton", "auto")
+CHOICES = ("reference", "torch", "triton", "auto")
 
 
 class KernelChoiceError(ValueError):
@@ -28,6 +28,10 @@ def backend() -> ModuleType:
             "COTUNE_KERNELS=triton: cotune has no Triton implementation of the segmented LoRA "
             "ops yet; use COTUNE_KERNELS=reference or auto"
         )
-    from cotune.kernels import sgmv_reference
+    if choice == "reference":
+        from cotune.kernels import sgmv_reference
 
-    return sgmv_reference
+        return sgmv_reference
+    from cotune.kernels import sgmv_torch
+
+    return sgmv_torch

@@ -34,6 +34,9 @@ class EngineConfig:
     ttft_target_s: float = 2.0  # serving SLOs that size each step
     tpot_target_s: float = 0.25
     train_floor_tokens: int = 64  # training tokens every step may take, however busy serving is
+    # torch threads for the engine's steps (process-wide); None: half the cores. Steps are
+    # many small ops: on a 2-core machine, 2 threads run a background engine at half speed.
+    num_threads: int | None = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ on many adapters; a background thread runs engine steps while there is work.
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -247,6 +248,8 @@ class Runtime:
         return outputs, outputs[-1].finished
 
     def _loop(self) -> None:
+        threads = self.engine.config.num_threads or max(1, (os.cpu_count() or 1) // 2)
+        torch.set_num_threads(threads)
         while True:
             with self._lock:
                 while not self._closed and not self.engine.has_work:

@@ -110,6 +110,11 @@ class LoraRouting:
         """seg_starts as a tensor, made once per step for every layer."""
         return torch.tensor(self.seg_starts, dtype=torch.int64)
 
+    @cached_property
+    def slots(self) -> torch.Tensor:
+        """seg_slots as a tensor, shared by every projection that holds all of them."""
+        return torch.tensor(self.seg_slots, dtype=torch.int64)
+
     def training_pool(self, name: str, device, dtype):
         """The trained adapters' weights of module `name`, stacked and padded to one rank:
         (a_pool (N, R, d_in), b_pool (N, d_out, R), scales (N,), seg_slots (S,)); differentiable

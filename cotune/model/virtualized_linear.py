@@ -81,13 +81,15 @@ class VirtualizedLinear(nn.Module):
             return y
         served = [s if s >= 0 and self._holds(s) else -1 for s in lora.seg_slots]
         if any(s >= 0 for s in served):
-            starts, slots = lora.starts, torch.tensor(served)
+            slots = lora.slots if served == lora.seg_slots else torch.tensor(served)
+            starts = lora.starts
+            rank = max(self.slot_ranks[s] for s in served if s >= 0)  # the pool beyond is zero
             ops = backend()
             # Served rows carry no autograd state. Adding a constant in place leaves y's
             # gradient unchanged, and rows outside served segments are never written.
             with torch.no_grad():
-                h = ops.sgmv_shrink(x, self.a_pool, starts, slots)  # (T, max_rank)
-                ops.sgmv_expand(y, h, self.b_pool, starts, slots, self.scales)
+                h = ops.sgmv_shrink(x, self.a_pool[:, :rank], starts, slots)  # (T, rank)
+                ops.sgmv_expand(y, h, self.b_pool[:, :, :rank], starts, slots, self.scales)
         if lora.has_training:
             pool = lora.training_pool(self.name, x.device, x.dtype)
             if pool is not None:

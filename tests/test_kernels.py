@@ -1,5 +1,6 @@
-"""The reference segmented LoRA ops against a naive per-row computation, over the adapter
-popularity patterns tenants really produce and sizes chosen to be awkward."""
+"""The segmented LoRA ops, each implementation against a naive per-row computation and the
+batched ones against the reference, over the adapter popularity patterns tenants really
+produce and sizes chosen to be awkward."""
 
 from __future__ import annotations
 
@@ -7,11 +8,18 @@ import random
 
 import pytest
 import torch
-from cotune.kernels import KernelChoiceError, backend
-from cotune.kernels import sgmv_reference as ref
+from cotune.kernels import KernelChoiceError, backend, sgmv_reference, sgmv_torch
 from cotune.kernels.segmented_lora import segmented_lora
 
 POPULARITY = ("distinct", "uniform", "zipf", "identical", "skewed")
+IMPLEMENTATIONS = {"reference": sgmv_reference, "torch": sgmv_torch}
+
+
+@pytest.fixture(params=list(IMPLEMENTATIONS))
+def ops(request, monkeypatch):
+    """Each implementation, also chosen through COTUNE_KERNELS for the autograd op."""
+    monkeypatch.setenv("COTUNE_KERNELS", request.param)
+    return IMPLEMENTATIONS[request.param]
 
 
 def _row_slots(num_rows: int, num_slots: int, popularity: str, rng: random.Random) -> list[int]:
@@ -60,7 +68,7 @@ def _naive_delta(x, a, b, scales, row_slots):
 
 @pytest.mark.parametrize("popularity", POPULARITY)
 @pytest.mark.parametrize("num_rows", [1, 7, 133])
-def test_shrink_then_expand_matches_naive_rows(popularity, num_rows, seed):
+def test_shrink_then_expand_matches_naive_rows(ops, popularity, num_rows, seed):
     rng = random.Random(seed * 31 + num_rows)
     num_slots, d_in, d_out = 6, 45, 70
     ranks = [rng.choice(range(1, 65)) for _ in range(num_slots)]
@@ -69,34 +77,34 @@ def test_shrink_then_expand_matches_naive_rows(popularity, num_rows, seed):
     starts, slots = _segments(row_slots)
     x = torch.randn(num_rows, d_in)
     y0 = torch.randn(num_rows, d_out)
-    y = ref.sgmv_expand(y0.clone(), ref.sgmv_shrink(x, a, starts, slots), b, starts, slots, scales)
+    y = ops.sgmv_expand(y0.clone(), ops.sgmv_shrink(x, a, starts, slots), b, starts, slots, scales)
     expected = y0 + _naive_delta(x, a, b, scales, row_slots)
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4,
                                msg=lambda m: f"{m} (seed {seed}, ranks {ranks})")
 
 
-def test_rows_without_adapter_are_untouched_bit_for_bit(seed):
+def test_rows_without_adapter_are_untouched_bit_for_bit(ops, seed):
     row_slots = [-1, -1, 0, 0, -1, 1, -1]
     starts, slots = _segments(row_slots)
     a, b, scales = _pools(2, [3, 9], 17, 29)
     x, y0 = torch.randn(7, 17), torch.randn(7, 29)
-    y = ref.sgmv_expand(y0.clone(), ref.sgmv_shrink(x, a, starts, slots), b, starts, slots, scales)
+    y = ops.sgmv_expand(y0.clone(), ops.sgmv_shrink(x, a, starts, slots), b, starts, slots, scales)
     untouched = torch.tensor([s < 0 for s in row_slots])
     assert torch.equal(y[untouched], y0[untouched])
     assert not torch.equal(y[~untouched], y0[~untouched])
 
 
-def test_no_adapter_anywhere_leaves_output_identical(seed):
+def test_no_adapter_anywhere_leaves_output_identical(ops, seed):
     starts, slots = _segments([-1] * 11)
     a, b, scales = _pools(3, [4, 4, 4], 8, 8)
     y0 = torch.randn(11, 8)
-    y = ref.sgmv_expand(y0.clone(), ref.sgmv_shrink(torch.randn(11, 8), a, starts, slots),
+    y = ops.sgmv_expand(y0.clone(), ops.sgmv_shrink(torch.randn(11, 8), a, starts, slots),
                         b, starts, slots, scales)
     assert torch.equal(y, y0)
 
 
 @pytest.mark.parametrize("popularity", POPULARITY)
-def test_segmented_lora_gradients_match_autograd_of_naive_rows(popularity, seed):
+def test_segmented_lora_gradients_match_autograd_of_naive_rows(ops, popularity, seed):
     rng = random.Random(seed + 7)
     num_slots, d_in, d_out = 4, 19, 23
     ranks = [rng.choice([1, 5, 16, 64]) for _ in range(num_slots)]
@@ -115,7 +123,7 @@ def test_segmented_lora_gradients_match_autograd_of_naive_rows(popularity, seed)
                                    msg=lambda m, n=name: f"{n}: {m} (seed {seed})")
 
 
-def test_segmented_lora_passes_gradcheck_in_float64(seed):
+def test_segmented_lora_passes_gradcheck_in_float64(ops, seed):
     starts, slots = _segments([1, 1, -1, 0, 0, 0, 2, 1])
     a, b, scales = _pools(3, [2, 3, 1], 5, 4)
     inputs = [t.double().requires_grad_() for t in (torch.randn(8, 5), a, b)]
@@ -123,11 +131,11 @@ def test_segmented_lora_passes_gradcheck_in_float64(seed):
         lambda x, a, b: segmented_lora(x, a, b, scales.double(), starts, slots), inputs)
 
 
-def test_weight_grad_reduces_over_all_segments_of_one_adapter(seed):
+def test_weight_grad_reduces_over_all_segments_of_one_adapter(ops, seed):
     """Adapter 0 appears in two separate segments; its gradient sums both."""
     starts, slots = torch.tensor([0, 3, 5, 9]), torch.tensor([0, 1, 0])
     grad_out, inputs = torch.randn(9, 4), torch.randn(9, 6)
-    dw = ref.sgmv_weight_grad(grad_out, inputs, starts, slots, num_slots=2)
+    dw = ops.sgmv_weight_grad(grad_out, inputs, starts, slots, num_slots=2)
     rows0 = torch.tensor([0, 1, 2, 5, 6, 7, 8])
     torch.testing.assert_close(dw[0], grad_out[rows0].T @ inputs[rows0])
     torch.testing.assert_close(dw[1], grad_out[3:5].T @ inputs[3:5])
@@ -141,4 +149,25 @@ def test_kernel_choice_rejects_unknown_and_unavailable(monkeypatch):
     with pytest.raises(KernelChoiceError, match="no Triton implementation"):
         backend()
     monkeypatch.setenv("COTUNE_KERNELS", "reference")
-    assert backend() is ref
+    assert backend() is sgmv_reference
+    monkeypatch.setenv("COTUNE_KERNELS", "auto")
+    assert backend() is sgmv_torch  # no CUDA here
+
+
+@pytest.mark.parametrize("popularity", POPULARITY)
+def test_batched_torch_ops_equal_the_reference(popularity, seed):
+    rng = random.Random(seed + 11)
+    num_slots, d_in, d_out, num_rows = 9, 33, 47, 133
+    ranks = [rng.choice(range(1, 65)) for _ in range(num_slots)]
+    a, b, scales = _pools(num_slots, ranks, d_in, d_out)
+    starts, slots = _segments(_row_slots(num_rows, num_slots, popularity, rng))
+    x, y0 = torch.randn(num_rows, d_in), torch.randn(num_rows, d_out)
+    results = {}
+    for name, impl in IMPLEMENTATIONS.items():
+        h = impl.sgmv_shrink(x, a, starts, slots, scales)
+        y = impl.sgmv_expand(y0.clone(), h, b, starts, slots, scales)
+        dw = impl.sgmv_weight_grad(y, x, starts, slots, num_slots, scales)
+        results[name] = (h, y, dw)
+    for got, want in zip(results["torch"], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{m} (seed {seed})")
