@@ -42,30 +42,32 @@ def _scaled(out: torch.Tensor, scales, slots) -> torch.Tensor:
     return out if scales is None else out * scales[slots].to(out.dtype)[:, None, None]
 
 
+def _segment_products(src, weights, padded, scales):
+    """Each segment's rows of src (T, k) times its adapter's W.T, scaled: ((K, n) for the K
+    rows that have an adapter, in order; their row indices (K,))."""
+    rows, picked, targets, slots, num = padded
+    xs = src.index_select(0, rows).view(num, -1, src.shape[1])  # (S, L, k)
+    out = torch.bmm(xs, weights.index_select(0, slots).transpose(1, 2).to(src.dtype))
+    out = _scaled(out, scales, slots)  # (S, L, n)
+    return out.reshape(-1, out.shape[2]).index_select(0, picked), targets
+
+
 def sgmv_shrink(x, weights, seg_starts, seg_slots, scales=None):
     """Semantics: h[s[i]:s[i+1]] = scale[slot[i]] * x[s[i]:s[i+1]] @ W[slot[i]].T"""
     h = torch.zeros(x.shape[0], weights.shape[1], dtype=x.dtype, device=x.device)
     padded = _padded(seg_starts, seg_slots, x.device)
-    if padded is None:
-        return h
-    rows, picked, targets, slots, num = padded
-    xs = x.index_select(0, rows).view(num, -1, x.shape[1])  # (S, L, d_in)
-    out = _scaled(torch.bmm(xs, weights.index_select(0, slots).transpose(1, 2).to(x.dtype)),
-                  scales, slots)  # (S, L, R)
-    h[targets] = out.reshape(-1, out.shape[2]).index_select(0, picked)
+    if padded is not None:
+        products, targets = _segment_products(x, weights, padded, scales)
+        h[targets] = products
     return h
 
 
 def sgmv_expand(y, h, weights, seg_starts, seg_slots, scales=None):
     """Semantics: y[s[i]:s[i+1]] += scale[slot[i]] * h[s[i]:s[i+1]] @ W[slot[i]].T (in place)"""
     padded = _padded(seg_starts, seg_slots, y.device)
-    if padded is None:
-        return y
-    rows, picked, targets, slots, num = padded
-    hs = h.index_select(0, rows).view(num, -1, h.shape[1])  # (S, L, R)
-    out = _scaled(torch.bmm(hs, weights.index_select(0, slots).transpose(1, 2).to(h.dtype)),
-                  scales, slots)  # (S, L, d_out)
-    y.index_add_(0, targets, out.reshape(-1, out.shape[2]).index_select(0, picked).to(y.dtype))
+    if padded is not None:
+        products, targets = _segment_products(h, weights, padded, scales)
+        y.index_add_(0, targets, products.to(y.dtype))
     return y
 
 
