@@ -214,8 +214,9 @@ def test_cancelled_job_stops_and_keeps_its_published_versions(tiny_checkpoint, t
             time.sleep(0.01)
         job.cancel()
         assert job.state is JobState.CANCELLED and not rt.engine.trainers
-        assert rt.generate([Request(prompt_token_ids=[3, 4], adapter="facts",
-                                    max_tokens=3)])[0].completion_tokens == 3
+        served = rt.generate([Request(prompt_token_ids=[3, 4], adapter="facts", max_tokens=3,
+                                      ignore_eos=True)])[0]  # it may have learnt to stop
+        assert served.completion_tokens == 3
 
 
 @pytest.mark.parametrize("fields, message", [
