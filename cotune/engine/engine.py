@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from cotune.adapters.residency import ResidentAdapters
 from cotune.engine.detokenizer import IncrementalDetokenizer
 from cotune.engine.kv_cache import PagedBatch, PagedKVCache
 from cotune.engine.sampling import Sampler, SamplingParams, TokenLogprob
-from cotune.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from cotune.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, StepPlan
 from cotune.engine.sequence import Sequence
 from cotune.engine.step_time import StepTimeModel
 from cotune.engine.trainer import Trainer, TrainingChunk
@@ -33,7 +34,9 @@ class EngineConfig:
     max_running: int = 128  # sequences in the cache at once
     ttft_target_s: float = 2.0  # serving SLOs that size each step
     tpot_target_s: float = 0.25
-    train_floor_tokens: int = 64  # training tokens every step may take, however busy serving is
+    # The share of step time training keeps however busy serving is: jobs never starve, and
+    # steps with no room for training (by the SLOs) mostly stay pure serving.
+    train_floor_share: float = 0.1
     # torch threads for the engine's steps (process-wide); None: half the cores. Steps are
     # many small ops: on a 2-core machine, 2 threads run a background engine at half speed.
     num_threads: int | None = None
@@ -62,10 +65,14 @@ class Engine:
             config.max_batched_tokens, config.max_running, config.ttft_target_s,
             config.tpot_target_s), self.cache)
         self.step_time = StepTimeModel()
+        self._recent_steps: deque[tuple[float, bool]] = deque(maxlen=64)
         self.adapters = ResidentAdapters(model, config.num_slots, config.max_rank)
         self.sampler = Sampler()
         self._ids = itertools.count()
         self.trainers: list[Trainer] = []
+        # Pausing one side turns co-serving into time slicing (the baseline benchmarks
+        # compare against); neither is paused in normal operation.
+        self.serving_paused = self.training_paused = False
         # Called as on_version(trainer, version, path) after a job publishes a version, and
         # on_job_end(trainer, error) when a job finishes (error None) or fails.
         self.on_version: Callable[[Trainer, int, Path], None] | None = None
@@ -118,10 +125,12 @@ class Engine:
         rows. Inference rows are sampled and handed to `on_output` before backward runs over
         the training rows. Returns one output per new token."""
         started = time.perf_counter()
-        plan = self.scheduler.schedule(self._inference_budget())
+        plan = StepPlan() if self.serving_paused else self.scheduler.schedule(
+            self._inference_budget())
         # Rows of one adapter side by side: fewer segments for the LoRA ops.
         chunks = sorted(plan.chunks, key=lambda c: -1 if c.seq.slot is None else c.seq.slot)
-        training = self._training_chunk(self._training_room(plan.num_tokens))
+        training = None if self.training_paused else self._training_chunk(
+            self._training_room(plan.num_tokens))
         if not chunks and training is None:
             return []
         with torch.set_grad_enabled(training is not None):
@@ -134,7 +143,9 @@ class Engine:
         if training is not None:
             self._train(*training, hidden[inference_rows:])
         train_tokens = 0 if training is None else training[1].num_tokens
-        self.step_time.observe(plan.num_tokens, train_tokens, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.step_time.observe(plan.num_tokens, train_tokens, seconds)
+        self._recent_steps.append((seconds, training is not None))
         return outputs
 
     def _inference_budget(self) -> int:
@@ -164,9 +175,19 @@ class Engine:
             return None
         trainer = self.trainers.pop(0)
         self.trainers.append(trainer)  # round robin over jobs
-        chunk = trainer.next_chunk(max(room, self.config.train_floor_tokens))
+        if room < trainer.next_example_tokens() and self._training_share() >= \
+                self.config.train_floor_share:
+            self.trainers.insert(0, self.trainers.pop())  # its turn stays for the next step
+            return None
+        chunk = trainer.next_chunk(room)  # at least one example: the floor
         self.scheduler.counters["training_tokens"] += chunk.num_tokens
         return trainer, chunk
+
+    def _training_share(self) -> float:
+        """The share of recent step time spent in steps that trained."""
+        total = sum(seconds for seconds, _ in self._recent_steps)
+        trained = sum(seconds for seconds, training in self._recent_steps if training)
+        return trained / total if total else 0.0
 
     def _batch(self, chunks: list[ScheduledChunk], training) -> ForwardBatch:
         lens = [c.num_tokens for c in chunks]

@@ -84,6 +84,12 @@ class Trainer:
             tokens += len(example.token_ids)
         return TrainingChunk(taken, self._normaliser)
 
+    def next_example_tokens(self) -> int:
+        """Tokens of the example the next chunk starts with."""
+        if not self._pending:
+            self._start_micro_batch()
+        return len(self._pending[0].token_ids)
+
     def loss(self, logits: torch.Tensor, chunk: TrainingChunk) -> torch.Tensor:
         """Summed next-token cross-entropy of the chunk's targets over the normaliser.
         logits: (chunk tokens, vocab), the chunk's rows in order."""
