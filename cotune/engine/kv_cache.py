@@ -31,19 +31,9 @@ class PagedKVCache:
         self.tables: dict[object, list[int]] = {}
         self.lengths: dict[object, int] = {}
 
-    @staticmethod
-    def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-        """Key and value bytes one token takes over all layers."""
-        element = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.num_layers * config.num_kv_heads * config.head_dim * element
-
     @property
     def free_blocks(self) -> int:
         return len(self._free)
-
-    @property
-    def used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
 
     def blocks_needed(self, seq_id, new_tokens: int) -> int:
         """Blocks a sequence must add to hold `new_tokens` more tokens."""
