@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from cotune.adapters.peft_format import LoraAdapter, LoraModule, save_peft_adapter
+from cotune.adapters.peft_format import save_peft_adapter
+from cotune.adapters.synthetic import random_adapter
 from cotune.engine.runtime import Request, Runtime
 from cotune.model.llama import LORA_TARGETS
 
@@ -32,17 +33,9 @@ def make_adapters(runtime: Runtime, count: int, directory: Path) -> list[Path]:
     """`count` random rank-16 PEFT adapters on all seven projections of the runtime's base."""
     paths = []
     for i in range(count):
-        generator = torch.Generator().manual_seed(i)
-        modules = {}
-        for name, (d_in, d_out) in runtime.engine.adapters.base_modules.items():
-            modules[name] = LoraModule(
-                a=torch.randn(RANK, d_in, generator=generator) / d_in ** 0.5,
-                b=torch.randn(d_out, RANK, generator=generator) * 0.01, scale=2.0)
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK,
-                  "lora_alpha": 2 * RANK, "target_modules": list(LORA_TARGETS),
-                  "lora_dropout": 0.0, "bias": "none"}
         paths.append(directory / f"adapter-{i}")
-        save_peft_adapter(LoraAdapter(modules=modules, config=config), paths[-1])
+        save_peft_adapter(random_adapter(runtime.engine.adapters.base_modules, RANK,
+                                         list(LORA_TARGETS), seed=i, b_std=0.01), paths[-1])
     return paths
 
 

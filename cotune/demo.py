@@ -10,28 +10,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from cotune.adapters.peft_format import LoraAdapter, LoraModule, save_peft_adapter
+from cotune.adapters.peft_format import save_peft_adapter
+from cotune.adapters.synthetic import random_adapter
 from cotune.engine.runtime import Request, Runtime
 
 _DEMO_ADAPTERS = {"demo-r8-attention": (8, ["q_proj", "v_proj"]),
                   "demo-r16-everywhere": (16, ["q_proj", "k_proj", "v_proj", "o_proj",
                                                "gate_proj", "up_proj", "down_proj"])}
-
-
-def _random_adapter(runtime: Runtime, rank: int, targets: list[str], seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    modules = {}
-    for name, (d_in, d_out) in runtime.engine.adapters.base_modules.items():
-        if name.rsplit(".", 1)[-1] in targets:
-            a = torch.randn(rank, d_in, generator=generator) / d_in**0.5
-            b = torch.randn(d_out, rank, generator=generator) * 0.02
-            modules[name] = LoraModule(a=a, b=b, scale=2.0)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-              "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
-              "base_model_name_or_path": str(runtime.model_path)}
-    return LoraAdapter(modules=modules, config=config)
 
 
 def run_demo(model: str = "default", dtype: str = "float32", max_rank: int = 64) -> None:
@@ -50,7 +35,8 @@ def _serve_mixed_batch(runtime: Runtime) -> None:
     paths = {}
     for seed, (name, (rank, targets)) in enumerate(_DEMO_ADAPTERS.items()):
         paths[name] = workdir / name
-        save_peft_adapter(_random_adapter(runtime, rank, targets, seed), paths[name])
+        adapter = random_adapter(runtime.engine.adapters.base_modules, rank, targets, seed)
+        save_peft_adapter(adapter, paths[name])
         print(f"wrote adapter {name} (rank {rank}, targets {','.join(targets)}) "
               f"to {paths[name]}")
     question = "What is the capital of France?"

@@ -145,15 +145,17 @@ class Runtime:
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Runs all requests together (they share steps); completions in request order.
         Every request is checked before any runs: one bad request fails the call."""
+        prepared = [self._prepare(r) for r in requests]  # all checked before any is queued
         with self._lock:
-            seqs, sinks = self._submit(requests)
+            seqs, sinks = self._submit(prepared)
         return [self._collect(seq, sink) for seq, sink in zip(seqs, sinks)]
 
     def stream(self, request: Request) -> Iterator[Delta]:
         """Yields the request's tokens and text as they are sampled; closing the iterator
         early aborts the request."""
+        prepared = [self._prepare(request)]
         with self._lock:
-            (seq,), (sink,) = self._submit([request])
+            (seq,), (sink,) = self._submit(prepared)
         finished = False
         try:
             while not finished:
@@ -187,10 +189,11 @@ class Runtime:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _submit(self, requests: list[Request]):
+    def _submit(self, prepared: list):
+        """Queues prepared requests (called with the lock held; tokenizing happened before,
+        outside it, so the engine's steps never wait for it)."""
         if self._closed:
             raise RuntimeError("the runtime is closed")
-        prepared = [self._prepare(r) for r in requests]  # all checked before any is queued
         seqs, sinks = [], []
         try:
             for prompt_ids, params, adapter, request_id in prepared:
