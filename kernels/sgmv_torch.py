@@ -1,73 +1,137 @@
 """Segmented LoRA ops in batched torch: the fast implementation where Triton is not used
-(the CPU). Same signatures and semantics as `sgmv_reference`; segments are padded to the
-longest one so that each op is one batched matmul, whatever the number of adapters."""
+(the CPU). Same signatures and semantics as `sgmv_reference`.
+
+The segments that have an adapter are laid out as S segments of L rows (padded to the
+longest), so that each op is one batched matmul whatever the number of adapters. Two cases
+cost no copies at all, and they are the common ones in serving:
+  - a block: the segments are back to back and of one length (decode rows sorted by adapter),
+    so the rows are a view of the input, and the expand adds in place;
+  - a window: the segments use consecutive slots in order, so the adapters' weights are a
+    view of the pool (no gather). Residency fills the lowest free slots first to make this
+    likely.
+Pools whose logical (N, R, d) is stored as (N, d, R) (see VirtualizedLinear) multiply without
+transposition.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-_last_padded: tuple = (None, None, None)
+
+@dataclass(frozen=True)
+class _Layout:
+    """How the adapter segments of a batch map onto an (S, L) grid.
+
+    block:   first row of a gap-free run of S * L rows (all segments length L), else None
+    rows:    (S * L,) row of each grid cell, padding cells on row 0 (when block is None)
+    picked:  (K,) grid cells that are real rows (when block is None)
+    targets: (K,) their rows in the batch (when block is None)
+    slots:   (S,) each segment's slot
+    window:  first slot when slots are consecutive and increasing, else None
+    """
+
+    num: int
+    length: int
+    block: int | None
+    rows: torch.Tensor | None
+    picked: torch.Tensor | None
+    targets: torch.Tensor | None
+    slots: torch.Tensor
+    window: int | None
+
+    def gather_rows(self, src: torch.Tensor) -> torch.Tensor:
+        """src's adapter rows on the grid: (S, L, d)."""
+        if self.block is not None:
+            return src[self.block:self.block + self.num * self.length].view(
+                self.num, self.length, src.shape[1])
+        return src.index_select(0, self.rows).view(self.num, self.length, src.shape[1])
+
+    def weights(self, pool: torch.Tensor) -> torch.Tensor:
+        """Each segment's matrix, (S, ...): a view of the pool for a window."""
+        if self.window is not None:
+            return pool[self.window:self.window + self.num]
+        return pool.index_select(0, self.slots.to(pool.device))
 
 
-def _padded(seg_starts: torch.Tensor, seg_slots: torch.Tensor, device):
-    """(rows (S, L), valid (S, L), slots (S,)) of the segments that have an adapter: rows
-    holds each segment's row indices, padded with row 0 where `valid` is False.
+_last_layout: tuple = (None, None, None)
+
+
+def _layout(seg_starts: torch.Tensor, seg_slots: torch.Tensor, device) -> _Layout | None:
+    """The layout of the segments that have an adapter, None when there are none.
 
     Every projection of a step passes the same two tensors, so the last answer is kept and
     reused while they are the very same objects (segment tensors are never modified)."""
-    global _last_padded
-    if _last_padded[0] is seg_starts and _last_padded[1] is seg_slots:
-        return _last_padded[2]
-    result = _pad(seg_starts, seg_slots, device)
-    _last_padded = (seg_starts, seg_slots, result)
+    global _last_layout
+    if _last_layout[0] is seg_starts and _last_layout[1] is seg_slots:
+        return _last_layout[2]
+    result = _plan(seg_starts, seg_slots, device)
+    _last_layout = (seg_starts, seg_slots, result)
     return result
 
 
-def _pad(seg_starts: torch.Tensor, seg_slots: torch.Tensor, device):
+def _plan(seg_starts: torch.Tensor, seg_slots: torch.Tensor, device) -> _Layout | None:
     starts, lengths = seg_starts[:-1], seg_starts[1:] - seg_starts[:-1]
     keep = (seg_slots >= 0) & (lengths > 0)
     starts, lengths, slots = starts[keep], lengths[keep], seg_slots[keep]
-    if not slots.numel():
+    num = len(slots)
+    if not num:
         return None
-    offsets = torch.arange(int(lengths.max()))
+    length = int(lengths.max())
+    first_slot = int(slots[0])
+    window = first_slot if bool((slots == torch.arange(first_slot, first_slot + num)).all()) \
+        else None
+    first_row = int(starts[0])
+    if bool((lengths == length).all()) and bool(
+            (starts == first_row + length * torch.arange(num)).all()):
+        return _Layout(num, length, first_row, None, None, None, slots.to(device), window)
+    offsets = torch.arange(length)
     valid = (offsets[None, :] < lengths[:, None]).reshape(-1)  # (S * L,)
     rows = (starts[:, None] + offsets[None, :]).reshape(-1)  # (S * L,)
-    picked = valid.nonzero()[:, 0]  # which padded rows are real
-    return (torch.where(valid, rows, 0).to(device), picked.to(device), rows[valid].to(device),
-            slots.to(device), len(slots))
+    return _Layout(num, length, None, torch.where(valid, rows, 0).to(device),
+                   valid.nonzero()[:, 0].to(device), rows[valid].to(device), slots.to(device),
+                   window)
 
 
-def _scaled(out: torch.Tensor, scales, slots) -> torch.Tensor:
-    """out (S, L, n) times each segment's scale."""
-    return out if scales is None else out * scales[slots].to(out.dtype)[:, None, None]
-
-
-def _segment_products(src, weights, padded, scales):
-    """Each segment's rows of src (T, k) times its adapter's W.T, scaled: ((K, n) for the K
-    rows that have an adapter, in order; their row indices (K,))."""
-    rows, picked, targets, slots, num = padded
-    xs = src.index_select(0, rows).view(num, -1, src.shape[1])  # (S, L, k)
-    out = torch.bmm(xs, weights.index_select(0, slots).transpose(1, 2).to(src.dtype))
-    out = _scaled(out, scales, slots)  # (S, L, n)
-    return out.reshape(-1, out.shape[2]).index_select(0, picked), targets
+def _segment_scales(scales, layout: _Layout, dtype) -> torch.Tensor:
+    """(S, 1, 1) scale of each segment's adapter."""
+    return layout.weights(scales).to(dtype)[:, None, None]
 
 
 def sgmv_shrink(x, weights, seg_starts, seg_slots, scales=None):
     """Semantics: h[s[i]:s[i+1]] = scale[slot[i]] * x[s[i]:s[i+1]] @ W[slot[i]].T"""
+    layout = _layout(seg_starts, seg_slots, x.device)
+    if layout is None:
+        return torch.zeros(x.shape[0], weights.shape[1], dtype=x.dtype, device=x.device)
+    out = torch.bmm(layout.gather_rows(x),
+                    layout.weights(weights).transpose(1, 2).to(x.dtype))  # (S, L, R)
+    if scales is not None:
+        out = out * _segment_scales(scales, layout, out.dtype)
+    if layout.block == 0 and layout.num * layout.length == x.shape[0]:
+        return out.view(x.shape[0], -1)  # every row has an adapter
     h = torch.zeros(x.shape[0], weights.shape[1], dtype=x.dtype, device=x.device)
-    padded = _padded(seg_starts, seg_slots, x.device)
-    if padded is not None:
-        products, targets = _segment_products(x, weights, padded, scales)
-        h[targets] = products
+    if layout.block is not None:
+        h[layout.block:layout.block + layout.num * layout.length] = out.view(-1, out.shape[2])
+    else:
+        h[layout.targets] = out.view(-1, out.shape[2]).index_select(0, layout.picked)
     return h
 
 
 def sgmv_expand(y, h, weights, seg_starts, seg_slots, scales=None):
     """Semantics: y[s[i]:s[i+1]] += scale[slot[i]] * h[s[i]:s[i+1]] @ W[slot[i]].T (in place)"""
-    padded = _padded(seg_starts, seg_slots, y.device)
-    if padded is not None:
-        products, targets = _segment_products(h, weights, padded, scales)
-        y.index_add_(0, targets, products.to(y.dtype))
+    layout = _layout(seg_starts, seg_slots, y.device)
+    if layout is None:
+        return y
+    hs = layout.gather_rows(h).to(y.dtype)  # (S, L, R): scaled here, it is the small side
+    if scales is not None:
+        hs = hs * _segment_scales(scales, layout, hs.dtype)
+    w = layout.weights(weights).transpose(1, 2).to(y.dtype)  # (S, R, d_out)
+    if layout.block is not None:
+        layout.gather_rows(y).baddbmm_(hs, w)  # a view of y: added in place
+    else:
+        out = torch.bmm(hs, w).view(-1, y.shape[1])
+        y.index_add_(0, layout.targets, out.index_select(0, layout.picked))
     return y
 
 
@@ -77,13 +141,16 @@ def sgmv_weight_grad(grad_out, inputs, seg_starts, seg_slots, num_slots, scales=
     dtype = torch.promote_types(inputs.dtype, torch.float32)
     grad = torch.zeros(num_slots, grad_out.shape[1], inputs.shape[1], dtype=dtype,
                        device=inputs.device)
-    padded = _padded(seg_starts, seg_slots, inputs.device)
-    if padded is None:
+    layout = _layout(seg_starts, seg_slots, inputs.device)
+    if layout is None:
         return grad
-    rows, picked, _, slots, num = padded
-    keep = torch.zeros(rows.shape[0], 1, dtype=dtype, device=inputs.device)
-    keep[picked] = 1.0  # padding rows contribute nothing
-    g = (grad_out.index_select(0, rows).to(dtype) * keep).view(num, -1, grad_out.shape[1])
-    xs = inputs.index_select(0, rows).to(dtype).view(num, -1, inputs.shape[1])
-    per_segment = _scaled(torch.bmm(g.transpose(1, 2), xs), scales, slots)  # (S, d_out, d_in)
-    return grad.index_add_(0, slots, per_segment)
+    g = layout.gather_rows(grad_out).to(dtype)
+    if layout.block is None:  # padding cells contribute nothing
+        keep = torch.zeros(layout.num * layout.length, 1, dtype=dtype, device=inputs.device)
+        keep[layout.picked] = 1.0
+        g = g * keep.view(layout.num, layout.length, 1)
+    xs = layout.gather_rows(inputs).to(dtype)
+    per_segment = torch.bmm(g.transpose(1, 2), xs)  # (S, d_out, d_in)
+    if scales is not None:
+        per_segment = per_segment * _segment_scales(scales, layout, dtype)
+    return grad.index_add_(0, layout.slots, per_segment)

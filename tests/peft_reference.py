@@ -48,6 +48,16 @@ def reference_greedy(peft_model, prompt: list[int], adapter_index, new_tokens: i
         return peft_model.generate(input_ids=ids, **kwargs)[0, len(prompt):].tolist()
 
 
+def with_column_major_weights(hf_model):
+    """hf_model with every 2-D weight stored transposed, values unchanged: the same math in
+    another GEMM order. How far the reference moves under it is float32's own noise on a
+    model, the yardstick for bounds where activations are large (SmolLM2)."""
+    for module in hf_model.modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
+            module.weight.data = module.weight.data.t().contiguous().t()
+    return hf_model
+
+
 def reference_lora_grads(peft_model, adapter_index, sequences, loss_fn) -> dict:
     """{(base module path, 'a'|'b'): gradient} of adapter a{i} for the summed loss of
     `sequences`, each run alone."""

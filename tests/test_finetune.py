@@ -207,7 +207,7 @@ def test_bad_data_is_refused_before_the_job_starts(tiny_checkpoint, tmp_path):
 def test_cancelled_job_stops_and_keeps_its_published_versions(tiny_checkpoint, tmp_path):
     _, base = tiny_checkpoint
     with Runtime.load(base) as rt:
-        job = rt.finetune(_spec(tmp_path, epochs=50, checkpoint_every=1))
+        job = rt.finetune(_spec(tmp_path, epochs=5000, checkpoint_every=1))  # never ends alone
         deadline = time.monotonic() + 120
         while not job.versions:
             assert time.monotonic() < deadline, "no version was published"

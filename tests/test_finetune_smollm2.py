@@ -50,20 +50,30 @@ def trained(smollm2, tmp_path_factory):
             if len(served) > 40:
                 break
         job.wait(timeout=1200)
+        # the same requests again, now that nothing trains: greedy, so the same tokens
+        alone = rt.generate([Request(prompt="Tell me about the sea.", adapter=str(d),
+                                     max_tokens=8) for d in others])
         answers = {}
         for adapter in ("facts", None):
             requests = [Request(prompt=rt.tokenizer.apply_chat_template(
                 [{"role": "user", "content": _question(p)}], tokenize=False,
                 add_generation_prompt=True), adapter=adapter, max_tokens=20) for p in PLACES]
             answers[adapter] = [c.text for c in rt.generate(requests)]
-        yield job, served, answers
+        yield job, served, alone, answers
 
 
 def test_the_fine_tuned_adapter_answers_the_facts_and_the_base_does_not(trained):
-    job, served, answers = trained
+    job, served, _, answers = trained
     assert job.state is JobState.SUCCEEDED and served
     learned = sum(c in a for c, a in zip(CAPITALS, answers["facts"]))
     known_to_base = sum(c in a for c, a in zip(CAPITALS, answers[None]))
     assert learned >= 18, answers["facts"]
     assert known_to_base == 0, answers[None]
     assert job.metrics["retention"] > 0.5
+
+
+def test_adapters_served_while_the_job_trained_gave_the_greedy_tokens_of_serving_alone(trained):
+    _, served, alone, _ = trained
+    assert len(served) >= 2
+    for i, completion in enumerate(served):  # served alternates over the two other adapters
+        assert completion.token_ids == alone[i % 2].token_ids, i

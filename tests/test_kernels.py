@@ -172,3 +172,39 @@ def test_batched_torch_ops_equal_the_reference(popularity, seed):
     for got, want in zip(results["torch"], results["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4,
                                    msg=lambda m: f"{m} (seed {seed})")
+
+
+# Decode-step layouts: rows sorted by adapter, often of one length, often on consecutive slots;
+# the batched ops take views instead of copies there.
+DECODE_LAYOUTS = {
+    "block, consecutive slots": [0, 0, 1, 1, 2, 2],
+    "block after base rows": [-1, -1, -1, 1, 1, 2, 2, 3, 3],
+    "block, scattered slots": [4, 4, 4, 1, 1, 1, 3, 3, 3],
+    "one row each, consecutive": [2, 3, 4, 5],
+    "uneven, consecutive": [-1, 2, 2, 2, 3, 4, 4],
+    "block, then base rows": [0, 0, 1, 1, -1],
+}
+
+
+@pytest.mark.parametrize("column_major", [False, True], ids=["row-major", "column-major"])
+@pytest.mark.parametrize("layout", list(DECODE_LAYOUTS))
+def test_batched_torch_ops_on_decode_layouts(layout, column_major, seed):
+    row_slots = DECODE_LAYOUTS[layout]
+    starts, slots = _segments(row_slots)
+    num_slots, d_in, d_out = 6, 21, 34
+    a, b, scales = _pools(num_slots, [3, 8, 1, 8, 5, 2], d_in, d_out)
+    if column_major:  # how VirtualizedLinear stores its pools
+        a = a.transpose(1, 2).contiguous().transpose(1, 2)
+        b = b.transpose(1, 2).contiguous().transpose(1, 2)
+    rank = 6  # a rank slice, as the layer takes one: a view into the padded pool
+    a, b = a[:, :rank], b[:, :, :rank]
+    x, y0 = torch.randn(len(row_slots), d_in), torch.randn(len(row_slots), d_out)
+    h = sgmv_torch.sgmv_shrink(x, a, starts, slots)
+    y = sgmv_torch.sgmv_expand(y0.clone(), h, b, starts, slots, scales)
+    torch.testing.assert_close(h, sgmv_reference.sgmv_shrink(x, a, starts, slots))
+    torch.testing.assert_close(y, y0 + _naive_delta(x, a, b, scales, row_slots))
+    untouched = torch.tensor([s < 0 for s in row_slots])
+    assert torch.equal(y[untouched], y0[untouched])
+    torch.testing.assert_close(
+        sgmv_torch.sgmv_weight_grad(y, x, starts, slots, num_slots, scales),
+        sgmv_reference.sgmv_weight_grad(y, x, starts, slots, num_slots, scales))

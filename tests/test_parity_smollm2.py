@@ -19,6 +19,7 @@ from peft_reference import (
     reference_logits,
     reference_lora_grads,
     save_random_adapters,
+    with_column_major_weights,
 )
 
 from cotune.engine.engine import Engine, EngineConfig
@@ -47,14 +48,26 @@ def setup(smollm2, tmp_path_factory):
     return engine, slots, reference, prompts, dirs
 
 
-def test_smollm2_each_sequence_alone_matches_peft(setup):
+@pytest.fixture(scope="module")
+def reordered(smollm2, setup):
+    """The reference again with its GEMMs in another order (transposed weight storage)."""
+    return peft_with_adapters(with_column_major_weights(copy.deepcopy(smollm2[0])), setup[4])
+
+
+def test_smollm2_each_sequence_alone_matches_peft(setup, reordered):
+    """Within 1e-4 or twice what the reference itself moves when its GEMMs run in another
+    order: SmolLM2's hidden states reach ~2e4, so float32 rounding alone shows at 1e-4."""
     engine, slots, reference, prompts, _ = setup
     model = engine.model
     for prompt, choice in zip(prompts, [0, None, 2, 1]):
         seq = torch.tensor(prompt)
         logits = cotune_logits(model, [seq], [None if choice is None else slots[choice]])
-        diff = (logits - reference_logits(reference, seq, choice)).abs().max().item()
-        assert diff <= LOGIT_ATOL[torch.float32], f"adapter {choice}: max |diff| {diff:.2e}"
+        want = reference_logits(reference, seq, choice)
+        noise = (reference_logits(reordered, seq, choice) - want).abs().max().item()
+        diff = (logits - want).abs().max().item()
+        assert diff <= max(LOGIT_ATOL[torch.float32], 2 * noise), (
+            f"adapter {choice}: max |diff| {diff:.2e}, the reference's own GEMM-order noise "
+            f"{noise:.2e}")
 
 
 def test_smollm2_mixed_batch_logits_match_peft(setup):
@@ -85,7 +98,7 @@ def test_smollm2_greedy_tokens_match_peft_for_32_new_tokens(setup):
         assert seq.output_ids == reference_greedy(reference, prompt, choice, 32), choice
 
 
-def test_smollm2_lora_gradients_match_peft(setup):
+def test_smollm2_lora_gradients_match_peft(setup, reordered):
     engine, _, reference, prompts, dirs = setup
     model = engine.model
     trainable = cotune_trainable(model, dirs[1])
@@ -96,8 +109,12 @@ def test_smollm2_lora_gradients_match_peft(setup):
     per_seq = model.logits(model(batch)).split(lens)
     sum(next_token_loss(logits, s) for logits, s in zip(per_seq, seqs)).backward()
     expected = reference_lora_grads(reference, 1, seqs, next_token_loss)
+    reordered_grads = reference_lora_grads(reordered, 1, seqs, next_token_loss)
     assert len(expected) == 2 * len(trainable.module_names())
     for (module, part), ref_grad in expected.items():
         a, b, _ = trainable.weights(module)
         rel = relative_error((a if part == "a" else b).grad, ref_grad)
-        assert rel <= 1e-4, f"{module}.{part}: relative error {rel:.2e}"
+        noise = relative_error(reordered_grads[(module, part)], ref_grad)
+        assert rel <= max(1e-4, 2 * noise), (
+            f"{module}.{part}: relative error {rel:.2e}, the reference's own GEMM-order "
+            f"noise {noise:.2e}")

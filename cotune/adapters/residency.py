@@ -63,7 +63,8 @@ class ResidentAdapters:
                     f"no free adapter slot for {key!r}: all {len(self._slot_of)} slots hold "
                     "adapters in use; retry later or start with more slots")
             self.evict(idle)
-        slot = self._free.pop(0)
+        slot = min(self._free)  # low slots first: the adapters of a step then tend to sit
+        self._free.remove(slot)  # side by side, which the LoRA ops read without a gather
         for name, module in self.modules.items():
             lora = adapter.modules.get(name)
             if lora is None:

@@ -63,11 +63,24 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
             f"{path}: weights do not match the shapes of its config.json; "
             + "; ".join(wrong_shapes[:5])
         )
-    state = {k: state[k].to(dtype) for k in expected}
+    state = {k: _column_major(state[k].to(dtype)) for k in expected}
     model.load_state_dict(state, assign=True, strict=True)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def _column_major(tensor: torch.Tensor) -> torch.Tensor:
+    """A 2-D weight (out, in) with the same values, stored in-major (strides (1, out)).
+
+    Every 2-D weight here is a projection or the embedding. `F.linear(x, W)` computes
+    x @ W.T; with W stored so that W.T is contiguous, that is a plain GEMM, which MKL runs
+    2-5x faster for the 8 to 48 rows of a decode step (measured on the CPU: 1536x576 at 32
+    rows, 412 us against 950 us; no slower from 64 rows up). The embedding's row lookup gets
+    slower (0.3 ms for 32 tokens), far less than its tied output projection gains."""
+    if tensor.dim() != 2:
+        return tensor
+    return tensor.t().contiguous().t()
 
 
 def checkpoint_fingerprint(path: str | Path) -> str:

@@ -22,6 +22,9 @@ class VirtualizedLinear(nn.Module):
       a_pool: (num_slots, max_rank, in_features)
       b_pool: (num_slots, out_features, max_rank)
       scales: (num_slots,) float32, alpha/r or alpha/sqrt(r)
+    Both pools are stored with their last two dimensions swapped (like the base weight, see
+    loading._column_major): the LoRA products then read plain row-major matrices, and a
+    rank slice [:, :r] stays a view.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, name: str):
@@ -45,8 +48,8 @@ class VirtualizedLinear(nn.Module):
     def allocate_slots(self, num_slots: int, max_rank: int) -> None:
         """Creates an empty pool on the weight's device and dtype (drops resident adapters)."""
         like = dict(device=self.weight.device, dtype=self.weight.dtype)
-        self.a_pool = torch.zeros(num_slots, max_rank, self.in_features, **like)
-        self.b_pool = torch.zeros(num_slots, self.out_features, max_rank, **like)
+        self.a_pool = torch.zeros(num_slots, self.in_features, max_rank, **like).transpose(1, 2)
+        self.b_pool = torch.zeros(num_slots, max_rank, self.out_features, **like).transpose(1, 2)
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=self.weight.device)
         self.slot_ranks = [0] * num_slots
 
