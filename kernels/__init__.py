@@ -26,7 +26,8 @@ def backend() -> ModuleType:
     if choice == "triton":
         raise KernelChoiceError(
             "COTUNE_KERNELS=triton: cotune has no Triton implementation of the segmented LoRA "
-            "ops yet; use COTUNE_KERNELS=reference or auto"
+            "ops for training yet (sgmv_triton holds the forward kernels only); use "
+            "COTUNE_KERNELS=reference or auto"
         )
     if choice == "reference":
         from cotune.kernels import sgmv_reference
