@@ -45,7 +45,9 @@ class VllmPeer:
         self._log = tempfile.TemporaryFile(mode="w+")
         self._process = subprocess.Popen(
             [str(vllm_python()), str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._log, text=True)
+            stderr=self._log, text=True,
+            # cotune's own Triton interpreter switch is not vLLM's business
+            env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
         self._send({"model": str(model), "adapters": [str(a) for a in adapters],
                     "max_lora_rank": max_lora_rank, "max_loras": max(1, len(adapters)),
                     "max_model_len": max_model_len})

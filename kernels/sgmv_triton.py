@@ -29,7 +29,7 @@ def _shrink_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, starts_ptr, slots_ptr, d_in, 
     ranks = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = (rows < end) & (slot >= 0)
     used = tl.maximum(slot, 0)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     for k0 in range(0, d_in, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk,
@@ -57,7 +57,7 @@ def _expand_kernel(y_ptr, h_ptr, w_ptr, scale_ptr, starts_ptr, slots_ptr, d_out,
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = (rows < end) & (slot >= 0)
     used = tl.maximum(slot, 0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
         h = tl.load(h_ptr + rows[:, None] * stride_ht + rs[None, :] * stride_hr,

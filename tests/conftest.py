@@ -8,7 +8,14 @@ import random
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+
+# Without a GPU, Triton kernels run in its interpreter. The switch is read when a function is
+# decorated, Triton's own library functions included, so it is set before anything (such as
+# transformers) can import triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

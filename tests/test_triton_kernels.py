@@ -1,20 +1,16 @@
 """The Triton forward kernels (shrink, expand) against their reference twins, in Triton's
-interpreter on the CPU (float32: the interpreter's tl.dot is wrong on bf16)."""
+interpreter on the CPU (conftest switches it on where there is no GPU; float32: the
+interpreter's tl.dot is wrong on bf16)."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
+from test_kernels import POPULARITY, _pools, _row_slots, _segments
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated: set first
-
-from test_kernels import POPULARITY, _pools, _row_slots, _segments  # noqa: E402
-
-from cotune.kernels import sgmv_reference  # noqa: E402
+from cotune.kernels import sgmv_reference
 
 sgmv_triton = pytest.importorskip("cotune.kernels.sgmv_triton")
 
