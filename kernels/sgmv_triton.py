@@ -17,18 +17,25 @@ BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N = 16, 32, 16, 32
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, starts_ptr, slots_ptr, d_in, rank,
-                   stride_xt, stride_xk, stride_ws, stride_wr, stride_wk, stride_ht, stride_hr,
-                   HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_R: tl.constexpr):
+def _segment_rows(starts_ptr, slots_ptr, BLOCK_M: tl.constexpr):
+    """This program's rows (segment program_id(0), row block program_id(1)), which of them to
+    write (inside the segment, and the segment has an adapter), and the slot to read (0 for
+    none: every load it guards is masked)."""
     seg = tl.program_id(0)
     start = tl.load(starts_ptr + seg)
     end = tl.load(starts_ptr + seg + 1)
     slot = tl.load(slots_ptr + seg)
     rows = start + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rows, (rows < end) & (slot >= 0), tl.maximum(slot, 0)
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, starts_ptr, slots_ptr, d_in, rank,
+                   stride_xt, stride_xk, stride_ws, stride_wr, stride_wk, stride_ht, stride_hr,
+                   HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
+    rows, row_ok, used = _segment_rows(starts_ptr, slots_ptr, BLOCK_M)
     ranks = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = (rows < end) & (slot >= 0)
-    used = tl.maximum(slot, 0)
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     for k0 in range(0, d_in, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -49,14 +56,8 @@ def _expand_kernel(y_ptr, h_ptr, w_ptr, scale_ptr, starts_ptr, slots_ptr, d_out,
                    stride_yt, stride_yn, stride_ht, stride_hr, stride_ws, stride_wn, stride_wr,
                    HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_N: tl.constexpr):
-    seg = tl.program_id(0)
-    start = tl.load(starts_ptr + seg)
-    end = tl.load(starts_ptr + seg + 1)
-    slot = tl.load(slots_ptr + seg)
-    rows = start + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows, row_ok, used = _segment_rows(starts_ptr, slots_ptr, BLOCK_M)
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = (rows < end) & (slot >= 0)
-    used = tl.maximum(slot, 0)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
@@ -74,12 +75,12 @@ def _expand_kernel(y_ptr, h_ptr, w_ptr, scale_ptr, starts_ptr, slots_ptr, d_out,
     tl.store(out, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=keep)
 
 
-def _grid_rows(seg_starts: torch.Tensor) -> int:
-    """Row blocks per segment: enough for the longest one."""
-    if len(seg_starts) < 2:
-        return 0
+def _segment_args(seg_starts: torch.Tensor, seg_slots: torch.Tensor, device):
+    """(starts, slots) as int32 on `device`, and the row blocks per segment (enough for the
+    longest one)."""
     longest = int((seg_starts[1:] - seg_starts[:-1]).max())
-    return triton.cdiv(max(longest, 1), BLOCK_M)
+    return (seg_starts.to(device=device, dtype=torch.int32),
+            seg_slots.to(device=device, dtype=torch.int32), triton.cdiv(max(longest, 1), BLOCK_M))
 
 
 def sgmv_shrink(x, weights, seg_starts, seg_slots, scales=None):
@@ -90,9 +91,8 @@ def sgmv_shrink(x, weights, seg_starts, seg_slots, scales=None):
     num_segments = len(seg_slots)
     if num_segments == 0 or x.shape[0] == 0:
         return h
-    starts = seg_starts.to(device=x.device, dtype=torch.int32)
-    slots = seg_slots.to(device=x.device, dtype=torch.int32)
-    grid = (num_segments, _grid_rows(seg_starts), triton.cdiv(rank, BLOCK_R))
+    starts, slots, row_blocks = _segment_args(seg_starts, seg_slots, x.device)
+    grid = (num_segments, row_blocks, triton.cdiv(rank, BLOCK_R))
     _shrink_kernel[grid](
         x, weights, h if scales is None else scales, h, starts, slots, x.shape[1], rank,
         x.stride(0), x.stride(1), weights.stride(0), weights.stride(1), weights.stride(2),
@@ -107,10 +107,9 @@ def sgmv_expand(y, h, weights, seg_starts, seg_slots, scales=None):
     num_segments = len(seg_slots)
     if num_segments == 0 or y.shape[0] == 0:
         return y
-    starts = seg_starts.to(device=y.device, dtype=torch.int32)
-    slots = seg_slots.to(device=y.device, dtype=torch.int32)
+    starts, slots, row_blocks = _segment_args(seg_starts, seg_slots, y.device)
     rank, d_out = weights.shape[2], weights.shape[1]
-    grid = (num_segments, _grid_rows(seg_starts), triton.cdiv(d_out, BLOCK_N))
+    grid = (num_segments, row_blocks, triton.cdiv(d_out, BLOCK_N))
     _expand_kernel[grid](
         y, h, weights, y if scales is None else scales, starts, slots, d_out, rank,
         y.stride(0), y.stride(1), h.stride(0), h.stride(1), weights.stride(0),
