@@ -2,14 +2,18 @@
 
 `COTUNE_KERNELS` picks the implementation: `reference` (plain torch written for clarity, a
 loop over segments), `torch` (batched torch, fast on the CPU), `triton` (fused kernels), or
-`auto` (the default: Triton on a CUDA device when its kernels are available, batched torch
-otherwise). Every implementation has the same signatures as `cotune.kernels.sgmv_reference`.
+`auto` (the default: Triton for tensors on a CUDA device when Triton is installed, batched
+torch otherwise). Every implementation has the same signatures as
+`cotune.kernels.sgmv_reference`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from types import ModuleType
+
+import torch
 
 CHOICES = ("reference", "torch", "triton", "auto")
 
@@ -18,21 +22,36 @@ class KernelChoiceError(ValueError):
     """COTUNE_KERNELS names an implementation that cannot run here."""
 
 
-def backend() -> ModuleType:
-    """The module of segmented ops chosen by COTUNE_KERNELS (read at each call)."""
+def backend(device: torch.device | str = "cpu") -> ModuleType:
+    """The module of segmented ops for tensors on `device`, as COTUNE_KERNELS chooses (read at
+    each call)."""
     choice = os.environ.get("COTUNE_KERNELS", "auto")
     if choice not in CHOICES:
         raise KernelChoiceError(f"COTUNE_KERNELS={choice!r} is not accepted; use one of {CHOICES}")
-    if choice == "triton":
-        raise KernelChoiceError(
-            "COTUNE_KERNELS=triton: cotune has no Triton implementation of the segmented LoRA "
-            "ops for training yet (sgmv_triton holds the forward kernels only); use "
-            "COTUNE_KERNELS=reference or auto"
-        )
+    on_cuda = torch.device(device).type == "cuda"
+    if choice == "auto":
+        choice = "triton" if on_cuda and _triton_installed() else "torch"
     if choice == "reference":
         from cotune.kernels import sgmv_reference
 
         return sgmv_reference
-    from cotune.kernels import sgmv_torch
+    if choice == "torch":
+        from cotune.kernels import sgmv_torch
 
-    return sgmv_torch
+        return sgmv_torch
+    if not _triton_installed():
+        raise KernelChoiceError(
+            "COTUNE_KERNELS=triton but Triton is not installed; install cotune[triton], or "
+            "use COTUNE_KERNELS=torch or auto")
+    if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise KernelChoiceError(
+            f"COTUNE_KERNELS=triton runs on CUDA devices, not {torch.device(device).type}, "
+            "unless Triton's interpreter is on (TRITON_INTERPRET=1, set before triton is "
+            "imported); use COTUNE_KERNELS=torch or auto")
+    from cotune.kernels import sgmv_triton
+
+    return sgmv_triton
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None

@@ -25,7 +25,7 @@ class SegmentedLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a_pool, b_pool, scales, seg_starts, seg_slots):
-        ops = backend()
+        ops = backend(x.device)
         h = ops.sgmv_shrink(x, a_pool, seg_starts, seg_slots)
         delta = torch.zeros(x.shape[0], b_pool.shape[1], dtype=x.dtype, device=x.device)
         ops.sgmv_expand(delta, h, b_pool, seg_starts, seg_slots, scales)
@@ -35,7 +35,7 @@ class SegmentedLora(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_delta):
         x, h, a_pool, b_pool, scales, seg_starts, seg_slots = ctx.saved_tensors
-        ops = backend()
+        ops = backend(x.device)
         num_slots = a_pool.shape[0]
         d_delta = d_delta.contiguous()
         # dh = scale * d_delta @ B: a shrink whose pool is B transposed, (N, R, d_out)

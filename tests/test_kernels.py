@@ -1,6 +1,7 @@
 """The segmented LoRA ops, each implementation against a naive per-row computation and the
-batched ones against the reference, over the adapter popularity patterns tenants really
-produce and sizes chosen to be awkward."""
+fast ones (batched torch, Triton) against the reference, over the adapter popularity patterns
+tenants really produce and sizes chosen to be awkward. The Triton kernels run in Triton's
+interpreter on the CPU, in float32 (the interpreter's tl.dot is wrong on bf16)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import random
 import pytest
 import torch
 
-from cotune.kernels import KernelChoiceError, backend, sgmv_reference, sgmv_torch
+from cotune.kernels import KernelChoiceError, backend, sgmv_reference, sgmv_torch, sgmv_triton
 from cotune.kernels.segmented_lora import segmented_lora
 
 POPULARITY = ("distinct", "uniform", "zipf", "identical", "skewed")
-IMPLEMENTATIONS = {"reference": sgmv_reference, "torch": sgmv_torch}
+# Triton runs in its interpreter on the CPU (conftest switches it on where there is no GPU).
+IMPLEMENTATIONS = {"reference": sgmv_reference, "torch": sgmv_torch, "triton": sgmv_triton}
 
 
 @pytest.fixture(params=list(IMPLEMENTATIONS))
@@ -146,17 +148,21 @@ def test_kernel_choice_rejects_unknown_and_unavailable(monkeypatch):
     monkeypatch.setenv("COTUNE_KERNELS", "cuda-magic")
     with pytest.raises(KernelChoiceError, match="not accepted"):
         backend()
-    monkeypatch.setenv("COTUNE_KERNELS", "triton")
-    with pytest.raises(KernelChoiceError, match="no Triton implementation"):
-        backend()
     monkeypatch.setenv("COTUNE_KERNELS", "reference")
     assert backend() is sgmv_reference
     monkeypatch.setenv("COTUNE_KERNELS", "auto")
-    assert backend() is sgmv_torch  # no CUDA here
+    assert backend("cpu") is sgmv_torch  # Triton is for CUDA tensors
+    monkeypatch.setenv("COTUNE_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend("cpu") is sgmv_triton
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(KernelChoiceError, match="runs on CUDA devices, not cpu"):
+        backend("cpu")
 
 
 @pytest.mark.parametrize("popularity", POPULARITY)
-def test_batched_torch_ops_equal_the_reference(popularity, seed):
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_fast_ops_equal_the_reference(name, popularity, seed):
     rng = random.Random(seed + 11)
     num_slots, d_in, d_out, num_rows = 9, 33, 47, 133
     ranks = [rng.choice(range(1, 65)) for _ in range(num_slots)]
@@ -164,18 +170,19 @@ def test_batched_torch_ops_equal_the_reference(popularity, seed):
     starts, slots = _segments(_row_slots(num_rows, num_slots, popularity, rng))
     x, y0 = torch.randn(num_rows, d_in), torch.randn(num_rows, d_out)
     results = {}
-    for name, impl in IMPLEMENTATIONS.items():
-        h = impl.sgmv_shrink(x, a, starts, slots, scales)
-        y = impl.sgmv_expand(y0.clone(), h, b, starts, slots, scales)
-        dw = impl.sgmv_weight_grad(y, x, starts, slots, num_slots, scales)
-        results[name] = (h, y, dw)
-    for got, want in zip(results["torch"], results["reference"]):
+    for impl in (name, "reference"):
+        ops = IMPLEMENTATIONS[impl]
+        h = ops.sgmv_shrink(x, a, starts, slots, scales)
+        y = ops.sgmv_expand(y0.clone(), h, b, starts, slots, scales)
+        dw = ops.sgmv_weight_grad(y, x, starts, slots, num_slots, scales)
+        results[impl] = (h, y, dw)
+    for got, want in zip(results[name], results["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4,
                                    msg=lambda m: f"{m} (seed {seed})")
 
 
 # Decode-step layouts: rows sorted by adapter, often of one length, often on consecutive slots;
-# the batched ops take views instead of copies there.
+# the batched torch ops take views instead of copies there.
 DECODE_LAYOUTS = {
     "block, consecutive slots": [0, 0, 1, 1, 2, 2],
     "block after base rows": [-1, -1, -1, 1, 1, 2, 2, 3, 3],
@@ -188,23 +195,27 @@ DECODE_LAYOUTS = {
 
 @pytest.mark.parametrize("column_major", [False, True], ids=["row-major", "column-major"])
 @pytest.mark.parametrize("layout", list(DECODE_LAYOUTS))
-def test_batched_torch_ops_on_decode_layouts(layout, column_major, seed):
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_fast_ops_on_decode_layouts(name, layout, column_major, seed):
+    """Also pools as VirtualizedLinear holds them: last two dimensions stored swapped, and a
+    rank slice taken as a view."""
+    ops = IMPLEMENTATIONS[name]
     row_slots = DECODE_LAYOUTS[layout]
     starts, slots = _segments(row_slots)
     num_slots, d_in, d_out = 6, 21, 34
     a, b, scales = _pools(num_slots, [3, 8, 1, 8, 5, 2], d_in, d_out)
-    if column_major:  # how VirtualizedLinear stores its pools
+    if column_major:
         a = a.transpose(1, 2).contiguous().transpose(1, 2)
         b = b.transpose(1, 2).contiguous().transpose(1, 2)
     rank = 6  # a rank slice, as the layer takes one: a view into the padded pool
     a, b = a[:, :rank], b[:, :, :rank]
     x, y0 = torch.randn(len(row_slots), d_in), torch.randn(len(row_slots), d_out)
-    h = sgmv_torch.sgmv_shrink(x, a, starts, slots)
-    y = sgmv_torch.sgmv_expand(y0.clone(), h, b, starts, slots, scales)
+    h = ops.sgmv_shrink(x, a, starts, slots)
+    y = ops.sgmv_expand(y0.clone(), h, b, starts, slots, scales)
     torch.testing.assert_close(h, sgmv_reference.sgmv_shrink(x, a, starts, slots))
     torch.testing.assert_close(y, y0 + _naive_delta(x, a, b, scales, row_slots))
     untouched = torch.tensor([s < 0 for s in row_slots])
     assert torch.equal(y[untouched], y0[untouched])
     torch.testing.assert_close(
-        sgmv_torch.sgmv_weight_grad(y, x, starts, slots, num_slots, scales),
+        ops.sgmv_weight_grad(y, x, starts, slots, num_slots, scales),
         sgmv_reference.sgmv_weight_grad(y, x, starts, slots, num_slots, scales))

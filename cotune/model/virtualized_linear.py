@@ -87,7 +87,7 @@ class VirtualizedLinear(nn.Module):
             slots = lora.slots if served == lora.seg_slots else torch.tensor(served)
             starts = lora.starts
             rank = max(self.slot_ranks[s] for s in served if s >= 0)  # the pool beyond is zero
-            ops = backend()
+            ops = backend(x.device)
             # Served rows carry no autograd state. Adding a constant in place leaves y's
             # gradient unchanged, and rows outside served segments are never written.
             with torch.no_grad():
