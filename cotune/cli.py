@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="run a benchmark; results go to benchmarks/results")
-    bench.add_argument("name", choices=["serving", "coserve"])
+    bench.add_argument("name", choices=["serving", "coserve", "kernels"])
     bench.add_argument("--requests", type=int, default=32)
     bench.add_argument("--adapters", type=int, default=8)
     bench.add_argument("--new-tokens", type=int, default=64)
@@ -36,7 +36,21 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--rates", default="0.5,1,2,4", help="coserve: arrivals per second")
     bench.add_argument("--duration", type=float, default=20.0, help="coserve: seconds a point")
     bench.add_argument("--slice", type=float, default=2.0, help="coserve: time-slice seconds")
-    bench.add_argument("--out", default="benchmarks/results")
+    bench.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                       help="kernels: the dtype of inputs and pools (--smoke uses float32)")
+    bench.add_argument("--smoke", action="store_true",
+                       help="kernels: every code path on the CPU with tiny shapes, measures "
+                            "nothing (needs TRITON_INTERPRET=1)")
+    bench.add_argument("--slots", type=int, default=1000, help="kernels: adapters resident "
+                                                                "for the whole-model decode")
+    bench.add_argument("--sequences", type=int, default=1000,
+                       help="kernels: decode batch, sequence i on adapter i %% slots")
+    bench.add_argument("--layers", type=int, default=8,
+                       help="kernels: decoder layers of the 7B-class decode model (of 32)")
+    bench.add_argument("--ranks", type=_ranks, default=(16, 64),
+                       help="kernels: LoRA ranks of the sweep, such as 16,64")
+    bench.add_argument("--out", help="default benchmarks/results (kernels --smoke: a temporary "
+                                     "directory)")
     bench.set_defaults(run=_bench)
 
     args = parser.parse_args(argv)
@@ -53,6 +67,14 @@ def _model_options(parser):
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--max-rank", type=int, default=64,
                         help="largest LoRA rank the slot pool holds")
+
+
+def _ranks(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(r) for r in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of ranks, such as 16,64") from None
 
 
 def _generate(args) -> int:
@@ -82,15 +104,22 @@ def _generate(args) -> int:
 def _bench(args) -> int:
     from pathlib import Path
 
-    from cotune.bench import coserve, serving
+    from cotune.bench import coserve, kernels, serving
 
+    out = Path(args.out or "benchmarks/results")
+    if args.name == "kernels":  # hundreds of rows: the table, and where the JSON went
+        stem = kernels.run(args.dtype, args.smoke, None if args.out is None else out,
+                           args.slots, args.sequences, args.layers, args.ranks)
+        print(stem.with_suffix(".md").read_text())
+        print(f"written: {stem}.json, {stem}.md")
+        return 0
     if args.name == "serving":
-        result = serving.run(args.requests, args.adapters, args.new_tokens, args.rounds,
-                             Path(args.out), with_vllm=not args.no_vllm)
+        result = serving.run(args.requests, args.adapters, args.new_tokens, args.rounds, out,
+                             with_vllm=not args.no_vllm)
     else:
         rates = [float(r) for r in args.rates.split(",")]
         result = coserve.run(rates, args.duration, args.adapters, min(args.new_tokens, 32),
-                             args.slice, Path(args.out))
+                             args.slice, out)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -1,136 +1,147 @@
 """The segmented LoRA ops as Triton kernels: shrink, expand and the per-adapter weight
 gradient, one launch per op over all segments of a batch.
 
-Same semantics and signatures as `sgmv_reference`. Shrink and expand: a program covers one
-segment, a block of its rows and a block of output columns; rows beyond the segment and
-segments with no adapter (slot -1) are masked, so their rows are never written. Weight
-gradient: a program covers one adapter and a block of its gradient, and sums over every
-segment of that adapter in order (no atomics: the result is the same at every run).
-Pools are read through their strides: row-major, transposed (as VirtualizedLinear stores
-them) or rank-sliced views alike. Accumulation is float32 (float64 for float64 inputs)."""
+Same semantics and signatures as `sgmv_reference`. Two shapes of launch:
+  - segment kernels: a program covers one adapter segment, a block of its rows and a block of
+    output columns, and multiplies with tl.dot (prefill, training, mixed batches);
+  - per-row kernels, for decode (every adapter segment at most DECODE_MAX_ROWS rows): a
+    program covers a block of rows, each reading its own adapter, so that short segments do
+    not each take a mostly empty row block.
+Segments with no adapter (slot -1) or no rows are dropped on the host before the launch, and
+rows outside adapter segments are never written. Weight gradient: a program covers one adapter
+and a block of its gradient, and sums over every segment of that adapter in batch order (no
+atomics: the result is the same at every run). Pools are read through their strides:
+row-major, transposed (as VirtualizedLinear stores them) or rank-sliced views alike.
+Accumulation is float32 (float64 for float64 inputs). Block sizes: `triton_configs`.
+"""
 
 from __future__ import annotations
+
+from functools import cached_property
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N = 16, 32, 16, 32
+from cotune.kernels.triton_configs import DECODE_MAX_ROWS, rows_bucket, tuned
 
 
 @triton.jit
-def _segment_rows(starts_ptr, slots_ptr, BLOCK_M: tl.constexpr):
-    """This program's rows (segment program_id(0), row block program_id(1)), which of them to
-    write (inside the segment, and the segment has an adapter), and the slot to read (0 for
-    none: every load it guards is masked)."""
+def _segment_rows(begins_ptr, ends_ptr, slots_ptr, BLOCK_M: tl.constexpr):
+    """This program's rows (adapter segment program_id(0), row block program_id(1)), which of
+    them are inside the segment, and the segment's slot."""
     seg = tl.program_id(0)
-    start = tl.load(starts_ptr + seg)
-    end = tl.load(starts_ptr + seg + 1)
-    slot = tl.load(slots_ptr + seg)
-    rows = start + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    return rows, (rows < end) & (slot >= 0), tl.maximum(slot, 0)
+    end = tl.load(ends_ptr + seg)
+    rows = tl.load(begins_ptr + seg) + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rows, rows < end, tl.load(slots_ptr + seg)
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, starts_ptr, slots_ptr, d_in, rank,
-                   stride_xt, stride_xk, stride_ws, stride_wr, stride_wk, stride_ht, stride_hr,
-                   HAS_SCALE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    rows, row_ok, used = _segment_rows(starts_ptr, slots_ptr, BLOCK_M)
+def _shrink_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, begins_ptr, ends_ptr, slots_ptr, d_in, rank,
+                   rows_bucket, stride_xt, stride_xk, stride_ws, stride_wr, stride_wk,
+                   stride_ht, stride_hr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows, row_ok, slot = _segment_rows(begins_ptr, ends_ptr, slots_ptr, BLOCK_M)
     ranks = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, ACC)
     for k0 in range(0, d_in, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk,
                     mask=row_ok[:, None] & (ks[None, :] < d_in), other=0.0)
-        w = tl.load(w_ptr + used * stride_ws + ranks[None, :] * stride_wr
+        w = tl.load(w_ptr + slot * stride_ws + ranks[None, :] * stride_wr
                     + ks[:, None] * stride_wk,
                     mask=(ranks[None, :] < rank) & (ks[:, None] < d_in), other=0.0)
         acc += tl.dot(x.to(ACC), w.to(ACC))
     if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + used).to(ACC)
+        acc = acc * tl.load(scale_ptr + slot).to(ACC)
     tl.store(h_ptr + rows[:, None] * stride_ht + ranks[None, :] * stride_hr,
              acc.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & (ranks[None, :] < rank))
 
 
 @triton.jit
-def _expand_kernel(y_ptr, h_ptr, w_ptr, scale_ptr, starts_ptr, slots_ptr, d_out, rank,
-                   stride_yt, stride_yn, stride_ht, stride_hr, stride_ws, stride_wn, stride_wr,
-                   HAS_SCALE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows, row_ok, used = _segment_rows(starts_ptr, slots_ptr, BLOCK_M)
+def _expand_kernel(y_ptr, h_ptr, w_ptr, scale_ptr, begins_ptr, ends_ptr, slots_ptr, d_out, rank,
+                   rows_bucket, stride_yt, stride_yn, stride_ht, stride_hr, stride_ws,
+                   stride_wn, stride_wr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows, row_ok, slot = _segment_rows(begins_ptr, ends_ptr, slots_ptr, BLOCK_M)
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)
     for r0 in range(0, rank, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
         h = tl.load(h_ptr + rows[:, None] * stride_ht + rs[None, :] * stride_hr,
                     mask=row_ok[:, None] & (rs[None, :] < rank), other=0.0)
-        w = tl.load(w_ptr + used * stride_ws + cols[None, :] * stride_wn
+        w = tl.load(w_ptr + slot * stride_ws + cols[None, :] * stride_wn
                     + rs[:, None] * stride_wr,
                     mask=(cols[None, :] < d_out) & (rs[:, None] < rank), other=0.0)
         acc += tl.dot(h.to(ACC), w.to(ACC))
     if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + used).to(ACC)
+        acc = acc * tl.load(scale_ptr + slot).to(ACC)
     out = y_ptr + rows[:, None] * stride_yt + cols[None, :] * stride_yn
     keep = row_ok[:, None] & (cols[None, :] < d_out)
     y = tl.load(out, mask=keep, other=0.0)
     tl.store(out, (y.to(ACC) + acc).to(y_ptr.dtype.element_ty), mask=keep)
 
 
-def _accumulator(dtype: torch.dtype):
-    """float32, or float64 for float64 tensors (gradcheck)."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+@triton.jit
+def _shrink_rows_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, row_slots_ptr, num_rows, d_in, rank,
+                        rows_bucket, stride_xt, stride_xk, stride_ws, stride_wr, stride_wk,
+                        stride_ht, stride_hr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(row_slots_ptr + rows, mask=rows < num_rows, other=-1)
+    row_ok = slot >= 0
+    slot = tl.maximum(slot, 0)  # every load it guards is masked for rows without an adapter
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, ACC)
+    for k0 in range(0, d_in, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk,
+                    mask=row_ok[:, None] & (ks[None, :] < d_in), other=0.0)
+        w = tl.load(w_ptr + slot[:, None, None] * stride_ws + ranks[None, :, None] * stride_wr
+                    + ks[None, None, :] * stride_wk,
+                    mask=row_ok[:, None, None] & (ranks[None, :, None] < rank)
+                    & (ks[None, None, :] < d_in), other=0.0)
+        acc += tl.sum(x.to(ACC)[:, None, :] * w.to(ACC), axis=2)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + slot, mask=row_ok, other=0.0).to(ACC)[:, None]
+    tl.store(h_ptr + rows[:, None] * stride_ht + ranks[None, :] * stride_hr,
+             acc.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & (ranks[None, :] < rank))
 
 
-def _segment_args(seg_starts: torch.Tensor, seg_slots: torch.Tensor, device):
-    """(starts, slots) as int32 on `device`, and the row blocks per segment (enough for the
-    longest one)."""
-    longest = int((seg_starts[1:] - seg_starts[:-1]).max())
-    return (seg_starts.to(device=device, dtype=torch.int32),
-            seg_slots.to(device=device, dtype=torch.int32), triton.cdiv(max(longest, 1), BLOCK_M))
-
-
-def sgmv_shrink(x, weights, seg_starts, seg_slots, scales=None):
-    """Semantics: h[s[i]:s[i+1]] = scale[slot[i]] * x[s[i]:s[i+1]] @ W[slot[i]].T
-    x (T, d_in), weights (N, R, d_in); h (T, R) in x's dtype, zero where no adapter."""
-    rank = weights.shape[1]
-    h = torch.zeros(x.shape[0], rank, dtype=x.dtype, device=x.device)
-    num_segments = len(seg_slots)
-    if num_segments == 0 or x.shape[0] == 0:
-        return h
-    starts, slots, row_blocks = _segment_args(seg_starts, seg_slots, x.device)
-    grid = (num_segments, row_blocks, triton.cdiv(rank, BLOCK_R))
-    _shrink_kernel[grid](
-        x, weights, h if scales is None else scales, h, starts, slots, x.shape[1], rank,
-        x.stride(0), x.stride(1), weights.stride(0), weights.stride(1), weights.stride(2),
-        h.stride(0), h.stride(1), HAS_SCALE=scales is not None, ACC=_accumulator(x.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R)
-    return h
-
-
-def sgmv_expand(y, h, weights, seg_starts, seg_slots, scales=None):
-    """Semantics: y[s[i]:s[i+1]] += scale[slot[i]] * h[s[i]:s[i+1]] @ W[slot[i]].T (in place)
-    y (T, d_out), h (T, R), weights (N, d_out, R). Rows without an adapter are not written."""
-    num_segments = len(seg_slots)
-    if num_segments == 0 or y.shape[0] == 0:
-        return y
-    starts, slots, row_blocks = _segment_args(seg_starts, seg_slots, y.device)
-    rank, d_out = weights.shape[2], weights.shape[1]
-    grid = (num_segments, row_blocks, triton.cdiv(d_out, BLOCK_N))
-    _expand_kernel[grid](
-        y, h, weights, y if scales is None else scales, starts, slots, d_out, rank,
-        y.stride(0), y.stride(1), h.stride(0), h.stride(1), weights.stride(0),
-        weights.stride(1), weights.stride(2), HAS_SCALE=scales is not None,
-        ACC=_accumulator(y.dtype), BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_N=BLOCK_N)
-    return y
+@triton.jit
+def _expand_rows_kernel(y_ptr, h_ptr, w_ptr, scale_ptr, row_slots_ptr, num_rows, d_out, rank,
+                        rows_bucket, stride_yt, stride_yn, stride_ht, stride_hr, stride_ws,
+                        stride_wn, stride_wr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(row_slots_ptr + rows, mask=rows < num_rows, other=-1)
+    row_ok = slot >= 0
+    slot = tl.maximum(slot, 0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)
+    for r0 in range(0, rank, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        h = tl.load(h_ptr + rows[:, None] * stride_ht + rs[None, :] * stride_hr,
+                    mask=row_ok[:, None] & (rs[None, :] < rank), other=0.0)
+        w = tl.load(w_ptr + slot[:, None, None] * stride_ws + cols[None, :, None] * stride_wn
+                    + rs[None, None, :] * stride_wr,
+                    mask=row_ok[:, None, None] & (cols[None, :, None] < d_out)
+                    & (rs[None, None, :] < rank), other=0.0)
+        acc += tl.sum(h.to(ACC)[:, None, :] * w.to(ACC), axis=2)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + slot, mask=row_ok, other=0.0).to(ACC)[:, None]
+    out = y_ptr + rows[:, None] * stride_yt + cols[None, :] * stride_yn
+    keep = row_ok[:, None] & (cols[None, :] < d_out)
+    y = tl.load(out, mask=keep, other=0.0)
+    tl.store(out, (y.to(ACC) + acc).to(y_ptr.dtype.element_ty), mask=keep)
 
 
 @triton.jit
 def _weight_grad_kernel(g_ptr, x_ptr, scale_ptr, dw_ptr, group_ptr, group_segs_ptr,
-                        group_slots_ptr, starts_ptr, d_out, d_in, stride_gt, stride_go,
-                        stride_xt, stride_xi, stride_ws, stride_wo, stride_wi,
-                        HAS_SCALE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+                        group_slots_ptr, begins_ptr, ends_ptr, d_out, d_in, rows_bucket,
+                        stride_gt, stride_go, stride_xt, stride_xi, stride_ws, stride_wo,
+                        stride_wi, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
     group = tl.program_id(0)
     slot = tl.load(group_slots_ptr + group)
     outs = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -138,9 +149,8 @@ def _weight_grad_kernel(g_ptr, x_ptr, scale_ptr, dw_ptr, group_ptr, group_segs_p
     acc = tl.full((BLOCK_O, BLOCK_I), 0.0, ACC)
     for j in range(tl.load(group_ptr + group), tl.load(group_ptr + group + 1)):
         seg = tl.load(group_segs_ptr + j)
-        start = tl.load(starts_ptr + seg)
-        end = tl.load(starts_ptr + seg + 1)
-        for m0 in range(start, end, BLOCK_M):
+        end = tl.load(ends_ptr + seg)
+        for m0 in range(tl.load(begins_ptr + seg), end, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             g_t = tl.load(g_ptr + rows[None, :] * stride_gt + outs[:, None] * stride_go,
                           mask=(rows[None, :] < end) & (outs[:, None] < d_out), other=0.0)
@@ -153,16 +163,130 @@ def _weight_grad_kernel(g_ptr, x_ptr, scale_ptr, dw_ptr, group_ptr, group_segs_p
              acc, mask=(outs[:, None] < d_out) & (ins[None, :] < d_in))
 
 
-def _adapter_groups(seg_starts: torch.Tensor, seg_slots: torch.Tensor, device):
-    """The segments with rows and an adapter, grouped by adapter (in batch order within a
-    group): (group_ptr (G+1,), group_segs (K,), group_slots (G,)) as int32 on `device`."""
-    lengths = seg_starts[1:] - seg_starts[:-1]
-    used = ((seg_slots >= 0) & (lengths > 0)).nonzero()[:, 0]
-    order = torch.sort(seg_slots[used], stable=True).indices
-    segs = used[order]
-    group_slots, counts = torch.unique_consecutive(seg_slots[segs], return_counts=True)
-    group_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return tuple(t.to(device=device, dtype=torch.int32) for t in (group_ptr, segs, group_slots))
+_shrink = tuned("shrink", _shrink_kernel)
+_expand = tuned("expand", _expand_kernel, restore=("y_ptr",))
+_shrink_rows = tuned("shrink_rows", _shrink_rows_kernel)
+_expand_rows = tuned("expand_rows", _expand_rows_kernel, restore=("y_ptr",))
+_weight_grad = tuned("weight_grad", _weight_grad_kernel)
+
+
+class _Segments:
+    """The adapter segments of a batch (slot >= 0, at least one row), on the host and on the
+    device the kernels run on (copied there once per batch, see _segments)."""
+
+    def __init__(self, seg_starts: torch.Tensor, seg_slots: torch.Tensor, device):
+        starts, slots = seg_starts.cpu(), seg_slots.cpu()
+        keep = (slots >= 0) & (starts[1:] > starts[:-1])
+        self.begins, self.ends, self.slots = starts[:-1][keep], starts[1:][keep], slots[keep]
+        self.count = len(self.slots)
+        lengths = self.ends - self.begins
+        self.longest = int(lengths.max()) if self.count else 0
+        self.rows = int(lengths.sum())
+        self.last_row = int(self.ends.max()) if self.count else 0
+        self.device = device
+
+    @property
+    def decode(self) -> bool:
+        """Short segments only: the per-row kernels fit better."""
+        return self.longest <= DECODE_MAX_ROWS
+
+    @cached_property
+    def bounds(self) -> list[torch.Tensor]:
+        """(begins, ends, slots) of the segments on the device."""
+        return _on_device(self.device, self.begins, self.ends, self.slots)
+
+    @cached_property
+    def row_slots(self) -> torch.Tensor:
+        """(last_row,) slot of every row up to the last adapter row, -1 outside adapter
+        segments, on the device."""
+        slots = torch.full((self.last_row,), -1, dtype=torch.int32)
+        for begin, end, slot in zip(self.begins.tolist(), self.ends.tolist(),
+                                    self.slots.tolist()):
+            slots[begin:end] = slot
+        return slots.to(self.device)
+
+    @cached_property
+    def by_adapter(self) -> list[torch.Tensor]:
+        """The segments grouped by adapter, in batch order within a group: (group_ptr (G+1,),
+        group_segs (K,), group_slots (G,)) on the device."""
+        order = torch.sort(self.slots, stable=True).indices
+        group_slots, counts = torch.unique_consecutive(self.slots[order], return_counts=True)
+        group_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return _on_device(self.device, group_ptr, order, group_slots)
+
+
+def _on_device(device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(device=device, dtype=torch.int32) for t in tensors]
+
+
+_last_segments: tuple = (None, None, None)
+
+
+def _segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor, device) -> _Segments:
+    """The segments of a batch. Every projection of a step passes the same two tensors (never
+    modified), so the last answer, with its copies on the device, is reused while they are the
+    very same objects on the same device."""
+    global _last_segments
+    starts, slots, segs = _last_segments
+    if starts is seg_starts and slots is seg_slots and segs.device == device:
+        return segs
+    segs = _Segments(seg_starts, seg_slots, device)
+    _last_segments = (seg_starts, seg_slots, segs)
+    return segs
+
+
+def _accumulator(dtype: torch.dtype):
+    """float32, or float64 for float64 tensors (gradcheck)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def sgmv_shrink(x, weights, seg_starts, seg_slots, scales=None):
+    """Semantics: h[s[i]:s[i+1]] = scale[slot[i]] * x[s[i]:s[i+1]] @ W[slot[i]].T
+    x (T, d_in), weights (N, R, d_in); h (T, R) in x's dtype, zero where no adapter."""
+    num_rows, d_in = x.shape
+    rank = weights.shape[1]
+    h = torch.zeros(num_rows, rank, dtype=x.dtype, device=x.device)
+    segs = _segments(seg_starts, seg_slots, x.device)
+    if segs.count == 0:
+        return h
+    common = dict(HAS_SCALE=scales is not None, ACC=_accumulator(x.dtype))
+    strides = (x.stride(0), x.stride(1), *weights.stride(), h.stride(0), h.stride(1))
+    scale = h if scales is None else scales
+    if segs.decode:
+        _shrink_rows[lambda meta: (triton.cdiv(segs.last_row, meta["BLOCK_M"]),
+                                   triton.cdiv(rank, meta["BLOCK_R"]))](
+            x, weights, scale, h, segs.row_slots, segs.last_row, d_in, rank,
+            rows_bucket(segs.rows), *strides, **common)
+    else:
+        _shrink[lambda meta: (segs.count, triton.cdiv(segs.longest, meta["BLOCK_M"]),
+                              triton.cdiv(rank, meta["BLOCK_R"]))](
+            x, weights, scale, h, *segs.bounds, d_in,
+            rank, rows_bucket(segs.longest), *strides, **common)
+    return h
+
+
+def sgmv_expand(y, h, weights, seg_starts, seg_slots, scales=None):
+    """Semantics: y[s[i]:s[i+1]] += scale[slot[i]] * h[s[i]:s[i+1]] @ W[slot[i]].T (in place)
+    y (T, d_out), h (T, R), weights (N, d_out, R). Rows without an adapter are not written."""
+    d_out = y.shape[1]
+    rank = weights.shape[2]
+    segs = _segments(seg_starts, seg_slots, y.device)
+    if segs.count == 0:
+        return y
+    common = dict(HAS_SCALE=scales is not None, ACC=_accumulator(y.dtype))
+    strides = (y.stride(0), y.stride(1), h.stride(0), h.stride(1), *weights.stride())
+    scale = y if scales is None else scales
+    if segs.decode:
+        _expand_rows[lambda meta: (triton.cdiv(segs.last_row, meta["BLOCK_M"]),
+                                   triton.cdiv(d_out, meta["BLOCK_N"]))](
+            y, h, weights, scale, segs.row_slots, segs.last_row, d_out, rank,
+            rows_bucket(segs.rows), *strides, **common)
+    else:
+        _expand[lambda meta: (segs.count, triton.cdiv(segs.longest, meta["BLOCK_M"]),
+                              triton.cdiv(d_out, meta["BLOCK_N"]))](
+            y, h, weights, scale, *segs.bounds, d_out,
+            rank, rows_bucket(segs.longest), *strides, **common)
+    return y
 
 
 def sgmv_weight_grad(grad_out, inputs, seg_starts, seg_slots, num_slots, scales=None):
@@ -173,16 +297,14 @@ def sgmv_weight_grad(grad_out, inputs, seg_starts, seg_slots, num_slots, scales=
     dtype = torch.promote_types(inputs.dtype, torch.float32)
     d_out, d_in = grad_out.shape[1], inputs.shape[1]
     grad = torch.zeros(num_slots, d_out, d_in, dtype=dtype, device=inputs.device)
-    group_ptr, group_segs, group_slots = _adapter_groups(seg_starts.cpu(), seg_slots.cpu(),
-                                                         inputs.device)
-    if len(group_slots) == 0:
+    segs = _segments(seg_starts, seg_slots, inputs.device)
+    if segs.count == 0:
         return grad
-    starts = seg_starts.to(device=inputs.device, dtype=torch.int32)
-    grid = (len(group_slots), triton.cdiv(d_out, BLOCK_N), triton.cdiv(d_in, BLOCK_N))
-    _weight_grad_kernel[grid](
+    group_ptr, group_segs, group_slots = segs.by_adapter
+    _weight_grad[lambda meta: (len(group_slots), triton.cdiv(d_out, meta["BLOCK_O"]),
+                               triton.cdiv(d_in, meta["BLOCK_I"]))](
         grad_out, inputs, grad if scales is None else scales, grad, group_ptr, group_segs,
-        group_slots, starts, d_out, d_in, grad_out.stride(0), grad_out.stride(1),
-        inputs.stride(0), inputs.stride(1), grad.stride(0), grad.stride(1), grad.stride(2),
-        HAS_SCALE=scales is not None, ACC=_accumulator(dtype),
-        BLOCK_M=BLOCK_M, BLOCK_O=BLOCK_N, BLOCK_I=BLOCK_N)
+        group_slots, *segs.bounds[:2], d_out, d_in, rows_bucket(segs.rows), grad_out.stride(0),
+        grad_out.stride(1), inputs.stride(0), inputs.stride(1), *grad.stride(),
+        HAS_SCALE=scales is not None, ACC=_accumulator(dtype))
     return grad

@@ -1,5 +1,6 @@
 """cotune's virtualized base against transformers + PEFT: logits of mixed batches, greedy
-tokens, and LoRA gradients, on every supported Llama-family variant."""
+tokens, and LoRA gradients, on every supported Llama-family variant, with the batched torch
+ops and with the Triton kernels (in Triton's interpreter where there is no GPU)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ from cotune.engine.sampling import SamplingParams
 from cotune.model.llama import ForwardBatch
 from cotune.model.loading import load_model
 from cotune.model.lora_routing import LoraRouting
+
+
+@pytest.fixture(autouse=True, params=["auto", "triton"])
+def kernels(request, monkeypatch) -> str:
+    """Every check with the ops COTUNE_KERNELS=auto picks here, and with Triton's."""
+    monkeypatch.setenv("COTUNE_KERNELS", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("num_adapters", [1, 3, 8])
