@@ -37,6 +37,15 @@ def _segment_rows(begins_ptr, ends_ptr, slots_ptr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _row_block(row_slots_ptr, num_rows, BLOCK_M: tl.constexpr):
+    """This program's rows (row block program_id(0)), which of them have an adapter, and each
+    row's slot (0 for rows without one: every load it guards is masked)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(row_slots_ptr + rows, mask=rows < num_rows, other=-1)
+    return rows, slot >= 0, tl.maximum(slot, 0)
+
+
+@triton.jit
 def _shrink_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, begins_ptr, ends_ptr, slots_ptr, d_in, rank,
                    rows_bucket, stride_xt, stride_xk, stride_ws, stride_wr, stride_wk,
                    stride_ht, stride_hr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
@@ -87,10 +96,7 @@ def _shrink_rows_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, row_slots_ptr, num_rows,
                         rows_bucket, stride_xt, stride_xk, stride_ws, stride_wr, stride_wk,
                         stride_ht, stride_hr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(row_slots_ptr + rows, mask=rows < num_rows, other=-1)
-    row_ok = slot >= 0
-    slot = tl.maximum(slot, 0)  # every load it guards is masked for rows without an adapter
+    rows, row_ok, slot = _row_block(row_slots_ptr, num_rows, BLOCK_M)
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, ACC)
     for k0 in range(0, d_in, BLOCK_K):
@@ -113,10 +119,7 @@ def _expand_rows_kernel(y_ptr, h_ptr, w_ptr, scale_ptr, row_slots_ptr, num_rows,
                         rows_bucket, stride_yt, stride_yn, stride_ht, stride_hr, stride_ws,
                         stride_wn, stride_wr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(row_slots_ptr + rows, mask=rows < num_rows, other=-1)
-    row_ok = slot >= 0
-    slot = tl.maximum(slot, 0)
+    rows, row_ok, slot = _row_block(row_slots_ptr, num_rows, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)
     for r0 in range(0, rank, BLOCK_R):
