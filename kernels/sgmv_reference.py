@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from cotune.kernels.slices import expand_each, shrink_each
+
 
 def _segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor):
     """Yields (start, end, slot) for every segment that has an adapter."""
@@ -74,6 +76,26 @@ def sgmv_expand(
         delta = _wide(h[start:end]) @ _wide(weights[slot]).T  # (n, d_out)
         y[start:end] = (_wide(y[start:end]) + _row_scale(scales, slot) * delta).to(y.dtype)
     return y
+
+
+def sgmv_shrink_slices(x, weights, seg_starts, seg_slots) -> torch.Tensor:
+    """Semantics: h[:, j*R:(j+1)*R] = sgmv_shrink(x, weights[j], seg_starts, seg_slots) for
+    every slice j: the LoRA A of several projections that read the same x (q, k and v).
+
+    weights: J pools (N, R, d_in) of one rank R; returns h (T, J*R).
+    """
+    return shrink_each(sgmv_shrink, x, weights, seg_starts, seg_slots)
+
+
+def sgmv_expand_slices(y, h, weights, offsets, seg_starts, seg_slots, scales) -> torch.Tensor:
+    """Semantics: y[:, o_j:o_j+d_j] += sgmv_expand of h[:, j*R:(j+1)*R] through weights[j]
+    with scales[j], for every slice j (in place): the LoRA B of projections whose outputs are
+    columns of one y.
+
+    y: (T, >= o_j + d_j)   h: (T, J*R)   weights: J pools (N, d_j, R)
+    offsets: each slice's first column in y   scales: J tensors (N,) or None
+    """
+    return expand_each(sgmv_expand, y, h, weights, offsets, seg_starts, seg_slots, scales)
 
 
 def sgmv_weight_grad(

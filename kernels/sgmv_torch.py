@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cotune.kernels.slices import expand_each, shrink_each
+
 
 @dataclass(frozen=True)
 class _Layout:
@@ -133,6 +135,16 @@ def sgmv_expand(y, h, weights, seg_starts, seg_slots, scales=None):
         out = torch.bmm(hs, w).view(-1, y.shape[1])
         y.index_add_(0, layout.targets, out.index_select(0, layout.picked))
     return y
+
+
+def sgmv_shrink_slices(x, weights, seg_starts, seg_slots):
+    """Semantics: see sgmv_reference.sgmv_shrink_slices (here one op a slice)."""
+    return shrink_each(sgmv_shrink, x, weights, seg_starts, seg_slots)
+
+
+def sgmv_expand_slices(y, h, weights, offsets, seg_starts, seg_slots, scales):
+    """Semantics: see sgmv_reference.sgmv_expand_slices (here one op a slice)."""
+    return expand_each(sgmv_expand, y, h, weights, offsets, seg_starts, seg_slots, scales)
 
 
 def sgmv_weight_grad(grad_out, inputs, seg_starts, seg_slots, num_slots, scales=None):

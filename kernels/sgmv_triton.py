@@ -46,12 +46,45 @@ def _row_block(row_slots_ptr, num_rows, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, begins_ptr, ends_ptr, slots_ptr, d_in, rank,
-                   rows_bucket, stride_xt, stride_xk, stride_ws, stride_wr, stride_wk,
-                   stride_ht, stride_hr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+def _shrink_slice(w_ptr, w_table, scale_ptr, scale_table, h_ptr, rank, stride_hr,
+                  AXIS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Program axis AXIS spans slices x rank blocks: this program's pool (its address from
+    w_table), scales (from scale_table), output columns in h (slice j writes columns
+    j*rank...), and its block of ranks. w_ptr and scale_ptr give the element types."""
+    blocks = tl.cdiv(rank, BLOCK_R)
+    j = tl.program_id(AXIS) // blocks
+    w = tl.load(w_table + j).to(tl.pointer_type(w_ptr.dtype.element_ty))
+    scale = tl.load(scale_table + j).to(tl.pointer_type(scale_ptr.dtype.element_ty))
+    ranks = (tl.program_id(AXIS) % blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    return w, scale, h_ptr + j * rank * stride_hr, ranks
+
+
+@triton.jit
+def _expand_slice(w_ptr, scale_ptr, table, d_out, rank, stride_hr, AXIS: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Program axis AXIS spans slices x column blocks of the widest slice (d_out): this
+    program's pool, scales, first column of y, width, pool strides (N and R) and columns of
+    its slice, read from row j of table (see _slice_table), and the offset of slice j's
+    columns in h."""
+    blocks = tl.cdiv(d_out, BLOCK_N)
+    j = tl.program_id(AXIS) // blocks
+    row = table + j * 6
+    w = tl.load(row).to(tl.pointer_type(w_ptr.dtype.element_ty))
+    scale = tl.load(row + 1).to(tl.pointer_type(scale_ptr.dtype.element_ty))
+    cols = (tl.program_id(AXIS) % blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return (w, scale, tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5),
+            cols, j * rank * stride_hr)
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, w_ptr, w_table, scale_ptr, scale_table, h_ptr, begins_ptr, ends_ptr,
+                   slots_ptr, d_in, rank, rows_bucket, stride_xt, stride_xk, stride_ws,
+                   stride_wr, stride_wk, stride_ht, stride_hr, HAS_SCALE: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
     rows, row_ok, slot = _segment_rows(begins_ptr, ends_ptr, slots_ptr, BLOCK_M)
-    ranks = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    w_ptr, scale_ptr, h_ptr, ranks = _shrink_slice(w_ptr, w_table, scale_ptr, scale_table,
+                                                   h_ptr, rank, stride_hr, 2, BLOCK_R)
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, ACC)
     for k0 in range(0, d_in, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -68,36 +101,39 @@ def _shrink_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, begins_ptr, ends_ptr, slots_p
 
 
 @triton.jit
-def _expand_kernel(y_ptr, h_ptr, w_ptr, scale_ptr, begins_ptr, ends_ptr, slots_ptr, d_out, rank,
-                   rows_bucket, stride_yt, stride_yn, stride_ht, stride_hr, stride_ws,
-                   stride_wn, stride_wr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
+def _expand_kernel(y_ptr, h_ptr, w_ptr, scale_ptr, table, begins_ptr, ends_ptr, slots_ptr,
+                   d_out, rank, rows_bucket, stride_yt, stride_yn, stride_ht, stride_hr,
+                   stride_wn, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     rows, row_ok, slot = _segment_rows(begins_ptr, ends_ptr, slots_ptr, BLOCK_M)
-    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_ptr, scale_ptr, first_col, width, stride_ws, stride_wr, cols, h_cols = _expand_slice(
+        w_ptr, scale_ptr, table, d_out, rank, stride_hr, 2, BLOCK_N)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)
     for r0 in range(0, rank, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
-        h = tl.load(h_ptr + rows[:, None] * stride_ht + rs[None, :] * stride_hr,
+        h = tl.load(h_ptr + h_cols + rows[:, None] * stride_ht + rs[None, :] * stride_hr,
                     mask=row_ok[:, None] & (rs[None, :] < rank), other=0.0)
         w = tl.load(w_ptr + slot * stride_ws + cols[None, :] * stride_wn
                     + rs[:, None] * stride_wr,
-                    mask=(cols[None, :] < d_out) & (rs[:, None] < rank), other=0.0)
+                    mask=(cols[None, :] < width) & (rs[:, None] < rank), other=0.0)
         acc += tl.dot(h.to(ACC), w.to(ACC))
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + slot).to(ACC)
-    out = y_ptr + rows[:, None] * stride_yt + cols[None, :] * stride_yn
-    keep = row_ok[:, None] & (cols[None, :] < d_out)
+    out = y_ptr + rows[:, None] * stride_yt + (first_col + cols[None, :]) * stride_yn
+    keep = row_ok[:, None] & (cols[None, :] < width)
     y = tl.load(out, mask=keep, other=0.0)
     tl.store(out, (y.to(ACC) + acc).to(y_ptr.dtype.element_ty), mask=keep)
 
 
 @triton.jit
-def _shrink_rows_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, row_slots_ptr, num_rows, d_in, rank,
-                        rows_bucket, stride_xt, stride_xk, stride_ws, stride_wr, stride_wk,
-                        stride_ht, stride_hr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+def _shrink_rows_kernel(x_ptr, w_ptr, w_table, scale_ptr, scale_table, h_ptr, row_slots_ptr,
+                        num_rows, d_in, rank, rows_bucket, stride_xt, stride_xk, stride_ws,
+                        stride_wr, stride_wk, stride_ht, stride_hr, HAS_SCALE: tl.constexpr,
+                        ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_R: tl.constexpr):
     rows, row_ok, slot = _row_block(row_slots_ptr, num_rows, BLOCK_M)
-    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    w_ptr, scale_ptr, h_ptr, ranks = _shrink_slice(w_ptr, w_table, scale_ptr, scale_table,
+                                                   h_ptr, rank, stride_hr, 1, BLOCK_R)
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, ACC)
     for k0 in range(0, d_in, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -115,26 +151,27 @@ def _shrink_rows_kernel(x_ptr, w_ptr, scale_ptr, h_ptr, row_slots_ptr, num_rows,
 
 
 @triton.jit
-def _expand_rows_kernel(y_ptr, h_ptr, w_ptr, scale_ptr, row_slots_ptr, num_rows, d_out, rank,
-                        rows_bucket, stride_yt, stride_yn, stride_ht, stride_hr, stride_ws,
-                        stride_wn, stride_wr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
+def _expand_rows_kernel(y_ptr, h_ptr, w_ptr, scale_ptr, table, row_slots_ptr, num_rows, d_out,
+                        rank, rows_bucket, stride_yt, stride_yn, stride_ht, stride_hr,
+                        stride_wn, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     rows, row_ok, slot = _row_block(row_slots_ptr, num_rows, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_ptr, scale_ptr, first_col, width, stride_ws, stride_wr, cols, h_cols = _expand_slice(
+        w_ptr, scale_ptr, table, d_out, rank, stride_hr, 1, BLOCK_N)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)
     for r0 in range(0, rank, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
-        h = tl.load(h_ptr + rows[:, None] * stride_ht + rs[None, :] * stride_hr,
+        h = tl.load(h_ptr + h_cols + rows[:, None] * stride_ht + rs[None, :] * stride_hr,
                     mask=row_ok[:, None] & (rs[None, :] < rank), other=0.0)
         w = tl.load(w_ptr + slot[:, None, None] * stride_ws + cols[None, :, None] * stride_wn
                     + rs[None, None, :] * stride_wr,
-                    mask=row_ok[:, None, None] & (cols[None, :, None] < d_out)
+                    mask=row_ok[:, None, None] & (cols[None, :, None] < width)
                     & (rs[None, None, :] < rank), other=0.0)
         acc += tl.sum(h.to(ACC)[:, None, :] * w.to(ACC), axis=2)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + slot, mask=row_ok, other=0.0).to(ACC)[:, None]
-    out = y_ptr + rows[:, None] * stride_yt + cols[None, :] * stride_yn
-    keep = row_ok[:, None] & (cols[None, :] < d_out)
+    out = y_ptr + rows[:, None] * stride_yt + (first_col + cols[None, :]) * stride_yn
+    keep = row_ok[:, None] & (cols[None, :] < width)
     y = tl.load(out, mask=keep, other=0.0)
     tl.store(out, (y.to(ACC) + acc).to(y_ptr.dtype.element_ty), mask=keep)
 
@@ -243,52 +280,101 @@ def _accumulator(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _addresses(tensors, device) -> torch.Tensor:
+    """The data addresses of `tensors` (0 for None) as an int64 table on `device`."""
+    return torch.tensor([0 if t is None else t.data_ptr() for t in tensors],
+                        dtype=torch.int64).to(device)
+
+
 def sgmv_shrink(x, weights, seg_starts, seg_slots, scales=None):
     """Semantics: h[s[i]:s[i+1]] = scale[slot[i]] * x[s[i]:s[i+1]] @ W[slot[i]].T
     x (T, d_in), weights (N, R, d_in); h (T, R) in x's dtype, zero where no adapter."""
+    return _shrink_slices(x, [weights], seg_starts, seg_slots, [scales])
+
+
+def sgmv_shrink_slices(x, weights, seg_starts, seg_slots):
+    """Semantics: h[:, j*R:(j+1)*R] = sgmv_shrink(x, weights[j], seg_starts, seg_slots) for
+    every slice j, in one launch when the pools share their layout.
+    x (T, d_in), weights J pools (N, R, d_in) of one shape; h (T, J*R)."""
+    if all(w.stride() == weights[0].stride() for w in weights):
+        return _shrink_slices(x, weights, seg_starts, seg_slots, [None] * len(weights))
+    return torch.cat([sgmv_shrink(x, w, seg_starts, seg_slots) for w in weights], dim=1)
+
+
+def _shrink_slices(x, weights, seg_starts, seg_slots, scales):
     num_rows, d_in = x.shape
-    rank = weights.shape[1]
-    h = torch.zeros(num_rows, rank, dtype=x.dtype, device=x.device)
+    rank, count = weights[0].shape[1], len(weights)
+    h = torch.zeros(num_rows, count * rank, dtype=x.dtype, device=x.device)
     segs = _segments(seg_starts, seg_slots, x.device)
-    if segs.count == 0:
+    if segs.count == 0 or rank == 0:
         return h
-    common = dict(HAS_SCALE=scales is not None, ACC=_accumulator(x.dtype))
-    strides = (x.stride(0), x.stride(1), *weights.stride(), h.stride(0), h.stride(1))
-    scale = h if scales is None else scales
+    has_scale = scales[0] is not None
+    tables = (weights[0], _addresses(weights, x.device), scales[0] if has_scale else h,
+              _addresses(scales, x.device), h)
+    strides = (x.stride(0), x.stride(1), *weights[0].stride(), h.stride(0), h.stride(1))
+    common = dict(HAS_SCALE=has_scale, ACC=_accumulator(x.dtype))
     if segs.decode:
         _shrink_rows[lambda meta: (triton.cdiv(segs.last_row, meta["BLOCK_M"]),
-                                   triton.cdiv(rank, meta["BLOCK_R"]))](
-            x, weights, scale, h, segs.row_slots, segs.last_row, d_in, rank,
-            rows_bucket(segs.rows), *strides, **common)
+                                   count * triton.cdiv(rank, meta["BLOCK_R"]))](
+            x, *tables, segs.row_slots, segs.last_row, d_in, rank, rows_bucket(segs.rows),
+            *strides, **common)
     else:
         _shrink[lambda meta: (segs.count, triton.cdiv(segs.longest, meta["BLOCK_M"]),
-                              triton.cdiv(rank, meta["BLOCK_R"]))](
-            x, weights, scale, h, *segs.bounds, d_in,
-            rank, rows_bucket(segs.longest), *strides, **common)
+                              count * triton.cdiv(rank, meta["BLOCK_R"]))](
+            x, *tables, *segs.bounds, d_in, rank, rows_bucket(segs.longest), *strides,
+            **common)
     return h
 
 
 def sgmv_expand(y, h, weights, seg_starts, seg_slots, scales=None):
     """Semantics: y[s[i]:s[i+1]] += scale[slot[i]] * h[s[i]:s[i+1]] @ W[slot[i]].T (in place)
     y (T, d_out), h (T, R), weights (N, d_out, R). Rows without an adapter are not written."""
-    d_out = y.shape[1]
-    rank = weights.shape[2]
+    return _expand_slices(y, h, [weights], [0], seg_starts, seg_slots, [scales])
+
+
+def sgmv_expand_slices(y, h, weights, offsets, seg_starts, seg_slots, scales):
+    """Semantics: y[:, o_j:o_j+d_j] += sgmv_expand of h[:, j*R:(j+1)*R] through weights[j]
+    (N, d_j, R) with scales[j], for every slice j, in one launch (in place).
+    y (T, >= o_j + d_j), h (T, J*R), offsets: each slice's first column in y."""
+    return _expand_slices(y, h, weights, offsets, seg_starts, seg_slots, scales)
+
+
+def _slice_table(weights, offsets, scales, device) -> torch.Tensor:
+    """(J, 6) int64: each slice's pool address, scales address (0: none), first column in y,
+    width, and pool strides along N and R (the stride along d_out is shared)."""
+    rows = [[w.data_ptr(), 0 if s is None else s.data_ptr(), offset, w.shape[1], w.stride(0),
+             w.stride(2)] for w, offset, s in zip(weights, offsets, scales)]
+    return torch.tensor(rows, dtype=torch.int64).to(device)
+
+
+def _expand_slices(y, h, weights, offsets, seg_starts, seg_slots, scales):
+    rank, count = weights[0].shape[2], len(weights)
+    if any(w.stride(1) != weights[0].stride(1) for w in weights):  # one launch a slice
+        for j, (w, offset, s) in enumerate(zip(weights, offsets, scales)):
+            _expand_slices(y, h[:, j * rank:(j + 1) * rank], [w], [offset], seg_starts,
+                           seg_slots, [s])
+        return y
+    if rank == 0:
+        return y
     segs = _segments(seg_starts, seg_slots, y.device)
     if segs.count == 0:
         return y
-    common = dict(HAS_SCALE=scales is not None, ACC=_accumulator(y.dtype))
-    strides = (y.stride(0), y.stride(1), h.stride(0), h.stride(1), *weights.stride())
-    scale = y if scales is None else scales
+    has_scale = scales[0] is not None
+    widest = max(w.shape[1] for w in weights)
+    tables = (weights[0], scales[0] if has_scale else y,
+              _slice_table(weights, offsets, scales, y.device))
+    strides = (y.stride(0), y.stride(1), h.stride(0), h.stride(1), weights[0].stride(1))
+    common = dict(HAS_SCALE=has_scale, ACC=_accumulator(y.dtype))
     if segs.decode:
         _expand_rows[lambda meta: (triton.cdiv(segs.last_row, meta["BLOCK_M"]),
-                                   triton.cdiv(d_out, meta["BLOCK_N"]))](
-            y, h, weights, scale, segs.row_slots, segs.last_row, d_out, rank,
+                                   count * triton.cdiv(widest, meta["BLOCK_N"]))](
+            y, h, *tables, segs.row_slots, segs.last_row, widest, rank,
             rows_bucket(segs.rows), *strides, **common)
     else:
         _expand[lambda meta: (segs.count, triton.cdiv(segs.longest, meta["BLOCK_M"]),
-                              triton.cdiv(d_out, meta["BLOCK_N"]))](
-            y, h, weights, scale, *segs.bounds, d_out,
-            rank, rows_bucket(segs.longest), *strides, **common)
+                              count * triton.cdiv(widest, meta["BLOCK_N"]))](
+            y, h, *tables, *segs.bounds, widest, rank, rows_bucket(segs.longest), *strides,
+            **common)
     return y
 
 

@@ -246,3 +246,36 @@ def test_triton_per_row_and_segment_kernels_both_equal_the_reference(kernels, po
         torch.testing.assert_close(y, sgmv_reference.sgmv_expand(y0.clone(), h, b, starts, slots,
                                                                  scale),
                                    rtol=1e-4, atol=1e-4, msg=lambda m: f"{m} (seed {seed})")
+
+
+@pytest.mark.parametrize("storage", ["transposed", "mixed"])
+@pytest.mark.parametrize("popularity", ["distinct", "skewed"])  # per-row and segment kernels
+def test_slices_equal_one_op_per_slice(ops, popularity, storage, seed):
+    """q, k and v as slices: one input, pools of one rank (VirtualizedLinear's transposed
+    layout, rank-sliced; "mixed": the first pool row-major, so that the layouts differ),
+    outputs as columns of one y of unequal widths."""
+    rng = random.Random(seed + 3)
+    num_slots, d_in, widths, rank = 5, 173, [70, 30, 30], 20
+    ranks = [rng.choice(range(1, 33)) for _ in range(num_slots)]
+    pools = [_pools(num_slots, ranks, d_in, d) for d in widths]
+    a_pools = [a.transpose(1, 2).contiguous().transpose(1, 2)[:, :rank] for a, _, _ in pools]
+    b_pools = [b.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :rank] for _, b, _ in pools]
+    if storage == "mixed":
+        a_pools[0], b_pools[0] = pools[0][0][:, :rank], pools[0][1][:, :, :rank]
+    scales = [s for _, _, s in pools]
+    row_slots = _row_slots(41, num_slots, popularity, rng)
+    starts, slots = _segments(row_slots)
+    x, y0 = torch.randn(41, d_in), torch.randn(41, sum(widths))
+    offsets = [0, 70, 100]
+
+    h = ops.sgmv_shrink_slices(x, a_pools, starts, slots)
+    y = ops.sgmv_expand_slices(y0.clone(), h, b_pools, offsets, starts, slots, scales)
+    for j, (a, b, s, offset, width) in enumerate(zip(a_pools, b_pools, scales, offsets, widths)):
+        h_j = sgmv_reference.sgmv_shrink(x, a, starts, slots)
+        torch.testing.assert_close(h[:, j * rank:(j + 1) * rank], h_j, rtol=1e-4, atol=1e-4)
+        want = sgmv_reference.sgmv_expand(y0[:, offset:offset + width].clone(), h_j, b, starts,
+                                          slots, s)
+        torch.testing.assert_close(y[:, offset:offset + width], want, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m, j=j: f"slice {j}: {m} (seed {seed})")
+    untouched = torch.tensor([s < 0 for s in row_slots])
+    assert torch.equal(y[untouched], y0[untouched])
