@@ -2,8 +2,8 @@
 >= 0.9x the base's tokens/s), part of `cotune bench kernels`.
 
 The base: Llama-2-7B's shapes (hidden 4096, intermediate 11008, 32 heads, vocab 32000) with
-random weights, built on the device in the layout load_model gives (2-D weights stored
-transposed), but with `layers` of its 32 decoder layers, so that the adapters' pools fit
+random weights, built on the device in the layout load_model gives (loading.arranged), but
+with `layers` of its 32 decoder layers, so that the adapters' pools fit
 beside it: rank 16 on all seven projections is 2.5 MB per adapter and layer in bfloat16,
 20 GB for 1,000 adapters over 8 layers, 80 GB over 32. Each layer costs what it would in the
 whole model; the embedding and lm_head (base-only work) weigh more beside 8 layers than
@@ -36,6 +36,7 @@ from cotune.bench.roofline import Peaks, op_cost
 from cotune.engine.kv_cache import PagedBatch, PagedKVCache
 from cotune.model.config import ModelConfig
 from cotune.model.llama import LORA_TARGETS, CausalLM, ForwardBatch
+from cotune.model.loading import arranged
 from cotune.model.lora_routing import LoraRouting
 
 RANK, BLOCK_SIZE = 16, 16
@@ -72,12 +73,13 @@ def setup(smoke: bool, slots: int, sequences: int, layers: int) -> Setup:
 
 
 def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """The base with random weights, frozen: built on `meta`, then weights assigned."""
+    """The base with random weights, frozen, stored as load_model stores them (arranged):
+    built on `meta`, then weights assigned."""
     with torch.device("meta"):
         model = CausalLM(config)
     state = {name: _random_weight(t.shape, dtype, device)
              for name, t in model.state_dict().items()}
-    model.load_state_dict(state, assign=True, strict=True)
+    model.load_state_dict(arranged(state, config), assign=True, strict=True)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
@@ -86,9 +88,7 @@ def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) 
 def _random_weight(shape: torch.Size, dtype, device) -> torch.Tensor:
     if len(shape) == 1:  # a norm's weight
         return torch.ones(shape, dtype=dtype, device=device)
-    rows, cols = shape
-    # stored transposed, as load_model stores every 2-D weight (loading._column_major)
-    return (torch.randn(cols, rows, dtype=dtype, device=device) / cols ** 0.5).t()
+    return torch.randn(shape, dtype=dtype, device=device) / shape[1] ** 0.5
 
 
 def load_adapters(model: CausalLM, slots: int, device: torch.device) -> None:

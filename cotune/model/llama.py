@@ -16,10 +16,13 @@ from cotune.model.attention import attend_one
 from cotune.model.config import ModelConfig
 from cotune.model.kv import CachedAttention
 from cotune.model.lora_routing import LoraRouting
+from cotune.model.projection_group import project_together
 from cotune.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 from cotune.model.virtualized_linear import VirtualizedLinear
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Projections of a layer that read the same input, computed together (projection_group).
+PROJECTION_GROUPS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 
 
 @dataclass
@@ -71,9 +74,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, batch: ForwardBatch, layer: int) -> torch.Tensor:
         c, T = self.config, x.shape[0]
-        q = self.q_proj(x, batch.lora).view(T, c.num_heads, c.head_dim)
-        k = self.k_proj(x, batch.lora).view(T, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x, batch.lora).view(T, c.num_kv_heads, c.head_dim)
+        q, k, v = project_together([self.q_proj, self.k_proj, self.v_proj], x, batch.lora)
+        q = q.view(T, c.num_heads, c.head_dim)
+        k, v = k.view(T, c.num_kv_heads, c.head_dim), v.view(T, c.num_kv_heads, c.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if batch.kv is not None:  # the cache attends, and writes this pass's keys and values
             out = batch.kv.attention(layer, q, k, v, c.sliding_window)
@@ -98,7 +101,8 @@ class MLP(nn.Module):
                                            f"{prefix}.down_proj")
 
     def forward(self, x, lora: LoraRouting | None) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
+        gate, up = project_together([self.gate_proj, self.up_proj], x, lora)
+        return self.down_proj(F.silu(gate) * up, lora)
 
 
 class DecoderLayer(nn.Module):

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from cotune.model.config import ModelConfig, ModelConfigError
-from cotune.model.llama import CausalLM
+from cotune.model.llama import PROJECTION_GROUPS, CausalLM
+from cotune.model.projection_group import side_by_side
 
 _PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
 
@@ -63,11 +64,24 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
             f"{path}: weights do not match the shapes of its config.json; "
             + "; ".join(wrong_shapes[:5])
         )
-    state = {k: _column_major(state[k].to(dtype)) for k in expected}
-    model.load_state_dict(state, assign=True, strict=True)
+    model.load_state_dict(arranged({k: state[k].to(dtype) for k in expected}, config),
+                          assign=True, strict=True)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def arranged(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The same values stored as the forward pass reads them fastest: every 2-D weight
+    column-major, and the weights (and biases) of each projection group side by side."""
+    grouped = {}
+    for i in range(config.num_layers):
+        for block, members in PROJECTION_GROUPS.items():
+            for kind in ("weight", "bias"):
+                names = [f"model.layers.{i}.{block}.{m}.{kind}" for m in members]
+                if all(n in state for n in names):
+                    grouped.update(zip(names, side_by_side([state[n] for n in names])))
+    return {k: grouped[k] if k in grouped else _column_major(t) for k, t in state.items()}
 
 
 def _column_major(tensor: torch.Tensor) -> torch.Tensor:

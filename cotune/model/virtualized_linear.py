@@ -82,24 +82,41 @@ class VirtualizedLinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)  # (T, out_features), all rows at once
         if lora is None:
             return y
-        served = [s if s >= 0 and self._holds(s) else -1 for s in lora.seg_slots]
-        if any(s >= 0 for s in served):
-            slots = lora.slots if served == lora.seg_slots else torch.tensor(served)
-            starts = lora.starts
-            rank = max(self.slot_ranks[s] for s in served if s >= 0)  # the pool beyond is zero
+        slots = served_slots([self], lora)
+        if slots is not None:
+            rank = self.rank_of(slots)
             ops = backend(x.device)
             # Served rows carry no autograd state. Adding a constant in place leaves y's
             # gradient unchanged, and rows outside served segments are never written.
             with torch.no_grad():
-                h = ops.sgmv_shrink(x, self.a_pool[:, :rank], starts, slots)  # (T, rank)
-                ops.sgmv_expand(y, h, self.b_pool[:, :, :rank], starts, slots, self.scales)
-        if lora.has_training:
-            pool = lora.training_pool(self.name, x.device, x.dtype)
-            if pool is not None:
-                a_pool, b_pool, scales, seg_slots = pool
-                y = y + segmented_lora(lora.dropped(x), a_pool, b_pool, scales, lora.starts,
-                                       seg_slots)
-        return y
+                h = ops.sgmv_shrink(x, self.a_pool[:, :rank], lora.starts, slots)  # (T, rank)
+                ops.sgmv_expand(y, h, self.b_pool[:, :, :rank], lora.starts, slots, self.scales)
+        return self.add_training(x, y, lora)
 
-    def _holds(self, slot: int) -> bool:
-        return slot < self.num_slots and self.slot_ranks[slot] > 0
+    def add_training(self, x: torch.Tensor, y: torch.Tensor, lora: LoraRouting) -> torch.Tensor:
+        """y plus the delta of the adapters being trained on their rows (differentiable)."""
+        if not lora.has_training:
+            return y
+        pool = lora.training_pool(self.name, x.device, x.dtype)
+        if pool is None:
+            return y
+        a_pool, b_pool, scales, seg_slots = pool
+        return y + segmented_lora(lora.dropped(x), a_pool, b_pool, scales, lora.starts,
+                                  seg_slots)
+
+    def rank_of(self, slots: torch.Tensor) -> int:
+        """The largest rank this module holds among `slots` (the pool beyond it is zero)."""
+        return max((self.slot_ranks[s] for s in slots.tolist() if 0 <= s < self.num_slots),
+                   default=0)
+
+    def holds(self, slot: int) -> bool:
+        return 0 <= slot < self.num_slots and self.slot_ranks[slot] > 0
+
+
+def served_slots(layers, lora: LoraRouting) -> torch.Tensor | None:
+    """Each segment's slot where one of `layers` holds an adapter there, else -1; None when
+    no segment is served. (A layer without that adapter has zeros in the slot: it adds 0.)"""
+    served = [s if any(layer.holds(s) for layer in layers) else -1 for s in lora.seg_slots]
+    if all(s < 0 for s in served):
+        return None
+    return lora.slots if served == lora.seg_slots else torch.tensor(served)

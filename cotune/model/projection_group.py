@@ -1,0 +1,82 @@
+"""Projections of one layer that read the same input (q, k and v; gate and up), computed
+together: one base GEMM over their weights stored side by side, and their served LoRA as the
+slices of one shrink and one expand (one launch each with the Triton kernels)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.nn import functional as F
+
+from cotune.kernels import backend
+from cotune.model.lora_routing import LoraRouting
+from cotune.model.virtualized_linear import VirtualizedLinear, served_slots
+
+
+def side_by_side(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of the weights (out_j, in) of a group as views of one (in, sum out_j) row-major
+    store: each view has strides (1, sum out_j), like loading._column_major, and the group's
+    joint weight is one view of the same store (see joint_weight). Biases (out_j,) become
+    views of one (sum out_j,) vector."""
+    widths, offsets = [t.shape[0] for t in tensors], _offsets(tensors)
+    first = tensors[0]
+    if first.dim() == 1:
+        store = torch.cat(list(tensors))
+        return [store[o:o + w] for o, w in zip(offsets, widths)]
+    store = torch.empty(first.shape[1], sum(widths), dtype=first.dtype, device=first.device)
+    for t, o, w in zip(tensors, offsets, widths):
+        store[:, o:o + w] = t.t()
+    return [store[:, o:o + w].t() for o, w in zip(offsets, widths)]
+
+
+def joint_weight(layers: Sequence[VirtualizedLinear]):
+    """(weight (sum out_j, in), bias or None) of the group as views of the store side_by_side
+    made, or None when the layers' weights do not lie that way (then each runs alone)."""
+    weights = [layer.weight for layer in layers]
+    total, d_in = sum(w.shape[0] for w in weights), weights[0].shape[1]
+    start = weights[0].storage_offset()
+    for w, offset in zip(weights, _offsets(weights)):
+        if (w.stride() != (1, total) or w.storage_offset() != start + offset
+                or w.untyped_storage().data_ptr() != weights[0].untyped_storage().data_ptr()):
+            return None
+    weight = weights[0].as_strided((total, d_in), (1, total), start)
+    biases = [layer.bias for layer in layers]
+    if all(b is None for b in biases):
+        return weight, None
+    if any(b is None or b.untyped_storage().data_ptr()
+           != biases[0].untyped_storage().data_ptr() or b.storage_offset()
+           != biases[0].storage_offset() + o for b, o in zip(biases, _offsets(weights))):
+        return None
+    return weight, biases[0].as_strided((total,), (1,), biases[0].storage_offset())
+
+
+def _offsets(tensors) -> list[int]:
+    """Where each tensor's rows begin when they are stacked: 0, out_0, out_0 + out_1, ..."""
+    widths = [t.shape[0] for t in tensors]
+    return [sum(widths[:j]) for j in range(len(widths))]
+
+
+def project_together(layers: Sequence[VirtualizedLinear], x: torch.Tensor,
+                     lora: LoraRouting | None) -> list[torch.Tensor]:
+    """[layer(x, lora) for layer in layers], computed together when their weights lie side by
+    side: outputs are column views of one (T, sum out_j) tensor."""
+    joint = joint_weight(layers)
+    if joint is None:
+        return [layer(x, lora) for layer in layers]
+    y = F.linear(x, *joint)  # (T, sum out_j), all rows at once
+    widths = [layer.out_features for layer in layers]
+    if lora is None:
+        return list(y.split(widths, dim=1))
+    slots = served_slots(layers, lora)
+    if slots is not None:
+        rank = max(layer.rank_of(slots) for layer in layers)
+        ops = backend(x.device)
+        with torch.no_grad():  # served rows carry no autograd state (see VirtualizedLinear)
+            h = ops.sgmv_shrink_slices(x, [layer.a_pool[:, :rank] for layer in layers],
+                                       lora.starts, slots)
+            ops.sgmv_expand_slices(y, h, [layer.b_pool[:, :, :rank] for layer in layers],
+                                   _offsets([layer.weight for layer in layers]), lora.starts,
+                                   slots, [layer.scales for layer in layers])
+    return [layer.add_training(x, out, lora)
+            for layer, out in zip(layers, y.split(widths, dim=1))]
