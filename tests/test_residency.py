@@ -29,7 +29,7 @@ def _adapter(hf_model, path, r=8, targets=("q_proj", "v_proj"), seed=0):
 
 
 def _pool_snapshot(resident):
-    return {name: (m.a_pool.clone(), m.b_pool.clone(), m.scales.clone(), list(m.slot_ranks))
+    return {name: (m.a_pool.clone(), m.b_pool.clone(), m.scales.clone(), m.slot_ranks.clone())
             for name, m in resident.modules.items()}
 
 
@@ -37,7 +37,7 @@ def _assert_same_pools(resident, snapshot):
     for name, (a, b, scales, ranks) in snapshot.items():
         m = resident.modules[name]
         assert torch.equal(m.a_pool, a) and torch.equal(m.b_pool, b), name
-        assert torch.equal(m.scales, scales) and m.slot_ranks == ranks, name
+        assert torch.equal(m.scales, scales) and torch.equal(m.slot_ranks, ranks), name
 
 
 def _poison_with_nan(path):

@@ -60,6 +60,8 @@ class LoraRouting:
     seg_slots: list[int]
     seg_trainables: list[int]
     trainables: list[TrainableLora] = field(default_factory=list)
+    # what the layers serve in this step, by what they hold (virtualized_linear.served_slots)
+    served: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_sequences(cls, seq_lens: Sequence[int], adapters: Sequence) -> LoraRouting:

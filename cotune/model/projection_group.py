@@ -68,9 +68,9 @@ def project_together(layers: Sequence[VirtualizedLinear], x: torch.Tensor,
     widths = [layer.out_features for layer in layers]
     if lora is None:
         return list(y.split(widths, dim=1))
-    slots = served_slots(layers, lora)
-    if slots is not None:
-        rank = max(layer.rank_of(slots) for layer in layers)
+    served = served_slots(layers, lora)
+    if served is not None:
+        slots, rank = served
         ops = backend(x.device)
         with torch.no_grad():  # served rows carry no autograd state (see VirtualizedLinear)
             h = ops.sgmv_shrink_slices(x, [layer.a_pool[:, :rank] for layer in layers],

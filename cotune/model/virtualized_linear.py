@@ -35,7 +35,9 @@ class VirtualizedLinear(nn.Module):
         self.register_buffer("a_pool", None, persistent=False)
         self.register_buffer("b_pool", None, persistent=False)
         self.register_buffer("scales", None, persistent=False)
-        self.slot_ranks: list[int] = []  # 0: this module has no adapter in that slot
+        # rank of the adapter in each slot, 0 for none; on the host, where the routing is
+        self.slot_ranks = torch.zeros(0, dtype=torch.int64)
+        self.holding = b""  # slot_ranks as bytes: a key for what this module holds
 
     @property
     def num_slots(self) -> int:
@@ -51,7 +53,8 @@ class VirtualizedLinear(nn.Module):
         self.a_pool = torch.zeros(num_slots, self.in_features, max_rank, **like).transpose(1, 2)
         self.b_pool = torch.zeros(num_slots, max_rank, self.out_features, **like).transpose(1, 2)
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=self.weight.device)
-        self.slot_ranks = [0] * num_slots
+        self.slot_ranks = torch.zeros(num_slots, dtype=torch.int64)
+        self.holding = self.slot_ranks.numpy().tobytes()
 
     @torch.no_grad()
     def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
@@ -70,6 +73,7 @@ class VirtualizedLinear(nn.Module):
         self.b_pool[slot, :, :rank] = b.to(self.b_pool.dtype)
         self.scales[slot] = scale
         self.slot_ranks[slot] = rank
+        self.holding = self.slot_ranks.numpy().tobytes()
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -77,14 +81,15 @@ class VirtualizedLinear(nn.Module):
         self.b_pool[slot].zero_()
         self.scales[slot] = 0.0
         self.slot_ranks[slot] = 0
+        self.holding = self.slot_ranks.numpy().tobytes()
 
     def forward(self, x: torch.Tensor, lora: LoraRouting | None = None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # (T, out_features), all rows at once
         if lora is None:
             return y
-        slots = served_slots([self], lora)
-        if slots is not None:
-            rank = self.rank_of(slots)
+        served = served_slots([self], lora)
+        if served is not None:
+            slots, rank = served
             ops = backend(x.device)
             # Served rows carry no autograd state. Adding a constant in place leaves y's
             # gradient unchanged, and rows outside served segments are never written.
@@ -104,19 +109,30 @@ class VirtualizedLinear(nn.Module):
         return y + segmented_lora(lora.dropped(x), a_pool, b_pool, scales, lora.starts,
                                   seg_slots)
 
-    def rank_of(self, slots: torch.Tensor) -> int:
-        """The largest rank this module holds among `slots` (the pool beyond it is zero)."""
-        return max((self.slot_ranks[s] for s in slots.tolist() if 0 <= s < self.num_slots),
-                   default=0)
 
-    def holds(self, slot: int) -> bool:
-        return 0 <= slot < self.num_slots and self.slot_ranks[slot] > 0
+def served_slots(layers, lora: LoraRouting) -> tuple[torch.Tensor, int] | None:
+    """(each segment's slot where one of `layers` holds an adapter there, else -1; the largest
+    rank they hold there), or None when no segment is served. A layer without that adapter
+    has zeros in the slot, so it adds exactly 0.
+
+    Worked out once per step for each set of holdings (most layers hold alike), in tensor ops
+    whatever the number of segments; the routing's own slots tensor is returned when every
+    segment is served, so that the kernels' per-batch caches see the same object."""
+    key = tuple(layer.holding for layer in layers)
+    if key not in lora.served:
+        lora.served[key] = _served_slots(layers, lora)
+    return lora.served[key]
 
 
-def served_slots(layers, lora: LoraRouting) -> torch.Tensor | None:
-    """Each segment's slot where one of `layers` holds an adapter there, else -1; None when
-    no segment is served. (A layer without that adapter has zeros in the slot: it adds 0.)"""
-    served = [s if any(layer.holds(s) for layer in layers) else -1 for s in lora.seg_slots]
-    if all(s < 0 for s in served):
+def _served_slots(layers, lora: LoraRouting) -> tuple[torch.Tensor, int] | None:
+    ranks = torch.stack([layer.slot_ranks for layer in layers]).amax(0)  # (num_slots,)
+    seg = lora.slots
+    inside = (seg >= 0) & (seg < len(ranks))
+    if len(ranks) == 0 or not bool(inside.any()):
         return None
-    return lora.slots if served == lora.seg_slots else torch.tensor(served)
+    held = torch.where(inside, ranks[seg.clamp(0, len(ranks) - 1)], 0)  # (S,)
+    if not bool(held.any()):
+        return None
+    served = held > 0
+    slots = seg if bool(torch.equal(served, seg >= 0)) else torch.where(served, seg, -1)
+    return slots, int(held.max())
