@@ -79,7 +79,8 @@ def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) 
         model = CausalLM(config)
     state = {name: _random_weight(t.shape, dtype, device)
              for name, t in model.state_dict().items()}
-    model.load_state_dict(arranged(state, config), assign=True, strict=True)
+    together = device.type == "cuda"  # as load_model arranges it for the Triton kernels
+    model.load_state_dict(arranged(state, config, together), assign=True, strict=True)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

@@ -18,6 +18,9 @@ import torch
 
 from cotune.kernels.slices import expand_each, shrink_each
 
+# The slices of a layer run one op at a time: the model need not store their weights together.
+FUSED_SLICES = False
+
 
 def _segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor):
     """Yields (start, end, slot) for every segment that has an adapter."""

@@ -17,13 +17,17 @@ Accumulation is float32 (float64 for float64 inputs). Block sizes: `triton_confi
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
 from cotune.kernels.triton_configs import DECODE_MAX_ROWS, rows_bucket, tuned
+
+# The slices of a layer run in one launch: the model stores their weights side by side, so
+# that their base GEMM is one too (loading.arranged).
+FUSED_SLICES = True
 
 
 @triton.jit
@@ -280,10 +284,17 @@ def _accumulator(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+@lru_cache(maxsize=4096)
+def _int64_table(rows: tuple, device: torch.device) -> torch.Tensor:
+    """`rows` as an int64 tensor on `device`. Tables of addresses and shapes repeat at every
+    step (pools do not move), so each is copied to the device once; the key is the content,
+    so a reused address can only give the same table."""
+    return torch.tensor(rows, dtype=torch.int64).to(device)
+
+
 def _addresses(tensors, device) -> torch.Tensor:
     """The data addresses of `tensors` (0 for None) as an int64 table on `device`."""
-    return torch.tensor([0 if t is None else t.data_ptr() for t in tensors],
-                        dtype=torch.int64).to(device)
+    return _int64_table(tuple(0 if t is None else t.data_ptr() for t in tensors), device)
 
 
 def sgmv_shrink(x, weights, seg_starts, seg_slots, scales=None):
@@ -342,9 +353,9 @@ def sgmv_expand_slices(y, h, weights, offsets, seg_starts, seg_slots, scales):
 def _slice_table(weights, offsets, scales, device) -> torch.Tensor:
     """(J, 6) int64: each slice's pool address, scales address (0: none), first column in y,
     width, and pool strides along N and R (the stride along d_out is shared)."""
-    rows = [[w.data_ptr(), 0 if s is None else s.data_ptr(), offset, w.shape[1], w.stride(0),
-             w.stride(2)] for w, offset, s in zip(weights, offsets, scales)]
-    return torch.tensor(rows, dtype=torch.int64).to(device)
+    rows = tuple((w.data_ptr(), 0 if s is None else s.data_ptr(), offset, w.shape[1],
+                  w.stride(0), w.stride(2)) for w, offset, s in zip(weights, offsets, scales))
+    return _int64_table(rows, device)
 
 
 def _expand_slices(y, h, weights, offsets, seg_starts, seg_slots, scales):

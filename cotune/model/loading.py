@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from cotune.kernels import backend
 from cotune.model.config import ModelConfig, ModelConfigError
 from cotune.model.llama import PROJECTION_GROUPS, CausalLM
 from cotune.model.projection_group import side_by_side
@@ -37,7 +38,8 @@ def weight_files(path: Path) -> list[Path]:
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> CausalLM:
-    """The base model of checkpoint directory `path`, frozen, in `dtype` on `device`."""
+    """The base model of checkpoint directory `path`, frozen, in `dtype` on `device`, its
+    weights stored as the chosen LoRA implementation reads them fastest (see arranged)."""
     path = Path(path)
     config = ModelConfig.from_dir(path)
     with torch.device("meta"):
@@ -64,18 +66,21 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
             f"{path}: weights do not match the shapes of its config.json; "
             + "; ".join(wrong_shapes[:5])
         )
-    model.load_state_dict(arranged({k: state[k].to(dtype) for k in expected}, config),
+    together = backend(device).FUSED_SLICES
+    model.load_state_dict(arranged({k: state[k].to(dtype) for k in expected}, config, together),
                           assign=True, strict=True)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
 
 
-def arranged(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+def arranged(state: dict[str, torch.Tensor], config: ModelConfig,
+             together: bool) -> dict[str, torch.Tensor]:
     """The same values stored as the forward pass reads them fastest: every 2-D weight
-    column-major, and the weights (and biases) of each projection group side by side."""
+    column-major, and, when `together` (the LoRA implementation fuses slices), the weights and
+    biases of each projection group side by side."""
     grouped = {}
-    for i in range(config.num_layers):
+    for i in range(config.num_layers if together else 0):
         for block, members in PROJECTION_GROUPS.items():
             for kind in ("weight", "bias"):
                 names = [f"model.layers.{i}.{block}.{m}.{kind}" for m in members]
