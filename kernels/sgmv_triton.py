@@ -1,13 +1,16 @@
 """The segmented LoRA ops as Triton kernels: shrink, expand and the per-adapter weight
 gradient, one launch per op over all segments of a batch.
 
-Same semantics and signatures as `sgmv_reference`. Two shapes of launch:
+Same semantics and signatures as `sgmv_reference`; the kernels are in `triton_kernels`. Two
+shapes of launch:
   - segment kernels: a program covers one adapter segment, a block of its rows and a block of
     output columns, and multiplies with tl.dot (prefill, training, mixed batches);
   - per-row kernels, for decode (every adapter segment at most DECODE_MAX_ROWS rows): a
     program covers a block of rows, each reading its own adapter, so that short segments do
     not each take a mostly empty row block.
-Segments with no adapter (slot -1) or no rows are dropped on the host before the launch, and
+Each shrink and expand launch also covers the slices of a layer (q, k and v; gate and up),
+each slice's pool, scales and output columns read from a table of addresses; a single op is
+one slice. Segments with no adapter (slot -1) or no rows are dropped on the host, and
 rows outside adapter segments are never written. Weight gradient: a program covers one adapter
 and a block of its gradient, and sums over every segment of that adapter in batch order (no
 atomics: the result is the same at every run). Pools are read through their strides:
@@ -23,195 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
-from cotune.kernels.triton_configs import DECODE_MAX_ROWS, rows_bucket, tuned
+from cotune.kernels.triton_configs import DECODE_MAX_ROWS, rows_bucket
+from cotune.kernels.triton_kernels import expand, expand_rows, shrink, shrink_rows, weight_grad
 
 # The slices of a layer run in one launch: the model stores their weights side by side, so
 # that their base GEMM is one too (loading.arranged).
 FUSED_SLICES = True
-
-
-@triton.jit
-def _segment_rows(begins_ptr, ends_ptr, slots_ptr, BLOCK_M: tl.constexpr):
-    """This program's rows (adapter segment program_id(0), row block program_id(1)), which of
-    them are inside the segment, and the segment's slot."""
-    seg = tl.program_id(0)
-    end = tl.load(ends_ptr + seg)
-    rows = tl.load(begins_ptr + seg) + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    return rows, rows < end, tl.load(slots_ptr + seg)
-
-
-@triton.jit
-def _row_block(row_slots_ptr, num_rows, BLOCK_M: tl.constexpr):
-    """This program's rows (row block program_id(0)), which of them have an adapter, and each
-    row's slot (0 for rows without one: every load it guards is masked)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(row_slots_ptr + rows, mask=rows < num_rows, other=-1)
-    return rows, slot >= 0, tl.maximum(slot, 0)
-
-
-@triton.jit
-def _shrink_slice(w_ptr, w_table, scale_ptr, scale_table, h_ptr, rank, stride_hr,
-                  AXIS: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Program axis AXIS spans slices x rank blocks: this program's pool (its address from
-    w_table), scales (from scale_table), output columns in h (slice j writes columns
-    j*rank...), and its block of ranks. w_ptr and scale_ptr give the element types."""
-    blocks = tl.cdiv(rank, BLOCK_R)
-    j = tl.program_id(AXIS) // blocks
-    w = tl.load(w_table + j).to(tl.pointer_type(w_ptr.dtype.element_ty))
-    scale = tl.load(scale_table + j).to(tl.pointer_type(scale_ptr.dtype.element_ty))
-    ranks = (tl.program_id(AXIS) % blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    return w, scale, h_ptr + j * rank * stride_hr, ranks
-
-
-@triton.jit
-def _expand_slice(w_ptr, scale_ptr, table, d_out, rank, stride_hr, AXIS: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """Program axis AXIS spans slices x column blocks of the widest slice (d_out): this
-    program's pool, scales, first column of y, width, pool strides (N and R) and columns of
-    its slice, read from row j of table (see _slice_table), and the offset of slice j's
-    columns in h."""
-    blocks = tl.cdiv(d_out, BLOCK_N)
-    j = tl.program_id(AXIS) // blocks
-    row = table + j * 6
-    w = tl.load(row).to(tl.pointer_type(w_ptr.dtype.element_ty))
-    scale = tl.load(row + 1).to(tl.pointer_type(scale_ptr.dtype.element_ty))
-    cols = (tl.program_id(AXIS) % blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return (w, scale, tl.load(row + 2), tl.load(row + 3), tl.load(row + 4), tl.load(row + 5),
-            cols, j * rank * stride_hr)
-
-
-@triton.jit
-def _shrink_kernel(x_ptr, w_ptr, w_table, scale_ptr, scale_table, h_ptr, begins_ptr, ends_ptr,
-                   slots_ptr, d_in, rank, rows_bucket, stride_xt, stride_xk, stride_ws,
-                   stride_wr, stride_wk, stride_ht, stride_hr, HAS_SCALE: tl.constexpr,
-                   ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_R: tl.constexpr):
-    rows, row_ok, slot = _segment_rows(begins_ptr, ends_ptr, slots_ptr, BLOCK_M)
-    w_ptr, scale_ptr, h_ptr, ranks = _shrink_slice(w_ptr, w_table, scale_ptr, scale_table,
-                                                   h_ptr, rank, stride_hr, 2, BLOCK_R)
-    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, ACC)
-    for k0 in range(0, d_in, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk,
-                    mask=row_ok[:, None] & (ks[None, :] < d_in), other=0.0)
-        w = tl.load(w_ptr + slot * stride_ws + ranks[None, :] * stride_wr
-                    + ks[:, None] * stride_wk,
-                    mask=(ranks[None, :] < rank) & (ks[:, None] < d_in), other=0.0)
-        acc += tl.dot(x.to(ACC), w.to(ACC))
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + slot).to(ACC)
-    tl.store(h_ptr + rows[:, None] * stride_ht + ranks[None, :] * stride_hr,
-             acc.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & (ranks[None, :] < rank))
-
-
-@triton.jit
-def _expand_kernel(y_ptr, h_ptr, w_ptr, scale_ptr, table, begins_ptr, ends_ptr, slots_ptr,
-                   d_out, rank, rows_bucket, stride_yt, stride_yn, stride_ht, stride_hr,
-                   stride_wn, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows, row_ok, slot = _segment_rows(begins_ptr, ends_ptr, slots_ptr, BLOCK_M)
-    w_ptr, scale_ptr, first_col, width, stride_ws, stride_wr, cols, h_cols = _expand_slice(
-        w_ptr, scale_ptr, table, d_out, rank, stride_hr, 2, BLOCK_N)
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)
-    for r0 in range(0, rank, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
-        h = tl.load(h_ptr + h_cols + rows[:, None] * stride_ht + rs[None, :] * stride_hr,
-                    mask=row_ok[:, None] & (rs[None, :] < rank), other=0.0)
-        w = tl.load(w_ptr + slot * stride_ws + cols[None, :] * stride_wn
-                    + rs[:, None] * stride_wr,
-                    mask=(cols[None, :] < width) & (rs[:, None] < rank), other=0.0)
-        acc += tl.dot(h.to(ACC), w.to(ACC))
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + slot).to(ACC)
-    out = y_ptr + rows[:, None] * stride_yt + (first_col + cols[None, :]) * stride_yn
-    keep = row_ok[:, None] & (cols[None, :] < width)
-    y = tl.load(out, mask=keep, other=0.0)
-    tl.store(out, (y.to(ACC) + acc).to(y_ptr.dtype.element_ty), mask=keep)
-
-
-@triton.jit
-def _shrink_rows_kernel(x_ptr, w_ptr, w_table, scale_ptr, scale_table, h_ptr, row_slots_ptr,
-                        num_rows, d_in, rank, rows_bucket, stride_xt, stride_xk, stride_ws,
-                        stride_wr, stride_wk, stride_ht, stride_hr, HAS_SCALE: tl.constexpr,
-                        ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_R: tl.constexpr):
-    rows, row_ok, slot = _row_block(row_slots_ptr, num_rows, BLOCK_M)
-    w_ptr, scale_ptr, h_ptr, ranks = _shrink_slice(w_ptr, w_table, scale_ptr, scale_table,
-                                                   h_ptr, rank, stride_hr, 1, BLOCK_R)
-    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, ACC)
-    for k0 in range(0, d_in, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk,
-                    mask=row_ok[:, None] & (ks[None, :] < d_in), other=0.0)
-        w = tl.load(w_ptr + slot[:, None, None] * stride_ws + ranks[None, :, None] * stride_wr
-                    + ks[None, None, :] * stride_wk,
-                    mask=row_ok[:, None, None] & (ranks[None, :, None] < rank)
-                    & (ks[None, None, :] < d_in), other=0.0)
-        acc += tl.sum(x.to(ACC)[:, None, :] * w.to(ACC), axis=2)
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + slot, mask=row_ok, other=0.0).to(ACC)[:, None]
-    tl.store(h_ptr + rows[:, None] * stride_ht + ranks[None, :] * stride_hr,
-             acc.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & (ranks[None, :] < rank))
-
-
-@triton.jit
-def _expand_rows_kernel(y_ptr, h_ptr, w_ptr, scale_ptr, table, row_slots_ptr, num_rows, d_out,
-                        rank, rows_bucket, stride_yt, stride_yn, stride_ht, stride_hr,
-                        stride_wn, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows, row_ok, slot = _row_block(row_slots_ptr, num_rows, BLOCK_M)
-    w_ptr, scale_ptr, first_col, width, stride_ws, stride_wr, cols, h_cols = _expand_slice(
-        w_ptr, scale_ptr, table, d_out, rank, stride_hr, 1, BLOCK_N)
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)
-    for r0 in range(0, rank, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
-        h = tl.load(h_ptr + h_cols + rows[:, None] * stride_ht + rs[None, :] * stride_hr,
-                    mask=row_ok[:, None] & (rs[None, :] < rank), other=0.0)
-        w = tl.load(w_ptr + slot[:, None, None] * stride_ws + cols[None, :, None] * stride_wn
-                    + rs[None, None, :] * stride_wr,
-                    mask=row_ok[:, None, None] & (cols[None, :, None] < width)
-                    & (rs[None, None, :] < rank), other=0.0)
-        acc += tl.sum(h.to(ACC)[:, None, :] * w.to(ACC), axis=2)
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + slot, mask=row_ok, other=0.0).to(ACC)[:, None]
-    out = y_ptr + rows[:, None] * stride_yt + (first_col + cols[None, :]) * stride_yn
-    keep = row_ok[:, None] & (cols[None, :] < width)
-    y = tl.load(out, mask=keep, other=0.0)
-    tl.store(out, (y.to(ACC) + acc).to(y_ptr.dtype.element_ty), mask=keep)
-
-
-@triton.jit
-def _weight_grad_kernel(g_ptr, x_ptr, scale_ptr, dw_ptr, group_ptr, group_segs_ptr,
-                        group_slots_ptr, begins_ptr, ends_ptr, d_out, d_in, rows_bucket,
-                        stride_gt, stride_go, stride_xt, stride_xi, stride_ws, stride_wo,
-                        stride_wi, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
-    group = tl.program_id(0)
-    slot = tl.load(group_slots_ptr + group)
-    outs = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    ins = tl.program_id(2) * BLOCK_I + tl.arange(0, BLOCK_I)
-    acc = tl.full((BLOCK_O, BLOCK_I), 0.0, ACC)
-    for j in range(tl.load(group_ptr + group), tl.load(group_ptr + group + 1)):
-        seg = tl.load(group_segs_ptr + j)
-        end = tl.load(ends_ptr + seg)
-        for m0 in range(tl.load(begins_ptr + seg), end, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            g_t = tl.load(g_ptr + rows[None, :] * stride_gt + outs[:, None] * stride_go,
-                          mask=(rows[None, :] < end) & (outs[:, None] < d_out), other=0.0)
-            x = tl.load(x_ptr + rows[:, None] * stride_xt + ins[None, :] * stride_xi,
-                        mask=(rows[:, None] < end) & (ins[None, :] < d_in), other=0.0)
-            acc += tl.dot(g_t.to(ACC), x.to(ACC))
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + slot).to(ACC)
-    tl.store(dw_ptr + slot * stride_ws + outs[:, None] * stride_wo + ins[None, :] * stride_wi,
-             acc, mask=(outs[:, None] < d_out) & (ins[None, :] < d_in))
-
-
-_shrink = tuned("shrink", _shrink_kernel)
-_expand = tuned("expand", _expand_kernel, restore=("y_ptr",))
-_shrink_rows = tuned("shrink_rows", _shrink_rows_kernel)
-_expand_rows = tuned("expand_rows", _expand_rows_kernel, restore=("y_ptr",))
-_weight_grad = tuned("weight_grad", _weight_grad_kernel)
 
 
 class _Segments:
@@ -325,12 +145,12 @@ def _shrink_slices(x, weights, seg_starts, seg_slots, scales):
     strides = (x.stride(0), x.stride(1), *weights[0].stride(), h.stride(0), h.stride(1))
     common = dict(HAS_SCALE=has_scale, ACC=_accumulator(x.dtype))
     if segs.decode:
-        _shrink_rows[lambda meta: (triton.cdiv(segs.last_row, meta["BLOCK_M"]),
+        shrink_rows[lambda meta: (triton.cdiv(segs.last_row, meta["BLOCK_M"]),
                                    count * triton.cdiv(rank, meta["BLOCK_R"]))](
             x, *tables, segs.row_slots, segs.last_row, d_in, rank, rows_bucket(segs.rows),
             *strides, **common)
     else:
-        _shrink[lambda meta: (segs.count, triton.cdiv(segs.longest, meta["BLOCK_M"]),
+        shrink[lambda meta: (segs.count, triton.cdiv(segs.longest, meta["BLOCK_M"]),
                               count * triton.cdiv(rank, meta["BLOCK_R"]))](
             x, *tables, *segs.bounds, d_in, rank, rows_bucket(segs.longest), *strides,
             **common)
@@ -377,12 +197,12 @@ def _expand_slices(y, h, weights, offsets, seg_starts, seg_slots, scales):
     strides = (y.stride(0), y.stride(1), h.stride(0), h.stride(1), weights[0].stride(1))
     common = dict(HAS_SCALE=has_scale, ACC=_accumulator(y.dtype))
     if segs.decode:
-        _expand_rows[lambda meta: (triton.cdiv(segs.last_row, meta["BLOCK_M"]),
+        expand_rows[lambda meta: (triton.cdiv(segs.last_row, meta["BLOCK_M"]),
                                    count * triton.cdiv(widest, meta["BLOCK_N"]))](
             y, h, *tables, segs.row_slots, segs.last_row, widest, rank,
             rows_bucket(segs.rows), *strides, **common)
     else:
-        _expand[lambda meta: (segs.count, triton.cdiv(segs.longest, meta["BLOCK_M"]),
+        expand[lambda meta: (segs.count, triton.cdiv(segs.longest, meta["BLOCK_M"]),
                               count * triton.cdiv(widest, meta["BLOCK_N"]))](
             y, h, *tables, *segs.bounds, widest, rank, rows_bucket(segs.longest), *strides,
             **common)
@@ -401,7 +221,7 @@ def sgmv_weight_grad(grad_out, inputs, seg_starts, seg_slots, num_slots, scales=
     if segs.count == 0:
         return grad
     group_ptr, group_segs, group_slots = segs.by_adapter
-    _weight_grad[lambda meta: (len(group_slots), triton.cdiv(d_out, meta["BLOCK_O"]),
+    weight_grad[lambda meta: (len(group_slots), triton.cdiv(d_out, meta["BLOCK_O"]),
                                triton.cdiv(d_in, meta["BLOCK_I"]))](
         grad_out, inputs, grad if scales is None else scales, grad, group_ptr, group_segs,
         group_slots, *segs.bounds[:2], d_out, d_in, rows_bucket(segs.rows), grad_out.stride(0),
