@@ -34,6 +34,7 @@ from cotune.adapters.residency import ResidentAdapters
 from cotune.adapters.synthetic import random_adapter
 from cotune.bench.roofline import Peaks, op_cost
 from cotune.engine.kv_cache import PagedBatch, PagedKVCache
+from cotune.kernels import backend
 from cotune.model.config import ModelConfig
 from cotune.model.llama import LORA_TARGETS, CausalLM, ForwardBatch
 from cotune.model.loading import arranged
@@ -79,7 +80,7 @@ def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) 
         model = CausalLM(config)
     state = {name: _random_weight(t.shape, dtype, device)
              for name, t in model.state_dict().items()}
-    together = device.type == "cuda"  # as load_model arranges it for the Triton kernels
+    together = backend(device).FUSED_SLICES  # as load_model decides it
     model.load_state_dict(arranged(state, config, together), assign=True, strict=True)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -72,15 +72,17 @@ class VirtualizedLinear(nn.Module):
         self.a_pool[slot, :rank] = a.to(self.a_pool.dtype)
         self.b_pool[slot, :, :rank] = b.to(self.b_pool.dtype)
         self.scales[slot] = scale
-        self.slot_ranks[slot] = rank
-        self.holding = self.slot_ranks.numpy().tobytes()
+        self._set_rank(slot, rank)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
         self.a_pool[slot].zero_()
         self.b_pool[slot].zero_()
         self.scales[slot] = 0.0
-        self.slot_ranks[slot] = 0
+        self._set_rank(slot, 0)
+
+    def _set_rank(self, slot: int, rank: int) -> None:
+        self.slot_ranks[slot] = rank
         self.holding = self.slot_ranks.numpy().tobytes()
 
     def forward(self, x: torch.Tensor, lora: LoraRouting | None = None) -> torch.Tensor:
