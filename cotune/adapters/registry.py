@@ -1,0 +1,201 @@
+"""The registry: tenants and their tokens and quotas, adapters with immutable versions and
+provenance, and fine-tuning jobs. The server calls it from its request threads; the embedded
+default is SQLite (`cotune.adapters.sqlite_registry`), and a networked database can implement
+the same interface later.
+
+Names: tenants and adapters are 1-128 letters, digits, '.', '_' or '-', starting with a
+letter or digit (so no name is a path). Versions count from 1 per adapter and are never
+reused, even after a version is deleted. Times are seconds since the epoch (UTC).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+UNFINISHED_JOB_STATES = ("queued", "running")
+
+
+class RegistryError(Exception):
+    """A registry call refused; the message says what was wrong and what is accepted."""
+
+
+class NotFound(RegistryError):
+    pass
+
+
+class AlreadyExists(RegistryError):
+    pass
+
+
+class InvalidName(RegistryError, ValueError):
+    pass
+
+
+class QuotaExceeded(RegistryError):
+    """A tenant's quota stops the call; `limit` names the quota field."""
+
+    def __init__(self, limit: str, message: str):
+        super().__init__(message)
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """Per-tenant limits; 0 means no limit."""
+
+    max_adapters: int = 0
+    max_versions_per_adapter: int = 0
+    max_concurrent_jobs: int = 0  # jobs queued or running
+    max_queued_requests: int = 0  # generations in flight (enforced by the server)
+    max_tokens_per_minute: int = 0  # prompt + generated tokens (enforced by the server)
+
+
+@dataclass(frozen=True)
+class TenantRecord:
+    name: str
+    admin: bool
+    quotas: Quotas
+    created: float
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    id: str
+    tenant: str
+    description: str
+    created: float
+    revoked: bool
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    tenant: str
+    name: str
+    description: str
+    labels: dict[str, str]
+    latest_version: int
+    version_count: int
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One immutable version. `path` is its PEFT directory in the blob store
+    (adapter_config.json + adapter_model.safetensors); it exists while the record does."""
+
+    tenant: str
+    name: str
+    version: int
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    sha256: str  # of adapter_model.safetensors
+    # source ("upload", "server_path" or "job"), base_fingerprint, parent_version,
+    # dataset_fingerprint, hyperparameters (dict), job_id, metrics (dict of floats)
+    provenance: dict
+    created: float
+    path: Path
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    tenant: str
+    adapter: str
+    state: str  # one of JOB_STATES
+    spec: dict  # what rebuilds the job's FinetuneSpec (JSON)
+    error: str
+    created: float
+    updated: float
+    versions: tuple[int, ...] = ()
+    progress: dict = field(default_factory=dict)  # step, total_steps, tokens, loss, eval_loss
+
+
+class Registry(Protocol):
+    # --- tenants and tokens -------------------------------------------------------------
+    def create_tenant(self, name: str, admin: bool = False,
+                      quotas: Quotas | None = None) -> TenantRecord:
+        """Raises InvalidName, AlreadyExists. quotas None: the registry's default quotas."""
+
+    def get_tenant(self, name: str) -> TenantRecord:
+        """Raises NotFound."""
+
+    def list_tenants(self, after: str | None = None, limit: int = 50) -> list[TenantRecord]:
+        """Tenants ordered by name, those after `after`."""
+
+    def set_quotas(self, name: str, quotas: Quotas) -> TenantRecord:
+        """Raises NotFound."""
+
+    def issue_token(self, tenant: str, description: str = "") -> tuple[TokenRecord, str]:
+        """A new token for `tenant`: its record and the secret, "ct_<id>_<secret>", which is
+        returned only here (the registry keeps a hash). Raises NotFound."""
+
+    def revoke_token(self, token_id: str) -> bool:
+        """False when no such token or it was revoked already."""
+
+    def tokens(self, tenant: str) -> list[TokenRecord]:
+        """The tenant's tokens, revoked ones included, oldest first."""
+
+    def authenticate(self, token: str) -> TenantRecord | None:
+        """The tenant of a valid, unrevoked token; None otherwise. The secret is compared by
+        hash in constant time; a malformed token is None, never an exception."""
+
+    # --- adapters and versions ----------------------------------------------------------
+    def publish_version(self, tenant: str, name: str, files: Path, provenance: dict,
+                        description: str | None = None,
+                        labels: dict[str, str] | None = None) -> VersionRecord:
+        """Publishes the PEFT files in directory `files` (already validated by the caller) as
+        the next version of `name`, creating the adapter when new. The files are copied into
+        the store atomically: a crash at any moment leaves the whole version or none.
+        description/labels, when given, replace the adapter's. Raises InvalidName, NotFound
+        (no such tenant), QuotaExceeded("max_adapters" | "max_versions_per_adapter")."""
+
+    def get_adapter(self, tenant: str, name: str) -> AdapterRecord:
+        """Raises NotFound (also for other tenants' adapters: nothing leaks)."""
+
+    def list_adapters(self, tenant: str, name_prefix: str = "",
+                      labels: dict[str, str] | None = None, after: str | None = None,
+                      limit: int = 50) -> list[AdapterRecord]:
+        """The tenant's adapters ordered by name, those after `after`, every label matching."""
+
+    def get_version(self, tenant: str, name: str, version: int | None = None) -> VersionRecord:
+        """version None: the newest. Raises NotFound."""
+
+    def list_versions(self, tenant: str, name: str, after: int | None = None,
+                      limit: int = 50) -> list[VersionRecord]:
+        """Versions in ascending order, those after `after`. Raises NotFound."""
+
+    def delete_adapter(self, tenant: str, name: str, version: int | None = None) -> int:
+        """Deletes one version, or the adapter with every version (version None); returns
+        how many versions went. Deleting the last version deletes the adapter. Raises
+        NotFound."""
+
+    # --- jobs ---------------------------------------------------------------------------
+    def create_job(self, tenant: str, adapter: str, spec: dict) -> JobRecord:
+        """A queued job with a fresh id ("job-<hex>"). Raises InvalidName,
+        QuotaExceeded("max_concurrent_jobs") when the tenant has that many queued or running."""
+
+    def get_job(self, tenant: str, job_id: str) -> JobRecord:
+        """Raises NotFound (also for other tenants' jobs)."""
+
+    def list_jobs(self, tenant: str, state: str | None = None, after: str | None = None,
+                  limit: int = 50) -> list[JobRecord]:
+        """The tenant's jobs, newest first (ordered by creation, then id), after `after` (an id)."""
+
+    def update_job(self, job_id: str, *, state: str | None = None, error: str | None = None,
+                   version: int | None = None, progress: dict | None = None) -> JobRecord:
+        """Records a state change, an error, a published version (appended) and/or the
+        latest progress (replaces the previous). Raises NotFound."""
+
+    def unfinished_jobs(self) -> list[JobRecord]:
+        """Every tenant's queued and running jobs, oldest first: what a restart resumes."""
+
+    def close(self) -> None:
+        ...
