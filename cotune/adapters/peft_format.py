@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from cotune.adapters.validation import (
     AdapterError,
+    AdapterMismatch,
     check_config,
     check_targets_exist,
     describe_base,
@@ -34,7 +35,8 @@ from cotune.adapters.validation import (
     module_scale,
 )
 
-__all__ = ["AdapterError", "LoraAdapter", "LoraModule", "load_peft_adapter", "save_peft_adapter"]
+__all__ = ["AdapterError", "AdapterMismatch", "LoraAdapter", "LoraModule", "load_peft_adapter",
+           "save_peft_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -86,7 +88,7 @@ def load_peft_adapter(path: str | Path, base_modules: Mapping[str, tuple[int, in
                for name, (a, b) in factors.items()}
     adapter = LoraAdapter(modules=modules, config=config)
     if adapter.max_rank > max_rank:
-        raise AdapterError(
+        raise AdapterMismatch(
             f"adapter {where} has rank {adapter.max_rank}, which exceeds max_rank {max_rank} of "
             f"this server; lower the rank to at most {max_rank} or start the server with "
             f"--max-rank {adapter.max_rank}")
@@ -183,7 +185,7 @@ def _check_module_set(config: dict, factors: Mapping, base_modules: Mapping, whe
     """The weights hold exactly the base modules that the config targets."""
     for name in factors:
         if name not in base_modules:
-            raise AdapterError(
+            raise AdapterMismatch(
                 f"adapter {where} targets module {name!r} which the base model does not have; "
                 f"{describe_base(base_modules)}")
         if not is_targeted(config, name):
@@ -211,11 +213,11 @@ def _lora_module(config: dict, name: str, a: torch.Tensor, b: torch.Tensor,
                 f"{str(tensor.dtype).removeprefix('torch.')}; accepted: float32, float16, "
                 "bfloat16 (quantised adapters are not supported)")
     if a.dim() != 2 or a.shape[1] != in_features:
-        raise AdapterError(
+        raise AdapterMismatch(
             f"adapter {where}: lora_A of module {name!r} has shape {tuple(a.shape)}, but the base "
             f"module has in_features={in_features}; accepted: (r, {in_features})")
     if b.dim() != 2 or b.shape[0] != out_features:
-        raise AdapterError(
+        raise AdapterMismatch(
             f"adapter {where}: lora_B of module {name!r} has shape {tuple(b.shape)}, but the base "
             f"module has out_features={out_features}; accepted: ({out_features}, r)")
     r = a.shape[0]

@@ -61,6 +61,11 @@ class AdapterError(ValueError):
     """An adapter that cotune refuses; the message says what is wrong and what is accepted."""
 
 
+class AdapterMismatch(AdapterError):
+    """A well-formed adapter that does not fit this base model or this server (a module the
+    base lacks, a shape of another model, a rank above the slot pool's)."""
+
+
 def check_config(config: dict, where: str) -> None:
     """Refuses a config whose options cotune would otherwise ignore or misread."""
     if config.get("peft_type") != "LORA":
@@ -243,13 +248,13 @@ def check_targets_exist(config: dict, base_paths: Iterable[str], where: str) -> 
     targets = config["target_modules"]
     if isinstance(targets, str):
         if not any(_matches(targets, path) for path in base_paths):
-            raise AdapterError(
+            raise AdapterMismatch(
                 f"adapter {where} has target_modules regex {targets!r}, which matches no module "
                 f"of the base model; {describe_base(base_paths)}")
         return
     for name in targets:
         if not any(_matches([name], path) for path in base_paths):
-            raise AdapterError(
+            raise AdapterMismatch(
                 f"adapter {where} targets module {name!r} which the base model does not have; "
                 f"{describe_base(base_paths)}")
 

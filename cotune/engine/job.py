@@ -1,11 +1,16 @@
-"""The handle of a fine-tuning job: its state, its metrics, waiting and cancelling."""
+"""The handle of a fine-tuning job: its state, its metrics, its events, waiting and
+cancelling."""
 
 from __future__ import annotations
 
 import enum
+import queue
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from cotune.engine.broadcast import Broadcast
 from cotune.engine.trainer import Trainer
 
 
@@ -14,6 +19,18 @@ class JobState(str, enum.Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """What a running job reports, in order:
+    "progress" after each optimizer step: step, total_steps, loss, tokens;
+    "checkpoint" when a version is published: version, path, step, metrics;
+    "state" once, last: state (a JobState), error (str or None)."""
+
+    kind: str
+    data: dict
+    time: float = field(default_factory=time.time)
 
 
 class JobFailed(RuntimeError):
@@ -26,6 +43,8 @@ class Job:
         self.state = JobState.RUNNING
         self.error: BaseException | None = None
         self._done = threading.Event()
+        self._events = Broadcast()
+        self._reported_step = trainer.step
 
     @property
     def name(self) -> str:
@@ -52,11 +71,35 @@ class Job:
             raise JobFailed(f"job {self.id} ({self.name}) failed: {self.error}") from self.error
         return self
 
+    def subscribe(self) -> queue.Queue:
+        """A queue of this job's events from now on, ending with its "state" event and then
+        `broadcast.END`; once the job has ended it holds only those two."""
+        return self._events.subscribe()
+
+    def unsubscribe(self, events: queue.Queue) -> None:
+        self._events.unsubscribe(events)
+
     def cancel(self) -> None:
         """Stops training after the current step; published versions stay."""
         if not self._done.is_set():
             self._cancel(self)
 
+    def _report_progress(self) -> None:
+        """Called by the runtime after each engine step: an event per new optimizer step."""
+        t = self.trainer
+        if t.step != self._reported_step:
+            self._reported_step = t.step
+            self._events.publish(JobEvent("progress", {"step": t.step, "total_steps": t.total_steps,
+                                             "loss": t.losses[-1] if t.losses else None,
+                                             "tokens": t.tokens}))
+
+    def _published(self, version: int, path) -> None:
+        self._events.publish(JobEvent("checkpoint", {"version": version, "path": path,
+                                           "step": self.trainer.step,
+                                           "metrics": dict(self.trainer.metrics)}))
+
     def _end(self, state: JobState, error: BaseException | None = None) -> None:
         self.state, self.error = state, error
         self._done.set()
+        self._events.close(JobEvent("state", {"state": state,
+                                              "error": None if error is None else str(error)}))

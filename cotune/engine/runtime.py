@@ -50,6 +50,7 @@ class Request:
     logprobs: int | None = None
     ignore_eos: bool = False
     request_id: str | None = None
+    tenant: str = "default"  # waiting requests are admitted tenant by tenant
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(
@@ -126,11 +127,12 @@ class Runtime:
                                     "(no adapter_config.json)")
         self._adapters[name] = (name, Path(path))
 
-    def finetune(self, spec: FinetuneSpec) -> Job:
-        """Starts training a new adapter in the same steps that serve requests. The data is
-        read and checked before this returns. Each version it publishes is servable at once
-        as `name@v{k}`, and `name` names the newest."""
-        job_id = f"job-{next(self._job_ids)}"
+    def finetune(self, spec: FinetuneSpec, job_id: str | None = None) -> Job:
+        """Starts training a new adapter in the same steps that serve requests (or resumes it
+        from the newest version under spec.output_dir). The data is read and checked before
+        this returns. Each version it publishes is servable at once as `name@v{k}`, and
+        `name` names the newest."""
+        job_id = job_id or f"job-{next(self._job_ids)}"
         trainer = Trainer(spec, self.engine.model, self.tokenizer, job_id,
                           self.base_fingerprint)
         job = Job(job_id, trainer, self._cancel_job)
@@ -196,8 +198,8 @@ class Runtime:
             raise RuntimeError("the runtime is closed")
         seqs, sinks = [], []
         try:
-            for prompt_ids, params, adapter, request_id in prepared:
-                seqs.append(self.engine.add(prompt_ids, params, adapter, request_id))
+            for prompt_ids, params, adapter, request_id, tenant in prepared:
+                seqs.append(self.engine.add(prompt_ids, params, adapter, request_id, tenant))
         except BaseException:
             for seq in seqs:
                 self.engine.abort(seq)
@@ -215,7 +217,7 @@ class Runtime:
         if ids is None:
             ids = self.tokenizer(request.prompt).input_ids
         return list(ids), request.sampling_params(), self._adapter(request.adapter), \
-            request.request_id
+            request.request_id, request.tenant
 
     def _adapter(self, name: str | None):
         if name is None:
@@ -262,6 +264,8 @@ class Runtime:
                     return
                 try:
                     self.engine.step(on_output=self._deliver)
+                    for job in self._jobs.values():
+                        job._report_progress()
                 except BaseException as e:  # fail every waiter rather than hang them
                     self._error = e
                     self._fail_all(e)
@@ -280,6 +284,10 @@ class Runtime:
         key = f"{trainer.spec.name}@v{version}"
         self._adapters[key] = (key, path)
         self._adapters[trainer.spec.name] = (key, path)
+        job = self._jobs.get(trainer)
+        if job is not None:
+            job._report_progress()  # the step that published comes before its checkpoint
+            job._published(version, path)
         try:
             self.engine.adapters.place(key, trainer.adapter())
         except AdapterError:  # every slot busy: the first request loads it from `path`

@@ -1,0 +1,163 @@
+"""`cotune serve`: the runtime behind the gRPC services, the registry, health and reflection,
+and a graceful stop on SIGTERM.
+
+Start-up: the registry opens (sweeping what a crash left), a fresh data directory gets an
+`admin` tenant whose first token goes to DATA_DIR/admin.token (mode 0600), the model loads,
+unfinished jobs resume, and only then does health say SERVING.
+
+Stop (SIGTERM or SIGINT): health turns NOT_SERVING and new calls get UNAVAILABLE; in-flight
+calls get --grace-period seconds to finish; jobs stay queued or running in the registry
+and resume from their newest checkpoint at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cotune.adapters.registry import Quotas
+from cotune.adapters.sqlite_registry import SqliteRegistry
+from cotune.engine.runtime import Runtime
+from cotune.server.adapter_service import AdapterService
+from cotune.server.admission import Admission
+from cotune.server.handlers import Gate
+from cotune.server.inference_service import InferenceService
+from cotune.server.jobs import JobManager
+from cotune.server.tenant_service import TenantService
+from cotune.server.training_service import TrainingService
+from cotune.server.uploads import Staging
+from cotune.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    tenants_pb2,
+    tenants_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
+
+log = logging.getLogger("cotune.server")
+SERVICES = tuple(f.DESCRIPTOR.services_by_name[name].full_name for f, name in (
+    (adapters_pb2, "AdapterService"), (training_pb2, "TrainingService"),
+    (inference_pb2, "InferenceService"), (tenants_pb2, "TenantService")))
+MAX_MESSAGE_BYTES = 64 << 20  # inline training data; larger sets go by server_path
+
+
+class CotuneServer:
+    def __init__(self, args):
+        data_dir: Path = args.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.registry = SqliteRegistry(data_dir, Quotas(
+            args.default_max_adapters, args.default_max_versions, args.default_max_jobs,
+            args.default_max_queued, args.default_tokens_per_minute))
+        self.admin_token_file = data_dir / "admin.token"
+        self._bootstrap_admin()
+        self.runtime = Runtime.load(args.model, dtype=args.dtype, device=args.device,
+                                    max_rank=args.max_rank, num_slots=args.num_slots,
+                                    kv_cache_tokens=args.kv_cache_tokens)
+        self.gate = Gate(self.registry)
+        self.jobs = JobManager(self.runtime, self.registry, data_dir / "jobs")
+        max_bytes = args.max_upload_mb << 20
+        workers = args.max_queued_requests + 32  # a stream holds a thread while it runs
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+            maximum_concurrent_rpcs=workers,  # past it: RESOURCE_EXHAUSTED at once, no queue
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterService(
+            self.gate, self.registry, Staging(data_dir / "uploads"),
+            self.runtime.engine.adapters.base_modules, args.max_rank, args.allow_path,
+            max_bytes), self.server)
+        training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingService(
+            self.gate, self.registry, self.jobs, args.allow_path, max_bytes), self.server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceService(
+            self.gate, self.registry, self.runtime, Admission(args.max_queued_requests),
+            _model_info(self.runtime, args)), self.server)
+        tenants_pb2_grpc.add_TenantServiceServicer_to_server(
+            TenantService(self.gate, self.registry), self.server)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_secure_port(f"{args.host}:{args.port}", _credentials(args)) \
+            if args.tls_cert else self.server.add_insecure_port(f"{args.host}:{args.port}")
+        self.grace = args.grace_period
+        self._stopping, self.stopped = threading.Event(), threading.Event()
+
+    def start(self) -> None:
+        self.server.start()
+        self.jobs.resume_unfinished()
+        for service in ("", *SERVICES):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self) -> None:
+        """Drains and stops; safe to call from a signal handler's thread."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        log.info("stopping: draining for up to %.0f s", self.grace)
+        self.gate.draining = True
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.grace).wait()
+        self.jobs.stop()
+        self.runtime.close()
+        self.registry.close()
+        self.stopped.set()
+
+    def _bootstrap_admin(self) -> None:
+        if self.registry.list_tenants(limit=1):
+            return
+        self.registry.create_tenant("admin", admin=True, quotas=Quotas())
+        _, token = self.registry.issue_token("admin", "created at the first start")
+        fd = os.open(self.admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+
+
+def _credentials(args) -> grpc.ServerCredentials:
+    if args.tls_key is None:
+        raise ValueError("--tls-cert needs --tls-key")
+    client_ca = args.tls_client_ca.read_bytes() if args.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(args.tls_key.read_bytes(), args.tls_cert.read_bytes())],
+        root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def _model_info(runtime: Runtime, args) -> inference_pb2.ModelInfo:
+    config = runtime.engine.model.config
+    return inference_pb2.ModelInfo(
+        name=str(args.model) if args.model == "default" else Path(args.model).name,
+        base_fingerprint=runtime.base_fingerprint, vocab_size=config.vocab_size,
+        max_context=config.max_position_embeddings, max_rank=args.max_rank,
+        lora_targets=sorted({name.rsplit(".", 1)[-1]
+                             for name in runtime.engine.adapters.base_modules}),
+        dtype=args.dtype, device=args.device, hidden_size=config.hidden_size,
+        num_layers=config.num_layers)
+
+
+def serve_command(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    server = CotuneServer(args)
+    server.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: threading.Thread(target=server.stop).start())
+    scheme = "grpcs" if args.tls_cert else "grpc"
+    print(f"cotune serve: listening on {args.host}:{server.port} ({scheme})", flush=True)
+    if server.admin_token_file.exists():
+        print(f"admin token (from {server.admin_token_file}): "
+              f"{server.admin_token_file.read_text().strip()}\n"
+              f"try: COTUNE_ADDR={args.host}:{server.port} COTUNE_TOKEN=<the token> "
+              "cotune adapters list", flush=True)
+    while not server.stopped.wait(0.5):  # a timed wait lets the signal handlers run
+        pass
+    return 0

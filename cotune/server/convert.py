@@ -1,0 +1,125 @@
+"""Registry and engine records as wire messages."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from cotune.adapters.registry import (
+    AdapterRecord,
+    JobRecord,
+    Quotas,
+    TenantRecord,
+    TokenRecord,
+    VersionRecord,
+)
+from cotune.server.errors import invalid
+from cotune.server.names import reference
+from cotune.v1 import adapters_pb2, tenants_pb2, training_pb2
+
+JOB_STATES = {"queued": training_pb2.JOB_STATE_QUEUED, "running": training_pb2.JOB_STATE_RUNNING,
+              "succeeded": training_pb2.JOB_STATE_SUCCEEDED,
+              "failed": training_pb2.JOB_STATE_FAILED,
+              "cancelled": training_pb2.JOB_STATE_CANCELLED}
+JOB_STATE_NAMES = {number: name for name, number in JOB_STATES.items()}
+
+
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def struct(data: dict) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(json.loads(json.dumps(data, default=str)))  # JSON-safe: None, lists, str
+    return message
+
+
+def adapter(record: AdapterRecord) -> adapters_pb2.Adapter:
+    return adapters_pb2.Adapter(
+        name=record.name, latest_version=record.latest_version,
+        version_count=record.version_count, description=record.description,
+        labels=record.labels, create_time=timestamp(record.created),
+        update_time=timestamp(record.updated))
+
+
+def version(record: VersionRecord) -> adapters_pb2.AdapterVersion:
+    p = record.provenance
+    metrics = {k: float(v) for k, v in (p.get("metrics") or {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    provenance = adapters_pb2.Provenance(
+        source=p.get("source", ""), base_fingerprint=p.get("base_fingerprint") or "",
+        parent_version=p.get("parent_version") or 0,
+        dataset_fingerprint=p.get("dataset_fingerprint") or "",
+        hyperparameters=struct(p.get("hyperparameters") or {}), job_id=p.get("job_id") or "",
+        metrics=metrics)
+    return adapters_pb2.AdapterVersion(
+        name=record.name, version=record.version, rank=record.rank, alpha=record.alpha,
+        target_modules=list(record.target_modules), size_bytes=record.size_bytes,
+        sha256=record.sha256, provenance=provenance, create_time=timestamp(record.created))
+
+
+def job(record: JobRecord) -> training_pb2.Job:
+    progress = record.progress
+    message = training_pb2.Job(
+        id=record.id, adapter=record.adapter, state=JOB_STATES[record.state],
+        step=progress.get("step", 0), total_steps=progress.get("total_steps", 0),
+        tokens=progress.get("tokens", 0),
+        versions=[reference(record.adapter, v) for v in record.versions], error=record.error,
+        hyperparameters=struct(record.spec), create_time=timestamp(record.created),
+        update_time=timestamp(record.updated))
+    if progress.get("loss") is not None:
+        message.loss = progress["loss"]
+    if progress.get("eval_loss") is not None:
+        message.eval_loss = progress["eval_loss"]
+    return message
+
+
+def quotas(message: tenants_pb2.Quotas) -> Quotas:
+    fields = {f: getattr(message, f) for f in Quotas.__dataclass_fields__}
+    negative = [f for f, v in fields.items() if v < 0]
+    if negative:
+        raise invalid(f"quotas {', '.join(negative)} are negative; accepted: 0 (no limit) or "
+                      "a positive number")
+    return Quotas(**fields)
+
+
+def tenant(record: TenantRecord, tokens: list[TokenRecord]) -> tenants_pb2.Tenant:
+    return tenants_pb2.Tenant(
+        name=record.name, admin=record.admin,
+        quotas=tenants_pb2.Quotas(**record.quotas.__dict__),
+        create_time=timestamp(record.created),
+        tokens=[tenants_pb2.TokenInfo(id=t.id, description=t.description,
+                                      create_time=timestamp(t.created), revoked=t.revoked)
+                for t in tokens])
+
+
+# Page tokens are opaque to clients: the key to continue after, as url-safe base64 JSON.
+DEFAULT_PAGE, MAX_PAGE = 50, 1000
+
+
+def page_size(requested: int) -> int:
+    if requested < 0 or requested > MAX_PAGE:
+        raise invalid(f"page_size {requested} not accepted; accepted: 0 (default "
+                      f"{DEFAULT_PAGE}) to {MAX_PAGE}")
+    return requested or DEFAULT_PAGE
+
+
+def page_after(token: str):
+    if not token:
+        return None
+    try:
+        return json.loads(base64.urlsafe_b64decode(token.encode("ascii")))["after"]
+    except (ValueError, KeyError, TypeError, UnicodeError):
+        raise invalid("page_token is not one this server gave; pass next_page_token of the "
+                      "previous page, or nothing for the first page") from None
+
+
+def next_page(items: list, size: int, key) -> str:
+    """The token after the last item of a full page; "" when this was the last page."""
+    if len(items) < size:
+        return ""
+    return base64.urlsafe_b64encode(json.dumps({"after": key(items[-1])}).encode()).decode()

@@ -1,0 +1,43 @@
+"""Exceptions of the layers below, as gRPC status codes. The message is always the
+exception's own: it says what was wrong and what is accepted."""
+
+from __future__ import annotations
+
+import grpc
+
+from cotune.adapters.peft_format import AdapterError, AdapterMismatch
+from cotune.adapters.registry import AlreadyExists, InvalidName, NotFound, QuotaExceeded
+
+
+class RpcError(Exception):
+    """Raised by a handler to end its call with `code` and `message`."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def invalid(message: str) -> RpcError:
+    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+# Most specific first: AdapterMismatch is an AdapterError, InvalidName a ValueError.
+_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (InvalidName, grpc.StatusCode.INVALID_ARGUMENT),
+    (AdapterMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # sampling, prompts, specs, data
+)
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The status for an exception the client caused; None for a server fault."""
+    if isinstance(error, RpcError):
+        return error.code, error.message
+    for kind, code in _CODES:
+        if isinstance(error, kind):
+            return code, str(error)
+    return None

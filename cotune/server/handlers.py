@@ -1,0 +1,80 @@
+"""Every RPC's frame: the draining check, authentication (the tenant comes from the token,
+never from a field the client sets), and the translation of errors to status codes."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import grpc
+
+from cotune.adapters.registry import Registry, TenantRecord
+from cotune.server.errors import status_of
+
+log = logging.getLogger("cotune.server")
+
+
+class Gate:
+    """Who may call: closed while draining; a token names the caller's tenant."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self.draining = False
+
+    def caller(self, context: grpc.ServicerContext, admin: bool) -> TenantRecord:
+        if self.draining:
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "the server is shutting down; retry, another replica will answer")
+        header = dict(context.invocation_metadata()).get("authorization")
+        if header is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "no authorization metadata; send 'authorization: Bearer <token>'")
+        scheme, _, token = header.partition(" ")
+        tenant = self.registry.authenticate(token.strip()) if scheme == "Bearer" else None
+        if tenant is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "the token is invalid or revoked; send 'authorization: Bearer <token>' "
+                          "with a token issued by an admin")
+        if admin and not tenant.admin:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"tenant {tenant.name!r} is not an admin; this call needs an admin token")
+        return tenant
+
+
+def rpc(admin: bool = False):
+    """Decorates a servicer method `(self, request, context, tenant)`; the servicer has a
+    `gate`. Streaming methods (generators) keep the translation while they stream."""
+
+    def decorate(method):
+        if inspect.isgeneratorfunction(method):
+            @functools.wraps(method)
+            def stream(self, request, context):
+                tenant = self.gate.caller(context, admin)
+                try:
+                    yield from method(self, request, context, tenant)
+                except Exception as e:  # noqa: BLE001 - every error gets a status
+                    _abort(context, method, e)
+            return stream
+
+        @functools.wraps(method)
+        def unary(self, request, context):
+            tenant = self.gate.caller(context, admin)
+            try:
+                return method(self, request, context, tenant)
+            except Exception as e:  # noqa: BLE001 - every error gets a status
+                _abort(context, method, e)
+        return unary
+
+    return decorate
+
+
+def _abort(context: grpc.ServicerContext, method, error: Exception):
+    if context.code() is not None:  # context.abort() already chose the status
+        raise error
+    status = status_of(error)
+    if status is None:
+        log.exception("%s failed", method.__qualname__, exc_info=error)
+        status = grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the " \
+                                           "server log"
+    context.abort(*status)

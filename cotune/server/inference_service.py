@@ -1,0 +1,138 @@
+"""InferenceService: generation streamed from the shared runtime. A request runs on the
+caller's own adapter versions only; its id is scoped to the caller's tenant."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+
+import grpc
+
+from cotune.adapters.registry import Registry, TenantRecord
+from cotune.engine.runtime import Request, Runtime
+from cotune.server.admission import Admission
+from cotune.server.errors import RpcError, invalid
+from cotune.server.handlers import Gate, rpc
+from cotune.server.names import parse_reference, reference
+from cotune.v1 import inference_pb2, inference_pb2_grpc
+
+FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH,
+          "abort": inference_pb2.FINISH_REASON_ABORT}
+MAX_TEXT_BYTES = 1 << 20
+
+
+class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, gate: Gate, registry: Registry, runtime: Runtime, admission: Admission,
+                 model_info: inference_pb2.ModelInfo):
+        self.gate, self.registry, self.runtime = gate, registry, runtime
+        self.admission, self.model_info = admission, model_info
+        self._in_flight: set[str] = set()  # engine ids: "<tenant>/<request id>"
+        self._lock = threading.Lock()
+
+    @rpc()
+    def Generate(self, request, context, tenant):
+        prompt_ids = self._prompt_ids(request)
+        served, adapter_key = self._adapter(tenant, request.adapter)
+        engine_request = _engine_request(request, prompt_ids, adapter_key, tenant.name)
+        engine_id = f"{tenant.name}/{request.request_id or uuid.uuid4().hex}"
+        engine_request.request_id = engine_id
+        with self.admission.request(tenant, len(prompt_ids)), self._claim(engine_id):
+            # A cancelled call or a passed deadline aborts the request in the engine at once.
+            context.add_callback(lambda: self.runtime.abort(engine_id))
+            start, ttft, generated = time.monotonic(), None, 0
+            for delta in self.runtime.stream(engine_request):
+                if ttft is None and delta.token_ids:
+                    ttft = time.monotonic() - start
+                generated += len(delta.token_ids)
+                self.admission.count_tokens(tenant.name, len(delta.token_ids))
+                response = inference_pb2.GenerateResponse(
+                    request_id=engine_id.split("/", 1)[1], token_ids=delta.token_ids,
+                    text=delta.text, logprobs=[_logprob(lp) for lp in delta.logprobs if lp],
+                    adapter=served)
+                served = ""  # named on the first message only
+                if delta.finish_reason is not None:
+                    response.finish_reason = FINISH[delta.finish_reason]
+                    response.usage.CopyFrom(inference_pb2.Usage(
+                        prompt_tokens=len(prompt_ids), completion_tokens=generated,
+                        ttft_seconds=ttft or 0.0))
+                yield response
+
+    @rpc()
+    def Abort(self, request, context, tenant):
+        if not request.request_id:
+            raise invalid("request_id is empty; give the id of one of your requests")
+        aborted = self.runtime.abort(f"{tenant.name}/{request.request_id}")
+        return inference_pb2.AbortResponse(aborted=aborted)
+
+    @rpc()
+    def Tokenize(self, request, context, tenant):
+        if len(request.text.encode()) > MAX_TEXT_BYTES:
+            raise invalid(f"text exceeds {MAX_TEXT_BYTES >> 20} MiB")
+        ids = self.runtime.tokenizer(request.text).input_ids  # as Generate feeds a prompt
+        return inference_pb2.TokenizeResponse(token_ids=ids)
+
+    @rpc()
+    def GetModelInfo(self, request, context, tenant):
+        return self.model_info
+
+    def _prompt_ids(self, request) -> list[int]:
+        kind = request.WhichOneof("input")
+        if kind is None:
+            raise invalid("the request has no input; set prompt or prompt_token_ids")
+        if kind == "prompt":
+            if not request.prompt:
+                raise invalid("prompt is empty")
+            if len(request.prompt.encode()) > MAX_TEXT_BYTES:
+                raise invalid(f"prompt exceeds {MAX_TEXT_BYTES >> 20} MiB")
+            return self.runtime.tokenizer(request.prompt).input_ids
+        ids = list(request.prompt_token_ids.ids)
+        vocab = self.model_info.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if not ids or bad is not None:
+            raise invalid(f"prompt_token_ids must be a non-empty list of ids in [0, {vocab}); "
+                          f"got {'an empty list' if not ids else bad}")
+        return ids
+
+    def _adapter(self, tenant: TenantRecord, text: str) -> tuple[str, str | None]:
+        """(the version served as "name@vK", the runtime's adapter key) or ("", None)."""
+        if not text:
+            return "", None
+        name, version = parse_reference(text)
+        record = self.registry.get_version(tenant.name, name, version)
+        key = f"{tenant.name}/{reference(name, record.version)}"
+        self.runtime.register_adapter(key, record.path)
+        return reference(name, record.version), key
+
+    @contextmanager
+    def _claim(self, engine_id: str):
+        """Holds the request id while it runs: ids are unique among in-flight requests."""
+        with self._lock:
+            if engine_id in self._in_flight:
+                raise RpcError(grpc.StatusCode.ALREADY_EXISTS,
+                               f"request {engine_id.split('/', 1)[1]!r} is already in flight; "
+                               "use a new request_id")
+            self._in_flight.add(engine_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight.discard(engine_id)
+
+
+def _engine_request(request, prompt_ids: list[int], adapter: str | None,
+                    tenant: str) -> Request:
+    s = request.sampling
+    fields = {name: getattr(s, name) for name in
+              ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs")
+              if s.HasField(name)}
+    return Request(prompt_token_ids=prompt_ids, adapter=adapter, stop=list(s.stop),
+                   stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
+                   tenant=tenant, **fields)
+
+
+def _logprob(lp) -> inference_pb2.TokenLogprob:
+    return inference_pb2.TokenLogprob(
+        token_id=lp.token_id, logprob=lp.logprob,
+        top=[inference_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top])

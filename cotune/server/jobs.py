@@ -1,0 +1,222 @@
+"""Fine-tuning jobs of every tenant: started in the shared runtime, followed into the
+registry (progress, each checkpoint published as a new adapter version, the end state) and
+broadcast to watchers. A job's directory holds its data and the trainer's checkpoints:
+
+  jobs/<id>/data.jsonl      the training data, as the job received it
+  jobs/<id>/out/<adapter>/  the trainer's versions and their training state
+
+A restart resumes every queued or running job from its newest checkpoint, and publishes any
+checkpoint a crash left unpublished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cotune.adapters.registry import JobRecord, NotFound, Registry, TenantRecord
+from cotune.engine.broadcast import END, Broadcast
+from cotune.engine.checkpoint import latest_version
+from cotune.engine.finetune_spec import FinetuneSpec, LoraSettings, OptimizerSettings
+from cotune.engine.job import Job, JobEvent
+from cotune.engine.runtime import Runtime
+from cotune.server.convert import JOB_STATES, timestamp
+from cotune.server.names import reference
+from cotune.v1 import training_pb2
+
+log = logging.getLogger("cotune.server")
+
+
+def spec_of(adapter: str, fields: dict, job_dir: Path, tenant: str) -> FinetuneSpec:
+    """The FinetuneSpec of a job from the fields a client gave (checked here: SpecError)."""
+    fields = dict(fields)
+    lora = LoraSettings(**fields.pop("lora", {}))
+    optimizer = OptimizerSettings(**fields.pop("optimizer", {}))
+    return FinetuneSpec(name=adapter, data=job_dir / "data.jsonl", output_dir=job_dir / "out",
+                        lora=lora, optimizer=optimizer, tenant=tenant, **fields)
+
+
+@dataclass
+class LiveJob:
+    job: Job
+    spec: FinetuneSpec
+    record: JobRecord
+    events: Broadcast = field(default_factory=Broadcast)  # of training_pb2.JobEvent
+    progress: dict = field(default_factory=dict)  # as the registry stores it
+    ended: threading.Event = field(default_factory=threading.Event)
+
+
+class JobManager:
+    def __init__(self, runtime: Runtime, registry: Registry, jobs_dir: Path):
+        self.runtime, self.registry, self.jobs_dir = runtime, registry, jobs_dir
+        self._live: dict[str, LiveJob] = {}
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    def create(self, tenant: TenantRecord, adapter: str, fields: dict,
+               data: bytes) -> JobRecord:
+        spec_of(adapter, fields, self.jobs_dir, tenant.name)  # refuses bad settings first
+        record = self.registry.create_job(tenant.name, adapter, fields)
+        job_dir = self.jobs_dir / record.id
+        job_dir.mkdir(parents=True)
+        _write_atomically(job_dir / "data.jsonl", data)
+        try:
+            self._start(record)
+        except Exception as e:  # bad data: the job ends failed, and the caller hears why
+            self.registry.update_job(record.id, state="failed", error=str(e))
+            raise
+        return self.registry.get_job(tenant.name, record.id)
+
+    def resume_unfinished(self) -> None:
+        """Called once at start: every job a stop or a crash interrupted goes on."""
+        for record in self.registry.unfinished_jobs():
+            try:
+                self._start(record)
+                log.info("resumed %s (%s/%s)", record.id, record.tenant, record.adapter)
+            except Exception as e:  # noqa: BLE001 - one job's failure does not stop the rest
+                self.registry.update_job(record.id, state="failed", error=f"resume: {e}")
+
+    def live(self, job_id: str) -> LiveJob | None:
+        with self._lock:
+            return self._live.get(job_id)
+
+    def cancel(self, tenant: TenantRecord, job_id: str) -> JobRecord:
+        record = self.registry.get_job(tenant.name, job_id)  # NotFound for others' jobs
+        live = self.live(job_id)
+        if live is not None:
+            live.job.cancel()
+            live.ended.wait(30)
+        elif record.state in ("queued", "running"):
+            self.registry.update_job(job_id, state="cancelled")
+        return self.registry.get_job(tenant.name, job_id)
+
+    def stop(self) -> None:
+        """Before the runtime closes: the jobs it then ends stay running in the registry, so
+        the next start resumes them."""
+        self._stopping = True
+
+    def _start(self, record: JobRecord) -> None:
+        job_dir = self.jobs_dir / record.id
+        spec = spec_of(record.adapter, record.spec, job_dir, record.tenant)
+        job = self.runtime.finetune(spec, job_id=record.id)
+        live = LiveJob(job, spec, record, progress=dict(record.progress))
+        live.progress["published"] = self._published_by(record)
+        events = job.subscribe()
+        with self._lock:
+            self._live[record.id] = live
+        self._publish_new_versions(live)  # checkpoints a crash left unpublished
+        self.registry.update_job(record.id, state="running")
+        threading.Thread(target=self._follow, args=(live, events), daemon=True,
+                         name=f"follow-{record.id}").start()
+
+    def _follow(self, live: LiveJob, events: queue.Queue) -> None:
+        job_id = live.record.id
+        try:
+            while (event := events.get()) is not END:
+                self._record(live, event)
+        except Exception:  # noqa: BLE001 - a registry failure must not kill silently
+            log.exception("following %s failed", job_id)
+        finally:
+            with self._lock:
+                self._live.pop(job_id, None)
+            live.ended.set()
+
+    def _record(self, live: LiveJob, event: JobEvent) -> None:
+        job_id = live.record.id
+        if event.kind == "progress":
+            live.progress.update({k: event.data[k] for k in
+                                  ("step", "total_steps", "loss", "tokens")})
+            self.registry.update_job(job_id, progress=live.progress)
+            live.events.publish(_wire(job_id, event.time, progress=training_pb2.Progress(
+                step=event.data["step"], total_steps=event.data["total_steps"],
+                loss=event.data["loss"] or 0.0, tokens=event.data["tokens"])))
+        elif event.kind == "checkpoint":
+            metrics = {k: float(v) for k, v in event.data["metrics"].items()
+                       if isinstance(v, (int, float))}
+            if "eval_loss" in metrics:
+                live.progress["eval_loss"] = metrics["eval_loss"]
+            live.events.publish(_wire(job_id, event.time, evaluation=training_pb2.Evaluation(
+                step=event.data["step"], metrics=metrics)))
+            for version in self._publish_new_versions(live):
+                live.events.publish(_wire(job_id, event.time, checkpoint=training_pb2.Checkpoint(
+                    step=event.data["step"], version=reference(live.record.adapter, version))))
+        elif event.kind == "state":
+            state, error = event.data["state"].value, event.data["error"] or ""
+            if self._stopping and state == "cancelled":
+                live.events.close(_wire(job_id, event.time, error="the server is shutting "
+                                        "down; the job resumes when it starts again"))
+                return
+            self.registry.update_job(job_id, state=state, error=error)
+            final = [_wire(job_id, event.time, state=JOB_STATES[state])]
+            if error:
+                final.append(_wire(job_id, event.time, error=error))
+            live.events.close(*final)
+
+    def _published_by(self, record: JobRecord) -> dict[str, int]:
+        """Trainer version -> registry version of what this job published, read from the
+        versions' provenance: right even when a crash came between publishing a version and
+        recording it on the job."""
+        published, after = {}, None
+        while True:
+            try:
+                page = self.registry.list_versions(record.tenant, record.adapter, after, 1000)
+            except NotFound:  # the adapter does not exist yet, or was deleted
+                return published
+            for version in page:
+                if version.provenance.get("job_id") == record.id:
+                    published[str(version.provenance["trainer_version"])] = version.version
+            if len(page) < 1000:
+                return published
+            after = page[-1].version
+
+    def _publish_new_versions(self, live: LiveJob) -> list[int]:
+        """Publishes the trainer's checkpoints not yet in the registry, oldest first; returns
+        their registry versions."""
+        spec, record = live.spec, live.record
+        published: dict = live.progress.setdefault("published", {})  # trainer k -> registry
+        new = []
+        for k in range(1, latest_version(spec.adapter_dir) + 1):
+            if str(k) in published or not (spec.adapter_dir / f"v{k}").is_dir():
+                continue
+            trained = json.loads((spec.adapter_dir / f"v{k}.state" / "provenance.json")
+                                 .read_text())
+            provenance = {"source": "job", "job_id": record.id, "trainer_version": k,
+                          "base_fingerprint": trained.get("base_fingerprint", ""),
+                          "parent_version": published.get(str(k - 1), 0),
+                          "dataset_fingerprint": trained.get("dataset_fingerprint", ""),
+                          "hyperparameters": record.spec, "metrics": trained.get("metrics", {})}
+            version = self.registry.publish_version(
+                record.tenant, record.adapter, spec.adapter_dir / f"v{k}", provenance).version
+            published[str(k)] = version
+            self.registry.update_job(record.id, version=version, progress=live.progress)
+            new.append(version)
+        return new
+
+
+def _wire(job_id: str, time: float, **event) -> training_pb2.JobEvent:
+    return training_pb2.JobEvent(job_id=job_id, time=timestamp(time), **event)
+
+
+def job_state_event(record: JobRecord) -> training_pb2.JobEvent:
+    """The first event a watcher gets: the job as the registry has it now."""
+    return _wire(record.id, record.updated, state=JOB_STATES[record.state])
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+

@@ -1,0 +1,57 @@
+"""The options of `cotune serve`. Torch-free: the CLI builds its parser without loading the
+engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("COTUNE_DATA_DIR", Path.home() / ".local/share/cotune"))
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="default",
+                       help="'default' (SmolLM2-135M-Instruct), a checkpoint dir or a .gguf")
+    model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    model.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    model.add_argument("--max-rank", type=int, default=64,
+                       help="largest LoRA rank the slot pool holds")
+    model.add_argument("--num-slots", type=int, default=16,
+                       help="adapters resident on the device at once")
+    model.add_argument("--kv-cache-tokens", type=int, default=16384)
+
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on; 0.0.0.0 for every interface")
+    net.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
+    net.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
+    net.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    net.add_argument("--tls-client-ca", type=Path,
+                     help="PEM CA bundle: require client certificates signed by it (mTLS)")
+
+    store = parser.add_argument_group("storage")
+    store.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                       help="registry, adapter versions, jobs (default $COTUNE_DATA_DIR or "
+                            "~/.local/share/cotune)")
+    store.add_argument("--allow-path", type=Path, action="append", default=[],
+                       help="a server directory whose adapters and data files admin tokens may "
+                            "name by path (repeatable); none by default")
+    store.add_argument("--max-upload-mb", type=int, default=2048,
+                       help="largest adapter upload or training data file")
+
+    limits = parser.add_argument_group("admission and default quotas (0: no limit)")
+    limits.add_argument("--max-queued-requests", type=int, default=256,
+                        help="generations in flight on this server, every tenant together")
+    limits.add_argument("--default-max-adapters", type=int, default=1000)
+    limits.add_argument("--default-max-versions", type=int, default=1000,
+                        help="versions per adapter")
+    limits.add_argument("--default-max-jobs", type=int, default=4, help="concurrent jobs")
+    limits.add_argument("--default-max-queued", type=int, default=64,
+                        help="a tenant's generations in flight")
+    limits.add_argument("--default-tokens-per-minute", type=int, default=0)
+    limits.add_argument("--grace-period", type=float, default=30.0,
+                        help="seconds in-flight calls get to finish after SIGTERM")

@@ -1,0 +1,82 @@
+"""Receiving adapter files from a client stream into a private staging directory, with the
+checks that come before any parsing: known file names only, each file in one run of chunks,
+a size limit. Nothing here is published: the caller validates and publishes, then the
+staging directory goes (and a crash leaves only what the next start sweeps)."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cotune.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from cotune.server.errors import invalid
+from cotune.v1 import common_pb2
+
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+
+
+class Staging:
+    def __init__(self, root: Path):
+        self.root = root
+        shutil.rmtree(root, ignore_errors=True)  # debris of uploads a crash interrupted
+        root.mkdir(parents=True)
+
+    @contextmanager
+    def directory(self) -> Iterator[Path]:
+        path = self.root / uuid.uuid4().hex
+        path.mkdir(mode=0o700)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def receive_files(chunks: Iterable[common_pb2.FileChunk], into: Path, max_bytes: int) -> None:
+    """Writes the chunks' files into `into`; both adapter files must arrive."""
+    done: set[str] = set()
+    current, total, out = None, 0, None
+    try:
+        for chunk in chunks:
+            if chunk.path != current:
+                if chunk.path not in ADAPTER_FILES:
+                    raise invalid(f"file {chunk.path!r} not accepted; accepted: "
+                                  f"{', '.join(ADAPTER_FILES)}")
+                if chunk.path in done:
+                    raise invalid(f"the chunks of {chunk.path} came in two runs; accepted: all "
+                                  "chunks of a file one after another")
+                if out is not None:
+                    out.close()
+                    done.add(current)
+                current, out = chunk.path, open(into / chunk.path, "wb")
+            total += len(chunk.data)
+            if total > max_bytes:
+                raise invalid(f"the upload exceeds {max_bytes >> 20} MiB, this server's "
+                              "--max-upload-mb")
+            out.write(chunk.data)
+    finally:
+        if out is not None:
+            out.close()
+    if current is not None:
+        done.add(current)
+    missing = [name for name in ADAPTER_FILES if name not in done]
+    if missing:
+        raise invalid(f"the upload lacks {', '.join(missing)}; accepted: a PEFT adapter "
+                      f"directory's {' and '.join(ADAPTER_FILES)}")
+
+
+def allowed_path(text: str, roots: list[Path], what: str) -> Path:
+    """`text` resolved (symlinks and '..' included), if it lies under one of `roots`."""
+    if not roots:
+        raise invalid(f"this server allows no server-side {what}; upload it instead, or start "
+                      "the server with --allow-path DIR")
+    try:
+        path = Path(text).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):
+        raise invalid(f"server path {text!r} does not exist") from None
+    if not any(path.is_relative_to(root.resolve()) for root in roots):
+        raise invalid(f"server path {text!r} is outside the allowed directories "
+                      f"({', '.join(str(r) for r in roots)})")
+    return path
