@@ -1,0 +1,79 @@
+"""The generated stubs with a token: how the server tests call a real server without the SDK."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from cotune.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    tenants_pb2,
+    tenants_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class Caller:
+    def __init__(self, address: str, token: str | None):
+        self.channel = grpc.insecure_channel(address)
+        self.metadata = [] if token is None else [("authorization", f"Bearer {token}")]
+        self.adapters = adapters_pb2_grpc.AdapterServiceStub(self.channel)
+        self.training = training_pb2_grpc.TrainingServiceStub(self.channel)
+        self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
+        self.tenants = tenants_pb2_grpc.TenantServiceStub(self.channel)
+
+    def upload(self, name: str, directory: Path, **header):
+        def messages():
+            yield adapters_pb2.CreateAdapterRequest(
+                header=adapters_pb2.CreateAdapterHeader(name=name, **header))
+            for file_name in ADAPTER_FILES:
+                yield adapters_pb2.CreateAdapterRequest(chunk=common_pb2.FileChunk(
+                    path=file_name, data=(directory / file_name).read_bytes()))
+        return self.adapters.CreateAdapter(messages(), metadata=self.metadata, timeout=60)
+
+    def generate(self, prompt: str = "the cat", adapter: str = "", max_tokens: int = 8,
+                 **fields) -> list:
+        request = inference_pb2.GenerateRequest(
+            prompt=prompt, adapter=adapter,
+            sampling=inference_pb2.SamplingParams(max_tokens=max_tokens), **fields)
+        return list(self.inference.Generate(request, metadata=self.metadata, timeout=120))
+
+    def tokens_of(self, responses: list) -> list[int]:
+        return [t for r in responses for t in r.token_ids]
+
+    def export(self, name: str) -> dict[str, bytes]:
+        files: dict[str, bytes] = {}
+        for chunk in self.adapters.ExportAdapter(adapters_pb2.ExportAdapterRequest(name=name),
+                                                 metadata=self.metadata, timeout=60):
+            files[chunk.path] = files.get(chunk.path, b"") + chunk.data
+        return files
+
+    def create_job(self, adapter: str, data: bytes, **settings) -> training_pb2.Job:
+        return self.training.CreateJob(
+            training_pb2.CreateJobRequest(adapter=adapter, training_data=data, **settings),
+            metadata=self.metadata, timeout=60)
+
+    def watch(self, job_id: str, timeout: float = 300):
+        return self.training.WatchJob(training_pb2.WatchJobRequest(id=job_id),
+                                      metadata=self.metadata, timeout=timeout)
+
+    def new_tenant(self, name: str, **quotas) -> str:
+        """Creates a tenant (the caller must be an admin); returns a token of it."""
+        request = tenants_pb2.CreateTenantRequest(name=name)
+        if quotas:
+            request.quotas.CopyFrom(tenants_pb2.Quotas(**quotas))
+        self.tenants.CreateTenant(request, metadata=self.metadata)
+        issued = self.tenants.IssueToken(tenants_pb2.IssueTokenRequest(tenant=name),
+                                         metadata=self.metadata)
+        return issued.token
+
+    def close(self) -> None:
+        self.channel.close()
