@@ -358,3 +358,34 @@ def test_sigterm_drains_in_flight_generations_and_keeps_jobs_for_the_next_start(
     finally:
         caller.close()
         server.stop(signal.SIGKILL)
+
+
+def test_a_call_past_its_deadline_frees_its_place_long_before_it_would_have_ended(server,
+                                                                                 admin):
+    caller = Caller(server.address, admin.new_tenant("hasty", max_queued_requests=1))
+    try:
+        started = time.monotonic()
+        assert len(caller.tokens_of(caller.generate(max_tokens=240))) == 240
+        whole_run = time.monotonic() - started
+        request = inference_pb2.GenerateRequest(
+            prompt="the cat", request_id="slow",
+            sampling=inference_pb2.SamplingParams(max_tokens=240))
+        with pytest.raises(grpc.RpcError) as late:
+            list(caller.inference.Generate(request, metadata=caller.metadata,
+                                           timeout=whole_run / 10))
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        expired = time.monotonic()
+        # The engine request was aborted: the tenant's one place and the request id are
+        # free again long before the 240 tokens would have been generated.
+        while True:
+            try:
+                again = caller.generate(max_tokens=1, request_id="slow")
+                break
+            except grpc.RpcError as e:
+                assert e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    grpc.StatusCode.ALREADY_EXISTS), e
+                assert time.monotonic() - expired < whole_run / 2, "the request kept running"
+                time.sleep(0.01)
+        assert again[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    finally:
+        caller.close()
