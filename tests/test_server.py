@@ -355,6 +355,8 @@ def test_sigterm_drains_in_flight_generations_and_keeps_jobs_for_the_next_start(
                                         metadata=caller.metadata)
         assert record.state == training_pb2.JOB_STATE_RUNNING
         assert any("resumed " + job.id in line for line in server.output)
+        # The job published a version as it stopped (checkpoint_every was 0: no other).
+        assert list(record.versions) == ["long@v1"]
     finally:
         caller.close()
         server.stop(signal.SIGKILL)

@@ -12,6 +12,7 @@ import itertools
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,19 @@ class Runtime:
                     sink.put(None)
                     return True
         return False
+
+    def checkpoint_jobs(self, timeout: float) -> None:
+        """Has every running job publish a version at its next optimizer step, waiting up to
+        `timeout` seconds: before a stop, so that a resumed job loses no step."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+            for job in jobs:
+                job.trainer.checkpoint_requested = True
+        deadline = time.monotonic() + timeout
+        for job in jobs:
+            while job.trainer.checkpoint_requested and job.state is JobState.RUNNING \
+                    and time.monotonic() < deadline:
+                time.sleep(0.02)
 
     def close(self) -> None:
         with self._lock:

@@ -62,6 +62,7 @@ class Trainer:
         self.losses: list[float] = []  # per optimizer step
         self.versions: list[int] = []
         self.metrics: dict = {}
+        self.checkpoint_requested = False  # set to publish a version at the next step
         self._window_loss = 0.0
         self._pending: list[Example] = []
         self._normaliser = 0
@@ -113,7 +114,8 @@ class Trainer:
 
     def should_checkpoint(self) -> bool:
         every = self.spec.checkpoint_every
-        return self.finished or (every > 0 and self.step % every == 0)
+        return self.finished or self.checkpoint_requested or (every > 0
+                                                              and self.step % every == 0)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -156,6 +158,7 @@ class Trainer:
         except BaseException:
             self.versions.pop()
             raise
+        self.checkpoint_requested = False
         return version
 
     def _start_micro_batch(self) -> None:

@@ -6,8 +6,9 @@ Start-up: the registry opens (sweeping what a crash left), a fresh data director
 unfinished jobs resume, and only then does health say SERVING.
 
 Stop (SIGTERM or SIGINT): health turns NOT_SERVING and new calls get UNAVAILABLE; in-flight
-calls get --grace-period seconds to finish; jobs stay queued or running in the registry
-and resume from their newest checkpoint at the next start.
+calls get --grace-period seconds to finish; every job publishes a version at its next
+optimizer step (waiting up to the grace period again), stays running in the registry, and
+resumes from its newest version at the next start.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class CotuneServer:
         self.gate.draining = True
         self.health.enter_graceful_shutdown()
         self.server.stop(self.grace).wait()
+        self.runtime.checkpoint_jobs(self.grace)
         self.jobs.stop()
         self.runtime.close()
         self.registry.close()
