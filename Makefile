@@ -12,7 +12,7 @@ VLLM_STAMP := $(VLLM_VENV)/.cotune-installed
 .PHONY: run test lint proto
 
 run: $(STAMP)
-	$(BIN)/cotune demo
+	$(BIN)/cotune serve
 
 test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check .
