@@ -6,21 +6,36 @@ import argparse
 import json
 import sys
 
-from cotune.engine.runtime import DTYPES, Request, Runtime
+from cotune.cli_remote import add_commands, add_generate_options, generate_on_server
+from cotune.client import CotuneError
+from cotune.server.options import add_serve_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cotune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    gen = commands.add_parser("generate", help="generate for a prompt or a file of requests")
+    serve = commands.add_parser("serve", help="run the cotune gRPC server")
+    add_serve_arguments(serve)
+    serve.set_defaults(run=_serve)
+
+    gen = commands.add_parser("generate", help="generate for a prompt or a file of requests, "
+                                               "in-process or on a server (--server)")
     _model_options(gen)
+    add_generate_options(gen)
     gen.add_argument("--requests", help="JSONL file; all requests run in one mixed batch")
-    gen.add_argument("--adapter", help="PEFT adapter directory for the single prompt")
+    gen.add_argument("--adapter", help="PEFT adapter directory for the single prompt (with "
+                                       "--server: an adapter name, name@vK)")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop at this text (repeatable)")
     gen.add_argument("prompt", nargs="?", help="the prompt (when --requests is not given)")
     gen.set_defaults(run=_generate)
+
+    add_commands(commands)
 
     demo = commands.add_parser("demo", help="generate for a mixed batch of adapters and explain")
     _model_options(demo)
@@ -56,15 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (CotuneError, ValueError, OSError) as e:  # a CotuneError prints as CODE: message
         print(f"cotune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 def _model_options(parser):
     parser.add_argument("--model", default="default",
                         help="'default' (SmolLM2-135M-Instruct), a checkpoint dir or a .gguf")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     parser.add_argument("--max-rank", type=int, default=64,
                         help="largest LoRA rank the slot pool holds")
 
@@ -77,7 +95,27 @@ def _ranks(text: str) -> tuple[int, ...]:
             f"{text!r} is not a comma-separated list of ranks, such as 16,64") from None
 
 
+# The engine (and torch) load inside the commands that run it: client commands never do.
+
+
+def _serve(args) -> int:
+    from cotune.server.app import serve_command
+
+    return serve_command(args)
+
+
+def _sampling(args) -> dict:
+    """The sampling options given on the command line (unset ones take the defaults)."""
+    given = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                 top_k=args.top_k, seed=args.seed, stop=args.stop)
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _generate(args) -> int:
+    if args.server is not None:
+        return generate_on_server(args, _sampling(args))
+
+    from cotune.engine.runtime import Request, Runtime
     from cotune.requests_file import read_requests
 
     if (args.requests is None) == (args.prompt is None):
@@ -87,8 +125,7 @@ def _generate(args) -> int:
             raise ValueError("--adapter applies to a single prompt; put adapters in the file")
         requests = read_requests(args.requests)
     else:
-        requests = [Request(prompt=args.prompt, adapter=args.adapter,
-                            max_tokens=args.max_tokens, temperature=args.temperature)]
+        requests = [Request(prompt=args.prompt, adapter=args.adapter, **_sampling(args))]
     distinct = {r.adapter for r in requests if r.adapter is not None}
     with Runtime.load(args.model, dtype=args.dtype, max_rank=args.max_rank,
                       num_slots=max(1, len(distinct))) as runtime:

@@ -89,3 +89,18 @@ def test_seeded_sampling_is_reproducible_in_any_batch(runtime):
     crowd = rt.generate([Request(prompt="Filler", temperature=1.0, max_tokens=16), request])
     assert crowd[1].token_ids == alone
     assert torch.tensor(alone).numel() == 16 or crowd[1].finish_reason == "stop"
+
+
+def test_after_the_engine_fails_new_work_is_refused_at_once_not_left_waiting(tiny_checkpoint):
+    from cotune.engine.runtime import EngineStopped
+
+    with Runtime.load(tiny_checkpoint[1]) as broken:
+        def fail(**_):
+            raise RuntimeError("a kernel blew up")
+
+        broken.engine.step = fail
+        with pytest.raises(EngineStopped, match="a kernel blew up"):
+            broken.generate([Request(prompt="the cat", max_tokens=4)])
+        assert isinstance(broken.error, RuntimeError)
+        with pytest.raises(EngineStopped, match="start the runtime again"):
+            broken.generate([Request(prompt="the cat", max_tokens=4)])

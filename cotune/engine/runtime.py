@@ -33,6 +33,10 @@ from cotune.model.tokenizer import load_tokenizer, stop_token_ids
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+class EngineStopped(RuntimeError):
+    """The runtime takes no more work: it was closed, or its engine stopped on an error."""
+
+
 @dataclass
 class Request:
     """A generation request: prompt text or token ids, an adapter (a PEFT directory or a name
@@ -138,8 +142,7 @@ class Runtime:
                           self.base_fingerprint)
         job = Job(job_id, trainer, self._cancel_job)
         with self._lock:
-            if self._closed:
-                raise RuntimeError("the runtime is closed")
+            self._check_open()
             self._jobs[trainer] = job
             self.engine.add_trainer(trainer)
             self._lock.notify_all()
@@ -208,8 +211,7 @@ class Runtime:
     def _submit(self, prepared: list):
         """Queues prepared requests (called with the lock held; tokenizing happened before,
         outside it, so the engine's steps never wait for it)."""
-        if self._closed:
-            raise RuntimeError("the runtime is closed")
+        self._check_open()
         seqs, sinks = [], []
         try:
             for prompt_ids, params, adapter, request_id, tenant in prepared:
@@ -262,9 +264,22 @@ class Runtime:
             outputs.append(sink.get())
         if outputs[-1] is None:
             if self._error is not None:
-                raise RuntimeError("the engine stopped on an error") from self._error
+                raise EngineStopped(f"the engine stopped on an error: {self._error!r}") \
+                    from self._error
             return outputs[:-1], True
         return outputs, outputs[-1].finished
+
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the engine, if it stopped on an error."""
+        return self._error
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise EngineStopped(f"the engine stopped on an error: {self._error!r}; start "
+                                "the runtime again") from self._error
+        if self._closed:
+            raise EngineStopped("the runtime is closed")
 
     def _loop(self) -> None:
         threads = self.engine.config.num_threads or max(1, (os.cpu_count() or 1) // 2)

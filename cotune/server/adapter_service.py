@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cotune.adapters.peft_format import load_peft_adapter
+import grpc
+
+from cotune.adapters.peft_format import AdapterError, load_peft_adapter
 from cotune.adapters.registry import Registry
 from cotune.server import convert
-from cotune.server.errors import invalid
+from cotune.server.errors import RpcError, invalid
 from cotune.server.handlers import Gate, rpc
 from cotune.server.names import parse_reference
 from cotune.server.uploads import ADAPTER_FILES, Staging, allowed_path, receive_files
@@ -35,7 +37,8 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
         _check_labels(header.labels, header.description)
         if header.server_path:
             if not tenant.admin:
-                raise invalid("server_path needs an admin token; upload the files instead")
+                raise RpcError(grpc.StatusCode.PERMISSION_DENIED,
+                               "server_path needs an admin token; upload the files instead")
             source = allowed_path(header.server_path, self.allowed_roots, "adapter directories")
             return self._publish(tenant.name, name, source, "server_path", header)
         with self.staging.directory() as upload:
@@ -44,7 +47,13 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
 
     def _publish(self, tenant: str, name: str, files: Path, source: str, header):
         # Parsed by the same code that serves it: a version that is published loads.
-        load_peft_adapter(files, self.base_modules, self.max_rank)
+        try:
+            load_peft_adapter(files, self.base_modules, self.max_rank)
+        except AdapterError as e:
+            if source != "upload":
+                raise
+            # the staging directory's path means nothing to the client: name the upload
+            raise type(e)(str(e).replace(str(files), f"{name!r} (the upload)")) from None
         record = self.registry.publish_version(
             tenant, name, files, {"source": source}, description=header.description or None,
             labels=dict(header.labels) or None)

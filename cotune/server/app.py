@@ -29,7 +29,7 @@ from cotune.adapters.sqlite_registry import SqliteRegistry
 from cotune.engine.runtime import Runtime
 from cotune.server.adapter_service import AdapterService
 from cotune.server.admission import Admission
-from cotune.server.handlers import Gate
+from cotune.server.handlers import DecodeErrors, Gate
 from cotune.server.inference_service import InferenceService
 from cotune.server.jobs import JobManager
 from cotune.server.tenant_service import TenantService
@@ -72,6 +72,7 @@ class CotuneServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
             maximum_concurrent_rpcs=workers,  # past it: RESOURCE_EXHAUSTED at once, no queue
+            interceptors=[DecodeErrors()],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterService(
@@ -98,8 +99,22 @@ class CotuneServer:
     def start(self) -> None:
         self.server.start()
         self.jobs.resume_unfinished()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        threading.Thread(target=self._watch_engine, daemon=True, name="engine-watch").start()
+
+    def _watch_engine(self) -> None:
+        """An engine that stopped on an error takes no more work: health says NOT_SERVING,
+        so the orchestrator restarts this replica (calls get UNAVAILABLE meanwhile)."""
+        while not self._stopping.wait(1.0):
+            if self.runtime.error is not None:
+                log.error("the engine stopped on an error: %r; health is NOT_SERVING",
+                          self.runtime.error)
+                self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                return
+
+    def _set_health(self, status) -> None:
         for service in ("", *SERVICES):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            self.health.set(service, status)
 
     def stop(self) -> None:
         """Drains and stops; safe to call from a signal handler's thread."""

@@ -112,7 +112,10 @@ def page_after(token: str):
     if not token:
         return None
     try:
-        return json.loads(base64.urlsafe_b64decode(token.encode("ascii")))["after"]
+        after = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))["after"]
+        if isinstance(after, bool) or not isinstance(after, (str, int)):
+            raise TypeError(after)  # a forged token: the registry would fail on it
+        return after
     except (ValueError, KeyError, TypeError, UnicodeError):
         raise invalid("page_token is not one this server gave; pass next_page_token of the "
                       "previous page, or nothing for the first page") from None

@@ -7,6 +7,7 @@ import grpc
 
 from cotune.adapters.peft_format import AdapterError, AdapterMismatch
 from cotune.adapters.registry import AlreadyExists, InvalidName, NotFound, QuotaExceeded
+from cotune.engine.runtime import EngineStopped
 
 
 class RpcError(Exception):
@@ -26,6 +27,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (EngineStopped, grpc.StatusCode.UNAVAILABLE),  # this replica is done; another answers
     (InvalidName, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -36,8 +38,24 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status for an exception the client caused; None for a server fault."""
     if isinstance(error, RpcError):
-        return error.code, error.message
+        return error.code, brief(error.message)
     for kind, code in _CODES:
         if isinstance(error, kind):
-            return code, str(error)
+            return code, brief(str(error))
     return None
+
+
+MAX_STATUS_BYTES = 1024
+
+
+def brief(message: str) -> str:
+    """`message` with its middle elided past MAX_STATUS_BYTES of UTF-8. The status message
+    travels in a trailer, and gRPC clients drop a call whose trailers pass 8-16 KiB (they
+    report RESOURCE_EXHAUSTED instead of the status), so a message that echoes a huge field
+    must be cut; the head says what was wrong, the tail what is accepted."""
+    data = message.encode()
+    if len(data) <= MAX_STATUS_BYTES:
+        return message
+    half = MAX_STATUS_BYTES // 2 - 8
+    return (data[:half].decode(errors="ignore") + " [...] "
+            + data[-half:].decode(errors="ignore"))

@@ -8,6 +8,7 @@ import inspect
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from cotune.adapters.registry import Registry, TenantRecord
 from cotune.server.errors import status_of
@@ -78,3 +79,53 @@ def _abort(context: grpc.ServicerContext, method, error: Exception):
         status = grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the " \
                                            "server log"
     context.abort(*status)
+
+
+class _Undecodable:
+    """A request whose bytes did not parse: invalid UTF-8 in a string field, bad wire data."""
+
+    def __init__(self, error: DecodeError):
+        self.error = error
+
+
+def _refuse(context: grpc.ServicerContext, request: _Undecodable):
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                  f"the request message does not parse ({request.error}); accepted: a message "
+                  "of this method's type, string fields in valid UTF-8")
+
+
+def _checked(requests, context):
+    for request in requests:
+        if isinstance(request, _Undecodable):
+            _refuse(context, request)
+        yield request
+
+
+class DecodeErrors(grpc.ServerInterceptor):
+    """Requests that do not parse get INVALID_ARGUMENT. Without this, grpc answers them with
+    INTERNAL ("Exception deserializing request!"), which says the server is at fault."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def lenient(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError as e:
+                return _Undecodable(e)
+
+        kind = ("stream_" if handler.request_streaming else "unary_") + \
+               ("stream" if handler.response_streaming else "unary")
+        behavior = getattr(handler, kind)
+
+        def checked(request, context):
+            if handler.request_streaming:
+                return behavior(_checked(request, context), context)
+            if isinstance(request, _Undecodable):
+                _refuse(context, request)
+            return behavior(request, context)
+
+        return handler._replace(request_deserializer=lenient, **{kind: checked})

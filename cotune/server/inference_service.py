@@ -36,6 +36,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         prompt_ids = self._prompt_ids(request)
         served, adapter_key = self._adapter(tenant, request.adapter)
         engine_request = _engine_request(request, prompt_ids, adapter_key, tenant.name)
+        self._check_fits(engine_request)  # refused as bad input, not as load, and before quota
         engine_id = f"{tenant.name}/{request.request_id or uuid.uuid4().hex}"
         engine_request.request_id = engine_id
         with self.admission.request(tenant, len(prompt_ids)), self._claim(engine_id):
@@ -94,6 +95,20 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             raise invalid(f"prompt_token_ids must be a non-empty list of ids in [0, {vocab}); "
                           f"got {'an empty list' if not ids else bad}")
         return ids
+
+    def _check_fits(self, request: Request) -> None:
+        """The checks the engine would make inside its step, made here: a request it refused
+        there would fail the engine for every caller."""
+        params = request.sampling_params()  # SamplingError (INVALID_ARGUMENT) when invalid
+        vocab, context = self.model_info.vocab_size, self.model_info.max_context
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise invalid(f"logprobs {params.logprobs} asks for more alternatives than the "
+                          f"vocabulary has; accepted: 0 to {vocab}")
+        total = len(request.prompt_token_ids) + params.max_tokens
+        if total > context:
+            raise invalid(f"prompt of {len(request.prompt_token_ids)} tokens plus max_tokens "
+                          f"{params.max_tokens} exceeds the model's context of {context} "
+                          "tokens; shorten the prompt or lower max_tokens")
 
     def _adapter(self, tenant: TenantRecord, text: str) -> tuple[str, str | None]:
         """(the version served as "name@vK", the runtime's adapter key) or ("", None)."""

@@ -15,17 +15,20 @@ import json
 import logging
 import os
 import queue
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cotune.adapters.peft_format import AdapterMismatch
 from cotune.adapters.registry import JobRecord, NotFound, Registry, TenantRecord
 from cotune.engine.broadcast import END, Broadcast
 from cotune.engine.checkpoint import latest_version
 from cotune.engine.finetune_spec import FinetuneSpec, LoraSettings, OptimizerSettings
 from cotune.engine.job import Job, JobEvent
 from cotune.engine.runtime import Runtime
+from cotune.engine.training_data import DataError
 from cotune.server.convert import JOB_STATES, timestamp
 from cotune.server.names import reference
 from cotune.v1 import training_pb2
@@ -50,6 +53,14 @@ class LiveJob:
     events: Broadcast = field(default_factory=Broadcast)  # of training_pb2.JobEvent
     progress: dict = field(default_factory=dict)  # as the registry stores it
     ended: threading.Event = field(default_factory=threading.Event)
+    _last: tuple[int, float] | None = None  # (tokens, time) of the previous progress event
+
+    def rate(self, tokens: int, time: float) -> float:
+        """Training tokens per second since the previous progress event (0 for the first)."""
+        last, self._last = self._last, (tokens, time)
+        if last is None or time <= last[1]:
+            return 0.0
+        return (tokens - last[0]) / (time - last[1])
 
 
 class JobManager:
@@ -61,7 +72,13 @@ class JobManager:
 
     def create(self, tenant: TenantRecord, adapter: str, fields: dict,
                data: bytes) -> JobRecord:
-        spec_of(adapter, fields, self.jobs_dir, tenant.name)  # refuses bad settings first
+        spec = spec_of(adapter, fields, self.jobs_dir, tenant.name)  # refuses bad settings first
+        max_rank = self.runtime.engine.config.max_rank
+        if spec.lora.rank > max_rank:  # it would train, then publish versions nothing can serve
+            raise AdapterMismatch(
+                f"rank {spec.lora.rank} exceeds max_rank {max_rank} of this server; lower the "
+                f"rank to at most {max_rank} or start the server with --max-rank "
+                f"{spec.lora.rank}")
         record = self.registry.create_job(tenant.name, adapter, fields)
         job_dir = self.jobs_dir / record.id
         job_dir.mkdir(parents=True)
@@ -69,8 +86,12 @@ class JobManager:
         try:
             self._start(record)
         except Exception as e:  # bad data: the job ends failed, and the caller hears why
-            self.registry.update_job(record.id, state="failed", error=str(e))
-            raise
+            # in the data's words, not the server's paths; the data goes with the job
+            error = DataError(str(e).replace(str(job_dir / "data.jsonl"), "training_data")) \
+                if isinstance(e, DataError) else e
+            self.registry.update_job(record.id, state="failed", error=str(error))
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise error from None
         return self.registry.get_job(tenant.name, record.id)
 
     def resume_unfinished(self) -> None:
@@ -130,12 +151,14 @@ class JobManager:
     def _record(self, live: LiveJob, event: JobEvent) -> None:
         job_id = live.record.id
         if event.kind == "progress":
+            rate = live.rate(event.data["tokens"], event.time)
             live.progress.update({k: event.data[k] for k in
                                   ("step", "total_steps", "loss", "tokens")})
             self.registry.update_job(job_id, progress=live.progress)
             live.events.publish(_wire(job_id, event.time, progress=training_pb2.Progress(
                 step=event.data["step"], total_steps=event.data["total_steps"],
-                loss=event.data["loss"] or 0.0, tokens=event.data["tokens"])))
+                loss=event.data["loss"] or 0.0, tokens=event.data["tokens"],
+                tokens_per_second=rate)))
         elif event.kind == "checkpoint":
             metrics = {k: float(v) for k, v in event.data["metrics"].items()
                        if isinstance(v, (int, float))}

@@ -5,10 +5,12 @@ from __future__ import annotations
 import queue
 from pathlib import Path
 
+import grpc
+
 from cotune.adapters.registry import Registry
 from cotune.engine.broadcast import END
 from cotune.server import convert
-from cotune.server.errors import invalid
+from cotune.server.errors import RpcError, invalid
 from cotune.server.handlers import Gate, rpc
 from cotune.server.jobs import JobManager, job_state_event
 from cotune.server.names import parse_reference
@@ -79,7 +81,8 @@ class TrainingService(training_pb2_grpc.TrainingServiceServicer):
             raise invalid("the job has no data; set training_data (JSONL bytes) or server_path")
         if kind == "server_path":
             if not tenant.admin:
-                raise invalid("server_path needs an admin token; send training_data instead")
+                raise RpcError(grpc.StatusCode.PERMISSION_DENIED,
+                               "server_path needs an admin token; send training_data instead")
             path = allowed_path(request.server_path, self.allowed_roots, "data files")
             if path.stat().st_size > self.max_data_bytes:
                 raise invalid(f"{request.server_path} exceeds {self.max_data_bytes >> 20} MiB")

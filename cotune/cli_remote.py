@@ -1,0 +1,342 @@
+"""The `cotune` commands that talk to a server through the SDK: adapters, finetune, jobs,
+tenants and `generate --server`. None of them imports torch.
+
+Each command prints a table or lines for people, or with --json one JSON document (a stream:
+one JSON line per event). `cli.main` turns a CotuneError into `cotune: error: CODE: message`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+
+from cotune.cli_output import ProgressLine, print_fields, print_json, print_table, when
+from cotune.client import Client, Quotas
+from cotune.client.types import JOB_STATES, TERMINAL_JOB_STATES
+
+_QUOTA_FLAGS = {  # flag: (Quotas field, what it limits)
+    "--max-adapters": ("max_adapters", "adapters of the tenant"),
+    "--max-versions": ("max_versions_per_adapter", "versions per adapter"),
+    "--max-jobs": ("max_concurrent_jobs", "concurrent jobs"),
+    "--max-queued": ("max_queued_requests", "generations in flight"),
+    "--max-tokens-per-minute": ("max_tokens_per_minute", "prompt and generated tokens a minute"),
+}
+
+
+def add_commands(commands) -> None:
+    """Adds adapters, finetune, jobs and tenants to the `cotune` subcommands."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--addr", help="server host:port (default $COTUNE_ADDR, else "
+                                       "127.0.0.1:50051)")
+    common.add_argument("--token", help="bearer token (default $COTUNE_TOKEN)")
+    common.add_argument("--json", action="store_true",
+                        help="JSON for scripts (streams: one JSON line per event)")
+
+    def command(group, name: str, handler, summary: str):
+        parser = group.add_parser(name, parents=[common], help=summary)
+        parser.set_defaults(run=partial(_with_client, handler))
+        return parser
+
+    adapters = commands.add_parser("adapters", help="the tenant's adapters on a server")
+    group = adapters.add_subparsers(dest="action", required=True)
+    p = command(group, "list", _adapters_list, "list adapters")
+    p.add_argument("--prefix", default="", help="only names that start with this")
+    p.add_argument("--label", type=_label, action="append", default=[], metavar="K=V",
+                   help="only adapters with this label (repeatable)")
+    command(group, "show", _adapters_show, "an adapter").add_argument("name")
+    command(group, "versions", _adapters_versions, "an adapter's versions").add_argument("name")
+    p = command(group, "import", _adapters_import, "upload a PEFT directory as a new version")
+    p.add_argument("name")
+    p.add_argument("dir")
+    p.add_argument("--description", default="")
+    p.add_argument("--label", type=_label, action="append", default=[], metavar="K=V")
+    p = command(group, "export", _adapters_export, "download a version into a new directory")
+    p.add_argument("name", help="name (the newest version) or name@vK")
+    p.add_argument("dest")
+    p = command(group, "delete", _adapters_delete, "delete an adapter (or name@vK, one version)")
+    p.add_argument("name")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    p = command(commands, "finetune", _finetune, "fine-tune an adapter on a server, and watch")
+    p.add_argument("name", help="the adapter to train: new, or existing (next versions)")
+    p.add_argument("--data", required=True, help="JSONL: prompt/completion, messages or text")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--targets", type=lambda s: s.split(","), help="e.g. q_proj,v_proj")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--checkpoint-every", type=int, help="steps between published versions")
+    p.add_argument("--eval-fraction", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--detach", action="store_true", help="start the job and return")
+
+    jobs = commands.add_parser("jobs", help="the tenant's fine-tuning jobs")
+    group = jobs.add_subparsers(dest="action", required=True)
+    command(group, "list", _jobs_list, "list jobs").add_argument(
+        "--state", choices=list(JOB_STATES.values()))
+    command(group, "show", _jobs_show, "a job").add_argument("id")
+    command(group, "watch", _jobs_watch, "follow a job until it ends").add_argument("id")
+    command(group, "cancel", _jobs_cancel, "stop a job after its current step").add_argument("id")
+
+    tenants = commands.add_parser("tenants", help="tenants, quotas and tokens (admin token)")
+    group = tenants.add_subparsers(dest="action", required=True)
+    p = command(group, "create", _tenants_create, "a new tenant")
+    p.add_argument("name")
+    p.add_argument("--admin", action="store_true", help="may manage tenants")
+    _quota_options(p)
+    command(group, "show", _tenants_show, "a tenant, its quotas and tokens").add_argument("name")
+    command(group, "list", _tenants_list, "list tenants")
+    p = command(group, "quotas", _tenants_quotas, "change some quotas of a tenant")
+    p.add_argument("name")
+    _quota_options(p)
+    token = group.add_parser("token", help="issue or revoke a tenant's tokens")
+    token_group = token.add_subparsers(dest="token_action", required=True)
+    p = command(token_group, "issue", _token_issue, "a new token (its secret is shown once)")
+    p.add_argument("tenant")
+    p.add_argument("--description", default="")
+    command(token_group, "revoke", _token_revoke, "revoke a token by id").add_argument("id")
+
+
+def add_generate_options(parser) -> None:
+    """The options `cotune generate` needs to run on a server instead of in-process."""
+    parser.add_argument("--server", nargs="?", const="", metavar="ADDR",
+                        help="generate on a cotune server (ADDR default $COTUNE_ADDR); "
+                             "--adapter is then an adapter name")
+    parser.add_argument("--token", help="with --server: bearer token (default $COTUNE_TOKEN)")
+    parser.add_argument("--json", action="store_true",
+                        help="with --server: one JSON line per streamed delta")
+
+
+def generate_on_server(args, sampling: dict) -> int:
+    """Streams the completion of `args.prompt` to stdout as it arrives."""
+    address, prompt = args.server, args.prompt
+    if prompt is None:  # `generate --server PROMPT`: argparse gave the prompt to --server
+        address, prompt = "", address
+    if args.requests is not None or not prompt:
+        raise ValueError("with --server give one prompt (--requests runs in-process)")
+    with Client(address or None, args.token) as client:
+        for delta in client.generate(prompt, adapter=args.adapter, **sampling):
+            if args.json:
+                print_json(delta)
+            else:
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+    if not args.json:
+        print()
+    return 0
+
+
+def _emit(args, value, human) -> int:
+    """Prints `value` as one JSON document with --json; else `human`, a text or a function
+    that prints it. Returns the exit status, 0."""
+    if args.json:
+        print_json(value)
+    elif callable(human):
+        human()
+    else:
+        print(human)
+    return 0
+
+
+def _with_client(handler, args) -> int:
+    with Client(args.addr, args.token) as client:
+        return handler(args, client)
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a label; write key=value")
+    return key, value
+
+
+def _quota_options(parser) -> None:
+    for flag, (field, limits) in _QUOTA_FLAGS.items():
+        parser.add_argument(flag, dest=field, type=int, help=f"{limits} (0: no limit)")
+
+
+def _quota_limits(args) -> dict[str, int]:
+    """The quotas given on the command line."""
+    return {field: getattr(args, field) for field, _ in _QUOTA_FLAGS.values()
+            if getattr(args, field) is not None}
+
+
+def _adapters_list(args, client) -> int:
+    adapters = list(client.adapters.list(name_prefix=args.prefix, labels=dict(args.label)))
+    return _emit(args, adapters, lambda: print_table(
+        ["name", "latest", "versions", "description", "labels", "updated"],
+        [[a.name, f"v{a.latest_version}", a.version_count, a.description, a.labels,
+          when(a.update_time)] for a in adapters]))
+
+
+def _adapters_show(args, client) -> int:
+    adapter = client.adapters.get(args.name)
+    return _emit(args, adapter, lambda: print_fields(adapter))
+
+
+def _adapters_versions(args, client) -> int:
+    versions = list(client.adapters.versions(args.name))
+    return _emit(args, versions, lambda: print_table(
+        ["version", "rank", "alpha", "targets", "bytes", "sha256", "source", "job", "created"],
+        [[v.ref, v.rank, v.alpha, v.target_modules, v.size_bytes, v.sha256[:12],
+          v.provenance["source"], v.provenance["job_id"], when(v.create_time)]
+         for v in versions]))
+
+
+def _adapters_import(args, client) -> int:
+    version = client.adapters.create(args.name, args.dir, description=args.description,
+                                     labels=dict(args.label))
+    return _emit(args, version,
+                 f"published {version.ref} (rank {version.rank}, {version.size_bytes} bytes)")
+
+
+def _adapters_export(args, client) -> int:
+    path = client.adapters.export(args.name, args.dest)
+    return _emit(args, {"path": str(path)}, path)
+
+
+def _adapters_delete(args, client) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ValueError(f"deleting {args.name} needs --yes when stdin is not a terminal")
+        sys.stderr.write(f"delete {args.name}{'' if '@' in args.name else ' and every version'}"
+                         "? [y/N] ")
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            print("nothing deleted", file=sys.stderr)
+            return 1
+    deleted = client.adapters.delete(args.name)
+    return _emit(args, {"versions_deleted": deleted},
+                 f"deleted {deleted} version{'s' * (deleted != 1)} of {args.name}")
+
+
+def _finetune(args, client) -> int:
+    job = client.jobs.create(
+        args.name, args.data, rank=args.rank, alpha=args.alpha, target_modules=args.targets,
+        lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        checkpoint_every=args.checkpoint_every, eval_fraction=args.eval_fraction,
+        seed=args.seed)
+    _emit(args, job, f"job {job.id}: training {job.adapter}")
+    if args.detach:
+        if not args.json:
+            print(f"follow it with: cotune jobs watch {job.id}")
+        return 0
+    return _watch(client, job.id, args.json)
+
+
+def _jobs_list(args, client) -> int:
+    jobs = list(client.jobs.list(state=args.state))
+    return _emit(args, jobs, lambda: print_table(
+        ["id", "adapter", "state", "step", "loss", "versions", "created"],
+        [[j.id, j.adapter, j.state, f"{j.step}/{j.total_steps}", j.loss, j.versions,
+          when(j.create_time)] for j in jobs]))
+
+
+def _jobs_show(args, client) -> int:
+    job = client.jobs.get(args.id)
+    return _emit(args, job, lambda: print_fields(job))
+
+
+def _jobs_watch(args, client) -> int:
+    return _watch(client, args.id, args.json)
+
+
+def _jobs_cancel(args, client) -> int:
+    job = client.jobs.cancel(args.id)
+    return _emit(args, job, f"job {job.id}: {job.state}"
+                            f"{'' if job.done else ', stops after its current step'}")
+
+
+def _watch(client, job_id: str, as_json: bool) -> int:
+    """Follows a job until it ends: 0 when it succeeded, 1 when it failed or was cancelled.
+    Ctrl-C stops the watching only; the job runs on."""
+    progress = ProgressLine()
+    try:
+        for event in client.jobs.watch(job_id):
+            if as_json:
+                print_json(event)
+            elif event.kind == "progress":
+                progress.update(event.step, event.total_steps, event.loss,
+                                event.tokens_per_second)
+            else:
+                progress.clear()
+                _print_event(event)
+            if event.kind == "state" and event.state in TERMINAL_JOB_STATES:
+                break
+    except KeyboardInterrupt:
+        progress.clear()
+        print(f"\nstopped watching; job {job_id} keeps running. Re-attach with: "
+              f"cotune jobs watch {job_id}", file=sys.stderr)
+        return 130
+    progress.clear()
+    job = client.jobs.get(job_id)
+    if not as_json and job.state == "succeeded":
+        print(f"succeeded: {', '.join(job.versions) or 'no version'} published")
+    elif not as_json:
+        print(job.state + (f": {job.error}" if job.error else ""), file=sys.stderr)
+    return 0 if job.state == "succeeded" else 1
+
+
+def _print_event(event) -> None:
+    if event.kind == "state":
+        print(f"job {event.job_id}: {event.state}")
+    elif event.kind == "evaluation":
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(event.metrics.items()))
+        print(f"evaluation at step {event.step}: {metrics}")
+    elif event.kind == "checkpoint":
+        print(f"checkpoint at step {event.step}: {event.version}")
+    else:
+        print(f"job error: {event.error}", file=sys.stderr)
+
+
+def _tenants_create(args, client) -> int:
+    limits = _quota_limits(args)
+    tenant = client.tenants.create(args.name, admin=args.admin,
+                                   quotas=Quotas(**limits) if limits else None)
+    return _emit(args, tenant, f"created tenant {tenant.name}")
+
+
+def _tenants_show(args, client) -> int:
+    tenant = client.tenants.get(args.name)
+    if args.json:
+        print_json(tenant)
+        return 0
+    print_fields(tenant, exclude=("tokens",))
+    print()
+    print_table(["token id", "description", "created", "revoked"],
+                [[t.id, t.description, when(t.create_time), t.revoked] for t in tenant.tokens])
+    return 0
+
+
+def _tenants_list(args, client) -> int:
+    tenants = list(client.tenants.list())
+    return _emit(args, tenants, lambda: print_table(
+        ["name", "admin", "quotas", "tokens", "created"],
+        [[t.name, t.admin, t.quotas, sum(not k.revoked for k in t.tokens),
+          when(t.create_time)] for t in tenants]))
+
+
+def _tenants_quotas(args, client) -> int:
+    limits = _quota_limits(args)
+    if not limits:
+        raise ValueError(f"give the quotas to change: {', '.join(_QUOTA_FLAGS)}")
+    tenant = client.tenants.set_quotas(args.name, **limits)
+    return _emit(args, tenant, lambda: print_fields(tenant.quotas))
+
+
+def _token_issue(args, client) -> int:
+    issued = client.tenants.issue_token(args.tenant, args.description)
+    if args.json:
+        print_json(issued)
+    else:
+        print(issued.token)
+        print(f"token id {issued.id}: the secret is shown this once", file=sys.stderr)
+    return 0
+
+
+def _token_revoke(args, client) -> int:
+    revoked = client.tenants.revoke_token(args.id)
+    return _emit(args, {"revoked": revoked},
+                 f"token {args.id} {'revoked' if revoked else 'was already revoked'}")

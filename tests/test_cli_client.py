@@ -1,0 +1,138 @@
+"""The `cotune` client commands as users run them (`.venv/bin/cotune` subprocesses with
+COTUNE_ADDR and COTUNE_TOKEN) against a real `cotune serve` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from server_helpers import running_server, tiny_adapter_dir
+
+from cotune.client import Client
+from cotune.client.files import ADAPTER_FILES
+
+pytestmark = pytest.mark.slow
+
+COTUNE = str(Path(sys.executable).parent / "cotune")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    return tiny_adapter_dir(tmp_path_factory.mktemp("adapter") / "peft", seed=3)
+
+
+def _cotune(server, *args: str, token: str | None = None, stdin: str = ""):
+    env = dict(os.environ, COTUNE_ADDR=server.address,
+               COTUNE_TOKEN=server.admin_token if token is None else token)
+    return subprocess.run([COTUNE, *args], env=env, input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _json(server, *args: str, token: str | None = None):
+    result = _cotune(server, *args, "--json", token=token)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_adapter_lifecycle_in_json(server, adapter_dir, tmp_path):
+    first = _json(server, "adapters", "import", "cli-adapter", str(adapter_dir),
+                  "--description", "from the CLI", "--label", "team=search")
+    assert (first["name"], first["version"]) == ("cli-adapter", 1)
+    second = _json(server, "adapters", "import", "cli-adapter", str(adapter_dir))
+    assert second["version"] == 2 and second["sha256"] == first["sha256"]
+
+    listed = _json(server, "adapters", "list", "--label", "team=search")
+    assert [(a["name"], a["latest_version"]) for a in listed] == [("cli-adapter", 2)]
+    shown = _json(server, "adapters", "show", "cli-adapter")
+    assert shown["description"] == "from the CLI" and shown["labels"] == {"team": "search"}
+    versions = _json(server, "adapters", "versions", "cli-adapter")
+    assert [v["version"] for v in versions] == [1, 2]
+    assert versions[0]["provenance"]["source"] == "upload"
+
+    exported = Path(_json(server, "adapters", "export", "cli-adapter@v1",
+                          str(tmp_path / "out"))["path"])
+    for name in ADAPTER_FILES:
+        assert (exported / name).read_bytes() == (adapter_dir / name).read_bytes()
+    again = _cotune(server, "adapters", "export", "cli-adapter", str(exported))
+    assert again.returncode == 2 and "exists" in again.stderr
+
+    refused = _cotune(server, "adapters", "delete", "cli-adapter", stdin="")
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert _json(server, "adapters", "delete", "cli-adapter@v1", "--yes") == {
+        "versions_deleted": 1}
+    assert _json(server, "adapters", "delete", "cli-adapter", "--yes") == {
+        "versions_deleted": 1}
+    missing = _cotune(server, "adapters", "show", "cli-adapter")
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("cotune: error: NOT_FOUND: ") and "cli-adapter" in \
+        missing.stderr
+
+
+def test_tenant_and_its_token(server):
+    tenant = _json(server, "tenants", "create", "cli-tenant", "--max-adapters", "7")
+    assert tenant["name"] == "cli-tenant" and tenant["quotas"]["max_adapters"] == 7
+    issued = _json(server, "tenants", "token", "issue", "cli-tenant", "--description", "ci")
+    assert issued["token"].startswith("ct_")
+    assert _json(server, "adapters", "list", token=issued["token"]) == []
+    quotas = _json(server, "tenants", "quotas", "cli-tenant", "--max-jobs", "1")["quotas"]
+    assert (quotas["max_adapters"], quotas["max_concurrent_jobs"]) == (7, 1)
+    shown = _json(server, "tenants", "show", "cli-tenant")
+    assert [t["description"] for t in shown["tokens"]] == ["ci"]
+    denied = _cotune(server, "tenants", "list", token=issued["token"])
+    assert denied.returncode == 2 and "PERMISSION_DENIED" in denied.stderr
+
+
+def test_generate_on_the_server_prints_the_streamed_text(server, adapter_dir):
+    _json(server, "adapters", "import", "cli-gen", str(adapter_dir))
+    result = _cotune(server, "generate", "--server", "Tell me a story", "--adapter",
+                     "cli-gen", "--max-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    with Client(server.address, server.admin_token) as client:
+        expected = client.complete("Tell me a story", adapter="cli-gen", max_tokens=8)
+    assert result.stdout == expected.text + "\n"
+    lines = _cotune(server, "generate", "--server", server.address, "Tell me a story",
+                    "--adapter", "cli-gen", "--max-tokens", "8", "--json")
+    deltas = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert "".join(d["text"] for d in deltas) == expected.text
+    assert deltas[-1]["finish_reason"] in ("stop", "length")
+
+
+def test_finetune_watches_the_job_to_its_versions(server, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "1+1=", "completion": "2"}\n' * 12)
+    result = _cotune(server, "finetune", "cli-tuned", "--data", str(data), "--rank", "4",
+                     "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "2")
+    assert result.returncode == 0, result.stderr
+    assert "checkpoint at step 2: cli-tuned@v1" in result.stdout
+    assert "succeeded: cli-tuned@v1, cli-tuned@v2 published" in result.stdout
+    assert "step 4/4" in result.stderr  # the progress line: one line an update off a terminal
+    jobs = _json(server, "jobs", "list", "--state", "succeeded")
+    assert "cli-tuned" in {j["adapter"] for j in jobs}
+    job_id = next(j["id"] for j in jobs if j["adapter"] == "cli-tuned")
+    events = _cotune(server, "jobs", "watch", job_id, "--json")
+    assert events.returncode == 0
+    assert json.loads(events.stdout.splitlines()[0])["kind"] == "state"
+
+
+def test_a_bad_token_exits_2_with_unauthenticated_and_no_traceback(server):
+    result = _cotune(server, "adapters", "list", token="ct_not_a_token")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("cotune: error: UNAUTHENTICATED: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_the_client_commands_do_not_import_torch():
+    code = "import sys, cotune.cli; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "False"

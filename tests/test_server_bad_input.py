@@ -1,0 +1,553 @@
+"""Bad input at every RPC of a real `cotune serve`: each refusal has the status code of the wire
+contract and a message that says what is accepted, leaves nothing half-created (no adapter, no
+blob, no staged upload, no job), and the server goes on serving other tenants."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import shutil
+from contextlib import contextmanager
+from functools import partial
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors.torch import load_file, save_file
+from server_helpers import running_server, tiny_adapter_dir
+from wire import Caller
+
+from cotune.v1 import adapters_pb2, common_pb2, inference_pb2, tenants_pb2, training_pb2
+
+pytestmark = pytest.mark.slow
+
+INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+PRECONDITION, DENIED = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+NAME_RULE = "accepted: 'name', 'name@vK' or 'name@K'"
+BAD_REFERENCES = ["", "x" * 10_000, "x" * 100_000, "a@vx", "../x", "a/b", "a b", "-a"]
+DATA = b'{"prompt": "the cat", "completion": " sat on the mat"}\n' * 4
+VOCAB, CONTEXT, MAX_RANK = 320, 256, 16  # the tiny model of server_helpers, its --max-rank
+
+
+def shown(text: str) -> str:
+    return f"{len(text)} chars" if len(text) > 20 else text or "empty"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-input")
+    (root / "allowed").mkdir()
+    with running_server(root, "--allow-path", str(root / "allowed")) as running:
+        running.root = root
+        yield running
+
+
+@pytest.fixture(scope="module")
+def admin(server):
+    caller = Caller(server.address, server.admin_token)
+    yield caller
+    caller.close()
+
+
+@pytest.fixture(scope="module")
+def alice(server, admin):
+    """The tenant that sends the bad input; she owns one good adapter, "kept"."""
+    caller = Caller(server.address, admin.new_tenant("alice"))
+    caller.upload("kept", tiny_adapter_dir(server.root / "kept", seed=1))
+    yield caller
+    caller.close()
+
+
+@pytest.fixture(scope="module")
+def bob(server, admin):
+    """Another tenant, who only asks for ordinary things."""
+    caller = Caller(server.address, admin.new_tenant("bob"))
+    yield caller
+    caller.close()
+
+
+@pytest.fixture(scope="module")
+def adapter_files(server) -> dict[str, bytes]:
+    """The files of a good rank-4 adapter (q_proj, v_proj), to spoil one at a time."""
+    path = server.root / "kept"
+    return {CONFIG: (path / CONFIG).read_bytes(), WEIGHTS: (path / WEIGHTS).read_bytes()}
+
+
+def refusal(call, code: grpc.StatusCode, *fragments: str) -> str:
+    """Runs `call`, which must fail with `code` and a message holding every fragment."""
+    with pytest.raises(grpc.RpcError) as raised:
+        result = call()
+        if hasattr(result, "__next__"):  # a response stream fails when read
+            list(result)
+    error = raised.value
+    assert error.code() == code, error.details()
+    for fragment in fragments:
+        assert fragment in error.details()
+    return error.details()
+
+
+def header(name: str = "spoilt", **fields) -> adapters_pb2.CreateAdapterRequest:
+    return adapters_pb2.CreateAdapterRequest(
+        header=adapters_pb2.CreateAdapterHeader(name=name, **fields))
+
+
+def chunk(path: str, data: bytes) -> adapters_pb2.CreateAdapterRequest:
+    return adapters_pb2.CreateAdapterRequest(chunk=common_pb2.FileChunk(path=path, data=data))
+
+
+def adapter_names(caller: Caller) -> set[str]:
+    response = caller.adapters.ListAdapters(adapters_pb2.ListAdaptersRequest(page_size=1000),
+                                            metadata=caller.metadata)
+    return {a.name for a in response.adapters}
+
+
+def blobs(server) -> set[str]:
+    return {p.name for p in (server.data_dir / "blobs").iterdir() if not p.name.startswith(".")}
+
+
+@contextmanager
+def leaves_nothing(server, caller: Caller):
+    """The refusals in the block create no adapter and no blob, and leave no staged upload."""
+    names, stored = adapter_names(caller), blobs(server)
+    yield
+    assert adapter_names(caller) == names
+    assert blobs(server) == stored
+    assert os.listdir(server.data_dir / "uploads") == []
+
+
+# --- names and references --------------------------------------------------------------------
+
+@pytest.mark.parametrize("reference", BAD_REFERENCES, ids=shown)
+def test_an_invalid_adapter_reference_is_refused_by_every_call_that_takes_one(alice, reference):
+    md, a = alice.metadata, alice.adapters
+    calls = {
+        "GetAdapter": lambda: a.GetAdapter(adapters_pb2.GetAdapterRequest(name=reference),
+                                           metadata=md),
+        "ListVersions": lambda: a.ListVersions(
+            adapters_pb2.ListVersionsRequest(name=reference), metadata=md),
+        "DeleteAdapter": lambda: a.DeleteAdapter(
+            adapters_pb2.DeleteAdapterRequest(name=reference), metadata=md),
+        "ExportAdapter": lambda: a.ExportAdapter(
+            adapters_pb2.ExportAdapterRequest(name=reference), metadata=md),
+        "CreateAdapter": lambda: a.CreateAdapter(iter([header(reference)]), metadata=md),
+        "CreateJob": lambda: alice.training.CreateJob(
+            training_pb2.CreateJobRequest(adapter=reference, training_data=DATA), metadata=md),
+    }
+    if reference:  # "" is the base model in Generate
+        calls["Generate"] = lambda: alice.inference.Generate(
+            inference_pb2.GenerateRequest(prompt="hi", adapter=reference), metadata=md)
+    for name, call in calls.items():
+        message = refusal(call, INVALID, NAME_RULE)
+        assert len(message) < 1100, name  # a huge name is cut from the message, not echoed
+
+
+def test_version_zero_and_versions_where_only_a_name_is_taken_are_refused(alice):
+    md, a = alice.metadata, alice.adapters
+    refusal(lambda: a.ExportAdapter(adapters_pb2.ExportAdapterRequest(name="kept@v0"),
+                                    metadata=md), INVALID, "versions count from 1")
+    refusal(lambda: a.DeleteAdapter(adapters_pb2.DeleteAdapterRequest(name="kept@0"),
+                                    metadata=md), INVALID, "versions count from 1")
+    for call in (lambda: a.GetAdapter(adapters_pb2.GetAdapterRequest(name="kept@v1"),
+                                      metadata=md),
+                 lambda: a.ListVersions(adapters_pb2.ListVersionsRequest(name="kept@v1"),
+                                        metadata=md),
+                 lambda: a.CreateAdapter(iter([header("kept@v1")]), metadata=md)):
+        refusal(call, INVALID, "this call takes an adapter name only")
+    assert adapter_names(alice) == {"kept"}
+
+
+@pytest.mark.parametrize("reference", ["nope", "kept@v9"])
+def test_an_unknown_adapter_or_version_is_not_found(alice, reference):
+    md, a = alice.metadata, alice.adapters
+    calls = [
+        lambda: a.ExportAdapter(adapters_pb2.ExportAdapterRequest(name=reference), metadata=md),
+        lambda: a.DeleteAdapter(adapters_pb2.DeleteAdapterRequest(name=reference), metadata=md),
+        lambda: alice.inference.Generate(
+            inference_pb2.GenerateRequest(prompt="hi", adapter=reference), metadata=md),
+    ]
+    if "@" not in reference:
+        calls += [
+            lambda: a.GetAdapter(adapters_pb2.GetAdapterRequest(name=reference), metadata=md),
+            lambda: a.ListVersions(adapters_pb2.ListVersionsRequest(name=reference),
+                                   metadata=md)]
+    for call in calls:
+        refusal(call, NOT_FOUND, "not found")
+    assert adapter_names(alice) == {"kept"}
+
+
+# --- CreateAdapter: the stream, the files, the fit to the base ---------------------------------
+
+def spoilt_uploads(files: dict[str, bytes]) -> dict:
+    """name -> (messages after a header, status code, fragments of the message)."""
+    good = [chunk(CONFIG, files[CONFIG]), chunk(WEIGHTS, files[WEIGHTS])]
+    config = json.loads(files[CONFIG])
+    return {
+        "header twice": ([header(), *good], INVALID, "one header, then file chunks only"),
+        "a path out of the directory": ([chunk("../../etc/passwd", b"x"), *good], INVALID,
+                                        "accepted: adapter_config.json, "
+                                        "adapter_model.safetensors"),
+        "a pickle file name": ([*good, chunk("model.bin", b"\x80\x04")], INVALID,
+                               "'model.bin' not accepted"),
+        "a file in two runs": ([chunk(CONFIG, files[CONFIG][:20]), chunk(WEIGHTS, files[WEIGHTS]),
+                                chunk(CONFIG, files[CONFIG][20:])], INVALID, "two runs"),
+        "no weights": ([chunk(CONFIG, files[CONFIG])], INVALID,
+                       "lacks adapter_model.safetensors"),
+        "no files": ([], INVALID, "lacks adapter_config.json, adapter_model.safetensors"),
+        "config not JSON": ([chunk(CONFIG, b"{r: 4"), good[1]], INVALID,
+                            "invalid adapter_config.json", "accepted: a JSON object"),
+        "config a JSON list": ([chunk(CONFIG, json.dumps([config]).encode()), good[1]], INVALID,
+                               "not a JSON object"),
+        "config not UTF-8": ([chunk(CONFIG, b'{"r": "\xff\xfe"}'), good[1]], INVALID,
+                             "invalid adapter_config.json", "utf-8"),
+        "weights random bytes": ([good[0], chunk(WEIGHTS, os.urandom(4096))], INVALID,
+                                 "not a valid safetensors file"),
+        "weights a pickle": ([good[0], chunk(WEIGHTS, pickle.dumps({"w": [0.5]}, protocol=4))],
+                             INVALID, "is a pickle", "never unpickles"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "header twice", "a path out of the directory", "a pickle file name", "a file in two runs",
+    "no weights", "no files", "config not JSON", "config a JSON list", "config not UTF-8",
+    "weights random bytes", "weights a pickle"])
+def test_a_spoilt_upload_is_refused_and_leaves_nothing(server, alice, adapter_files, case):
+    messages, code, *fragments = spoilt_uploads(adapter_files)[case]
+    with leaves_nothing(server, alice):
+        message = refusal(lambda: alice.adapters.CreateAdapter(
+            iter([header(), *messages]), metadata=alice.metadata), code, *fragments)
+    assert str(server.data_dir) not in message  # the staging directory is the server's own
+
+
+def test_create_adapter_without_a_header_first_is_refused(server, alice, adapter_files):
+    with leaves_nothing(server, alice):
+        for messages in ([], [chunk(CONFIG, adapter_files[CONFIG])]):
+            refusal(partial(alice.adapters.CreateAdapter, iter(messages),
+                            metadata=alice.metadata),
+                    INVALID, "the first message of CreateAdapter must be its header")
+
+
+def upload_of(path) -> list:
+    return [header(), chunk(CONFIG, (path / CONFIG).read_bytes()),
+            chunk(WEIGHTS, (path / WEIGHTS).read_bytes())]
+
+
+def test_an_adapter_of_rank_above_max_rank_does_not_fit(server, alice, tmp_path):
+    wide = tiny_adapter_dir(tmp_path / "wide", seed=2, r=2 * MAX_RANK)
+    with leaves_nothing(server, alice):
+        message = refusal(lambda: alice.adapters.CreateAdapter(
+            iter(upload_of(wide)), metadata=alice.metadata), PRECONDITION,
+            f"rank {2 * MAX_RANK}", f"max_rank {MAX_RANK}", f"--max-rank {2 * MAX_RANK}")
+    assert str(server.data_dir) not in message
+
+
+def test_an_adapter_for_modules_the_base_lacks_or_of_other_shapes_does_not_fit(
+        server, alice, tmp_path):
+    lacking = tiny_adapter_dir(tmp_path / "lacking", seed=3)
+    config = json.loads((lacking / CONFIG).read_text())
+    (lacking / CONFIG).write_text(json.dumps(dict(config, target_modules=["w_gate"])))
+
+    shaped = tiny_adapter_dir(tmp_path / "shaped", seed=4)
+    tensors = load_file(shaped / WEIGHTS)
+    key = next(k for k in tensors if k.endswith("q_proj.lora_A.weight"))
+    tensors[key] = torch.randn(4, 32)  # the base's q_proj takes 64 features
+    save_file(tensors, shaped / WEIGHTS)
+
+    extra = tiny_adapter_dir(tmp_path / "extra", seed=5)
+    tensors = load_file(extra / WEIGHTS)
+    layer = "base_model.model.model.layers.7.self_attn.q_proj"  # the base has 2 layers
+    tensors |= {f"{layer}.lora_A.weight": torch.randn(4, 64),
+                f"{layer}.lora_B.weight": torch.randn(64, 4)}
+    save_file(tensors, extra / WEIGHTS)
+
+    with leaves_nothing(server, alice):
+        for path, fragments in (
+                (lacking, ["'w_gate' which the base model does not have", "q_proj"]),
+                (shaped, ["has shape (4, 32)", "in_features=64"]),
+                (extra, ["layers.7.self_attn.q_proj' which the base model does not have"])):
+            refusal(partial(alice.adapters.CreateAdapter, iter(upload_of(path)),
+                            metadata=alice.metadata), PRECONDITION, *fragments)
+
+
+def test_server_path_needs_an_admin_and_a_directory_under_allow_path(server, alice, admin):
+    outside = tiny_adapter_dir(server.root / "outside", seed=6)
+    allowed = server.root / "allowed"
+    shutil.copytree(outside, allowed / "inside")
+    with leaves_nothing(server, alice):
+        refusal(lambda: alice.adapters.CreateAdapter(
+            iter([header(server_path=str(allowed / "inside"))]), metadata=alice.metadata),
+            DENIED, "server_path needs an admin token")
+
+    os.symlink(outside, allowed / "link")
+    with leaves_nothing(server, admin):
+        for path, fragment in ((allowed / ".." / "outside", "outside the allowed directories"),
+                               (allowed / "link", "outside the allowed directories"),
+                               (allowed / "missing", "does not exist"),
+                               (server.data_dir / "blobs", "outside the allowed directories")):
+            refusal(partial(admin.adapters.CreateAdapter, iter([header(server_path=str(path))]),
+                            metadata=admin.metadata), INVALID, fragment)
+
+    # the same files under the allowed root are accepted
+    version = admin.adapters.CreateAdapter(
+        iter([header("inside", server_path=str(allowed / "inside"))]), metadata=admin.metadata)
+    assert (version.name, version.provenance.source) == ("inside", "server_path")
+
+
+# --- Generate and Abort ---------------------------------------------------------------------
+
+def sampled(prompt: str = "the cat", **sampling) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(prompt=prompt,
+                                         sampling=inference_pb2.SamplingParams(**sampling))
+
+
+def ids(*values: int) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(prompt_token_ids=inference_pb2.TokenIds(ids=values))
+
+
+BAD_GENERATE = {
+    "no input": (inference_pb2.GenerateRequest(), "no input; set prompt or prompt_token_ids"),
+    "empty prompt": (inference_pb2.GenerateRequest(prompt=""), "prompt is empty"),
+    "no token ids": (ids(), f"non-empty list of ids in [0, {VOCAB})"),
+    "token id = vocab": (ids(5, VOCAB), f"in [0, {VOCAB}); got {VOCAB}"),
+    "token id -1": (ids(-1), "got -1"),
+    "max_tokens -1": (sampled(max_tokens=-1), "max_tokens must be an integer >= 1"),
+    "max_tokens 0": (sampled(max_tokens=0), "max_tokens must be an integer >= 1"),
+    "max_tokens 2**31-1": (sampled(max_tokens=2**31 - 1),
+                           f"exceeds the model's context of {CONTEXT}"),
+    "past the context": (inference_pb2.GenerateRequest(
+        prompt_token_ids=inference_pb2.TokenIds(ids=[7] * 10),
+        sampling=inference_pb2.SamplingParams(max_tokens=CONTEXT - 9)),
+        f"prompt of 10 tokens plus max_tokens {CONTEXT - 9} exceeds the model's context"),
+    "temperature -1": (sampled(temperature=-1), "temperature must be a finite number >= 0"),
+    "temperature nan": (sampled(temperature=float("nan")),
+                        "temperature must be a finite number >= 0"),
+    "top_p 0": (sampled(top_p=0), "top_p must be in (0, 1]"),
+    "top_p 2": (sampled(top_p=2), "top_p must be in (0, 1]"),
+    "top_k -1": (sampled(top_k=-1), "top_k must be an integer >= 1, or 0"),
+    "logprobs -1": (sampled(logprobs=-1), "logprobs must be None or an integer >= 0"),
+    "logprobs > vocab": (sampled(logprobs=VOCAB + 1), f"accepted: 0 to {VOCAB}"),
+    "an empty stop string": (sampled(stop=[""]), "stop must be a list of non-empty strings"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GENERATE))
+def test_a_bad_generate_request_is_invalid_and_others_are_still_served(alice, bob, case):
+    # "logprobs > vocab" used to fail inside the engine's step, and so every request after it
+    request_, fragment = BAD_GENERATE[case]
+    refusal(lambda: alice.inference.Generate(request_, metadata=alice.metadata, timeout=30),
+            INVALID, fragment)
+    done = bob.generate(max_tokens=2)
+    assert done[-1].usage.completion_tokens == 2
+
+
+def test_a_request_id_in_flight_cannot_be_used_twice_by_its_tenant(alice, bob):
+    md = alice.metadata
+    long = sampled(max_tokens=200)
+    long.request_id = "twice"
+    first = alice.inference.Generate(long, metadata=md, timeout=60)
+    assert next(first).request_id == "twice"  # it is running now
+    refusal(lambda: alice.inference.Generate(inference_pb2.GenerateRequest(
+        prompt="hi", request_id="twice"), metadata=md), grpc.StatusCode.ALREADY_EXISTS,
+        "'twice' is already in flight; use a new request_id")
+    # another tenant's id space is its own
+    assert bob.generate(max_tokens=2, request_id="twice")[-1].usage.completion_tokens == 2
+    assert alice.inference.Abort(inference_pb2.AbortRequest(request_id="twice"),
+                                 metadata=md).aborted
+    assert list(first)[-1].finish_reason == inference_pb2.FINISH_REASON_ABORT
+    assert alice.generate(max_tokens=2, request_id="twice")[-1].request_id == "twice"
+
+
+def test_abort_needs_a_request_id(alice):
+    refusal(lambda: alice.inference.Abort(inference_pb2.AbortRequest(), metadata=alice.metadata),
+            INVALID, "request_id is empty")
+    assert not alice.inference.Abort(inference_pb2.AbortRequest(request_id="none"),
+                                     metadata=alice.metadata).aborted
+
+
+# --- listing ---------------------------------------------------------------------------------
+
+def forged(after) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"after": after}).encode()).decode()
+
+
+@pytest.mark.parametrize("page_token", [
+    "garbage", "!!!", "é", base64.urlsafe_b64encode(b"[1]").decode(), forged([1]),
+    forged({"a": 1}), forged(None), forged(True)])
+def test_a_page_token_the_server_did_not_give_is_refused_by_every_list(alice, admin, page_token):
+    md = alice.metadata
+    for call in (
+            lambda: alice.adapters.ListAdapters(adapters_pb2.ListAdaptersRequest(
+                page_token=page_token), metadata=md),
+            lambda: alice.adapters.ListVersions(adapters_pb2.ListVersionsRequest(
+                name="kept", page_token=page_token), metadata=md),
+            lambda: alice.training.ListJobs(training_pb2.ListJobsRequest(
+                page_token=page_token), metadata=md),
+            lambda: admin.tenants.ListTenants(tenants_pb2.ListTenantsRequest(
+                page_token=page_token), metadata=admin.metadata)):
+        refusal(call, INVALID, "page_token is not one this server gave")
+
+
+@pytest.mark.parametrize("page_size", [-1, 1001, 5000])
+def test_a_page_size_out_of_range_is_refused(alice, page_size):
+    for call in (
+            lambda: alice.adapters.ListAdapters(adapters_pb2.ListAdaptersRequest(
+                page_size=page_size), metadata=alice.metadata),
+            lambda: alice.adapters.ListVersions(adapters_pb2.ListVersionsRequest(
+                name="kept", page_size=page_size), metadata=alice.metadata),
+            lambda: alice.training.ListJobs(training_pb2.ListJobsRequest(
+                page_size=page_size), metadata=alice.metadata)):
+        refusal(call, INVALID, f"page_size {page_size} not accepted", "to 1000")
+
+
+# --- jobs ------------------------------------------------------------------------------------
+
+def job(**fields) -> training_pb2.CreateJobRequest:
+    fields.setdefault("adapter", "tuned")
+    return training_pb2.CreateJobRequest(**fields)
+
+
+BAD_JOBS = {
+    "no data": (job(), INVALID, ["the job has no data; set training_data"]),
+    "empty data": (job(training_data=b""), INVALID,
+                   ["training_data is empty", '{"prompt", "completion"}']),
+    "data not JSONL": (job(training_data=b"this is not JSON\n"), INVALID,
+                       ["training_data:1: invalid JSON", "one JSON object"]),
+    "data of lists": (job(training_data=b"[1, 2]\n"), INVALID,
+                      ["training_data:1: a JSON list is not an object"]),
+    "data not UTF-8": (job(training_data=b"\xff\xfe\n"), INVALID, ["training_data:1: not UTF-8"]),
+    "unknown target": (job(training_data=DATA, lora=training_pb2.LoraConfig(
+        target_modules=["w_gate"])), INVALID, ["targets ['w_gate'] not accepted", "q_proj"]),
+    "rank 0": (job(training_data=DATA, lora=training_pb2.LoraConfig(rank=0)), INVALID,
+               ["rank must be >= 1"]),
+    "rank above max_rank": (job(training_data=DATA, lora=training_pb2.LoraConfig(
+        rank=2 * MAX_RANK)), PRECONDITION, [f"max_rank {MAX_RANK}"]),
+    "unknown schedule": (job(training_data=DATA, schedule="sometimes"), INVALID,
+                         ["constant, linear, cosine"]),
+    "batch_size 0": (job(training_data=DATA, batch_size=0), INVALID,
+                     ["batch_size must be >= 1"]),
+    "a version": (job(adapter="tuned@v2", training_data=DATA), INVALID,
+                  ["an adapter name only"]),
+    "an invalid name": (job(adapter="../tuned", training_data=DATA), INVALID, [NAME_RULE]),
+    "server_path of a tenant": (job(server_path="/etc/passwd"), DENIED,
+                                ["server_path needs an admin token"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_JOBS))
+def test_a_bad_job_is_refused_and_leaves_no_job_running_or_data_behind(server, alice, case):
+    request_, code, fragments = BAD_JOBS[case]
+    message = refusal(lambda: alice.training.CreateJob(request_, metadata=alice.metadata),
+                      code, *fragments)
+    assert str(server.data_dir) not in message
+    jobs = alice.training.ListJobs(training_pb2.ListJobsRequest(), metadata=alice.metadata).jobs
+    assert {j.state for j in jobs} <= {training_pb2.JOB_STATE_FAILED}
+    jobs_dir = server.data_dir / "jobs"
+    assert not jobs_dir.exists() or os.listdir(jobs_dir) == []
+    assert adapter_names(alice) == {"kept"}
+
+
+def test_an_admins_job_data_path_must_lie_under_allow_path(server, admin):
+    (server.root / "data.jsonl").write_bytes(DATA)
+    for path, fragment in ((server.root / "allowed" / ".." / "data.jsonl", "outside the allowed"),
+                           (server.root / "allowed" / "none.jsonl", "does not exist")):
+        refusal(partial(admin.training.CreateJob, job(server_path=str(path)),
+                        metadata=admin.metadata), INVALID, fragment)
+
+
+@pytest.mark.parametrize("job_id", ["job-0000000000000000", "", "../x"])
+def test_an_unknown_job_is_not_found(alice, job_id):
+    md, t = alice.metadata, alice.training
+    for call in (lambda: t.GetJob(training_pb2.GetJobRequest(id=job_id), metadata=md),
+                 lambda: t.CancelJob(training_pb2.CancelJobRequest(id=job_id), metadata=md),
+                 lambda: t.WatchJob(training_pb2.WatchJobRequest(id=job_id), metadata=md)):
+        refusal(call, NOT_FOUND, "not found")
+
+
+# --- tenants ---------------------------------------------------------------------------------
+
+def test_tenant_service_refuses_a_tenant_that_is_not_an_admin(alice):
+    md, n = alice.metadata, alice.tenants
+    for call in (
+            lambda: n.CreateTenant(tenants_pb2.CreateTenantRequest(name="mallory"), metadata=md),
+            lambda: n.GetTenant(tenants_pb2.GetTenantRequest(name="alice"), metadata=md),
+            lambda: n.ListTenants(tenants_pb2.ListTenantsRequest(), metadata=md),
+            lambda: n.SetQuotas(tenants_pb2.SetQuotasRequest(name="alice"), metadata=md),
+            lambda: n.IssueToken(tenants_pb2.IssueTokenRequest(tenant="admin"), metadata=md),
+            lambda: n.RevokeToken(tenants_pb2.RevokeTokenRequest(id="x"), metadata=md)):
+        refusal(call, DENIED, "'alice' is not an admin")
+
+
+@pytest.mark.parametrize("name", BAD_REFERENCES + ["a@v1"], ids=shown)
+def test_an_invalid_tenant_name_is_refused(admin, name):
+    message = refusal(lambda: admin.tenants.CreateTenant(tenants_pb2.CreateTenantRequest(
+        name=name), metadata=admin.metadata), INVALID, "invalid tenant name",
+        "accepted: 1-128 letters")
+    assert len(message) < 1100
+
+
+def test_tenant_service_refuses_duplicates_negative_quotas_and_unknown_tenants(admin):
+    md, n = admin.metadata, admin.tenants
+    refusal(lambda: n.CreateTenant(tenants_pb2.CreateTenantRequest(name="alice"), metadata=md),
+            grpc.StatusCode.ALREADY_EXISTS, "'alice' already exists")
+    negative = tenants_pb2.Quotas(max_adapters=1, max_tokens_per_minute=-5)
+    refusal(lambda: n.SetQuotas(tenants_pb2.SetQuotasRequest(name="alice", quotas=negative),
+                                metadata=md), INVALID, "max_tokens_per_minute", "negative",
+            "0 (no limit) or a positive number")
+    refusal(lambda: n.CreateTenant(tenants_pb2.CreateTenantRequest(name="carol", quotas=negative),
+                                   metadata=md), INVALID, "negative")
+    assert "carol" not in {t.name for t in n.ListTenants(tenants_pb2.ListTenantsRequest(),
+                                                        metadata=md).tenants}
+    assert n.GetTenant(tenants_pb2.GetTenantRequest(name="alice"),
+                       metadata=md).quotas.max_adapters != 1
+    for call in (lambda: n.GetTenant(tenants_pb2.GetTenantRequest(name="zed"), metadata=md),
+                 lambda: n.SetQuotas(tenants_pb2.SetQuotasRequest(name="zed"), metadata=md),
+                 lambda: n.IssueToken(tenants_pb2.IssueTokenRequest(tenant="zed"),
+                                      metadata=md)):
+        refusal(call, NOT_FOUND, "'zed' not found")
+
+
+# --- bytes that are not a message --------------------------------------------------------------
+
+def raw(caller: Caller, method: str, kind: str = "unary_unary"):
+    """A call that sends bytes as they are: what a client with a broken encoder sends."""
+    return getattr(caller.channel, kind)(method, request_serializer=lambda b: b,
+                                         response_deserializer=lambda b: b)
+
+
+def test_a_string_field_of_invalid_utf8_is_invalid_argument(server, alice):
+    bad_utf8 = b"\x0a\x02\xff\xfe"  # field 1 (prompt, name), length 2, not UTF-8
+    calls = {
+        "Generate": lambda: raw(alice, "/cotune.v1.InferenceService/Generate", "unary_stream")(
+            bad_utf8, metadata=alice.metadata, timeout=30),
+        "GetAdapter": lambda: raw(alice, "/cotune.v1.AdapterService/GetAdapter")(
+            bad_utf8, metadata=alice.metadata, timeout=30),
+        "GetAdapter, not a message at all": lambda: raw(
+            alice, "/cotune.v1.AdapterService/GetAdapter")(
+            b"\xff\xff\xff", metadata=alice.metadata, timeout=30),
+    }
+    for call in calls.values():
+        refusal(call, INVALID, "does not parse", "valid UTF-8")
+
+    good_header = header("half").SerializeToString()
+    bad_chunk = b"\x12\x06\x0a\x04\xff\xfe\xfd\xfc"  # chunk{path: not UTF-8}
+    with leaves_nothing(server, alice):
+        refusal(lambda: raw(alice, "/cotune.v1.AdapterService/CreateAdapter", "stream_unary")(
+            iter([good_header, bad_chunk]), metadata=alice.metadata, timeout=30),
+            INVALID, "does not parse")
+
+
+# --- after all of it -------------------------------------------------------------------------
+
+def test_after_the_bad_input_the_server_serves_and_logged_no_server_fault(server, alice, bob):
+    done = bob.generate(max_tokens=12)
+    assert done[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    assert done[-1].usage.completion_tokens == 12
+    assert alice.generate(adapter="kept", max_tokens=3)[0].adapter == "kept@v1"
+    health = health_pb2_grpc.HealthStub(bob.channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    faults = [line for line in server.output if " ERROR " in line or "Traceback" in line]
+    assert faults == []
+    assert server.proc.poll() is None
