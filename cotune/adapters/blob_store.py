@@ -17,6 +17,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from cotune.adapters.durable import fsync
+
 # PEFT's file names (as in peft_format); a version is exactly these two files.
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,15 +47,15 @@ class BlobStore:
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; a version is for any reader
             for name in FILES:
                 shutil.copyfile(files / name, tmp / name)
-                _fsync(tmp / name)
-            _fsync(tmp)
+                fsync(tmp / name)
+            fsync(tmp)
             blob_id = uuid.uuid4().hex
             final = self.root / blob_id
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync(self.root)  # the rename itself is durable before the registry references it
+        fsync(self.root)  # the rename itself is durable before the registry references it
         return blob_id, final
 
     def path(self, blob_id: str) -> Path:
@@ -80,12 +82,3 @@ def _checked(blob_id: str) -> str:
     if not isinstance(blob_id, str) or not _BLOB_ID.fullmatch(blob_id):
         raise ValueError(f"invalid blob id {blob_id!r}; accepted: 32 lowercase hex digits")
     return blob_id
-
-
-def _fsync(path: Path) -> None:
-    """Makes a written file, or a directory's entries, durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cotune.adapters.durable import fsync, write_synced
 from cotune.adapters.validation import (
     AdapterError,
     AdapterMismatch,
@@ -264,15 +265,15 @@ def save_peft_adapter(adapter: LoraAdapter, path: str | Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the adapter is for any reader
-        _write_synced(tmp / CONFIG_NAME, config_bytes)
+        write_synced(tmp / CONFIG_NAME, config_bytes)
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        _fsync(tmp / WEIGHTS_NAME)
-        _fsync(tmp)
+        fsync(tmp / WEIGHTS_NAME)
+        fsync(tmp)
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(path.parent)
+    fsync(path.parent)
 
 
 def _tensors_to_save(adapter: LoraAdapter, where: str) -> dict[str, torch.Tensor]:
@@ -307,19 +308,3 @@ def _check_module_to_save(config: dict, name: str, module: LoraModule, where: st
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise AdapterError(
             f"adapter {where}: module {name!r} contains NaN or Inf; accepted: finite values only")
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    """Makes a written file, or a directory's entries, durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

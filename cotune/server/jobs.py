@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import shutil
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cotune.adapters.durable import write_atomically
 from cotune.adapters.peft_format import AdapterMismatch
 from cotune.adapters.registry import JobRecord, NotFound, Registry, TenantRecord
 from cotune.engine.broadcast import END, Broadcast
@@ -82,7 +81,7 @@ class JobManager:
         record = self.registry.create_job(tenant.name, adapter, fields)
         job_dir = self.jobs_dir / record.id
         job_dir.mkdir(parents=True)
-        _write_atomically(job_dir / "data.jsonl", data)
+        write_atomically(job_dir / "data.jsonl", data)
         try:
             self._start(record)
         except Exception as e:  # bad data: the job ends failed, and the caller hears why
@@ -229,17 +228,3 @@ def _wire(job_id: str, time: float, **event) -> training_pb2.JobEvent:
 def job_state_event(record: JobRecord) -> training_pb2.JobEvent:
     """The first event a watcher gets: the job as the registry has it now."""
     return _wire(record.id, record.updated, state=JOB_STATES[record.state])
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
