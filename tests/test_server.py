@@ -208,53 +208,44 @@ def test_tenants_cannot_reach_or_see_each_others_adapters_jobs_and_requests(serv
         b.close()
 
 
-def test_an_adapter_lives_from_upload_through_training_to_export_with_peft_logits(
-        server, admin, tmp_path):
+def test_the_sdk_takes_an_adapter_from_upload_through_training_to_peft_with_its_logits(
+        server, tmp_path):
     from peft import PeftModel
 
-    uploaded = admin.upload("bot", tiny_adapter_dir(tmp_path / "bot", seed=5), labels={"t": "1"})
-    assert (uploaded.name, uploaded.version, uploaded.rank) == ("bot", 1, 4)
-    stream = admin.generate(adapter="bot", max_tokens=6)
-    assert stream[0].adapter == "bot@v1" and len(stream) >= 2
-    assert stream[-1].usage.completion_tokens == 6 == len(admin.tokens_of(stream))
+    from cotune.client import Client
 
-    # Every version a job publishes is servable at once, while the job goes on.
-    job = admin.create_job("facts", TRAINING_DATA, **JOB)
-    served = []
-    for event in admin.watch(job.id):
-        if event.WhichOneof("event") == "checkpoint":
-            served.append(admin.generate(adapter=event.checkpoint.version)[0].adapter)
-    assert served == ["facts@v1", "facts@v2", "facts@v3"]
-    done = admin.training.GetJob(training_pb2.GetJobRequest(id=job.id), metadata=admin.metadata)
-    assert done.state == training_pb2.JOB_STATE_SUCCEEDED and done.step == 6
-    assert list(done.versions) == served
-    versions = admin.adapters.ListVersions(adapters_pb2.ListVersionsRequest(name="facts"),
-                                           metadata=admin.metadata).versions
-    assert [v.provenance.parent_version for v in versions] == [0, 1, 2]
-    assert {v.provenance.job_id for v in versions} == {job.id}
+    with Client(server.address, server.admin_token) as client:
+        uploaded = client.adapters.create("bot", tiny_adapter_dir(tmp_path / "bot", seed=5),
+                                          labels={"t": "1"})
+        assert (uploaded.name, uploaded.version, uploaded.rank) == ("bot", 1, 4)
+        deltas = list(client.generate("the cat", adapter="bot", max_tokens=6))
+        assert deltas[0].adapter == "bot@v1" and len(deltas) >= 2  # streamed, not at once
+        assert deltas[-1].usage.completion_tokens == 6 == sum(len(d.token_ids) for d in deltas)
 
-    # The exported version loads in PEFT and gives the logits cotune served.
-    exported = tmp_path / "exported"
-    exported.mkdir()
-    for name, data in admin.export("facts@v3").items():
-        (exported / name).write_bytes(data)
-    response = admin.inference.Generate(inference_pb2.GenerateRequest(
-        prompt="the cat", adapter="facts",
-        sampling=inference_pb2.SamplingParams(max_tokens=8, logprobs=0)),
-        metadata=admin.metadata)
-    responses = list(response)
-    tokens = admin.tokens_of(responses)
-    served_logprobs = [lp.logprob for r in responses for lp in r.logprobs]
-    prompt = list(admin.inference.Tokenize(inference_pb2.TokenizeRequest(text="the cat"),
-                                           metadata=admin.metadata).token_ids)
+        # Every version a job publishes is servable at once, while the job goes on.
+        job = client.jobs.create("facts", TRAINING_DATA, **JOB)
+        served = [client.complete("the cat", adapter=event.version, max_tokens=2).adapter
+                  for event in client.jobs.watch(job.id) if event.kind == "checkpoint"]
+        assert served == ["facts@v1", "facts@v2", "facts@v3"]
+        done = client.jobs.get(job.id)
+        assert (done.state, done.step, done.versions) == ("succeeded", 6, tuple(served))
+        versions = list(client.adapters.versions("facts"))
+        assert [v.provenance["parent_version"] for v in versions] == [None, 1, 2]
+        assert {v.provenance["job_id"] for v in versions} == {job.id}
+
+        # The exported version loads in PEFT and gives the logits cotune served.
+        exported = client.adapters.export("facts@v3", tmp_path / "exported")
+        completion = client.complete("the cat", adapter="facts", max_tokens=8, logprobs=0)
+        prompt = client.tokenize("the cat")
+    tokens = list(completion.token_ids)
     peft_model = PeftModel.from_pretrained(tiny_hf_model("llama2"), exported).eval()
     with torch.no_grad():
         logits = peft_model(torch.tensor([prompt + tokens])).logits[0]
     logprobs = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
     assert logprobs.argmax(-1).tolist() == tokens
     reference = logprobs[torch.arange(len(tokens)), torch.tensor(tokens)]
-    torch.testing.assert_close(torch.tensor(served_logprobs), reference.float(), atol=1e-4,
-                               rtol=0)
+    served_logprobs = torch.tensor([lp.logprob for lp in completion.logprobs])
+    torch.testing.assert_close(served_logprobs, reference.float(), atol=1e-4, rtol=0)
 
 
 def _upload_interrupted(address: str, token: str, directory) -> None:
