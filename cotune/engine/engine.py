@@ -51,6 +51,16 @@ class StepOutput:
     finished: bool
 
 
+@dataclass(frozen=True)
+class StepReport:
+    """What one step computed, and how long it took."""
+
+    decode_tokens: int
+    prefill_tokens: int
+    training_tokens: int
+    seconds: float
+
+
 class Engine:
     def __init__(self, model: CausalLM, tokenizer=None, stop_token_ids: set[int] = frozenset(),
                  config: EngineConfig | None = None):
@@ -77,6 +87,8 @@ class Engine:
         # on_job_end(trainer, error) when a job finishes (error None) or fails.
         self.on_version: Callable[[Trainer, int, Path], None] | None = None
         self.on_job_end: Callable[[Trainer, BaseException | None], None] | None = None
+        # Called as on_step(StepReport) after every step that computed anything.
+        self.on_step: Callable[[StepReport], None] | None = None
 
     @property
     def has_work(self) -> bool:
@@ -133,6 +145,7 @@ class Engine:
             self._training_room(plan.num_tokens))
         if not chunks and training is None:
             return []
+        decode_tokens = sum(c.num_tokens for c in chunks if c.seq.pending == 1)
         with torch.set_grad_enabled(training is not None):
             hidden = self.model(self._batch(chunks, training))  # (T, hidden)
         inference_rows = plan.num_tokens
@@ -146,6 +159,9 @@ class Engine:
         seconds = time.perf_counter() - started
         self.step_time.observe(plan.num_tokens, train_tokens, seconds)
         self._recent_steps.append((seconds, training is not None))
+        if self.on_step is not None:
+            self.on_step(StepReport(decode_tokens, plan.num_tokens - decode_tokens, train_tokens,
+                                    seconds))
         return outputs
 
     def _inference_budget(self) -> int:

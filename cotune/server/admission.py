@@ -17,8 +17,12 @@ from cotune.server.errors import RpcError
 WINDOW_S = 60.0
 
 
-def _exhausted(message: str) -> RpcError:
-    return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+class Rejected(RpcError):
+    """A generation refused at admission; `reason` is one of metrics.REJECTION_REASONS."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        self.reason = reason
 
 
 class Admission:
@@ -35,17 +39,20 @@ class Admission:
         with self._lock:
             total = sum(self._queued.values())
             if self.max_queued and total >= self.max_queued:
-                raise _exhausted(f"the server has {total} generations in flight, its limit "
-                                 "(--max-queued-requests); retry with backoff")
+                raise Rejected("server_queue",
+                               f"the server has {total} generations in flight, its limit "
+                               "(--max-queued-requests); retry with backoff")
             if quotas.max_queued_requests and self._queued[name] >= quotas.max_queued_requests:
-                raise _exhausted(f"tenant {name!r} has {self._queued[name]} generations in "
-                                 f"flight, its quota max_queued_requests="
-                                 f"{quotas.max_queued_requests}; wait for one to finish")
+                raise Rejected("tenant_queue",
+                               f"tenant {name!r} has {self._queued[name]} generations in "
+                               f"flight, its quota max_queued_requests="
+                               f"{quotas.max_queued_requests}; wait for one to finish")
             used = self._used(name)
             if quotas.max_tokens_per_minute and used >= quotas.max_tokens_per_minute:
-                raise _exhausted(f"tenant {name!r} used {used} tokens in the last minute, its "
-                                 f"quota max_tokens_per_minute={quotas.max_tokens_per_minute}; "
-                                 "retry later")
+                raise Rejected("tokens_per_minute",
+                               f"tenant {name!r} used {used} tokens in the last minute, its "
+                               f"quota max_tokens_per_minute={quotas.max_tokens_per_minute}; "
+                               "retry later")
             self._queued[name] += 1
         self.count_tokens(name, prompt_tokens)
         try:

@@ -21,6 +21,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -32,6 +33,7 @@ from cotune.server.admission import Admission
 from cotune.server.handlers import DecodeErrors, Gate
 from cotune.server.inference_service import InferenceService
 from cotune.server.jobs import JobManager
+from cotune.server.metrics import Metrics
 from cotune.server.tenant_service import TenantService
 from cotune.server.training_service import TrainingService
 from cotune.server.uploads import Staging
@@ -66,7 +68,9 @@ class CotuneServer:
                                     max_rank=args.max_rank, num_slots=args.num_slots,
                                     kv_cache_tokens=args.kv_cache_tokens)
         self.gate = Gate(self.registry)
-        self.jobs = JobManager(self.runtime, self.registry, data_dir / "jobs")
+        self.metrics = Metrics(args.metrics_top_adapters)
+        self.metrics.watch(self.runtime)
+        self.jobs = JobManager(self.runtime, self.registry, data_dir / "jobs", self.metrics)
         max_bytes = args.max_upload_mb << 20
         workers = args.max_queued_requests + 32  # a stream holds a thread while it runs
         self.server = grpc.server(
@@ -83,7 +87,7 @@ class CotuneServer:
             self.gate, self.registry, self.jobs, args.allow_path, max_bytes), self.server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceService(
             self.gate, self.registry, self.runtime, Admission(args.max_queued_requests),
-            _model_info(self.runtime, args)), self.server)
+            _model_info(self.runtime, args), self.metrics), self.server)
         tenants_pb2_grpc.add_TenantServiceServicer_to_server(
             TenantService(self.gate, self.registry), self.server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -93,6 +97,11 @@ class CotuneServer:
              reflection.SERVICE_NAME), self.server)
         self.port = self.server.add_secure_port(f"{args.host}:{args.port}", _credentials(args)) \
             if args.tls_cert else self.server.add_insecure_port(f"{args.host}:{args.port}")
+        self.metrics_port = None
+        if args.metrics_port:
+            server, _ = prometheus_client.start_http_server(
+                args.metrics_port, addr=args.host, registry=self.metrics.registry)
+            self.metrics_port = server.server_port
         self.grace = args.grace_period
         self._stopping, self.stopped = threading.Event(), threading.Event()
 
@@ -170,6 +179,8 @@ def serve_command(args) -> int:
         signal.signal(sig, lambda *_: threading.Thread(target=server.stop).start())
     scheme = "grpcs" if args.tls_cert else "grpc"
     print(f"cotune serve: listening on {args.host}:{server.port} ({scheme})", flush=True)
+    if server.metrics_port:
+        print(f"metrics: http://{args.host}:{server.metrics_port}/metrics", flush=True)
     if server.admin_token_file.exists():
         print(f"admin token (from {server.admin_token_file}): "
               f"{server.admin_token_file.read_text().strip()}\n"

@@ -12,9 +12,10 @@ import grpc
 
 from cotune.adapters.registry import Registry, TenantRecord
 from cotune.engine.runtime import Request, Runtime
-from cotune.server.admission import Admission
-from cotune.server.errors import RpcError, invalid
+from cotune.server.admission import Admission, Rejected
+from cotune.server.errors import RpcError, invalid, status_of
 from cotune.server.handlers import Gate, rpc
+from cotune.server.metrics import Metrics
 from cotune.server.names import parse_reference, reference
 from cotune.v1 import inference_pb2, inference_pb2_grpc
 
@@ -25,35 +26,67 @@ MAX_TEXT_BYTES = 1 << 20
 
 class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, gate: Gate, registry: Registry, runtime: Runtime, admission: Admission,
-                 model_info: inference_pb2.ModelInfo):
+                 model_info: inference_pb2.ModelInfo, metrics: Metrics):
         self.gate, self.registry, self.runtime = gate, registry, runtime
-        self.admission, self.model_info = admission, model_info
+        self.admission, self.model_info, self.metrics = admission, model_info, metrics
         self._in_flight: set[str] = set()  # engine ids: "<tenant>/<request id>"
         self._lock = threading.Lock()
 
     @rpc()
     def Generate(self, request, context, tenant):
+        label = self.metrics.adapter_label(tenant.name, request.adapter.split("@", 1)[0])
+        status = grpc.StatusCode.OK
+        try:
+            yield from self._generate(request, context, tenant, label)
+            if not context.is_active():  # the stream ended because the call did
+                status = _gone(context)
+        except GeneratorExit:
+            status = _gone(context)
+            raise
+        except Exception as e:
+            if isinstance(e, Rejected):
+                self.metrics.rejections.labels(tenant.name, e.reason).inc()
+            known = status_of(e)
+            status = grpc.StatusCode.INTERNAL if known is None else known[0]
+            raise
+        finally:
+            self.metrics.requests.labels(tenant.name, label, status.name).inc()
+
+    def _generate(self, request, context, tenant: TenantRecord, label: str):
         prompt_ids = self._prompt_ids(request)
         served, adapter_key = self._adapter(tenant, request.adapter)
         engine_request = _engine_request(request, prompt_ids, adapter_key, tenant.name)
         self._check_fits(engine_request)  # refused as bad input, not as load, and before quota
         engine_id = f"{tenant.name}/{request.request_id or uuid.uuid4().hex}"
         engine_request.request_id = engine_id
-        with self.admission.request(tenant, len(prompt_ids)), self._claim(engine_id):
+        m = self.metrics
+        with self.admission.request(tenant, len(prompt_ids)), self._claim(engine_id), \
+                _in_flight(m.in_flight.labels(tenant.name)):
+            m.prompt_tokens.labels(tenant.name, label).inc(len(prompt_ids))
             # A cancelled call or a passed deadline aborts the request in the engine at once.
             context.add_callback(lambda: self.runtime.abort(engine_id))
-            start, ttft, generated = time.monotonic(), None, 0
+            start = last = time.monotonic()
+            ttft, generated = None, 0
             for delta in self.runtime.stream(engine_request):
-                if ttft is None and delta.token_ids:
-                    ttft = time.monotonic() - start
-                generated += len(delta.token_ids)
-                self.admission.count_tokens(tenant.name, len(delta.token_ids))
+                now, count = time.monotonic(), len(delta.token_ids)
+                if count:
+                    if ttft is None:
+                        ttft = now - start
+                        m.ttft.labels(tenant.name).observe(ttft)
+                    else:
+                        for _ in range(count):  # tokens sampled together share the gap
+                            m.inter_token.labels(tenant.name).observe((now - last) / count)
+                    last = now
+                generated += count
+                m.generated_tokens.labels(tenant.name, label).inc(count)
+                self.admission.count_tokens(tenant.name, count)
                 response = inference_pb2.GenerateResponse(
                     request_id=engine_id.split("/", 1)[1], token_ids=delta.token_ids,
                     text=delta.text, logprobs=[_logprob(lp) for lp in delta.logprobs if lp],
                     adapter=served)
                 served = ""  # named on the first message only
                 if delta.finish_reason is not None:
+                    m.e2e.labels(tenant.name).observe(now - start)
                     response.finish_reason = FINISH[delta.finish_reason]
                     response.usage.CopyFrom(inference_pb2.Usage(
                         prompt_tokens=len(prompt_ids), completion_tokens=generated,
@@ -134,6 +167,22 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         finally:
             with self._lock:
                 self._in_flight.discard(engine_id)
+
+
+def _gone(context) -> grpc.StatusCode:
+    """How a call that ended from the client's side ended."""
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining <= 0
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+
+@contextmanager
+def _in_flight(gauge):
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
 
 
 def _engine_request(request, prompt_ids: list[int], adapter: str | None,

@@ -29,6 +29,7 @@ from cotune.engine.job import Job, JobEvent
 from cotune.engine.runtime import Runtime
 from cotune.engine.training_data import DataError
 from cotune.server.convert import JOB_STATES, timestamp
+from cotune.server.metrics import Metrics
 from cotune.server.names import reference
 from cotune.v1 import training_pb2
 
@@ -49,6 +50,7 @@ class LiveJob:
     job: Job
     spec: FinetuneSpec
     record: JobRecord
+    labels: tuple[str, str]  # (tenant, adapter) as the metrics name them
     events: Broadcast = field(default_factory=Broadcast)  # of training_pb2.JobEvent
     progress: dict = field(default_factory=dict)  # as the registry stores it
     ended: threading.Event = field(default_factory=threading.Event)
@@ -63,8 +65,9 @@ class LiveJob:
 
 
 class JobManager:
-    def __init__(self, runtime: Runtime, registry: Registry, jobs_dir: Path):
+    def __init__(self, runtime: Runtime, registry: Registry, jobs_dir: Path, metrics: Metrics):
         self.runtime, self.registry, self.jobs_dir = runtime, registry, jobs_dir
+        self.metrics = metrics
         self._live: dict[str, LiveJob] = {}
         self._lock = threading.Lock()
         self._stopping = False
@@ -125,7 +128,8 @@ class JobManager:
         job_dir = self.jobs_dir / record.id
         spec = spec_of(record.adapter, record.spec, job_dir, record.tenant)
         job = self.runtime.finetune(spec, job_id=record.id)
-        live = LiveJob(job, spec, record, progress=dict(record.progress))
+        labels = (record.tenant, self.metrics.adapter_label(record.tenant, record.adapter))
+        live = LiveJob(job, spec, record, labels, progress=dict(record.progress))
         live.progress["published"] = self._published_by(record)
         events = job.subscribe()
         with self._lock:
@@ -150,6 +154,7 @@ class JobManager:
     def _record(self, live: LiveJob, event: JobEvent) -> None:
         job_id = live.record.id
         if event.kind == "progress":
+            self._count_progress(live, event.data)
             rate = live.rate(event.data["tokens"], event.time)
             live.progress.update({k: event.data[k] for k in
                                   ("step", "total_steps", "loss", "tokens")})
@@ -163,6 +168,7 @@ class JobManager:
                        if isinstance(v, (int, float))}
             if "eval_loss" in metrics:
                 live.progress["eval_loss"] = metrics["eval_loss"]
+                self.metrics.job_eval_loss.labels(*live.labels).set(metrics["eval_loss"])
             live.events.publish(_wire(job_id, event.time, evaluation=training_pb2.Evaluation(
                 step=event.data["step"], metrics=metrics)))
             for version in self._publish_new_versions(live):
@@ -175,10 +181,23 @@ class JobManager:
                                         "down; the job resumes when it starts again"))
                 return
             self.registry.update_job(job_id, state=state, error=error)
+            self.metrics.jobs_finished.labels(live.record.tenant, state).inc()
+            self.metrics.job_loss.remove(*live.labels)  # the gauge is of running jobs
             final = [_wire(job_id, event.time, state=JOB_STATES[state])]
             if error:
                 final.append(_wire(job_id, event.time, error=error))
             live.events.close(*final)
+
+    def _count_progress(self, live: LiveJob, progress: dict) -> None:
+        """Steps and tokens since the last report (a resumed job may report fewer than it had
+        recorded: it went back to its last version)."""
+        m = self.metrics
+        steps = progress["step"] - live.progress.get("step", progress["step"] - 1)
+        tokens = progress["tokens"] - live.progress.get("tokens", 0)
+        m.job_steps.labels(*live.labels).inc(max(0, steps))
+        m.training_tokens.labels(*live.labels).inc(max(0, tokens))
+        if progress["loss"] is not None:
+            m.job_loss.labels(*live.labels).set(progress["loss"])
 
     def _published_by(self, record: JobRecord) -> dict[str, int]:
         """Trainer version -> registry version of what this job published, read from the

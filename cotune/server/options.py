@@ -28,6 +28,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--host", default="127.0.0.1",
                      help="address to listen on; 0.0.0.0 for every interface")
     net.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
+    net.add_argument("--metrics-port", type=int, default=0,
+                     help="serve Prometheus metrics on this port (/metrics); 0: none")
+    net.add_argument("--metrics-top-adapters", type=int, default=20,
+                     help="adapters of a tenant named in metric labels (the busiest; the rest "
+                          "are 'other')")
     net.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
     net.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     net.add_argument("--tls-client-ca", type=Path,
