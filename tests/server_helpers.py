@@ -86,7 +86,9 @@ def start_server(root: Path, *extra_args: str, data_dir: Path | None = None,
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError("cotune serve did not start:\n" + "".join(output[-50:]))
-    token = (data_dir / "admin.token").read_text().strip()
+    preset = extra_args[extra_args.index("--admin-token-file") + 1] \
+        if "--admin-token-file" in extra_args else data_dir / "admin.token"
+    token = Path(preset).read_text().strip()
     return RunningServer(address[0], token, data_dir, proc, output)
 
 

@@ -509,3 +509,17 @@ def test_blob_store_refuses_ids_that_are_not_hex_and_incomplete_adapters(tmp_pat
         blobs.publish(partial)
     assert list((tmp_path / "blobs").iterdir()) == [tmp_path / "blobs" / ".staging"]
     assert list((tmp_path / "blobs" / ".staging").iterdir()) == []
+
+
+def test_a_preset_token_authenticates_and_a_malformed_one_is_refused(tmp_path):
+    registry = SqliteRegistry(tmp_path)
+    registry.create_tenant("ops", admin=True)
+    preset = "ct_0123456789ab_" + "A" * 43
+    record, token = registry.issue_token("ops", "from a Kubernetes Secret", preset)
+    assert token == preset and record.id == "0123456789ab"
+    assert registry.authenticate(preset).name == "ops"
+    with pytest.raises(ValueError, match="ct_<12 hex digits>"):
+        registry.issue_token("ops", "", "ct_short_secret")
+    with pytest.raises(AlreadyExists):
+        registry.issue_token("ops", "", preset)
+    registry.close()

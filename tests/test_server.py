@@ -382,3 +382,17 @@ def test_a_call_past_its_deadline_frees_its_place_long_before_it_would_have_ende
         assert again[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
     finally:
         caller.close()
+
+
+def test_a_preset_admin_token_from_a_file_is_the_admin_s_at_the_first_start(tmp_path):
+    preset = tmp_path / "admin-secret"
+    preset.write_text("ct_00000000abcd_" + "s" * 43 + "\n")
+    with running_server(tmp_path, "--admin-token-file", str(preset)) as server:
+        caller = Caller(server.address, preset.read_text().strip())
+        try:
+            tenants = caller.tenants.ListTenants(tenants_pb2.ListTenantsRequest(),
+                                                 metadata=caller.metadata).tenants
+            assert [(t.name, t.admin) for t in tenants] == [("admin", True)]
+            assert not (server.data_dir / "admin.token").exists()
+        finally:
+            caller.close()

@@ -133,9 +133,12 @@ class Registry(Protocol):
     def set_quotas(self, name: str, quotas: Quotas) -> TenantRecord:
         """Raises NotFound."""
 
-    def issue_token(self, tenant: str, description: str = "") -> tuple[TokenRecord, str]:
+    def issue_token(self, tenant: str, description: str = "",
+                    token: str | None = None) -> tuple[TokenRecord, str]:
         """A new token for `tenant`: its record and the secret, "ct_<id>_<secret>", which is
-        returned only here (the registry keeps a hash). Raises NotFound."""
+        returned only here (the registry keeps a hash). `token`: a preset secret of that form
+        (an operator's, from a Kubernetes Secret) instead of a fresh one. Raises NotFound,
+        AlreadyExists (a token of that id exists), ValueError (a malformed preset)."""
 
     def revoke_token(self, token_id: str) -> bool:
         """False when no such token or it was revoked already."""

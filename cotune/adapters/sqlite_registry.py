@@ -214,15 +214,27 @@ class SqliteRegistry:
                        (_quotas_json(quotas), name))
             return _tenant(db, name)
 
-    def issue_token(self, tenant: str, description: str = "") -> tuple[TokenRecord, str]:
-        token_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+    def issue_token(self, tenant: str, description: str = "",
+                    token: str | None = None) -> tuple[TokenRecord, str]:
+        if token is None:
+            token_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        else:
+            match = _TOKEN.fullmatch(token)
+            if match is None:
+                raise ValueError("a preset token must look like ct_<12 hex digits>_<43 of "
+                                 "A-Z a-z 0-9 _ ->, as `cotune tenants token issue` prints")
+            token_id, secret = match.groups()
         record = TokenRecord(id=token_id, tenant=tenant, description=description,
                              created=time.time(), revoked=False)
         with self._transaction(write=True) as db:
             _tenant(db, tenant)
-            db.execute("INSERT INTO tokens (id, tenant, hash, description, created) "
-                       "VALUES (?, ?, ?, ?, ?)",
-                       (token_id, tenant, _secret_hash(secret), description, record.created))
+            try:
+                db.execute("INSERT INTO tokens (id, tenant, hash, description, created) "
+                           "VALUES (?, ?, ?, ?, ?)",
+                           (token_id, tenant, _secret_hash(secret), description, record.created))
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"a token with id {token_id} exists already; accepted: a "
+                                    "token of a new id") from None
         return record, f"ct_{token_id}_{secret}"
 
     def revoke_token(self, token_id: str) -> bool:

@@ -63,7 +63,7 @@ class CotuneServer:
             args.default_max_adapters, args.default_max_versions, args.default_max_jobs,
             args.default_max_queued, args.default_tokens_per_minute))
         self.admin_token_file = data_dir / "admin.token"
-        self._bootstrap_admin()
+        self._bootstrap_admin(args.admin_token_file)
         self.runtime = Runtime.load(args.model, dtype=args.dtype, device=args.device,
                                     max_rank=args.max_rank, num_slots=args.num_slots,
                                     kv_cache_tokens=args.kv_cache_tokens)
@@ -140,11 +140,14 @@ class CotuneServer:
         self.registry.close()
         self.stopped.set()
 
-    def _bootstrap_admin(self) -> None:
+    def _bootstrap_admin(self, preset: Path | None) -> None:
         if self.registry.list_tenants(limit=1):
             return
+        token = None if preset is None else preset.read_text().strip()
         self.registry.create_tenant("admin", admin=True, quotas=Quotas())
-        _, token = self.registry.issue_token("admin", "created at the first start")
+        _, token = self.registry.issue_token("admin", "created at the first start", token)
+        if preset is not None:
+            return  # the operator has it already
         fd = os.open(self.admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
@@ -181,7 +184,9 @@ def serve_command(args) -> int:
     print(f"cotune serve: listening on {args.host}:{server.port} ({scheme})", flush=True)
     if server.metrics_port:
         print(f"metrics: http://{args.host}:{server.metrics_port}/metrics", flush=True)
-    if server.admin_token_file.exists():
+    if args.admin_token_file is not None:
+        print(f"admin token: the one in {args.admin_token_file}", flush=True)
+    elif server.admin_token_file.exists():
         print(f"admin token (from {server.admin_token_file}): "
               f"{server.admin_token_file.read_text().strip()}\n"
               f"try: COTUNE_ADDR={args.host}:{server.port} COTUNE_TOKEN=<the token> "

@@ -42,6 +42,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     store.add_argument("--data-dir", type=Path, default=default_data_dir(),
                        help="registry, adapter versions, jobs (default $COTUNE_DATA_DIR or "
                             "~/.local/share/cotune)")
+    store.add_argument("--admin-token-file", type=Path,
+                       help="at the first start, the admin tenant's token is the one in this "
+                            "file (a Kubernetes Secret) instead of a new one in "
+                            "DATA_DIR/admin.token")
     store.add_argument("--allow-path", type=Path, action="append", default=[],
                        help="a server directory whose adapters and data files admin tokens may "
                             "name by path (repeatable); none by default")
