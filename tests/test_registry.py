@@ -523,3 +523,94 @@ def test_a_preset_token_authenticates_and_a_malformed_one_is_refused(tmp_path):
     with pytest.raises(AlreadyExists):
         registry.issue_token("ops", "", preset)
     registry.close()
+
+
+# --- workers sharing one registry -------------------------------------------------------
+
+
+def test_a_worker_resumes_its_own_jobs_and_claims_unowned_ones_once(registry):
+    mine = registry.create_job("acme", "foo", {}, owner="worker-0")
+    theirs = registry.create_job("acme", "foo", {}, owner="worker-1")
+    unowned = registry.create_job("globex", "foo", {})
+    done = registry.create_job("acme", "foo", {}, owner="worker-0")
+    registry.update_job(done.id, state="succeeded")
+    assert [j.id for j in registry.unfinished_jobs("worker-0")] == [mine.id, unowned.id]
+    assert registry.get_job("globex", unowned.id).owner == "worker-0"
+    assert [j.id for j in registry.unfinished_jobs("worker-1")] == [theirs.id]
+    assert [j.id for j in registry.unfinished_jobs()] == [mine.id, theirs.id, unowned.id]
+
+
+def test_a_version_1_registry_gets_job_owners_and_keeps_its_jobs(data_dir):
+    reg = SqliteRegistry(data_dir)
+    reg.create_tenant("acme")
+    job = reg.create_job("acme", "foo", {"steps": 2}, owner="gone")
+    reg.close()
+    with sqlite3.connect(data_dir / "registry.sqlite3") as db:  # as cotune with schema 1 left it
+        db.executescript(
+            "CREATE TABLE v1 AS SELECT id, tenant, adapter, state, spec, error, created, "
+            "updated, versions, progress FROM jobs; DROP TABLE jobs; "
+            "ALTER TABLE v1 RENAME TO jobs; PRAGMA user_version = 1;")
+    reg = SqliteRegistry(data_dir)
+    assert reg.get_job("acme", job.id).owner == ""
+    assert [j.id for j in reg.unfinished_jobs("worker-0")] == [job.id]
+    reg.close()
+    with sqlite3.connect(data_dir / "registry.sqlite3") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+_WORKER = """
+import json, sys, time
+from pathlib import Path
+from cotune.adapters.sqlite_registry import SqliteRegistry
+data_dir, source, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+registry = SqliteRegistry(data_dir)
+while not go.exists():
+    time.sleep(0.001)
+token = registry.bootstrap_admin()
+while not registry.list_tenants():  # the other worker is making the admin
+    time.sleep(0.01)
+versions = [registry.publish_version("admin", "shared", source, {"source": "upload"}).version
+            for _ in range(12)]
+print(json.dumps({"token": token, "versions": versions}), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_registry(data_dir, tmp_path):
+    """Two workers on one data_dir: one makes the admin, versions never collide, a token one
+    issued authenticates in the other, and opens beside them never sweep a blob in flight."""
+    sources = [write_adapter(tmp_path / f"src{i}", seed=i, rank=8, features=256)
+               for i in range(2)]
+    SqliteRegistry(data_dir).close()
+    go = tmp_path / "go"
+    workers = [subprocess.Popen([sys.executable, "-c", _WORKER, str(data_dir), str(source),
+                                 str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for source in sources]
+    try:
+        go.touch()
+        opens = 0
+        while any(w.poll() is None for w in workers) or opens < 3:
+            SqliteRegistry(data_dir).close()  # would sweep, were it alone
+            opens += 1
+        results = []
+        for worker in workers:
+            out, err = worker.communicate(timeout=60)
+            assert worker.returncode == 0, err
+            results.append(json.loads(out))
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.communicate()
+    tokens = [r["token"] for r in results if r["token"] is not None]
+    assert len(tokens) == 1
+    assert sorted(v for r in results for v in r["versions"]) == list(range(1, 25))
+    reg = SqliteRegistry(data_dir)
+    assert reg.authenticate(tokens[0]).name == "admin"
+    assert [t.name for t in reg.list_tenants()] == ["admin"]
+    versions = reg.list_versions("admin", "shared", limit=100)
+    by_version = {v: sha256(sources[i] / WEIGHTS_NAME)
+                  for i, r in enumerate(results) for v in r["versions"]}
+    for v in versions:
+        assert sha256(v.path / WEIGHTS_NAME) == v.sha256 == by_version[v.version]
+    assert blob_dirs(data_dir) == {v.path for v in versions}
+    reg.close()

@@ -116,6 +116,7 @@ class JobRecord:
     updated: float
     versions: tuple[int, ...] = ()
     progress: dict = field(default_factory=dict)  # step, total_steps, tokens, loss, eval_loss
+    owner: str = ""  # the worker that runs it (its --worker-id); "" before owners existed
 
 
 class Registry(Protocol):
@@ -150,6 +151,12 @@ class Registry(Protocol):
         """The tenant of a valid, unrevoked token; None otherwise. The secret is compared by
         hash in constant time; a malformed token is None, never an exception."""
 
+    def bootstrap_admin(self, token: str | None = None) -> str | None:
+        """At a first start: the `admin` tenant and its first token (`token`: a preset one),
+        made only when the registry has no tenant at all, in one transaction, so that of
+        workers starting together on one registry exactly one makes it. Returns the token, or
+        None when the registry had tenants already."""
+
     # --- adapters and versions ----------------------------------------------------------
     def publish_version(self, tenant: str, name: str, files: Path, provenance: dict,
                         description: str | None = None,
@@ -181,9 +188,10 @@ class Registry(Protocol):
         NotFound."""
 
     # --- jobs ---------------------------------------------------------------------------
-    def create_job(self, tenant: str, adapter: str, spec: dict) -> JobRecord:
-        """A queued job with a fresh id ("job-<hex>"). Raises InvalidName,
-        QuotaExceeded("max_concurrent_jobs") when the tenant has that many queued or running."""
+    def create_job(self, tenant: str, adapter: str, spec: dict, owner: str = "") -> JobRecord:
+        """A queued job with a fresh id ("job-<hex>"), run by worker `owner`. Raises
+        InvalidName, QuotaExceeded("max_concurrent_jobs") when the tenant has that many queued
+        or running."""
 
     def get_job(self, tenant: str, job_id: str) -> JobRecord:
         """Raises NotFound (also for other tenants' jobs)."""
@@ -197,8 +205,11 @@ class Registry(Protocol):
         """Records a state change, an error, a published version (appended) and/or the
         latest progress (replaces the previous). Raises NotFound."""
 
-    def unfinished_jobs(self) -> list[JobRecord]:
-        """Every tenant's queued and running jobs, oldest first: what a restart resumes."""
+    def unfinished_jobs(self, owner: str | None = None) -> list[JobRecord]:
+        """Queued and running jobs, oldest first: what a restart resumes. None: every
+        worker's; a worker id: that worker's, after it claimed the unowned ones (jobs of a
+        registry from before owners) in the same transaction, so that of workers starting
+        together on one registry exactly one resumes each."""
 
     def close(self) -> None:
         ...

@@ -7,6 +7,13 @@ removed after the row's deletion is committed: a crash leaves at worst a blob th
 references, which the next open sweeps away. Only a process that opens data_dir while no other
 process has it open sweeps (an exclusive flock), so an admin command run beside a server never
 removes a blob the server is about to insert.
+
+Several workers may share one data_dir (the processes behind one router, on one host): every
+check that must hold across them (quotas, the next version number, the first admin, the claim
+of unowned jobs) runs in one write transaction, and SQLite's write lock spans processes; a
+token is checked against the database at every call, so a revocation holds everywhere at once.
+SQLite's WAL needs memory shared by the processes, so they must share a host (a local
+directory or a volume mounted on one node), not a network filesystem.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from cotune.adapters.registry import (
     VersionRecord,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: jobs.owner
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
     name TEXT PRIMARY KEY,
@@ -55,7 +62,7 @@ CREATE TABLE IF NOT EXISTS tenants (
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY,
     tenant TEXT NOT NULL REFERENCES tenants(name),
-    hash TEXT NOT NULL,  -- sha256 hex of the secret; the secret itself is never stored
+    hash TEXT NOT NULL,  -- sha256 hex of the secret, which itself is never stored
     description TEXT NOT NULL,
     created REAL NOT NULL,
     revoked INTEGER NOT NULL DEFAULT 0
@@ -102,11 +109,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     created REAL NOT NULL,
     updated REAL NOT NULL,
     versions TEXT NOT NULL,  -- JSON list of the versions the job published
-    progress TEXT NOT NULL  -- JSON object, the latest report
+    progress TEXT NOT NULL,  -- JSON object, the latest report
+    owner TEXT NOT NULL DEFAULT ''  -- the worker that runs it (its id), since schema 2
 );
 CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs(tenant, created, id);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, created, id);
 """
+
+_MIGRATIONS = {1: "ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''"}  # from version
 
 _ADAPTERS = """
 SELECT a.tenant, a.name, a.description, a.labels, a.created, a.updated,
@@ -149,14 +159,21 @@ class SqliteRegistry:
             raise
 
     def _create_schema(self) -> None:
-        found = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if found > SCHEMA_VERSION:
-            raise RegistryError(
-                f"{self.data_dir / 'registry.sqlite3'} has schema version {found}, newer than "
-                f"this cotune's {SCHEMA_VERSION}; accepted: a registry written by this or an "
-                "older cotune (upgrade cotune to open this one)")
-        self._db.executescript(
-            f"BEGIN IMMEDIATE; {_SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        """Creates or migrates the tables; the version is read under the write lock, so that
+        of processes opening one registry together exactly one migrates it."""
+        with self._transaction(write=True) as db:
+            found = db.execute("PRAGMA user_version").fetchone()[0]
+            if found > SCHEMA_VERSION:
+                raise RegistryError(
+                    f"{self.data_dir / 'registry.sqlite3'} has schema version {found}, newer "
+                    f"than this cotune's {SCHEMA_VERSION}; accepted: a registry written by this "
+                    "or an older cotune (upgrade cotune to open this one)")
+            tables = db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
+            for version in range(found if tables else SCHEMA_VERSION, SCHEMA_VERSION):
+                db.execute(_MIGRATIONS[version])
+            for statement in _SCHEMA.split(";"):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
     def _transaction(self, write: bool = False) -> Iterator[sqlite3.Connection]:
@@ -188,12 +205,7 @@ class SqliteRegistry:
                               quotas=_checked_quotas(
                                   self.default_quotas if quotas is None else quotas))
         with self._transaction(write=True) as db:
-            try:
-                db.execute("INSERT INTO tenants (name, admin, quotas, created) VALUES (?, ?, ?, ?)",
-                           (name, record.admin, _quotas_json(record.quotas), record.created))
-            except sqlite3.IntegrityError:
-                raise AlreadyExists(f"tenant {name!r} already exists; accepted: a new name, or "
-                                    "set_quotas to change an existing tenant") from None
+            _insert_tenant(db, record)
         return record
 
     def get_tenant(self, name: str) -> TenantRecord:
@@ -216,26 +228,26 @@ class SqliteRegistry:
 
     def issue_token(self, tenant: str, description: str = "",
                     token: str | None = None) -> tuple[TokenRecord, str]:
-        if token is None:
-            token_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
-        else:
-            match = _TOKEN.fullmatch(token)
-            if match is None:
-                raise ValueError("a preset token must look like ct_<12 hex digits>_<43 of "
-                                 "A-Z a-z 0-9 _ ->, as `cotune tenants token issue` prints")
-            token_id, secret = match.groups()
+        token_id, secret = _token_parts(token)
         record = TokenRecord(id=token_id, tenant=tenant, description=description,
                              created=time.time(), revoked=False)
         with self._transaction(write=True) as db:
             _tenant(db, tenant)
-            try:
-                db.execute("INSERT INTO tokens (id, tenant, hash, description, created) "
-                           "VALUES (?, ?, ?, ?, ?)",
-                           (token_id, tenant, _secret_hash(secret), description, record.created))
-            except sqlite3.IntegrityError:
-                raise AlreadyExists(f"a token with id {token_id} exists already; accepted: a "
-                                    "token of a new id") from None
+            _insert_token(db, record, secret)
         return record, f"ct_{token_id}_{secret}"
+
+    def bootstrap_admin(self, token: str | None = None) -> str | None:
+        token_id, secret = _token_parts(token)
+        now = time.time()
+        with self._transaction(write=True) as db:
+            if db.execute("SELECT 1 FROM tenants LIMIT 1").fetchone() is not None:
+                return None
+            _insert_tenant(db, TenantRecord(name="admin", admin=True, quotas=Quotas(),
+                                            created=now))
+            _insert_token(db, TokenRecord(id=token_id, tenant="admin", created=now,
+                                          description="created at the first start",
+                                          revoked=False), secret)
+        return f"ct_{token_id}_{secret}"
 
     def revoke_token(self, token_id: str) -> bool:
         with self._transaction(write=True) as db:
@@ -400,12 +412,12 @@ class SqliteRegistry:
 
     # --- jobs ---------------------------------------------------------------------------
 
-    def create_job(self, tenant: str, adapter: str, spec: dict) -> JobRecord:
+    def create_job(self, tenant: str, adapter: str, spec: dict, owner: str = "") -> JobRecord:
         _check_name("adapter", adapter)
         now = time.time()
         job = JobRecord(id=f"job-{secrets.token_hex(8)}", tenant=tenant, adapter=adapter,
                         state="queued", spec=json.loads(json.dumps(spec)), error="",
-                        created=now, updated=now)
+                        created=now, updated=now, owner=owner)
         with self._transaction(write=True) as db:
             limit = _tenant(db, tenant).quotas.max_concurrent_jobs
             count = db.execute(
@@ -418,9 +430,10 @@ class SqliteRegistry:
                     f"max_concurrent_jobs quota is {limit}; wait for one to finish, cancel one, "
                     "or ask an administrator to raise max_concurrent_jobs"))
             db.execute("INSERT INTO jobs (id, tenant, adapter, state, spec, error, created, "
-                       "updated, versions, progress) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '[]', '{}')",
+                       "updated, versions, progress, owner) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, '[]', '{}', ?)",
                        (job.id, tenant, adapter, job.state, json.dumps(job.spec), job.error,
-                        now, now))
+                        now, now, owner))
         return job
 
     def get_job(self, tenant: str, job_id: str) -> JobRecord:
@@ -471,12 +484,18 @@ class SqliteRegistry:
                         job.updated, job_id))
         return job
 
-    def unfinished_jobs(self) -> list[JobRecord]:
-        with self._transaction() as db:
-            rows = db.execute(
-                f"SELECT * FROM jobs WHERE state IN "
-                f"({', '.join('?' * len(UNFINISHED_JOB_STATES))}) ORDER BY created, id",
-                UNFINISHED_JOB_STATES).fetchall()
+    def unfinished_jobs(self, owner: str | None = None) -> list[JobRecord]:
+        unfinished = f"state IN ({', '.join('?' * len(UNFINISHED_JOB_STATES))})"
+        with self._transaction(write=owner is not None) as db:
+            if owner is None:
+                rows = db.execute(f"SELECT * FROM jobs WHERE {unfinished} ORDER BY created, id",
+                                  UNFINISHED_JOB_STATES).fetchall()
+            else:
+                db.execute(f"UPDATE jobs SET owner = ? WHERE owner = '' AND {unfinished}",
+                           (owner, *UNFINISHED_JOB_STATES))
+                rows = db.execute(f"SELECT * FROM jobs WHERE owner = ? AND {unfinished} "
+                                  "ORDER BY created, id", (owner, *UNFINISHED_JOB_STATES))
+                rows = rows.fetchall()
         return [_job_record(row) for row in rows]
 
 
@@ -493,6 +512,36 @@ def _tenant(db: sqlite3.Connection, name: str) -> TenantRecord:
 def _tenant_record(row: sqlite3.Row) -> TenantRecord:
     return TenantRecord(name=row["name"], admin=bool(row["admin"]),
                         quotas=Quotas(**json.loads(row["quotas"])), created=row["created"])
+
+
+def _insert_tenant(db: sqlite3.Connection, record: TenantRecord) -> None:
+    try:
+        db.execute("INSERT INTO tenants (name, admin, quotas, created) VALUES (?, ?, ?, ?)",
+                   (record.name, record.admin, _quotas_json(record.quotas), record.created))
+    except sqlite3.IntegrityError:
+        raise AlreadyExists(f"tenant {record.name!r} already exists; accepted: a new name, or "
+                            "set_quotas to change an existing tenant") from None
+
+
+def _token_parts(token: str | None) -> tuple[str, str]:
+    """(id, secret) of a preset token, or of a fresh one when `token` is None."""
+    if token is None:
+        return secrets.token_hex(6), secrets.token_urlsafe(32)
+    match = _TOKEN.fullmatch(token)
+    if match is None:
+        raise ValueError("a preset token must look like ct_<12 hex digits>_<43 of "
+                         "A-Z a-z 0-9 _ ->, as `cotune tenants token issue` prints")
+    return match[1], match[2]
+
+
+def _insert_token(db: sqlite3.Connection, record: TokenRecord, secret: str) -> None:
+    try:
+        db.execute("INSERT INTO tokens (id, tenant, hash, description, created) "
+                   "VALUES (?, ?, ?, ?, ?)", (record.id, record.tenant, _secret_hash(secret),
+                                              record.description, record.created))
+    except sqlite3.IntegrityError:
+        raise AlreadyExists(f"a token with id {record.id} exists already; accepted: a token "
+                            "of a new id") from None
 
 
 def _quotas_json(quotas: Quotas) -> str:
@@ -528,7 +577,7 @@ def _job_record(row: sqlite3.Row) -> JobRecord:
                      state=row["state"], spec=json.loads(row["spec"]), error=row["error"],
                      created=row["created"], updated=row["updated"],
                      versions=tuple(json.loads(row["versions"])),
-                     progress=json.loads(row["progress"]))
+                     progress=json.loads(row["progress"]), owner=row["owner"])
 
 
 def _lora_shape(config_path: Path) -> tuple[int, float, tuple[str, ...]]:

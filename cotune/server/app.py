@@ -70,7 +70,8 @@ class CotuneServer:
         self.gate = Gate(self.registry)
         self.metrics = Metrics(args.metrics_top_adapters)
         self.metrics.watch(self.runtime)
-        self.jobs = JobManager(self.runtime, self.registry, data_dir / "jobs", self.metrics)
+        self.jobs = JobManager(self.runtime, self.registry, data_dir / "jobs", self.metrics,
+                               args.worker_id)
         max_bytes = args.max_upload_mb << 20
         workers = args.max_queued_requests + 32  # a stream holds a thread while it runs
         self.server = grpc.server(
@@ -141,13 +142,10 @@ class CotuneServer:
         self.stopped.set()
 
     def _bootstrap_admin(self, preset: Path | None) -> None:
-        if self.registry.list_tenants(limit=1):
-            return
-        token = None if preset is None else preset.read_text().strip()
-        self.registry.create_tenant("admin", admin=True, quotas=Quotas())
-        _, token = self.registry.issue_token("admin", "created at the first start", token)
-        if preset is not None:
-            return  # the operator has it already
+        token = self.registry.bootstrap_admin(
+            None if preset is None else preset.read_text().strip())
+        if token is None or preset is not None:
+            return  # the registry had its admin, or the operator has the token already
         fd = os.open(self.admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")

@@ -70,7 +70,7 @@ def job(record: JobRecord) -> training_pb2.Job:
         tokens=progress.get("tokens", 0),
         versions=[reference(record.adapter, v) for v in record.versions], error=record.error,
         hyperparameters=struct(record.spec), create_time=timestamp(record.created),
-        update_time=timestamp(record.updated))
+        update_time=timestamp(record.updated), owner=record.owner)
     if progress.get("loss") is not None:
         message.loss = progress["loss"]
     if progress.get("eval_loss") is not None:

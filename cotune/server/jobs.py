@@ -5,8 +5,9 @@ broadcast to watchers. A job's directory holds its data and the trainer's checkp
   jobs/<id>/data.jsonl      the training data, as the job received it
   jobs/<id>/out/<adapter>/  the trainer's versions and their training state
 
-A restart resumes every queued or running job from its newest checkpoint, and publishes any
-checkpoint a crash left unpublished.
+A restart resumes every queued or running job of this worker (its owner, --worker-id) from its
+newest checkpoint, and publishes any checkpoint a crash left unpublished. Workers that share a
+registry share the jobs directory too: a job's directory is its own id's.
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ class LiveJob:
 
 
 class JobManager:
-    def __init__(self, runtime: Runtime, registry: Registry, jobs_dir: Path, metrics: Metrics):
+    def __init__(self, runtime: Runtime, registry: Registry, jobs_dir: Path, metrics: Metrics,
+                 worker_id: str):
         self.runtime, self.registry, self.jobs_dir = runtime, registry, jobs_dir
-        self.metrics = metrics
+        self.metrics, self.worker_id = metrics, worker_id
         self._live: dict[str, LiveJob] = {}
         self._lock = threading.Lock()
         self._stopping = False
@@ -81,7 +83,7 @@ class JobManager:
                 f"rank {spec.lora.rank} exceeds max_rank {max_rank} of this server; lower the "
                 f"rank to at most {max_rank} or start the server with --max-rank "
                 f"{spec.lora.rank}")
-        record = self.registry.create_job(tenant.name, adapter, fields)
+        record = self.registry.create_job(tenant.name, adapter, fields, self.worker_id)
         job_dir = self.jobs_dir / record.id
         job_dir.mkdir(parents=True)
         write_atomically(job_dir / "data.jsonl", data)
@@ -97,8 +99,9 @@ class JobManager:
         return self.registry.get_job(tenant.name, record.id)
 
     def resume_unfinished(self) -> None:
-        """Called once at start: every job a stop or a crash interrupted goes on."""
-        for record in self.registry.unfinished_jobs():
+        """Called once at start: every job of this worker's that a stop or a crash interrupted
+        goes on (workers sharing the registry resume their own)."""
+        for record in self.registry.unfinished_jobs(self.worker_id):
             try:
                 self._start(record)
                 log.info("resumed %s (%s/%s)", record.id, record.tenant, record.adapter)

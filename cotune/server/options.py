@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from pathlib import Path
 
 
@@ -49,6 +50,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     store.add_argument("--allow-path", type=Path, action="append", default=[],
                        help="a server directory whose adapters and data files admin tokens may "
                             "name by path (repeatable); none by default")
+    store.add_argument("--worker-id", default=socket.gethostname(),
+                       help="this worker's name among those sharing --data-dir behind a router: "
+                            "it owns the jobs it runs and resumes only those (default: the "
+                            "hostname, the pod's name in a StatefulSet)")
     store.add_argument("--max-upload-mb", type=int, default=2048,
                        help="largest adapter upload or training data file")
 

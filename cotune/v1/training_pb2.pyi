@@ -85,7 +85,7 @@ class CreateJobRequest(_message.Message):
     def __init__(self, adapter: _Optional[str] = ..., training_data: _Optional[bytes] = ..., server_path: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accumulation: _Optional[int] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., eval_fraction: _Optional[float] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "adapter", "state", "step", "total_steps", "tokens", "loss", "eval_loss", "versions", "error", "hyperparameters", "create_time", "update_time")
+    __slots__ = ("id", "adapter", "state", "step", "total_steps", "tokens", "loss", "eval_loss", "versions", "error", "hyperparameters", "create_time", "update_time", "owner")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class Job(_message.Message):
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     id: str
     adapter: str
     state: JobState
@@ -112,7 +113,8 @@ class Job(_message.Message):
     hyperparameters: _struct_pb2.Struct
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., adapter: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., tokens: _Optional[int] = ..., loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., versions: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., hyperparameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    owner: str
+    def __init__(self, id: _Optional[str] = ..., adapter: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., tokens: _Optional[int] = ..., loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., versions: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., hyperparameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)
