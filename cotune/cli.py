@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from cotune.cli_plan import add_plan_command
 from cotune.cli_remote import add_commands, add_generate_options, generate_on_server
 from cotune.client import CotuneError
 from cotune.server.options import add_serve_arguments
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.set_defaults(run=_generate)
 
     add_commands(commands)
+    add_plan_command(commands)
 
     demo = commands.add_parser("demo", help="generate for a mixed batch of adapters and explain")
     _model_options(demo)
