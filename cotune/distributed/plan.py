@@ -14,6 +14,8 @@ gradients and AdamW moments of the rank's jobs.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass, field
 
 from cotune.distributed.architecture import Architecture
@@ -181,7 +183,10 @@ def deepspeed_estimate(arch: Architecture, cluster: Cluster, w: Workload) -> int
     offloaded: what remains on a GPU is the 16-bit partition of the parameters (none with
     offload) and 4 bytes per element of the largest layer, the terms cotune's frozen base
     shares with it."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    # DeepSpeed's logger writes to the stdout of its first import: send it to stderr, so
+    # that `cotune plan --json` prints JSON alone
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     _, gpu, _ = estimate_zero3_model_states_mem_needs(
         arch.total_params, arch.largest_tensor, num_gpus_per_node=cluster.gpus_per_node,
