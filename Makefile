@@ -19,7 +19,7 @@ run: $(STAMP)
 
 test: $(STAMP) $(VLLM_STAMP) $(TOOLS_STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

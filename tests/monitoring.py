@@ -13,6 +13,8 @@ from unittest.mock import MagicMock
 import pytest
 import yaml
 
+from cotune.adapters.registry import JOB_STATES
+
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "deploy/helm/cotune/files/alerts.yaml"
 ALERT_TESTS = ROOT / "tests/alerts_test.yaml"
@@ -114,7 +116,7 @@ def label_values() -> dict[str, set[str]]:
 
     return {"reason": set(metrics.REJECTION_REASONS),
             "kind": set(metrics.STEP_TOKEN_KINDS) | set(metrics.SLO_KINDS),
-            "state": set(metrics.JOB_STATES), "result": {"met", "missed"}}
+            "state": set(JOB_STATES), "result": {"met", "missed"}}
 
 
 def check_selectors(expr: str, where: str) -> list[str]:

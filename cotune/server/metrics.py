@@ -9,7 +9,9 @@ Who feeds what:
 - the InferenceService: requests, latencies, prompt and generated tokens, admissions;
 - the engine, after each step (`Engine.on_step`): step composition and time;
 - `EngineCollector` at scrape time: queue depth, KV cache, preemptions, slots, SLO counters;
-- the adapter residency (`ResidentAdapters.on_load` / `on_evict`): loads, evictions, load time;
+- the adapter residency (`ResidentAdapters.on_load` / `on_evict`): loads into device slots,
+  evictions, host->device time; its host cache (`HostCache.on_load`): disk->host time, and
+  its size in bytes and adapters (read at scrape time);
 - the JobManager: per-job steps, tokens, loss, eval loss and job states.
 """
 
@@ -26,11 +28,13 @@ OTHER = "other"
 REJECTION_REASONS = ("server_queue", "tenant_queue", "tokens_per_minute")
 STEP_TOKEN_KINDS = ("decode", "prefill", "training")
 SLO_KINDS = ("ttft", "tpot", "both")
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+# Adapter loads take from a tenth of a millisecond (a small adapter, host to device) to seconds.
+LOAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.5, 1, 2.5, 10)
 
 
 class AdapterLabels:
@@ -105,8 +109,11 @@ class Metrics:
         self.adapter_loads = Counter("cotune_adapter_loads", "adapters loaded into a slot",
                                      registry=r)
         self.adapter_load_seconds = Histogram("cotune_adapter_load_duration_seconds",
-                                              "reading and placing one adapter in a slot",
-                                              buckets=LATENCY_BUCKETS, registry=r)
+                                              "copying one adapter from host memory into a slot",
+                                              buckets=LOAD_BUCKETS, registry=r)
+        self.adapter_host_load_seconds = Histogram(
+            "cotune_adapter_host_load_duration_seconds",
+            "reading one adapter from disk into host memory", buckets=LOAD_BUCKETS, registry=r)
         # Training.
         self.training_tokens = Counter("cotune_training_tokens", "tokens trained on",
                                        ["tenant", "adapter"], registry=r)
@@ -127,6 +134,7 @@ class Metrics:
         engine.on_step = self._observe_step
         engine.adapters.on_load = self._observe_load
         engine.adapters.on_evict = self.adapter_evictions.inc
+        engine.adapters.host.on_load = self.adapter_host_load_seconds.observe
         self.registry.register(EngineCollector(runtime))
 
     def _observe_load(self, seconds: float) -> None:
@@ -162,6 +170,10 @@ class EngineCollector:
         yield _gauge("cotune_adapter_slots_used", "device adapter slots holding an adapter",
                      slots.num_resident)
         yield _gauge("cotune_adapter_slots", "device adapter slots", slots.num_slots)
+        yield _gauge("cotune_adapter_host_cache_bytes", "bytes of adapters in host memory",
+                     slots.host.size_bytes)
+        yield _gauge("cotune_adapter_host_cache_adapters", "adapters in host memory",
+                     slots.host.num_adapters)
         yield _gauge("cotune_jobs_running", "fine-tuning jobs in the engine", len(engine.trainers))
         slo = CounterMetricFamily("cotune_slo_requests", "finished requests by whether they met "
                                   "their latency target", labels=["kind", "result"])
