@@ -164,3 +164,13 @@ def tiny_checkpoint(tmp_path_factory):
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return model, path
+
+
+@pytest.fixture(scope="module")
+def admin(server):
+    """The admin of the module's `server` fixture (a RunningServer), as a wire Caller."""
+    from wire import Caller
+
+    caller = Caller(server.address, server.admin_token)
+    yield caller
+    caller.close()

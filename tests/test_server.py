@@ -38,13 +38,6 @@ def server(tmp_path_factory):
         yield running
 
 
-@pytest.fixture(scope="module")
-def admin(server):
-    caller = Caller(server.address, server.admin_token)
-    yield caller
-    caller.close()
-
-
 def every_rpc(caller: Caller) -> dict:
     """One call of every method of every cotune service, with well-formed requests."""
     md, a, t, i, n = (caller.metadata, caller.adapters, caller.training, caller.inference,

@@ -47,13 +47,6 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def admin(server):
-    caller = Caller(server.address, server.admin_token)
-    yield caller
-    caller.close()
-
-
-@pytest.fixture(scope="module")
 def alice(server, admin):
     """The tenant that sends the bad input; she owns one good adapter, "kept"."""
     caller = Caller(server.address, admin.new_tenant("alice"))

@@ -40,13 +40,6 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def admin(server):
-    caller = Caller(server.address, server.admin_token)
-    yield caller
-    caller.close()
-
-
-@pytest.fixture(scope="module")
 def tenants(server, admin):
     """capped: its quota max_queued_requests=2; wide: no quota of its own, only the server's
     limit; other: the default quotas; metered: 60 tokens a minute."""
