@@ -1,14 +1,22 @@
-"""Which adapter occupies which device slot of the base model's LoRA pools."""
+"""Which adapter occupies which device slot of the base model's LoRA pools: the device tier,
+over the host tier (`HostCache`) and the store on disk."""
 
 from __future__ import annotations
 
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import nullcontext
 from pathlib import Path
 
-from cotune.adapters.peft_format import AdapterError, LoraAdapter, load_peft_adapter
+import torch
+
+from cotune.adapters.host_cache import HostCache
+from cotune.adapters.peft_format import AdapterError, LoraAdapter
 from cotune.model.llama import LORA_TARGETS, CausalLM
+
+DEFAULT_HOST_CACHE_BYTES = 1 << 30
 
 
 class ResidentAdapters:
@@ -16,23 +24,39 @@ class ResidentAdapters:
 
     A load is validated completely before any slot is written, so a refused adapter leaves
     the pools and the table of resident adapters exactly as they were. Adapters in use by a
-    request are pinned (`acquire` / `release`); when the pool is full, the least recently
-    used unpinned adapter makes room.
+    request are pinned (`acquire` or `try_acquire`, then `release`) and never evicted. When
+    the pool is full, the least recently used unpinned adapter makes room, except the hot
+    ones: the `hot_share` of the slots held by the adapters with the most recent traffic
+    (two or more of the last `history` acquisitions), so that a scan over many cold adapters
+    cannot evict them.
     """
 
     def __init__(self, model: CausalLM, num_slots: int, max_rank: int,
-                 targets: tuple[str, ...] = LORA_TARGETS):
+                 targets: tuple[str, ...] = LORA_TARGETS,
+                 host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES, hot_share: float = 0.25,
+                 history: int | None = None):
+        if not 0 <= hot_share < 1:
+            raise ValueError(f"hot_share must be in [0, 1), got {hot_share}: some slots must "
+                             "stay open to adapters that are not hot")
         self.max_rank = max_rank
         self.modules = model.lora_modules(targets)
         for module in self.modules.values():
             module.allocate_slots(num_slots, max_rank)
         self.base_modules = {name: (m.in_features, m.out_features)
                              for name, m in self.modules.items()}
+        device = next(iter(self.modules.values())).weight.device if self.modules else None
+        cuda = device is not None and device.type == "cuda"
+        self.host = HostCache(self.base_modules, max_rank, host_cache_bytes, pin_memory=cuda)
+        # Host->device copies on a stream of their own, overlapping the compute stream's work.
+        self._copy_stream = torch.cuda.Stream(device) if cuda else None
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._pins: Counter[str] = Counter()
         self._free = list(range(num_slots))
-        # Called as on_load(seconds) after an adapter is placed in a slot (read from disk, or
-        # handed over by a job), on_evict() after an eviction: the server's metrics.
+        self.num_hot = int(num_slots * hot_share)
+        self._recent: deque[str] = deque(maxlen=history or 8 * num_slots)
+        self._traffic: Counter[str] = Counter()  # acquisitions per key among `_recent`
+        # Called as on_load(seconds) after an adapter was copied from host memory into a slot,
+        # on_evict() after an eviction: the server's metrics.
         self.on_load: Callable[[float], None] | None = None
         self.on_evict: Callable[[], None] | None = None
 
@@ -47,10 +71,34 @@ class ResidentAdapters:
     def slot_of(self, key: str) -> int | None:
         return self._slot_of.get(key)
 
-    def acquire(self, key: str, path: str | Path) -> int:
-        """Makes the adapter resident and pins it until `release`; returns its slot."""
-        slot = self.load(key, path)
+    def prefetch(self, key: str, path: str | Path) -> Future:
+        """Starts the adapter's disk->host load (called when its request is queued)."""
+        return self.host.fetch(key, path)
+
+    def try_acquire(self, key: str, load: Future) -> int | None:
+        """Called at admission: makes the adapter resident and pins it until `release`;
+        returns its slot, or None while its host load (`load`, from `prefetch`) is under way
+        or while no slot can be freed. The AdapterError of a failed load is raised."""
+        slot = self._slot_of.get(key)
+        if slot is None:
+            if not load.done():
+                return None
+            adapter = load.result()
+            if self._evictable() is None and not self._free:
+                return None
+            slot = self.place(key, adapter)
+        self._slot_of.move_to_end(key)
         self._pins[key] += 1
+        self._count_traffic(key)
+        return slot
+
+    def acquire(self, key: str, path: str | Path) -> int:
+        """Makes the adapter resident now, waiting for its load, and pins it until `release`."""
+        load = self.prefetch(key, path)
+        load.result()
+        slot = self.try_acquire(key, load)
+        if slot is None:
+            raise self._no_slot(key)
         return slot
 
     def release(self, key: str) -> None:
@@ -59,39 +107,76 @@ class ResidentAdapters:
             del self._pins[key]
 
     def load(self, key: str, path: str | Path) -> int:
-        """Makes the PEFT adapter at `path` resident under `key`; returns its slot."""
+        """Makes the PEFT adapter at `path` resident under `key`, unpinned; returns its slot."""
         if key in self._slot_of:
             self._slot_of.move_to_end(key)
             return self._slot_of[key]
-        started = time.perf_counter()
-        adapter = load_peft_adapter(path, self.base_modules, self.max_rank)
-        return self.place(key, adapter, started)
+        return self.place(key, self.prefetch(key, path).result())
 
-    def place(self, key: str, adapter: LoraAdapter, started: float | None = None) -> int:
-        """Writes an adapter into a free slot; returns the slot. Everything is checked before
-        the first write, so a refusal changes nothing. `started`: when its load began (a
-        perf_counter time), for the load time reported."""
-        started = time.perf_counter() if started is None else started
+    def place(self, key: str, adapter: LoraAdapter) -> int:
+        """Writes an adapter into a free slot (evicting one if need be); returns the slot.
+        Everything is checked before the first write, so a refusal changes nothing."""
+        started = time.perf_counter()
         self._check_fits(key, adapter)
         if not self._free:
-            idle = next((k for k in self._slot_of if not self._pins[k]), None)
+            idle = self._evictable()
             if idle is None:
-                raise AdapterError(
-                    f"no free adapter slot for {key!r}: all {len(self._slot_of)} slots hold "
-                    "adapters in use; retry later or start with more slots")
+                raise self._no_slot(key)
             self.evict(idle)
         slot = min(self._free)  # low slots first: the adapters of a step then tend to sit
         self._free.remove(slot)  # side by side, which the LoRA ops read without a gather
-        for name, module in self.modules.items():
-            lora = adapter.modules.get(name)
-            if lora is None:
-                module.clear_slot(slot)
-            else:
-                module.load_slot(slot, lora.a, lora.b, lora.scale)
+        self._write(slot, adapter)
         self._slot_of[key] = slot
         if self.on_load is not None:
             self.on_load(time.perf_counter() - started)
         return slot
+
+    def evict(self, key: str) -> None:
+        slot = self._slot_of.pop(key)
+        for module in self.modules.values():
+            module.clear_slot(slot)
+        self._free.append(slot)
+        if self.on_evict is not None:
+            self.on_evict()
+
+    def hot(self) -> set[str]:
+        """The adapters whose slots a cold one may not take."""
+        return {k for k, n in self._traffic.most_common(self.num_hot) if n >= 2}
+
+    def _evictable(self) -> str | None:
+        """The least recently used adapter that is neither pinned nor hot, if any."""
+        hot = self.hot()
+        return next((k for k in self._slot_of if not self._pins[k] and k not in hot), None)
+
+    def _count_traffic(self, key: str) -> None:
+        if len(self._recent) == self._recent.maxlen:
+            old = self._recent[0]
+            self._traffic[old] -= 1
+            if not self._traffic[old]:
+                del self._traffic[old]
+        self._recent.append(key)
+        self._traffic[key] += 1
+
+    def _write(self, slot: int, adapter: LoraAdapter) -> None:
+        """Host->device: on CUDA, asynchronous copies from pinned memory on the copy stream,
+        which the compute stream then waits for (the slot is used by the next forward)."""
+        stream = self._copy_stream
+        with torch.no_grad(), (nullcontext() if stream is None else torch.cuda.stream(stream)):
+            for name, module in self.modules.items():
+                lora = adapter.modules.get(name)
+                if lora is None:
+                    module.clear_slot(slot)
+                    continue
+                a = lora.a.to(module.a_pool.device, non_blocking=True)
+                b = lora.b.to(module.b_pool.device, non_blocking=True)
+                module.load_slot(slot, a, b, lora.scale)
+        if stream is not None:
+            torch.cuda.current_stream(stream.device).wait_stream(stream)
+
+    def _no_slot(self, key: str) -> AdapterError:
+        return AdapterError(
+            f"no free adapter slot for {key!r}: all {len(self._slot_of)} slots hold adapters "
+            f"in use or hot ({len(self.hot())} hot); retry later or start with more slots")
 
     def _check_fits(self, key: str, adapter: LoraAdapter) -> None:
         for name, lora in adapter.modules.items():
@@ -107,11 +192,3 @@ class ResidentAdapters:
             if rank > self.max_rank:
                 raise AdapterError(f"adapter {key!r}: rank {rank} exceeds max_rank "
                                    f"{self.max_rank}; lower the rank or raise --max-rank")
-
-    def evict(self, key: str) -> None:
-        slot = self._slot_of.pop(key)
-        for module in self.modules.values():
-            module.clear_slot(slot)
-        self._free.append(slot)
-        if self.on_evict is not None:
-            self.on_evict()

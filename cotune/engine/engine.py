@@ -7,6 +7,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,18 +17,28 @@ from cotune.adapters.residency import ResidentAdapters
 from cotune.engine.detokenizer import IncrementalDetokenizer
 from cotune.engine.kv_cache import PagedBatch, PagedKVCache
 from cotune.engine.sampling import Sampler, SamplingParams, TokenLogprob
-from cotune.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, StepPlan
+from cotune.engine.scheduler import (
+    Admission,
+    ScheduledChunk,
+    Scheduler,
+    SchedulerConfig,
+    StepPlan,
+)
 from cotune.engine.sequence import Sequence
 from cotune.engine.step_time import StepTimeModel
 from cotune.engine.trainer import Trainer, TrainingChunk
 from cotune.model.llama import CausalLM, ForwardBatch
 from cotune.model.lora_routing import LoraRouting
 
+IDLE_WAIT_S = 0.005  # a step with nothing to compute waits this long at most for a load
+
 
 @dataclass
 class EngineConfig:
     max_rank: int = 64  # largest LoRA rank a slot holds
     num_slots: int = 32  # adapters resident at once
+    host_cache_mb: int = 1024  # parsed adapters kept in host memory, between disk and slots
+    hot_slot_share: float = 0.25  # slots the busiest adapters keep against a scan of cold ones
     kv_cache_tokens: int = 16384  # tokens the paged KV cache holds over all sequences
     block_size: int = 16  # tokens per KV block
     max_batched_tokens: int = 512  # tokens per step, the hard cap
@@ -73,10 +84,12 @@ class Engine:
                                   dtype=weight.dtype, device=weight.device)
         self.scheduler = Scheduler(SchedulerConfig(
             config.max_batched_tokens, config.max_running, config.ttft_target_s,
-            config.tpot_target_s), self.cache)
+            config.tpot_target_s), self.cache, admit=self._admit, release=self._release)
         self.step_time = StepTimeModel()
         self._recent_steps: deque[tuple[float, bool]] = deque(maxlen=64)
-        self.adapters = ResidentAdapters(model, config.num_slots, config.max_rank)
+        self.adapters = ResidentAdapters(model, config.num_slots, config.max_rank,
+                                         host_cache_bytes=config.host_cache_mb << 20,
+                                         hot_share=config.hot_slot_share)
         self.sampler = Sampler()
         self._ids = itertools.count()
         self.trainers: list[Trainer] = []
@@ -106,23 +119,19 @@ class Engine:
             adapter: tuple[str, str | Path] | None = None, request_id: str | None = None,
             tenant: str = "default") -> Sequence:
         """Queues a request; `adapter` is (key, PEFT directory) or None for the base model.
-        Everything is checked before the request is queued."""
+        Everything but the adapter's file is checked before the request is queued; the
+        adapter's disk->host load starts now, in the background (`seq.adapter_load`), and a
+        request whose adapter fails to load ends with finish_reason "error"."""
         self._check_prompt(prompt_ids, params)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none")
         request_id = request_id or f"req-{next(self._ids)}"
-        slot = None
-        if adapter is not None:
-            slot = self.adapters.acquire(*adapter)
-        seq = Sequence(request_id, list(prompt_ids), params, slot=slot,
-                       adapter=None if adapter is None else adapter[0], tenant=tenant)
+        load = None if adapter is None else self.adapters.prefetch(*adapter)
+        seq = Sequence(request_id, list(prompt_ids), params, tenant=tenant, adapter_load=load,
+                       adapter=None if adapter is None else adapter[0])
         if self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params.stop)
-        try:
-            self.scheduler.add(seq)
-        except ValueError:
-            self._release(seq)
-            raise
+        self.scheduler.add(seq)
         return seq
 
     def abort(self, seq: Sequence) -> None:
@@ -144,6 +153,7 @@ class Engine:
         training = None if self.training_paused else self._training_chunk(
             self._training_room(plan.num_tokens))
         if not chunks and training is None:
+            self._await_loads()
             return []
         decode_tokens = sum(c.num_tokens for c in chunks if c.seq.pending == 1)
         with torch.set_grad_enabled(training is not None):
@@ -291,9 +301,33 @@ class Engine:
         counters[f"slo_tpot_{'met' if tpot_met else 'missed'}"] += 1
         counters[f"slo_both_{'met' if ttft_met and tpot_met else 'missed'}"] += 1
 
+    def _admit(self, seq: Sequence) -> Admission:
+        """Called by the scheduler when `seq` is about to run: pins its adapter in a slot."""
+        if seq.adapter is None or seq.slot is not None:
+            return Admission.READY
+        load = seq.adapter_load
+        if load.done() and load.exception() is not None:  # its caller reads the error there
+            seq.finish_reason = "error"
+            return Admission.FAILED
+        seq.slot = self.adapters.try_acquire(seq.adapter, load)
+        if seq.slot is not None:
+            return Admission.READY
+        return Admission.NO_SLOT if load.done() else Admission.LOADING
+
+    def _await_loads(self) -> None:
+        """Called by a step with nothing to compute: waits a little for an adapter that
+        waiting requests need, so that the caller's loop does not spin against the loader
+        thread (briefly: a request that needs no load may arrive meanwhile)."""
+        loads = [s.adapter_load for s in self.scheduler.waiting
+                 if s.adapter_load is not None and not s.adapter_load.done()]
+        if loads:
+            wait(loads, timeout=IDLE_WAIT_S, return_when=FIRST_COMPLETED)
+
     def _release(self, seq: Sequence) -> None:
-        if seq.adapter is not None:
+        """Unpins the slot of a sequence that ended or was preempted."""
+        if seq.slot is not None:
             self.adapters.release(seq.adapter)
+            seq.slot = None
 
     def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         config = self.model.config

@@ -154,6 +154,7 @@ class Runtime:
         prepared = [self._prepare(r) for r in requests]  # all checked before any is queued
         with self._lock:
             seqs, sinks = self._submit(prepared)
+        self._await_adapters(seqs)
         return [self._collect(seq, sink) for seq, sink in zip(seqs, sinks)]
 
     def stream(self, request: Request) -> Iterator[Delta]:
@@ -162,6 +163,7 @@ class Runtime:
         prepared = [self._prepare(request)]
         with self._lock:
             (seq,), (sink,) = self._submit(prepared)
+        self._await_adapters([seq])
         finished = False
         try:
             while not finished:
@@ -225,6 +227,19 @@ class Runtime:
             self._listeners[seq] = sinks[-1]
         self._lock.notify_all()
         return seqs, sinks
+
+    def _await_adapters(self, seqs: list[Sequence]) -> None:
+        """Waits, outside the lock, for the disk->host loads of the requests' adapters (begun
+        on a loader thread when they were queued, overlapping the engine's steps): an invalid
+        adapter file fails the call here with its AdapterError, and aborts its requests."""
+        try:
+            for seq in seqs:
+                if seq.adapter_load is not None:
+                    seq.adapter_load.result()
+        except BaseException:
+            for seq in seqs:
+                self.abort(seq.id)
+            raise
 
     def _prepare(self, request: Request):
         if (request.prompt is None) == (request.prompt_token_ids is None):
@@ -317,8 +332,10 @@ class Runtime:
         if job is not None:
             job._report_progress()  # the step that published comes before its checkpoint
             job._published(version, path)
+        adapter = trainer.adapter()
+        self.engine.adapters.host.put(key, adapter)
         try:
-            self.engine.adapters.place(key, trainer.adapter())
+            self.engine.adapters.place(key, adapter)
         except AdapterError:  # every slot busy: the first request loads it from `path`
             pass
 

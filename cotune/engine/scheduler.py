@@ -7,11 +7,18 @@ step's token budget. When the cache is full, the most recently arrived running s
 preempted: its blocks are freed and it recomputes from its tokens later. Waiting requests
 are admitted tenant by tenant, the tenant served least recently first, so one tenant's
 burst cannot starve the others.
+
+A waiting request runs only once the engine admits it (`admit`: its adapter is loaded into a
+device slot then, so a queued request holds no slot). One whose adapter is still loading is
+passed over for the next; one refused a slot `max_slot_waits` steps running holds back the
+requests behind it until a slot frees, so that nobody starves.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cotune.engine.kv_cache import PagedKVCache
@@ -25,6 +32,16 @@ class SchedulerConfig:
     ttft_target_s: float = 2.0  # time to first token a request should get
     tpot_target_s: float = 0.25  # time per output token a running request should get
     tenant_memory: float = 0.99  # per step, how much of a tenant's served tokens is remembered
+    max_slot_waits: int = 8  # steps a request refused an adapter slot lets others pass it
+
+
+class Admission(enum.Enum):
+    """Whether a waiting request can run now, as the engine's `admit` answers."""
+
+    READY = "ready"  # its adapter (if any) holds a device slot for it
+    LOADING = "loading"  # its adapter is still on its way from disk
+    NO_SLOT = "no_slot"  # every device slot holds an adapter in use (or hot)
+    FAILED = "failed"  # its adapter could not be loaded: the request ends
 
 
 @dataclass
@@ -48,9 +65,20 @@ class StepPlan:
         return sum(c.num_tokens for c in self.chunks)
 
 
+def _always_ready(seq: Sequence) -> Admission:
+    return Admission.READY
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, cache: PagedKVCache):
+    """`admit(seq)` is called when a waiting sequence is about to run, `release(seq)` when a
+    running one is preempted (it gives back what admission took)."""
+
+    def __init__(self, config: SchedulerConfig, cache: PagedKVCache,
+                 admit: Callable[[Sequence], Admission] = _always_ready,
+                 release: Callable[[Sequence], None] = lambda seq: None):
         self.config, self.cache = config, cache
+        self.admit, self.release = admit, release
+        self.slot_waits: Counter[Sequence] = Counter()  # steps refused a slot, in a row
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.counters: Counter[str] = Counter()  # decisions, for metrics
@@ -80,6 +108,7 @@ class Scheduler:
         """Frees a sequence's cache blocks; called when it ends for any reason."""
         if seq in self.running:
             self.running.remove(seq)
+        self.slot_waits.pop(seq, None)
         self.cache.free(seq.id)
         seq.state = SeqState.FINISHED
 
@@ -132,22 +161,35 @@ class Scheduler:
             if chunk:
                 plan.chunks.append(ScheduledChunk(seq, chunk))
                 budget -= chunk
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
-            seq = self._next_waiting()
+        for seq in sorted(self.waiting, key=self._priority):
+            if budget <= 0 or len(self.running) >= self.config.max_running:
+                break
             chunk = self._reserve_chunk(seq, budget)
             if not chunk:
                 break
+            verdict = self.admit(seq)
+            if verdict is not Admission.READY:
+                self.cache.free(seq.id)
+                self.counters[f"admission_{verdict.value}"] += 1
+                if verdict is Admission.FAILED:
+                    self.waiting.remove(seq)
+                    self.finish(seq)
+                elif verdict is Admission.NO_SLOT:
+                    self.slot_waits[seq] += 1
+                    if self.slot_waits[seq] > self.config.max_slot_waits:
+                        break  # the running adapters drain until a slot frees for it
+                continue
+            self.slot_waits.pop(seq, None)
             self.waiting.remove(seq)
             seq.state = SeqState.RUNNING
             self.running.append(seq)
             plan.chunks.append(ScheduledChunk(seq, chunk))
             budget -= chunk
 
-    def _next_waiting(self) -> Sequence:
+    def _priority(self, seq: Sequence) -> tuple:
         """Preempted sequences first (they already waited); then the oldest request of the
         tenant served least recently."""
-        return min(self.waiting, key=lambda s: (s.preemptions == 0,
-                                                self.tenant_tokens[s.tenant], s.arrival))
+        return seq.preemptions == 0, self.tenant_tokens[seq.tenant], seq.arrival
 
     def _reserve_chunk(self, seq: Sequence, budget: int) -> int:
         """The largest chunk of seq's pending tokens, up to `budget`, that the cache can take."""
@@ -166,6 +208,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
         """Frees a running sequence's blocks; it recomputes its tokens when readmitted."""
         self.running.remove(seq)
+        self.release(seq)
         plan.chunks = [c for c in plan.chunks if c.seq is not seq]
         self.cache.free(seq.id)
         seq.computed = 0

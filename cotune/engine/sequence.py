@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -23,15 +24,17 @@ class Sequence:
     id: str
     prompt_ids: list[int]
     params: SamplingParams
-    slot: int | None = None  # resident adapter slot; None for the base model
+    slot: int | None = None  # its adapter's device slot while it runs; None for the base model
     adapter: str | None = None  # the adapter's key, for accounting and residency pins
+    adapter_load: Future | None = None  # the adapter's disk->host load, begun when queued
     tenant: str = "default"
     arrival: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
     computed: int = 0  # leading tokens whose keys and values are cached
     state: SeqState = SeqState.WAITING
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    # "stop", "length", "abort", or "error" (its adapter failed to load: adapter_load says why)
+    finish_reason: str | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
     preemptions: int = 0
