@@ -9,6 +9,7 @@ import sys
 from cotune.cli_plan import add_plan_command
 from cotune.cli_remote import add_commands, add_generate_options, generate_on_server
 from cotune.client import CotuneError
+from cotune.router.options import add_route_arguments
 from cotune.server.options import add_serve_arguments
 
 
@@ -19,6 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the cotune gRPC server")
     add_serve_arguments(serve)
     serve.set_defaults(run=_serve)
+
+    route = commands.add_parser("route", help="run the router in front of cotune serve workers")
+    add_route_arguments(route)
+    route.set_defaults(run=_route)
 
     gen = commands.add_parser("generate", help="generate for a prompt or a file of requests, "
                                                "in-process or on a server (--server)")
@@ -44,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="run a benchmark; results go to benchmarks/results")
-    bench.add_argument("name", choices=["serving", "coserve", "kernels"])
+    bench.add_argument("name", choices=["serving", "coserve", "kernels", "adapters"])
     bench.add_argument("--requests", type=int, default=32)
     bench.add_argument("--adapters", type=int, default=8)
     bench.add_argument("--new-tokens", type=int, default=64)
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="kernels: the dtype of inputs and pools (--smoke uses float32)")
     bench.add_argument("--smoke", action="store_true",
                        help="kernels: every code path on the CPU with tiny shapes, measures "
-                            "nothing (needs TRITON_INTERPRET=1)")
+                            "nothing (needs TRITON_INTERPRET=1); adapters: small numbers")
     bench.add_argument("--slots", type=int, default=1000, help="kernels: adapters resident "
                                                                 "for the whole-model decode")
     bench.add_argument("--sequences", type=int, default=1000,
@@ -106,6 +111,12 @@ def _serve(args) -> int:
     return serve_command(args)
 
 
+def _route(args) -> int:
+    from cotune.router.app import route_command
+
+    return route_command(args)
+
+
 def _sampling(args) -> dict:
     """The sampling options given on the command line (unset ones take the defaults)."""
     given = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -143,12 +154,17 @@ def _generate(args) -> int:
 def _bench(args) -> int:
     from pathlib import Path
 
-    from cotune.bench import coserve, kernels, serving
+    from cotune.bench import adapters, coserve, kernels, serving
 
     out = Path(args.out or "benchmarks/results")
     if args.name == "kernels":  # hundreds of rows: the table, and where the JSON went
         stem = kernels.run(args.dtype, args.smoke, None if args.out is None else out,
                            args.slots, args.sequences, args.layers, args.ranks)
+        print(stem.with_suffix(".md").read_text())
+        print(f"written: {stem}.json, {stem}.md")
+        return 0
+    if args.name == "adapters":
+        stem = adapters.write(adapters.run(args.smoke), out)
         print(stem.with_suffix(".md").read_text())
         print(f"written: {stem}.json, {stem}.md")
         return 0

@@ -100,6 +100,7 @@ class Job:
     hyperparameters: dict
     create_time: datetime | None
     update_time: datetime | None
+    owner: str = ""  # the worker that runs it (a router sends its calls there)
 
     @property
     def done(self) -> bool:
@@ -110,7 +111,7 @@ class Job:
         return cls(m.id, m.adapter, JOB_STATES.get(m.state, "unspecified"), m.step,
                    m.total_steps, m.tokens, _optional(m, "loss"), _optional(m, "eval_loss"),
                    tuple(m.versions), m.error, _struct(m.hyperparameters),
-                   _time(m, "create_time"), _time(m, "update_time"))
+                   _time(m, "create_time"), _time(m, "update_time"), m.owner)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ class CotuneServer:
         self._bootstrap_admin(args.admin_token_file)
         self.runtime = Runtime.load(args.model, dtype=args.dtype, device=args.device,
                                     max_rank=args.max_rank, num_slots=args.num_slots,
+                                    host_cache_mb=args.host_cache_mb,
                                     kv_cache_tokens=args.kv_cache_tokens)
         self.gate = Gate(self.registry)
         self.metrics = Metrics(args.metrics_top_adapters)
@@ -81,7 +82,7 @@ class CotuneServer:
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterService(
-            self.gate, self.registry, Staging(data_dir / "uploads"),
+            self.gate, self.registry, Staging(data_dir / "uploads" / args.worker_id),
             self.runtime.engine.adapters.base_modules, args.max_rank, args.allow_path,
             max_bytes), self.server)
         training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingService(
