@@ -10,6 +10,7 @@ import urllib.request
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from safetensors.torch import load_file
 from server_helpers import running_server, tiny_adapter_dir
 from wire import Caller
 
@@ -74,6 +75,11 @@ def test_generations_count_requests_tokens_latency_steps_and_adapter_loads(serve
     assert grew("cotune_step_duration_seconds_count") >= 5
     assert grew("cotune_adapter_loads_total") == 1
     assert grew("cotune_adapter_load_duration_seconds_count") == 1
+    # Its disk->host read, and the host cache that now holds it (float32 A and B, as on disk).
+    assert grew("cotune_adapter_host_load_duration_seconds_count") == 1
+    assert grew("cotune_adapter_host_cache_adapters") == 1
+    weights = load_file(root / "first" / "adapter_model.safetensors")
+    assert grew("cotune_adapter_host_cache_bytes") == sum(t.numel() * 4 for t in weights.values())
     assert grew("cotune_slo_requests_total", kind="both") == 1
     assert value(after, "cotune_adapter_slots_used") >= 1
     assert value(after, "cotune_adapter_slots") == 8

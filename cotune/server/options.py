@@ -23,6 +23,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="largest LoRA rank the slot pool holds")
     model.add_argument("--num-slots", type=int, default=16,
                        help="adapters resident on the device at once")
+    model.add_argument("--host-cache-mb", type=int, default=1024,
+                       help="parsed adapters kept in host memory (pinned on a GPU) between the "
+                            "store on disk and the device slots")
     model.add_argument("--kv-cache-tokens", type=int, default=16384)
 
     net = parser.add_argument_group("network")
