@@ -21,6 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from cotune.router.options import add_route_arguments
 from cotune.server.options import add_serve_arguments
 
 ROOT = Path(__file__).parents[1]
@@ -404,6 +405,15 @@ def test_workers_without_persistence_keep_their_data_in_an_empty_dir():
     assert volumes["data"] == {"name": "data", "emptyDir": {}}
 
 
+def test_workers_with_a_shared_claim_mount_that_one_claim_as_their_data():
+    (statefulset,) = of_kind(template("--set", "workers.persistence.sharedClaim=cotune-shared",
+                                      "--set", "workers.replicas=3"), "StatefulSet")
+    assert "volumeClaimTemplates" not in statefulset["spec"]
+    volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "cotune-shared"}
+    assert not [a for a in worker_container(statefulset)["args"] if "--worker-id" in a]  # the pod
+
+
 # --- router, autoscaling, disruption, network ---------------------------------------------
 
 
@@ -438,6 +448,11 @@ def test_router_discovers_workers_through_endpointslices_of_the_headless_service
     assert args[0] == "route"
     assert {"--discovery=kubernetes", "--namespace=ml",
             "--service=rel-cotune-workers-headless", "--metrics-port=9400"} <= set(args)
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_route_arguments(parser)
+    parsed, extra = parser.parse_known_args(args[1:])
+    assert not extra, f"cotune route does not know {extra}"
+    assert (parsed.spill_threshold, parsed.health_interval, parsed.health_timeout) == (32, 1, 2)
 
 
 @pytest.mark.parametrize("case", CASES)
