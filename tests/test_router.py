@@ -47,9 +47,8 @@ def test_removing_a_worker_moves_only_the_adapters_it_was_first_for():
     shares = [sum(w == worker for w in first.values()) / len(keys) for worker in WORKER_IDS]
     assert all(0.25 < share < 0.42 for share in shares), shares  # spread, not piled up
     for k in keys:
-        after = rendezvous_order(k, ("w0", "w2"), str)[0]
-        assert after == first[k] if first[k] != "w1" else after == \
-            rendezvous_order(k, WORKER_IDS, str)[1]
+        kept = first[k] if first[k] != "w1" else rendezvous_order(k, WORKER_IDS, str)[1]
+        assert rendezvous_order(k, ("w0", "w2"), str)[0] == kept
 
 
 def test_a_loaded_first_choice_spills_to_the_next_and_all_loaded_to_the_least():
@@ -191,6 +190,33 @@ def test_a_job_is_placed_on_a_worker_and_watched_through_the_router(cluster):
         assert r.metric("cotune_router_calls_total", worker=job.owner, method="WatchJob",
                         code="OK") == 1
         assert client.complete("the cat", adapter="routed-job", max_tokens=2).token_ids
+
+
+def test_a_job_cancelled_through_another_router_is_cancelled_by_its_owner(cluster):
+    """A router that did not place the job finds its owner from Job.owner."""
+    with router(cluster) as placing, Client(placing.address, cluster.token) as client:
+        job = client.jobs.create("long-job", TRAINING_DATA, max_steps=100_000, batch_size=2)
+    with router(cluster) as other, Client(other.address, cluster.token) as client:
+        assert client.jobs.cancel(job.id).state == "cancelled"
+        cancelled = {i: value(scrape(port), "cotune_jobs_finished_total", state="cancelled")
+                     for i, port in cluster.metrics_ports.items()}
+        assert cancelled == {i: 1.0 if i == job.owner else 0.0 for i in WORKER_IDS}
+        assert other.metric("cotune_router_calls_total", worker=job.owner, method="CancelJob",
+                            code="OK") == 1
+
+
+def test_abort_reaches_the_worker_that_runs_the_request(cluster):
+    with router(cluster) as r, Client(r.address, cluster.token) as client:
+        upload(client, cluster, "aborted", seed=5)
+        named = client.generate("the cat", adapter="aborted", max_tokens=240, ignore_eos=True,
+                                request_id="mine")
+        unnamed = client.generate("the cat", max_tokens=240, ignore_eos=True)
+        next(named)
+        first = next(unnamed)  # the worker names it in its first message
+        assert client.abort("mine") and client.abort(first.request_id)
+        assert [d.finish_reason for d in named][-1] == "abort"
+        assert [d.finish_reason for d in unnamed][-1] == "abort"
+        assert not client.abort("mine")  # over
 
 
 def test_a_cancelled_stream_cancels_the_workers_call(cluster):
