@@ -30,6 +30,7 @@ from test_metrics import free_port, scrape, value
 
 from cotune.client import Client, Unauthenticated
 from cotune.router.hashing import first_unloaded, rendezvous_order
+from cotune.server.uploads import Staging
 from cotune.v1 import inference_pb2, inference_pb2_grpc
 
 WORKER_IDS = ("w0", "w1", "w2")
@@ -56,6 +57,17 @@ def test_a_loaded_first_choice_spills_to_the_next_and_all_loaded_to_the_least():
     assert first_unloaded(["a", "b", "c"], load.get, threshold=4) == "a"
     assert first_unloaded(["a", "c", "b"], load.get, threshold=3) == "c"
     assert first_unloaded(["a", "c", "b"], load.get, threshold=1) == "b"
+
+
+def test_workers_sharing_a_data_dir_sweep_only_their_own_upload_debris(tmp_path):
+    root = tmp_path / "uploads"
+    with Staging(root, "w0").directory() as staged:
+        assert staged.parent == root and staged.name.endswith(".w0")
+    mine, theirs = root / "0f.w0", root / "1f.w1"  # what crashes in uploads leave
+    mine.mkdir()
+    theirs.mkdir()
+    Staging(root, "w0")
+    assert sorted(root.iterdir()) == [theirs]
 
 
 def test_the_router_imports_no_torch():

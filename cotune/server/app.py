@@ -82,7 +82,7 @@ class CotuneServer:
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterService(
-            self.gate, self.registry, Staging(data_dir / "uploads" / args.worker_id),
+            self.gate, self.registry, Staging(data_dir / "uploads", args.worker_id),
             self.runtime.engine.adapters.base_modules, args.max_rank, args.allow_path,
             max_bytes), self.server)
         training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingService(

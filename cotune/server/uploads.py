@@ -19,14 +19,19 @@ ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
 
 class Staging:
-    def __init__(self, root: Path):
-        self.root = root
-        shutil.rmtree(root, ignore_errors=True)  # debris of uploads a crash interrupted
-        root.mkdir(parents=True)
+    """Upload directories `<uuid>.<owner>` under `root`, which workers sharing a data
+    directory share: each sweeps only its own (`owner`: its --worker-id)."""
+
+    def __init__(self, root: Path, owner: str):
+        self.root, self.owner = root, owner
+        root.mkdir(parents=True, exist_ok=True)
+        for debris in root.iterdir():  # of uploads a crash of this worker interrupted
+            if debris.name.partition(".")[2] == owner:
+                shutil.rmtree(debris, ignore_errors=True)
 
     @contextmanager
     def directory(self) -> Iterator[Path]:
-        path = self.root / uuid.uuid4().hex
+        path = self.root / f"{uuid.uuid4().hex}.{self.owner}"
         path.mkdir(mode=0o700)
         try:
             yield path
