@@ -217,6 +217,24 @@ def test_a_job_cancelled_through_another_router_is_cancelled_by_its_owner(cluste
                             code="OK") == 1
 
 
+def test_a_job_cancelled_at_a_worker_that_does_not_run_it_is_stopped_by_its_owner(cluster):
+    """Without the router (or with the owner out of its rotation) the cancel lands elsewhere:
+    the shared registry says cancelled, and the owner stops the job at its next step."""
+    with router(cluster) as r, Client(r.address, cluster.token) as client:
+        job = client.jobs.create("stray-cancel", TRAINING_DATA, max_steps=100_000, batch_size=2)
+    stranger = next(i for i in WORKER_IDS if i != job.owner)
+
+    def cancelled_by_owner() -> float:
+        return value(scrape(cluster.metrics_ports[job.owner]), "cotune_jobs_finished_total",
+                     state="cancelled")
+
+    before = cancelled_by_owner()
+    with Client(cluster.workers[stranger].address, cluster.token) as client:
+        assert client.jobs.cancel(job.id).state == "cancelled"
+        wait_for(lambda: cancelled_by_owner() == before + 1, what="the owner stopping the job")
+        assert client.jobs.get(job.id).state == "cancelled"
+
+
 def test_abort_reaches_the_worker_that_runs_the_request(cluster):
     with router(cluster) as r, Client(r.address, cluster.token) as client:
         upload(client, cluster, "aborted", seed=5)

@@ -157,6 +157,8 @@ class JobManager:
     def _record(self, live: LiveJob, event: JobEvent) -> None:
         job_id = live.record.id
         if event.kind == "progress":
+            if self.registry.get_job(live.record.tenant, job_id).state == "cancelled":
+                live.job.cancel()  # by a worker sharing the registry, while this one was out
             self._count_progress(live, event.data)
             rate = live.rate(event.data["tokens"], event.time)
             live.progress.update({k: event.data[k] for k in
