@@ -74,8 +74,11 @@ class StepReport:
 
 class Engine:
     def __init__(self, model: CausalLM, tokenizer=None, stop_token_ids: set[int] = frozenset(),
-                 config: EngineConfig | None = None):
+                 config: EngineConfig | None = None, step_sync=None):
+        """`step_sync`: with a base sharded over ranks, the ranks' lockstep
+        (cotune.distributed.lockstep.Lockstep); every step begins and ends through it."""
         self.model, self.tokenizer = model, tokenizer
+        self.step_sync = step_sync
         self.config = config = config or EngineConfig()
         self.stop_token_ids = set(stop_token_ids)
         num_blocks = -(-config.kv_cache_tokens // config.block_size)
@@ -144,7 +147,16 @@ class Engine:
              ) -> list[StepOutput]:
         """One forward pass over the scheduled inference tokens and a chunk of training
         rows. Inference rows are sampled and handed to `on_output` before backward runs over
-        the training rows. Returns one output per new token."""
+        the training rows. Returns one output per new token. With a sharded base every rank
+        calls it together, with work or not (see Lockstep)."""
+        if self.step_sync is None:
+            return self._step(on_output)
+        self.step_sync.begin_step()
+        outputs = self._step(on_output)
+        self.step_sync.end_step(self)
+        return outputs
+
+    def _step(self, on_output) -> list[StepOutput]:
         started = time.perf_counter()
         plan = StepPlan() if self.serving_paused else self.scheduler.schedule(
             self._inference_budget())
@@ -197,9 +209,12 @@ class Engine:
     def _training_chunk(self, room: int):
         """(trainer, chunk) of the job whose turn it is, or None. Training fills the room
         serving leaves, and never less than the floor."""
-        if not self.trainers:
+        # a spanning job whose share of the micro-batch is done waits for the other ranks
+        ready = [t for t in self.trainers if not t.awaiting_ranks]
+        if not ready:
             return None
-        trainer = self.trainers.pop(0)
+        trainer = ready[0]
+        self.trainers.remove(trainer)
         self.trainers.append(trainer)  # round robin over jobs
         if room < trainer.next_example_tokens() and self._training_share() >= \
                 self.config.train_floor_share:
@@ -256,7 +271,18 @@ class Engine:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss.item()}")
             loss.backward()
-            if trainer.after_chunk(chunk, loss.item()) and trainer.should_checkpoint():
+            stepped = trainer.after_chunk(chunk, loss.item())
+        except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
+            self._end_job(trainer, e)
+            return
+        if stepped:
+            self.after_optimizer_step(trainer)
+
+    def after_optimizer_step(self, trainer: Trainer) -> None:
+        """Publishes a version when one is due and ends a finished job; called after each
+        optimizer step (by _train, or by the step sync for a job spanning ranks)."""
+        try:
+            if trainer.should_checkpoint():
                 version = trainer.checkpoint()
                 if self.on_version is not None:
                     self.on_version(trainer, version, trainer.spec.adapter_dir / f"v{version}")
@@ -264,9 +290,12 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
             error = e
         if error is not None or trainer.finished:
-            self.remove_trainer(trainer)
-            if self.on_job_end is not None:
-                self.on_job_end(trainer, error)
+            self._end_job(trainer, error)
+
+    def _end_job(self, trainer: Trainer, error: BaseException | None) -> None:
+        self.remove_trainer(trainer)
+        if self.on_job_end is not None:
+            self.on_job_end(trainer, error)
 
     def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> StepOutput:
         now = time.monotonic()

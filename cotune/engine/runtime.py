@@ -31,6 +31,7 @@ from cotune.model.loading import checkpoint_fingerprint, load_model
 from cotune.model.tokenizer import load_tokenizer, stop_token_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SYNC_POLL_S = 0.05  # how often idle ranks of a sharded base ask each other for work
 
 
 class EngineStopped(RuntimeError):
@@ -132,17 +133,27 @@ class Runtime:
                                     "(no adapter_config.json)")
         self._adapters[name] = (name, Path(path))
 
-    def finetune(self, spec: FinetuneSpec, job_id: str | None = None) -> Job:
+    def finetune(self, spec: FinetuneSpec, job_id: str | None = None,
+                 span_ranks: bool = False) -> Job:
         """Starts training a new adapter in the same steps that serve requests (or resumes it
         from the newest version under spec.output_dir). The data is read and checked before
         this returns. Each version it publishes is servable at once as `name@v{k}`, and
-        `name` names the newest."""
+        `name` names the newest. With `span_ranks` (a sharded base) the job's micro-batches
+        are split over the ranks and their gradients summed: call it on every rank, with the
+        same spec, in the same order as the other spanning jobs."""
         job_id = job_id or f"job-{next(self._job_ids)}"
+        sync = self.engine.step_sync
+        if span_ranks and sync is None:
+            raise ValueError("span_ranks needs a base sharded over ranks (cotune serve under "
+                             "torchrun); this runtime holds a whole base")
         trainer = Trainer(spec, self.engine.model, self.tokenizer, job_id,
-                          self.base_fingerprint)
+                          self.base_fingerprint,
+                          span=(sync.rank, sync.world_size) if span_ranks else None)
         job = Job(job_id, trainer, self._cancel_job)
         with self._lock:
             self._check_open()
+            if span_ranks:
+                sync.register_spanning(trainer)
             self._jobs[trainer] = job
             self.engine.add_trainer(trainer)
             self._lock.notify_all()
@@ -285,6 +296,12 @@ class Runtime:
         return outputs, outputs[-1].finished
 
     @property
+    def running(self) -> bool:
+        """Whether the engine still steps (False once closed, failed, or, with a sharded
+        base, stopped with the other ranks)."""
+        return self._thread.is_alive()
+
+    @property
     def error(self) -> BaseException | None:
         """What stopped the engine, if it stopped on an error."""
         return self._error
@@ -299,13 +316,31 @@ class Runtime:
     def _loop(self) -> None:
         threads = self.engine.config.num_threads or max(1, (os.cpu_count() or 1) // 2)
         torch.set_num_threads(threads)
+        sync = self.engine.step_sync
         while True:
             with self._lock:
-                while not self._closed and not self.engine.has_work:
-                    self._lock.wait()
-                if self._closed:
+                if sync is None:
+                    while not self._closed and not self.engine.has_work:
+                        self._lock.wait()
+                else:  # the ranks agree before every step: an idle rank asks now and then
+                    self._lock.wait_for(lambda: self._closed or self.engine.has_work,
+                                        SYNC_POLL_S)
+                closing, has_work = self._closed, self.engine.has_work
+            if sync is not None:
+                try:  # outside the lock: new requests queue meanwhile
+                    has_work, closing = sync.agree(has_work, closing)
+                except BaseException as e:  # a rank is gone: this one stops too
+                    with self._lock:
+                        self._error = e
+                        self._fail_all(e)
+                    return
+            with self._lock:
+                if closing:  # one rank stops: a sharded base stops as one
+                    self._closed = True
                     self._fail_all(None)
                     return
+                if not has_work:
+                    continue
                 try:
                     self.engine.step(on_output=self._deliver)
                     for job in self._jobs.values():

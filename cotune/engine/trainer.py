@@ -8,6 +8,12 @@ The engine drives it, once per step that has room for training:
   trainer.after_chunk()                    # optimizer step at accumulation boundaries
 A micro-batch may run over several steps in chunks; its loss is normalised by its own
 number of target tokens, so the summed gradients equal those of the whole micro-batch.
+
+A job that spans the ranks of a sharded base runs on every rank with the same spec: each rank
+takes every world_size-th example of each micro-batch, normalised by the target tokens of the
+whole micro-batch, so the sum of the ranks' gradients is the gradient of the whole
+micro-batch. At an optimizer step the rank waits (`awaiting_ranks`) until the step sync has
+every rank's gradients summed into its own (`synced_optimizer_step`).
 """
 
 from __future__ import annotations
@@ -40,12 +46,15 @@ class TrainingChunk:
 
 class Trainer:
     def __init__(self, spec: FinetuneSpec, model: CausalLM, tokenizer, job_id: str,
-                 base_fingerprint: str = ""):
-        self.spec, self.model, self.job_id = spec, model, job_id
+                 base_fingerprint: str = "", span: tuple[int, int] | None = None):
+        """`span`: (rank, world_size) for a job that spans the ranks of a sharded base."""
+        self.spec, self.model, self.job_id, self.span = spec, model, job_id, span
         self.base_fingerprint = base_fingerprint
         data = read_training_data(spec.data, tokenizer, spec.max_length)
         self.dataset_fingerprint = data.fingerprint
         self.train_examples, self.eval_examples = split_eval(data, spec.eval_fraction, spec.seed)
+        if span is not None:
+            _check_span(len(self.train_examples), spec.batch_size, span[1])
         self.general_examples = _general_text(tokenizer, spec.max_length)
         self.lora = _init_lora(spec, model)
         opt = spec.optimizer
@@ -63,6 +72,7 @@ class Trainer:
         self.versions: list[int] = []
         self.metrics: dict = {}
         self.checkpoint_requested = False  # set to publish a version at the next step
+        self.awaiting_ranks = False  # a spanning job's share is done; its step waits for the ranks
         self._window_loss = 0.0
         self._pending: list[Example] = []
         self._normaliser = 0
@@ -109,8 +119,26 @@ class Trainer:
         self.micro += 1
         if self.micro < self.spec.grad_accumulation and not self._epoch_ends():
             return False
+        if self.span is not None:
+            self.awaiting_ranks = True
+            return False
         self._optimizer_step()
         return True
+
+    def synced_optimizer_step(self, all_reduce_sum) -> None:
+        """The optimizer step of a spanning job, called on every rank at once: the ranks'
+        partial gradients and window losses summed (`all_reduce_sum(tensor)` in place)."""
+        params = list(self.lora.parameters())
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.flatten() for p in params] + [torch.tensor([self._window_loss])])
+        all_reduce_sum(flat)
+        for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
+        self._window_loss = float(flat[-1])
+        self.awaiting_ranks = False
+        self._optimizer_step()
 
     def should_checkpoint(self) -> bool:
         every = self.spec.checkpoint_every
@@ -171,6 +199,9 @@ class Trainer:
         self.position += len(self._pending)
         targets = sum(sum(e.loss_mask) for e in self._pending)
         self._normaliser = targets * self.spec.grad_accumulation
+        if self.span is not None:
+            rank, world_size = self.span
+            self._pending = self._pending[rank::world_size]
 
     def _epoch_ends(self) -> bool:
         return self.position >= len(self.train_examples)
@@ -241,6 +272,16 @@ class Trainer:
         self.tokens, self.losses = state["tokens"], state["losses"]
         self.versions = state["versions"]
         self.lora.generator.set_state(torch.tensor(state["dropout_rng"], dtype=torch.uint8))
+
+
+def _check_span(examples: int, batch_size: int, world_size: int) -> None:
+    """Every micro-batch of a spanning job must give each rank at least one example."""
+    last = examples % batch_size or batch_size
+    if min(batch_size, last) < world_size:
+        raise ValueError(
+            f"a job spanning {world_size} ranks needs at least {world_size} examples in every "
+            f"micro-batch; batch_size {batch_size} over {examples} training examples leaves "
+            f"{min(batch_size, last)}; raise batch_size or run the job on one rank")
 
 
 def _init_lora(spec: FinetuneSpec, model: CausalLM) -> TrainableLora:

@@ -50,7 +50,21 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     expected = model.state_dict()  # meta tensors: names and shapes only
-    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    check_weights(path, config, {k: t.shape for k, t in state.items()},
+                  {k: t.shape for k, t in expected.items()})
+    together = backend(device).FUSED_SLICES
+    model.load_state_dict(arranged({k: state[k].to(dtype) for k in expected}, config, together),
+                          assign=True, strict=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def check_weights(path: Path, config: ModelConfig, found: dict[str, torch.Size],
+                  expected: dict[str, torch.Size]) -> None:
+    """Raises ModelConfigError unless the checkpoint's weights (`found`, name -> shape) are
+    exactly those of the architecture (`expected`)."""
+    missing, unexpected = set(expected) - set(found), set(found) - set(expected)
     unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
     if missing or unexpected:
         raise ModelConfigError(
@@ -58,20 +72,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
             f"config.json; missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     # checked here, not left to load_state_dict: its RuntimeError is no ModelConfigError
-    wrong_shapes = [f"{k} has shape {tuple(state[k].shape)}, the config expects "
-                    f"{tuple(expected[k].shape)}"
-                    for k in sorted(expected) if state[k].shape != expected[k].shape]
+    wrong_shapes = [f"{k} has shape {tuple(found[k])}, the config expects {tuple(expected[k])}"
+                    for k in sorted(expected) if found[k] != expected[k]]
     if wrong_shapes:
         raise ModelConfigError(
             f"{path}: weights do not match the shapes of its config.json; "
             + "; ".join(wrong_shapes[:5])
         )
-    together = backend(device).FUSED_SLICES
-    model.load_state_dict(arranged({k: state[k].to(dtype) for k in expected}, config, together),
-                          assign=True, strict=True)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
 
 
 def arranged(state: dict[str, torch.Tensor], config: ModelConfig,

@@ -27,6 +27,8 @@ from grpc_reflection.v1alpha import reflection
 
 from cotune.adapters.registry import Quotas
 from cotune.adapters.sqlite_registry import SqliteRegistry
+from cotune.distributed.ranks import RankInfo
+from cotune.distributed.zero_config import check_sharding
 from cotune.engine.runtime import Runtime
 from cotune.server.adapter_service import AdapterService
 from cotune.server.admission import Admission
@@ -57,17 +59,18 @@ MAX_MESSAGE_BYTES = 64 << 20  # inline training data; larger sets go by server_p
 
 class CotuneServer:
     def __init__(self, args):
+        self.rank = RankInfo.from_env()  # None: the whole base in this process
+        check_sharding(self.rank is not None, args.zero_offload, args.device)
         data_dir: Path = args.data_dir
+        if self.rank is not None:
+            data_dir = data_dir / f"rank-{self.rank.rank}"
         data_dir.mkdir(parents=True, exist_ok=True)
         self.registry = SqliteRegistry(data_dir, Quotas(
             args.default_max_adapters, args.default_max_versions, args.default_max_jobs,
             args.default_max_queued, args.default_tokens_per_minute))
         self.admin_token_file = data_dir / "admin.token"
         self._bootstrap_admin(args.admin_token_file)
-        self.runtime = Runtime.load(args.model, dtype=args.dtype, device=args.device,
-                                    max_rank=args.max_rank, num_slots=args.num_slots,
-                                    host_cache_mb=args.host_cache_mb,
-                                    kv_cache_tokens=args.kv_cache_tokens)
+        self.runtime = self._load_runtime(args)
         self.gate = Gate(self.registry)
         self.metrics = Metrics(args.metrics_top_adapters)
         self.metrics.watch(self.runtime)
@@ -97,8 +100,9 @@ class CotuneServer:
         reflection.enable_server_reflection(
             (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_secure_port(f"{args.host}:{args.port}", _credentials(args)) \
-            if args.tls_cert else self.server.add_insecure_port(f"{args.host}:{args.port}")
+        port = args.port + self.rank.local_rank if self.rank and args.port else args.port
+        self.port = self.server.add_secure_port(f"{args.host}:{port}", _credentials(args)) \
+            if args.tls_cert else self.server.add_insecure_port(f"{args.host}:{port}")
         self.metrics_port = None
         if args.metrics_port:
             server, _ = prometheus_client.start_http_server(
@@ -106,6 +110,18 @@ class CotuneServer:
             self.metrics_port = server.server_port
         self.grace = args.grace_period
         self._stopping, self.stopped = threading.Event(), threading.Event()
+        self.exit_code = 0
+
+    def _load_runtime(self, args) -> Runtime:
+        options = dict(dtype=args.dtype, max_rank=args.max_rank, num_slots=args.num_slots,
+                       host_cache_mb=args.host_cache_mb, kv_cache_tokens=args.kv_cache_tokens)
+        if self.rank is None:
+            return Runtime.load(args.model, device=args.device, **options)
+        from cotune.distributed.sharded_runtime import load_sharded_runtime  # imports deepspeed
+
+        return load_sharded_runtime(args.model, self.rank, zero_offload=args.zero_offload,
+                                    nvme_path=args.nvme_path, timeout_s=args.rank_timeout,
+                                    **options)
 
     def start(self) -> None:
         self.server.start()
@@ -117,11 +133,24 @@ class CotuneServer:
         """An engine that stopped on an error takes no more work: health says NOT_SERVING,
         so the orchestrator restarts this replica (calls get UNAVAILABLE meanwhile)."""
         while not self._stopping.wait(1.0):
+            if self.rank is not None and not self.runtime.running:
+                self._leave_ranks()
+                return
             if self.runtime.error is not None:
                 log.error("the engine stopped on an error: %r; health is NOT_SERVING",
                           self.runtime.error)
                 self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
                 return
+
+    def _leave_ranks(self) -> None:
+        """The ranks of a sharded base stop as one: when another rank stopped or died (or this
+        one's collectives timed out), this rank cannot step alone, so it exits."""
+        reason = "another rank stopped" if self.runtime.error is None else \
+            f"lost the other ranks: {self.runtime.error!r}"
+        log.error("rank %d of %d: the sharded base stopped (%s); exiting", self.rank.rank,
+                  self.rank.world_size, reason)
+        self.exit_code = 1
+        threading.Thread(target=self.stop, name="stop").start()
 
     def _set_health(self, status) -> None:
         for service in ("", *SERVICES):
@@ -192,4 +221,4 @@ def serve_command(args) -> int:
               "cotune adapters list", flush=True)
     while not server.stopped.wait(0.5):  # a timed wait lets the signal handlers run
         pass
-    return 0
+    return server.exit_code

@@ -28,6 +28,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                             "store on disk and the device slots")
     model.add_argument("--kv-cache-tokens", type=int, default=16384)
 
+    sharded = parser.add_argument_group(
+        "sharded base: under torchrun (or with WORLD_SIZE > 1 and RANK, LOCAL_RANK, MASTER_ADDR, "
+        "MASTER_PORT set) the ranks partition the base with DeepSpeed ZeRO-3; each rank serves "
+        "on --port + LOCAL_RANK with DATA_DIR/rank-RANK")
+    sharded.add_argument("--zero-offload", default="none", choices=["none", "cpu", "nvme"],
+                         help="keep the base's partitions in CPU memory or on NVMe between uses")
+    sharded.add_argument("--nvme-path", type=Path,
+                         help="with --zero-offload nvme: a directory on the NVMe drive")
+    sharded.add_argument("--rank-timeout", type=float, default=120.0,
+                         help="seconds a rank waits for the others in a collective; past it "
+                              "(a rank died) this rank exits")
+
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1",
                      help="address to listen on; 0.0.0.0 for every interface")

@@ -1,0 +1,71 @@
+"""One rank of the sharded-base test, launched by torchrun from tests/test_sharded.py: a
+Runtime over the base partitioned with ZeRO-3 serves its share of the requests while a job of
+its own (rank 0) and a job spanning both ranks train, and writes what it computed to
+OUT/rank-R.json. The test runs the same work in one process and compares."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from cotune import FinetuneSpec, LoraSettings, OptimizerSettings, Request
+from cotune.distributed.memory import allocated_bytes
+from cotune.distributed.ranks import RankInfo
+from cotune.distributed.sharded_runtime import load_sharded_runtime
+
+ENGINE = dict(max_rank=8, num_slots=4, kv_cache_tokens=2048, num_threads=1)
+PROMPTS = ["The cat sat on", "Where is the capital", "Hello there, my friend",
+           "Forty two is the answer to", "A country has", "Tell me about the mat"]
+ADAPTERS = ["a0", "a1", None]
+
+
+def requests() -> list[Request]:
+    """Every request of the test; rank r serves those with index % world_size == r."""
+    return [Request(prompt=p, adapter=ADAPTERS[i % 3], max_tokens=6 + i, ignore_eos=True,
+                    request_id=f"r{i}") for i, p in enumerate(PROMPTS)]
+
+
+def job_specs(data: str, output_dir: Path) -> dict[str, FinetuneSpec]:
+    """'local' trains on rank 0 alone; 'span' spans both ranks (4 examples a micro-batch,
+    two per rank, two micro-batches a step)."""
+    lora = LoraSettings(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+    return {
+        "local": FinetuneSpec("local", data, output_dir, lora=lora, batch_size=2, max_steps=3,
+                              optimizer=OptimizerSettings(lr=1e-2), seed=1),
+        "span": FinetuneSpec("span", data, output_dir, lora=lora, batch_size=4, max_steps=3,
+                             grad_accumulation=2, optimizer=OptimizerSettings(lr=1e-2), seed=2),
+    }
+
+
+def main(model: str, data: str, out: Path, adapters: list[str]) -> None:
+    rank = RankInfo.from_env()
+    runtime = load_sharded_runtime(model, rank, **ENGINE)
+    at_rest = allocated_bytes(runtime.engine).as_dict()
+    mixed = []
+    runtime.engine.on_step = lambda report: mixed.append(
+        report.training_tokens > 0 and report.decode_tokens + report.prefill_tokens > 0)
+    for name, path in zip(ADAPTERS, adapters):
+        runtime.register_adapter(name, path)
+    specs = job_specs(data, out / f"rank-{rank.rank}")
+    jobs = {"span": runtime.finetune(specs["span"], span_ranks=True)}
+    if rank.rank == 0:
+        jobs["local"] = runtime.finetune(specs["local"])
+    mine = [r for i, r in enumerate(requests()) if i % rank.world_size == rank.rank]
+    completions = runtime.generate(mine)
+    for job in jobs.values():
+        job.wait(timeout=300)
+    result = {"bytes_at_rest": at_rest, "mixed_steps": sum(mixed),
+              "tokens": {c.request_id: c.token_ids for c in completions},
+              "final": {name: str(specs[name].adapter_dir / f"v{job.trainer.versions[-1]}")
+                        for name, job in jobs.items()}}
+    (out / f"rank-{rank.rank}.json").write_text(json.dumps(result))
+    # every rank closes only when all are done: one rank closing stops them all
+    while len(list(out.glob("rank-*.json"))) < rank.world_size:
+        time.sleep(0.05)
+    runtime.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4:])

@@ -1,0 +1,214 @@
+"""The base sharded over two ranks (DeepSpeed ZeRO-3 on gloo, launched by torchrun): the same
+tokens and the same trained LoRA weights as one process, each rank holding half the base; and
+`cotune serve` as ranks, where a rank that dies takes the others down with a clear message."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from server_helpers import start_server, tiny_adapter_dir, tiny_model_dir
+from sharded_worker import ADAPTERS, ENGINE, job_specs, requests
+from test_finetune import FACTS
+
+from cotune import Runtime
+from cotune.client import Client
+from cotune.distributed.memory import allocated_bytes
+from cotune.distributed.ranks import RankInfo, RankSetupError
+from cotune.distributed.zero_config import check_sharding, zero3_config
+from cotune.model.loading import weight_files
+
+RUN_TIMEOUT_S = 300
+LORA_ATOL = 1e-6  # float32: the ranks sum partial gradients in another order than one process
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """The model, adapters and training data both runs use."""
+    root = tmp_path_factory.mktemp("sharded")
+    data = root / "facts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q + " ", "completion": a}) + "\n"
+                            for q, a in FACTS))
+    adapters = [tiny_adapter_dir(root / "a0", seed=1),
+                tiny_adapter_dir(root / "a1", seed=2, r=8,
+                                 targets=("q_proj", "v_proj", "down_proj"))]
+    return dict(root=root, model=tiny_model_dir(root), data=str(data), adapters=adapters)
+
+
+@pytest.fixture(scope="module")
+def ranks(work):
+    """The results of two ranks run by torchrun (tests/sharded_worker.py), by rank."""
+    out = work["root"] / "ranks"
+    out.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", str(Path(__file__).parent / "sharded_worker.py"),
+               str(work["model"]), work["data"], str(out), *map(str, work["adapters"])]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def one_process(work):
+    """The same requests and jobs in one process over the whole base."""
+    with Runtime.load(work["model"], **ENGINE) as runtime:
+        for name, path in zip(ADAPTERS, work["adapters"]):
+            runtime.register_adapter(name, path)
+        specs = job_specs(work["data"], work["root"] / "one-process")
+        jobs = {name: runtime.finetune(spec) for name, spec in specs.items()}
+        completions = runtime.generate(requests())
+        for job in jobs.values():
+            job.wait(timeout=RUN_TIMEOUT_S)
+        base_bytes = allocated_bytes(runtime.engine).base_shard
+    final = {name: specs[name].adapter_dir / f"v{job.trainer.versions[-1]}"
+             for name, job in jobs.items()}
+    return dict(tokens={c.request_id: c.token_ids for c in completions}, final=final,
+                base_bytes=base_bytes)
+
+
+def _lora(version_dir) -> dict[str, torch.Tensor]:
+    return load_file(Path(version_dir) / "adapter_model.safetensors")
+
+
+def test_sharded_outputs_equal_one_process_token_for_token(ranks, one_process):
+    tokens = {**ranks[0]["tokens"], **ranks[1]["tokens"]}
+    assert sorted(tokens) == sorted(one_process["tokens"])
+    assert set(ranks[0]["tokens"]).isdisjoint(ranks[1]["tokens"])  # each rank its own
+    for request_id, want in one_process["tokens"].items():
+        assert tokens[request_id] == want, request_id
+
+
+def test_requests_were_served_in_the_steps_that_trained(ranks):
+    assert all(rank["mixed_steps"] > 0 for rank in ranks)
+
+
+def test_each_rank_holds_half_the_base(work, ranks, one_process):
+    numels = []
+    for file in weight_files(work["model"]):
+        with safe_open(file, "pt") as f:
+            numels += [math.prod(f.get_slice(name).get_shape()) for name in f.keys()]
+    whole = sum(numels) * 4  # float32
+    assert one_process["base_bytes"] == whole
+    for rank in ranks:
+        shard = rank["bytes_at_rest"]["base_shard"]
+        assert shard == sum(math.ceil(n / 2) for n in numels) * 4  # ZeRO-3: ceil(n/2) each
+        assert 0.45 < shard / whole < 0.55
+        assert rank["bytes_at_rest"]["adapter_slots"] > 0  # slot pools stay whole, per rank
+
+
+def test_rank_local_job_trains_as_in_one_process(ranks, one_process):
+    got, want = _lora(ranks[0]["final"]["local"]), _lora(one_process["final"]["local"])
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=LORA_ATOL, msg=name)
+    assert "local" not in ranks[1]["final"]
+
+
+def test_job_spanning_ranks_trains_as_in_one_process(ranks, one_process):
+    want = _lora(one_process["final"]["span"])
+    first, second = (_lora(rank["final"]["span"]) for rank in ranks)
+    for name in want:
+        assert torch.equal(first[name], second[name]), name  # the ranks step as one
+        torch.testing.assert_close(first[name], want[name], rtol=0, atol=LORA_ATOL, msg=name)
+    assert any(want[name].abs().max() > 0.01 for name in want if "lora_B" in name)  # it trained
+
+
+def test_zero3_config_offload_choices():
+    assert zero3_config()["zero_optimization"] == {"stage": 3}
+    assert zero3_config()["bf16"] == {"enabled": False}
+    assert zero3_config("bfloat16")["bf16"] == {"enabled": True}
+    assert zero3_config(offload="cpu")["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+def test_zero3_config_nvme_needs_an_existing_path(tmp_path):
+    offload = zero3_config(offload="nvme", nvme_path=tmp_path)["zero_optimization"]
+    assert offload["offload_param"] == {"device": "nvme", "nvme_path": str(tmp_path),
+                                        "pin_memory": False}
+    with pytest.raises(ValueError, match="needs --nvme-path"):
+        zero3_config(offload="nvme")
+    with pytest.raises(ValueError, match="not a directory"):
+        zero3_config(offload="nvme", nvme_path=tmp_path / "missing")
+    with pytest.raises(ValueError, match="only with --zero-offload nvme"):
+        zero3_config(offload="cpu", nvme_path=tmp_path)
+    with pytest.raises(ValueError, match="accepted: none, cpu, nvme"):
+        zero3_config(offload="disk")
+
+
+def test_sharding_options_are_checked():
+    with pytest.raises(ValueError, match="launch it as ranks"):
+        check_sharding(False, "cpu", "cpu")
+    with pytest.raises(ValueError, match="give cpu or cuda"):
+        check_sharding(True, "none", "cuda:1")
+    check_sharding(True, "nvme", "cuda")
+
+
+def test_rank_info_from_launcher_variables():
+    env = dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="h", MASTER_PORT="29500")
+    assert RankInfo.from_env(env) == RankInfo(1, 2, 1, "h", 29500)
+    assert RankInfo.from_env({}) is None
+    assert RankInfo.from_env({"WORLD_SIZE": "1"}) is None
+    with pytest.raises(RankSetupError, match="MASTER_PORT is not set"):
+        RankInfo.from_env({k: v for k, v in env.items() if k != "MASTER_PORT"})
+    with pytest.raises(RankSetupError, match="outside"):
+        RankInfo.from_env({**env, "RANK": "2"})
+
+
+def test_spanning_needs_a_sharded_base(work):
+    spec = job_specs(work["data"], work["root"] / "unsharded")["span"]
+    with Runtime.load(work["model"], **ENGINE) as runtime:
+        with pytest.raises(ValueError, match="needs a base sharded over ranks"):
+            runtime.finetune(spec, span_ranks=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_as_ranks_and_a_dead_rank_stops_the_others(work):
+    """Two `cotune serve` ranks as the Helm chart starts them (the launcher's variables, one
+    process each); kill -9 of one makes the other exit with a message, not hang."""
+    root, token = work["root"] / "serve", work["root"] / "admin.token"
+    token.write_text("ct_0123456789ab_" + "s" * 43 + "\n")
+    port = _free_port()
+
+    def start(rank: int):
+        env = dict(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        return start_server(work["root"], "--admin-token-file", str(token), "--rank-timeout",
+                            "30", data_dir=root, env=env)
+
+    with ThreadPoolExecutor(2) as pool:  # the ranks load the base together
+        servers = list(pool.map(start, range(2)))
+    try:
+        tokens = []
+        for server in servers:
+            with Client(server.address, server.admin_token) as client:
+                done = client.complete("The cat sat on", max_tokens=8, ignore_eos=True)
+                assert done.completion_tokens == 8
+                tokens.append(done.token_ids)
+        assert tokens[0] == tokens[1]  # one base, whichever rank serves
+        assert sorted(p.name for p in root.iterdir()) == ["rank-0", "rank-1"]  # one each
+        servers[1].proc.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while servers[0].proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert servers[0].proc.returncode == 1, "".join(servers[0].output[-30:])
+        assert "rank 0 of 2: the sharded base stopped" in "".join(servers[0].output)
+    finally:
+        for server in servers:
+            server.stop(signal.SIGKILL)
