@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from cotune import FinetuneSpec, LoraSettings, OptimizerSettings, Request
+from cotune.distributed.lockstep import BACKWARD, FORWARD
 from cotune.distributed.memory import allocated_bytes
 from cotune.distributed.ranks import RankInfo
 from cotune.distributed.sharded_runtime import load_sharded_runtime
@@ -39,10 +41,30 @@ def job_specs(data: str, output_dir: Path) -> dict[str, FinetuneSpec]:
     }
 
 
+def count_gathers(model) -> tuple[Counter, Counter]:
+    """(gathers of each layer, rounds of each kind) on this rank from now on."""
+    gathers, rounds = Counter(), Counter()
+    layer_parameters, join = model.layer_parameters, model.lockstep._join
+
+    def counted_layer(index):
+        gathers[index] += 1
+        return layer_parameters(index)
+
+    def counted_join(op):
+        counts = join(op)
+        rounds["forward"] += bool(counts[FORWARD])
+        rounds["backward"] += bool(counts[BACKWARD])
+        return counts
+
+    model.layer_parameters, model.lockstep._join = counted_layer, counted_join
+    return gathers, rounds
+
+
 def main(model: str, data: str, out: Path, adapters: list[str]) -> None:
     rank = RankInfo.from_env()
     runtime = load_sharded_runtime(model, rank, **ENGINE)
     at_rest = allocated_bytes(runtime.engine).as_dict()
+    gathers, rounds = count_gathers(runtime.engine.model)
     mixed = []
     runtime.engine.on_step = lambda report: mixed.append(
         report.training_tokens > 0 and report.decode_tokens + report.prefill_tokens > 0)
@@ -56,7 +78,8 @@ def main(model: str, data: str, out: Path, adapters: list[str]) -> None:
     completions = runtime.generate(mine)
     for job in jobs.values():
         job.wait(timeout=300)
-    result = {"bytes_at_rest": at_rest, "mixed_steps": sum(mixed),
+    result = {"bytes_at_rest": at_rest, "mixed_steps": sum(mixed), "rounds": rounds,
+              "layer_gathers": [gathers[i] for i in range(len(runtime.engine.model.model.layers))],
               "tokens": {c.request_id: c.token_ids for c in completions},
               "final": {name: str(specs[name].adapter_dir / f"v{job.trainer.versions[-1]}")
                         for name, job in jobs.items()}}

@@ -335,6 +335,7 @@ def test_sharded_groups_get_torchrun_variables_from_the_statefulset_ordinal():
         assert env["WORLD_SIZE"]["value"] == "4"
         assert env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
             "metadata.labels['apps.kubernetes.io/pod-index']")
+        assert "--zero-offload=none" in worker_container(statefulset)["args"]
     # the groups' selectors do not overlap: each StatefulSet owns its own pods
     selectors = [s["spec"]["selector"]["matchLabels"] for s in statefulsets]
     assert selectors[0] != selectors[1]

@@ -95,6 +95,15 @@ def test_requests_were_served_in_the_steps_that_trained(ranks):
     assert all(rank["mixed_steps"] > 0 for rank in ranks)
 
 
+def test_each_layer_is_gathered_once_per_pass_of_any_rank(ranks):
+    """Every forward or backward pass of any rank is a round that every rank joins, and each
+    round gathers each layer exactly once (a rank without rows only gathers)."""
+    for rank in ranks:
+        passes = rank["rounds"]["forward"] + rank["rounds"]["backward"]
+        assert rank["rounds"]["backward"] > 0
+        assert rank["layer_gathers"] == [passes] * len(rank["layer_gathers"])
+
+
 def test_each_rank_holds_half_the_base(work, ranks, one_process):
     numels = []
     for file in weight_files(work["model"]):
@@ -181,7 +190,8 @@ def _free_port() -> int:
 
 def test_serve_as_ranks_and_a_dead_rank_stops_the_others(work):
     """Two `cotune serve` ranks as the Helm chart starts them (the launcher's variables, one
-    process each); kill -9 of one makes the other exit with a message, not hang."""
+    process each, the base offloaded to CPU memory); kill -9 of one makes the other exit with
+    a message, not hang."""
     root, token = work["root"] / "serve", work["root"] / "admin.token"
     token.write_text("ct_0123456789ab_" + "s" * 43 + "\n")
     port = _free_port()
@@ -190,7 +200,7 @@ def test_serve_as_ranks_and_a_dead_rank_stops_the_others(work):
         env = dict(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         return start_server(work["root"], "--admin-token-file", str(token), "--rank-timeout",
-                            "30", data_dir=root, env=env)
+                            "30", "--zero-offload", "cpu", data_dir=root, env=env)
 
     with ThreadPoolExecutor(2) as pool:  # the ranks load the base together
         servers = list(pool.map(start, range(2)))
