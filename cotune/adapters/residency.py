@@ -51,7 +51,8 @@ class ResidentAdapters:
         self._copy_stream = torch.cuda.Stream(device) if cuda else None
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._pins: Counter[str] = Counter()
-        self._free = list(range(num_slots))
+        self._free = list(range(num_slots))  # every module's pool is zero in a free slot
+        self._held: dict[int, tuple[str, ...]] = {}  # slot -> modules its adapter writes
         self.num_hot = int(num_slots * hot_share)
         self._recent: deque[str] = deque(maxlen=history or 8 * num_slots)
         self._traffic: Counter[str] = Counter()  # acquisitions per key among `_recent`
@@ -133,8 +134,8 @@ class ResidentAdapters:
 
     def evict(self, key: str) -> None:
         slot = self._slot_of.pop(key)
-        for module in self.modules.values():
-            module.clear_slot(slot)
+        for name in self._held.pop(slot):  # only these: the others are zero there already
+            self.modules[name].clear_slot(slot)
         self._free.append(slot)
         if self.on_evict is not None:
             self.on_evict()
@@ -162,14 +163,12 @@ class ResidentAdapters:
         which the compute stream then waits for (the slot is used by the next forward)."""
         stream = self._copy_stream
         with torch.no_grad(), (nullcontext() if stream is None else torch.cuda.stream(stream)):
-            for name, module in self.modules.items():
-                lora = adapter.modules.get(name)
-                if lora is None:
-                    module.clear_slot(slot)
-                    continue
+            for name, lora in adapter.modules.items():  # a free slot is zero elsewhere
+                module = self.modules[name]
                 a = lora.a.to(module.a_pool.device, non_blocking=True)
                 b = lora.b.to(module.b_pool.device, non_blocking=True)
                 module.load_slot(slot, a, b, lora.scale)
+        self._held[slot] = tuple(adapter.modules)
         if stream is not None:
             torch.cuda.current_stream(stream.device).wait_stream(stream)
 
