@@ -35,6 +35,9 @@ class Lockstep:
 
     def __init__(self, mirror: Callable[[int], None], gather_head: Callable[[], object]):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        # NCCL reduces only tensors on the device; gloo those on the host
+        self.device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else torch.device("cpu")
         self._mirror, self._gather_head = mirror, gather_head
         self._head = None
         self._spanning: dict[int, object] = {}  # slot -> Trainer
@@ -43,7 +46,7 @@ class Lockstep:
         """Called by every rank between steps: (whether any rank has work, whether any rank
         is closing). The runtime steps all ranks when any has work, and stops all of them
         when any stops: a sharded base serves as one."""
-        flags = torch.tensor([int(has_work), int(closing)])
+        flags = torch.tensor([int(has_work), int(closing)], device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
 
@@ -80,11 +83,11 @@ class Lockstep:
         for slot, trainer in list(self._spanning.items()):
             if trainer not in engine.trainers:  # ended on this rank
                 del self._spanning[slot]
-        ready = torch.zeros(MAX_SPANNING_JOBS, dtype=torch.int64)
+        ready = torch.zeros(MAX_SPANNING_JOBS, dtype=torch.int64, device=self.device)
         for slot, trainer in self._spanning.items():
             ready[slot] = int(trainer.awaiting_ranks)
         dist.all_reduce(ready, op=dist.ReduceOp.MIN)
-        return [self._spanning[int(s)] for s in ready.nonzero().flatten()]
+        return [self._spanning[int(s)] for s in ready.cpu().nonzero().flatten()]
 
     def _idle_rounds(self) -> None:
         while True:
@@ -93,13 +96,15 @@ class Lockstep:
                 return
             self._mirror(FORWARD if counts[FORWARD] else BACKWARD)
 
-    def _join(self, op: int) -> torch.Tensor:
-        counts = torch.zeros(3, dtype=torch.int64)
+    def _join(self, op: int) -> list[int]:
+        """Ranks entering a round of each kind (FORWARD, BACKWARD, IDLE), this one as `op`."""
+        counts = torch.zeros(3, dtype=torch.int64, device=self.device)
         counts[op] = 1
         dist.all_reduce(counts)
+        counts = counts.tolist()
         if counts[FORWARD] and counts[BACKWARD]:
             raise LockstepError(f"rank {self.rank}: ranks entered a forward and a backward "
-                                f"pass in the same round ({counts.tolist()})")
+                                f"pass in the same round ({counts})")
         return counts
 
     @staticmethod

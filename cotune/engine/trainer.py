@@ -132,7 +132,8 @@ class Trainer:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.flatten() for p in params] + [torch.tensor([self._window_loss])])
+        loss = torch.tensor([self._window_loss], device=params[0].device)
+        flat = torch.cat([p.grad.flatten() for p in params] + [loss])
         all_reduce_sum(flat)
         for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
             p.grad.copy_(g.view_as(p))
