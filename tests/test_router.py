@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from server_helpers import (
     START_TIMEOUT_S,
     RunningServer,
@@ -30,6 +30,8 @@ from test_metrics import free_port, scrape, value
 
 from cotune.client import Client, Unauthenticated
 from cotune.router.hashing import first_unloaded, rendezvous_order
+from cotune.router.metrics import RouterMetrics
+from cotune.router.pool import Pool
 from cotune.server.uploads import Staging
 from cotune.v1 import inference_pb2, inference_pb2_grpc
 
@@ -57,6 +59,61 @@ def test_a_loaded_first_choice_spills_to_the_next_and_all_loaded_to_the_least():
     assert first_unloaded(["a", "b", "c"], load.get, threshold=4) == "a"
     assert first_unloaded(["a", "c", "b"], load.get, threshold=3) == "c"
     assert first_unloaded(["a", "c", "b"], load.get, threshold=1) == "b"
+
+
+class FakeWorker:
+    """A real gRPC server with grpc.health.v1 that can turn NOT_SERVING or hang, and one method
+    that blocks until released."""
+
+    def __init__(self):
+        self.hang, self.release = threading.Event(), threading.Event()
+        self.health = health.HealthServicer()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        outer = self
+
+        class Hanging(health_pb2_grpc.HealthServicer):
+            def Check(self, request, context):
+                if outer.hang.is_set():
+                    outer.release.wait(30)
+                return outer.health.Check(request, context)
+
+        self.server = grpc.server(ThreadPoolExecutor(8))
+        health_pb2_grpc.add_HealthServicer_to_server(Hanging(), self.server)
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.Slow", {
+            "Wait": grpc.unary_unary_rpc_method_handler(
+                lambda request, context: self.release.wait(30) and b"")}),))
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+
+def test_the_pool_takes_out_draining_and_hung_workers_and_cancels_only_the_hung_ones_calls():
+    a, b = FakeWorker(), FakeWorker()
+    pool = Pool(RouterMetrics(), interval=0.1, timeout=1.0, on_health=lambda healthy: None)
+    pool.set_workers({"a": a.address, "b": b.address})
+    pool.start()
+    try:
+        healthy = lambda: sorted(w.id for w in pool.healthy())  # noqa: E731
+        wait_for(lambda: healthy() == ["a", "b"], what="both workers in rotation")
+        calls = {}
+        for name in ("a", "b"):
+            worker = pool.get(name)
+            calls[name] = worker.channel.unary_unary("/t.Slow/Wait").future(b"", timeout=30)
+            pool.track(worker, calls[name])
+        a.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # draining
+        b.hang.set()  # stopped answering
+        wait_for(lambda: healthy() == [], what="both workers out of rotation")
+        wait_for(calls["b"].done, what="the hung worker's call cancelled")
+        assert calls["b"].cancelled() and not calls["a"].done()
+        assert "health check failed: DEADLINE_EXCEEDED" in pool.get("b").failure
+        a.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        wait_for(lambda: healthy() == ["a"], what="the drained worker back")
+        pool.set_workers({"a": a.address})  # discovery dropped b
+        assert pool.get("b") is None and healthy() == ["a"]
+    finally:
+        pool.stop()
+        for worker in (a, b):
+            worker.release.set()
+            worker.server.stop(0)
 
 
 def test_workers_sharing_a_data_dir_sweep_only_their_own_upload_debris(tmp_path):
