@@ -212,6 +212,8 @@ def test_values_schema_rejects_a_bad_value_with_its_name(bad, message):
       "--set", "autoscaling.enabled=true"], "fixed size"),
     (["--set", "tls.enabled=true"], "tls.secretName"),
     (["--set", "model.volume.type=persistentVolumeClaim"], "model.volume.claimName"),
+    (["--set", "router.enabled=true,tls.enabled=true,tls.secretName=tls"],
+     "router.enabled does not go with tls.enabled"),
 ])
 def test_template_refuses_inconsistent_values_and_says_what_to_change(bad, message):
     result = helm("template", "rel", str(CHART), *bad)
