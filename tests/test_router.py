@@ -320,6 +320,8 @@ def test_a_cancelled_stream_cancels_the_workers_call(cluster):
         assert cluster.served("cancelled", "OK")[worker] == 0.0
         wait_for(lambda: r.metric("cotune_router_calls_in_flight") == 0,
                  what="the router's call ending")
+        assert r.metric("cotune_router_calls_total", worker=worker, method="Generate",
+                        code="CANCELLED") == 1
 
 
 def test_calls_without_a_valid_token_are_refused_through_the_router(cluster):

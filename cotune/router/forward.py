@@ -104,6 +104,9 @@ class Forwarder(grpc.GenericRpcHandler):
             except grpc.RpcError as e:
                 code = self._answered(worker, e.code())
                 self._abort(context, worker, code, e.details())
+            except GeneratorExit:  # the caller cancelled, or its deadline passed
+                code = grpc.StatusCode.CANCELLED
+                raise
             finally:
                 call.cancel()  # a no-op when it ended; else the caller closed the stream
                 self._ended(route, path, code)
