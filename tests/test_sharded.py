@@ -182,10 +182,19 @@ def test_spanning_needs_a_sharded_base(work):
             runtime.finetune(spec, span_ranks=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int = 1) -> int:
+    """The first of `count` consecutive ports that are free now."""
+    while True:
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            try:
+                for offset in range(1, count):
+                    with socket.socket() as s:
+                        s.bind(("127.0.0.1", port + offset))
+                return port
+            except OSError:
+                continue
 
 
 def test_serve_as_ranks_and_a_dead_rank_stops_the_others(work):
@@ -194,13 +203,14 @@ def test_serve_as_ranks_and_a_dead_rank_stops_the_others(work):
     a message, not hang."""
     root, token = work["root"] / "serve", work["root"] / "admin.token"
     token.write_text("ct_0123456789ab_" + "s" * 43 + "\n")
-    port = _free_port()
+    port, metrics = _free_ports(), _free_ports(2)
 
     def start(rank: int):
         env = dict(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         return start_server(work["root"], "--admin-token-file", str(token), "--rank-timeout",
-                            "30", "--zero-offload", "cpu", data_dir=root, env=env)
+                            "30", "--zero-offload", "cpu", "--metrics-port", str(metrics),
+                            data_dir=root, env=env)
 
     with ThreadPoolExecutor(2) as pool:  # the ranks load the base together
         servers = list(pool.map(start, range(2)))
@@ -213,6 +223,8 @@ def test_serve_as_ranks_and_a_dead_rank_stops_the_others(work):
                 tokens.append(done.token_ids)
         assert tokens[0] == tokens[1]  # one base, whichever rank serves
         assert sorted(p.name for p in root.iterdir()) == ["rank-0", "rank-1"]  # one each
+        for rank, server in enumerate(servers):  # ranks of one host: port + LOCAL_RANK
+            assert f"metrics: http://127.0.0.1:{metrics + rank}/metrics" in "".join(server.output)
         servers[1].proc.send_signal(signal.SIGKILL)
         deadline = time.monotonic() + 90
         while servers[0].proc.poll() is None and time.monotonic() < deadline:

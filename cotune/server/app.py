@@ -100,17 +100,22 @@ class CotuneServer:
         reflection.enable_server_reflection(
             (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
-        port = args.port + self.rank.local_rank if self.rank and args.port else args.port
+        port = self._rank_port(args.port)
         self.port = self.server.add_secure_port(f"{args.host}:{port}", _credentials(args)) \
             if args.tls_cert else self.server.add_insecure_port(f"{args.host}:{port}")
         self.metrics_port = None
         if args.metrics_port:
             server, _ = prometheus_client.start_http_server(
-                args.metrics_port, addr=args.host, registry=self.metrics.registry)
+                self._rank_port(args.metrics_port), addr=args.host,
+                registry=self.metrics.registry)
             self.metrics_port = server.server_port
         self.grace = args.grace_period
         self._stopping, self.stopped = threading.Event(), threading.Event()
         self.exit_code = 0
+
+    def _rank_port(self, port: int) -> int:
+        """The ranks on one host listen on port + LOCAL_RANK (0 stays 0: any free port)."""
+        return port + self.rank.local_rank if self.rank is not None and port else port
 
     def _load_runtime(self, args) -> Runtime:
         options = dict(dtype=args.dtype, max_rank=args.max_rank, num_slots=args.num_slots,
