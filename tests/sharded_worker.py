@@ -21,6 +21,7 @@ ENGINE = dict(max_rank=8, num_slots=4, kv_cache_tokens=2048, num_threads=1)
 PROMPTS = ["The cat sat on", "Where is the capital", "Hello there, my friend",
            "Forty two is the answer to", "A country has", "Tell me about the mat"]
 ADAPTERS = ["a0", "a1", None]
+IDLE_S = 1.0  # how long the idle ranks are watched
 
 
 def requests() -> list[Request]:
@@ -60,6 +61,18 @@ def count_gathers(model) -> tuple[Counter, Counter]:
     return gathers, rounds
 
 
+def count_agreements(lockstep) -> list[int]:
+    """[agreements between steps] on this rank from now on."""
+    count, agree = [0], lockstep.agree
+
+    def counted(*args):
+        count[0] += 1
+        return agree(*args)
+
+    lockstep.agree = counted
+    return count
+
+
 def main(model: str, data: str, out: Path, adapters: list[str]) -> None:
     rank = RankInfo.from_env()
     runtime = load_sharded_runtime(model, rank, **ENGINE)
@@ -78,16 +91,29 @@ def main(model: str, data: str, out: Path, adapters: list[str]) -> None:
     completions = runtime.generate(mine)
     for job in jobs.values():
         job.wait(timeout=300)
+    # the counts are read once every rank is done: a rank joins the others' rounds till then
+    _barrier(out, "done", rank)
+    agreements = count_agreements(runtime.engine.step_sync)
+    time.sleep(IDLE_S)
     result = {"bytes_at_rest": at_rest, "mixed_steps": sum(mixed), "rounds": rounds,
+              "idle_agreements_per_s": agreements[0] / IDLE_S,
               "layer_gathers": [gathers[i] for i in range(len(runtime.engine.model.model.layers))],
               "tokens": {c.request_id: c.token_ids for c in completions},
               "final": {name: str(specs[name].adapter_dir / f"v{job.trainer.versions[-1]}")
                         for name, job in jobs.items()}}
     (out / f"rank-{rank.rank}.json").write_text(json.dumps(result))
-    # every rank closes only when all are done: one rank closing stops them all
-    while len(list(out.glob("rank-*.json"))) < rank.world_size:
-        time.sleep(0.05)
+    _barrier(out, "rank", rank)  # one rank closing stops them all
     runtime.close()
+
+
+def _barrier(out: Path, name: str, rank: RankInfo) -> None:
+    """Waits until every rank has written OUT/{name}-{rank}.json (files: the process group
+    belongs to the runtime's thread)."""
+    path = out / f"{name}-{rank.rank}.json"
+    if not path.exists():
+        path.write_text("{}")
+    while len(list(out.glob(f"{name}-*.json"))) < rank.world_size:
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":

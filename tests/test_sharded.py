@@ -28,6 +28,7 @@ from cotune.client import Client
 from cotune.distributed.memory import allocated_bytes
 from cotune.distributed.ranks import RankInfo, RankSetupError
 from cotune.distributed.zero_config import check_sharding, zero3_config
+from cotune.engine.runtime import SYNC_POLL_S
 from cotune.model.loading import weight_files
 
 RUN_TIMEOUT_S = 300
@@ -102,6 +103,11 @@ def test_each_layer_is_gathered_once_per_pass_of_any_rank(ranks):
         passes = rank["rounds"]["forward"] + rank["rounds"]["backward"]
         assert rank["rounds"]["backward"] > 0
         assert rank["layer_gathers"] == [passes] * len(rank["layer_gathers"])
+
+
+def test_idle_ranks_ask_each_other_for_work_without_spinning(ranks):
+    for rank in ranks:  # one agreement per SYNC_POLL_S (0.05 s) when no rank has work
+        assert 5 <= rank["idle_agreements_per_s"] <= 1.5 / SYNC_POLL_S
 
 
 def test_each_rank_holds_half_the_base(work, ranks, one_process):
