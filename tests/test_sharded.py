@@ -13,10 +13,12 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_tokenizer
 from safetensors import safe_open
 from safetensors.torch import load_file
 from server_helpers import start_server, tiny_adapter_dir, tiny_model_dir
@@ -29,7 +31,8 @@ from cotune.distributed.memory import allocated_bytes
 from cotune.distributed.ranks import RankInfo, RankSetupError
 from cotune.distributed.zero_config import check_sharding, zero3_config
 from cotune.engine.runtime import SYNC_POLL_S
-from cotune.model.loading import weight_files
+from cotune.engine.trainer import Trainer
+from cotune.model.loading import load_model, weight_files
 
 RUN_TIMEOUT_S = 300
 LORA_ATOL = 1e-6  # float32: the ranks sum partial gradients in another order than one process
@@ -240,3 +243,13 @@ def test_serve_as_ranks_and_a_dead_rank_stops_the_others(work):
     finally:
         for server in servers:
             server.stop(signal.SIGKILL)
+
+
+def test_a_spanning_job_needs_an_example_per_rank_in_every_micro_batch(work):
+    model = load_model(work["model"])
+    spec = job_specs(work["data"], work["root"] / "too-small")["span"]
+    with pytest.raises(ValueError, match="needs at least 2 examples in every micro-batch; "
+                                         "batch_size 4 over 5 training examples leaves 1"):
+        Trainer(replace(spec, batch_size=4, eval_fraction=0.4), model, tiny_tokenizer(), "j",
+                span=(0, 2))
+    Trainer(spec, model, tiny_tokenizer(), "j", span=(1, 2))  # 8 examples, 4 a micro-batch
