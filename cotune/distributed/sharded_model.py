@@ -13,7 +13,7 @@ stay on their rank.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import deepspeed
@@ -154,11 +154,12 @@ def load_sharded_model(path: str | Path, zero_config: dict) -> ShardedCausalLM:
     if config.tie_word_embeddings:
         found.pop("lm_head.weight", None)
     check_weights(path, config, found, {n: p.ds_shape for n, p in params.items()})
-    for name, param in params.items():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if dist.get_rank() == 0:
-                with safe_open(files[name], "pt") as f:
-                    param.data.copy_(f.get_tensor(name))
+    with ExitStack() as stack:
+        readers = {file: stack.enter_context(safe_open(file, "pt")) for file in set(files.values())}
+        for name, param in params.items():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if dist.get_rank() == 0:
+                    param.data.copy_(readers[files[name]].get_tensor(name))
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
