@@ -253,3 +253,15 @@ def test_a_spanning_job_needs_an_example_per_rank_in_every_micro_batch(work):
         Trainer(replace(spec, batch_size=4, eval_fraction=0.4), model, tiny_tokenizer(), "j",
                 span=(0, 2))
     Trainer(spec, model, tiny_tokenizer(), "j", span=(1, 2))  # 8 examples, 4 a micro-batch
+
+
+def test_nvme_offload_is_refused_clearly_where_libaio_is_missing():
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    from cotune.distributed.sharded_runtime import check_nvme_offload
+
+    if AsyncIOBuilder().is_compatible():
+        check_nvme_offload()
+    else:
+        with pytest.raises(ValueError, match="libaio"):
+            check_nvme_offload()

@@ -23,6 +23,8 @@ def load_sharded_runtime(model: str | Path, rank: RankInfo, *, dtype: str = "flo
     """Joins the ranks and loads `model` partitioned over them (ZeRO-3); options as in
     Runtime.load. Every collective fails after `timeout_s` without its peers."""
     config = zero3_config(dtype, zero_offload, nvme_path)  # bad options fail before joining
+    if zero_offload == "nvme":
+        check_nvme_offload()
     if torch.cuda.is_available():
         torch.cuda.set_device(rank.local_rank)
     path = resolve_model_path(model)
@@ -32,3 +34,13 @@ def load_sharded_runtime(model: str | Path, rank: RankInfo, *, dtype: str = "flo
     engine = Engine(base, tokenizer, stop_token_ids(path, tokenizer),
                     EngineConfig(**engine_options), step_sync=base.lockstep)
     return Runtime(engine, path)
+
+
+def check_nvme_offload() -> None:
+    """NVMe offload reads and writes through DeepSpeed's async_io op, built against libaio."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible():
+        raise ValueError("--zero-offload nvme needs DeepSpeed's async_io op, which builds "
+                         "only with libaio (apt install libaio-dev); install it or use "
+                         "--zero-offload cpu")
