@@ -27,7 +27,7 @@ from test_finetune import FACTS
 
 from cotune import Runtime
 from cotune.client import Client
-from cotune.distributed.memory import allocated_bytes
+from cotune.distributed.memory import allocated_bytes, gathered_bytes
 from cotune.distributed.ranks import RankInfo, RankSetupError
 from cotune.distributed.zero_config import check_sharding, zero3_config
 from cotune.engine.runtime import SYNC_POLL_S
@@ -125,6 +125,15 @@ def test_each_rank_holds_half_the_base(work, ranks, one_process):
         assert shard == sum(math.ceil(n / 2) for n in numels) * 4  # ZeRO-3: ceil(n/2) each
         assert 0.45 < shard / whole < 0.55
         assert rank["bytes_at_rest"]["adapter_slots"] > 0  # slot pools stay whole, per rank
+
+
+def test_a_step_gathers_the_head_and_one_layer_at_a_time(work):
+    with safe_open(weight_files(work["model"])[0], "pt") as f:
+        numel = {name: math.prod(f.get_slice(name).get_shape()) for name in f.keys()}
+    head = numel["model.embed_tokens.weight"] + numel["model.norm.weight"] + \
+        numel["lm_head.weight"]
+    layer = sum(n for name, n in numel.items() if name.startswith("model.layers.0."))
+    assert gathered_bytes(load_model(work["model"])) == (head + layer) * 4
 
 
 def test_rank_local_job_trains_as_in_one_process(ranks, one_process):

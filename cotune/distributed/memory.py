@@ -38,6 +38,17 @@ def allocated_bytes(engine) -> RankBytes:
     return RankBytes(base, kv, slots, lora, optimizer)
 
 
+def gathered_bytes(model) -> int:
+    """Bytes a sharded step holds whole on top of allocated_bytes: the head (embeddings, final
+    norm, lm_head) for the whole step, and one decoder layer at a time."""
+    def whole(params) -> int:
+        return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
+
+    head = [model.model.embed_tokens.weight, model.model.norm.weight]
+    head += [] if model.lm_head is None else [model.lm_head.weight]
+    return whole(head) + max(whole(layer.parameters()) for layer in model.model.layers)
+
+
 def _param_bytes(param: torch.Tensor) -> int:
     shard = getattr(param, "ds_tensor", None)  # a ZeRO-3 partition: only it stays resident
     return _bytes(param if shard is None else shard)
