@@ -80,7 +80,7 @@ class _GatheredLayer(torch.autograd.Function):
         model, index, batch, cos, sin, training = context
         ctx.context, ctx.lora_params = context, lora_params
         if training is not None:
-            ctx.save_for_backward(x)
+            ctx.save_for_backward(x[training[0]])  # the training rows' input: all backward needs
             # dropout masks are drawn again in the recomputation: from the same states
             ctx.rng = [t.generator.get_state() for t in batch.lora.trainables
                        if t.generator is not None]
@@ -92,18 +92,18 @@ class _GatheredLayer(torch.autograd.Function):
         model, index, batch, cos, sin, (rows, sub) = ctx.context
         if index == len(model.model.layers) - 1:  # the first layer backward meets
             model.lockstep.round(BACKWARD)
-        (x,) = ctx.saved_tensors
+        (x_rows,) = ctx.saved_tensors
         generators = [t.generator for t in batch.lora.trainables if t.generator is not None]
         now = [g.get_state() for g in generators]
         for generator, state in zip(generators, ctx.rng):
             generator.set_state(state)
         with gathered(model.layer_parameters(index)), torch.enable_grad():
-            xr = x[rows].detach().requires_grad_()
+            xr = x_rows.detach().requires_grad_()
             y = model.model.layers[index](xr, cos[rows], sin[rows], sub)
             torch.autograd.backward(y, grad[rows], inputs=[xr, *ctx.lora_params])
         for generator, state in zip(generators, now):
             generator.set_state(state)
-        dx = torch.zeros_like(x)
+        dx = grad.new_zeros(grad.shape)
         dx[rows] = xr.grad
         return dx, None, *([None] * len(ctx.lora_params))
 
