@@ -27,7 +27,9 @@ from test_finetune import FACTS
 
 from cotune import Runtime
 from cotune.client import Client
+from cotune.distributed.architecture import Architecture
 from cotune.distributed.memory import allocated_bytes, gathered_bytes
+from cotune.distributed.plan import Cluster, Workload, make_plan
 from cotune.distributed.ranks import RankInfo, RankSetupError
 from cotune.distributed.zero_config import check_sharding, zero3_config
 from cotune.engine.runtime import SYNC_POLL_S
@@ -134,6 +136,21 @@ def test_a_step_gathers_the_head_and_one_layer_at_a_time(work):
         numel["lm_head.weight"]
     layer = sum(n for name, n in numel.items() if name.startswith("model.layers.0."))
     assert gathered_bytes(load_model(work["model"])) == (head + layer) * 4
+
+
+def test_planner_predicts_the_bytes_each_rank_holds(work, ranks):
+    """`cotune plan`'s per-rank base shard, KV cache and slot pools for this base over two
+    ranks, against what each rank of the real run allocated (within 10%)."""
+    arch = Architecture.from_hf(json.loads((work["model"] / "config.json").read_text()))
+    workload = Workload(dtype="float32", max_rank=ENGINE["max_rank"], slots=ENGINE["num_slots"],
+                        context=ENGINE["kv_cache_tokens"], batch=1)
+    planned = make_plan(arch, Cluster(gpus_per_node=2, nodes=1, gpu_bytes=1 << 40),
+                        workload).device
+    for rank in ranks:
+        held = rank["bytes_at_rest"]
+        for ours, theirs in (("base shard", "base_shard"), ("KV cache", "kv_cache"),
+                             ("adapter slots", "adapter_slots")):
+            assert abs(planned[ours] - held[theirs]) <= 0.1 * held[theirs], (ours, held)
 
 
 def test_rank_local_job_trains_as_in_one_process(ranks, one_process):
