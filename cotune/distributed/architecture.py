@@ -62,36 +62,51 @@ class Architecture:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def tensors(self) -> list[Tensors]:
-        """Every parameter tensor, grouped by shape; the names follow cotune's CausalLM."""
-        h, layers, dense = self.hidden_size, self.num_layers, self.num_layers - self.moe_layers
-        bias = self.qkv_bias
-        groups = [
-            Tensors("embed_tokens", self.vocab_size * h),
-            Tensors("q_proj", h * self.q_dim, layers),
-            Tensors("k_proj", h * self.kv_dim, layers),
-            Tensors("v_proj", h * self.kv_dim, layers),
-            Tensors("o_proj", self.q_dim * h, layers),
-            Tensors("layernorms", h, 2 * layers),
-            Tensors("norm", h),
-        ]
-        if bias:
-            groups += [Tensors("q_proj.bias", self.q_dim, layers),
-                       Tensors("kv_proj.bias", self.kv_dim, 2 * layers)]
-        if dense:
-            groups += [Tensors("gate_proj", h * self.intermediate_size, dense),
-                       Tensors("up_proj", h * self.intermediate_size, dense),
-                       Tensors("down_proj", self.intermediate_size * h, dense)]
-        if self.is_moe:
-            experts = (self.num_experts + self.num_shared_experts) * self.moe_layers
-            e = self.expert_intermediate_size
-            groups += [Tensors("router", self.num_experts * h, self.moe_layers),
-                       Tensors("experts.gate_proj", h * e, experts),
-                       Tensors("experts.up_proj", h * e, experts),
-                       Tensors("experts.down_proj", e * h, experts)]
+    def head_tensors(self) -> list[Tensors]:
+        """The embeddings, the final norm and the LM head (tied: the embeddings)."""
+        h = self.hidden_size
+        head = [Tensors("embed_tokens", self.vocab_size * h), Tensors("norm", h)]
         if not self.tie_word_embeddings:
-            groups.append(Tensors("lm_head", self.vocab_size * h))
+            head.append(Tensors("lm_head", self.vocab_size * h))
+        return head
+
+    def layer_tensors(self, moe: bool) -> list[Tensors]:
+        """One decoder layer: attention, its two norms, and a dense MLP or the experts; the
+        names follow cotune's CausalLM."""
+        h = self.hidden_size
+        tensors = [Tensors("q_proj", h * self.q_dim), Tensors("k_proj", h * self.kv_dim),
+                   Tensors("v_proj", h * self.kv_dim), Tensors("o_proj", self.q_dim * h),
+                   Tensors("layernorms", h, 2)]
+        if self.qkv_bias:
+            tensors += [Tensors("q_proj.bias", self.q_dim), Tensors("kv_proj.bias", self.kv_dim, 2)]
+        size, count = self.intermediate_size, 1
+        if moe:
+            size, count = self.expert_intermediate_size, self.num_experts + self.num_shared_experts
+            tensors.append(Tensors("router", self.num_experts * h))
+        return tensors + [Tensors("gate_proj", h * size, count),
+                          Tensors("up_proj", h * size, count),
+                          Tensors("down_proj", size * h, count)]
+
+    def tensors(self) -> list[Tensors]:
+        """Every parameter tensor, grouped by shape."""
+        groups = self.head_tensors()
+        for moe, layers in ((False, self.num_layers - self.moe_layers), (True, self.moe_layers)):
+            if layers:
+                groups += [Tensors(t.name, t.numel, t.count * layers)
+                           for t in self.layer_tensors(moe)]
         return groups
+
+    @property
+    def head_params(self) -> int:
+        return sum(t.numel * t.count for t in self.head_tensors())
+
+    @property
+    def largest_layer(self) -> int:
+        """Elements of the largest decoder layer: what a sharded step gathers at once beside
+        the head."""
+        kinds = [moe for moe, layers in ((False, self.num_layers - self.moe_layers),
+                                         (True, self.moe_layers)) if layers]
+        return max(sum(t.numel * t.count for t in self.layer_tensors(moe)) for moe in kinds)
 
     @property
     def total_params(self) -> int:
@@ -99,7 +114,8 @@ class Architecture:
 
     @property
     def largest_tensor(self) -> int:
-        """Elements of the largest single parameter: what ZeRO-3 gathers at once."""
+        """Elements of the largest single parameter (DeepSpeed's largest "layer", and what
+        each of its NVMe offload buffers must hold)."""
         return max(t.numel for t in self.tensors())
 
     @property

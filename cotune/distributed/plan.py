@@ -1,11 +1,12 @@
 """`cotune plan`: where the bytes of a sharded deployment go, per rank, before anything runs.
 
 The base is partitioned over every rank with ZeRO-3: each parameter is split into
-ceil(numel / ranks) elements per rank (DeepSpeed pads each one to a multiple of the ranks),
-and a step gathers each layer's parameters in turn, so a rank also holds the largest gathered
-tensor and the one prefetched after it. Everything else is rank-local and whole: the KV cache
-of the rank's own sequences, the adapter slot pools at max rank, and the float32 LoRA weights,
-gradients and AdamW moments of the rank's jobs.
+ceil(numel / ranks) elements per rank (DeepSpeed pads each one to a multiple of the ranks).
+A step of cotune's sharded engine (cotune.distributed.lockstep) holds the head (embeddings,
+final norm, LM head) gathered for the whole step and one decoder layer at a time on top.
+Everything else is rank-local and whole: the KV cache of the rank's own sequences, the
+adapter slot pools at max rank, and the float32 LoRA weights, gradients and AdamW moments of
+the rank's jobs.
 
     plan = make_plan(load_architecture("dense-1t"), Cluster(gpus_per_node=8, nodes=16,
                      gpu_bytes=80 * GiB), Workload())
@@ -96,7 +97,7 @@ class Plan:
     max_slots: int = 0  # adapters that fit beside `batch` sequences
     gather_bytes_per_step: int = 0  # what each rank receives to run one step
     offload_read_bytes_per_step: int = 0  # what each rank reads of its offloaded shard
-    deepspeed_gpu_bytes: int | None = None  # DeepSpeed's estimator, same inputs
+    deepspeed_partition_bytes: int | None = None  # DeepSpeed's estimator, same inputs
 
     @property
     def device_total(self) -> int:
@@ -155,7 +156,7 @@ def make_plan(arch: Architecture, cluster: Cluster, w: Workload) -> Plan:
     per_slot, per_token = slot_bytes(arch, w.max_rank, b), kv_bytes_per_token(arch, b)
     plan.device = {
         "base shard": shard if w.offload == "none" else 0,
-        "gathered layers": 2 * arch.largest_tensor * b,
+        "gathered head+layer": (arch.head_params + arch.largest_layer) * b,
         "KV cache": w.batch * w.context * per_token,
         "adapter slots": w.slots * per_slot,
         "optimizer state": w.jobs * optimizer_bytes(arch, w.train_rank),
@@ -174,25 +175,27 @@ def make_plan(arch: Architecture, cluster: Cluster, w: Workload) -> Plan:
     # a ring all-gather hands each rank every partition but its own, every step
     plan.gather_bytes_per_step = (cluster.ranks - 1) * shard
     plan.offload_read_bytes_per_step = 0 if w.offload == "none" else shard
-    plan.deepspeed_gpu_bytes = deepspeed_estimate(arch, cluster, w)
+    plan.deepspeed_partition_bytes = deepspeed_partition_estimate(arch, cluster)
     return plan
 
 
-def deepspeed_estimate(arch: Architecture, cluster: Cluster, w: Workload) -> int:
-    """DeepSpeed's own ZeRO-3 estimator on the same base and cluster, with the optimizer
-    offloaded: what remains on a GPU is the 16-bit partition of the parameters (none with
-    offload) and 4 bytes per element of the largest layer, the terms cotune's frozen base
-    shares with it."""
+def deepspeed_partition_estimate(arch: Architecture, cluster: Cluster) -> int:
+    """DeepSpeed's own ZeRO-3 estimator on the same base and cluster: the 16-bit partition of
+    the parameters per GPU, read as the difference its estimates make between keeping the
+    parameters on the GPUs and offloading them (its other terms are of full training: the
+    optimizer, which cotune's frozen base has none of)."""
     # DeepSpeed's logger writes to the stdout of its first import: send it to stderr, so
     # that `cotune plan --json` prints JSON alone
     with contextlib.redirect_stdout(sys.stderr):
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-    _, gpu, _ = estimate_zero3_model_states_mem_needs(
-        arch.total_params, arch.largest_tensor, num_gpus_per_node=cluster.gpus_per_node,
-        num_nodes=cluster.nodes, cpu_offload=True, cpu_offload_params=w.offload != "none",
-        zero_init=True)
-    return gpu
+    def gpu_bytes(offload_params: bool) -> int:
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(
+            arch.total_params, arch.largest_tensor, num_gpus_per_node=cluster.gpus_per_node,
+            num_nodes=cluster.nodes, cpu_offload=True, cpu_offload_params=offload_params)
+        return gpu
+
+    return gpu_bytes(False) - gpu_bytes(True)
 
 
 def render(plan: Plan) -> str:
@@ -231,10 +234,9 @@ def render(plan: Plan) -> str:
                      f"{w.offload} per rank: >= {plan.offload_seconds_per_step:.2f} s a step at "
                      f"{rate / 1e9:.0f} GB/s")
     lines += [
-        f"DeepSpeed      estimate_zero3_model_states_mem_needs (optimizer offloaded): "
-        f"{_gib(plan.deepspeed_gpu_bytes)} per GPU; here: "
-        f"{_gib(plan.device['base shard'] + plan.device['gathered layers'])} "
-        "(base shard + gathered layers)",
+        f"DeepSpeed      estimate_zero3_model_states_mem_needs: a 16-bit partition of "
+        f"{_gib(plan.deepspeed_partition_bytes)} per GPU; here: "
+        f"{_gib(base_shard_bytes(a, c.ranks, 2))} in 16 bits",
     ]
     return "\n".join(lines)
 
