@@ -76,12 +76,12 @@ class HostCache:
     def put(self, key: str, adapter: LoraAdapter) -> None:
         """Caches an adapter that did not come from disk (a version a job just published)."""
         with self._lock:
-            self._insert(key, self._pinned(adapter))
+            self._insert(key, self._on_host(adapter))
 
     def _load(self, key: str, path: Path) -> LoraAdapter:
         started = time.perf_counter()
         try:
-            adapter = self._pinned(load_peft_adapter(path, self.base_modules, self.max_rank))
+            adapter = self._on_host(load_peft_adapter(path, self.base_modules, self.max_rank))
         except BaseException:
             with self._lock:
                 del self._loading[key]
@@ -110,8 +110,10 @@ class HostCache:
         del self._entries[key]
         self.size_bytes -= self._sizes.pop(key)
 
-    def _pinned(self, adapter: LoraAdapter) -> LoraAdapter:
-        if not self.pin_memory:
-            return adapter
-        return LoraAdapter({name: LoraModule(m.a.pin_memory(), m.b.pin_memory(), m.scale)
+    def _on_host(self, adapter: LoraAdapter) -> LoraAdapter:
+        """The adapter in CPU memory (a job's versions come from the device), pinned if asked."""
+        def host(t):
+            return t.cpu().pin_memory() if self.pin_memory else t.cpu()
+
+        return LoraAdapter({name: LoraModule(host(m.a), host(m.b), m.scale)
                             for name, m in adapter.modules.items()}, adapter.config)
