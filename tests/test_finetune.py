@@ -84,8 +84,9 @@ def test_gradients_in_a_mixed_batch_equal_peft_on_the_same_data_alone(tiny_check
                                targets=["k_proj", "o_proj"], seed=2)
     assert served.r == 8
     for prompt in ([5, 6, 7, 8, 9], [1, 2], [44, 45, 46]):
-        engine.add(prompt, SamplingParams(max_tokens=30),
-                   (str(tmp_path / "served"), tmp_path / "served"))
+        seq = engine.add(prompt, SamplingParams(max_tokens=30),
+                         (str(tmp_path / "served"), tmp_path / "served"))
+    seq.adapter_load.result()  # read from disk in the background: ready before the first step
     _steps_until(engine, lambda: trainer.step == 1)
     assert engine.scheduler.counters["prefill_tokens"] > 0
 
