@@ -46,6 +46,9 @@ class Request:
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     adapter: str | None = None
+    # The PEFT directory of `adapter`, for callers that resolve names themselves (the server,
+    # from its registry): `adapter` is then only its key, and needs no registration.
+    adapter_path: Path | None = None
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
@@ -258,8 +261,9 @@ class Runtime:
         ids = request.prompt_token_ids
         if ids is None:
             ids = self.tokenizer(request.prompt).input_ids
-        return list(ids), request.sampling_params(), self._adapter(request.adapter), \
-            request.request_id, request.tenant
+        adapter = self._adapter(request.adapter) if request.adapter_path is None \
+            else (request.adapter, request.adapter_path)
+        return list(ids), request.sampling_params(), adapter, request.request_id, request.tenant
 
     def _adapter(self, name: str | None):
         if name is None:

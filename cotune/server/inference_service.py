@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 
@@ -54,8 +55,8 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
 
     def _generate(self, request, context, tenant: TenantRecord, label: str):
         prompt_ids = self._prompt_ids(request)
-        served, adapter_key = self._adapter(tenant, request.adapter)
-        engine_request = _engine_request(request, prompt_ids, adapter_key, tenant.name)
+        served, adapter = self._adapter(tenant, request.adapter)
+        engine_request = _engine_request(request, prompt_ids, adapter, tenant.name)
         self._check_fits(engine_request)  # refused as bad input, not as load, and before quota
         engine_id = f"{tenant.name}/{request.request_id or uuid.uuid4().hex}"
         engine_request.request_id = engine_id
@@ -143,15 +144,14 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                           f"{params.max_tokens} exceeds the model's context of {context} "
                           "tokens; shorten the prompt or lower max_tokens")
 
-    def _adapter(self, tenant: TenantRecord, text: str) -> tuple[str, str | None]:
-        """(the version served as "name@vK", the runtime's adapter key) or ("", None)."""
+    def _adapter(self, tenant: TenantRecord, text: str) -> tuple[str, tuple[str, Path] | None]:
+        """(the version served as "name@vK", its (runtime key, PEFT directory)) or ("", None)."""
         if not text:
             return "", None
         name, version = parse_reference(text)
         record = self.registry.get_version(tenant.name, name, version)
-        key = f"{tenant.name}/{reference(name, record.version)}"
-        self.runtime.register_adapter(key, record.path)
-        return reference(name, record.version), key
+        served = reference(name, record.version)
+        return served, (f"{tenant.name}/{served}", Path(record.path))
 
     @contextmanager
     def _claim(self, engine_id: str):
@@ -185,13 +185,14 @@ def _in_flight(gauge):
         gauge.dec()
 
 
-def _engine_request(request, prompt_ids: list[int], adapter: str | None,
+def _engine_request(request, prompt_ids: list[int], adapter: tuple[str, Path] | None,
                     tenant: str) -> Request:
     s = request.sampling
     fields = {name: getattr(s, name) for name in
               ("max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs")
               if s.HasField(name)}
-    return Request(prompt_token_ids=prompt_ids, adapter=adapter, stop=list(s.stop),
+    key, path = adapter or (None, None)
+    return Request(prompt_token_ids=prompt_ids, adapter=key, adapter_path=path, stop=list(s.stop),
                    stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
                    tenant=tenant, **fields)
 
