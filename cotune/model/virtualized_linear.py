@@ -68,9 +68,12 @@ class VirtualizedLinear(nn.Module):
         if rank > self.max_rank:
             raise ValueError(
                 f"{self.name}: rank {rank} exceeds the pool's max_rank {self.max_rank}")
-        self.clear_slot(slot)
+        # each element written once: the adapter's rank, then zeros up to max_rank (what an
+        # earlier, larger adapter may have left there)
         self.a_pool[slot, :rank] = a.to(self.a_pool.dtype)
+        self.a_pool[slot, rank:] = 0
         self.b_pool[slot, :, :rank] = b.to(self.b_pool.dtype)
+        self.b_pool[slot, :, rank:] = 0
         self.scales[slot] = scale
         self._set_rank(slot, rank)
 

@@ -173,6 +173,7 @@ class CotuneServer:
         self.runtime.checkpoint_jobs(self.grace)
         self.jobs.stop()
         self.runtime.close()
+        self.jobs.join(self.grace)
         self.registry.close()
         self.stopped.set()
 

@@ -17,6 +17,7 @@ import logging
 import queue
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +127,15 @@ class JobManager:
         """Before the runtime closes: the jobs it then ends stay running in the registry, so
         the next start resumes them."""
         self._stopping = True
+
+    def join(self, timeout: float) -> None:
+        """After the runtime closed: waits until every job's last events (its shutdown
+        version among them) are in the registry, which may then close."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            live = list(self._live.values())
+        for job in live:
+            job.ended.wait(max(0.0, deadline - time.monotonic()))
 
     def _start(self, record: JobRecord) -> None:
         job_dir = self.jobs_dir / record.id
