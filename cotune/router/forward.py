@@ -10,6 +10,8 @@ its call, or whose deadline passes, cancels the worker's call with it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 
@@ -67,49 +69,54 @@ class Forwarder(grpc.GenericRpcHandler):
         """A unary call or an upload (`request` is then the iterator of the caller's
         messages, and `routed_by` None)."""
         route, caller = self._route(path, routed_by, context)
-        worker, code = route.worker, grpc.StatusCode.OK
+        worker = route.worker
         channel = worker.channel
         rpc = channel.unary_unary(path) if routed_by is not None else channel.stream_unary(path)
-        with self.pool.calling(worker):
-            try:
-                future = rpc.future(request, metadata=caller.metadata, timeout=caller.timeout)
-                self.pool.track(worker, future)
-                context.add_callback(future.cancel)
-                response = future.result()
-                if route.learn is not None:
-                    route.learn(response)
-                return response
-            except grpc.RpcError as e:
-                code = self._answered(worker, e.code())
-                self._abort(context, worker, code, e.details())
-            except grpc.FutureCancelledError:
-                code = self._answered(worker, grpc.StatusCode.CANCELLED)
-                self._abort(context, worker, code, "the call was cancelled")
-            finally:
-                self._ended(route, path, code)
+        with self.pool.calling(worker), self._answering(route, path, context):
+            future = rpc.future(request, metadata=caller.metadata, timeout=caller.timeout)
+            self.pool.track(worker, future)
+            context.add_callback(future.cancel)
+            response = future.result()
+            if route.learn is not None:
+                route.learn(response)
+            return response
 
     def _stream(self, path: str, request: bytes, context):
         route, caller = self._route(path, request, context)
-        worker, code = route.worker, grpc.StatusCode.OK
+        worker = route.worker
         with self.pool.calling(worker):
             call = worker.channel.unary_stream(path)(request, metadata=caller.metadata,
                                                       timeout=caller.timeout)
             self.pool.track(worker, call)
             context.add_callback(call.cancel)  # the caller went: so does the worker's call
-            try:
-                for message in call:
-                    if route.learn is not None:
-                        route.learn(message)
-                    yield message
-            except grpc.RpcError as e:
-                code = self._answered(worker, e.code())
-                self._abort(context, worker, code, e.details())
-            except GeneratorExit:  # the caller cancelled, or its deadline passed
-                code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                call.cancel()  # a no-op when it ended; else the caller closed the stream
-                self._ended(route, path, code)
+            with self._answering(route, path, context):
+                try:
+                    for message in call:
+                        if route.learn is not None:
+                            route.learn(message)
+                        yield message
+                finally:
+                    call.cancel()  # a no-op when it ended; else the caller closed the stream
+
+    @contextmanager
+    def _answering(self, route: Route, path: str, context) -> Iterator[None]:
+        """Around the worker's part of a forwarded call: a worker's error becomes the caller's
+        (UNAVAILABLE naming the worker when the worker failed), and the call is counted with
+        the status it ended with."""
+        worker, code = route.worker, grpc.StatusCode.OK
+        try:
+            yield
+        except grpc.RpcError as e:
+            code = self._answered(worker, e.code())
+            self._abort(context, worker, code, e.details())
+        except grpc.FutureCancelledError:  # a unary call's future
+            code = self._answered(worker, grpc.StatusCode.CANCELLED)
+            self._abort(context, worker, code, "the call was cancelled")
+        except GeneratorExit:  # a stream: the caller cancelled, or its deadline passed
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self._ended(route, path, code)
 
     @staticmethod
     def _answered(worker: Worker, code: grpc.StatusCode) -> grpc.StatusCode:

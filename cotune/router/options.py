@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from cotune.server.options import add_grace_period_argument, add_network_arguments
+
 
 def add_route_arguments(parser: argparse.ArgumentParser) -> None:
-    net = parser.add_argument_group("network")
-    net.add_argument("--host", default="127.0.0.1",
-                     help="address to listen on; 0.0.0.0 for every interface")
-    net.add_argument("--port", type=int, default=50050, help="gRPC port; 0 picks a free one")
-    net.add_argument("--metrics-port", type=int, default=0,
-                     help="serve Prometheus metrics on this port (/metrics); 0: none")
+    net = add_network_arguments(parser, port=50050)
     net.add_argument("--max-concurrent-calls", type=int, default=1024,
                      help="calls forwarded at once (a stream holds one while it runs); past "
                           "it: RESOURCE_EXHAUSTED at once")
-    net.add_argument("--grace-period", type=float, default=10.0,
-                     help="seconds in-flight calls get to finish after SIGTERM")
+    add_grace_period_argument(net, 10.0)
 
     found = parser.add_argument_group("discovery of the workers")
     found.add_argument("--discovery", choices=["static", "kubernetes"], default="static")

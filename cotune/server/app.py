@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 from concurrent import futures
 from pathlib import Path
 
 import grpc
-import prometheus_client
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
 from cotune.adapters.registry import Quotas
 from cotune.adapters.sqlite_registry import SqliteRegistry
@@ -35,6 +32,7 @@ from cotune.server.admission import Admission
 from cotune.server.handlers import DecodeErrors, Gate
 from cotune.server.inference_service import InferenceService
 from cotune.server.jobs import JobManager
+from cotune.server.lifecycle import Lifecycle, start_metrics
 from cotune.server.metrics import Metrics
 from cotune.server.tenant_service import TenantService
 from cotune.server.training_service import TrainingService
@@ -95,22 +93,14 @@ class CotuneServer:
             _model_info(self.runtime, args), self.metrics), self.server)
         tenants_pb2_grpc.add_TenantServiceServicer_to_server(
             TenantService(self.gate, self.registry), self.server)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), self.server)
+        self.lifecycle = Lifecycle(SERVICES, args.grace_period, log)
+        self.lifecycle.add_to(self.server)
         port = self._rank_port(args.port)
         self.port = self.server.add_secure_port(f"{args.host}:{port}", _credentials(args)) \
             if args.tls_cert else self.server.add_insecure_port(f"{args.host}:{port}")
-        self.metrics_port = None
-        if args.metrics_port:
-            server, _ = prometheus_client.start_http_server(
-                self._rank_port(args.metrics_port), addr=args.host,
-                registry=self.metrics.registry)
-            self.metrics_port = server.server_port
+        self.metrics_port = start_metrics(args.host, self._rank_port(args.metrics_port),
+                                          self.metrics.registry)
         self.grace = args.grace_period
-        self._stopping, self.stopped = threading.Event(), threading.Event()
         self.exit_code = 0
 
     def _rank_port(self, port: int) -> int:
@@ -131,20 +121,20 @@ class CotuneServer:
     def start(self) -> None:
         self.server.start()
         self.jobs.resume_unfinished()
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.lifecycle.set_health(health_pb2.HealthCheckResponse.SERVING)
         threading.Thread(target=self._watch_engine, daemon=True, name="engine-watch").start()
 
     def _watch_engine(self) -> None:
         """An engine that stopped on an error takes no more work: health says NOT_SERVING,
         so the orchestrator restarts this replica (calls get UNAVAILABLE meanwhile)."""
-        while not self._stopping.wait(1.0):
+        while not self.lifecycle.stopping.wait(1.0):
             if self.rank is not None and not self.runtime.running:
                 self._leave_ranks()
                 return
             if self.runtime.error is not None:
                 log.error("the engine stopped on an error: %r; health is NOT_SERVING",
                           self.runtime.error)
-                self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                self.lifecycle.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
                 return
 
     def _leave_ranks(self) -> None:
@@ -157,25 +147,17 @@ class CotuneServer:
         self.exit_code = 1
         threading.Thread(target=self.stop, name="stop").start()
 
-    def _set_health(self, status) -> None:
-        for service in ("", *SERVICES):
-            self.health.set(service, status)
-
     def stop(self) -> None:
         """Drains and stops; safe to call from a signal handler's thread."""
-        if self._stopping.is_set():
+        self.gate.draining = True  # new calls: UNAVAILABLE
+        if not self.lifecycle.drain(self.server):
             return
-        self._stopping.set()
-        log.info("stopping: draining for up to %.0f s", self.grace)
-        self.gate.draining = True
-        self.health.enter_graceful_shutdown()
-        self.server.stop(self.grace).wait()
         self.runtime.checkpoint_jobs(self.grace)
         self.jobs.stop()
         self.runtime.close()
         self.jobs.join(self.grace)
         self.registry.close()
-        self.stopped.set()
+        self.lifecycle.stopped.set()
 
     def _bootstrap_admin(self, preset: Path | None) -> None:
         token = self.registry.bootstrap_admin(
@@ -212,19 +194,16 @@ def serve_command(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     server = CotuneServer(args)
     server.start()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: threading.Thread(target=server.stop).start())
     scheme = "grpcs" if args.tls_cert else "grpc"
-    print(f"cotune serve: listening on {args.host}:{server.port} ({scheme})", flush=True)
+    banner = [f"cotune serve: listening on {args.host}:{server.port} ({scheme})"]
     if server.metrics_port:
-        print(f"metrics: http://{args.host}:{server.metrics_port}/metrics", flush=True)
+        banner.append(f"metrics: http://{args.host}:{server.metrics_port}/metrics")
     if args.admin_token_file is not None:
-        print(f"admin token: the one in {args.admin_token_file}", flush=True)
+        banner.append(f"admin token: the one in {args.admin_token_file}")
     elif server.admin_token_file.exists():
-        print(f"admin token (from {server.admin_token_file}): "
-              f"{server.admin_token_file.read_text().strip()}\n"
-              f"try: COTUNE_ADDR={args.host}:{server.port} COTUNE_TOKEN=<the token> "
-              "cotune adapters list", flush=True)
-    while not server.stopped.wait(0.5):  # a timed wait lets the signal handlers run
-        pass
+        banner.append(f"admin token (from {server.admin_token_file}): "
+                      f"{server.admin_token_file.read_text().strip()}\n"
+                      f"try: COTUNE_ADDR={args.host}:{server.port} COTUNE_TOKEN=<the token> "
+                      "cotune adapters list")
+    server.lifecycle.run_until_stopped(server.stop, banner)
     return server.exit_code

@@ -1,5 +1,5 @@
-"""The options of `cotune serve`. Torch-free: the CLI builds its parser without loading the
-engine."""
+"""The options of `cotune serve`, and the network ones that `cotune route` shares. Torch-free:
+the CLI builds its parser without loading the engine, and the router imports them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,24 @@ from pathlib import Path
 
 def default_data_dir() -> Path:
     return Path(os.environ.get("COTUNE_DATA_DIR", Path.home() / ".local/share/cotune"))
+
+
+def add_network_arguments(parser: argparse.ArgumentParser,
+                          port: int) -> argparse._ArgumentGroup:
+    """The "network" group with what every gRPC server of cotune listens on (`port` is the
+    default --port); the caller adds its own options to the group it returns."""
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on; 0.0.0.0 for every interface")
+    net.add_argument("--port", type=int, default=port, help="gRPC port; 0 picks a free one")
+    net.add_argument("--metrics-port", type=int, default=0,
+                     help="serve Prometheus metrics on this port (/metrics); 0: none")
+    return net
+
+
+def add_grace_period_argument(group: argparse._ArgumentGroup, default: float) -> None:
+    group.add_argument("--grace-period", type=float, default=default,
+                       help="seconds in-flight calls get to finish after SIGTERM")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,12 +58,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                          help="seconds a rank waits for the others in a collective; past it "
                               "(a rank died) this rank exits")
 
-    net = parser.add_argument_group("network")
-    net.add_argument("--host", default="127.0.0.1",
-                     help="address to listen on; 0.0.0.0 for every interface")
-    net.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
-    net.add_argument("--metrics-port", type=int, default=0,
-                     help="serve Prometheus metrics on this port (/metrics); 0: none")
+    net = add_network_arguments(parser, port=50051)
     net.add_argument("--metrics-top-adapters", type=int, default=20,
                      help="adapters of a tenant named in metric labels (the busiest; the rest "
                           "are 'other')")
@@ -82,5 +95,4 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--default-max-queued", type=int, default=64,
                         help="a tenant's generations in flight")
     limits.add_argument("--default-tokens-per-minute", type=int, default=0)
-    limits.add_argument("--grace-period", type=float, default=30.0,
-                        help="seconds in-flight calls get to finish after SIGTERM")
+    add_grace_period_argument(limits, 30.0)
