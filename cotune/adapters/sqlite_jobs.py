@@ -1,0 +1,124 @@
+"""Fine-tuning jobs in the SQLite registry, and the claim of unowned jobs by the worker that
+resumes them (jobs.owner: the id of the worker that runs the job, '' while none does)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import sqlite3
+import time
+
+from cotune.adapters.registry import (
+    JOB_STATES,
+    UNFINISHED_JOB_STATES,
+    JobRecord,
+    NotFound,
+    QuotaExceeded,
+)
+from cotune.adapters.sqlite_schema import SqliteDatabase, check_name, checked_limit
+from cotune.adapters.sqlite_tenants import load_tenant
+
+
+class SqliteJobs(SqliteDatabase):
+    """The job calls of the Registry."""
+
+    def create_job(self, tenant: str, adapter: str, spec: dict, owner: str = "") -> JobRecord:
+        check_name("adapter", adapter)
+        now = time.time()
+        job = JobRecord(id=f"job-{secrets.token_hex(8)}", tenant=tenant, adapter=adapter,
+                        state="queued", spec=json.loads(json.dumps(spec)), error="",
+                        created=now, updated=now, owner=owner)
+        with self._transaction(write=True) as db:
+            limit = load_tenant(db, tenant).quotas.max_concurrent_jobs
+            count = db.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN "
+                f"({', '.join('?' * len(UNFINISHED_JOB_STATES))})",
+                (tenant, *UNFINISHED_JOB_STATES)).fetchone()[0]
+            if 0 < limit <= count:
+                raise QuotaExceeded("max_concurrent_jobs", (
+                    f"tenant {tenant!r} has {count} jobs queued or running, its "
+                    f"max_concurrent_jobs quota is {limit}; wait for one to finish, cancel one, "
+                    "or ask an administrator to raise max_concurrent_jobs"))
+            db.execute("INSERT INTO jobs (id, tenant, adapter, state, spec, error, created, "
+                       "updated, versions, progress, owner) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, '[]', '{}', ?)",
+                       (job.id, tenant, adapter, job.state, json.dumps(job.spec), job.error,
+                        now, now, owner))
+        return job
+
+    def get_job(self, tenant: str, job_id: str) -> JobRecord:
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ? AND tenant = ?",
+                             (job_id, tenant)).fetchone()
+        if row is None:
+            raise NotFound(f"job {job_id!r} not found")
+        return _job_record(row)
+
+    def list_jobs(self, tenant: str, state: str | None = None, after: str | None = None,
+                  limit: int = 50) -> list[JobRecord]:
+        where, params = ["tenant = ?"], [tenant]
+        if state is not None:
+            where.append("state = ?")
+            params.append(_checked_state(state))
+        with self._transaction() as db:
+            if after is not None:
+                cursor = db.execute("SELECT created, id FROM jobs WHERE id = ? AND tenant = ?",
+                                    (after, tenant)).fetchone()
+                if cursor is None:
+                    raise NotFound(f"job {after!r} not found; accepted as `after`: the id of "
+                                   "the last job of the previous page")
+                where.append("(created, id) < (?, ?)")
+                params += [cursor["created"], cursor["id"]]
+            rows = db.execute(f"SELECT * FROM jobs WHERE {' AND '.join(where)} "
+                              "ORDER BY created DESC, id DESC LIMIT ?",
+                              (*params, checked_limit(limit))).fetchall()
+        return [_job_record(row) for row in rows]
+
+    def update_job(self, job_id: str, *, state: str | None = None, error: str | None = None,
+                   version: int | None = None, progress: dict | None = None) -> JobRecord:
+        if state is not None:
+            _checked_state(state)
+        with self._transaction(write=True) as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"job {job_id!r} not found")
+            job = _job_record(row)
+            job = dataclasses.replace(
+                job, state=state or job.state, updated=time.time(),
+                error=job.error if error is None else error,
+                versions=job.versions if version is None else (*job.versions, version),
+                progress=job.progress if progress is None else json.loads(json.dumps(progress)))
+            db.execute("UPDATE jobs SET state = ?, error = ?, versions = ?, progress = ?, "
+                       "updated = ? WHERE id = ?",
+                       (job.state, job.error, json.dumps(job.versions), json.dumps(job.progress),
+                        job.updated, job_id))
+        return job
+
+    def unfinished_jobs(self, owner: str | None = None) -> list[JobRecord]:
+        unfinished = f"state IN ({', '.join('?' * len(UNFINISHED_JOB_STATES))})"
+        with self._transaction(write=owner is not None) as db:
+            if owner is None:
+                rows = db.execute(f"SELECT * FROM jobs WHERE {unfinished} ORDER BY created, id",
+                                  UNFINISHED_JOB_STATES).fetchall()
+            else:
+                db.execute(f"UPDATE jobs SET owner = ? WHERE owner = '' AND {unfinished}",
+                           (owner, *UNFINISHED_JOB_STATES))
+                rows = db.execute(f"SELECT * FROM jobs WHERE owner = ? AND {unfinished} "
+                                  "ORDER BY created, id", (owner, *UNFINISHED_JOB_STATES))
+                rows = rows.fetchall()
+        return [_job_record(row) for row in rows]
+
+
+def _job_record(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(id=row["id"], tenant=row["tenant"], adapter=row["adapter"],
+                     state=row["state"], spec=json.loads(row["spec"]), error=row["error"],
+                     created=row["created"], updated=row["updated"],
+                     versions=tuple(json.loads(row["versions"])),
+                     progress=json.loads(row["progress"]), owner=row["owner"])
+
+
+def _checked_state(state: str) -> str:
+    if state not in JOB_STATES:
+        raise ValueError(f"job state {state!r} is invalid; accepted: {', '.join(JOB_STATES)}")
+    return state

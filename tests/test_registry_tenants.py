@@ -1,0 +1,141 @@
+"""The SQLite registry's tenants and tokens: names, quotas, token secrets, and tenants that
+see nothing of each other; real files and real SQLite in tmp_path."""
+
+from __future__ import annotations
+
+import pytest
+from registry_helpers import UPLOAD, blob_dirs
+
+from cotune.adapters.registry import AlreadyExists, InvalidName, NotFound, Quotas
+from cotune.adapters.sqlite_registry import SqliteRegistry
+
+pytest_plugins = ["registry_fixtures"]  # files, data_dir and registry
+
+
+# --- tenants ----------------------------------------------------------------------------
+
+
+def test_tenants_are_created_listed_in_name_order_and_get_quotas(data_dir):
+    reg = SqliteRegistry(data_dir, default_quotas=Quotas(max_adapters=5))
+    for name in ("zeta", "alpha", "mid"):
+        reg.create_tenant(name)
+    root = reg.create_tenant("root", admin=True, quotas=Quotas(max_concurrent_jobs=2))
+    assert root.admin and root.quotas == Quotas(max_concurrent_jobs=2)
+    assert reg.get_tenant("alpha").quotas == Quotas(max_adapters=5)  # the registry's default
+    assert [t.name for t in reg.list_tenants()] == ["alpha", "mid", "root", "zeta"]
+    assert [t.name for t in reg.list_tenants(after="mid", limit=1)] == ["root"]
+    changed = reg.set_quotas("alpha", Quotas(max_versions_per_adapter=3))
+    assert changed.quotas == reg.get_tenant("alpha").quotas == Quotas(max_versions_per_adapter=3)
+    with pytest.raises(NotFound, match="tenant 'nobody' not found"):
+        reg.set_quotas("nobody", Quotas())
+    with pytest.raises(ValueError, match="max_adapters=-1"):
+        reg.set_quotas("alpha", Quotas(max_adapters=-1))
+    reg.close()
+
+
+def test_duplicate_tenant_is_refused(registry):
+    with pytest.raises(AlreadyExists, match="tenant 'acme' already exists"):
+        registry.create_tenant("acme")
+
+
+@pytest.mark.parametrize("name", ["../x", "", "a" * 129, "é", "a/b", ".hidden", "-x", "a b",
+                                  "abc\n", "x\x00"])
+def test_invalid_names_are_refused_with_what_is_accepted(registry, files, name):
+    for call in (lambda: registry.create_tenant(name),
+                 lambda: registry.publish_version("acme", name, files, UPLOAD),
+                 lambda: registry.create_job("acme", name, {})):
+        with pytest.raises(InvalidName, match="accepted: 1-128 letters, digits"):
+            call()
+    assert registry.list_adapters("acme") == []
+    registry.create_tenant("a" * 128)  # the longest accepted name
+
+
+def test_unknown_tenant_is_not_found_everywhere(registry, files, data_dir):
+    with pytest.raises(NotFound, match="tenant 'nobody' not found"):
+        registry.get_tenant("nobody")
+    with pytest.raises(NotFound, match="tenant 'nobody' not found"):
+        registry.issue_token("nobody")
+    with pytest.raises(NotFound, match="tenant 'nobody' not found"):
+        registry.publish_version("nobody", "foo", files, UPLOAD)
+    with pytest.raises(NotFound, match="tenant 'nobody' not found"):
+        registry.create_job("nobody", "foo", {})
+    assert blob_dirs(data_dir) == set()  # the refused publish's blob is gone
+
+
+def test_tenants_see_nothing_of_each_other(registry, files):
+    registry.publish_version("acme", "foo", files, UPLOAD)
+    job = registry.create_job("acme", "foo", {"steps": 1})
+    assert registry.list_adapters("globex") == []
+    assert registry.list_jobs("globex") == []
+    for call in (lambda: registry.get_adapter("globex", "foo"),
+                 lambda: registry.get_version("globex", "foo"),
+                 lambda: registry.get_version("globex", "foo", 1),
+                 lambda: registry.list_versions("globex", "foo"),
+                 lambda: registry.delete_adapter("globex", "foo"),
+                 lambda: registry.delete_adapter("globex", "foo", 1)):
+        with pytest.raises(NotFound, match="^adapter 'foo' not found$"):
+            call()
+    with pytest.raises(NotFound, match=f"^job '{job.id}' not found$"):
+        registry.get_job("globex", job.id)
+    with pytest.raises(NotFound):
+        registry.list_jobs("globex", after=job.id)
+    assert registry.get_version("acme", "foo", 1).path.exists()  # untouched
+    # the same name is a different adapter in another tenant, with its own versions
+    assert registry.publish_version("globex", "foo", files, UPLOAD).version == 1
+
+
+# --- tokens -----------------------------------------------------------------------------
+
+
+def test_token_authenticates_its_tenant_until_revoked(registry):
+    record, secret = registry.issue_token("acme", description="ci")
+    assert record.tenant == "acme" and record.description == "ci" and not record.revoked
+    assert secret.startswith(f"ct_{record.id}_") and len(record.id) == 12
+    assert registry.authenticate(secret).name == "acme"
+    second, _ = registry.issue_token("acme")
+    assert [t.id for t in registry.tokens("acme")] == [record.id, second.id]
+    assert registry.tokens("globex") == []
+    assert registry.revoke_token(record.id) is True
+    assert registry.revoke_token(record.id) is False  # already revoked
+    assert registry.revoke_token("000000000000") is False
+    assert registry.authenticate(secret) is None
+    assert [t.revoked for t in registry.tokens("acme")] == [True, False]
+
+
+def test_malformed_or_wrong_tokens_are_none_never_an_exception(registry):
+    record, secret = registry.issue_token("acme")
+    body = secret.removeprefix(f"ct_{record.id}_")
+    wrong_secret = ("A" if body[0] != "A" else "B") + body[1:]
+    shapes = [
+        "", "ct_", "ct__", f"ct_{record.id}", f"ct_{record.id}_", f"ct_{record.id}_{wrong_secret}",
+        f"ct_{record.id}_{body}x", f"ct_{record.id}_{body[:-1]}", f"ct_{record.id.upper()}_{body}",
+        f"xx_{record.id}_{body}", f"CT_{record.id}_{body}", f" {secret}", f"{secret}\n",
+        f"ct_{record.id}_{body[:-1]}é", f"ct_{record.id[:-1]}é_{body}", secret.replace("_", "-"),
+        f"ct_{'0' * 12}_{body}", f"ct_{record.id}_{body}_{body}", "Bearer " + secret,
+        "ct_" + "\x00" * 12 + "_" + body, "\udcff", None, b"ct_x", 42,
+    ]
+    for token in shapes:
+        assert registry.authenticate(token) is None, token
+    assert registry.authenticate(secret).name == "acme"
+
+
+def test_database_does_not_hold_token_secrets(registry, data_dir):
+    record, secret = registry.issue_token("acme")
+    body = secret.rsplit("_", 1)[-1].encode()
+    stored = b"".join(p.read_bytes() for p in data_dir.glob("registry.sqlite3*"))
+    assert record.id.encode() in stored  # the test reads the right files
+    assert body not in stored and body[:16] not in stored
+
+
+def test_a_preset_token_authenticates_and_a_malformed_one_is_refused(tmp_path):
+    registry = SqliteRegistry(tmp_path)
+    registry.create_tenant("ops", admin=True)
+    preset = "ct_0123456789ab_" + "A" * 43
+    record, token = registry.issue_token("ops", "from a Kubernetes Secret", preset)
+    assert token == preset and record.id == "0123456789ab"
+    assert registry.authenticate(preset).name == "ops"
+    with pytest.raises(ValueError, match="ct_<12 hex digits>"):
+        registry.issue_token("ops", "", "ct_short_secret")
+    with pytest.raises(AlreadyExists):
+        registry.issue_token("ops", "", preset)
+    registry.close()
