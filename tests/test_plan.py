@@ -5,6 +5,8 @@ allocates, and its command line."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -138,6 +140,13 @@ def test_the_bytes_a_real_engine_allocates_match_the_plan(tiny_checkpoint, tmp_p
     planned = make_plan(arch, Cluster(1, 1, 1 << 40), workload).device
     for name, size in measured.items():
         assert abs(planned[name] - size) <= 0.1 * size, (name, planned[name], size)
+
+
+def test_the_planner_imports_without_torch():
+    code = "import sys, cotune.distributed.plan; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_plan_command_prints_json_a_user_can_read(capsys):

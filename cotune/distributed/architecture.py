@@ -8,10 +8,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cotune.model.targets import ATTENTION_TARGETS, MLP_TARGETS
+
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "data" / "configs"
-# cotune's LoRA targets (cotune.model.llama.LORA_TARGETS), counted here without torch
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 class ArchitectureError(ValueError):
@@ -137,8 +136,8 @@ class Architecture:
     @property
     def lora_targets(self) -> int:
         """Projections that carry a LoRA pool (for the per-slot scales)."""
-        mlp = len(MLP)
-        return (len(ATTENTION) * self.num_layers + mlp * (self.num_layers - self.moe_layers)
+        mlp = len(MLP_TARGETS)
+        return (len(ATTENTION_TARGETS) * self.num_layers + mlp * (self.num_layers - self.moe_layers)
                 + mlp * self.num_shared_experts * self.moe_layers)
 
     def kv_elements_per_token(self) -> int:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cotune.adapters.peft_format import LoraAdapter
 from cotune.engine.broadcast import Broadcast
 from cotune.engine.trainer import Trainer
 
@@ -25,7 +26,8 @@ class JobState(str, enum.Enum):
 class JobEvent:
     """What a running job reports, in order:
     "progress" after each optimizer step: step, total_steps, loss, tokens;
-    "checkpoint" when a version is published: version, path, step, metrics;
+    "checkpoint" when a version is published: version, path, step, metrics, adapter (its
+        weights, a LoraAdapter copy);
     "state" once, last: state (a JobState), error (str or None)."""
 
     kind: str
@@ -38,8 +40,10 @@ class JobFailed(RuntimeError):
 
 
 class Job:
-    def __init__(self, job_id: str, trainer: Trainer, cancel: Callable[[Job], None]):
+    def __init__(self, job_id: str, trainer: Trainer, cancel: Callable[[Job], None],
+                 serve_by_name: bool = True):
         self.id, self.trainer, self._cancel = job_id, trainer, cancel
+        self.serve_by_name = serve_by_name  # whether the runtime serves versions as name@vK
         self.state = JobState.RUNNING
         self.error: BaseException | None = None
         self._done = threading.Event()
@@ -52,7 +56,8 @@ class Job:
 
     @property
     def versions(self) -> list[str]:
-        """Published versions as adapter names: `name@v1`, `name@v2`, ..."""
+        """Published versions as the trainer numbers them: `name@v1`, `name@v2`, ... (the
+        runtime's names for them when `serve_by_name`)."""
         return [f"{self.name}@v{k}" for k in self.trainer.versions]
 
     @property
@@ -93,10 +98,11 @@ class Job:
                                              "loss": t.losses[-1] if t.losses else None,
                                              "tokens": t.tokens}))
 
-    def _published(self, version: int, path) -> None:
+    def _published(self, version: int, path, adapter: LoraAdapter) -> None:
         self._events.publish(JobEvent("checkpoint", {"version": version, "path": path,
                                            "step": self.trainer.step,
-                                           "metrics": dict(self.trainer.metrics)}))
+                                           "metrics": dict(self.trainer.metrics),
+                                           "adapter": adapter}))
 
     def _end(self, state: JobState, error: BaseException | None = None) -> None:
         self.state, self.error = state, error

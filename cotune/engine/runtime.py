@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cotune.adapters.peft_format import AdapterError
+from cotune.adapters.peft_format import AdapterError, LoraAdapter
 from cotune.engine.engine import Engine, EngineConfig, StepOutput
 from cotune.engine.finetune_spec import FinetuneSpec
 from cotune.engine.job import Job, JobState
@@ -137,13 +137,17 @@ class Runtime:
         self._adapters[name] = (name, Path(path))
 
     def finetune(self, spec: FinetuneSpec, job_id: str | None = None,
-                 span_ranks: bool = False) -> Job:
+                 span_ranks: bool = False, serve_by_name: bool = True) -> Job:
         """Starts training a new adapter in the same steps that serve requests (or resumes it
         from the newest version under spec.output_dir). The data is read and checked before
         this returns. Each version it publishes is servable at once as `name@v{k}`, and
-        `name` names the newest. With `span_ranks` (a sharded base) the job's micro-batches
-        are split over the ranks and their gradients summed: call it on every rank, with the
-        same spec, in the same order as the other spanning jobs."""
+        `name` names the newest, from the weights in memory (no file is read). With
+        `serve_by_name` False the caller serves the versions under keys of its own (the
+        server: `tenant/name@vR`, R its registry's number): the runtime names and caches
+        none, and the caller caches each with `cache_adapter` from the weights that come
+        with the job's "checkpoint" event. With `span_ranks` (a sharded base) the job's
+        micro-batches are split over the ranks and their gradients summed: call it on every
+        rank, with the same spec, in the same order as the other spanning jobs."""
         job_id = job_id or f"job-{next(self._job_ids)}"
         sync = self.engine.step_sync
         if span_ranks and sync is None:
@@ -152,7 +156,7 @@ class Runtime:
         trainer = Trainer(spec, self.engine.model, self.tokenizer, job_id,
                           self.base_fingerprint,
                           span=(sync.rank, sync.world_size) if span_ranks else None)
-        job = Job(job_id, trainer, self._cancel_job)
+        job = Job(job_id, trainer, self._cancel_job, serve_by_name)
         with self._lock:
             self._check_open()
             if span_ranks:
@@ -161,6 +165,12 @@ class Runtime:
             self.engine.add_trainer(trainer)
             self._lock.notify_all()
         return job
+
+    def cache_adapter(self, key: str, adapter: LoraAdapter) -> None:
+        """Keeps `adapter` in host memory under `key`, so that the first request for `key`
+        reads no file: for a caller that serves a job's versions under keys of its own
+        (`finetune(serve_by_name=False)`). Safe from any thread."""
+        self.engine.adapters.host.put(key, adapter)
 
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Runs all requests together (they share steps); completions in request order.
@@ -363,20 +373,23 @@ class Runtime:
                     del self._listeners[output.seq]
 
     def _published(self, trainer: Trainer, version: int, path: Path) -> None:
-        """A job published a version: servable now, straight from the trainer's weights."""
-        key = f"{trainer.spec.name}@v{version}"
-        self._adapters[key] = (key, path)
-        self._adapters[trainer.spec.name] = (key, path)
+        """A job published a version. Served by name, it is servable now as `name@v{version}`
+        straight from the trainer's weights, before its event goes out; either way the
+        event carries those weights, for a caller that serves the version under its own key."""
         job = self._jobs.get(trainer)
+        adapter = trainer.adapter()
+        if job is None or job.serve_by_name:
+            key = f"{trainer.spec.name}@v{version}"
+            self._adapters[key] = (key, path)
+            self._adapters[trainer.spec.name] = (key, path)
+            self.engine.adapters.host.put(key, adapter)
+            try:
+                self.engine.adapters.place(key, adapter)
+            except AdapterError:  # every slot busy: the first request copies it from host
+                pass
         if job is not None:
             job._report_progress()  # the step that published comes before its checkpoint
-            job._published(version, path)
-        adapter = trainer.adapter()
-        self.engine.adapters.host.put(key, adapter)
-        try:
-            self.engine.adapters.place(key, adapter)
-        except AdapterError:  # every slot busy: the first request loads it from `path`
-            pass
+            job._published(version, path, adapter)
 
     def _job_ended(self, trainer: Trainer, error: BaseException | None) -> None:
         job = self._jobs.pop(trainer, None)

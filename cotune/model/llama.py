@@ -18,9 +18,9 @@ from cotune.model.kv import CachedAttention
 from cotune.model.lora_routing import LoraRouting
 from cotune.model.projection_group import project_together
 from cotune.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
+from cotune.model.targets import LORA_TARGETS
 from cotune.model.virtualized_linear import VirtualizedLinear
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Projections of a layer that read the same input, computed together (projection_group).
 PROJECTION_GROUPS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cotune.adapters.durable import write_atomically
-from cotune.adapters.peft_format import AdapterMismatch
+from cotune.adapters.peft_format import AdapterMismatch, LoraAdapter
 from cotune.adapters.registry import JobRecord, NotFound, Registry, TenantRecord
 from cotune.engine.broadcast import END, Broadcast
 from cotune.engine.checkpoint import latest_version
@@ -56,14 +56,18 @@ class LiveJob:
     events: Broadcast = field(default_factory=Broadcast)  # of training_pb2.JobEvent
     progress: dict = field(default_factory=dict)  # as the registry stores it
     ended: threading.Event = field(default_factory=threading.Event)
-    _last: tuple[int, float] | None = None  # (tokens, time) of the previous progress event
+    progress_time: float | None = None  # when this run last updated `progress`
 
-    def rate(self, tokens: int, time: float) -> float:
-        """Training tokens per second since the previous progress event (0 for the first)."""
-        last, self._last = self._last, (tokens, time)
-        if last is None or time <= last[1]:
-            return 0.0
-        return (tokens - last[0]) / (time - last[1])
+    def advance(self, data: dict, time: float) -> float:
+        """Records a progress event; returns the training tokens per second since the
+        previous one (0 for the first of this run: a resumed job's recorded progress is
+        from a run before)."""
+        rate = 0.0
+        if self.progress_time is not None and time > self.progress_time:
+            rate = (data["tokens"] - self.progress["tokens"]) / (time - self.progress_time)
+        self.progress.update({k: data[k] for k in ("step", "total_steps", "loss", "tokens")})
+        self.progress_time = time
+        return rate
 
 
 class JobManager:
@@ -140,7 +144,8 @@ class JobManager:
     def _start(self, record: JobRecord) -> None:
         job_dir = self.jobs_dir / record.id
         spec = spec_of(record.adapter, record.spec, job_dir, record.tenant)
-        job = self.runtime.finetune(spec, job_id=record.id)
+        # served from the registry, by tenant and registry version (_cache): not by name
+        job = self.runtime.finetune(spec, job_id=record.id, serve_by_name=False)
         labels = (record.tenant, self.metrics.adapter_label(record.tenant, record.adapter))
         live = LiveJob(job, spec, record, labels, progress=dict(record.progress))
         live.progress["published"] = self._published_by(record)
@@ -170,9 +175,7 @@ class JobManager:
             if self.registry.get_job(live.record.tenant, job_id).state == "cancelled":
                 live.job.cancel()  # by a worker sharing the registry, while this one was out
             self._count_progress(live, event.data)
-            rate = live.rate(event.data["tokens"], event.time)
-            live.progress.update({k: event.data[k] for k in
-                                  ("step", "total_steps", "loss", "tokens")})
+            rate = live.advance(event.data, event.time)
             self.registry.update_job(job_id, progress=live.progress)
             live.events.publish(_wire(job_id, event.time, progress=training_pb2.Progress(
                 step=event.data["step"], total_steps=event.data["total_steps"],
@@ -186,7 +189,9 @@ class JobManager:
                 self.metrics.job_eval_loss.labels(*live.labels).set(metrics["eval_loss"])
             live.events.publish(_wire(job_id, event.time, evaluation=training_pb2.Evaluation(
                 step=event.data["step"], metrics=metrics)))
-            for version in self._publish_new_versions(live):
+            new = self._publish_new_versions(live)
+            self._cache(live, event.data["version"], event.data["adapter"])
+            for version in new:
                 live.events.publish(_wire(job_id, event.time, checkpoint=training_pb2.Checkpoint(
                     step=event.data["step"], version=reference(live.record.adapter, version))))
         elif event.kind == "state":
@@ -213,6 +218,15 @@ class JobManager:
         m.training_tokens.labels(*live.labels).inc(max(0, tokens))
         if progress["loss"] is not None:
             m.job_loss.labels(*live.labels).set(progress["loss"])
+
+    def _cache(self, live: LiveJob, trainer_version: int, adapter: LoraAdapter) -> None:
+        """Puts the weights of a version the job just published into host memory under the
+        key Generate resolves its registry version to (InferenceService._adapter): its
+        first request reads no file."""
+        version = live.progress["published"].get(str(trainer_version))
+        if version is not None:
+            self.runtime.cache_adapter(
+                f"{live.record.tenant}/{reference(live.record.adapter, version)}", adapter)
 
     def _published_by(self, record: JobRecord) -> dict[str, int]:
         """Trainer version -> registry version of what this job published, read from the
