@@ -55,10 +55,16 @@ class _Layout:
         return src.index_select(0, self.rows).view(self.num, self.length, src.shape[1])
 
     def weights(self, pool: torch.Tensor) -> torch.Tensor:
-        """Each segment's matrix, (S, ...): a view of the pool for a window."""
+        """Each segment's matrix, (S, ...): a view of the pool for a window, else a gather
+        that keeps the pool's layout (a pool stored with its last two dimensions swapped is
+        gathered as stored: whole rows copied, 4-5x faster on the CPU than a gather into
+        the logical order, and the matmuls read it without transposition)."""
         if self.window is not None:
             return pool[self.window:self.window + self.num]
-        return pool.index_select(0, self.slots.to(pool.device))
+        slots = self.slots.to(pool.device)
+        if pool.dim() == 3 and pool.stride(1) == 1 and pool.stride(2) != 1:
+            return pool.transpose(1, 2).index_select(0, slots).transpose(1, 2)
+        return pool.index_select(0, slots)
 
 
 _last_layout: tuple = (None, None, None)

@@ -71,3 +71,26 @@ def test_together_equals_each_layer_alone(kernels, bias, monkeypatch, seed):
     base = torch.nn.functional.linear(x, *joint_weight(together))
     for out, want in zip(outputs[0], base.split(list(WIDTHS.values()), dim=1)):
         assert torch.equal(out[2:4], want[2:4]), "rows without an adapter are exactly the base"
+
+
+def test_projections_holding_no_adapter_of_the_step_are_left_out(monkeypatch):
+    """Rows on slot 0 only (an adapter on q alone): k and v are exactly the base, q equals q
+    alone, and the LoRA ops get the q slice only."""
+    from cotune.kernels import sgmv_torch
+
+    seen, shrink = [], sgmv_torch.sgmv_shrink_slices
+
+    def counting_shrink(x, weights, *rest):
+        seen.append(len(weights))
+        return shrink(x, weights, *rest)
+
+    monkeypatch.setattr(sgmv_torch, "sgmv_shrink_slices", counting_shrink)
+    monkeypatch.setenv("COTUNE_KERNELS", "torch")
+    together, alone = _layers(False, together=True), _layers(False, together=False)
+    x = torch.randn(7, D_IN)
+    lora = LoraRouting.from_sequences([3, 2, 2], [0, None, 0])
+    q, k, v = project_together(together, x, lora)
+    assert seen == [1]
+    torch.testing.assert_close(q, alone[0](x, lora), rtol=1e-5, atol=1e-5)
+    base = torch.nn.functional.linear(x, *joint_weight(together))
+    assert torch.equal(torch.cat([q, k, v], dim=1)[:, WIDTHS["q"]:], base[:, WIDTHS["q"]:])

@@ -113,6 +113,32 @@ def test_evicted_slot_serves_the_base_output_and_is_reused(base, tmp_path, seed)
     assert resident.load("b", _adapter(hf_model, tmp_path / "b", seed=3)) == slot
 
 
+def test_a_slot_taken_over_by_a_smaller_adapter_serves_that_adapter_alone(base, tmp_path, seed):
+    """The slot's last adapter (rank 16 on q and v) leaves nothing behind for the next one
+    (rank 4 on q only): zeros in its v pools and past rank 4 in q (what the fused LoRA ops of
+    q, k and v would read beside a neighbour's v), and the same logits as those two adapters
+    in a fresh pool."""
+    hf_model, model = base
+    other = _adapter(hf_model, tmp_path / "other", seed=2)
+    q_only = _adapter(hf_model, tmp_path / "q", r=4, targets=("q_proj",), seed=1)
+    resident = ResidentAdapters(model, num_slots=2, max_rank=16)
+    resident.acquire("other", other)
+    resident.load("qv", _adapter(hf_model, tmp_path / "qv", r=16))
+    slots = [resident.load("q", q_only), resident.slot_of("other")]
+    assert resident.slot_of("qv") is None
+    for name, module in resident.modules.items():
+        rank = 4 if name.endswith("q_proj") else 0
+        assert not module.a_pool[slots[0], rank:].any(), name
+        assert not module.b_pool[slots[0], :, rank:].any(), name
+    fresh_model = load_model(tmp_path / "base")
+    fresh = ResidentAdapters(fresh_model, num_slots=2, max_rank=16)
+    fresh_slots = [fresh.load("q", q_only), fresh.load("other", other)]
+    rng = random.Random(seed)
+    seqs = [torch.randint(0, model.config.vocab_size, (rng.randint(2, 9),)) for _ in range(2)]
+    assert torch.equal(cotune_logits(model, seqs, slots),
+                       cotune_logits(fresh_model, seqs, fresh_slots))
+
+
 def test_adapter_for_a_module_without_a_pool_is_refused(base, tmp_path):
     hf_model, model = base
     resident = ResidentAdapters(model, num_slots=1, max_rank=16, targets=("q_proj",))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from cotune.adapters.durable import fsync, write_synced
 from cotune.adapters.validation import (
@@ -85,9 +85,9 @@ def load_peft_adapter(path: str | Path, base_modules: Mapping[str, tuple[int, in
     check_targets_exist(config, base_modules, where)
     factors = _lora_factors(_read_weights(path, where), where)
     _check_module_set(config, factors, base_modules, where)
-    modules = {name: _lora_module(config, name, a, b, base_modules[name], where)
-               for name, (a, b) in factors.items()}
-    adapter = LoraAdapter(modules=modules, config=config)
+    for name, (a, b) in factors.items():
+        _check_factors(config, name, a, b, base_modules[name], where)
+    adapter = LoraAdapter(modules=_float32_modules(config, factors, where), config=config)
     if adapter.max_rank > max_rank:
         raise AdapterMismatch(
             f"adapter {where} has rank {adapter.max_rank}, which exceeds max_rank {max_rank} of "
@@ -128,7 +128,9 @@ def _read_weights(path: Path, where: str) -> dict[str, torch.Tensor]:
         raise AdapterError(f"adapter {where} has no {WEIGHTS_NAME}; accepted: LoRA weights in "
                            f"{WEIGHTS_NAME} as PEFT's save_pretrained writes them")
     try:
-        return load_file(weights_path)  # parses a header and copies bytes; runs no code
+        # parses a header and copies bytes; runs no code (reading the file whole is 3x faster
+        # than load_file's mapping for adapters of kilobytes to megabytes)
+        return load(weights_path.read_bytes())
     except SafetensorError as e:
         with open(weights_path, "rb") as f:
             head = f.read(4)
@@ -204,8 +206,8 @@ def _check_module_set(config: dict, factors: Mapping, base_modules: Mapping, whe
         raise AdapterError(f"adapter {where} has no LoRA weights; accepted: at least one module")
 
 
-def _lora_module(config: dict, name: str, a: torch.Tensor, b: torch.Tensor,
-                 features: tuple[int, int], where: str) -> LoraModule:
+def _check_factors(config: dict, name: str, a: torch.Tensor, b: torch.Tensor,
+                   features: tuple[int, int], where: str) -> None:
     in_features, out_features = features
     for factor, tensor in (("A", a), ("B", b)):
         if tensor.dtype not in _ACCEPTED_DTYPES:
@@ -231,12 +233,27 @@ def _lora_module(config: dict, name: str, a: torch.Tensor, b: torch.Tensor,
             f"adapter {where}: module {name!r} has rank {r} in {WEIGHTS_NAME} but rank "
             f"{module_rank(config, name)} by adapter_config.json (r, rank_pattern); accepted: "
             "the same rank in both")
-    for factor, tensor in (("A", a), ("B", b)):
-        if not torch.isfinite(tensor).all():
-            raise AdapterError(
-                f"adapter {where}: tensor {_key(name, factor)!r} contains NaN or Inf; accepted: "
-                "finite values only")
-    return LoraModule(a=_float32(a), b=_float32(b), scale=module_scale(config, name))
+
+
+def _float32_modules(config: dict, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                     where: str) -> dict[str, LoraModule]:
+    """The checked factors as float32 views of one new buffer, all checked finite at once
+    (a few ops per adapter instead of a few per tensor: loads run beside the engine)."""
+    tensors = [t for pair in factors.values() for t in pair]
+    buffer = torch.empty(sum(t.numel() for t in tensors), dtype=torch.float32)
+    views, offset = [], 0
+    for tensor in tensors:
+        views.append(buffer[offset:offset + tensor.numel()].view(tensor.shape))
+        views[-1].copy_(tensor)
+        offset += tensor.numel()
+    if not torch.isfinite(buffer).all():
+        bad = next(i for i, view in enumerate(views) if not torch.isfinite(view).all())
+        raise AdapterError(
+            f"adapter {where}: tensor {_key(list(factors)[bad // 2], 'AB'[bad % 2])!r} contains "
+            "NaN or Inf; accepted: finite values only")
+    return {name: LoraModule(a=views[2 * i], b=views[2 * i + 1],
+                             scale=module_scale(config, name))
+            for i, name in enumerate(factors)}
 
 
 def _key(module: str, factor: str) -> str:

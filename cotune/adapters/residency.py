@@ -51,8 +51,10 @@ class ResidentAdapters:
         self._copy_stream = torch.cuda.Stream(device) if cuda else None
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._pins: Counter[str] = Counter()
-        self._free = list(range(num_slots))  # every module's pool is zero in a free slot
-        self._held: dict[int, tuple[str, ...]] = {}  # slot -> modules its adapter writes
+        # A free slot serves nothing (rank 0 in every module) but may keep the weights of its
+        # last adapter, in the modules `_held` names, until an adapter is placed there.
+        self._free = list(range(num_slots))
+        self._held: dict[int, tuple[str, ...]] = {}  # slot -> modules its (last) adapter wrote
         self.num_hot = int(num_slots * hot_share)
         self._recent: deque[str] = deque(maxlen=history or 8 * num_slots)
         self._traffic: Counter[str] = Counter()  # acquisitions per key among `_recent`
@@ -134,8 +136,8 @@ class ResidentAdapters:
 
     def evict(self, key: str) -> None:
         slot = self._slot_of.pop(key)
-        for name in self._held.pop(slot):  # only these: the others are zero there already
-            self.modules[name].clear_slot(slot)
+        for name in self._held[slot]:  # cleared only if the next adapter does not write them
+            self.modules[name].release_slot(slot)
         self._free.append(slot)
         if self.on_evict is not None:
             self.on_evict()
@@ -163,11 +165,14 @@ class ResidentAdapters:
         which the compute stream then waits for (the slot is used by the next forward)."""
         stream = self._copy_stream
         with torch.no_grad(), (nullcontext() if stream is None else torch.cuda.stream(stream)):
-            for name, lora in adapter.modules.items():  # a free slot is zero elsewhere
+            for name, lora in adapter.modules.items():
                 module = self.modules[name]
                 a = lora.a.to(module.a_pool.device, non_blocking=True)
                 b = lora.b.to(module.b_pool.device, non_blocking=True)
                 module.load_slot(slot, a, b, lora.scale)
+            for name in self._held.get(slot, ()):  # what the slot's last adapter left there
+                if name not in adapter.modules:
+                    self.modules[name].clear_slot(slot)
         self._held[slot] = tuple(adapter.modules)
         if stream is not None:
             torch.cuda.current_stream(stream.device).wait_stream(stream)

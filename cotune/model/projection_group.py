@@ -71,12 +71,16 @@ def project_together(layers: Sequence[VirtualizedLinear], x: torch.Tensor,
     served = served_slots(layers, lora)
     if served is not None:
         slots, rank = served
+        # only the projections that hold an adapter in this step's slots (k_proj, say, when
+        # the adapters target q and v): the others would add exactly zero
+        offsets = _offsets([layer.weight for layer in layers])
+        holders = [j for j, layer in enumerate(layers) if served_slots([layer], lora) is not None]
         ops = backend(x.device)
         with torch.no_grad():  # served rows carry no autograd state (see VirtualizedLinear)
-            h = ops.sgmv_shrink_slices(x, [layer.a_pool[:, :rank] for layer in layers],
+            h = ops.sgmv_shrink_slices(x, [layers[j].a_pool[:, :rank] for j in holders],
                                        lora.starts, slots)
-            ops.sgmv_expand_slices(y, h, [layer.b_pool[:, :, :rank] for layer in layers],
-                                   _offsets([layer.weight for layer in layers]), lora.starts,
-                                   slots, [layer.scales for layer in layers])
+            ops.sgmv_expand_slices(y, h, [layers[j].b_pool[:, :, :rank] for j in holders],
+                                   [offsets[j] for j in holders], lora.starts, slots,
+                                   [layers[j].scales for j in holders])
     return [layer.add_training(x, out, lora)
             for layer, out in zip(layers, y.split(widths, dim=1))]

@@ -36,7 +36,8 @@ class VirtualizedLinear(nn.Module):
         self.register_buffer("b_pool", None, persistent=False)
         self.register_buffer("scales", None, persistent=False)
         # rank of the adapter in each slot, 0 for none; on the host, where the routing is
-        self.slot_ranks = torch.zeros(0, dtype=torch.int64)
+        self.slot_ranks = torch.zeros(0, dtype=torch.int64, device="cpu")
+        self._ranks = self.slot_ranks.numpy()
         self.holding = b""  # slot_ranks as bytes: a key for what this module holds
 
     @property
@@ -53,8 +54,9 @@ class VirtualizedLinear(nn.Module):
         self.a_pool = torch.zeros(num_slots, self.in_features, max_rank, **like).transpose(1, 2)
         self.b_pool = torch.zeros(num_slots, max_rank, self.out_features, **like).transpose(1, 2)
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=self.weight.device)
-        self.slot_ranks = torch.zeros(num_slots, dtype=torch.int64)
-        self.holding = self.slot_ranks.numpy().tobytes()
+        self.slot_ranks = torch.zeros(num_slots, dtype=torch.int64, device="cpu")
+        self._ranks = self.slot_ranks.numpy()  # the same memory, written without torch's cost
+        self.holding = self._ranks.tobytes()
 
     @torch.no_grad()
     def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
@@ -71,11 +73,17 @@ class VirtualizedLinear(nn.Module):
         # each element written once: the adapter's rank, then zeros up to max_rank (what an
         # earlier, larger adapter may have left there)
         self.a_pool[slot, :rank] = a.to(self.a_pool.dtype)
-        self.a_pool[slot, rank:] = 0
         self.b_pool[slot, :, :rank] = b.to(self.b_pool.dtype)
-        self.b_pool[slot, :, rank:] = 0
+        if rank < self.max_rank:
+            self.a_pool[slot, rank:] = 0
+            self.b_pool[slot, :, rank:] = 0
         self.scales[slot] = scale
         self._set_rank(slot, rank)
+
+    def release_slot(self, slot: int) -> None:
+        """The slot serves nothing from now on (rank 0: the LoRA ops never read it); its
+        weights stay until the slot is written again or cleared."""
+        self._set_rank(slot, 0)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -85,8 +93,8 @@ class VirtualizedLinear(nn.Module):
         self._set_rank(slot, 0)
 
     def _set_rank(self, slot: int, rank: int) -> None:
-        self.slot_ranks[slot] = rank
-        self.holding = self.slot_ranks.numpy().tobytes()
+        self._ranks[slot] = rank
+        self.holding = self._ranks.tobytes()
 
     def forward(self, x: torch.Tensor, lora: LoraRouting | None = None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # (T, out_features), all rows at once
