@@ -14,7 +14,8 @@ import torch
 
 from cotune.adapters.host_cache import HostCache
 from cotune.adapters.peft_format import AdapterError, LoraAdapter
-from cotune.model.llama import LORA_TARGETS, CausalLM
+from cotune.model.llama import CausalLM
+from cotune.model.targets import LORA_TARGETS
 
 DEFAULT_HOST_CACHE_BYTES = 1 << 30
 

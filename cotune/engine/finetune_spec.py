@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cotune.model.llama import LORA_TARGETS
+from cotune.model.targets import ATTENTION_TARGETS, LORA_TARGETS
 
 SCHEDULES = ("constant", "linear", "cosine")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -21,7 +21,7 @@ class LoraSettings:
     rank: int = 16
     alpha: float = 32.0
     rslora: bool = False
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    targets: tuple[str, ...] = ATTENTION_TARGETS
     dropout: float = 0.0
 
     def __post_init__(self):

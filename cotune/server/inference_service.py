@@ -17,7 +17,7 @@ from cotune.server.admission import Admission, Rejected
 from cotune.server.errors import RpcError, invalid, status_of
 from cotune.server.handlers import Gate, rpc
 from cotune.server.metrics import Metrics
-from cotune.server.names import parse_reference, reference
+from cotune.server.names import parse_reference, reference, runtime_key
 from cotune.v1 import inference_pb2, inference_pb2_grpc
 
 FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH,
@@ -150,8 +150,8 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             return "", None
         name, version = parse_reference(text)
         record = self.registry.get_version(tenant.name, name, version)
-        served = reference(name, record.version)
-        return served, (f"{tenant.name}/{served}", Path(record.path))
+        return reference(name, record.version), (runtime_key(tenant.name, name, record.version),
+                                                 Path(record.path))
 
     @contextmanager
     def _claim(self, engine_id: str):

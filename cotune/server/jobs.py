@@ -32,7 +32,7 @@ from cotune.engine.runtime import Runtime
 from cotune.engine.training_data import DataError
 from cotune.server.convert import JOB_STATES, timestamp
 from cotune.server.metrics import Metrics
-from cotune.server.names import reference
+from cotune.server.names import reference, runtime_key
 from cotune.v1 import training_pb2
 
 log = logging.getLogger("cotune.server")
@@ -226,7 +226,7 @@ class JobManager:
         version = live.progress["published"].get(str(trainer_version))
         if version is not None:
             self.runtime.cache_adapter(
-                f"{live.record.tenant}/{reference(live.record.adapter, version)}", adapter)
+                runtime_key(live.record.tenant, live.record.adapter, version), adapter)
 
     def _published_by(self, record: JobRecord) -> dict[str, int]:
         """Trainer version -> registry version of what this job published, read from the

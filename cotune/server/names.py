@@ -27,3 +27,9 @@ def parse_reference(text: str, *, allow_version: bool = True) -> tuple[str, int 
 
 def reference(name: str, version: int) -> str:
     return f"{name}@v{version}"
+
+
+def runtime_key(tenant: str, name: str, version: int) -> str:
+    """The key a tenant's adapter version is held under in the runtime's host and device
+    tiers: Generate serves it, and a job that publishes it caches it there."""
+    return f"{tenant}/{reference(name, version)}"
