@@ -27,7 +27,7 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
         self.base_modules, self.max_rank = base_modules, max_rank
         self.allowed_roots, self.max_upload_bytes = allowed_roots, max_upload_bytes
 
-    @rpc()
+    @rpc(held_open=True)
     def CreateAdapter(self, request_iterator, context, tenant):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
@@ -92,7 +92,7 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
         deleted = self.registry.delete_adapter(tenant.name, name, version)
         return adapters_pb2.DeleteAdapterResponse(versions_deleted=deleted)
 
-    @rpc()
+    @rpc(held_open=True)
     def ExportAdapter(self, request, context, tenant):
         name, version = parse_reference(request.name)
         record = self.registry.get_version(tenant.name, name, version)

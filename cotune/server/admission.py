@@ -75,3 +75,27 @@ class Admission:
         while window and window[0][0] < horizon:
             window.popleft()
         return sum(n for _, n in window)
+
+
+class OpenStreams:
+    """The calls a client can hold open as long as it likes (adapter uploads and exports, job
+    watches) share a bound of their own, below the server's rpc threads, so that unary calls
+    and health checks always find a thread however many of these are open. Past the bound a
+    call is refused at once."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"--max-open-streams must be at least 1, got {limit}")
+        self.limit = limit
+        self._free = threading.BoundedSemaphore(limit)
+
+    @contextmanager
+    def hold(self):
+        if not self._free.acquire(blocking=False):
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"the server has {self.limit} uploads, exports and job watches open, "
+                           "its limit (--max-open-streams); retry with backoff")
+        try:
+            yield
+        finally:
+            self._free.release()

@@ -28,7 +28,7 @@ from cotune.distributed.ranks import RankInfo
 from cotune.distributed.zero_config import check_sharding
 from cotune.engine.runtime import Runtime
 from cotune.server.adapter_service import AdapterService
-from cotune.server.admission import Admission
+from cotune.server.admission import Admission, OpenStreams
 from cotune.server.handlers import DecodeErrors, Gate
 from cotune.server.inference_service import InferenceService
 from cotune.server.jobs import JobManager
@@ -53,6 +53,7 @@ SERVICES = tuple(f.DESCRIPTOR.services_by_name[name].full_name for f, name in (
     (adapters_pb2, "AdapterService"), (training_pb2, "TrainingService"),
     (inference_pb2, "InferenceService"), (tenants_pb2, "TenantService")))
 MAX_MESSAGE_BYTES = 64 << 20  # inline training data; larger sets go by server_path
+UNARY_THREADS = 16  # rpc threads no stream can take: health checks and unary calls
 
 
 class CotuneServer:
@@ -69,13 +70,15 @@ class CotuneServer:
         self.admin_token_file = data_dir / "admin.token"
         self._bootstrap_admin(args.admin_token_file)
         self.runtime = self._load_runtime(args)
-        self.gate = Gate(self.registry)
+        self.gate = Gate(self.registry, OpenStreams(args.max_open_streams))
         self.metrics = Metrics(args.metrics_top_adapters)
         self.metrics.watch(self.runtime)
         self.jobs = JobManager(self.runtime, self.registry, data_dir / "jobs", self.metrics,
                                args.worker_id)
         max_bytes = args.max_upload_mb << 20
-        workers = args.max_queued_requests + 32  # a stream holds a thread while it runs
+        # a stream holds a thread while it runs: generations (bounded by admission), calls a
+        # client may hold open (bounded by the gate), and a reserve for every other call
+        workers = args.max_queued_requests + args.max_open_streams + UNARY_THREADS
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
             maximum_concurrent_rpcs=workers,  # past it: RESOURCE_EXHAUSTED at once, no queue

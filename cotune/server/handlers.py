@@ -6,21 +6,24 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+from contextlib import nullcontext
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from cotune.adapters.registry import Registry, TenantRecord
+from cotune.server.admission import OpenStreams
 from cotune.server.errors import status_of
 
 log = logging.getLogger("cotune.server")
 
 
 class Gate:
-    """Who may call: closed while draining; a token names the caller's tenant."""
+    """Who may call: closed while draining; a token names the caller's tenant. Calls a client
+    may hold open pass through `open_streams` too."""
 
-    def __init__(self, registry: Registry):
-        self.registry = registry
+    def __init__(self, registry: Registry, open_streams: OpenStreams):
+        self.registry, self.open_streams = registry, open_streams
         self.draining = False
 
     def caller(self, context: grpc.ServicerContext, admin: bool) -> TenantRecord:
@@ -43,17 +46,23 @@ class Gate:
         return tenant
 
 
-def rpc(admin: bool = False):
+def rpc(admin: bool = False, held_open: bool = False):
     """Decorates a servicer method `(self, request, context, tenant)`; the servicer has a
-    `gate`. Streaming methods (generators) keep the translation while they stream."""
+    `gate`. Streaming methods (generators) keep the translation while they stream. A call the
+    client may hold open (`held_open`: an upload, an export, a watch) holds a place of the
+    gate's open_streams while it runs."""
 
     def decorate(method):
+        def places(self):
+            return self.gate.open_streams.hold() if held_open else nullcontext()
+
         if inspect.isgeneratorfunction(method):
             @functools.wraps(method)
             def stream(self, request, context):
                 tenant = self.gate.caller(context, admin)
                 try:
-                    yield from method(self, request, context, tenant)
+                    with places(self):
+                        yield from method(self, request, context, tenant)
                 except Exception as e:  # noqa: BLE001 - every error gets a status
                     _abort(context, method, e)
             return stream
@@ -62,7 +71,8 @@ def rpc(admin: bool = False):
         def unary(self, request, context):
             tenant = self.gate.caller(context, admin)
             try:
-                return method(self, request, context, tenant)
+                with places(self):
+                    return method(self, request, context, tenant)
             except Exception as e:  # noqa: BLE001 - every error gets a status
                 _abort(context, method, e)
         return unary

@@ -88,6 +88,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     limits = parser.add_argument_group("admission and default quotas (0: no limit)")
     limits.add_argument("--max-queued-requests", type=int, default=256,
                         help="generations in flight on this server, every tenant together")
+    limits.add_argument("--max-open-streams", type=int, default=16,
+                        help="adapter uploads, exports and job watches open at once (at least "
+                             "1): past it they are refused, so that other calls and health "
+                             "checks always find a thread")
     limits.add_argument("--default-max-adapters", type=int, default=1000)
     limits.add_argument("--default-max-versions", type=int, default=1000,
                         help="versions per adapter")

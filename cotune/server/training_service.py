@@ -55,7 +55,7 @@ class TrainingService(training_pb2_grpc.TrainingServiceServicer):
     def CancelJob(self, request, context, tenant):
         return convert.job(self.jobs.cancel(tenant, request.id))
 
-    @rpc()
+    @rpc(held_open=True)
     def WatchJob(self, request, context, tenant):
         record = self.registry.get_job(tenant.name, request.id)  # NotFound for others' jobs
         live = self.jobs.live(record.id)
