@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_helpers import running_server
 from wire import Caller
 
+from cotune.server.admission import OpenStreams
 from cotune.v1 import adapters_pb2, common_pb2, inference_pb2
 
 pytestmark = pytest.mark.slow
@@ -249,3 +250,8 @@ def test_calls_held_open_past_their_bound_are_refused_and_health_and_generations
             assert holder.exception(60).code() == grpc.StatusCode.INVALID_ARGUMENT
     # their places are free again: a new upload gets as far as its own error
     assert open_uploads(1)[0].exception(60).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_bound_on_calls_held_open_is_at_least_one():
+    with pytest.raises(ValueError, match="--max-open-streams must be at least 1, got 0"):
+        OpenStreams(0)

@@ -60,6 +60,7 @@ class CotuneServer:
     def __init__(self, args):
         self.rank = RankInfo.from_env()  # None: the whole base in this process
         check_sharding(self.rank is not None, args.zero_offload, args.device)
+        open_streams = OpenStreams(args.max_open_streams)  # a bad bound refused before loading
         data_dir: Path = args.data_dir
         if self.rank is not None:
             data_dir = data_dir / f"rank-{self.rank.rank}"
@@ -70,7 +71,7 @@ class CotuneServer:
         self.admin_token_file = data_dir / "admin.token"
         self._bootstrap_admin(args.admin_token_file)
         self.runtime = self._load_runtime(args)
-        self.gate = Gate(self.registry, OpenStreams(args.max_open_streams))
+        self.gate = Gate(self.registry, open_streams)
         self.metrics = Metrics(args.metrics_top_adapters)
         self.metrics.watch(self.runtime)
         self.jobs = JobManager(self.runtime, self.registry, data_dir / "jobs", self.metrics,
