@@ -382,7 +382,7 @@ class Runtime:
             key = f"{trainer.spec.name}@v{version}"
             self._adapters[key] = (key, path)
             self._adapters[trainer.spec.name] = (key, path)
-            self.engine.adapters.host.put(key, adapter)
+            self.cache_adapter(key, adapter)
             try:
                 self.engine.adapters.place(key, adapter)
             except AdapterError:  # every slot busy: the first request copies it from host
