@@ -10,7 +10,9 @@ cost no copies at all, and they are the common ones in serving:
     view of the pool (no gather). Residency fills the lowest free slots first to make this
     likely.
 Pools whose logical (N, R, d) is stored as (N, d, R) (see VirtualizedLinear) multiply without
-transposition.
+transposition. Where segments are one or two rows long on scattered slots (decode over many
+distinct adapters), gathering each segment's weights would cost more than the products: such
+batches run row by row on the pool in place (`sgmv_rows`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cotune.kernels.sgmv_rows import RowBags, expand_rows, shrink_rows
 from cotune.kernels.slices import expand_each, shrink_each
 
 # The slices of a layer run one op at a time; on the CPU one GEMM over gate and up side by side
@@ -36,6 +39,7 @@ class _Layout:
     targets: (K,) their rows in the batch (when block is None)
     slots:   (S,) each segment's slot
     window:  first slot when slots are consecutive and increasing, else None
+    bags:    the rows with an adapter, for the products row by row (see _plan), else None
     """
 
     num: int
@@ -46,6 +50,7 @@ class _Layout:
     targets: torch.Tensor | None
     slots: torch.Tensor
     window: int | None
+    bags: RowBags | None
 
     def gather_rows(self, src: torch.Tensor) -> torch.Tensor:
         """src's adapter rows on the grid: (S, L, d)."""
@@ -94,16 +99,34 @@ def _plan(seg_starts: torch.Tensor, seg_slots: torch.Tensor, device) -> _Layout 
     first_slot = int(slots[0])
     window = first_slot if bool((slots == torch.arange(first_slot, first_slot + num)).all()) \
         else None
+    # Row by row where the weights would be gathered for segments of one or two rows.
+    bags = _row_bags(starts, lengths, slots, int(seg_starts[-1]), device) \
+        if window is None and int(lengths.sum()) <= 2 * num else None
     first_row = int(starts[0])
     if bool((lengths == length).all()) and bool(
             (starts == first_row + length * torch.arange(num)).all()):
-        return _Layout(num, length, first_row, None, None, None, slots.to(device), window)
+        return _Layout(num, length, first_row, None, None, None, slots.to(device), window, bags)
     offsets = torch.arange(length)
     valid = (offsets[None, :] < lengths[:, None]).reshape(-1)  # (S * L,)
     rows = (starts[:, None] + offsets[None, :]).reshape(-1)  # (S * L,)
     return _Layout(num, length, None, torch.where(valid, rows, 0).to(device),
                    valid.nonzero()[:, 0].to(device), rows[valid].to(device), slots.to(device),
-                   window)
+                   window, bags)
+
+
+def _row_bags(starts, lengths, slots, num_rows: int, device) -> RowBags:
+    """Each row that has an adapter, with its slot; rows None when that is every row."""
+    row_slots = slots.repeat_interleave(lengths)
+    before = torch.cumsum(lengths, 0) - lengths  # rows with an adapter before each segment
+    rows = (starts - before).repeat_interleave(lengths) + torch.arange(len(row_slots))
+    return RowBags(None if len(rows) == num_rows else rows.to(device), row_slots.to(device))
+
+
+def _stored_rows(layout: _Layout, weights: torch.Tensor, dtype):
+    """The pool as a table of stored rows when this batch runs row by row, else None."""
+    if layout.bags is None or weights.dtype != dtype:
+        return None
+    return layout.bags.table(weights)
 
 
 def _segment_scales(scales, layout: _Layout, dtype) -> torch.Tensor:
@@ -116,6 +139,8 @@ def sgmv_shrink(x, weights, seg_starts, seg_slots, scales=None):
     layout = _layout(seg_starts, seg_slots, x.device)
     if layout is None:
         return torch.zeros(x.shape[0], weights.shape[1], dtype=x.dtype, device=x.device)
+    if (table := _stored_rows(layout, weights, x.dtype)) is not None:
+        return shrink_rows(x, *table, weights.shape[1], layout.bags, scales)
     out = torch.bmm(layout.gather_rows(x),
                     layout.weights(weights).transpose(1, 2).to(x.dtype))  # (S, L, R)
     if scales is not None:
@@ -135,6 +160,8 @@ def sgmv_expand(y, h, weights, seg_starts, seg_slots, scales=None):
     layout = _layout(seg_starts, seg_slots, y.device)
     if layout is None:
         return y
+    if (table := _stored_rows(layout, weights, y.dtype)) is not None:
+        return expand_rows(y, h, *table, layout.bags, scales)
     hs = layout.gather_rows(h).to(y.dtype)  # (S, L, R): scaled here, it is the small side
     if scales is not None:
         hs = hs * _segment_scales(scales, layout, hs.dtype)

@@ -10,7 +10,8 @@ import random
 import pytest
 import torch
 
-from cotune.kernels import KernelChoiceError, backend, sgmv_reference, sgmv_torch, sgmv_triton
+from cotune.kernels import (KernelChoiceError, backend, sgmv_reference, sgmv_rows, sgmv_torch,
+                            sgmv_triton)
 from cotune.kernels.segmented_lora import segmented_lora
 
 POPULARITY = ("distinct", "uniform", "zipf", "identical", "skewed")
@@ -194,7 +195,13 @@ DECODE_LAYOUTS = {
     "one row each, consecutive": [2, 3, 4, 5],
     "uneven, consecutive": [-1, 2, 2, 2, 3, 4, 4],
     "block, then base rows": [0, 0, 1, 1, -1],
+    # many distinct adapters: the batched torch ops run row by row on the pool in place
+    "one row each, scattered": [5, 1, 3, 0, 4],
+    "scattered, base rows between": [-1, 4, 2, -1, 5, 5, 0],
+    "one row each, then a prefill": [3, 1, 4, 0, 0, 0, 0, 2],
 }
+ROW_BY_ROW = ("one row each, scattered", "scattered, base rows between",
+              "one row each, then a prefill")
 
 
 @pytest.mark.parametrize("column_major", [False, True], ids=["row-major", "column-major"])
@@ -217,12 +224,33 @@ def test_fast_ops_on_decode_layouts(name, layout, column_major, seed):
     h = ops.sgmv_shrink(x, a, starts, slots)
     y = ops.sgmv_expand(y0.clone(), h, b, starts, slots, scales)
     torch.testing.assert_close(h, sgmv_reference.sgmv_shrink(x, a, starts, slots))
+    torch.testing.assert_close(ops.sgmv_shrink(x, a, starts, slots, scales),
+                               sgmv_reference.sgmv_shrink(x, a, starts, slots, scales))
     torch.testing.assert_close(y, y0 + _naive_delta(x, a, b, scales, row_slots))
     untouched = torch.tensor([s < 0 for s in row_slots])
     assert torch.equal(y[untouched], y0[untouched])
     torch.testing.assert_close(
         ops.sgmv_weight_grad(y, x, starts, slots, num_slots, scales),
         sgmv_reference.sgmv_weight_grad(y, x, starts, slots, num_slots, scales))
+
+
+def test_batched_torch_runs_row_by_row_exactly_where_it_would_gather_short_segments():
+    """The row-by-row products read the pool in place where VirtualizedLinear's storage allows
+    (last two dimensions swapped); any other storage is gathered as before."""
+    a, b, _ = _pools(6, [8] * 6, 21, 34)
+    stored_a = a.transpose(1, 2).contiguous().transpose(1, 2)[:, :6]
+    stored_b = b.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :6]
+    for layout, row_slots in DECODE_LAYOUTS.items():
+        starts, slots = _segments(row_slots)
+        plan = sgmv_torch._plan(starts, slots, "cpu")
+        assert (plan.bags is not None) == (layout in ROW_BY_ROW), layout
+    table, rows_per_slot = sgmv_rows.stored_rows(stored_a)
+    assert (tuple(table.shape), rows_per_slot) == ((6 * 21, 8), 21)
+    assert torch.equal(table[3 * 21 + 5, :6], stored_a[3, :, 5])
+    table, rows_per_slot = sgmv_rows.stored_rows(stored_b)
+    assert (tuple(table.shape), rows_per_slot) == ((6 * 8, 34), 8)
+    assert torch.equal(table[2 * 8 + 4], stored_b[2, :, 4])
+    assert sgmv_rows.stored_rows(a[:, :6]) is None  # row-major A: its rows are not adjacent
 
 
 @pytest.mark.parametrize("popularity", POPULARITY)
