@@ -24,11 +24,7 @@ class RowBags:
 
     def __init__(self, rows: torch.Tensor | None, slots: torch.Tensor):
         self.rows, self.slots = rows, slots
-        # made once per step for all its layers: bags by shape, tables by pool view, scales
-        # by tensor and version (a slot loaded in between changes the version)
         self._bags: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._tables: dict[tuple, tuple[torch.Tensor, int] | None] = {}
-        self._scales: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def bags(self, rows_per_slot: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, offsets) of bags of `size` consecutive table rows, starting at row
@@ -47,19 +43,7 @@ class RowBags:
 
     def scales(self, scales: torch.Tensor, dtype) -> torch.Tensor:
         """(K, 1): the scale of each row's slot."""
-        key = (id(scales), scales._version, dtype)
-        cached = self._scales.get(key)
-        if cached is None or cached[0] is not scales:
-            cached = self._scales[key] = (
-                scales, scales.index_select(0, self.slots).to(dtype)[:, None])
-        return cached[1]
-
-    def table(self, weights: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-        """stored_rows(weights), worked out once per pool view."""
-        key = (weights.data_ptr(), weights.dtype, weights.shape, weights.stride())
-        if key not in self._tables:
-            self._tables[key] = stored_rows(weights)
-        return self._tables[key]
+        return scales.index_select(0, self.slots).to(dtype)[:, None]
 
 
 def stored_rows(weights: torch.Tensor) -> tuple[torch.Tensor, int] | None:
@@ -71,19 +55,17 @@ def stored_rows(weights: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     VirtualizedLinear's pools are stored with their last two dimensions swapped, so a rank
     slice of A (N, R, d_in) is read through rows of the padded max rank, and B (N, d_out, R)
     through rows of d_out."""
-    stored = weights.transpose(1, 2)  # (N, K, C)
-    if stored.stride(2) != 1 or stored.shape[0] == 0:
+    num, columns, per_slot = weights.shape
+    slot_stride, column_stride, width = weights.stride()  # width: a stored row's stride
+    if column_stride != 1 or num == 0 or width < columns or slot_stride % width \
+            or slot_stride // width < per_slot:
         return None
-    width = stored.stride(1)
-    if width < stored.shape[2] or stored.stride(0) % width:
+    end = weights.storage_offset() + num * slot_stride
+    if end > weights.untyped_storage().nbytes() // weights.element_size():
         return None
-    rows_per_slot = stored.stride(0) // width
-    end = stored.storage_offset() + stored.shape[0] * stored.stride(0)
-    if rows_per_slot < stored.shape[1] or end > stored.untyped_storage().nbytes() // \
-            stored.element_size():
-        return None
-    table = stored.as_strided((stored.shape[0] * rows_per_slot, width), (width, 1),
-                              stored.storage_offset())
+    rows_per_slot = slot_stride // width
+    table = weights.as_strided((num * rows_per_slot, width), (width, 1),
+                               weights.storage_offset())
     return table, rows_per_slot
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cotune.kernels.sgmv_rows import RowBags, expand_rows, shrink_rows
+from cotune.kernels.sgmv_rows import RowBags, expand_rows, shrink_rows, stored_rows
 from cotune.kernels.slices import expand_each, shrink_each
 
 # The slices of a layer run one op at a time; on the CPU one GEMM over gate and up side by side
@@ -126,7 +126,7 @@ def _stored_rows(layout: _Layout, weights: torch.Tensor, dtype):
     """The pool as a table of stored rows when this batch runs row by row, else None."""
     if layout.bags is None or weights.dtype != dtype:
         return None
-    return layout.bags.table(weights)
+    return stored_rows(weights)
 
 
 def _segment_scales(scales, layout: _Layout, dtype) -> torch.Tensor:
