@@ -47,7 +47,7 @@ class Setup:
     slots: int = 64
     requests: int = 2000
     new_tokens: int = 64  # as `bench serving`; each request's adapter is then used for 64 steps
-    rounds: int = 6  # the machine drifts: a median over 6 rounds holds within a few percent
+    rounds: int = 6  # the machine drifts by 15-20%: more rounds, a steadier median
     rank: int = 8
     max_running: int = 32  # below the slots that hot adapters leave to the others (48 of 64)
     hidden: int = 256
