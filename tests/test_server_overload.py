@@ -20,6 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_helpers import running_server
+from test_metrics import free_port, scrape, value
 from wire import Caller
 
 from cotune.server.admission import OpenStreams
@@ -37,10 +38,16 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, metrics_port):
     with running_server(tmp_path_factory.mktemp("overload"),
                         "--max-queued-requests", str(SERVER_LIMIT),
-                        "--default-max-queued", str(TENANT_LIMIT)) as running:
+                        "--default-max-queued", str(TENANT_LIMIT),
+                        "--metrics-port", str(metrics_port)) as running:
         yield running
 
 
@@ -208,7 +215,7 @@ def test_a_tenant_past_its_tokens_per_minute_is_refused_and_others_are_served(te
 
 
 def test_calls_held_open_past_their_bound_are_refused_and_health_and_generations_go_on(
-        server, tenants):
+        server, tenants, metrics_port):
     """Uploads left open hold rpc threads, but only up to --max-open-streams: past it they are
     refused at once in the server's words, and a generation and a health check still find a
     thread meanwhile (before the bound, open uploads filled gRPC's cap and shut out health
@@ -228,6 +235,7 @@ def test_calls_held_open_past_their_bound_are_refused_and_health_and_generations
                                                    timeout=90) for _ in range(count)]
 
     extra = 4  # past the bound: these are refused at once
+    refusals_before = value(scrape(metrics_port), "cotune_open_stream_refusals_total")
     holders = open_uploads(OPEN_STREAMS + extra)
     health = health_pb2_grpc.HealthStub(other.channel)
     try:
@@ -240,6 +248,9 @@ def test_calls_held_open_past_their_bound_are_refused_and_health_and_generations
             assert holder.exception().code() == EXHAUSTED
             assert "uploads, exports and job watches open" in holder.exception().details()
             assert "(--max-open-streams)" in holder.exception().details()
+        counted = scrape(metrics_port)  # counted by tenant, for the operator
+        assert value(counted, "cotune_open_stream_refusals_total") - refusals_before == extra
+        assert value(counted, "cotune_open_stream_refusals_total", tenant="wide") == extra
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status \
             == health_pb2.HealthCheckResponse.SERVING
         assert_complete(generate(other, max_tokens=4), max_tokens=4)

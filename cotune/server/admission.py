@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import grpc
@@ -88,10 +89,15 @@ class OpenStreams:
             raise ValueError(f"--max-open-streams must be at least 1, got {limit}")
         self.limit = limit
         self._free = threading.BoundedSemaphore(limit)
+        # Called as on_refused(tenant) for each call refused here: the server's metrics.
+        self.on_refused: Callable[[str], None] | None = None
 
     @contextmanager
-    def hold(self):
+    def hold(self, tenant: str):
+        """A place for one call of `tenant` while the block runs, or RESOURCE_EXHAUSTED."""
         if not self._free.acquire(blocking=False):
+            if self.on_refused is not None:
+                self.on_refused(tenant)
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"the server has {self.limit} uploads, exports and job watches open, "
                            "its limit (--max-open-streams); retry with backoff")

@@ -53,15 +53,15 @@ def rpc(admin: bool = False, held_open: bool = False):
     gate's open_streams while it runs."""
 
     def decorate(method):
-        def places(self):
-            return self.gate.open_streams.hold() if held_open else nullcontext()
+        def places(self, tenant: TenantRecord):
+            return self.gate.open_streams.hold(tenant.name) if held_open else nullcontext()
 
         if inspect.isgeneratorfunction(method):
             @functools.wraps(method)
             def stream(self, request, context):
                 tenant = self.gate.caller(context, admin)
                 try:
-                    with places(self):
+                    with places(self, tenant):
                         yield from method(self, request, context, tenant)
                 except Exception as e:  # noqa: BLE001 - every error gets a status
                     _abort(context, method, e)
@@ -71,7 +71,7 @@ def rpc(admin: bool = False, held_open: bool = False):
         def unary(self, request, context):
             tenant = self.gate.caller(context, admin)
             try:
-                with places(self):
+                with places(self, tenant):
                     return method(self, request, context, tenant)
             except Exception as e:  # noqa: BLE001 - every error gets a status
                 _abort(context, method, e)

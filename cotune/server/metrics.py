@@ -93,6 +93,10 @@ class Metrics:
         self.rejections = Counter("cotune_admission_rejections",
                                   "generations refused at admission", ["tenant", "reason"],
                                   registry=r)
+        self.open_stream_refusals = Counter(
+            "cotune_open_stream_refusals",
+            "uploads, exports and job watches refused past --max-open-streams", ["tenant"],
+            registry=r)
         self.in_flight = Gauge("cotune_requests_in_flight", "admitted generations not yet done",
                                ["tenant"], registry=r)
         # Steps.
