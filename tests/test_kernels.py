@@ -10,14 +10,8 @@ import random
 import pytest
 import torch
 
-from cotune.kernels import (
-    KernelChoiceError,
-    backend,
-    sgmv_reference,
-    sgmv_rows,
-    sgmv_torch,
-    sgmv_triton,
-)
+from cotune.kernels import sgmv_reference, sgmv_rows, sgmv_torch, sgmv_triton
+from cotune.kernels.choice import KernelChoiceError, backend
 from cotune.kernels.segmented_lora import segmented_lora
 
 POPULARITY = ("distinct", "uniform", "zipf", "identical", "skewed")

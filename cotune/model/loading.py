@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from cotune.kernels import backend
+from cotune.kernels.choice import backend
 from cotune.model.config import ModelConfig, ModelConfigError
 from cotune.model.llama import PROJECTION_GROUPS, CausalLM
 from cotune.model.projection_group import side_by_side

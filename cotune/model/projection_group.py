@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
-from cotune.kernels import backend
+from cotune.kernels.choice import backend
 from cotune.model.lora_routing import LoraRouting
 from cotune.model.virtualized_linear import VirtualizedLinear, served_slots
 

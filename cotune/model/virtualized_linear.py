@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cotune.kernels import backend
+from cotune.kernels.choice import backend
 from cotune.kernels.segmented_lora import segmented_lora
 from cotune.model.lora_routing import LoraRouting
 

@@ -1,4 +1,7 @@
-"""Segmented LoRA ops: Triton kernels and their torch reference twins.
+"""Which implementation of the segmented LoRA ops runs: Triton kernels or a torch twin.
+
+This folder is `cotune.kernels`, a package without an `__init__.py` (see "Layout" in the
+README): a top-level `kernels` on `sys.path` is the PyPI package's, never this folder.
 
 `COTUNE_KERNELS` picks the implementation: `reference` (plain torch written for clarity, a
 loop over segments), `torch` (batched torch, fast on the CPU), `triton` (fused kernels), or
