@@ -54,6 +54,12 @@ def reordered(smollm2, setup):
     return peft_with_adapters(with_column_major_weights(copy.deepcopy(smollm2[0])), setup[4])
 
 
+@pytest.fixture(scope="module")
+def exact(smollm2, setup):
+    """The reference in float64: exact, as far as float32 results can tell."""
+    return peft_with_adapters(copy.deepcopy(smollm2[0]).double(), setup[4]).double()
+
+
 def test_smollm2_each_sequence_alone_matches_peft(setup, reordered):
     """Within 1e-4 or twice what the reference itself moves when its GEMMs run in another
     order: SmolLM2's hidden states reach ~2e4, so float32 rounding alone shows at 1e-4."""
@@ -98,7 +104,11 @@ def test_smollm2_greedy_tokens_match_peft_for_32_new_tokens(setup):
         assert seq.output_ids == reference_greedy(reference, prompt, choice, 32), choice
 
 
-def test_smollm2_lora_gradients_match_peft(setup, reordered):
+def test_smollm2_lora_gradients_match_peft(setup, reordered, exact):
+    """Against PEFT in float64, each LoRA gradient is within twice the worst error of PEFT's
+    own float32 gradients (in either GEMM order, over all modules): float32's noise on this
+    model, which reaches 1.5e-4 on a module, and differs from one module to the next with the
+    order of the GEMMs alone."""
     engine, _, reference, prompts, dirs = setup
     model = engine.model
     trainable = cotune_trainable(model, dirs[1])
@@ -108,13 +118,14 @@ def test_smollm2_lora_gradients_match_peft(setup, reordered):
                          lora=LoraRouting.from_sequences(lens, [trainable, trainable]))
     per_seq = model.logits(model(batch)).split(lens)
     sum(next_token_loss(logits, s) for logits, s in zip(per_seq, seqs)).backward()
-    expected = reference_lora_grads(reference, 1, seqs, next_token_loss)
-    reordered_grads = reference_lora_grads(reordered, 1, seqs, next_token_loss)
-    assert len(expected) == 2 * len(trainable.module_names())
-    for (module, part), ref_grad in expected.items():
+    want = reference_lora_grads(exact, 1, seqs, next_token_loss)
+    assert len(want) == 2 * len(trainable.module_names())
+    noise = max(relative_error(grads[key].double(), want[key]) for peft_model in
+                (reference, reordered) for grads in
+                [reference_lora_grads(peft_model, 1, seqs, next_token_loss)] for key in want)
+    for (module, part), exact_grad in want.items():
         a, b, _ = trainable.weights(module)
-        rel = relative_error((a if part == "a" else b).grad, ref_grad)
-        noise = relative_error(reordered_grads[(module, part)], ref_grad)
-        assert rel <= max(1e-4, 2 * noise), (
-            f"{module}.{part}: relative error {rel:.2e}, the reference's own GEMM-order "
-            f"noise {noise:.2e}")
+        rel = relative_error((a if part == "a" else b).grad.double(), exact_grad)
+        assert rel <= 2 * noise, (
+            f"{module}.{part}: relative error {rel:.2e} against float64 PEFT; float32 PEFT's "
+            f"own reaches {noise:.2e}")
