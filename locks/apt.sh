@@ -36,16 +36,19 @@ install() {
     wanted=$(grep -v '^#' "$LOCK")
     present=$(dpkg-query -W -f '${db:Status-Status} ${Package}=${Version}\n' \
         $(sed 's/=.*//' <<< "$wanted") 2>/dev/null | sed -n 's/^installed //p' | sort || true)
-    if [ "$present" = "$(sort <<< "$wanted")" ]; then
-        return 0
+    if [ "$present" != "$(sort <<< "$wanted")" ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        # shellcheck disable=SC2086
+        apt-get install -y --no-install-recommends $wanted \
+            || { apt-get update && apt-get install -y --no-install-recommends $wanted; } \
+            || { echo "locks/apt.sh: could not install $LOCK at its versions (a Debian update" \
+                      "may have replaced one); \`make lock\` writes the versions available now" >&2
+                 exit 1; }
+        # named one by one, all were marked as asked for: the dependencies are automatic
+        # again, so that `lock` finds them (and apt's autoremove takes them with the packages)
+        apt-mark auto $(sed 's/=.*//' <<< "$wanted" \
+            | grep -vxF "$(printf '%s\n' "${PACKAGES[@]}")") > /dev/null
     fi
-    export DEBIAN_FRONTEND=noninteractive
-    # shellcheck disable=SC2086
-    apt-get install -y --no-install-recommends $wanted \
-        || { apt-get update && apt-get install -y --no-install-recommends $wanted; } \
-        || { echo "locks/apt.sh: could not install $LOCK at its versions (a Debian update may" \
-                  "have replaced one); \`make lock\` writes the versions available now" >&2
-             exit 1; }
 }
 
 case "${1:-}" in
