@@ -101,6 +101,7 @@ def _measure(runtime: Runtime, directory: Path, name: str, rate: float | None,
     if slicer is not None:
         slicer.join()
     job.cancel()
+    job.wait(timeout=600)  # it stops at the next step boundary
     met = counters["slo_both_met"] - before.get("slo_both_met", 0)
     return {"requests": len(requests), "slo_attainment": met / len(requests) if requests
             else None, "training_tokens_per_s": trained / elapsed}

@@ -268,9 +268,14 @@ def test_a_job_cancelled_through_another_router_is_cancelled_by_its_owner(cluste
         job = client.jobs.create("long-job", TRAINING_DATA, max_steps=100_000, batch_size=2)
     with router(cluster) as other, Client(other.address, cluster.token) as client:
         assert client.jobs.cancel(job.id).state == "cancelled"
-        cancelled = {i: value(scrape(port), "cotune_jobs_finished_total", state="cancelled")
-                     for i, port in cluster.metrics_ports.items()}
-        assert cancelled == {i: 1.0 if i == job.owner else 0.0 for i in WORKER_IDS}
+
+        def cancelled() -> dict:
+            return {i: value(scrape(port), "cotune_jobs_finished_total", state="cancelled")
+                    for i, port in cluster.metrics_ports.items()}
+
+        # the owner stops the job at its next step boundary, after the call has returned
+        wait_for(lambda: cancelled() == {i: 1.0 if i == job.owner else 0.0 for i in WORKER_IDS},
+                 what="the owner stopping the job")
         assert other.metric("cotune_router_calls_total", worker=job.owner, method="CancelJob",
                             code="OK") == 1
 

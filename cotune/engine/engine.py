@@ -121,21 +121,35 @@ class Engine:
     def add(self, prompt_ids: list[int], params: SamplingParams,
             adapter: tuple[str, str | Path] | None = None, request_id: str | None = None,
             tenant: str = "default") -> Sequence:
-        """Queues a request; `adapter` is (key, PEFT directory) or None for the base model.
-        Everything but the adapter's file is checked before the request is queued; the
-        adapter's disk->host load starts now, in the background (`seq.adapter_load`), and a
-        request whose adapter fails to load ends with finish_reason "error"."""
+        """Queues a request: `prepare`, then `enqueue`."""
+        seq = self.prepare(prompt_ids, params, adapter, request_id, tenant)
+        self.enqueue(seq)
+        return seq
+
+    def prepare(self, prompt_ids: list[int], params: SamplingParams,
+                adapter: tuple[str, str | Path] | None = None, request_id: str | None = None,
+                tenant: str = "default") -> Sequence:
+        """A request checked and ready to queue; `adapter` is (key, PEFT directory) or None for
+        the base model. Everything but the adapter's file is checked here; the adapter's
+        disk->host load starts now, in the background (`seq.adapter_load`), and a request
+        whose adapter fails to load ends with finish_reason "error". Safe from any thread
+        while the engine steps: it reads no state that a step changes."""
         self._check_prompt(prompt_ids, params)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none")
         request_id = request_id or f"req-{next(self._ids)}"
-        load = None if adapter is None else self.adapters.prefetch(*adapter)
-        seq = Sequence(request_id, list(prompt_ids), params, tenant=tenant, adapter_load=load,
+        seq = Sequence(request_id, list(prompt_ids), params, tenant=tenant,
                        adapter=None if adapter is None else adapter[0])
+        self.scheduler.check_fits(seq)
+        if adapter is not None:
+            seq.adapter_load = self.adapters.prefetch(*adapter)
         if self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params.stop)
-        self.scheduler.add(seq)
         return seq
+
+    def enqueue(self, seq: Sequence) -> None:
+        """Queues a prepared request for the steps to come (between steps only)."""
+        self.scheduler.add(seq)
 
     def abort(self, seq: Sequence) -> None:
         if not seq.is_finished:

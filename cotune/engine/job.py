@@ -85,7 +85,8 @@ class Job:
         self._events.unsubscribe(events)
 
     def cancel(self) -> None:
-        """Stops training after the current step; published versions stay."""
+        """Stops training at the next step boundary, without waiting for it (`wait` does);
+        published versions stay."""
         if not self._done.is_set():
             self._cancel(self)
 

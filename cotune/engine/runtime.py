@@ -1,6 +1,12 @@
 """`cotune.Runtime`: the embedded co-runtime. One base model in this process serves requests
 on many adapters; a background thread runs engine steps while there is work.
 
+The engine thread owns the engine. Other threads reach it through its inbox (requests,
+aborts, jobs started and cancelled, checkpoint requests), which it applies between steps,
+and hear from it through one queue per request: no caller waits for a step, and no lock is
+held while a step computes. A small lock guards only the runtime's own tables (the requests'
+queues, the jobs, whether it is open), for a few statements at a time.
+
     rt = Runtime.load("default")
     rt.generate([Request(prompt="Hi", adapter="./my-adapter")])
     for delta in rt.stream(Request(prompt="Hi")): print(delta.text, end="")
@@ -8,6 +14,7 @@ on many adapters; a background thread runs engine steps while there is work.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import queue
@@ -22,6 +29,7 @@ import torch
 from cotune.adapters.peft_format import AdapterError, LoraAdapter
 from cotune.engine.engine import Engine, EngineConfig, StepOutput
 from cotune.engine.finetune_spec import FinetuneSpec
+from cotune.engine.inbox import Inbox
 from cotune.engine.job import Job, JobState
 from cotune.engine.sampling import SamplingParams, TokenLogprob
 from cotune.engine.sequence import Sequence
@@ -104,8 +112,9 @@ class Runtime:
         self._job_ids = itertools.count(1)
         engine.on_version = self._published
         engine.on_job_end = self._job_ended
-        self._lock = threading.Condition()
-        self._listeners: dict[Sequence, queue.Queue] = {}
+        self._inbox = Inbox()
+        self._lock = threading.Lock()  # the tables below; never held across engine work
+        self._listeners: dict[Sequence, queue.SimpleQueue] = {}
         self._closed = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="cotune-engine", daemon=True)
@@ -157,13 +166,16 @@ class Runtime:
                           self.base_fingerprint,
                           span=(sync.rank, sync.world_size) if span_ranks else None)
         job = Job(job_id, trainer, self._cancel_job, serve_by_name)
-        with self._lock:
-            self._check_open()
+
+        def start() -> None:  # spanning jobs register on every rank in the same step order
             if span_ranks:
                 sync.register_spanning(trainer)
-            self._jobs[trainer] = job
             self.engine.add_trainer(trainer)
-            self._lock.notify_all()
+
+        with self._lock:
+            self._check_open()
+            self._jobs[trainer] = job
+            self._inbox.put(start)
         return job
 
     def cache_adapter(self, key: str, adapter: LoraAdapter) -> None:
@@ -175,37 +187,35 @@ class Runtime:
     def generate(self, requests: list[Request]) -> list[Completion]:
         """Runs all requests together (they share steps); completions in request order.
         Every request is checked before any runs: one bad request fails the call."""
-        prepared = [self._prepare(r) for r in requests]  # all checked before any is queued
-        with self._lock:
-            seqs, sinks = self._submit(prepared)
+        seqs, sinks = self._submit([self._prepare(r) for r in requests])
         self._await_adapters(seqs)
         return [self._collect(seq, sink) for seq, sink in zip(seqs, sinks)]
 
     def stream(self, request: Request) -> Iterator[Delta]:
         """Yields the request's tokens and text as they are sampled; closing the iterator
         early aborts the request."""
-        prepared = [self._prepare(request)]
-        with self._lock:
-            (seq,), (sink,) = self._submit(prepared)
+        (seq,), (sink,) = self._submit([self._prepare(request)])
         self._await_adapters([seq])
-        finished = False
+        finish_reason = None
         try:
-            while not finished:
-                outputs, finished = self._next_outputs(sink)
+            while finish_reason is None:
+                outputs, finish_reason = self._next_outputs(sink)
                 yield Delta(seq.id, [o.token_id for o in outputs], "".join(o.text for o in outputs),
-                            [o.logprob for o in outputs], seq.finish_reason if finished else None)
+                            [o.logprob for o in outputs], finish_reason)
         finally:
-            if not finished:
+            if finish_reason is None:
                 self.abort(seq.id)
 
     def abort(self, request_id: str) -> bool:
-        """Stops a running or queued request; False when no such request is in flight."""
+        """Stops a running or queued request; False when no such request is in flight. Its
+        caller's stream ends now, with finish_reason "abort"; the engine lets go of it at the
+        next step boundary."""
         with self._lock:
-            for seq, sink in list(self._listeners.items()):
+            for seq, sink in self._listeners.items():
                 if seq.id == request_id:
-                    self.engine.abort(seq)
                     del self._listeners[seq]
                     sink.put(None)
+                    self._inbox.put(functools.partial(self.engine.abort, seq))
                     return True
         return False
 
@@ -214,8 +224,8 @@ class Runtime:
         `timeout` seconds: before a stop, so that a resumed job loses no step."""
         with self._lock:
             jobs = list(self._jobs.values())
-            for job in jobs:
-                job.trainer.checkpoint_requested = True
+        for job in jobs:  # a flag the trainer reads at its optimizer steps, and clears
+            job.trainer.checkpoint_requested = True
         deadline = time.monotonic() + timeout
         for job in jobs:
             while job.trainer.checkpoint_requested and job.state is JobState.RUNNING \
@@ -223,9 +233,11 @@ class Runtime:
                 time.sleep(0.02)
 
     def close(self) -> None:
+        """Stops the engine at its next step boundary (requests in flight end with "abort",
+        running jobs with CANCELLED) and waits for its thread."""
         with self._lock:
             self._closed = True
-            self._lock.notify_all()
+        self._inbox.wake()
         self._thread.join()
 
     def __enter__(self) -> Runtime:
@@ -235,21 +247,20 @@ class Runtime:
         self.close()
 
     def _submit(self, prepared: list):
-        """Queues prepared requests (called with the lock held; tokenizing happened before,
-        outside it, so the engine's steps never wait for it)."""
+        """Queues prepared requests, all or none: each is checked here, in the caller's
+        thread, and they reach the engine together at its next step boundary."""
         self._check_open()
-        seqs, sinks = [], []
-        try:
-            for prompt_ids, params, adapter, request_id, tenant in prepared:
-                seqs.append(self.engine.add(prompt_ids, params, adapter, request_id, tenant))
-        except BaseException:
+        seqs = [self.engine.prepare(*request) for request in prepared]
+        sinks = [queue.SimpleQueue() for _ in seqs]
+
+        def enqueue() -> None:
             for seq in seqs:
-                self.engine.abort(seq)
-            raise
-        for seq in seqs:
-            sinks.append(queue.Queue())
-            self._listeners[seq] = sinks[-1]
-        self._lock.notify_all()
+                self.engine.enqueue(seq)
+
+        with self._lock:
+            self._check_open()  # again: a stop ends only the requests it finds here
+            self._listeners.update(zip(seqs, sinks))
+            self._inbox.put(enqueue)
         return seqs, sinks
 
     def _await_adapters(self, seqs: list[Sequence]) -> None:
@@ -286,28 +297,33 @@ class Runtime:
         raise FileNotFoundError(f"adapter {name!r} is neither a registered adapter name nor a "
                                 "PEFT adapter directory")
 
-    def _collect(self, seq: Sequence, sink: queue.Queue) -> Completion:
-        text, finished = [], False
-        while not finished:
-            outputs, finished = self._next_outputs(sink)
-            text.extend(o.text for o in outputs)
+    def _collect(self, seq: Sequence, sink: queue.SimpleQueue) -> Completion:
+        """The request's whole completion, from what reached its queue (not from `seq`, which
+        the engine thread may still change after an abort)."""
+        received, finish_reason = [], None
+        while finish_reason is None:
+            outputs, finish_reason = self._next_outputs(sink)
+            received += outputs
         ttft = None if seq.first_token_time is None else seq.first_token_time - seq.arrival
-        return Completion(seq.id, list(seq.output_ids), "".join(text), seq.finish_reason,
-                          len(seq.prompt_ids), list(seq.logprobs) if seq.params.logprobs
-                          is not None else None, ttft)
+        logprobs = None if seq.params.logprobs is None else [o.logprob for o in received]
+        return Completion(seq.id, [o.token_id for o in received],
+                          "".join(o.text for o in received), finish_reason,
+                          len(seq.prompt_ids), logprobs, ttft)
 
-    def _next_outputs(self, sink: queue.Queue) -> tuple[list[StepOutput], bool]:
-        """Blocks for the next token(s) of one request: (outputs, whether it has ended).
-        An aborted request ends with its finish_reason "abort"; an engine failure raises."""
+    def _next_outputs(self, sink: queue.SimpleQueue) -> tuple[list[StepOutput], str | None]:
+        """Blocks for the next token(s) of one request: (outputs, its finish_reason once it
+        has ended, else None). An aborted request ends with "abort"; an engine failure
+        raises."""
         outputs = [sink.get()]
         while not sink.empty():
             outputs.append(sink.get())
-        if outputs[-1] is None:
+        if None in outputs:  # aborted, or the engine stopped: whatever came after is dropped
             if self._error is not None:
                 raise EngineStopped(f"the engine stopped on an error: {self._error!r}") \
                     from self._error
-            return outputs[:-1], True
-        return outputs, outputs[-1].finished
+            return outputs[:outputs.index(None)], "abort"
+        last = outputs[-1]
+        return outputs, last.seq.finish_reason if last.finished else None
 
     @property
     def running(self) -> bool:
@@ -332,51 +348,47 @@ class Runtime:
         torch.set_num_threads(threads)
         sync = self.engine.step_sync
         while True:
-            with self._lock:
-                if sync is None:
-                    while not self._closed and not self.engine.has_work:
-                        self._lock.wait()
-                else:  # the ranks agree before every step: an idle rank asks now and then
-                    self._lock.wait_for(lambda: self._closed or self.engine.has_work,
-                                        SYNC_POLL_S)
+            try:
+                self._inbox.apply()  # what callers asked for takes effect here, between steps
+                if not (self._closed or self.engine.has_work):
+                    if sync is None:
+                        self._inbox.wait()
+                        continue
+                    # the ranks agree before every step: an idle rank asks now and then
+                    self._inbox.wait(SYNC_POLL_S)
+                    self._inbox.apply()
                 closing, has_work = self._closed, self.engine.has_work
-            if sync is not None:
-                try:  # outside the lock: new requests queue meanwhile
+                if sync is not None:  # a rank that stops or fails stops the others too
                     has_work, closing = sync.agree(has_work, closing)
-                except BaseException as e:  # a rank is gone: this one stops too
-                    with self._lock:
-                        self._error = e
-                        self._fail_all(e)
+                if closing:
+                    self._stop(None)
                     return
-            with self._lock:
-                if closing:  # one rank stops: a sharded base stops as one
-                    self._closed = True
-                    self._fail_all(None)
-                    return
-                if not has_work:
-                    continue
-                try:
+                if has_work:
                     self.engine.step(on_output=self._deliver)
-                    for job in self._jobs.values():
+                    with self._lock:
+                        jobs = list(self._jobs.values())
+                    for job in jobs:
                         job._report_progress()
-                except BaseException as e:  # fail every waiter rather than hang them
-                    self._error = e
-                    self._fail_all(e)
-                    return
+            except BaseException as e:  # fail every waiter rather than hang them
+                self._stop(e)
+                return
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
-        for output in outputs:
-            sink = self._listeners.get(output.seq)
-            if sink is not None:
-                sink.put(output)
-                if output.finished:
-                    del self._listeners[output.seq]
+        """Hands each new token to its request's queue (engine thread, before backward)."""
+        with self._lock:
+            for output in outputs:
+                sink = self._listeners.get(output.seq)
+                if sink is not None:
+                    sink.put(output)
+                    if output.finished:
+                        del self._listeners[output.seq]
 
     def _published(self, trainer: Trainer, version: int, path: Path) -> None:
         """A job published a version. Served by name, it is servable now as `name@v{version}`
         straight from the trainer's weights, before its event goes out; either way the
         event carries those weights, for a caller that serves the version under its own key."""
-        job = self._jobs.get(trainer)
+        with self._lock:
+            job = self._jobs.get(trainer)
         adapter = trainer.adapter()
         if job is None or job.serve_by_name:
             key = f"{trainer.spec.name}@v{version}"
@@ -392,22 +404,34 @@ class Runtime:
             job._published(version, path, adapter)
 
     def _job_ended(self, trainer: Trainer, error: BaseException | None) -> None:
-        job = self._jobs.pop(trainer, None)
+        with self._lock:
+            job = self._jobs.pop(trainer, None)
         if job is not None:
             job._end(JobState.FAILED if error else JobState.SUCCEEDED, error)
 
     def _cancel_job(self, job: Job) -> None:
-        with self._lock:
+        """Job.cancel, from any thread: the job stops at the next step boundary."""
+
+        def cancel() -> None:
             self.engine.remove_trainer(job.trainer)
-            if self._jobs.pop(job.trainer, None) is not None:
+            with self._lock:
+                ended = self._jobs.pop(job.trainer, None) is not None
+            if ended:
                 job._end(JobState.CANCELLED)
 
-    def _fail_all(self, error: BaseException | None) -> None:
-        for trainer, job in list(self._jobs.items()):
+        self._inbox.put(cancel)
+
+    def _stop(self, error: BaseException | None) -> None:
+        """The engine thread's last act (closed, failed, or the other ranks gone): every
+        request in flight and every job ends, and nothing more is taken."""
+        with self._lock:
+            self._closed = True
+            self._error = error
+            jobs, self._jobs = self._jobs, {}
+            listeners, self._listeners = self._listeners, {}
+        for trainer, job in jobs.items():
             self.engine.remove_trainer(trainer)
             job._end(JobState.CANCELLED if error is None else JobState.FAILED, error)
-        self._jobs.clear()
-        for seq, sink in self._listeners.items():
+        for seq, sink in listeners.items():
             self.engine.abort(seq)
             sink.put(None)
-        self._listeners.clear()

@@ -90,6 +90,12 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queues a new sequence; refuses one that could never fit in the cache."""
+        self.check_fits(seq)
+        self.waiting.append(seq)
+
+    def check_fits(self, seq: Sequence) -> None:
+        """Refuses a sequence that could never fit in the cache (safe from any thread: it
+        reads only the cache's fixed size)."""
         need = -(-(len(seq.prompt_ids) + seq.params.max_tokens) // self.cache.block_size)
         if need > self.cache.num_blocks:
             capacity = self.cache.num_blocks * self.cache.block_size
@@ -97,7 +103,6 @@ class Scheduler:
                 f"request {seq.id} needs {len(seq.prompt_ids) + seq.params.max_tokens} tokens "
                 f"of KV cache (prompt + max_tokens) but the whole cache holds {capacity}; "
                 "shorten the prompt, lower max_tokens, or start with a larger KV cache")
-        self.waiting.append(seq)
 
     def abort(self, seq: Sequence) -> None:
         if seq in self.waiting:

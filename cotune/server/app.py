@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -154,14 +155,20 @@ class CotuneServer:
         threading.Thread(target=self.stop, name="stop").start()
 
     def stop(self) -> None:
-        """Drains and stops; safe to call from a signal handler's thread."""
+        """Drains and stops within the grace period and one step; safe to call from a signal
+        handler's thread. Running jobs publish a version at their next optimizer step while
+        the calls in flight drain, so that the next start resumes them losing nothing."""
         self.gate.draining = True  # new calls: UNAVAILABLE
-        if not self.lifecycle.drain(self.server):
+        started = time.monotonic()
+        if not self.lifecycle.drain(self.server,
+                                    meanwhile=lambda: self.runtime.checkpoint_jobs(self.grace)):
             return
-        self.runtime.checkpoint_jobs(self.grace)
+        log.info("stopping: calls drained and jobs checkpointed after %.1f s",
+                 time.monotonic() - started)
         self.jobs.stop()
-        self.runtime.close()
-        self.jobs.join(self.grace)
+        self.runtime.close()  # at the end of the step in progress
+        self.jobs.join(self.grace)  # the jobs' last events, written to the registry
+        log.info("stopped after %.1f s", time.monotonic() - started)
         self.registry.close()
         self.lifecycle.stopped.set()
 

@@ -38,16 +38,21 @@ class Lifecycle:
         for service in ("", *self.services):
             self.health.set(service, status)
 
-    def drain(self, server: grpc.Server) -> bool:
+    def drain(self, server: grpc.Server, meanwhile: Callable[[], None] | None = None) -> bool:
         """The first call turns health NOT_SERVING, refuses new calls and gives those in flight
-        up to `grace` seconds; True once they ended. Every later call does nothing and returns
-        False, so that `stop` may be called again (a second signal) from any thread."""
+        up to `grace` seconds, running `meanwhile` (bounded by the grace too) on a thread of
+        its own as they drain; True once both ended. Every later call does nothing and
+        returns False, so that `stop` may be called again (a second signal) from any
+        thread."""
         if self.stopping.is_set():
             return False
         self.stopping.set()
         self.log.info("stopping: draining for up to %.0f s", self.grace)
         self.health.enter_graceful_shutdown()
+        beside = threading.Thread(target=meanwhile or (lambda: None), name="drain-meanwhile")
+        beside.start()
         server.stop(self.grace).wait()
+        beside.join()
         return True
 
     def run_until_stopped(self, stop: Callable[[], None], banner: Sequence[str]) -> None:
