@@ -28,7 +28,8 @@ GRACE_S = 5
 
 
 def test_a_training_server_answers_generations_unary_calls_and_sigterm(tmp_path):
-    server = start_server(tmp_path, "--model", "default", "--grace-period", str(GRACE_S))
+    server = start_server(tmp_path, "--model", "default", "--grace-period", str(GRACE_S),
+                          "--ttft-target", "3", "--tpot-target", "0.5")
     caller = Caller(server.address, server.admin_token)
     try:
         job = caller.create_job("sea", LONG_DATA, max_steps=100_000, batch_size=2)

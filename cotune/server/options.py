@@ -9,6 +9,17 @@ import socket
 from pathlib import Path
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds above 0, such as 0.25")
+    return seconds
+
+
 def default_data_dir() -> Path:
     return Path(os.environ.get("COTUNE_DATA_DIR", Path.home() / ".local/share/cotune"))
 
@@ -45,6 +56,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="parsed adapters kept in host memory (pinned on a GPU) between the "
                             "store on disk and the device slots")
     model.add_argument("--kv-cache-tokens", type=int, default=16384)
+    slo = parser.add_argument_group(
+        "serving targets: each step is sized to keep them, and training gets the time left")
+    slo.add_argument("--ttft-target", type=positive_seconds, default=2.0, metavar="SECONDS",
+                     help="time to first token a request should see")
+    slo.add_argument("--tpot-target", type=positive_seconds, default=0.25, metavar="SECONDS",
+                     help="time per output token a decoding request should see")
 
     sharded = parser.add_argument_group(
         "sharded base: under torchrun (or with WORLD_SIZE > 1 and RANK, LOCAL_RANK, MASTER_ADDR, "
