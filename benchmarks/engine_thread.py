@@ -11,7 +11,6 @@ thread. Prints tokens per second per round and the ratios of the medians.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import threading
@@ -35,7 +34,6 @@ def main() -> None:
 
     runtime = Runtime.load("default", num_slots=max(1, args.adapters))
     engine = runtime.engine
-    threads = engine.config.num_threads or max(1, (os.cpu_count() or 1) // 2)
     adapters = make_adapters(runtime, args.adapters, Path(tempfile.mkdtemp()))
     prompts = [runtime.tokenizer(f"Tell me a story about the number {i}.").input_ids
                for i in range(args.requests)]
@@ -44,7 +42,7 @@ def main() -> None:
         return adapters[i % len(adapters)] if adapters else None
 
     def stepped() -> float:  # the engine loop without the Runtime, in the calling thread
-        torch.set_num_threads(threads)  # as the Runtime's thread does
+        torch.set_num_threads(engine.config.torch_threads)  # as the Runtime's thread does
         params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
         seqs = [engine.add(p, params, None if adapter(i) is None else
                            (str(adapter(i)), adapter(i))) for i, p in enumerate(prompts)]

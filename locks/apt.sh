@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Debian's packages of the tools environment (Prometheus and promtool, for the monitoring tests),
-# at the exact versions of locks/apt.txt.
+# at the exact versions of locks/apt.lock.
 #
-#   bash locks/apt.sh lock      writes locks/apt.txt: the packages that installing them adds to
+#   bash locks/apt.sh lock      writes locks/apt.lock: the packages that installing them adds to
 #                               this machine (on one that has them: what removing them with
 #                               their automatic dependencies would take away), at their versions
-#   bash locks/apt.sh install   installs locks/apt.txt, unless every package is there already
+#   bash locks/apt.sh install   installs locks/apt.lock, unless every package is there already
 set -euo pipefail
 export LC_ALL=C
 cd "$(dirname "$0")"
 PACKAGES=(prometheus)
-LOCK=apt.txt
+LOCK=apt.lock
 
 lock() {
     local lines

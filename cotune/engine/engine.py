@@ -4,6 +4,7 @@ is one forward pass over every scheduled token, whatever adapter each row uses."
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -51,6 +52,11 @@ class EngineConfig:
     # torch threads for the engine's steps (process-wide); None: half the cores. Steps are
     # many small ops: on a 2-core machine, 2 threads run a background engine at half speed.
     num_threads: int | None = None
+
+    @property
+    def torch_threads(self) -> int:
+        """The torch threads the engine's steps run on (`num_threads`, or half the cores)."""
+        return self.num_threads or max(1, (os.cpu_count() or 1) // 2)
 
 
 @dataclass

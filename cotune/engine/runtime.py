@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import queue
 import threading
 import time
@@ -249,7 +248,6 @@ class Runtime:
     def _submit(self, prepared: list):
         """Queues prepared requests, all or none: each is checked here, in the caller's
         thread, and they reach the engine together at its next step boundary."""
-        self._check_open()
         seqs = [self.engine.prepare(*request) for request in prepared]
         sinks = [queue.SimpleQueue() for _ in seqs]
 
@@ -258,7 +256,7 @@ class Runtime:
                 self.engine.enqueue(seq)
 
         with self._lock:
-            self._check_open()  # again: a stop ends only the requests it finds here
+            self._check_open()  # under the lock: a stop ends only the requests it finds here
             self._listeners.update(zip(seqs, sinks))
             self._inbox.put(enqueue)
         return seqs, sinks
@@ -344,8 +342,7 @@ class Runtime:
             raise EngineStopped("the runtime is closed")
 
     def _loop(self) -> None:
-        threads = self.engine.config.num_threads or max(1, (os.cpu_count() or 1) // 2)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(self.engine.config.torch_threads)
         sync = self.engine.step_sync
         while True:
             try:

@@ -89,8 +89,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        """Queues a new sequence; refuses one that could never fit in the cache."""
-        self.check_fits(seq)
+        """Queues a new sequence, one that `check_fits` accepted."""
         self.waiting.append(seq)
 
     def check_fits(self, seq: Sequence) -> None:
