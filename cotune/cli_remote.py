@@ -71,6 +71,8 @@ def add_commands(commands) -> None:
     p.add_argument("--checkpoint-every", type=int, help="steps between published versions")
     p.add_argument("--eval-fraction", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--min-share", type=float, help="share of step time the job keeps however "
+                   "busy serving is, in [0, 1) (default 0: only the room the SLOs leave)")
     p.add_argument("--detach", action="store_true", help="start the job and return")
 
     jobs = commands.add_parser("jobs", help="the tenant's fine-tuning jobs")
@@ -217,7 +219,7 @@ def _finetune(args, client) -> int:
         args.name, args.data, rank=args.rank, alpha=args.alpha, target_modules=args.targets,
         lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         checkpoint_every=args.checkpoint_every, eval_fraction=args.eval_fraction,
-        seed=args.seed)
+        seed=args.seed, min_share=args.min_share)
     _emit(args, job, f"job {job.id}: training {job.adapter}")
     if args.detach:
         if not args.json:

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import socket
+from collections import Counter
 from pathlib import Path
 from unittest.mock import MagicMock
 
@@ -103,7 +104,9 @@ def exposed_series() -> dict[str, set[str]]:
             series[metric._name + "_sum"] = series[metric._name + "_count"] = labels
         else:
             series[metric._name] = labels
-    for family in EngineCollector(MagicMock()).collect():  # a mock engine: names, not values
+    runtime = MagicMock()  # a mock engine: names, not values
+    runtime.engine.slo_counts = Counter({("tenant", "both", "met"): 1})
+    for family in EngineCollector(runtime).collect():
         for sample in family.samples:
             series.setdefault(sample.name, set()).update(sample.labels)
     series["up"] = set()

@@ -3,21 +3,16 @@ of the server, the SDK and the CLI."""
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import subprocess
-import sys
-import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from conftest import make_peft_adapter, tiny_hf_model, tiny_tokenizer
 
-START_TIMEOUT_S = 180
-_LISTENING = re.compile(r"listening on ([\w.]+):(\d+)")
+from cotune.bench.server_process import ServerProcess
+from cotune.bench.server_process import start_server as start_process
 
 
 def tiny_model_dir(root: Path) -> Path:
@@ -48,48 +43,19 @@ class RunningServer:
     output: list[str] = field(default_factory=list)  # every line it printed so far
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        ServerProcess(self.address, self.admin_token, self.proc).stop(sig, timeout)
         return self.proc.returncode
 
 
 def start_server(root: Path, *extra_args: str, data_dir: Path | None = None,
                  env: dict | None = None) -> RunningServer:
-    """Starts `cotune serve` on a free port and waits until it listens."""
+    """Starts `cotune serve` on the tiny model on a free port and waits until it listens."""
     data_dir = data_dir or root / "data"
-    command = [sys.executable, "-m", "cotune.cli", "serve", "--model", str(tiny_model_dir(root)),
-               "--port", "0", "--data-dir", str(data_dir), "--max-rank", "16",
-               "--num-slots", "8", "--kv-cache-tokens", "4096", "--grace-period", "5",
-               *extra_args]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    output: list[str] = []
-    found = threading.Event()
-    address: list[str] = []
-
-    def read() -> None:
-        for line in proc.stdout:
-            output.append(line)
-            match = _LISTENING.search(line)
-            if match and not found.is_set():
-                address.append(f"{match[1]}:{match[2]}")
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not found.wait(0.2):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("cotune serve did not start:\n" + "".join(output[-50:]))
-    preset = extra_args[extra_args.index("--admin-token-file") + 1] \
-        if "--admin-token-file" in extra_args else data_dir / "admin.token"
-    token = Path(preset).read_text().strip()
-    return RunningServer(address[0], token, data_dir, proc, output)
+    server = start_process(data_dir, "--model", str(tiny_model_dir(root)), "--max-rank", "16",
+                           "--num-slots", "8", "--kv-cache-tokens", "4096", "--grace-period",
+                           "5", *extra_args, env=env)
+    return RunningServer(server.address, server.admin_token, data_dir, server.proc,
+                         server.output)
 
 
 @contextmanager

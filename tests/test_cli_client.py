@@ -111,7 +111,8 @@ def test_finetune_watches_the_job_to_its_versions(server, tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "1+1=", "completion": "2"}\n' * 12)
     result = _cotune(server, "finetune", "cli-tuned", "--data", str(data), "--rank", "4",
-                     "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "2")
+                     "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "2",
+                     "--min-share", "0.2")
     assert result.returncode == 0, result.stderr
     assert "checkpoint at step 2: cli-tuned@v1" in result.stdout
     assert "succeeded: cli-tuned@v1, cli-tuned@v2 published" in result.stdout
@@ -119,6 +120,7 @@ def test_finetune_watches_the_job_to_its_versions(server, tmp_path):
     jobs = _json(server, "jobs", "list", "--state", "succeeded")
     assert "cli-tuned" in {j["adapter"] for j in jobs}
     job_id = next(j["id"] for j in jobs if j["adapter"] == "cli-tuned")
+    assert _json(server, "jobs", "show", job_id)["hyperparameters"]["min_share"] == 0.2
     events = _cotune(server, "jobs", "watch", job_id, "--json")
     assert events.returncode == 0
     assert json.loads(events.stdout.splitlines()[0])["kind"] == "state"

@@ -158,7 +158,8 @@ def test_unavailable_is_retried_with_backoff_then_raised():
 def test_a_job_publishes_its_checkpoints_as_versions(client):
     data = b'{"prompt": "2+2=", "completion": "4"}\n' * 16
     job = client.jobs.create("trained", data, rank=4, max_steps=4, checkpoint_every=2,
-                             batch_size=2)
+                             batch_size=2, min_share=0.25)
+    assert job.hyperparameters["min_share"] == 0.25  # its floor, as the job runs with it
     kinds = {event.kind for event in client.jobs.watch(job.id)}
     done = client.jobs.wait(job.id, timeout=60)
     assert done.state == "succeeded" and done.done

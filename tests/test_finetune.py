@@ -229,6 +229,7 @@ def test_cancelled_job_stops_and_keeps_its_published_versions(tiny_checkpoint, t
     (dict(lora=dict(targets=("c_attn",))), "targets"),
     (dict(lora=dict(dropout=1.0)), "dropout"),
     (dict(optimizer=dict(lr=0)), "lr must be > 0"),
+    (dict(min_share=1.0), r"min_share must be in \[0, 1\)"),
 ])
 def test_bad_spec_is_refused_with_what_is_accepted(tmp_path, fields, message):
     with pytest.raises(SpecError, match=message):

@@ -80,7 +80,7 @@ def test_generations_count_requests_tokens_latency_steps_and_adapter_loads(serve
     assert grew("cotune_adapter_host_cache_adapters") == 1
     weights = load_file(root / "first" / "adapter_model.safetensors")
     assert grew("cotune_adapter_host_cache_bytes") == sum(t.numel() * 4 for t in weights.values())
-    assert grew("cotune_slo_requests_total", kind="both") == 1
+    assert grew("cotune_slo_requests_total", tenant="admin", kind="both") == 1
     assert value(after, "cotune_adapter_slots_used") >= 1
     assert value(after, "cotune_adapter_slots") == 8
     assert 0 <= value(after, "cotune_kv_cache_usage_ratio") <= 1
@@ -121,6 +121,10 @@ def test_a_job_counts_steps_tokens_loss_and_its_end(served):
     assert value(samples, "cotune_job_steps_total", **labels) == 3
     assert value(samples, "cotune_training_tokens_total", **labels) > 0
     assert value(samples, "cotune_step_tokens_total", kind="training") > 0
+    assert value(samples, "cotune_step_tokens_total", kind="backward") == value(
+        samples, "cotune_step_tokens_total", kind="training")  # every forwarded token, once
+    training_s = value(samples, "cotune_step_training_seconds_total")
+    assert 0 < training_s <= value(samples, "cotune_step_duration_seconds_sum")
     assert value(samples, "cotune_jobs_finished_total", tenant="admin", state="succeeded") == 1
     assert not [k for k in samples if k[0] == "cotune_job_loss" and ("adapter", "trained") in k[1]]
 

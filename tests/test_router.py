@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,15 +18,10 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from server_helpers import (
-    START_TIMEOUT_S,
-    RunningServer,
-    start_server,
-    tiny_adapter_dir,
-    tiny_model_dir,
-)
+from server_helpers import RunningServer, start_server, tiny_adapter_dir, tiny_model_dir
 from test_metrics import free_port, scrape, value
 
+from cotune.bench.server_process import LISTENING, START_TIMEOUT_S
 from cotune.client import Client, Unauthenticated
 from cotune.router.hashing import first_unloaded, rendezvous_order
 from cotune.router.metrics import RouterMetrics
@@ -38,7 +32,6 @@ from cotune.v1 import inference_pb2, inference_pb2_grpc
 WORKER_IDS = ("w0", "w1", "w2")
 TRAINING_DATA = "\n".join(json.dumps({"prompt": f"the cat {i}", "completion": " sat on the mat"})
                           for i in range(4)).encode()
-_LISTENING = re.compile(r"listening on ([\w.]+):(\d+)")
 
 
 # --- the choice of a worker, without processes ------------------------------------------
@@ -191,10 +184,10 @@ def router(cluster: Cluster, *extra_args: str):
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     output = []
     deadline = time.monotonic() + START_TIMEOUT_S
-    while (line := proc.stdout.readline()) and not _LISTENING.search(line):
+    while (line := proc.stdout.readline()) and not LISTENING.search(line):
         output.append(line)
         assert time.monotonic() < deadline, "".join(output)
-    match = _LISTENING.search(line)
+    match = LISTENING.search(line)
     assert match, "cotune route did not start:\n" + "".join(output)
     threading.Thread(target=proc.stdout.read, daemon=True).start()  # keeps the pipe drained
     try:

@@ -25,14 +25,17 @@ def test_step_time_model_recovers_a_known_cost_and_sizes_budgets():
     model = StepTimeModel()
     rng = random.Random(0)
     for _ in range(64):
-        serve, train = rng.randint(0, 300), rng.randint(0, 200)
-        model.observe(serve, train, 0.01 + 2e-4 * serve + 6e-4 * train + rng.uniform(0, 1e-4))
-    a, b_serve, b_train = model.coefficients
+        serve, train, back = rng.randint(0, 300), rng.randint(0, 200), rng.randint(0, 200)
+        model.observe(serve, train, back, 0.01 + 2e-4 * serve + 3e-4 * train + 6e-4 * back
+                      + rng.uniform(0, 1e-4))
+    a, b_serve, b_forward, b_backward = model.coefficients
     assert a == pytest.approx(0.01, abs=2e-3)
-    assert b_serve == pytest.approx(2e-4, rel=0.05) and b_train == pytest.approx(6e-4, rel=0.05)
+    assert b_serve == pytest.approx(2e-4, rel=0.05)
+    assert b_forward == pytest.approx(3e-4, rel=0.05)
+    assert b_backward == pytest.approx(6e-4, rel=0.05)
     assert model.inference_budget(0.05, cap=1000) == pytest.approx(200, abs=10)
-    assert model.training_budget(0.05, inference_tokens=100, cap=1000) == pytest.approx(33, abs=5)
-    assert model.training_budget(0.01, inference_tokens=100, cap=1000) == 0
+    assert model.training_cost(10, 20) == pytest.approx(10 * 3e-4 + 20 * 6e-4, rel=0.05)
+    assert model.predict(100, 10, 20) == pytest.approx(0.01 + 0.02 + 0.015, rel=0.05)
 
 
 CONFIG = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=1,
@@ -68,16 +71,17 @@ def test_training_keeps_its_floor_while_serving_is_busy_and_slos_are_counted(
     data = tmp_path / "data.jsonl"
     data.write_text("".join(f'{{"text": "the cat sat on the mat {i}"}}\n' for i in range(12)))
     engine = Engine(load_model(base), config=EngineConfig(
-        max_batched_tokens=64, train_floor_share=0.2, tpot_target_s=1e-6))
+        max_batched_tokens=64, tpot_target_s=1e-6))
     spec = FinetuneSpec(name="floor", data=str(data), output_dir=str(tmp_path / "out"),
-                        lora=LoraSettings(rank=2, alpha=4), batch_size=2, epochs=1)
+                        lora=LoraSettings(rank=2, alpha=4), batch_size=2, epochs=1,
+                        min_share=0.2)
     trainer = Trainer(spec, engine.model, tiny_tokenizer(), "job")
     engine.add_trainer(trainer)
     for i in range(6):
         engine.add([3 + i] * 20, SamplingParams(max_tokens=10))
     run_to_completion(engine)
-    counters = engine.scheduler.counters
+    counters, slo = engine.scheduler.counters, engine.slo_counts
     # An impossible TPOT target leaves no room: training moves on its floor share alone.
     assert trainer.finished and counters["training_tokens"] >= trainer.tokens > 0
-    assert counters["slo_tpot_missed"] == 6 and counters["slo_ttft_met"] == 6
-    assert counters["slo_both_missed"] == 6
+    assert slo["default", "tpot", "missed"] == 6 and slo["default", "ttft", "met"] == 6
+    assert slo["default", "both", "missed"] == 6

@@ -1,5 +1,5 @@
-"""`cotune serve`'s serving targets: the engine's defaults, and bad values refused by the
-parser, naming the flag, before anything loads."""
+"""`cotune serve`'s serving targets, engine threads and time slicing: the engine's defaults,
+and bad values refused by the parser, naming the flag, before anything loads."""
 
 from __future__ import annotations
 
@@ -25,7 +25,21 @@ def test_the_serving_targets_default_to_the_engines():
             parse("--tpot-target", ".5").tpot_target) == (3.0, 0.5)
 
 
-@pytest.mark.parametrize("flag", ["--ttft-target", "--tpot-target"])
+def test_threads_and_time_slicing_default_to_the_engines():
+    args = parse()
+    assert (args.threads, args.time_slice) == (EngineConfig.num_threads,
+                                               EngineConfig.time_slice_s) == (None, None)
+    assert (parse("--threads", "2").threads, parse("--time-slice", "1.5").time_slice) == (2, 1.5)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "many"])
+def test_threads_that_are_not_a_whole_number_above_zero_are_refused(value, capsys):
+    with pytest.raises(SystemExit):
+        parse("--threads", value)
+    assert "argument --threads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--ttft-target", "--tpot-target", "--time-slice"])
 @pytest.mark.parametrize("value", ["0", "-0.1", "soon", "inf", "nan"])
 def test_a_target_that_is_not_seconds_above_zero_is_refused_naming_the_flag(flag, value,
                                                                             capsys):

@@ -4,9 +4,10 @@ is one forward pass over every scheduled token, whatever adapter each row uses."
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
@@ -27,9 +28,10 @@ from cotune.engine.scheduler import (
 )
 from cotune.engine.sequence import Sequence
 from cotune.engine.step_time import StepTimeModel
-from cotune.engine.trainer import Trainer, TrainingChunk
+from cotune.engine.trainer import Trainer, TrainingWork
 from cotune.model.llama import CausalLM, ForwardBatch
 from cotune.model.lora_routing import LoraRouting
+from cotune.model.training_rows import TrainingRows
 
 IDLE_WAIT_S = 0.005  # a step with nothing to compute waits this long at most for a load
 
@@ -46,12 +48,16 @@ class EngineConfig:
     max_running: int = 128  # sequences in the cache at once
     ttft_target_s: float = 2.0  # serving SLOs that size each step
     tpot_target_s: float = 0.25
-    # The share of step time training keeps however busy serving is: jobs never starve, and
-    # steps with no room for training (by the SLOs) mostly stay pure serving.
-    train_floor_share: float = 0.1
+    # The window over which a job's share of step time is measured against its floor
+    # (FinetuneSpec.min_share).
+    share_window_s: float = 10.0
     # torch threads for the engine's steps (process-wide); None: half the cores. Steps are
     # many small ops: on a 2-core machine, 2 threads run a background engine at half speed.
     num_threads: int | None = None
+    # The baseline that co-serving is measured against: alternate phases of this many
+    # seconds, serving only then training only (each phase yields at once when the other
+    # side has nothing to do). None: co-serving, both in the same steps.
+    time_slice_s: float | None = None
 
     @property
     def torch_threads(self) -> int:
@@ -74,8 +80,10 @@ class StepReport:
 
     decode_tokens: int
     prefill_tokens: int
-    training_tokens: int
+    training_tokens: int  # forwarded for training
+    backward_tokens: int
     seconds: float
+    training_seconds: float  # the backward, and the training rows' share of the forward
 
 
 class Engine:
@@ -95,16 +103,16 @@ class Engine:
             config.max_batched_tokens, config.max_running, config.ttft_target_s,
             config.tpot_target_s), self.cache, admit=self._admit, release=self._release)
         self.step_time = StepTimeModel()
-        self._recent_steps: deque[tuple[float, bool]] = deque(maxlen=64)
+        # (when, step seconds, trainer or None, its training seconds) over share_window_s
+        self._recent_steps: deque[tuple[float, float, Trainer | None, float]] = deque()
         self.adapters = ResidentAdapters(model, config.num_slots, config.max_rank,
                                          host_cache_bytes=config.host_cache_mb << 20,
                                          hot_share=config.hot_slot_share)
         self.sampler = Sampler()
+        # finished requests by (tenant, "ttft"|"tpot"|"both", "met"|"missed")
+        self.slo_counts: Counter[tuple[str, str, str]] = Counter()
         self._ids = itertools.count()
         self.trainers: list[Trainer] = []
-        # Pausing one side turns co-serving into time slicing (the baseline benchmarks
-        # compare against); neither is paused in normal operation.
-        self.serving_paused = self.training_paused = False
         # Called as on_version(trainer, version, path) after a job publishes a version, and
         # on_job_end(trainer, error) when a job finishes (error None) or fails.
         self.on_version: Callable[[Trainer, int, Path], None] | None = None
@@ -178,33 +186,51 @@ class Engine:
 
     def _step(self, on_output) -> list[StepOutput]:
         started = time.perf_counter()
-        plan = StepPlan() if self.serving_paused else self.scheduler.schedule(
-            self._inference_budget())
+        serving, training = self._phase()
+        plan = self.scheduler.schedule(self._inference_budget()) if serving else StepPlan()
         # Rows of one adapter side by side: fewer segments for the LoRA ops.
         chunks = sorted(plan.chunks, key=lambda c: -1 if c.seq.slot is None else c.seq.slot)
-        training = None if self.training_paused else self._training_chunk(
-            self._training_room(plan.num_tokens))
-        if not chunks and training is None:
+        trainer, work = self._plan_training(plan.num_tokens) if training else (None, None)
+        if not chunks and work is None:
             self._await_loads()
             return []
-        decode_tokens = sum(c.num_tokens for c in chunks if c.seq.pending == 1)
-        with torch.set_grad_enabled(training is not None):
-            hidden = self.model(self._batch(chunks, training))  # (T, hidden)
         inference_rows = plan.num_tokens
+        decode_tokens = sum(c.num_tokens for c in chunks if c.seq.pending == 1)
+        train_rows = 0 if work is None else work.forward_tokens
+        hidden = batch = None
+        if inference_rows + train_rows:
+            batch = self._batch(chunks, work)
+            with torch.set_grad_enabled(train_rows > 0):
+                hidden = self.model(batch)  # (T, hidden)
+        forwarded = time.perf_counter()
         with torch.no_grad():
-            outputs = self._sample(chunks, hidden[:inference_rows].detach())
+            outputs = self._sample(chunks, hidden[:inference_rows].detach()) if chunks else []
         if on_output is not None:
             on_output(outputs)  # streamed before backward: the stream must not wait
-        if training is not None:
-            self._train(*training, hidden[inference_rows:])
-        train_tokens = 0 if training is None else training[1].num_tokens
-        seconds = time.perf_counter() - started
-        self.step_time.observe(plan.num_tokens, train_tokens, seconds)
-        self._recent_steps.append((seconds, training is not None))
+        sampled = time.perf_counter()
+        if work is not None:
+            self._train(trainer, work, None if hidden is None else hidden[inference_rows:],
+                        None if batch is None else batch.training)
+        ended = time.perf_counter()
+        seconds = ended - started
+        training_seconds = 0.0 if work is None else (
+            ended - sampled + (forwarded - started) * train_rows / max(1, inference_rows
+                                                                         + train_rows))
+        backward_tokens = 0 if work is None else work.backward_tokens
+        self.step_time.observe(inference_rows, train_rows, backward_tokens, seconds)
+        self._remember_step(seconds, trainer, training_seconds)
         if self.on_step is not None:
-            self.on_step(StepReport(decode_tokens, plan.num_tokens - decode_tokens, train_tokens,
-                                    seconds))
+            self.on_step(StepReport(decode_tokens, inference_rows - decode_tokens, train_rows,
+                                    backward_tokens, seconds, training_seconds))
         return outputs
+
+    def _phase(self) -> tuple[bool, bool]:
+        """(whether this step serves, whether it trains): both, unless time slicing."""
+        slice_s = self.config.time_slice_s
+        if slice_s is None or not (self.trainers and self.scheduler.has_work):
+            return True, True
+        serving_phase = int(time.monotonic() / slice_s) % 2 == 0
+        return serving_phase, not serving_phase
 
     def _inference_budget(self) -> int:
         """While requests decode, the largest step that keeps their time per output token;
@@ -218,55 +244,67 @@ class Engine:
         budget = self.step_time.inference_budget(self.config.tpot_target_s, cap)
         return cap if budget <= decodes else budget
 
-    def _training_room(self, inference_tokens: int) -> int:
-        """Training tokens the SLOs leave in this step: all of the cap when nothing is served,
-        else what still fits in the TPOT target beside the inference tokens."""
-        cap = self.config.max_batched_tokens - inference_tokens
-        if not self.scheduler.has_work:
-            return self.config.max_batched_tokens
-        return self.step_time.training_budget(self.config.tpot_target_s, inference_tokens, cap)
+    def _plan_training(self, inference_tokens: int):
+        """(trainer, its work in this step) for the first job in turn that has work that
+        fits, jobs below their floor first; (None, None) when none has.
 
-    def _training_chunk(self, room: int):
-        """(trainer, chunk) of the job whose turn it is, or None. Training fills the room
-        serving leaves, and never less than the floor."""
-        # a spanning job whose share of the micro-batch is done waits for the other ranks
+        Serving comes first: a job gets the room the TPOT target leaves beside the step's
+        inference tokens, or the whole step when nothing is served. A job whose share of
+        step time over the last share_window_s fell below its floor (spec.min_share) gets
+        room for that share of this step, and at least the smallest unit of work."""
         ready = [t for t in self.trainers if not t.awaiting_ranks]
         if not ready:
-            return None
-        trainer = ready[0]
-        self.trainers.remove(trainer)
-        self.trainers.append(trainer)  # round robin over jobs
-        if room < trainer.next_example_tokens() and self._training_share() >= \
-                self.config.train_floor_share:
-            self.trainers.insert(0, self.trainers.pop())  # its turn stays for the next step
-            return None
-        chunk = trainer.next_chunk(room)  # at least one example: the floor
-        self.scheduler.counters["training_tokens"] += chunk.num_tokens
-        return trainer, chunk
+            return None, None
+        cap = self.config.max_batched_tokens
+        model, serving = self.step_time, self.scheduler.has_work
+        serve_seconds = model.predict(inference_tokens)
+        room = self.config.tpot_target_s - serve_seconds if serving else math.inf
+        below = {t for t in ready if t.spec.min_share > 0
+                 and self._training_share(t) < t.spec.min_share}
+        for trainer in sorted(ready, key=lambda t: t not in below):  # stable: round robin
+            share = trainer.spec.min_share
+            seconds = max(room, serve_seconds * share / (1 - share)) if trainer in below else room
+            work = trainer.plan(seconds, model.training_cost, cap - inference_tokens,
+                                split=self.step_sync is None,
+                                at_least_one=trainer in below or not serving)
+            if work:
+                self.trainers.remove(trainer)
+                self.trainers.append(trainer)  # round robin over jobs
+                self.scheduler.counters["training_tokens"] += work.forward_tokens
+                return trainer, work
+        return None, None
 
-    def _training_share(self) -> float:
-        """The share of recent step time spent in steps that trained."""
-        total = sum(seconds for seconds, _ in self._recent_steps)
-        trained = sum(seconds for seconds, training in self._recent_steps if training)
+    def _remember_step(self, seconds: float, trainer: Trainer | None,
+                       training_seconds: float) -> None:
+        now = time.monotonic()
+        self._recent_steps.append((now, seconds, trainer, training_seconds))
+        while self._recent_steps and self._recent_steps[0][0] < now - self.config.share_window_s:
+            self._recent_steps.popleft()
+
+    def _training_share(self, trainer: Trainer) -> float:
+        """The share of step time spent training `trainer` over the recent window."""
+        total = sum(seconds for _, seconds, _, _ in self._recent_steps)
+        trained = sum(spent for _, _, t, spent in self._recent_steps if t is trainer)
         return trained / total if total else 0.0
 
-    def _batch(self, chunks: list[ScheduledChunk], training) -> ForwardBatch:
+    def _batch(self, chunks: list[ScheduledChunk], work: TrainingWork | None) -> ForwardBatch:
         lens = [c.num_tokens for c in chunks]
         ids = [c.seq.token_ids[c.seq.computed:c.seq.computed + c.num_tokens] for c in chunks]
-        seq_ids = [c.seq.id for c in chunks]
         adapters = [c.seq.slot for c in chunks]
-        if training is not None:  # training rows: whole examples, no cache
-            trainer, chunk = training
-            for example in chunk.examples:
-                lens.append(len(example.token_ids))
-                ids.append(example.token_ids)
-                seq_ids.append(None)
-                adapters.append(trainer.lora)
+        kv = PagedBatch(self.cache, [c.seq.id for c in chunks], list(lens))
+        training = None
+        if work is not None and work.pieces:  # training rows: pieces of examples, after
+            training = TrainingRows(work.pieces)
+            for piece, run in zip(work.pieces, work.runs):
+                ids.append(run.example.token_ids[piece.start:piece.start + piece.length])
+                lens.append(piece.length)
+                adapters.append(piece.lora)
         return ForwardBatch(
             token_ids=torch.tensor([t for row_ids in ids for t in row_ids]),
             seq_lens=lens,
-            kv=PagedBatch(self.cache, seq_ids, lens),
+            kv=kv,
             lora=LoraRouting.from_sequences(lens, adapters),
+            training=training,
         )
 
     def _sample(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> list[StepOutput]:
@@ -283,15 +321,12 @@ class Engine:
                                                [s.generator for s in seqs])
         return [self._advance(s, t, lp) for s, t, lp in zip(seqs, tokens, logprobs)]
 
-    def _train(self, trainer: Trainer, chunk: TrainingChunk, hidden: torch.Tensor) -> None:
-        """Backward over the training rows only; optimizer step, versions, job end. A job
-        that fails ends alone: serving and other jobs go on."""
+    def _train(self, trainer: Trainer, work: TrainingWork, hidden: torch.Tensor | None,
+               rows: TrainingRows | None) -> None:
+        """Losses and backward of the training rows only; optimizer step, versions, job end.
+        A job that fails ends alone: serving and other jobs go on."""
         try:
-            loss = trainer.loss(self.model.logits(hidden), chunk)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()}")
-            loss.backward()
-            stepped = trainer.after_chunk(chunk, loss.item())
+            stepped = trainer.train(work, hidden, self.model.logits, rows)
         except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
             self._end_job(trainer, e)
             return
@@ -340,15 +375,14 @@ class Engine:
         return StepOutput(seq, token, text, logprob, seq.finish_reason is not None)
 
     def _count_slo(self, seq: Sequence) -> None:
-        """Counts whether a finished request met its TTFT and TPOT targets."""
-        counters, config = self.scheduler.counters, self.config
+        """Counts whether a finished request met its TTFT and TPOT targets, by tenant."""
+        counters, config = self.slo_counts, self.config
         ttft = seq.first_token_time - seq.arrival
         tokens = len(seq.output_ids)
         tpot = (seq.last_token_time - seq.first_token_time) / (tokens - 1) if tokens > 1 else 0.0
         ttft_met, tpot_met = ttft <= config.ttft_target_s, tpot <= config.tpot_target_s
-        counters[f"slo_ttft_{'met' if ttft_met else 'missed'}"] += 1
-        counters[f"slo_tpot_{'met' if tpot_met else 'missed'}"] += 1
-        counters[f"slo_both_{'met' if ttft_met and tpot_met else 'missed'}"] += 1
+        for kind, met in (("ttft", ttft_met), ("tpot", tpot_met), ("both", ttft_met and tpot_met)):
+            counters[seq.tenant, kind, "met" if met else "missed"] += 1
 
     def _admit(self, seq: Sequence) -> Admission:
         """Called by the scheduler when `seq` is about to run: pins its adapter in a slot."""

@@ -80,6 +80,9 @@ class FinetuneSpec:
     checkpoint_every: int = 0  # optimizer steps between versions; 0: only the final one
     seed: int = 0
     tenant: str = "default"
+    # The share of the engine's step time this job keeps however busy serving is, measured
+    # over a window of seconds; 0: it trains only in the room the serving SLOs leave.
+    min_share: float = 0.0
 
     def __post_init__(self):
         _require(bool(_NAME.match(self.name)),
@@ -96,6 +99,8 @@ class FinetuneSpec:
                  f"max_steps must be >= 1 or None, got {self.max_steps}")
         _require(0 <= self.eval_fraction < 1,
                  f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        _require(0 <= self.min_share < 1,
+                 f"min_share must be in [0, 1) (a share of step time), got {self.min_share}")
 
     @property
     def adapter_dir(self) -> Path:

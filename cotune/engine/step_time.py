@@ -1,11 +1,14 @@
 """A measured model of how long a step takes, from which the scheduler sizes each step.
 
-    seconds = a + b_serve * inference_tokens + b_train * training_tokens
+    seconds = a + b_serve * inference_tokens + b_forward * training_tokens
+                + b_backward * backward_tokens
 
-fitted by least squares over the most recent steps (training tokens cost a forward and a
-backward, so they get their own slope). Until enough steps are seen, conservative priors
-stand in. The fit is what turns SLO targets into token budgets: the largest step whose
-predicted time still meets the time-per-output-token target.
+fitted by least squares over the most recent steps. Training rows cost more than served
+ones in the forward (a differentiable pass), and their backward (which recomputes each
+layer's forward on them, see layer_checkpoint) runs in whichever step the trainer planned
+it, so the two get their own slopes. Until enough steps are seen, conservative priors stand
+in. The fit is what turns SLO targets into budgets: the largest step whose predicted time
+still meets the time-per-output-token target, and the training work that fits beside it.
 """
 
 from __future__ import annotations
@@ -14,39 +17,43 @@ from collections import deque
 
 import numpy as np
 
+PRIOR = (0.02, 1e-3, 1.5e-3, 3e-3)  # (a, b_serve, b_forward, b_backward)
+
 
 class StepTimeModel:
-    def __init__(self, window: int = 128, prior: tuple[float, float, float] = (0.02, 1e-3, 3e-3)):
-        self.samples: deque[tuple[int, int, float]] = deque(maxlen=window)
+    def __init__(self, window: int = 128, prior: tuple[float, float, float, float] = PRIOR):
+        self.samples: deque[tuple[int, int, int, float]] = deque(maxlen=window)
         self.prior = prior
-        self.coefficients = prior  # (a, b_serve, b_train)
+        self.coefficients = prior
 
-    def observe(self, inference_tokens: int, training_tokens: int, seconds: float) -> None:
-        self.samples.append((inference_tokens, training_tokens, seconds))
+    def observe(self, inference_tokens: int, training_tokens: int, backward_tokens: int,
+                seconds: float) -> None:
+        self.samples.append((inference_tokens, training_tokens, backward_tokens, seconds))
         if len(self.samples) >= 8:
             self.coefficients = self._fit()
 
-    def predict(self, inference_tokens: int, training_tokens: int = 0) -> float:
-        a, b_serve, b_train = self.coefficients
-        return a + b_serve * inference_tokens + b_train * training_tokens
+    def predict(self, inference_tokens: int, training_tokens: int = 0,
+                backward_tokens: int = 0) -> float:
+        a = self.coefficients[0]
+        return a + self.coefficients[1] * inference_tokens + self.training_cost(
+            training_tokens, backward_tokens)
+
+    def training_cost(self, training_tokens: int, backward_tokens: int) -> float:
+        """Seconds that training rows add to a step: their forward and the backward run."""
+        _, _, b_forward, b_backward = self.coefficients
+        return b_forward * training_tokens + b_backward * backward_tokens
 
     def inference_budget(self, seconds: float, cap: int) -> int:
         """The most inference tokens a step may hold and still take at most `seconds`."""
-        a, b_serve, _ = self.coefficients
+        a, b_serve = self.coefficients[:2]
         return int(max(1, min(cap, (seconds - a) / b_serve)))
 
-    def training_budget(self, seconds: float, inference_tokens: int, cap: int) -> int:
-        """Training tokens that fit beside `inference_tokens` within `seconds` (may be 0)."""
-        _, _, b_train = self.coefficients
-        left = seconds - self.predict(inference_tokens)
-        return int(max(0, min(cap, left / b_train)))
-
-    def _fit(self) -> tuple[float, float, float]:
+    def _fit(self) -> tuple[float, float, float, float]:
         data = np.array(self.samples, dtype=np.float64)
-        x = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
+        x = np.column_stack([np.ones(len(data)), data[:, :3]])
         # A little ridge toward the prior keeps the fit sane when a column never varies
         # (say, no training yet).
-        ridge = 1e-3 * np.diag([1.0, 1e2, 1e2])
-        rhs = x.T @ data[:, 2] + ridge @ np.array(self.prior)
-        a, b_serve, b_train = np.linalg.solve(x.T @ x + ridge, rhs)
-        return (max(a, 0.0), max(b_serve, 1e-6), max(b_train, 1e-6))
+        ridge = 1e-3 * np.diag([1.0, 1e2, 1e2, 1e2])
+        rhs = x.T @ data[:, 3] + ridge @ np.array(self.prior)
+        a, *slopes = np.linalg.solve(x.T @ x + ridge, rhs)
+        return (max(a, 0.0), *(max(b, 1e-6) for b in slopes))

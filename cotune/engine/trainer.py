@@ -2,12 +2,15 @@
 learning-rate schedule, and its versions.
 
 The engine drives it, once per step that has room for training:
-  chunk = trainer.next_chunk(budget)       # examples of the current micro-batch
-  ... one forward pass over inference rows and the chunk's rows ...
-  trainer.loss(logits_of_chunk_rows).backward()
-  trainer.after_chunk()                    # optimizer step at accumulation boundaries
-A micro-batch may run over several steps in chunks; its loss is normalised by its own
-number of target tokens, so the summed gradients equal those of the whole micro-batch.
+  work = trainer.plan(seconds, cost, max_tokens)  # what fits in the room the SLOs leave
+  ... one forward pass over inference rows and work.pieces' rows ...
+  trainer.train(work, hidden_of_those_rows, model.logits)  # losses, then backward
+Training is token-level: an example runs as pieces over several steps when a step has
+room for only part of it. Each piece's forward attends over the keys and values of the
+earlier pieces (training_rows.ExampleKV); once the last piece is forwarded, the pieces' backward
+runs in reverse order, again over as many steps as it needs. A micro-batch's loss is
+normalised by its own number of target tokens, so the gradients of its pieces add up to
+those of the whole micro-batch; the optimizer steps at the end of an accumulation window.
 
 A job that spans the ranks of a sharded base runs on every rank with the same spec: each rank
 takes every world_size-th example of each micro-batch, normalised by the target tokens of the
@@ -20,7 +23,8 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 
 import torch
@@ -32,16 +36,50 @@ from cotune.engine.finetune_spec import FinetuneSpec
 from cotune.engine.training_data import Example, read_training_data, split_eval
 from cotune.model.llama import CausalLM, ForwardBatch
 from cotune.model.lora_routing import LoraRouting, TrainableLora
+from cotune.model.training_rows import ExampleKV, TrainingPiece, TrainingRows
+
+# seconds of training work: cost(forward tokens, backward tokens)
+Cost = Callable[[int, int], float]
 
 
 @dataclass
-class TrainingChunk:
-    examples: list[Example]
-    normaliser: int  # target tokens of the whole micro-batch, times grad_accumulation
+class _ExampleRun:
+    """An example of the current micro-batch on its way through forward and backward."""
+
+    example: Example
+    targets: torch.Tensor  # (length,) the token each row predicts, -100 for none
+    kv: ExampleKV | None = None  # made when the example runs as more than one piece
+    planned: int = 0  # tokens whose forward is planned (run: `held`)
+    # (piece, its loss with its pass's graph, the pass's rows) forwarded alone, backward not
+    # yet run; in order
+    held: list[tuple[TrainingPiece, torch.Tensor, TrainingRows]] = field(default_factory=list)
 
     @property
-    def num_tokens(self) -> int:
-        return sum(len(e.token_ids) for e in self.examples)
+    def length(self) -> int:
+        return len(self.example.token_ids)
+
+
+
+@dataclass
+class TrainingWork:
+    """A step's training work, as `Trainer.plan` chose it.
+
+    pieces:        forwarded in the step's pass, rows in this order. One backward covers
+                   them all (they share the pass's graph): in this step when `backward_now`,
+                   else later, when the pass holds a single piece of a split example.
+    held_backward: (example, count) the backward of its `count` newest held pieces, each
+                   forwarded alone in an earlier pass, newest first.
+    """
+
+    pieces: list[TrainingPiece] = field(default_factory=list)
+    runs: list[_ExampleRun] = field(default_factory=list)  # the example of each piece
+    backward_now: bool = False
+    held_backward: list[tuple[_ExampleRun, int]] = field(default_factory=list)
+    forward_tokens: int = 0
+    backward_tokens: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.pieces or self.held_backward)
 
 
 class Trainer:
@@ -74,7 +112,8 @@ class Trainer:
         self.checkpoint_requested = False  # set to publish a version at the next step
         self.awaiting_ranks = False  # a spanning job's share is done; its step waits for the ranks
         self._window_loss = 0.0
-        self._pending: list[Example] = []
+        self._pending: list[Example] = []  # examples of the micro-batch not yet started
+        self._runs: list[_ExampleRun] = []  # those started whose backward is not done
         self._normaliser = 0
         self._resume()
 
@@ -82,39 +121,109 @@ class Trainer:
     def finished(self) -> bool:
         return self.step >= self.total_steps
 
-    def next_chunk(self, budget: int) -> TrainingChunk:
-        """Examples of the current micro-batch that fit in `budget` tokens (at least one: the
-        floor that keeps every job moving)."""
-        if not self._pending:
+    @property
+    def partial_examples(self) -> int:
+        """Examples forwarded in part: the rest of them runs in later steps."""
+        return sum(0 < run.planned < run.length for run in self._runs)
+
+    def plan(self, seconds: float, cost: Cost, max_tokens: int, split: bool = True,
+             at_least_one: bool = False) -> TrainingWork:
+        """The training work that fits in `seconds` by `cost`, with at most `max_tokens`
+        forward rows. First the backward of held pieces (oldest example first, newest piece
+        first); then whole examples of the current micro-batch, forward and backward in this
+        step, as long as they fit; then a piece of the next example, sized so that its own
+        backward fits a room like this one. A piece that is not its example's last goes
+        alone in its pass (the pieces of a pass share one backward). `split`: False keeps
+        every example whole. `at_least_one`: the smallest unit of work even when nothing
+        fits (the job's floor). `seconds` may be infinite: then `max_tokens` alone bounds
+        the work (nothing is served)."""
+        if not self._runs and not self._pending:
             self._start_micro_batch()
-        taken, tokens = [], 0
-        for example in self._pending:
-            if taken and tokens + len(example.token_ids) > budget:
+        work, left = TrainingWork(), seconds
+
+        def fits(forward: int, backward: int) -> bool:
+            return cost(forward, backward) <= left or (at_least_one and not work)
+
+        def take_held(run: _ExampleRun) -> bool:
+            """Plans the backward of run's held pieces, newest first, while they fit; True if
+            all did."""
+            nonlocal left
+            held = [piece for piece, _, _ in run.held]
+            count = 0
+            for piece in reversed(held):
+                if not fits(0, piece.length):
+                    break
+                left -= cost(0, piece.length)
+                count += 1
+                work.backward_tokens += piece.length
+                if count == 1:
+                    work.held_backward.append((run, 0))
+                work.held_backward[-1] = (run, count)
+            return count == len(held)
+
+        for run in self._runs:
+            if run.planned == run.length and not take_held(run):
+                return work
+        while work.forward_tokens < max_tokens:
+            run = self._forwarding_run()
+            if run is None:
                 break
-            taken.append(example)
-            tokens += len(example.token_ids)
-        return TrainingChunk(taken, self._normaliser)
+            remaining, rows = run.length - run.planned, max_tokens - work.forward_tokens
+            if run.planned == 0 and (remaining <= rows or not split) and fits(remaining,
+                                                                              remaining):
+                self._add_piece(work, run, remaining)  # a whole example
+                work.backward_now = True
+                left -= cost(remaining, remaining)
+                work.backward_tokens += remaining
+                continue
+            if not split:
+                break
+            n = min(remaining, rows, rows if math.isinf(left) else int(left / cost(1, 1)))
+            if n < 1 and at_least_one and not work:
+                n = 1
+            now = n == remaining and fits(n, n)  # the last piece: its backward can start
+            if n < 1 or (work.pieces and not now):
+                break
+            self._add_piece(work, run, n)
+            if now:
+                work.backward_now = True
+                left -= cost(n, n)
+                work.backward_tokens += n
+                take_held(run)
+            else:
+                left -= cost(n, 0)
+            break
+        return work
 
-    def next_example_tokens(self) -> int:
-        """Tokens of the example the next chunk starts with."""
-        if not self._pending:
-            self._start_micro_batch()
-        return len(self._pending[0].token_ids)
-
-    def loss(self, logits: torch.Tensor, chunk: TrainingChunk) -> torch.Tensor:
-        """Summed next-token cross-entropy of the chunk's targets over the normaliser.
-        logits: (chunk tokens, vocab), the chunk's rows in order."""
-        targets = _shifted_targets(chunk.examples, logits.device)  # (chunk tokens,)
-        loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
-        return loss / chunk.normaliser
-
-    def after_chunk(self, chunk: TrainingChunk, loss: float) -> bool:
-        """Records a chunk whose backward ran; takes an optimizer step at the end of an
-        accumulation window. Returns True when a step was taken."""
-        self._pending = self._pending[len(chunk.examples):]
-        self._window_loss += loss
-        self.tokens += chunk.num_tokens
-        if self._pending:
+    def train(self, work: TrainingWork, hidden: torch.Tensor | None,
+              logits: Callable[[torch.Tensor], torch.Tensor], rows: TrainingRows | None) -> bool:
+        """After the step's forward pass: the losses of the forwarded pieces, from their rows'
+        hidden states (R, hidden), `logits` and the pass's `rows`, then the planned backward.
+        Returns True when an optimizer step was taken."""
+        if work.pieces:
+            losses = []
+            for piece, run, states in zip(work.pieces, work.runs,
+                                          hidden.split([p.length for p in work.pieces])):
+                targets = run.targets[piece.start:piece.start + piece.length]
+                losses.append(F.cross_entropy(logits(states), targets, ignore_index=-100,
+                                              reduction="sum") / self._normaliser)
+            loss = torch.stack(losses).sum()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()}")
+            if work.backward_now:
+                rows.backward(loss)
+                self._window_loss += loss.item()
+                self.tokens += work.forward_tokens
+            else:
+                work.runs[0].held.append((work.pieces[0], loss, rows))
+        for run, count in work.held_backward:
+            for _ in range(count):
+                piece, loss, piece_rows = run.held.pop()
+                piece_rows.backward(loss)
+                self._window_loss += loss.item()
+                self.tokens += piece.length
+        self._runs = [run for run in self._runs if run.planned < run.length or run.held]
+        if self._runs or self._pending:
             return False
         self.micro += 1
         if self.micro < self.spec.grad_accumulation and not self._epoch_ends():
@@ -124,6 +233,29 @@ class Trainer:
             return False
         self._optimizer_step()
         return True
+
+    def _add_piece(self, work: TrainingWork, run: _ExampleRun, n: int) -> None:
+        """Plans the forward of run's next n tokens as a piece of this step's pass."""
+        if n < run.length and run.kv is None:
+            weight = self.model.model.embed_tokens.weight
+            run.kv = ExampleKV(self.model.config, run.length, weight.dtype, weight.device)
+        work.pieces.append(TrainingPiece(self.lora, run.planned, n, run.kv))
+        work.runs.append(run)
+        work.forward_tokens += n
+        run.planned += n
+
+    def _forwarding_run(self) -> _ExampleRun | None:
+        """The example whose forward goes on next: one under way, else the micro-batch's
+        next example not started (None when every one has been forwarded)."""
+        for run in self._runs:
+            if run.planned < run.length:
+                return run
+        if not self._pending:
+            return None
+        example = self._pending.pop(0)
+        run = _ExampleRun(example, _shifted_targets([example], self.model.device))
+        self._runs.append(run)
+        return run
 
     def synced_optimizer_step(self, all_reduce_sum) -> None:
         """The optimizer step of a spanning job, called on every rank at once: the ranks'

@@ -6,6 +6,7 @@ name and PEFT adapter keys map one to one onto VirtualizedLinear modules.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -15,10 +16,12 @@ from torch.nn import functional as F
 from cotune.model.attention import attend_one
 from cotune.model.config import ModelConfig
 from cotune.model.kv import CachedAttention
+from cotune.model.layer_checkpoint import CheckpointedLayer
 from cotune.model.lora_routing import LoraRouting
 from cotune.model.projection_group import project_together
 from cotune.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 from cotune.model.targets import LORA_TARGETS
+from cotune.model.training_rows import TrainingRows
 from cotune.model.virtualized_linear import VirtualizedLinear
 
 # Projections of a layer that read the same input, computed together (projection_group).
@@ -27,26 +30,73 @@ PROJECTION_GROUPS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_
 
 @dataclass
 class ForwardBatch:
-    """A flat batch: the new tokens of several sequences, one after another.
+    """A flat batch: the new tokens of several sequences, one after another; the served
+    sequences first, then the pieces of training examples (if any).
 
     token_ids: (T,) with T = sum(seq_lens)
-    kv:        the KV cache's view of this pass (it attends and caches the new keys and
-               values); None when every sequence attends only within its given tokens
+    kv:        the KV cache's view of the served sequences in this pass (it attends and
+               caches their new keys and values); None when each attends only within its
+               given tokens
     lora:      the adapter of every row; None for the base model alone
+    training:  the rows being trained; their pass keeps autograd state for them alone
     """
 
     token_ids: torch.Tensor
     seq_lens: list[int]
     kv: CachedAttention | None = None
     lora: LoraRouting | None = None
+    training: TrainingRows | None = None
+
+    @property
+    def served_sequences(self) -> int:
+        return len(self.seq_lens) - (0 if self.training is None else len(self.training.pieces))
+
+    @property
+    def first_training_row(self) -> int:
+        return sum(self.seq_lens[:self.served_sequences])
 
     def past_lengths(self) -> list[int]:
-        return [0] * len(self.seq_lens) if self.kv is None else self.kv.past_lengths
+        served = self.served_sequences
+        past = [0] * served if self.kv is None else list(self.kv.past_lengths)
+        return past + ([] if self.training is None else self.training.past_lengths)
 
     def positions(self) -> torch.Tensor:
         """(T,) absolute position of every row."""
         return torch.cat([torch.arange(p, p + n) for p, n in
                           zip(self.past_lengths(), self.seq_lens)])
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  window: int | None) -> torch.Tensor:
+        """q (T, H, D), k, v (T, Hkv, D) of this pass -> (T, H, D), causal within each
+        sequence (over its cached past, for served sequences and later training pieces)."""
+        first = self.first_training_row
+        out = []
+        if first:
+            out.append(self._served_attention(layer, q[:first], k[:first], v[:first], window))
+        if self.training is not None:
+            out.append(self.training.attention(layer, q[first:], k[first:], v[first:], window))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _served_attention(self, layer, q, k, v, window) -> torch.Tensor:
+        if self.kv is not None:  # the cache attends, and writes this pass's keys and values
+            return self.kv.attention(layer, q, k, v, window)
+        lens = self.seq_lens[:self.served_sequences]
+        return torch.cat([  # each sequence attends only to itself
+            attend_one(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
+                       window).transpose(0, 1)
+            for qi, ki, vi in zip(q.split(lens), k.split(lens), v.split(lens))])
+
+    def served_only(self) -> ForwardBatch:
+        """The served rows alone (the first ones), with the cache's view."""
+        first = self.first_training_row
+        return ForwardBatch(self.token_ids[:first], self.seq_lens[:self.served_sequences],
+                            kv=self.kv, lora=None if self.lora is None
+                            else self.lora.first_rows(first))
+
+    def training_only(self, rows: TrainingRows) -> ForwardBatch:
+        """The training rows alone, as `rows` (this pass's, or a recomputation's)."""
+        return ForwardBatch(self.token_ids[self.first_training_row:], rows.lengths,
+                            lora=rows.routing(), training=rows)
 
 
 class RMSNorm(nn.Module):
@@ -78,14 +128,7 @@ class Attention(nn.Module):
         q = q.view(T, c.num_heads, c.head_dim)
         k, v = k.view(T, c.num_kv_heads, c.head_dim), v.view(T, c.num_kv_heads, c.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if batch.kv is not None:  # the cache attends, and writes this pass's keys and values
-            out = batch.kv.attention(layer, q, k, v, c.sliding_window)
-        else:  # each sequence attends only to itself
-            out = torch.cat([
-                attend_one(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1),
-                           c.sliding_window).transpose(0, 1)
-                for qi, ki, vi in zip(q.split(batch.seq_lens), k.split(batch.seq_lens),
-                                      v.split(batch.seq_lens))])
+        out = batch.attention(layer, q, k, v, c.sliding_window)
         return self.o_proj(out.reshape(T, c.num_heads * c.head_dim), batch.lora)
 
 
@@ -147,13 +190,48 @@ class CausalLM(nn.Module):
         return {name: m for name, m in self.named_modules()
                 if isinstance(m, VirtualizedLinear) and name.rsplit(".", 1)[-1] in targets}
 
+    # A sharded base releases each layer's weights after its forward: backward then
+    # recomputes the layer on the training rows, with the weights gathered again.
+    recomputes_training = False
+
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """(T, hidden_size) final hidden states of every row."""
+        """(T, hidden_size) final hidden states of every row. With training rows (and grad
+        enabled) only those rows are differentiable, and only their activations are kept:
+        backward from their loss goes through `batch.training.backward`."""
         x = self.model.embed_tokens(batch.token_ids.to(self.device))
         cos, sin = rotary_cos_sin(self._frequencies(), batch.positions().to(self.device), x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, batch)
-        return self.model.norm(x)
+        if batch.training is None or not torch.is_grad_enabled():
+            for index, layer in enumerate(self.model.layers):
+                with self.layer_weights(index):
+                    x = layer(x, cos, sin, batch)
+            return self.model.norm(x)
+        first = batch.first_training_row
+        if self.recomputes_training:
+            params = batch.training.parameters()
+            for index in range(len(self.model.layers)):
+                x = CheckpointedLayer.apply(x, (self, index, batch, cos, sin), *params)
+            served, trained = x[:first].detach(), x[first:]
+        else:  # each layer over the served rows without autograd, then the training rows
+            served, trained = x[:first], x[first:]
+            serving, training = batch.served_only(), batch.training_only(batch.training)
+            for layer in self.model.layers:
+                if first:
+                    with torch.no_grad():
+                        served = layer(served, cos[:first], sin[:first], serving)
+                trained = layer(trained, cos[first:], sin[first:], training)
+        # the final norm of the served rows outside autograd: it would keep their input
+        with torch.no_grad():
+            served = self.model.norm(served)
+        return torch.cat([served, self.model.norm(trained)])
+
+    def layer_weights(self, index: int):
+        """A context in which decoder layer `index` holds its weights (always, here; a
+        sharded base gathers them)."""
+        return nullcontext()
+
+    def before_layer_backward(self, index: int) -> None:
+        """Called as backward reaches decoder layer `index` (a sharded base starts a round
+        of its lockstep there)."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(rows, vocab_size) float32 logits of the given hidden rows."""

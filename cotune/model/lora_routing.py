@@ -86,6 +86,14 @@ class LoraRouting:
                 starts.append(starts[-1] + n)
         return cls(starts, slots, trains, trainables)
 
+    def first_rows(self, rows: int) -> LoraRouting:
+        """The routing of rows 0..rows-1 alone; `rows` must end a segment."""
+        if rows not in self.seg_starts:
+            raise ValueError(f"row {rows} splits a segment of {self.seg_starts}")
+        end = self.seg_starts.index(rows)
+        return LoraRouting(self.seg_starts[:end + 1], self.seg_slots[:end],
+                           self.seg_trainables[:end], self.trainables)
+
     @property
     def has_training(self) -> bool:
         return any(t >= 0 for t in self.seg_trainables)

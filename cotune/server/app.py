@@ -117,7 +117,8 @@ class CotuneServer:
     def _load_runtime(self, args) -> Runtime:
         options = dict(dtype=args.dtype, max_rank=args.max_rank, num_slots=args.num_slots,
                        host_cache_mb=args.host_cache_mb, kv_cache_tokens=args.kv_cache_tokens,
-                       ttft_target_s=args.ttft_target, tpot_target_s=args.tpot_target)
+                       ttft_target_s=args.ttft_target, tpot_target_s=args.tpot_target,
+                       num_threads=args.threads, time_slice_s=args.time_slice)
         if self.rank is None:
             return Runtime.load(args.model, device=args.device, **options)
         from cotune.distributed.sharded_runtime import load_sharded_runtime  # imports deepspeed

@@ -7,8 +7,10 @@ by the gRPC codes, `reason` and `kind` by the lists below.
 
 Who feeds what:
 - the InferenceService: requests, latencies, prompt and generated tokens, admissions;
-- the engine, after each step (`Engine.on_step`): step composition and time;
-- `EngineCollector` at scrape time: queue depth, KV cache, preemptions, slots, SLO counters;
+- the engine, after each step (`Engine.on_step`): step composition and time, and the time
+  spent on training rows;
+- `EngineCollector` at scrape time: queue depth, KV cache, preemptions, slots, SLO counters
+  per tenant;
 - the adapter residency (`ResidentAdapters.on_load` / `on_evict`): loads into device slots,
   evictions, host->device time; its host cache (`HostCache.on_load`): disk->host time, and
   its size in bytes and adapters (read at scrape time);
@@ -26,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 OTHER = "other"
 REJECTION_REASONS = ("server_queue", "tenant_queue", "tokens_per_minute")
-STEP_TOKEN_KINDS = ("decode", "prefill", "training")
+STEP_TOKEN_KINDS = ("decode", "prefill", "training", "backward")
 SLO_KINDS = ("ttft", "tpot", "both")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -107,6 +109,9 @@ class Metrics:
             buckets=TOKEN_BUCKETS, registry=r)
         self.step_seconds = Histogram("cotune_step_duration_seconds", "one engine step",
                                       buckets=STEP_BUCKETS, registry=r)
+        self.step_training_seconds = Counter(
+            "cotune_step_training_seconds", "seconds of engine steps spent on training rows "
+            "(their backward, and their share of the forward)", registry=r)
         # Adapters.
         self.adapter_evictions = Counter("cotune_adapter_evictions",
                                          "adapters evicted from a slot", registry=r)
@@ -147,6 +152,8 @@ class Metrics:
 
     def _observe_step(self, report) -> None:
         self.step_seconds.observe(report.seconds)
+        if report.training_seconds:
+            self.step_training_seconds.inc(report.training_seconds)
         for kind in STEP_TOKEN_KINDS:
             tokens = getattr(report, f"{kind}_tokens")
             if tokens:
@@ -180,10 +187,12 @@ class EngineCollector:
                      slots.host.num_adapters)
         yield _gauge("cotune_jobs_running", "fine-tuning jobs in the engine", len(engine.trainers))
         slo = CounterMetricFamily("cotune_slo_requests", "finished requests by whether they met "
-                                  "their latency target", labels=["kind", "result"])
-        for kind in SLO_KINDS:
-            for result in ("met", "missed"):
-                slo.add_metric([kind, result], counters[f"slo_{kind}_{result}"])
+                                  "their latency target", labels=["tenant", "kind", "result"])
+        counts = engine.slo_counts
+        for tenant in sorted({tenant for tenant, _, _ in counts}):
+            for kind in SLO_KINDS:  # zeros too: a ratio of missed to all needs both series
+                for result in ("met", "missed"):
+                    slo.add_metric([tenant, kind, result], counts[tenant, kind, result])
         yield slo
 
 

@@ -20,6 +20,16 @@ def positive_seconds(text: str) -> float:
     return seconds
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number above 0, such as 2")
+    return value
+
+
 def default_data_dir() -> Path:
     return Path(os.environ.get("COTUNE_DATA_DIR", Path.home() / ".local/share/cotune"))
 
@@ -56,6 +66,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="parsed adapters kept in host memory (pinned on a GPU) between the "
                             "store on disk and the device slots")
     model.add_argument("--kv-cache-tokens", type=int, default=16384)
+    model.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                       help="torch threads for the engine's steps [half the cores]")
     slo = parser.add_argument_group(
         "serving targets: each step is sized to keep them, and training gets the time left")
     slo.add_argument("--ttft-target", type=positive_seconds, default=2.0, metavar="SECONDS",
@@ -63,6 +75,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     slo.add_argument("--tpot-target", type=positive_seconds, default=0.25, metavar="SECONDS",
                      help="time per output token a decoding request should see")
 
+    slo.add_argument("--time-slice", type=positive_seconds, default=None, metavar="SECONDS",
+                     help="the baseline co-serving is measured against: alternate phases of "
+                     "SECONDS, serving only then training only [off: co-serving]")
     sharded = parser.add_argument_group(
         "sharded base: under torchrun (or with WORLD_SIZE > 1 and RANK, LOCAL_RANK, MASTER_ADDR, "
         "MASTER_PORT set) the ranks partition the base with DeepSpeed ZeRO-3; each rank serves "

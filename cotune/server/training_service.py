@@ -18,7 +18,7 @@ from cotune.server.uploads import allowed_path
 from cotune.v1 import training_pb2, training_pb2_grpc
 
 _SCALARS = ("warmup_steps", "batch_size", "grad_accumulation", "epochs", "max_steps",
-            "max_length", "eval_fraction", "checkpoint_every", "seed")
+            "max_length", "eval_fraction", "checkpoint_every", "seed", "min_share")
 
 
 class TrainingService(training_pb2_grpc.TrainingServiceServicer):

@@ -1,0 +1,218 @@
+"""Token-level training: examples split into pieces over several steps give the gradients,
+losses and resumed runs of whole ones; served rows in a step that trains keep no autograd
+state; serving comes before a job without a floor."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import make_peft_adapter, tiny_tokenizer
+from parity import relative_error
+from peft import PeftModel
+
+from cotune import FinetuneSpec, LoraSettings, OptimizerSettings
+from cotune.engine.engine import Engine, EngineConfig
+from cotune.engine.sampling import SamplingParams
+from cotune.engine.trainer import Trainer
+from cotune.model.llama import ForwardBatch
+from cotune.model.loading import load_model
+from cotune.model.lora_routing import LoraRouting, TrainableLora
+from cotune.model.training_rows import TrainingPiece, TrainingRows
+
+LONG_FACTS = [("Tell me about the cat and where it sat today.",
+               "the blue cat sat on the red mat all day long"),
+              ("What is the answer to the question?", "the answer is forty two, always"),
+              ("Name a capital city of a country.", "the capital of the country is paris"),
+              ("Say hello to the user please.", "hello user, how are you today"),
+              ("Who sat on the mat this morning?", "a small cat sat there this morning")]
+
+
+def _spec(tmp_path, **overrides) -> FinetuneSpec:
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q + " ", "completion": a}) + "\n"
+                            for q, a in LONG_FACTS))
+    fields = dict(name="long", data=str(data), output_dir=str(tmp_path / "out"),
+                  lora=LoraSettings(rank=4, alpha=8, targets=("q_proj", "v_proj", "up_proj")),
+                  optimizer=OptimizerSettings(lr=1e-2, max_grad_norm=None), batch_size=2,
+                  epochs=2, seed=5)
+    return FinetuneSpec(**{**fields, **overrides})
+
+
+def _record_pieces(trainer) -> list:
+    """Every piece the trainer plans from now on (a spy on Trainer.plan)."""
+    pieces, plan = [], trainer.plan
+
+    def recording(*args, **kwargs):
+        work = plan(*args, **kwargs)
+        pieces.extend(work.pieces)
+        return work
+
+    trainer.plan = recording
+    return pieces
+
+
+def _steps_until(engine, condition, limit=2000):
+    for _ in range(limit):
+        if condition():
+            return
+        engine.step()
+    raise AssertionError("condition never met")
+
+
+@pytest.mark.parametrize("max_tokens", [5, 7, 13])
+def test_split_examples_give_peft_gradients_of_whole_ones_beside_served_rows(
+        tiny_checkpoint, tmp_path, max_tokens):
+    hf_model, base = tiny_checkpoint
+    targets = ["q_proj", "v_proj", "up_proj"]
+    spec = _spec(tmp_path, lora=LoraSettings(rank=4, alpha=8, targets=tuple(targets)))
+    engine = Engine(load_model(base), config=EngineConfig(num_slots=2,
+                                                          max_batched_tokens=max_tokens))
+    trainer = Trainer(spec, engine.model, tiny_tokenizer(), "job")
+    make_peft_adapter(hf_model, tmp_path / "start", r=4, alpha=8, targets=targets, seed=11)
+    reference = PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / "start",
+                                          is_trainable=True)
+    with torch.no_grad():  # a random B too, so that dA does not vanish
+        for name in trainer.lora.module_names():
+            a, b, _ = trainer.lora.weights(name)
+            peft_layer = reference.get_submodule(f"base_model.model.{name}")
+            a.copy_(peft_layer.lora_A["default"].weight)
+            b.copy_(peft_layer.lora_B["default"].weight)
+    pieces = _record_pieces(trainer)
+    reports = []
+    engine.on_step = reports.append
+    engine.add_trainer(trainer)
+    make_peft_adapter(hf_model, tmp_path / "served", r=8, alpha=16,
+                      targets=["k_proj", "o_proj"], seed=2)
+    served = [engine.add(prompt, SamplingParams(max_tokens=40),
+                         (str(tmp_path / "served"), tmp_path / "served"))
+              for prompt in ([5, 6, 7, 8, 9], [1, 2], [44, 45, 46])]
+    served[-1].adapter_load.result()
+    _steps_until(engine, lambda: trainer.micro == 1 or trainer.step == 1)
+    examples = [trainer.train_examples[i] for i in trainer.order(0)[:spec.batch_size]]
+    assert any(p.start > 0 for p in pieces), "no example was split"
+    assert all(0 < p.length <= max_tokens for p in pieces)
+    shared = [r for r in reports if r.training_tokens and r.decode_tokens + r.prefill_tokens]
+    assert len(shared) >= 3, "served rows must share the steps that train"
+
+    reference.train()
+    loss = 0
+    for example in examples:
+        ids = torch.tensor(example.token_ids)
+        logits = reference(ids[None]).logits[0, :-1]
+        labels = torch.where(torch.tensor(example.loss_mask[1:]), ids[1:], -100)
+        loss = loss + torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    (loss / sum(sum(e.loss_mask) for e in examples)).backward()
+    for name in trainer.lora.module_names():
+        a, b, _ = trainer.lora.weights(name)
+        peft_layer = reference.get_submodule(f"base_model.model.{name}")
+        for ours, theirs in ((a, peft_layer.lora_A["default"]), (b, peft_layer.lora_B["default"])):
+            rel = relative_error(ours.grad, theirs.weight.grad)
+            assert rel <= 1e-5, f"{name}: relative error {rel:.2e} with pieces of {max_tokens}"
+
+
+def _train(base, spec, max_tokens, stop=None) -> Trainer:
+    engine = Engine(load_model(base), config=EngineConfig(max_batched_tokens=max_tokens))
+    trainer = Trainer(spec, engine.model, tiny_tokenizer(), "job")
+    engine.add_trainer(trainer)
+    _steps_until(engine, lambda: trainer.finished or (stop is not None and stop(trainer)))
+    return trainer
+
+
+def test_split_examples_give_the_losses_and_weights_of_whole_ones(tiny_checkpoint, tmp_path):
+    _, base = tiny_checkpoint
+    whole = _train(base, _spec(tmp_path, output_dir=str(tmp_path / "whole")), 512)
+    split = _train(base, _spec(tmp_path, output_dir=str(tmp_path / "split")), 6)
+    assert len(whole.losses) == len(split.losses) == 6
+    assert split.losses == pytest.approx(whole.losses, rel=1e-5)
+    for name in whole.lora.module_names():
+        for ours, theirs in zip(split.lora.weights(name)[:2], whole.lora.weights(name)[:2]):
+            assert relative_error(ours, theirs) <= 1e-5, name
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_resume_after_a_stop_mid_example_equals_an_uninterrupted_run(tiny_checkpoint, tmp_path,
+                                                                     dropout):
+    _, base = tiny_checkpoint
+    lora = LoraSettings(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"),
+                        dropout=dropout)
+
+    def spec(output):
+        return _spec(tmp_path, output_dir=str(tmp_path / output), lora=lora,
+                     checkpoint_every=2, epochs=3, grad_accumulation=2, batch_size=1)
+
+    whole = _train(base, spec("whole"), 7)
+    stopped = _train(base, spec("resumed"), 7,
+                     stop=lambda t: t.step == 3 and t.partial_examples > 0)
+    assert stopped.versions == [1] and stopped.partial_examples == 1  # mid-example, past v1
+    resumed = _train(base, spec("resumed"), 7)  # a new process: resumes from v1
+    assert resumed.losses == whole.losses
+    for name in whole.lora.module_names():
+        assert torch.equal(whole.lora.weights(name)[0], resumed.lora.weights(name)[0]), name
+        assert torch.equal(whole.lora.weights(name)[1], resumed.lora.weights(name)[1]), name
+
+
+def _saved_activation_elements(model, served_lens: list[int], piece_len: int) -> int:
+    """Elements autograd saves in a pass of `served_lens` served sequences and one training
+    example of `piece_len` tokens (the weights of the model and adapter not counted)."""
+    weights = {id(p) for p in model.parameters()}
+    lora = TrainableLora({name: (torch.randn(2, m.in_features), torch.randn(m.out_features, 2),
+                                 1.0)
+                          for name, m in model.lora_modules(("q_proj", "up_proj")).items()})
+    weights |= {id(p) for p in lora.parameters()}
+    generator = torch.Generator().manual_seed(0)
+    lens = [*served_lens, piece_len]
+    ids = torch.randint(0, model.config.vocab_size, (sum(lens),), generator=generator)
+    batch = ForwardBatch(ids, lens, lora=LoraRouting.from_sequences(lens, [None] * len(
+        served_lens) + [lora]), training=TrainingRows([TrainingPiece(lora, 0, piece_len)]))
+    saved = []
+
+    def pack(tensor):
+        if id(tensor) not in weights:
+            saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        hidden = model(batch)
+    model.logits(hidden[sum(served_lens):]).sum().backward()
+    return sum(saved)
+
+
+def test_served_rows_keep_no_autograd_state_in_a_step_that_trains(tiny_checkpoint):
+    _, base = tiny_checkpoint
+    model = load_model(base)
+    alone = _saved_activation_elements(model, [], 9)
+    beside_served = _saved_activation_elements(model, [40, 1, 1, 17], 9)
+    assert alone > 0
+    assert beside_served == alone  # nothing saved grows with the served rows
+
+
+def test_without_a_floor_a_job_trains_only_in_the_room_serving_leaves(tiny_checkpoint,
+                                                                      tmp_path):
+    _, base = tiny_checkpoint
+    engine = Engine(load_model(base), config=EngineConfig(tpot_target_s=1e-6))
+    trainer = Trainer(_spec(tmp_path, epochs=1), engine.model, tiny_tokenizer(), "job")
+    engine.add_trainer(trainer)
+    seqs = [engine.add([3 + i] * 12, SamplingParams(max_tokens=8)) for i in range(4)]
+    _steps_until(engine, lambda: all(s.is_finished for s in seqs))
+    # an impossible TPOT target leaves no room while anything is served
+    assert engine.scheduler.counters["training_tokens"] == 0 and trainer.tokens == 0
+    _steps_until(engine, lambda: trainer.finished)  # then it has the whole engine
+    assert trainer.tokens > 0
+
+
+def test_time_slicing_never_serves_and_trains_in_one_step(tiny_checkpoint, tmp_path):
+    _, base = tiny_checkpoint
+    engine = Engine(load_model(base), config=EngineConfig(time_slice_s=0.02))
+    trainer = Trainer(_spec(tmp_path, epochs=1), engine.model, tiny_tokenizer(), "job")
+    engine.add_trainer(trainer)
+    reports = []
+    engine.on_step = reports.append
+    seqs = [engine.add([3 + i] * 12, SamplingParams(max_tokens=40)) for i in range(4)]
+    _steps_until(engine, lambda: all(s.is_finished for s in seqs) and trainer.finished)
+    served = [r.decode_tokens + r.prefill_tokens > 0 for r in reports]
+    trained = [r.training_tokens + r.backward_tokens > 0 for r in reports]
+    assert not any(s and t for s, t in zip(served, trained))
+    assert any(served) and any(trained)
