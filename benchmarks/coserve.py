@@ -52,6 +52,8 @@ _SENTENCES = ["The river runs past the old mill and into the valley below the to
               "The library keeps its oldest books in a cool and very dry room."]
 _TOPICS = ["a river", "the sea", "a mountain", "a library", "bread", "a bridge", "a map",
            "the rain"]
+# SmolLM2-Instruct's chat template, as a chat client sends it
+_CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
 
 @dataclass
@@ -59,7 +61,7 @@ class Outcome:
     """One request as the client saw it."""
 
     ttft_s: float | None  # None: it failed
-    tpot_s: float
+    tpot_s: float | None  # None: fewer than two tokens
     tokens: int
 
 
@@ -78,8 +80,8 @@ def _median(values) -> float | None:
 def _one(client: Client, i: int, adapters: list[str], new_tokens: int) -> Outcome:
     started, first, last, tokens = time.monotonic(), None, None, 0
     try:
-        for delta in client.generate(f"Write two sentences about {_TOPICS[i % len(_TOPICS)]}.",
-                                     adapter=adapters[i % len(adapters)],
+        prompt = _CHAT.format(f"Write two sentences about {_TOPICS[i % len(_TOPICS)]}.")
+        for delta in client.generate(prompt, adapter=adapters[i % len(adapters)],
                                      max_tokens=new_tokens, timeout=600):
             if delta.token_ids:
                 now = time.monotonic()
@@ -87,10 +89,10 @@ def _one(client: Client, i: int, adapters: list[str], new_tokens: int) -> Outcom
                 last = now
                 tokens += len(delta.token_ids)
     except grpc.RpcError:
-        return Outcome(None, 0.0, tokens)
+        return Outcome(None, None, tokens)
     if first is None:
-        return Outcome(None, 0.0, 0)
-    return Outcome(first - started, (last - first) / (tokens - 1) if tokens > 1 else 0.0, tokens)
+        return Outcome(None, None, 0)
+    return Outcome(first - started, (last - first) / (tokens - 1) if tokens > 1 else None, tokens)
 
 
 def _poisson(client: Client, rate: float, duration: float, seed: int, adapters: list[str],
@@ -260,8 +262,8 @@ def run(duration: float, num_adapters: int, new_tokens: int, rounds: int, slice_
                                          rate, duration, r, new_tokens)
                                   | dict(round=r, system=system, load=load, rate=rate))
         shared.start_job()  # SIGTERM while it serves and trains
-        load_thread = threading.Thread(target=_poisson, args=(
-            shared.client, rates[1], duration, 99, shared.adapters, new_tokens), daemon=True)
+        load_thread = threading.Thread(target=_poisson, daemon=True, args=(
+            shared.client, rates[len(rates) // 2], duration, 99, shared.adapters, new_tokens))
         load_thread.start()
         time.sleep(duration / 2)
         sigterm_exit_s = shared.process.stop()
@@ -300,9 +302,13 @@ def _point(system: str, shared: Server, sliced: Server, split_serve: Server,
         training.stop_job()
     unary = prober.close()
     return dict(trained_per_s=trained, unary_p99_s=_quantile(unary, 0.99),
-                ttfts=[o.ttft_s for o in outcomes],
-                tpots=[o.tpot_s for o in outcomes if o.ttft_s is not None],
+                requests=[(o.ttft_s, o.tpot_s) for o in outcomes],
                 tokens=sum(o.tokens for o in outcomes))
+
+
+def _p90(point: dict, index: int) -> float | None:
+    """The p90 of a point's TTFTs (index 0) or TPOTs (1), over the requests that have one."""
+    return _quantile([r[index] for r in point["requests"] if r[index] is not None], 0.9)
 
 
 def _summarise(points, capacity, rates, loads, unloaded, sigterm_exit_s) -> dict:
@@ -311,42 +317,38 @@ def _summarise(points, capacity, rates, loads, unloaded, sigterm_exit_s) -> dict
     for load, rate in zip(loads, rates):
         at_rate = [p for p in points if p.get("load") == load]
         alone = [p for p in at_rate if p["system"] == "serving"]
-        ttft_slo = 2 * _median(_quantile([t for t in p["ttfts"] if t is not None], 0.9)
-                               for p in alone)
-        tpot_slo = 1.5 * _median(_quantile(p["tpots"], 0.9) for p in alone)
+        ttft_slo = 2 * _median(_p90(p, 0) for p in alone)
+        tpot_slo = 1.5 * _median(_p90(p, 1) for p in alone)
         for system in SYSTEMS:
             runs = [p for p in at_rate if p["system"] == system]
-            attained = [_attainment(p, ttft_slo, tpot_slo) for p in runs]
             trained = _median(p["trained_per_s"] for p in runs)
             rows.append(dict(
-                load=load, rate=rate, system=system, slo_attainment=_median(attained),
-                ttft_p90_s=_median(_quantile([t for t in p["ttfts"] if t is not None], 0.9)
-                                   for p in runs),
-                tpot_p90_s=_median(_quantile(p["tpots"], 0.9) for p in runs),
+                load=load, rate=rate, system=system,
+                slo_attainment=_median(_attainment(p, ttft_slo, tpot_slo) for p in runs),
+                ttft_p90_s=_median(_p90(p, 0) for p in runs),
+                tpot_p90_s=_median(_p90(p, 1) for p in runs),
                 trained_per_s=trained,
                 training_vs_share=None if system == "serving" or not solo
                 else trained / ((1 - load) * solo),
                 unary_p99_s=_median(p["unary_p99_s"] for p in runs),
                 ttft_slo_s=ttft_slo, tpot_slo_s=tpot_slo))
-    unloaded_ttft = [o.ttft_s for o in unloaded if o.ttft_s is not None]
     return dict(capacity_rps=capacity, rates=rates, solo_trained_per_s=solo,
-                unloaded_ttft_p90_s=_quantile(unloaded_ttft, 0.9),
-                unloaded_tpot_p50_s=_quantile([o.tpot_s for o in unloaded], 0.5),
+                unloaded_ttft_p90_s=_quantile([o.ttft_s for o in unloaded
+                                               if o.ttft_s is not None], 0.9),
+                unloaded_tpot_p50_s=_quantile([o.tpot_s for o in unloaded
+                                               if o.tpot_s is not None], 0.5),
                 sigterm_exit_s=sigterm_exit_s, rows=rows)
 
 
 def _attainment(point: dict, ttft_slo: float, tpot_slo: float) -> float | None:
-    """Requests that met both SLOs over all that arrived (failed ones missed)."""
-    ttfts = point["ttfts"]
-    if not ttfts:
+    """Requests that met both SLOs over all that arrived (a failed one missed; one of a
+    single token has no TPOT to miss)."""
+    requests = point["requests"]
+    if not requests:
         return None
-    tpots = iter(point["tpots"])
-    met = 0
-    for ttft in ttfts:
-        if ttft is not None:
-            tpot = next(tpots)  # the TPOTs of the requests that did not fail, in order
-            met += ttft <= ttft_slo and tpot <= tpot_slo
-    return met / len(ttfts)
+    met = sum(ttft is not None and ttft <= ttft_slo and (tpot is None or tpot <= tpot_slo)
+              for ttft, tpot in requests)
+    return met / len(requests)
 
 
 def write(result: dict, out_dir: Path) -> None:

@@ -8,16 +8,17 @@ import pytest
 from cotune.bench.coserve import Outcome, _attainment, _summarise
 
 
-def test_a_failed_request_counts_as_missed():
-    point = {"ttfts": [0.1, None, 0.5, 0.2], "tpots": [0.01, 0.01, 0.09]}
-    # met: the first (0.1, 0.01) and the last (0.2, 0.09 > 0.05 misses TPOT): 1 of 4 arrived
-    assert _attainment(point, ttft_slo=0.3, tpot_slo=0.05) == 0.25
-    assert _attainment({"ttfts": [], "tpots": []}, 1, 1) is None
+def test_a_failed_request_counts_as_missed_and_one_token_has_no_tpot_to_miss():
+    point = {"requests": [(0.1, 0.01), (None, None), (0.5, 0.01), (0.2, 0.09), (0.2, None)]}
+    # met: the first, and the last (one token); failed, late, and too slow a TPOT missed
+    assert _attainment(point, ttft_slo=0.3, tpot_slo=0.05) == 2 / 5
+    assert _attainment({"requests": []}, 1, 1) is None
 
 
 def _point(system, load, rnd, ttft, tpot, trained=0.0):
-    return dict(system=system, load=load, rate=load * 4, round=rnd, ttfts=[ttft] * 10,
-                tpots=[tpot] * 10, trained_per_s=trained, unary_p99_s=0.01, tokens=100)
+    return dict(system=system, load=load, rate=load * 4, round=rnd,
+                requests=[(ttft, tpot)] * 10, trained_per_s=trained, unary_p99_s=0.01,
+                tokens=100)
 
 
 def test_slos_come_from_serving_alone_and_training_from_its_share():
@@ -28,7 +29,7 @@ def test_slos_come_from_serving_alone_and_training_from_its_share():
                    _point("coserve", 0.5, rnd, ttft=1.5, tpot=0.14, trained=35.0),
                    _point("time-slice", 0.5, rnd, ttft=3.0, tpot=0.1, trained=50.0),
                    _point("split", 0.5, rnd, ttft=1.0, tpot=0.2, trained=20.0)]
-    unloaded = [Outcome(0.2, 0.05, 32), Outcome(0.3, 0.05, 32)]
+    unloaded = [Outcome(0.2, 0.05, 32), Outcome(0.3, None, 1)]
     summary = _summarise(points, capacity=4.0, rates=[2.0], loads=[0.5], unloaded=unloaded,
                          sigterm_exit_s=6.0)
     rows = {row["system"]: row for row in summary["rows"]}
@@ -39,4 +40,4 @@ def test_slos_come_from_serving_alone_and_training_from_its_share():
     assert rows["time-slice"]["slo_attainment"] == rows["split"]["slo_attainment"] == 0.0
     assert rows["coserve"]["training_vs_share"] == pytest.approx(35.0 / 50.0)
     assert rows["serving"]["training_vs_share"] is None
-    assert summary["unloaded_ttft_p90_s"] == 0.3
+    assert summary["unloaded_ttft_p90_s"] == 0.3 and summary["unloaded_tpot_p50_s"] == 0.05
