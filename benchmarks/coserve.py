@@ -38,6 +38,7 @@ from cotune.adapters.synthetic import random_adapter
 from cotune.bench.server_process import ServerProcess, start_server
 from cotune.bench.serving import RANK, machine
 from cotune.client import Client
+from cotune.client.errors import CotuneError
 from cotune.model.config import ModelConfig
 from cotune.model.default_model import resolve_model_path
 from cotune.model.llama import CausalLM
@@ -88,7 +89,7 @@ def _one(client: Client, i: int, adapters: list[str], new_tokens: int) -> Outcom
                 first = first or now
                 last = now
                 tokens += len(delta.token_ids)
-    except grpc.RpcError:
+    except CotuneError:  # what the SDK raises for a failed call
         return Outcome(None, None, tokens)
     if first is None:
         return Outcome(None, None, 0)
@@ -234,16 +235,19 @@ def _trained_per_s(server: Server, work) -> tuple[float, object]:
 
 
 def run(duration: float, num_adapters: int, new_tokens: int, rounds: int, slice_s: float,
-        concurrency: int, out_dir: Path, loads=LOADS) -> dict:
+        concurrency: int, out_dir: Path, loads=LOADS, threads: int | None = None) -> dict:
+    """`threads`: torch threads of the shared and time-sliced servers (default: the engine's,
+    half the cores; on 2 cores, 2 threads served with 2-10x the TTFT of 1)."""
     workdir = Path(tempfile.mkdtemp(prefix="cotune-coserve-"))
     adapters = _make_adapters(num_adapters, workdir)
     cores = os.cpu_count() or 2
-    half = str(max(1, cores // 2))
-    shared = Server(workdir, "shared", adapters, "--threads", str(cores))
-    sliced = Server(workdir, "sliced", adapters, "--threads", str(cores), "--time-slice",
+    half = max(1, cores // 2)
+    threads = threads or half
+    shared = Server(workdir, "shared", adapters, "--threads", str(threads))
+    sliced = Server(workdir, "sliced", adapters, "--threads", str(threads), "--time-slice",
                     str(slice_s))
-    split_serve = Server(workdir, "split-serve", adapters, "--threads", half)
-    split_train = Server(workdir, "split-train", adapters, "--threads", half)
+    split_serve = Server(workdir, "split-serve", adapters, "--threads", str(half))
+    split_train = Server(workdir, "split-train", adapters, "--threads", str(half))
     try:
         unloaded = [_one(shared.client, i, shared.adapters, new_tokens) for i in range(8)]
         capacity = _closed_loop(shared.client, concurrency, duration, shared.adapters,
@@ -274,7 +278,7 @@ def run(duration: float, num_adapters: int, new_tokens: int, rounds: int, slice_
     result.update(benchmark="coserve", machine=machine(), model="SmolLM2-135M-Instruct",
                   duration_s=duration, rounds=rounds, adapters=num_adapters, rank=RANK,
                   new_tokens=new_tokens, slice_s=slice_s, concurrency=concurrency,
-                  threads={"shared": cores, "split": int(half)}, grace_s=GRACE_S,
+                  threads={"shared": threads, "split": half}, grace_s=GRACE_S,
                   points=points)
     write(result, out_dir)
     return result

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--slice", type=float, default=2.0, help="coserve: time-slice seconds")
     bench.add_argument("--concurrency", type=int, default=24,
                        help="coserve: requests in flight while the capacity is measured")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="coserve: torch threads of the shared server [half the cores]")
     bench.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                        help="kernels: the dtype of inputs and pools (--smoke uses float32)")
     bench.add_argument("--smoke", action="store_true",
@@ -179,7 +181,7 @@ def _bench(args) -> int:
     if args.name == "coserve":
         loads = [float(load) for load in args.loads.split(",")]
         coserve.run(args.duration, args.adapters, min(args.new_tokens, 32),
-                    max(3, args.rounds), args.slice, args.concurrency, out, loads)
+                    max(3, args.rounds), args.slice, args.concurrency, out, loads, args.threads)
         print((out / "coserve.md").read_text())
         return 0
     result = serving.run(args.requests, args.adapters, args.new_tokens, args.rounds, out,
