@@ -13,3 +13,12 @@ def run_to_completion(engine: Engine, max_steps: int = 10_000) -> int:
         steps += 1
         assert steps < max_steps, "the engine did not finish"
     return steps
+
+
+def steps_until(engine: Engine, condition, limit: int = 2000) -> None:
+    """Steps until `condition()` holds, at most `limit` steps."""
+    for _ in range(limit):
+        if condition():
+            return
+        engine.step()
+    raise AssertionError("condition never met")

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from conftest import make_peft_adapter, tiny_tokenizer
+from engine_helpers import steps_until
 from parity import relative_error
 from peft import PeftModel
 
@@ -51,14 +52,6 @@ def _spec(tmp_path, **overrides) -> FinetuneSpec:
     return FinetuneSpec(**{**fields, **overrides})
 
 
-def _steps_until(engine, condition, limit=500):
-    for _ in range(limit):
-        if condition():
-            return
-        engine.step()
-    raise AssertionError("condition never met")
-
-
 def test_gradients_in_a_mixed_batch_equal_peft_on_the_same_data_alone(tiny_checkpoint,
                                                                      tmp_path):
     hf_model, base = tiny_checkpoint
@@ -87,7 +80,7 @@ def test_gradients_in_a_mixed_batch_equal_peft_on_the_same_data_alone(tiny_check
         seq = engine.add(prompt, SamplingParams(max_tokens=30),
                          (str(tmp_path / "served"), tmp_path / "served"))
     seq.adapter_load.result()  # read from disk in the background: ready before the first step
-    _steps_until(engine, lambda: trainer.step == 1)
+    steps_until(engine, lambda: trainer.step == 1)
     assert engine.scheduler.counters["prefill_tokens"] > 0
 
     examples = [trainer.train_examples[i] for i in trainer.order(0)[:spec.batch_size]]
@@ -122,7 +115,7 @@ def test_resumed_job_continues_step_for_step(tiny_checkpoint, tmp_path, dropout)
         engine = Engine(load_model(base))
         trainer = Trainer(spec, engine.model, tokenizer, "job")
         engine.add_trainer(trainer)
-        _steps_until(engine, lambda: trainer.finished or trainer.step == stop_at)
+        steps_until(engine, lambda: trainer.finished or trainer.step == stop_at)
         return trainer
 
     whole = run(tmp_path / "whole")
@@ -150,7 +143,7 @@ def test_serving_gives_the_same_tokens_while_a_job_trains(tiny_checkpoint, tmp_p
         seqs = [engine.add(p, SamplingParams(max_tokens=16),
                            None if i % 2 else (str(tmp_path / "served"), tmp_path / "served"))
                 for i, p in enumerate(prompts)]
-        _steps_until(engine, lambda: all(s.is_finished for s in seqs))
+        steps_until(engine, lambda: all(s.is_finished for s in seqs))
         return [s.output_ids for s in seqs], engine.scheduler.counters["training_tokens"]
 
     alone, no_training = serve(False)

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from conftest import make_peft_adapter, tiny_tokenizer
+from engine_helpers import steps_until
 from parity import relative_error
 from peft import PeftModel
 
@@ -54,14 +55,6 @@ def _record_pieces(trainer) -> list:
     return pieces
 
 
-def _steps_until(engine, condition, limit=2000):
-    for _ in range(limit):
-        if condition():
-            return
-        engine.step()
-    raise AssertionError("condition never met")
-
-
 @pytest.mark.parametrize("max_tokens", [5, 7, 13])
 def test_split_examples_give_peft_gradients_of_whole_ones_beside_served_rows(
         tiny_checkpoint, tmp_path, max_tokens):
@@ -90,7 +83,7 @@ def test_split_examples_give_peft_gradients_of_whole_ones_beside_served_rows(
                          (str(tmp_path / "served"), tmp_path / "served"))
               for prompt in ([5, 6, 7, 8, 9], [1, 2], [44, 45, 46])]
     served[-1].adapter_load.result()
-    _steps_until(engine, lambda: trainer.micro == 1 or trainer.step == 1)
+    steps_until(engine, lambda: trainer.micro == 1 or trainer.step == 1)
     examples = [trainer.train_examples[i] for i in trainer.order(0)[:spec.batch_size]]
     assert any(p.start > 0 for p in pieces), "no example was split"
     assert all(0 < p.length <= max_tokens for p in pieces)
@@ -117,7 +110,7 @@ def _train(base, spec, max_tokens, stop=None) -> Trainer:
     engine = Engine(load_model(base), config=EngineConfig(max_batched_tokens=max_tokens))
     trainer = Trainer(spec, engine.model, tiny_tokenizer(), "job")
     engine.add_trainer(trainer)
-    _steps_until(engine, lambda: trainer.finished or (stop is not None and stop(trainer)))
+    steps_until(engine, lambda: trainer.finished or (stop is not None and stop(trainer)))
     return trainer
 
 
@@ -196,10 +189,10 @@ def test_without_a_floor_a_job_trains_only_in_the_room_serving_leaves(tiny_check
     trainer = Trainer(_spec(tmp_path, epochs=1), engine.model, tiny_tokenizer(), "job")
     engine.add_trainer(trainer)
     seqs = [engine.add([3 + i] * 12, SamplingParams(max_tokens=8)) for i in range(4)]
-    _steps_until(engine, lambda: all(s.is_finished for s in seqs))
+    steps_until(engine, lambda: all(s.is_finished for s in seqs))
     # an impossible TPOT target leaves no room while anything is served
     assert engine.scheduler.counters["training_tokens"] == 0 and trainer.tokens == 0
-    _steps_until(engine, lambda: trainer.finished)  # then it has the whole engine
+    steps_until(engine, lambda: trainer.finished)  # then it has the whole engine
     assert trainer.tokens > 0
 
 
@@ -211,7 +204,7 @@ def test_time_slicing_never_serves_and_trains_in_one_step(tiny_checkpoint, tmp_p
     reports = []
     engine.on_step = reports.append
     seqs = [engine.add([3 + i] * 12, SamplingParams(max_tokens=40)) for i in range(4)]
-    _steps_until(engine, lambda: all(s.is_finished for s in seqs) and trainer.finished)
+    steps_until(engine, lambda: all(s.is_finished for s in seqs) and trainer.finished)
     served = [r.decode_tokens + r.prefill_tokens > 0 for r in reports]
     trained = [r.training_tokens + r.backward_tokens > 0 for r in reports]
     assert not any(s and t for s, t in zip(served, trained))
