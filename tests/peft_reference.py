@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from conftest import make_peft_adapter, random_adapter_specs
+from parity import relative_error
 from peft import PeftModel
 
 
@@ -94,3 +95,21 @@ def reference_batched_logits(peft_model, seqs, adapter_indices) -> list[torch.Te
     with torch.no_grad():
         logits = peft_model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
     return [logits[i, : len(s)] for i, s in enumerate(seqs)]
+
+
+def assert_grads_match_training_examples(reference, trainer, examples, context: str = ""):
+    """Backward of PEFT's loss on `examples` (each alone, normalised by their target tokens,
+    as a micro-batch), then the trainer's LoRA gradients against PEFT's within 1e-5."""
+    loss = 0
+    for example in examples:
+        ids = torch.tensor(example.token_ids)
+        logits = reference(ids[None]).logits[0, :-1]
+        labels = torch.where(torch.tensor(example.loss_mask[1:]), ids[1:], -100)
+        loss = loss + torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    (loss / sum(sum(e.loss_mask) for e in examples)).backward()
+    for name in trainer.lora.module_names():
+        a, b, _ = trainer.lora.weights(name)
+        peft_layer = reference.get_submodule(f"base_model.model.{name}")
+        for ours, theirs in ((a, peft_layer.lora_A["default"]), (b, peft_layer.lora_B["default"])):
+            rel = relative_error(ours.grad, theirs.weight.grad)
+            assert rel <= 1e-5, f"{name}: relative error {rel:.2e}{context}"

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import make_peft_adapter, tiny_tokenizer
 from engine_helpers import steps_until
-from parity import relative_error
 from peft import PeftModel
+from peft_reference import assert_grads_match_training_examples
 
 from cotune import FinetuneSpec, JobState, LoraSettings, OptimizerSettings, Request, Runtime
 from cotune.engine.engine import Engine, EngineConfig
@@ -85,21 +85,7 @@ def test_gradients_in_a_mixed_batch_equal_peft_on_the_same_data_alone(tiny_check
 
     examples = [trainer.train_examples[i] for i in trainer.order(0)[:spec.batch_size]]
     reference.train()
-    targets = sum(sum(e.loss_mask) for e in examples)
-    loss = 0
-    for example in examples:
-        ids = torch.tensor(example.token_ids)
-        logits = reference(ids[None]).logits[0, :-1]
-        labels = torch.where(torch.tensor(example.loss_mask[1:]), ids[1:], -100)
-        loss = loss + torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100,
-                                                        reduction="sum")
-    (loss / targets).backward()
-    for name in trainer.lora.module_names():
-        a, b, _ = trainer.lora.weights(name)
-        peft_layer = reference.get_submodule(f"base_model.model.{name}")
-        for ours, theirs in ((a, peft_layer.lora_A["default"]), (b, peft_layer.lora_B["default"])):
-            rel = relative_error(ours.grad, theirs.weight.grad)
-            assert rel <= 1e-5, f"{name}: relative error {rel:.2e}"
+    assert_grads_match_training_examples(reference, trainer, examples)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])

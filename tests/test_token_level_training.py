@@ -13,6 +13,7 @@ from conftest import make_peft_adapter, tiny_tokenizer
 from engine_helpers import steps_until
 from parity import relative_error
 from peft import PeftModel
+from peft_reference import assert_grads_match_training_examples
 
 from cotune import FinetuneSpec, LoraSettings, OptimizerSettings
 from cotune.engine.engine import Engine, EngineConfig
@@ -91,19 +92,8 @@ def test_split_examples_give_peft_gradients_of_whole_ones_beside_served_rows(
     assert len(shared) >= 3, "served rows must share the steps that train"
 
     reference.train()
-    loss = 0
-    for example in examples:
-        ids = torch.tensor(example.token_ids)
-        logits = reference(ids[None]).logits[0, :-1]
-        labels = torch.where(torch.tensor(example.loss_mask[1:]), ids[1:], -100)
-        loss = loss + torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
-    (loss / sum(sum(e.loss_mask) for e in examples)).backward()
-    for name in trainer.lora.module_names():
-        a, b, _ = trainer.lora.weights(name)
-        peft_layer = reference.get_submodule(f"base_model.model.{name}")
-        for ours, theirs in ((a, peft_layer.lora_A["default"]), (b, peft_layer.lora_B["default"])):
-            rel = relative_error(ours.grad, theirs.weight.grad)
-            assert rel <= 1e-5, f"{name}: relative error {rel:.2e} with pieces of {max_tokens}"
+    assert_grads_match_training_examples(reference, trainer, examples,
+                                         f" with pieces of {max_tokens}")
 
 
 def _train(base, spec, max_tokens, stop=None) -> Trainer:
