@@ -98,6 +98,14 @@ class LoraRouting:
     def has_training(self) -> bool:
         return any(t >= 0 for t in self.seg_trainables)
 
+    @property
+    def only_trainable(self) -> TrainableLora | None:
+        """The adapter being trained when every row trains it (a training pass of one job,
+        the engine's case), else None."""
+        if self.seg_trainables == [0] and len(self.trainables) == 1:
+            return self.trainables[0]
+        return None
+
     def dropped(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, d) with each trained segment's LoRA dropout applied to its rows (a fresh mask
         per call, as PEFT draws one per module)."""

@@ -115,6 +115,13 @@ class VirtualizedLinear(nn.Module):
         """y plus the delta of the adapters being trained on their rows (differentiable)."""
         if not lora.has_training:
             return y
+        only = lora.only_trainable
+        if only is not None:  # plain products: no segments to route, no pool to build
+            weights = only.weights(self.name)
+            if weights is None:
+                return y
+            a, b, scale = weights
+            return y + F.linear(F.linear(lora.dropped(x), a.to(x.dtype)), b.to(x.dtype)) * scale
         pool = lora.training_pool(self.name, x.device, x.dtype)
         if pool is None:
             return y
