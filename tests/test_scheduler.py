@@ -24,18 +24,26 @@ from cotune.model.loading import load_model
 def test_step_time_model_recovers_a_known_cost_and_sizes_budgets():
     model = StepTimeModel()
     rng = random.Random(0)
-    for _ in range(64):
-        serve, train, back = rng.randint(0, 300), rng.randint(0, 200), rng.randint(0, 200)
-        model.observe(serve, train, back, 0.01 + 2e-4 * serve + 3e-4 * train + 6e-4 * back
-                      + rng.uniform(0, 1e-4))
-    a, b_serve, b_forward, b_backward = model.coefficients
+    for i in range(96):
+        serve, train = rng.randint(0, 300), rng.choice([0, rng.randint(1, 200)])
+        passes = rng.choice([0, 1, 1, 2])
+        back = rng.randint(passes, 200) if passes else 0
+        training = (0.03 + 3e-4 * train if train else 0) + 0.05 * passes + 6e-4 * back
+        if i % 16 == 5:
+            training += 1.0  # an optimizer step, say: dropped from the fit
+        model.observe(serve, 0.01 + 2e-4 * serve + training + rng.uniform(0, 1e-4), train,
+                      back, passes, training)
+    a, *rest = model.coefficients
     assert a == pytest.approx(0.01, abs=2e-3)
-    assert b_serve == pytest.approx(2e-4, rel=0.05)
-    assert b_forward == pytest.approx(3e-4, rel=0.05)
-    assert b_backward == pytest.approx(6e-4, rel=0.05)
+    assert rest == pytest.approx([2e-4, 0.03, 3e-4, 0.05, 6e-4], rel=0.05)
     assert model.inference_budget(0.05, cap=1000) == pytest.approx(200, abs=10)
-    assert model.training_cost(10, 20) == pytest.approx(10 * 3e-4 + 20 * 6e-4, rel=0.05)
-    assert model.predict(100, 10, 20) == pytest.approx(0.01 + 0.02 + 0.015, rel=0.05)
+    # a few-token piece costs its pass's fixed part: nowhere near free
+    assert model.training_cost(1, 0, 0) == pytest.approx(0.03 + 3e-4, rel=0.05)
+    assert model.training_cost(10, 20, 1) == pytest.approx(0.03 + 0.003 + 0.05 + 0.012,
+                                                           rel=0.05)
+    assert model.predict(100) == pytest.approx(0.03, rel=0.05)
+    assert model.predict(100, 10, 20, 2) == pytest.approx(0.03 + 0.033 + 0.1 + 0.012,
+                                                          rel=0.05)
 
 
 CONFIG = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=1,

@@ -213,16 +213,28 @@ class Engine:
                         None if batch is None else batch.training)
         ended = time.perf_counter()
         seconds = ended - started
-        training_seconds = 0.0 if work is None else (
-            ended - sampled + (forwarded - started) * train_rows / max(1, inference_rows
-                                                                         + train_rows))
+        training_seconds = 0.0 if work is None else ended - sampled + self._training_forward(
+            forwarded - started, inference_rows, batch)
         backward_tokens = 0 if work is None else work.backward_tokens
-        self.step_time.observe(inference_rows, train_rows, backward_tokens, seconds)
+        self.step_time.observe(inference_rows, seconds, train_rows, backward_tokens,
+                               0 if work is None else work.backward_passes, training_seconds)
         self._remember_step(seconds, trainer, training_seconds)
         if self.on_step is not None:
             self.on_step(StepReport(decode_tokens, inference_rows - decode_tokens, train_rows,
                                     backward_tokens, seconds, training_seconds))
         return outputs
+
+    @staticmethod
+    def _training_forward(seconds: float, inference_rows: int, batch: ForwardBatch | None
+                          ) -> float:
+        """The seconds of a pass of `seconds` spent on its training rows: as timed, where the
+        model runs them apart from the served rows, else their share of the rows."""
+        rows = None if batch is None else batch.training
+        if rows is None:
+            return 0.0
+        if rows.forward_seconds is not None:
+            return rows.forward_seconds
+        return seconds * sum(rows.lengths) / (inference_rows + sum(rows.lengths))
 
     def _phase(self) -> tuple[bool, bool]:
         """(whether this step serves, whether it trains): both, unless time slicing."""

@@ -38,8 +38,8 @@ from cotune.model.llama import CausalLM, ForwardBatch
 from cotune.model.lora_routing import LoraRouting, TrainableLora
 from cotune.model.training_rows import ExampleKV, TrainingPiece, TrainingRows
 
-# seconds of training work: cost(forward tokens, backward tokens)
-Cost = Callable[[int, int], float]
+# seconds of a step's training work: cost(forward tokens, backward tokens, backward passes)
+Cost = Callable[[int, int, int], float]
 
 
 @dataclass
@@ -77,9 +77,10 @@ class TrainingWork:
     held_backward: list[tuple[_ExampleRun, int]] = field(default_factory=list)
     forward_tokens: int = 0
     backward_tokens: int = 0
+    backward_passes: int = 0  # graphs whose backward runs in this step
 
     def __bool__(self) -> bool:
-        return bool(self.pieces or self.held_backward)
+        return bool(self.forward_tokens or self.backward_tokens)
 
 
 class Trainer:
@@ -132,34 +133,36 @@ class Trainer:
         forward rows. First the backward of held pieces (oldest example first, newest piece
         first); then whole examples of the current micro-batch, forward and backward in this
         step, as long as they fit; then a piece of the next example, sized so that its own
-        backward fits a room like this one. A piece that is not its example's last goes
-        alone in its pass (the pieces of a pass share one backward). `split`: False keeps
-        every example whole. `at_least_one`: the smallest unit of work even when nothing
-        fits (the job's floor). `seconds` may be infinite: then `max_tokens` alone bounds
-        the work (nothing is served)."""
+        backward fits a room like this one, and evenly (a stub of a last piece would cost a
+        pass of its own). A piece that is not its example's last goes alone in its pass
+        (the pieces of a pass share one backward). `split`: False keeps every example
+        whole. `at_least_one`: the smallest unit of work even when nothing fits (the job's
+        floor). `seconds` may be infinite: then `max_tokens` alone bounds the work (nothing
+        is served)."""
         if not self._runs and not self._pending:
             self._start_micro_batch()
-        work, left = TrainingWork(), seconds
+        work = TrainingWork()
 
-        def fits(forward: int, backward: int) -> bool:
-            return cost(forward, backward) <= left or (at_least_one and not work)
+        def fits(forward: int, backward: int = 0, passes: int = 0) -> bool:
+            """Whether the work planned so far plus this much still fits (costs have fixed
+            parts: the whole step's work is priced, not the increment)."""
+            total = cost(work.forward_tokens + forward, work.backward_tokens + backward,
+                         work.backward_passes + passes)
+            return total <= seconds or (at_least_one and not work)
 
         def take_held(run: _ExampleRun) -> bool:
             """Plans the backward of run's held pieces, newest first, while they fit; True if
             all did."""
-            nonlocal left
-            held = [piece for piece, _, _ in run.held]
             count = 0
-            for piece in reversed(held):
-                if not fits(0, piece.length):
+            for piece, _, _ in reversed(run.held):
+                if not fits(0, piece.length, 1):
                     break
-                left -= cost(0, piece.length)
                 count += 1
                 work.backward_tokens += piece.length
-                if count == 1:
-                    work.held_backward.append((run, 0))
-                work.held_backward[-1] = (run, count)
-            return count == len(held)
+                work.backward_passes += 1
+            if count:
+                work.held_backward.append((run, count))
+            return count == len(run.held)
 
         for run in self._runs:
             if run.planned == run.length and not take_held(run):
@@ -169,29 +172,25 @@ class Trainer:
             if run is None:
                 break
             remaining, rows = run.length - run.planned, max_tokens - work.forward_tokens
-            if run.planned == 0 and (remaining <= rows or not split) and fits(remaining,
-                                                                              remaining):
-                self._add_piece(work, run, remaining)  # a whole example
+            new_pass = 0 if work.backward_now else 1  # the pass's pieces share one backward
+            whole = run.planned == 0 and not split
+            if (remaining <= rows or whole) and fits(remaining, remaining, new_pass):
+                self._add_piece(work, run, remaining)  # the rest of it, its backward now
                 work.backward_now = True
-                left -= cost(remaining, remaining)
                 work.backward_tokens += remaining
+                work.backward_passes += new_pass
+                if run.held:
+                    take_held(run)
+                    break
                 continue
-            if not split:
-                break
-            n = min(remaining, rows, rows if math.isinf(left) else int(left / cost(1, 1)))
+            if not split or work.pieces:
+                break  # a piece whose backward waits goes alone in its pass
+            n = _most(min(remaining, rows), lambda k: fits(k) and (
+                math.isinf(seconds) or cost(0, k, 1) <= seconds))
             if n < 1 and at_least_one and not work:
                 n = 1
-            now = n == remaining and fits(n, n)  # the last piece: its backward can start
-            if n < 1 or (work.pieces and not now):
-                break
-            self._add_piece(work, run, n)
-            if now:
-                work.backward_now = True
-                left -= cost(n, n)
-                work.backward_tokens += n
-                take_held(run)
-            else:
-                left -= cost(n, 0)
+            if n >= 1:
+                self._add_piece(work, run, -(-remaining // -(-remaining // n)))
             break
         return work
 
@@ -451,3 +450,15 @@ def _general_text(tokenizer, max_length: int) -> list[Example]:
         ids = tokenizer(paragraph).input_ids[:max_length]
         examples.append(Example(ids, [False] + [True] * (len(ids) - 1)))
     return examples
+
+
+def _most(limit: int, ok: Callable[[int], bool]) -> int:
+    """The largest n in [0, limit] with ok(n), for ok true up to some n and false after."""
+    low, high = 0, limit
+    while low < high:
+        middle = (low + high + 1) // 2
+        if ok(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low

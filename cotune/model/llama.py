@@ -6,6 +6,7 @@ name and PEFT adapter keys map one to one onto VirtualizedLinear modules.
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -214,11 +215,14 @@ class CausalLM(nn.Module):
         else:  # each layer over the served rows without autograd, then the training rows
             served, trained = x[:first], x[first:]
             serving, training = batch.served_only(), batch.training_only(batch.training)
+            batch.training.forward_seconds = 0.0  # timed apart: the step-time model's due
             for layer in self.model.layers:
                 if first:
                     with torch.no_grad():
                         served = layer(served, cos[:first], sin[:first], serving)
+                started = time.perf_counter()
                 trained = layer(trained, cos[first:], sin[first:], training)
+                batch.training.forward_seconds += time.perf_counter() - started
         # the final norm of the served rows outside autograd: it would keep their input
         with torch.no_grad():
             served = self.model.norm(served)

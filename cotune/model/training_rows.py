@@ -70,6 +70,8 @@ class TrainingRows:
     # (layer, piece, earlier keys, earlier values) of the leaves made in this pass
     leaves: list[tuple[int, TrainingPiece, torch.Tensor, torch.Tensor]] = field(
         default_factory=list)
+    # seconds the pass spent on these rows apart from the served ones (None: not apart)
+    forward_seconds: float | None = None
 
     @property
     def lengths(self) -> list[int]:
