@@ -46,6 +46,29 @@ def test_step_time_model_recovers_a_known_cost_and_sizes_budgets():
                                                           rel=0.05)
 
 
+def test_step_seconds_spend_what_earlier_steps_saved_and_keep_ttft():
+    scheduler = Scheduler(SchedulerConfig(ttft_target_s=2.0, tpot_target_s=0.25),
+                          PagedKVCache(CONFIG, num_blocks=100, block_size=4))
+    now = 100.0
+
+    def request(name, outputs, first_token_ago=None, arrived_ago=0.0):
+        seq = Sequence(name, [1] * 4, SamplingParams(max_tokens=32), arrival=now - arrived_ago)
+        seq.output_ids = [1] * outputs
+        seq.first_token_time = None if first_token_ago is None else now - first_token_ago
+        return seq
+
+    assert scheduler.step_seconds(now) == 1.0  # nobody waits: half the TTFT target
+    scheduler.running.append(request("ahead", 8, first_token_ago=1.0))  # 8 x 0.25 - 1.0
+    assert scheduler.step_seconds(now) == pytest.approx(1.0)
+    scheduler.running.append(request("behind", 2, first_token_ago=0.4))  # 2 x 0.25 - 0.4
+    assert scheduler.step_seconds(now) == pytest.approx(0.1)
+    scheduler.running.pop()
+    scheduler.waiting.append(request("queued", 0, arrived_ago=1.5))  # (2.0 - 1.5) / 2
+    assert scheduler.step_seconds(now) == pytest.approx(0.25)
+    scheduler.waiting.append(request("late", 0, arrived_ago=2.5))
+    assert scheduler.step_seconds(now) < 0
+
+
 CONFIG = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=1,
                      num_heads=1, num_kv_heads=1, head_dim=8)
 

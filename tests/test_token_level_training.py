@@ -18,6 +18,7 @@ from peft_reference import assert_grads_match_training_examples
 from cotune import FinetuneSpec, LoraSettings, OptimizerSettings
 from cotune.engine.engine import Engine, EngineConfig
 from cotune.engine.sampling import SamplingParams
+from cotune.engine.step_time import StepTimeModel
 from cotune.engine.trainer import Trainer
 from cotune.model.llama import ForwardBatch
 from cotune.model.loading import load_model
@@ -175,14 +176,31 @@ def test_served_rows_keep_no_autograd_state_in_a_step_that_trains(tiny_checkpoin
 def test_without_a_floor_a_job_trains_only_in_the_room_serving_leaves(tiny_checkpoint,
                                                                       tmp_path):
     _, base = tiny_checkpoint
-    engine = Engine(load_model(base), config=EngineConfig(tpot_target_s=1e-6))
+    engine = Engine(load_model(base), config=EngineConfig(ttft_target_s=1e-6,
+                                                          tpot_target_s=1e-6))
     trainer = Trainer(_spec(tmp_path, epochs=1), engine.model, tiny_tokenizer(), "job")
     engine.add_trainer(trainer)
     seqs = [engine.add([3 + i] * 12, SamplingParams(max_tokens=8)) for i in range(4)]
     steps_until(engine, lambda: all(s.is_finished for s in seqs))
-    # an impossible TPOT target leaves no room while anything is served
+    # impossible SLO targets leave no room while anything is served
     assert engine.scheduler.counters["training_tokens"] == 0 and trainer.tokens == 0
     steps_until(engine, lambda: trainer.finished)  # then it has the whole engine
+    assert trainer.tokens > 0
+
+
+@pytest.mark.parametrize("fixed_cost, trains_while_serving", [(0.0, True), (100.0, False)])
+def test_a_room_not_worth_a_pass_is_left_for_later(tiny_checkpoint, tmp_path, fixed_cost,
+                                                   trains_while_serving):
+    _, base = tiny_checkpoint
+    engine = Engine(load_model(base), config=EngineConfig(ttft_target_s=60, tpot_target_s=30))
+    # a training pass's fixed cost as the model believes it (no training step refits it)
+    engine.step_time = StepTimeModel(prior=(0.0, 1e-3, fixed_cost, 1e-3, fixed_cost, 1e-3))
+    trainer = Trainer(_spec(tmp_path, epochs=1), engine.model, tiny_tokenizer(), "job")
+    engine.add_trainer(trainer)
+    seqs = [engine.add([3 + i] * 12, SamplingParams(max_tokens=8)) for i in range(4)]
+    steps_until(engine, lambda: all(s.is_finished for s in seqs))
+    assert (trainer.tokens > 0) == trains_while_serving
+    steps_until(engine, lambda: trainer.finished)  # alone, it has the whole engine
     assert trainer.tokens > 0
 
 

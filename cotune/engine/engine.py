@@ -260,20 +260,28 @@ class Engine:
         """(trainer, its work in this step) for the first job in turn that has work that
         fits, jobs below their floor first; (None, None) when none has.
 
-        Serving comes first: a job gets the room the TPOT target leaves beside the step's
-        inference tokens, or the whole step when nothing is served. A job whose share of
-        step time over the last share_window_s fell below its floor (spec.min_share) gets
-        room for that share of this step, and at least the smallest unit of work."""
+        Serving comes first: a job gets the room the requests' SLOs leave beside the step's
+        inference tokens (Scheduler.step_seconds), or the whole step when nothing is served.
+        A room too small for training to spend at least half of it on tokens rather than on
+        a pass's fixed cost is left unused: the requests' TPOT slack grows, and a later step
+        gets a room worth training in. A job whose share of step time over the last
+        share_window_s fell below its floor (spec.min_share) gets room for that share of
+        this step, and at least the smallest unit of work."""
         ready = [t for t in self.trainers if not t.awaiting_ranks]
         if not ready:
             return None, None
         cap = self.config.max_batched_tokens
         model, serving = self.step_time, self.scheduler.has_work
         serve_seconds = model.predict(inference_tokens)
-        room = self.config.tpot_target_s - serve_seconds if serving else math.inf
+        room = math.inf
+        if serving:
+            room = self.scheduler.step_seconds(time.monotonic()) - serve_seconds
+        worth_training = room >= 2 * model.training_overhead
         below = {t for t in ready if t.spec.min_share > 0
                  and self._training_share(t) < t.spec.min_share}
         for trainer in sorted(ready, key=lambda t: t not in below):  # stable: round robin
+            if trainer not in below and not worth_training:
+                continue
             share = trainer.spec.min_share
             seconds = max(room, serve_seconds * share / (1 - share)) if trainer in below else room
             work = trainer.plan(seconds, model.training_cost, cap - inference_tokens,

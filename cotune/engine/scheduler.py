@@ -17,6 +17,7 @@ requests behind it until a slot frees, so that nobody starves.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -132,6 +133,23 @@ class Scheduler:
         for chunk in plan.chunks:
             self.tenant_tokens[chunk.seq.tenant] += chunk.num_tokens
         return plan
+
+    def step_seconds(self, now: float) -> float:
+        """The longest the next step may take with every request still on its SLOs. A
+        decoding request keeps the mean time per output token it has had within the TPOT
+        target: what earlier, shorter steps saved may be spent now. A request without its
+        first token keeps half of what is left of its TTFT target for the steps after this
+        one. And no step takes over half the TTFT target: a request that arrives meanwhile
+        waits it out. Negative when a request is already late."""
+        c = self.config
+        limit = c.ttft_target_s / 2
+        for seq in itertools.chain(self.running, self.waiting):
+            if seq.first_token_time is None:
+                limit = min(limit, (c.ttft_target_s - (now - seq.arrival)) / 2)
+            else:
+                limit = min(limit, c.tpot_target_s * len(seq.output_ids)
+                            - (now - seq.first_token_time))
+        return limit
 
     @property
     def decoding(self) -> int:

@@ -73,6 +73,12 @@ class StepTimeModel:
         forward = c_forward + b_forward * training_tokens if training_tokens else 0.0
         return forward + c_backward * backward_passes + b_backward * backward_tokens
 
+    @property
+    def training_overhead(self) -> float:
+        """Seconds a pass over training rows costs however few they are: the larger fixed
+        part, of a forward or of a backward."""
+        return max(self.coefficients[2], self.coefficients[4])
+
     def inference_budget(self, seconds: float, cap: int) -> int:
         """The most inference tokens a step may hold and still take at most `seconds`."""
         a, b_serve = self.coefficients[:2]
