@@ -10,7 +10,10 @@ one machine, measured as a client sees them: real `cotune serve` processes and t
      coserve     the same server while one job trains (no floor): both in the same steps
      time-slice  a server started with --time-slice: serving only, then training only
      split       two servers on half the cores each: one serves, the other trains
-   and once a round, `training`: the job alone on the co-serving server.
+   and once a round, `training`: the job alone on the serving server. Serving alone runs
+   first at each rate in a round; the co-serving and time-sliced servers are then started
+   for that rate with its SLOs as their targets (`--ttft-target`, `--tpot-target`, at
+   TARGET_SHARE of the SLOs so far), as an operator would deploy them for it.
 4. SLOs at each rate: TTFT <= 2 x and TPOT <= 1.5 x the p90 that serving alone got at that
    rate (median over rounds). A request that failed counts as missed.
 Meanwhile a prober calls GetJob, ListJobs and health every 0.1 s on the busy server (p99), and
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import threading
@@ -47,6 +51,7 @@ from cotune.model.targets import LORA_TARGETS
 LOADS = (0.25, 0.5, 0.75, 0.9)
 SYSTEMS = ("serving", "coserve", "time-slice", "split")
 GRACE_S = 5.0
+TARGET_SHARE = 0.9  # the servers' SLO targets, as a share of the SLOs: a margin for the p90
 _SENTENCES = ["The river runs past the old mill and into the valley below the town.",
               "Every morning the baker opens the shop well before the sun rises.",
               "A good map shows the roads, the rivers, the hills and the old bridges.",
@@ -177,6 +182,7 @@ class Server:
         self.process: ServerProcess = start_server(
             workdir / name, "--grace-period", str(GRACE_S), "--num-slots",
             str(len(adapters) + 4), *flags)
+        self.data_dir = workdir / name
         self.client = Client(self.process.address, self.process.admin_token)
         for i, path in enumerate(adapters):
             self.client.adapters.create(f"a{i}", path)
@@ -244,8 +250,6 @@ def run(duration: float, num_adapters: int, new_tokens: int, rounds: int, slice_
     half = max(1, cores // 2)
     threads = threads or half
     shared = Server(workdir, "shared", adapters, "--threads", str(threads))
-    sliced = Server(workdir, "sliced", adapters, "--threads", str(threads), "--time-slice",
-                    str(slice_s))
     split_serve = Server(workdir, "split-serve", adapters, "--threads", str(half))
     split_train = Server(workdir, "split-train", adapters, "--threads", str(half))
     try:
@@ -260,11 +264,16 @@ def run(duration: float, num_adapters: int, new_tokens: int, rounds: int, slice_
             shared.stop_job()
             points.append(dict(round=r, system="training", rate=0.0, trained_per_s=solo))
             for load, rate in zip(loads, rates):
-                order = SYSTEMS[r % len(SYSTEMS):] + SYSTEMS[:r % len(SYSTEMS)]
-                for system in order:
-                    points.append(_point(system, shared, sliced, split_serve, split_train,
-                                         rate, duration, r, new_tokens)
-                                  | dict(round=r, system=system, load=load, rate=rate))
+                others = SYSTEMS[1:]
+                order = others[r % len(others):] + others[:r % len(others)]
+                for system in ("serving", *order):  # serving first: the SLOs come from it
+                    targets = None if system == "serving" else [
+                        TARGET_SHARE * slo for slo in _slos(points, load)]
+                    point = _point(system, workdir, adapters, shared, split_serve,
+                                   split_train, rate, duration, r, new_tokens, threads,
+                                   targets, slice_s)
+                    points.append(point | dict(round=r, system=system, load=load, rate=rate,
+                                               targets=targets))
         shared.start_job()  # SIGTERM while it serves and trains
         load_thread = threading.Thread(target=_poisson, daemon=True, args=(
             shared.client, rates[len(rates) // 2], duration, 99, shared.adapters, new_tokens))
@@ -272,39 +281,54 @@ def run(duration: float, num_adapters: int, new_tokens: int, rounds: int, slice_
         time.sleep(duration / 2)
         sigterm_exit_s = shared.process.stop()
     finally:
-        for server in (shared, sliced, split_serve, split_train):
+        for server in (shared, split_serve, split_train):
             server.close()
     result = _summarise(points, capacity, rates, loads, unloaded, sigterm_exit_s)
     result.update(benchmark="coserve", machine=machine(), model="SmolLM2-135M-Instruct",
                   duration_s=duration, rounds=rounds, adapters=num_adapters, rank=RANK,
                   new_tokens=new_tokens, slice_s=slice_s, concurrency=concurrency,
                   threads={"shared": threads, "split": half}, grace_s=GRACE_S,
+                  target_share=TARGET_SHARE,
                   points=points)
     write(result, out_dir)
     return result
 
 
-def _point(system: str, shared: Server, sliced: Server, split_serve: Server,
-           split_train: Server, rate: float, duration: float, seed: int,
-           new_tokens: int) -> dict:
-    serving, training = {"serving": (shared, None), "coserve": (shared, shared),
-                         "time-slice": (sliced, sliced),
+def _point(system: str, workdir: Path, adapters: list[Path], shared: Server,
+           split_serve: Server, split_train: Server, rate: float, duration: float, seed: int,
+           new_tokens: int, threads: int, targets: list[float] | None, slice_s: float) -> dict:
+    """One system at one rate. The co-serving and time-sliced servers start for the point,
+    with `targets` (TTFT, TPOT seconds) as their SLO targets."""
+    fresh = None
+    if system in ("coserve", "time-slice"):
+        flags = ["--threads", str(threads), "--ttft-target", f"{targets[0]:.4f}",
+                 "--tpot-target", f"{targets[1]:.4f}"]
+        if system == "time-slice":
+            flags += ["--time-slice", str(slice_s)]
+        fresh = Server(workdir, f"{system}-{seed}-{rate}", adapters, *flags)
+    serving, training = {"serving": (shared, None), "coserve": (fresh, fresh),
+                         "time-slice": (fresh, fresh),
                          "split": (split_serve, split_train)}[system]
-    if training is not None:
-        training.start_job()
-    prober = Prober(serving.client, serving.process.address, training.job_id
-                    if training is serving else None)
+    try:
+        if training is not None:
+            training.start_job()
+        prober = Prober(serving.client, serving.process.address, training.job_id
+                        if training is serving else None)
 
-    def load():
-        return _poisson(serving.client, rate, duration, seed * 1000 + int(rate * 1000),
-                        serving.adapters, new_tokens)
+        def load():
+            return _poisson(serving.client, rate, duration, seed * 1000 + int(rate * 1000),
+                            serving.adapters, new_tokens)
 
-    if training is None:
-        trained, outcomes = 0.0, load()
-    else:
-        trained, outcomes = _trained_per_s(training, load)
-        training.stop_job()
-    unary = prober.close()
+        if training is None:
+            trained, outcomes = 0.0, load()
+        else:
+            trained, outcomes = _trained_per_s(training, load)
+            training.stop_job()
+        unary = prober.close()
+    finally:
+        if fresh is not None:
+            fresh.close()
+            shutil.rmtree(fresh.data_dir, ignore_errors=True)
     return dict(trained_per_s=trained, unary_p99_s=_quantile(unary, 0.99),
                 requests=[(o.ttft_s, o.tpot_s) for o in outcomes],
                 tokens=sum(o.tokens for o in outcomes))
@@ -315,14 +339,19 @@ def _p90(point: dict, index: int) -> float | None:
     return _quantile([r[index] for r in point["requests"] if r[index] is not None], 0.9)
 
 
+def _slos(points: list[dict], load: float) -> tuple[float, float]:
+    """(TTFT, TPOT) SLOs at `load`: 2 x and 1.5 x the p90s of serving alone there (medians
+    over the rounds so far)."""
+    alone = [p for p in points if p.get("load") == load and p["system"] == "serving"]
+    return 2 * _median(_p90(p, 0) for p in alone), 1.5 * _median(_p90(p, 1) for p in alone)
+
+
 def _summarise(points, capacity, rates, loads, unloaded, sigterm_exit_s) -> dict:
     solo = _median(p["trained_per_s"] for p in points if p["system"] == "training")
     rows = []
     for load, rate in zip(loads, rates):
         at_rate = [p for p in points if p.get("load") == load]
-        alone = [p for p in at_rate if p["system"] == "serving"]
-        ttft_slo = 2 * _median(_p90(p, 0) for p in alone)
-        tpot_slo = 1.5 * _median(_p90(p, 1) for p in alone)
+        ttft_slo, tpot_slo = _slos(points, load)
         for system in SYSTEMS:
             runs = [p for p in at_rate if p["system"] == system]
             trained = _median(p["trained_per_s"] for p in runs)
@@ -374,7 +403,10 @@ def write(result: dict, out_dir: Path) -> None:
              f"{result['unloaded_tpot_p50_s']:.3f} s. Training alone: "
              f"{fmt(result['solo_trained_per_s'], '.1f')} tokens/s. SIGTERM while serving and "
              f"training: exit in {result['sigterm_exit_s']:.1f} s (grace {result['grace_s']} s).",
-             "", "SLOs at each rate: TTFT <= 2 x and TPOT <= 1.5 x the p90 of serving alone.",
+             "", "SLOs at each rate: TTFT <= 2 x and TPOT <= 1.5 x the p90 of serving alone. "
+             "The co-serving and time-sliced servers are started at each rate with "
+             f"{result['target_share']:.0%} of its SLOs as their targets (--ttft-target, "
+             "--tpot-target).",
              "", "| load | req/s | system | SLO met | TTFT p90 (s) | TPOT p90 (s) | training "
              "tok/s | vs (1-load) x alone | unary p99 (ms) |", "|---|---|---|---|---|---|---|---|"
              "---|"]

@@ -94,3 +94,54 @@ def test_projections_holding_no_adapter_of_the_step_are_left_out(monkeypatch):
     torch.testing.assert_close(q, alone[0](x, lora), rtol=1e-5, atol=1e-5)
     base = torch.nn.functional.linear(x, *joint_weight(together))
     assert torch.equal(torch.cat([q, k, v], dim=1)[:, WIDTHS["q"]:], base[:, WIDTHS["q"]:])
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_groups_share_the_gemm_and_equal_each_group_alone(together, monkeypatch, seed):
+    """Served rows (no autograd) and trained rows through project_groups: the outputs and
+    gradients of project_together on each group's rows alone, the served outputs with no
+    autograd state, and the base weights read by one GEMM per projection for both."""
+    from cotune.model import row_groups
+    from cotune.model.projection_group import project_groups
+    from cotune.model.row_groups import RowGroup
+
+    monkeypatch.setenv("COTUNE_KERNELS", "torch")
+    layers = _layers(True, together)
+    served_x, trained_x = torch.randn(7, D_IN), torch.randn(5, D_IN)
+    served = LoraRouting.from_sequences([1, 2, 4], [0, None, 1])
+
+    def groups(trainable):
+        rows = LoraRouting.from_sequences([2, 3], [trainable, trainable])
+        return [RowGroup(_Routed(served), None, None, grad=False),
+                RowGroup(_Routed(rows), None, None, grad=True)]
+
+    gemms, shared = [], row_groups.shared_linear
+    monkeypatch.setattr(row_groups, "shared_linear", lambda *a: gemms.append(1) or shared(*a))
+    monkeypatch.setattr("cotune.model.projection_group.shared_linear",
+                        row_groups.shared_linear)
+    trainable = _trainable()
+    x = trained_x.clone().requires_grad_()
+    (served_out, trained_out) = project_groups(layers, [served_x, x], groups(trainable))
+    assert len(gemms) == (1 if together else len(layers))
+    assert not any(o.requires_grad for o in served_out)
+    sum((o * (i + 1)).sum() for i, o in enumerate(trained_out)).backward()
+
+    alone = _trainable()
+    x_alone = trained_x.clone().requires_grad_()
+    with torch.no_grad():
+        want_served = project_together(layers, served_x, served)
+    want_trained = project_together(layers, x_alone, groups(alone)[1].batch.lora)
+    sum((o * (i + 1)).sum() for i, o in enumerate(want_trained)).backward()
+    for got, want in zip(served_out + trained_out, want_served + want_trained):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{m} (seed {seed})")
+    for got, want in zip([x.grad, *(p.grad for p in trainable.parameters())],
+                         [x_alone.grad, *(p.grad for p in alone.parameters())]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _Routed:
+    """What project_groups reads of a group's batch: its routing."""
+
+    def __init__(self, lora):
+        self.lora = lora

@@ -28,11 +28,12 @@ def test_step_time_model_recovers_a_known_cost_and_sizes_budgets():
         serve, train = rng.randint(0, 300), rng.choice([0, rng.randint(1, 200)])
         passes = rng.choice([0, 1, 1, 2])
         back = rng.randint(passes, 200) if passes else 0
-        training = (0.03 + 3e-4 * train if train else 0) + 0.05 * passes + 6e-4 * back
+        forward = 0.03 + 3e-4 * train if train else 0.0
+        backward = 0.05 * passes + 6e-4 * back
         if i % 16 == 5:
-            training += 1.0  # an optimizer step, say: dropped from the fit
-        model.observe(serve, 0.01 + 2e-4 * serve + training + rng.uniform(0, 1e-4), train,
-                      back, passes, training)
+            backward += 1.0  # an optimizer step, say: dropped from the fit
+        model.observe(serve, 0.01 + 2e-4 * serve + forward + backward + rng.uniform(0, 1e-4),
+                      train, forward, back, passes, backward)
     a, *rest = model.coefficients
     assert a == pytest.approx(0.01, abs=2e-3)
     assert rest == pytest.approx([2e-4, 0.03, 3e-4, 0.05, 6e-4], rel=0.05)

@@ -141,11 +141,14 @@ def test_resume_after_a_stop_mid_example_equals_an_uninterrupted_run(tiny_checkp
 def _saved_activation_elements(model, served_lens: list[int], piece_len: int) -> int:
     """Elements autograd saves in a pass of `served_lens` served sequences and one training
     example of `piece_len` tokens (the weights of the model and adapter not counted)."""
-    weights = {id(p) for p in model.parameters()}
+    def storage(tensor) -> int:
+        return tensor.untyped_storage().data_ptr()
+
+    weights = {storage(p) for p in model.parameters()}
     lora = TrainableLora({name: (torch.randn(2, m.in_features), torch.randn(m.out_features, 2),
                                  1.0)
                           for name, m in model.lora_modules(("q_proj", "up_proj")).items()})
-    weights |= {id(p) for p in lora.parameters()}
+    weights |= {storage(p) for p in lora.parameters()}
     generator = torch.Generator().manual_seed(0)
     lens = [*served_lens, piece_len]
     ids = torch.randint(0, model.config.vocab_size, (sum(lens),), generator=generator)
@@ -154,7 +157,7 @@ def _saved_activation_elements(model, served_lens: list[int], piece_len: int) ->
     saved = []
 
     def pack(tensor):
-        if id(tensor) not in weights:
+        if storage(tensor) not in weights:  # views of a weight included
             saved.append(tensor.numel())
         return tensor
 

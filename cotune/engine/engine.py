@@ -213,11 +213,15 @@ class Engine:
                         None if batch is None else batch.training)
         ended = time.perf_counter()
         seconds = ended - started
-        training_seconds = 0.0 if work is None else ended - sampled + self._training_forward(
-            forwarded - started, inference_rows, batch)
+        forward_seconds = self._training_forward(forwarded - started, inference_rows, batch)
+        backward_seconds = 0.0 if work is None else ended - sampled  # losses, backward
+        if work is not None and not work.backward_passes:
+            forward_seconds, backward_seconds = forward_seconds + backward_seconds, 0.0
+        training_seconds = forward_seconds + backward_seconds
         backward_tokens = 0 if work is None else work.backward_tokens
-        self.step_time.observe(inference_rows, seconds, train_rows, backward_tokens,
-                               0 if work is None else work.backward_passes, training_seconds)
+        self.step_time.observe(inference_rows, seconds, train_rows, forward_seconds,
+                               backward_tokens, 0 if work is None else work.backward_passes,
+                               backward_seconds)
         self._remember_step(seconds, trainer, training_seconds)
         if self.on_step is not None:
             self.on_step(StepReport(decode_tokens, inference_rows - decode_tokens, train_rows,

@@ -4,20 +4,24 @@
                 + [training_tokens > 0] * c_forward + b_forward * training_tokens
                 + c_backward * backward_passes + b_backward * backward_tokens    (training)
 
-Training rows have costs of their own: their pass reads every weight again however few
-they are (c_forward), and so does each backward over a pass's graph (c_backward: a step may
-run the backward of several pieces forwarded in earlier steps, one graph each); per token
-their forward is differentiable (b_forward), and their backward runs in whichever step the
-trainer planned it (b_backward). Without the fixed terms a few-token piece looks nearly
-free, and a step that trains overshoots its target by the fixed part.
+Training rows have costs of their own, however few they are: their forward runs every
+op of every layer apart from the served rows' (c_forward; the projections' GEMMs are shared,
+see row_groups), and each backward over a pass's graph reads every weight again
+(c_backward: a step may run the backward of several pieces forwarded in earlier steps, one
+graph each). Per token their forward is differentiable (b_forward), and their backward runs
+in whichever step the trainer planned it (b_backward). Without the fixed terms a few-token
+piece looks nearly free, and a step that trains overshoots its target by the fixed part.
 
-The two parts are fitted apart, each by least squares on what it measured: the engine times
-its training rows on their own (the backward, and their layers' forward), so serving is
-fitted on the rest of each step and training on its own seconds, over the most recent steps
-of each kind. A fit drops the samples far off its first pass (an optimizer step, a version
-being saved) and fits again. Until enough steps are seen, conservative priors stand in. The
-model is what turns SLO targets into budgets: the largest step whose predicted time still
-meets the time-per-output-token target, and the training work that fits beside it.
+Serving, the training forward and the training backward are fitted apart, each by least
+squares on what it measured: the engine times its training rows on their own (their layers'
+forward, then the losses and backward after the pass), so serving is fitted on the rest of
+each step, over the most recent steps, and each training part on its own seconds, over the
+most recent steps that had it. (Fitted together, the fixed and per-token costs of forward
+and backward cannot be told apart when whole examples run forward and backward in the same
+step.) A fit drops the samples far off its first pass (an optimizer step, a version being
+saved) and fits again. Until enough steps are seen, conservative priors stand in. The model
+is what turns SLO targets into budgets: the largest step whose predicted time still meets
+the time-per-output-token target, and the training work that fits beside it.
 """
 
 from __future__ import annotations
@@ -36,28 +40,31 @@ class StepTimeModel:
     def __init__(self, window: int = 128, prior: tuple[float, ...] = PRIOR):
         self.prior = prior
         self.coefficients = prior
-        self._serving: deque[tuple[int, float]] = deque(maxlen=window)
-        # (forward tokens, backward tokens, backward passes, seconds)
-        self._training: deque[tuple[int, int, int, float]] = deque(maxlen=window)
+        self._serving: deque[tuple[int, float]] = deque(maxlen=window)  # (tokens, seconds)
+        self._forward: deque[tuple[int, float]] = deque(maxlen=window)  # (tokens, seconds)
+        # (tokens, passes, seconds)
+        self._backward: deque[tuple[int, int, float]] = deque(maxlen=window)
 
     def observe(self, inference_tokens: int, seconds: float, training_tokens: int = 0,
-                backward_tokens: int = 0, backward_passes: int = 0,
-                training_seconds: float = 0.0) -> None:
-        """A step of `seconds` in all, `training_seconds` of them spent on its training rows."""
-        self._serving.append((inference_tokens, seconds - training_seconds))
-        if training_tokens or backward_tokens:
-            self._training.append((training_tokens, backward_tokens, backward_passes,
-                                   training_seconds))
-        serving, training = self.prior[:2], self.prior[2:]
+                forward_seconds: float = 0.0, backward_tokens: int = 0,
+                backward_passes: int = 0, backward_seconds: float = 0.0) -> None:
+        """A step of `seconds` in all: `forward_seconds` of them spent on its training rows'
+        forward (and their losses), `backward_seconds` on the backward of `backward_passes`
+        graphs over `backward_tokens` rows (and the losses of the pieces in them)."""
+        self._serving.append((inference_tokens, seconds - forward_seconds - backward_seconds))
+        if training_tokens:
+            self._forward.append((training_tokens, forward_seconds))
+        if backward_passes:
+            self._backward.append((backward_tokens, backward_passes, backward_seconds))
+        a, b_serve, c_forward, b_forward, c_backward, b_backward = self.prior
         if len(self._serving) >= MIN_SAMPLES:
-            data = np.array(self._serving, dtype=np.float64)
-            x = np.column_stack([np.ones(len(data)), data[:, 0]])
-            serving = _fit(x, data[:, 1], self.prior[:2], slopes=[False, True])
-        if len(self._training) >= MIN_SAMPLES:
-            data = np.array(self._training, dtype=np.float64)
-            x = np.column_stack([data[:, 0] > 0, data[:, 0], data[:, 2], data[:, 1]])
-            training = _fit(x, data[:, 3], self.prior[2:], slopes=[False, True, False, True])
-        self.coefficients = (*serving, *training)
+            a, b_serve = _fit(self._serving, (a, b_serve))
+        if len(self._forward) >= MIN_SAMPLES:
+            c_forward, b_forward = _fit(self._forward, (c_forward, b_forward))
+        if len(self._backward) >= MIN_SAMPLES:
+            c_backward, b_backward = _fit(self._backward, (c_backward, b_backward),
+                                          per_pass=True)
+        self.coefficients = (a, b_serve, c_forward, b_forward, c_backward, b_backward)
 
     def predict(self, inference_tokens: int, training_tokens: int = 0,
                 backward_tokens: int = 0, backward_passes: int = 0) -> float:
@@ -85,21 +92,23 @@ class StepTimeModel:
         return int(max(1, min(cap, (seconds - a) / b_serve)))
 
 
-def _fit(x: np.ndarray, y: np.ndarray, prior, slopes: list[bool]) -> tuple[float, ...]:
-    """Coefficients of y ~ x, fixed costs >= 0 and per-token slopes > 0 (`slopes` marks
-    which is which). A little ridge toward the prior keeps the fit sane when a column never
-    varies (no backward yet, say); samples far off the first fit are dropped and the fit is
-    made again."""
-    prior = np.array(prior)
-    ridge = 1e-3 * np.diag([1e2 if slope else 1.0 for slope in slopes])
+def _fit(samples, prior: tuple[float, float], per_pass: bool = False) -> tuple[float, float]:
+    """(fixed >= 0, per token > 0) seconds fitted to samples (tokens, seconds), or (tokens,
+    passes, seconds) with `per_pass` (the fixed cost then counts once per pass). A little
+    ridge toward the prior keeps the fit sane while the tokens hardly vary; samples far off
+    the first fit are dropped and the fit is made again."""
+    data = np.array(samples, dtype=np.float64)
+    fixed = data[:, 1] if per_pass else np.ones(len(data))
+    x, y = np.column_stack([fixed, data[:, 0]]), data[:, -1]
+    ridge = 1e-3 * np.diag([1.0, 1e2])
 
     def solve(rows):
         xs = x[rows]
-        return np.linalg.solve(xs.T @ xs + ridge, xs.T @ y[rows] + ridge @ prior)
+        return np.linalg.solve(xs.T @ xs + ridge, xs.T @ y[rows] + ridge @ np.array(prior))
 
     coefficients = solve(slice(None))
     residuals = np.abs(x @ coefficients - y)
     keep = residuals <= OUTLIER * np.median(residuals) + 1e-6
-    if keep.sum() >= len(prior) and not keep.all():
+    if keep.sum() >= 2 and not keep.all():
         coefficients = solve(keep)
-    return tuple(float(max(c, 1e-6 if slope else 0.0)) for c, slope in zip(coefficients, slopes))
+    return max(float(coefficients[0]), 0.0), max(float(coefficients[1]), 1e-6)

@@ -19,8 +19,9 @@ from cotune.model.config import ModelConfig
 from cotune.model.kv import CachedAttention
 from cotune.model.layer_checkpoint import CheckpointedLayer
 from cotune.model.lora_routing import LoraRouting
-from cotune.model.projection_group import project_together
+from cotune.model.projection_group import project_groups
 from cotune.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
+from cotune.model.row_groups import RowGroup, apart
 from cotune.model.targets import LORA_TARGETS
 from cotune.model.training_rows import TrainingRows
 from cotune.model.virtualized_linear import VirtualizedLinear
@@ -123,14 +124,19 @@ class Attention(nn.Module):
         self.v_proj = VirtualizedLinear(c.hidden_size, kv_out, c.qkv_bias, f"{prefix}.v_proj")
         self.o_proj = VirtualizedLinear(q_out, c.hidden_size, c.o_bias, f"{prefix}.o_proj")
 
-    def forward(self, x, cos, sin, batch: ForwardBatch, layer: int) -> torch.Tensor:
-        c, T = self.config, x.shape[0]
-        q, k, v = project_together([self.q_proj, self.k_proj, self.v_proj], x, batch.lora)
+    def forward(self, hs: list[torch.Tensor], groups: list[RowGroup], layer: int
+                ) -> list[torch.Tensor]:
+        qkv = project_groups([self.q_proj, self.k_proj, self.v_proj], hs, groups)
+        outs = apart(groups, lambda g, q_k_v: self._attend(g, *q_k_v, layer), groups, qkv)
+        return [o for (o,) in project_groups([self.o_proj], outs, groups)]
+
+    def _attend(self, group: RowGroup, q, k, v, layer: int) -> torch.Tensor:
+        c, T = self.config, q.shape[0]
         q = q.view(T, c.num_heads, c.head_dim)
         k, v = k.view(T, c.num_kv_heads, c.head_dim), v.view(T, c.num_kv_heads, c.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = batch.attention(layer, q, k, v, c.sliding_window)
-        return self.o_proj(out.reshape(T, c.num_heads * c.head_dim), batch.lora)
+        q, k = apply_rotary(q, group.cos, group.sin), apply_rotary(k, group.cos, group.sin)
+        out = group.batch.attention(layer, q, k, v, c.sliding_window)
+        return out.reshape(T, c.num_heads * c.head_dim)
 
 
 class MLP(nn.Module):
@@ -144,9 +150,10 @@ class MLP(nn.Module):
         self.down_proj = VirtualizedLinear(c.intermediate_size, c.hidden_size, c.mlp_bias,
                                            f"{prefix}.down_proj")
 
-    def forward(self, x, lora: LoraRouting | None) -> torch.Tensor:
-        gate, up = project_together([self.gate_proj, self.up_proj], x, lora)
-        return self.down_proj(F.silu(gate) * up, lora)
+    def forward(self, hs: list[torch.Tensor], groups: list[RowGroup]) -> list[torch.Tensor]:
+        gate_up = project_groups([self.gate_proj, self.up_proj], hs, groups)
+        acts = apart(groups, lambda g_u: F.silu(g_u[0]) * g_u[1], gate_up)
+        return [y for (y,) in project_groups([self.down_proj], acts, groups)]
 
 
 class DecoderLayer(nn.Module):
@@ -160,8 +167,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, self.index)
-        return x + self.mlp(self.post_attention_layernorm(x), batch.lora)
+        """Every row of `batch` alike."""
+        return self.forward_groups([x], [RowGroup(batch, cos, sin, torch.is_grad_enabled())])[0]
+
+    def forward_groups(self, xs: list[torch.Tensor], groups: list[RowGroup]
+                       ) -> list[torch.Tensor]:
+        """Each group's rows (xs[g]) through the layer apart, but for the projections' GEMMs
+        (see row_groups)."""
+        h = apart(groups, self.input_layernorm, xs)
+        xs = apart(groups, torch.add, xs, self.self_attn(h, groups, self.index))
+        h = apart(groups, self.post_attention_layernorm, xs)
+        return apart(groups, torch.add, xs, self.mlp(h, groups))
 
 
 class Decoder(nn.Module):
@@ -212,17 +228,19 @@ class CausalLM(nn.Module):
             for index in range(len(self.model.layers)):
                 x = CheckpointedLayer.apply(x, (self, index, batch, cos, sin), *params)
             served, trained = x[:first].detach(), x[first:]
-        else:  # each layer over the served rows without autograd, then the training rows
-            served, trained = x[:first], x[first:]
-            serving, training = batch.served_only(), batch.training_only(batch.training)
-            batch.training.forward_seconds = 0.0  # timed apart: the step-time model's due
+        else:  # the served rows without autograd, the training rows apart (row_groups)
+            training = RowGroup(batch.training_only(batch.training), cos[first:], sin[first:],
+                                grad=True)
+            serving = RowGroup(batch.served_only(), cos[:first], sin[:first], grad=False)
+            groups = [serving, training] if first else [training]
+            xs = [x[:first], x[first:]] if first else [x]
+            started = time.perf_counter()
             for layer in self.model.layers:
-                if first:
-                    with torch.no_grad():
-                        served = layer(served, cos[:first], sin[:first], serving)
-                started = time.perf_counter()
-                trained = layer(trained, cos[first:], sin[first:], training)
-                batch.training.forward_seconds += time.perf_counter() - started
+                xs = layer.forward_groups(xs, groups)
+            # timed apart for the step-time model (all of it when nothing is served)
+            batch.training.forward_seconds = training.seconds if first else (
+                time.perf_counter() - started)
+            served, trained = (xs[0], xs[1]) if first else (x[:0], xs[0])
         # the final norm of the served rows outside autograd: it would keep their input
         with torch.no_grad():
             served = self.model.norm(served)

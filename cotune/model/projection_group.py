@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from cotune.kernels.choice import backend
 from cotune.model.lora_routing import LoraRouting
+from cotune.model.row_groups import RowGroup, apart, shared_linear
 from cotune.model.virtualized_linear import VirtualizedLinear, served_slots
 
 
@@ -64,7 +65,31 @@ def project_together(layers: Sequence[VirtualizedLinear], x: torch.Tensor,
     joint = joint_weight(layers)
     if joint is None:
         return [layer(x, lora) for layer in layers]
-    y = F.linear(x, *joint)  # (T, sum out_j), all rows at once
+    return _add_lora(layers, x, F.linear(x, *joint), lora)
+
+
+def project_groups(layers: Sequence[VirtualizedLinear], xs: list[torch.Tensor],
+                   groups: list[RowGroup]) -> list[list[torch.Tensor]]:
+    """project_together for each group's rows (with its routing), the base GEMMs shared by
+    every group: each weight is read once for all (row_groups.shared_linear). Per group, a
+    list of the layers' outputs."""
+    if len(groups) == 1:
+        return [project_together(layers, xs[0], groups[0].batch.lora)]
+    joint = joint_weight(layers)
+    if joint is not None:
+        ys = shared_linear(xs, groups, *joint)
+        return apart(groups, lambda g, x, y: _add_lora(layers, x, y, g.batch.lora), groups, xs,
+                     ys)
+    # stored apart: a GEMM per layer, each still over every group's rows
+    per_layer = [shared_linear(xs, groups, layer.weight, layer.bias) for layer in layers]
+    return apart(groups, lambda g, x, *ys: [
+        _add_lora([layer], x, y, g.batch.lora)[0] for layer, y in zip(layers, ys)],
+        groups, xs, *per_layer)
+
+
+def _add_lora(layers: Sequence[VirtualizedLinear], x: torch.Tensor, y: torch.Tensor,
+              lora: LoraRouting | None) -> list[torch.Tensor]:
+    """Each layer's output, as y's columns (the group's base GEMM) plus its LoRA on x."""
     widths = [layer.out_features for layer in layers]
     if lora is None:
         return list(y.split(widths, dim=1))
