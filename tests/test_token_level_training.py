@@ -191,13 +191,29 @@ def test_without_a_floor_a_job_trains_only_in_the_room_serving_leaves(tiny_check
     assert trainer.tokens > 0
 
 
-@pytest.mark.parametrize("fixed_cost, trains_while_serving", [(0.0, True), (100.0, False)])
-def test_a_room_not_worth_a_pass_is_left_for_later(tiny_checkpoint, tmp_path, fixed_cost,
-                                                   trains_while_serving):
+class _PassCost(StepTimeModel):
+    """The measured model, but for what it believes a training pass's fixed cost is."""
+
+    def __init__(self, overhead: float):
+        super().__init__()
+        self.overhead = overhead
+
+    @property
+    def training_overhead(self) -> float:
+        return self.overhead
+
+
+@pytest.mark.parametrize("overhead, ttft, tpot, trains_while_serving", [
+    (0.0, 60, 0.5, True),
+    (100.0, 60, 0.5, False),  # the room is left to grow
+    (100.0, 0.4, 30, True),  # no step may be longer: nothing to wait for
+])
+def test_a_room_not_worth_a_pass_is_left_to_grow(tiny_checkpoint, tmp_path, overhead, ttft,
+                                                 tpot, trains_while_serving):
     _, base = tiny_checkpoint
-    engine = Engine(load_model(base), config=EngineConfig(ttft_target_s=60, tpot_target_s=30))
-    # a training pass's fixed cost as the model believes it (no training step refits it)
-    engine.step_time = StepTimeModel(prior=(0.0, 1e-3, fixed_cost, 1e-3, fixed_cost, 1e-3))
+    engine = Engine(load_model(base), config=EngineConfig(ttft_target_s=ttft,
+                                                          tpot_target_s=tpot))
+    engine.step_time = _PassCost(overhead)
     trainer = Trainer(_spec(tmp_path, epochs=1), engine.model, tiny_tokenizer(), "job")
     engine.add_trainer(trainer)
     seqs = [engine.add([3 + i] * 12, SamplingParams(max_tokens=8)) for i in range(4)]

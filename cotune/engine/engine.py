@@ -267,8 +267,8 @@ class Engine:
         Serving comes first: a job gets the room the requests' SLOs leave beside the step's
         inference tokens (Scheduler.step_seconds), or the whole step when nothing is served.
         A room too small for training to spend at least half of it on tokens rather than on
-        a pass's fixed cost is left unused: the requests' TPOT slack grows, and a later step
-        gets a room worth training in. A job whose share of step time over the last
+        a pass's fixed cost is left unused while the requests' TPOT slack can still grow it:
+        a later step gets a room worth training in. A job whose share of step time over the last
         share_window_s fell below its floor (spec.min_share) gets room for that share of
         this step, and at least the smallest unit of work."""
         ready = [t for t in self.trainers if not t.awaiting_ranks]
@@ -277,10 +277,13 @@ class Engine:
         cap = self.config.max_batched_tokens
         model, serving = self.step_time, self.scheduler.has_work
         serve_seconds = model.predict(inference_tokens)
-        room = math.inf
+        room, worth_training = math.inf, True
         if serving:
-            room = self.scheduler.step_seconds(time.monotonic()) - serve_seconds
-        worth_training = room >= 2 * model.training_overhead
+            step = self.scheduler.step_seconds(time.monotonic())
+            room = step - serve_seconds
+            # a small room waits to grow, unless no step may be longer anyway
+            worth_training = (room >= 2 * model.training_overhead
+                              or step >= self.scheduler.max_step_seconds)
         below = {t for t in ready if t.spec.min_share > 0
                  and self._training_share(t) < t.spec.min_share}
         for trainer in sorted(ready, key=lambda t: t not in below):  # stable: round robin

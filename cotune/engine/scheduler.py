@@ -134,6 +134,11 @@ class Scheduler:
             self.tenant_tokens[chunk.seq.tenant] += chunk.num_tokens
         return plan
 
+    @property
+    def max_step_seconds(self) -> float:
+        """The longest any step may take: half the TTFT target."""
+        return self.config.ttft_target_s / 2
+
     def step_seconds(self, now: float) -> float:
         """The longest the next step may take with every request still on its SLOs. A
         decoding request keeps the mean time per output token it has had within the TPOT
@@ -142,7 +147,7 @@ class Scheduler:
         one. And no step takes over half the TTFT target: a request that arrives meanwhile
         waits it out. Negative when a request is already late."""
         c = self.config
-        limit = c.ttft_target_s / 2
+        limit = self.max_step_seconds
         for seq in itertools.chain(self.running, self.waiting):
             if seq.first_token_time is None:
                 limit = min(limit, (c.ttft_target_s - (now - seq.arrival)) / 2)

@@ -19,7 +19,8 @@ each step, over the most recent steps, and each training part on its own seconds
 most recent steps that had it. (Fitted together, the fixed and per-token costs of forward
 and backward cannot be told apart when whole examples run forward and backward in the same
 step.) A fit drops the samples far off its first pass (an optimizer step, a version being
-saved) and fits again. Until enough steps are seen, conservative priors stand in. The model
+saved) and fits again. Until enough steps are seen, conservative priors stand in (for the
+training parts' fixed costs, the serving fit's, as soon as there is one). The model
 is what turns SLO targets into budgets: the largest step whose predicted time still meets
 the time-per-output-token target, and the training work that fits beside it.
 """
@@ -59,6 +60,9 @@ class StepTimeModel:
         a, b_serve, c_forward, b_forward, c_backward, b_backward = self.prior
         if len(self._serving) >= MIN_SAMPLES:
             a, b_serve = _fit(self._serving, (a, b_serve))
+            # a pass over training rows has fixed costs like a step's: the prior of theirs,
+            # until pieces of several sizes tell them apart from the per-token ones
+            c_forward = c_backward = a
         if len(self._forward) >= MIN_SAMPLES:
             c_forward, b_forward = _fit(self._forward, (c_forward, b_forward))
         if len(self._backward) >= MIN_SAMPLES:

@@ -38,6 +38,8 @@ from cotune.model.llama import CausalLM, ForwardBatch
 from cotune.model.lora_routing import LoraRouting, TrainableLora
 from cotune.model.training_rows import ExampleKV, TrainingPiece, TrainingRows
 
+EVAL_PASS_TOKENS = 2048  # tokens a forward pass of evaluation holds, over many examples
+
 # seconds of a step's training work: cost(forward tokens, backward tokens, backward passes)
 Cost = Callable[[int, int, int], float]
 
@@ -95,6 +97,7 @@ class Trainer:
         if span is not None:
             _check_span(len(self.train_examples), spec.batch_size, span[1])
         self.general_examples = _general_text(tokenizer, spec.max_length)
+        self._general_loss_base: float | None = None  # the base model's, worked out once
         self.lora = _init_lora(spec, model)
         opt = spec.optimizer
         self.optimizer = torch.optim.AdamW(self.lora.parameters(), lr=opt.lr, betas=opt.betas,
@@ -284,7 +287,9 @@ class Trainer:
         metrics = {"train_loss": self.losses[-1] if self.losses else None}
         if self.eval_examples:
             metrics["eval_loss"] = self._mean_loss(self.eval_examples, self.lora)
-        base = self._mean_loss(self.general_examples, None)
+        if self._general_loss_base is None:  # the base is frozen: once is enough
+            self._general_loss_base = self._mean_loss(self.general_examples, None)
+        base = self._general_loss_base
         adapted = self._mean_loss(self.general_examples, self.lora)
         metrics.update(general_loss_base=base, general_loss_adapter=adapted,
                        retention=base / adapted)
@@ -370,15 +375,17 @@ class Trainer:
         return order
 
     def _mean_loss(self, examples: list[Example], lora: TrainableLora | None) -> float:
+        """The mean loss per target token over `examples`, many examples to a pass (each
+        attends only within itself), at most EVAL_PASS_TOKENS tokens a pass."""
         total, count = 0.0, 0
-        for example in examples:
-            n = len(example.token_ids)
-            batch = ForwardBatch(torch.tensor(example.token_ids), [n],
-                                 lora=LoraRouting.from_sequences([n], [lora]))
+        for batch_examples in _passes(examples, EVAL_PASS_TOKENS):
+            lens = [len(e.token_ids) for e in batch_examples]
+            batch = ForwardBatch(torch.tensor([t for e in batch_examples for t in e.token_ids]),
+                                 lens, lora=LoraRouting.from_sequences(lens, [lora] * len(lens)))
             logits = self.model.logits(self.model(batch))
-            targets = _shifted_targets([example], logits.device)
+            targets = _shifted_targets(batch_examples, logits.device)
             total += F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
-            count += sum(example.loss_mask)
+            count += sum(sum(e.loss_mask) for e in batch_examples)
         return total / max(1, count)
 
     def _progress(self) -> dict:
@@ -440,6 +447,19 @@ def _shifted_targets(examples: list[Example], device) -> torch.Tensor:
         targets.extend(ids[t + 1] if mask[t + 1] else -100 for t in range(len(ids) - 1))
         targets.append(-100)
     return torch.tensor(targets, device=device)
+
+
+def _passes(examples: list[Example], max_tokens: int) -> list[list[Example]]:
+    """Consecutive examples in groups of at most `max_tokens` tokens (or one longer example)."""
+    groups: list[list[Example]] = []
+    tokens = 0
+    for example in examples:
+        if not groups or tokens + len(example.token_ids) > max_tokens:
+            groups.append([])
+            tokens = 0
+        groups[-1].append(example)
+        tokens += len(example.token_ids)
+    return groups
 
 
 def _general_text(tokenizer, max_length: int) -> list[Example]:
