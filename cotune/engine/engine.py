@@ -268,9 +268,9 @@ class Engine:
         inference tokens (Scheduler.step_seconds), or the whole step when nothing is served.
         A room too small for training to spend at least half of it on tokens rather than on
         a pass's fixed cost is left unused while the requests' TPOT slack can still grow it:
-        a later step gets a room worth training in. A job whose share of step time over the last
-        share_window_s fell below its floor (spec.min_share) gets room for that share of
-        this step, and at least the smallest unit of work."""
+        a later step gets a room worth training in. A job whose share of step time over the
+        last share_window_s fell below its floor (spec.min_share) gets room for that share
+        of this step, and at least the smallest unit of work."""
         ready = [t for t in self.trainers if not t.awaiting_ranks]
         if not ready:
             return None, None
