@@ -223,6 +223,27 @@ def test_a_room_not_worth_a_pass_is_left_to_grow(tiny_checkpoint, tmp_path, over
     assert trainer.tokens > 0
 
 
+@pytest.mark.parametrize("ttft", [0.2, 60.0])
+def test_with_nothing_served_a_step_is_no_longer_than_any_step_may_be(tiny_checkpoint,
+                                                                      tmp_path, ttft):
+    """A request that arrives at an idle server waits out the training step under way: it
+    is bounded like any other, by half the TTFT target."""
+    _, base = tiny_checkpoint
+    engine = Engine(load_model(base), config=EngineConfig(ttft_target_s=ttft))
+    # what the model believes until it has seen steps: 10 ms a training token, no fixed part
+    engine.step_time = StepTimeModel(prior=(0.0, 1e-3, 0.0, 0.01, 0.0, 0.01))
+    trainer = Trainer(_spec(tmp_path, epochs=1), engine.model, tiny_tokenizer(), "job")
+    engine.add_trainer(trainer)
+    reports = []
+    engine.on_step = reports.append
+    engine.step()
+    forwarded = reports[0].training_tokens
+    if ttft < 1:  # at most 0.1 s: 10 tokens, their backward in a later step
+        assert 1 <= forwarded <= 10
+    else:
+        assert forwarded > 10
+
+
 def test_time_slicing_never_serves_and_trains_in_one_step(tiny_checkpoint, tmp_path):
     _, base = tiny_checkpoint
     engine = Engine(load_model(base), config=EngineConfig(time_slice_s=0.02))

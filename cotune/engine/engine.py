@@ -4,7 +4,6 @@ is one forward pass over every scheduled token, whatever adapter each row uses."
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import time
 from collections import Counter, deque
@@ -265,7 +264,9 @@ class Engine:
         fits, jobs below their floor first; (None, None) when none has.
 
         Serving comes first: a job gets the room the requests' SLOs leave beside the step's
-        inference tokens (Scheduler.step_seconds), or the whole step when nothing is served.
+        inference tokens (Scheduler.step_seconds); with nothing served, a step of the longest
+        any step may take (a request that arrives meanwhile waits it out), and at least one
+        unit of work.
         A room too small for training to spend at least half of it on tokens rather than on
         a pass's fixed cost is left unused while the requests' TPOT slack can still grow it:
         a later step gets a room worth training in. A job whose share of step time over the
@@ -277,13 +278,12 @@ class Engine:
         cap = self.config.max_batched_tokens
         model, serving = self.step_time, self.scheduler.has_work
         serve_seconds = model.predict(inference_tokens)
-        room, worth_training = math.inf, True
-        if serving:
-            step = self.scheduler.step_seconds(time.monotonic())
-            room = step - serve_seconds
-            # a small room waits to grow, unless no step may be longer anyway
-            worth_training = (room >= 2 * model.training_overhead
-                              or step >= self.scheduler.max_step_seconds)
+        # with nothing served too: a request arriving meanwhile waits out this step
+        step = self.scheduler.step_seconds(time.monotonic())
+        room = step - serve_seconds
+        # a small room waits to grow, unless no step may be longer anyway
+        worth_training = (room >= 2 * model.training_overhead
+                          or step >= self.scheduler.max_step_seconds)
         below = {t for t in ready if t.spec.min_share > 0
                  and self._training_share(t) < t.spec.min_share}
         for trainer in sorted(ready, key=lambda t: t not in below):  # stable: round robin

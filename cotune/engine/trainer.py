@@ -140,18 +140,18 @@ class Trainer:
         pass of its own). A piece that is not its example's last goes alone in its pass
         (the pieces of a pass share one backward). `split`: False keeps every example
         whole. `at_least_one`: the smallest unit of work even when nothing fits (the job's
-        floor). `seconds` may be infinite: then `max_tokens` alone bounds the work (nothing
-        is served)."""
+        floor, or nothing served)."""
         if not self._runs and not self._pending:
             self._start_micro_batch()
         work = TrainingWork()
 
-        def fits(forward: int, backward: int = 0, passes: int = 0) -> bool:
+        def fits(forward: int, backward: int = 0, passes: int = 0, unit: bool = True) -> bool:
             """Whether the work planned so far plus this much still fits (costs have fixed
-            parts: the whole step's work is priced, not the increment)."""
+            parts: the whole step's work is priced, not the increment); or, with
+            `at_least_one` and nothing planned yet, whether it is a smallest unit (`unit`)."""
             total = cost(work.forward_tokens + forward, work.backward_tokens + backward,
                          work.backward_passes + passes)
-            return total <= seconds or (at_least_one and not work)
+            return total <= seconds or (at_least_one and unit and not work)
 
         def take_held(run: _ExampleRun) -> bool:
             """Plans the backward of run's held pieces, newest first, while they fit; True if
@@ -177,7 +177,9 @@ class Trainer:
             remaining, rows = run.length - run.planned, max_tokens - work.forward_tokens
             new_pass = 0 if work.backward_now else 1  # the pass's pieces share one backward
             whole = run.planned == 0 and not split
-            if (remaining <= rows or whole) and fits(remaining, remaining, new_pass):
+            # a whole example is the smallest unit only where examples are never split
+            if (remaining <= rows or whole) and fits(remaining, remaining, new_pass,
+                                                     unit=not split):
                 self._add_piece(work, run, remaining)  # the rest of it, its backward now
                 work.backward_now = True
                 work.backward_tokens += remaining
@@ -188,8 +190,7 @@ class Trainer:
                 continue
             if not split or work.pieces:
                 break  # a piece whose backward waits goes alone in its pass
-            n = _most(min(remaining, rows), lambda k: fits(k) and (
-                math.isinf(seconds) or cost(0, k, 1) <= seconds))
+            n = _most(min(remaining, rows), lambda k: fits(k) and cost(0, k, 1) <= seconds)
             if n < 1 and at_least_one and not work:
                 n = 1
             if n >= 1:
