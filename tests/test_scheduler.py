@@ -4,6 +4,7 @@ and SLO accounting."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 from conftest import tiny_tokenizer
@@ -17,6 +18,7 @@ from cotune.engine.scheduler import Scheduler, SchedulerConfig
 from cotune.engine.sequence import Sequence
 from cotune.engine.step_time import StepTimeModel
 from cotune.engine.trainer import Trainer
+from cotune.engine.waiting import WaitingQueue
 from cotune.model.config import ModelConfig
 from cotune.model.loading import load_model
 
@@ -52,8 +54,9 @@ def test_step_seconds_spend_what_earlier_steps_saved_and_keep_ttft():
                           PagedKVCache(CONFIG, num_blocks=100, block_size=4))
     now = 100.0
 
-    def request(name, outputs, first_token_ago=None, arrived_ago=0.0):
-        seq = Sequence(name, [1] * 4, SamplingParams(max_tokens=32), arrival=now - arrived_ago)
+    def request(name, outputs, first_token_ago=None, arrived_ago=0.0, tenant="default"):
+        seq = Sequence(name, [1] * 4, SamplingParams(max_tokens=32), arrival=now - arrived_ago,
+                       tenant=tenant)
         seq.output_ids = [1] * outputs
         seq.first_token_time = None if first_token_ago is None else now - first_token_ago
         return seq
@@ -66,7 +69,12 @@ def test_step_seconds_spend_what_earlier_steps_saved_and_keep_ttft():
     scheduler.running.pop()
     scheduler.waiting.append(request("queued", 0, arrived_ago=1.5))  # (2.0 - 1.5) / 2
     assert scheduler.step_seconds(now) == pytest.approx(0.25)
-    scheduler.waiting.append(request("late", 0, arrived_ago=2.5))
+    scheduler.waiting.append(request("next", 0, arrived_ago=1.0))  # behind "queued"
+    assert scheduler.step_seconds(now) == pytest.approx(0.25)
+    # another tenant's oldest counts too, and a request put back after it had tokens
+    scheduler.waiting.append(request("other", 0, arrived_ago=1.9, tenant="b"))
+    assert scheduler.step_seconds(now) == pytest.approx(0.05)
+    scheduler.waiting.put_back(request("preempted", 4, first_token_ago=1.2))  # 4 x 0.25 - 1.2
     assert scheduler.step_seconds(now) < 0
 
 
@@ -117,3 +125,25 @@ def test_training_keeps_its_floor_while_serving_is_busy_and_slos_are_counted(
     assert trainer.finished and counters["training_tokens"] >= trainer.tokens > 0
     assert slo["default", "tpot", "missed"] == 6 and slo["default", "ttft", "met"] == 6
     assert slo["default", "both", "missed"] == 6
+
+
+def test_waiting_queue_admits_in_the_order_of_preempted_then_least_served_then_oldest():
+    rng = random.Random(7)
+    queue, seqs = WaitingQueue(), []
+    for i in range(60):  # arrivals in order, as the engine queues them; ties of service
+        seq = Sequence(f"r{i}", [1], SamplingParams(), tenant=rng.choice("abcd"), arrival=i)
+        seqs.append(seq)
+        queue.append(seq)
+    for seq in rng.sample(seqs, 6):  # some run and are preempted
+        queue.remove(seq)
+        seq.preemptions = 1
+        queue.put_back(seq)
+    for seq in rng.sample([s for s in seqs if s.preemptions == 0], 5):  # aborted
+        queue.remove(seq)
+    served = Counter({"a": 5.0, "b": 0.0, "c": 5.0})  # "d" never served
+    expected = sorted(queue, key=lambda s: (s.preemptions == 0, served[s.tenant], s.arrival))
+    order = []
+    for seq in queue.in_admission_order(served):  # removing as it goes, as admission does
+        order.append(seq)
+        queue.remove(seq)
+    assert order == expected and len(order) == 55 and not queue

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cotune.engine.kv_cache import PagedKVCache
 from cotune.engine.sequence import SeqState, Sequence
+from cotune.engine.waiting import WaitingQueue
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Scheduler:
         self.config, self.cache = config, cache
         self.admit, self.release = admit, release
         self.slot_waits: Counter[Sequence] = Counter()  # steps refused a slot, in a row
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Sequence] = []
         self.counters: Counter[str] = Counter()  # decisions, for metrics
         self.tenant_tokens: Counter[str] = Counter()  # recent tokens served, decaying
@@ -148,7 +149,7 @@ class Scheduler:
         waits it out. Negative when a request is already late."""
         c = self.config
         limit = self.max_step_seconds
-        for seq in itertools.chain(self.running, self.waiting):
+        for seq in itertools.chain(self.running, self.waiting.oldest()):
             if seq.first_token_time is None:
                 limit = min(limit, (c.ttft_target_s - (now - seq.arrival)) / 2)
             else:
@@ -188,7 +189,7 @@ class Scheduler:
             if chunk:
                 plan.chunks.append(ScheduledChunk(seq, chunk))
                 budget -= chunk
-        for seq in sorted(self.waiting, key=self._priority):
+        for seq in self.waiting.in_admission_order(self.tenant_tokens):
             if budget <= 0 or len(self.running) >= self.config.max_running:
                 break
             chunk = self._reserve_chunk(seq, budget)
@@ -213,11 +214,6 @@ class Scheduler:
             plan.chunks.append(ScheduledChunk(seq, chunk))
             budget -= chunk
 
-    def _priority(self, seq: Sequence) -> tuple:
-        """Preempted sequences first (they already waited); then the oldest request of the
-        tenant served least recently."""
-        return seq.preemptions == 0, self.tenant_tokens[seq.tenant], seq.arrival
-
     def _reserve_chunk(self, seq: Sequence, budget: int) -> int:
         """The largest chunk of seq's pending tokens, up to `budget`, that the cache can take."""
         chunk = min(seq.pending, budget)
@@ -241,6 +237,6 @@ class Scheduler:
         seq.computed = 0
         seq.state = SeqState.WAITING
         seq.preemptions += 1
-        self.waiting.appendleft(seq)
+        self.waiting.put_back(seq)
         plan.preempted.append(seq)
         self.counters["preemptions"] += 1
