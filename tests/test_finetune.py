@@ -17,6 +17,7 @@ from peft_reference import assert_grads_match_training_examples
 
 from cotune import FinetuneSpec, JobState, LoraSettings, OptimizerSettings, Request, Runtime
 from cotune.engine.engine import Engine, EngineConfig
+from cotune.engine.evaluation import Evaluation
 from cotune.engine.finetune_spec import SpecError
 from cotune.engine.sampling import SamplingParams
 from cotune.engine.trainer import Trainer
@@ -101,7 +102,8 @@ def test_resumed_job_continues_step_for_step(tiny_checkpoint, tmp_path, dropout)
         engine = Engine(load_model(base))
         trainer = Trainer(spec, engine.model, tokenizer, "job")
         engine.add_trainer(trainer)
-        steps_until(engine, lambda: trainer.finished or trainer.step == stop_at)
+        steps_until(engine, lambda: trainer.done or (trainer.step == stop_at
+                                                     and not trainer.publishing))
         return trainer
 
     whole = run(tmp_path / "whole")
@@ -172,6 +174,40 @@ def test_job_metrics_report_eval_loss_and_retention(tiny_checkpoint, tmp_path):
     assert metrics["step"] == metrics["total_steps"] == 4  # 6 train examples, batch 3, 2 epochs
     assert metrics["eval_loss"] > 0 and 0 < metrics["retention"]
     assert metrics["losses"][-1] < metrics["losses"][0]
+
+
+def test_a_versions_evaluation_runs_in_the_room_of_several_steps(tiny_checkpoint, tmp_path):
+    """Publishing a version never holds up serving: its evaluation (eval loss, retention)
+    runs a few examples a step, within each step's room, the job training no more meanwhile,
+    and gives the metrics of an evaluation all at once."""
+    _, base = tiny_checkpoint
+    engine = Engine(load_model(base))
+    trainer = Trainer(_spec(tmp_path, eval_fraction=0.25), engine.model, tiny_tokenizer(),
+                      "job")
+    cost = lambda forward, backward, passes: 0.01 * (forward + backward)  # noqa: E731
+    longest = max(len(e.token_ids) for e in trainer.general_examples + trainer.eval_examples)
+    room_tokens = 2 * longest
+    room = 0.01 * room_tokens
+    total = sum(len(e.token_ids) for e in trainer.eval_examples + 2 * trainer.general_examples)
+    trainer.begin_checkpoint()
+    shares = []
+    while not trainer.checkpoint_ready:
+        work = trainer.plan(room, cost, max_tokens=512)
+        tokens = sum(item.tokens for item in work.evaluation)
+        assert not work.pieces and not work.held_backward  # no training meanwhile
+        assert work.evaluation and tokens <= room_tokens, tokens
+        trainer.train(work, None, engine.model.logits, None)
+        shares.append(tokens)
+    assert sum(shares) == total and len(shares) >= total / room_tokens > 2
+    everything = Evaluation(trainer.eval_examples, trainer.general_examples, trainer.lora, None)
+    everything.run(everything.take_all(), engine.model)
+    assert trainer.checkpoint() == 1 and not trainer.publishing
+    expected = everything.metrics()
+    assert set(expected) == {"eval_loss", "general_loss_base", "general_loss_adapter",
+                             "retention"}
+    for name, value in expected.items():
+        assert trainer.metrics[name] == pytest.approx(value, rel=1e-5), name
+    assert trainer.plan(room, cost, max_tokens=512).pieces  # trains again
 
 
 def test_bad_data_is_refused_before_the_job_starts(tiny_checkpoint, tmp_path):

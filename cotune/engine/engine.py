@@ -350,8 +350,9 @@ class Engine:
 
     def _train(self, trainer: Trainer, work: TrainingWork, hidden: torch.Tensor | None,
                rows: TrainingRows | None) -> None:
-        """Losses and backward of the training rows only; optimizer step, versions, job end.
-        A job that fails ends alone: serving and other jobs go on."""
+        """Losses and backward of the training rows only (or a share of a version's
+        evaluation); optimizer step, versions, job end. A job that fails ends alone:
+        serving and other jobs go on."""
         try:
             stepped = trainer.train(work, hidden, self.model.logits, rows)
         except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
@@ -359,19 +360,37 @@ class Engine:
             return
         if stepped:
             self.after_optimizer_step(trainer)
+        elif work.evaluation:
+            self._publish(trainer)
 
     def after_optimizer_step(self, trainer: Trainer) -> None:
-        """Publishes a version when one is due and ends a finished job; called after each
-        optimizer step (by _train, or by the step sync for a job spanning ranks)."""
+        """Begins a version when one is due, and ends a finished job once its last version is
+        out; called after each optimizer step (by _train, or by the step sync for a job
+        spanning ranks). The version's evaluation runs in the room of the steps to come, so
+        that it never holds up the requests; with a sharded base, whose ranks step together,
+        at once."""
         try:
             if trainer.should_checkpoint():
+                trainer.begin_checkpoint()
+                if self.step_sync is not None:
+                    trainer.evaluate_now()
+        except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
+            self._end_job(trainer, e)
+            return
+        self._publish(trainer)
+
+    def _publish(self, trainer: Trainer) -> None:
+        """Saves and announces the version whose evaluation is done; ends a finished job
+        that has nothing more to publish."""
+        try:
+            if trainer.checkpoint_ready:
                 version = trainer.checkpoint()
                 if self.on_version is not None:
                     self.on_version(trainer, version, trainer.spec.adapter_dir / f"v{version}")
             error = None
         except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
             error = e
-        if error is not None or trainer.finished:
+        if error is not None or trainer.done:
             self._end_job(trainer, error)
 
     def _end_job(self, trainer: Trainer, error: BaseException | None) -> None:

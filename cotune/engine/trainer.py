@@ -32,13 +32,12 @@ from torch.nn import functional as F
 
 from cotune.adapters.peft_format import LoraAdapter, LoraModule, load_peft_adapter
 from cotune.engine.checkpoint import latest_version, load_checkpoint, save_checkpoint
+from cotune.engine.evaluation import EvalItem, Evaluation, shifted_targets
 from cotune.engine.finetune_spec import FinetuneSpec
 from cotune.engine.training_data import Example, read_training_data, split_eval
-from cotune.model.llama import CausalLM, ForwardBatch
-from cotune.model.lora_routing import LoraRouting, TrainableLora
+from cotune.model.llama import CausalLM
+from cotune.model.lora_routing import TrainableLora
 from cotune.model.training_rows import ExampleKV, TrainingPiece, TrainingRows
-
-EVAL_PASS_TOKENS = 2048  # tokens a forward pass of evaluation holds, over many examples
 
 # seconds of a step's training work: cost(forward tokens, backward tokens, backward passes)
 Cost = Callable[[int, int, int], float]
@@ -71,6 +70,8 @@ class TrainingWork:
                    else later, when the pass holds a single piece of a split example.
     held_backward: (example, count) the backward of its `count` newest held pieces, each
                    forwarded alone in an earlier pass, newest first.
+    evaluation:    examples of a version's evaluation, forwarded in passes of their own
+                   (a job that is publishing a version trains no more until it is out).
     """
 
     pieces: list[TrainingPiece] = field(default_factory=list)
@@ -80,9 +81,10 @@ class TrainingWork:
     forward_tokens: int = 0
     backward_tokens: int = 0
     backward_passes: int = 0  # graphs whose backward runs in this step
+    evaluation: list[EvalItem] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.forward_tokens or self.backward_tokens)
+        return bool(self.forward_tokens or self.backward_tokens or self.evaluation)
 
 
 class Trainer:
@@ -114,6 +116,7 @@ class Trainer:
         self.versions: list[int] = []
         self.metrics: dict = {}
         self.checkpoint_requested = False  # set to publish a version at the next step
+        self._evaluation: Evaluation | None = None  # of the version being published
         self.awaiting_ranks = False  # a spanning job's share is done; its step waits for the ranks
         self._window_loss = 0.0
         self._pending: list[Example] = []  # examples of the micro-batch not yet started
@@ -123,6 +126,7 @@ class Trainer:
 
     @property
     def finished(self) -> bool:
+        """Every optimizer step taken (its last version may still be on its way: `done`)."""
         return self.step >= self.total_steps
 
     @property
@@ -140,10 +144,16 @@ class Trainer:
         pass of its own). A piece that is not its example's last goes alone in its pass
         (the pieces of a pass share one backward). `split`: False keeps every example
         whole. `at_least_one`: the smallest unit of work even when nothing fits (the job's
-        floor, or nothing served)."""
+        floor, or nothing served). While a version is being published: the next examples
+        of its evaluation that fit, and no training."""
+        work = TrainingWork()
+        if self._evaluation is not None:
+            work.evaluation = self._evaluation.take(
+                lambda tokens: tokens <= max_tokens and cost(tokens, 0, 0) <= seconds,
+                at_least_one)
+            return work
         if not self._runs and not self._pending:
             self._start_micro_batch()
-        work = TrainingWork()
 
         def fits(forward: int, backward: int = 0, passes: int = 0, unit: bool = True) -> bool:
             """Whether the work planned so far plus this much still fits (costs have fixed
@@ -203,6 +213,9 @@ class Trainer:
         """After the step's forward pass: the losses of the forwarded pieces, from their rows'
         hidden states (R, hidden), `logits` and the pass's `rows`, then the planned backward.
         Returns True when an optimizer step was taken."""
+        if work.evaluation:
+            self._evaluation.run(work.evaluation, self.model)
+            return False
         if work.pieces:
             losses = []
             for piece, run, states in zip(work.pieces, work.runs,
@@ -256,7 +269,7 @@ class Trainer:
         if not self._pending:
             return None
         example = self._pending.pop(0)
-        run = _ExampleRun(example, _shifted_targets([example], self.model.device))
+        run = _ExampleRun(example, shifted_targets([example], self.model.device))
         self._runs.append(run)
         return run
 
@@ -281,20 +294,29 @@ class Trainer:
         return self.finished or self.checkpoint_requested or (every > 0
                                                               and self.step % every == 0)
 
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Eval loss, and retention: the base model's loss on general text over the adapter's
-        (1.0: nothing forgotten; below 1: the adapter made general text less likely)."""
-        metrics = {"train_loss": self.losses[-1] if self.losses else None}
-        if self.eval_examples:
-            metrics["eval_loss"] = self._mean_loss(self.eval_examples, self.lora)
-        if self._general_loss_base is None:  # the base is frozen: once is enough
-            self._general_loss_base = self._mean_loss(self.general_examples, None)
-        base = self._general_loss_base
-        adapted = self._mean_loss(self.general_examples, self.lora)
-        metrics.update(general_loss_base=base, general_loss_adapter=adapted,
-                       retention=base / adapted)
-        return metrics
+    def begin_checkpoint(self) -> None:
+        """Starts publishing the next version: its evaluation runs in the steps to come
+        (`plan` gives its examples), and `checkpoint` saves it once `checkpoint_ready`."""
+        self._evaluation = Evaluation(self.eval_examples, self.general_examples, self.lora,
+                                      self._general_loss_base)
+
+    @property
+    def done(self) -> bool:
+        """Every optimizer step taken, and the last version published."""
+        return self.finished and not self.publishing
+
+    @property
+    def publishing(self) -> bool:
+        """A version is on its way out: the job trains no more until it is published."""
+        return self._evaluation is not None
+
+    @property
+    def checkpoint_ready(self) -> bool:
+        return self._evaluation is not None and self._evaluation.done
+
+    def evaluate_now(self) -> None:
+        """The rest of the evaluation at once (ranks in lockstep, which step together)."""
+        self._evaluation.run(self._evaluation.take_all(), self.model)
 
     def adapter(self) -> LoraAdapter:
         """The current weights as a PEFT adapter (a copy: training goes on)."""
@@ -309,10 +331,13 @@ class Trainer:
         return LoraAdapter(modules=modules, config=config)
 
     def checkpoint(self) -> int:
-        """Publishes the next version with its training state; returns its number."""
+        """Publishes the next version with its training state, once its evaluation is done
+        (`checkpoint_ready`); returns its number."""
         parent = self.versions[-1] if self.versions else None
         version = (parent or 0) + 1
-        self.metrics = self.evaluate()
+        evaluated = self._evaluation.metrics()
+        self._general_loss_base = evaluated["general_loss_base"]
+        self.metrics = {"train_loss": self.losses[-1] if self.losses else None, **evaluated}
         provenance = {"base_fingerprint": self.base_fingerprint, "parent_version": parent,
                       "dataset_fingerprint": self.dataset_fingerprint,
                       "hyperparameters": self.spec.hyperparameters(), "job_id": self.job_id,
@@ -325,6 +350,7 @@ class Trainer:
             self.versions.pop()
             raise
         self.checkpoint_requested = False
+        self._evaluation = None
         return version
 
     def _start_micro_batch(self) -> None:
@@ -375,20 +401,6 @@ class Trainer:
         random.Random(self.spec.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
-    def _mean_loss(self, examples: list[Example], lora: TrainableLora | None) -> float:
-        """The mean loss per target token over `examples`, many examples to a pass (each
-        attends only within itself), at most EVAL_PASS_TOKENS tokens a pass."""
-        total, count = 0.0, 0
-        for batch_examples in _passes(examples, EVAL_PASS_TOKENS):
-            lens = [len(e.token_ids) for e in batch_examples]
-            batch = ForwardBatch(torch.tensor([t for e in batch_examples for t in e.token_ids]),
-                                 lens, lora=LoraRouting.from_sequences(lens, [lora] * len(lens)))
-            logits = self.model.logits(self.model(batch))
-            targets = _shifted_targets(batch_examples, logits.device)
-            total += F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
-            count += sum(sum(e.loss_mask) for e in batch_examples)
-        return total / max(1, count)
-
     def _progress(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "position": self.position,
                 "tokens": self.tokens, "losses": self.losses, "versions": self.versions,
@@ -437,30 +449,6 @@ def _init_lora(spec: FinetuneSpec, model: CausalLM) -> TrainableLora:
     dropout_rng = torch.Generator().manual_seed(spec.seed + 1)
     return TrainableLora(modules, dropout=spec.lora.dropout, generator=dropout_rng).to(
         model.device)
-
-
-def _shifted_targets(examples: list[Example], device) -> torch.Tensor:
-    """(total tokens,) the token each row predicts, -100 where the row predicts nothing:
-    row t of an example predicts token t+1 when that token is a target."""
-    targets = []
-    for example in examples:
-        ids, mask = example.token_ids, example.loss_mask
-        targets.extend(ids[t + 1] if mask[t + 1] else -100 for t in range(len(ids) - 1))
-        targets.append(-100)
-    return torch.tensor(targets, device=device)
-
-
-def _passes(examples: list[Example], max_tokens: int) -> list[list[Example]]:
-    """Consecutive examples in groups of at most `max_tokens` tokens (or one longer example)."""
-    groups: list[list[Example]] = []
-    tokens = 0
-    for example in examples:
-        if not groups or tokens + len(example.token_ids) > max_tokens:
-            groups.append([])
-            tokens = 0
-        groups[-1].append(example)
-        tokens += len(example.token_ids)
-    return groups
 
 
 def _general_text(tokenizer, max_length: int) -> list[Example]:
