@@ -13,12 +13,15 @@ resumes from its newest version at the next start.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import sys
 import threading
 import time
 from concurrent import futures
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -169,6 +172,7 @@ class CotuneServer:
                  time.monotonic() - started)
         self.jobs.stop()
         self.runtime.close()  # at the end of the step in progress
+        log.info("stopping: engine stopped after %.1f s", time.monotonic() - started)
         self.jobs.join(self.grace)  # the jobs' last events, written to the registry
         log.info("stopped after %.1f s", time.monotonic() - started)
         self.registry.close()
@@ -205,10 +209,14 @@ def _model_info(runtime: Runtime, args) -> inference_pb2.ModelInfo:
         num_layers=config.num_layers)
 
 
-def serve_command(args) -> int:
+def serve_command(args) -> NoReturn:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     server = CotuneServer(args)
     server.start()
+    # What start-up built (the model, the tokenizer, the stubs) lives as long as the process:
+    # out of the cyclic GC, a full collection no longer stalls the engine's step (0.18 s for
+    # the default model on a 2-core CPU).
+    gc.freeze()
     scheme = "grpcs" if args.tls_cert else "grpc"
     banner = [f"cotune serve: listening on {args.host}:{server.port} ({scheme})"]
     if server.metrics_port:
@@ -221,4 +229,10 @@ def serve_command(args) -> int:
                       f"try: COTUNE_ADDR={args.host}:{server.port} COTUNE_TOKEN=<the token> "
                       "cotune adapters list")
     server.lifecycle.run_until_stopped(server.stop, banner)
-    return server.exit_code
+    # Stopped with everything on disk (calls drained, jobs checkpointed, the registry
+    # closed): the interpreter's teardown of the model and of every module would only delay
+    # the exit past the grace period and one step (0.4-1.2 s here), so it is skipped.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(server.exit_code)
