@@ -191,6 +191,38 @@ def test_without_a_floor_a_job_trains_only_in_the_room_serving_leaves(tiny_check
     assert trainer.tokens > 0
 
 
+def test_a_job_asked_for_a_version_before_a_stop_moves_every_step(tiny_checkpoint,
+                                                                    tmp_path):
+    """Where the requests leave no room, a job without a floor waits; asked for a version
+    before a stop (Runtime.checkpoint_jobs), it trains and evaluates a unit every step, so
+    that the version comes out within the grace period instead of being lost."""
+    _, base = tiny_checkpoint
+    engine = Engine(load_model(base), config=EngineConfig(ttft_target_s=1e-6,
+                                                          tpot_target_s=1e-6))
+    trainer = Trainer(_spec(tmp_path, epochs=1, max_steps=1), engine.model,
+                      tiny_tokenizer(), "job")
+    engine.add_trainer(trainer)
+    published = []
+    engine.on_version = lambda job, version, path: published.append(version)
+    seqs = []
+
+    def step_while_serving() -> None:  # traffic goes on: 4 requests always in flight
+        seqs.extend(engine.add([3 + len(seqs) % 7] * 12, SamplingParams(max_tokens=8))
+                    for _ in range(4 - sum(not s.is_finished for s in seqs)))
+        engine.step()
+
+    for _ in range(20):
+        step_while_serving()
+    assert trainer.tokens == 0  # no room while anything is served
+    trainer.checkpoint_requested = True
+    for _ in range(3000):
+        step_while_serving()
+        if published:
+            break
+    assert published == [1] and trainer.done and not trainer.checkpoint_requested
+    assert sum(not s.is_finished for s in seqs) == 4  # served all along
+
+
 class _PassCost(StepTimeModel):
     """The measured model, but for what it believes a training pass's fixed cost is."""
 

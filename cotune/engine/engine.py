@@ -261,7 +261,7 @@ class Engine:
 
     def _plan_training(self, inference_tokens: int):
         """(trainer, its work in this step) for the first job in turn that has work that
-        fits, jobs below their floor first; (None, None) when none has.
+        fits, jobs below their floor (or asked for a version) first; (None, None) when none has.
 
         Serving comes first: a job gets the room the requests' SLOs leave beside the step's
         inference tokens (Scheduler.step_seconds); with nothing served, a step of the longest
@@ -271,7 +271,9 @@ class Engine:
         a pass's fixed cost is left unused while the requests' TPOT slack can still grow it:
         a later step gets a room worth training in. A job whose share of step time over the
         last share_window_s fell below its floor (spec.min_share) gets room for that share
-        of this step, and at least the smallest unit of work."""
+        of this step, and at least the smallest unit of work; so does a job asked for a
+        version before a stop (Runtime.checkpoint_jobs), whose work would otherwise be lost
+        if the rooms of the grace period were too small for it."""
         ready = [t for t in self.trainers if not t.awaiting_ranks]
         if not ready:
             return None, None
@@ -284,16 +286,17 @@ class Engine:
         # a small room waits to grow, unless no step may be longer anyway
         worth_training = (room >= 2 * model.training_overhead
                           or step >= self.scheduler.max_step_seconds)
-        below = {t for t in ready if t.spec.min_share > 0
-                 and self._training_share(t) < t.spec.min_share}
-        for trainer in sorted(ready, key=lambda t: t not in below):  # stable: round robin
-            if trainer not in below and not worth_training:
+        pressed = {t for t in ready if t.checkpoint_requested or (
+            t.spec.min_share > 0 and self._training_share(t) < t.spec.min_share)}
+        for trainer in sorted(ready, key=lambda t: t not in pressed):  # stable: round robin
+            if trainer not in pressed and not worth_training:
                 continue
             share = trainer.spec.min_share
-            seconds = max(room, serve_seconds * share / (1 - share)) if trainer in below else room
+            seconds = max(room, serve_seconds * share / (1 - share)) if trainer in pressed \
+                else room
             work = trainer.plan(seconds, model.training_cost, cap - inference_tokens,
                                 split=self.step_sync is None,
-                                at_least_one=trainer in below or not serving)
+                                at_least_one=trainer in pressed or not serving)
             if work:
                 self.trainers.remove(trainer)
                 self.trainers.append(trainer)  # round robin over jobs
