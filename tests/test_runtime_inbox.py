@@ -5,6 +5,8 @@ at once, and take effect at the next step boundary."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -110,3 +112,29 @@ def test_closing_ends_every_request_even_those_that_never_reached_a_step(held):
         assert not thread.is_alive()
     assert outcomes["held"] == "abort"
     assert outcomes["queued"] in ("abort", "refused")
+
+
+EXIT_WITH_A_BUSY_RUNTIME = """
+import sys, time
+from cotune import FinetuneSpec, LoraSettings, Runtime
+runtime = Runtime.load(sys.argv[1])
+job = runtime.finetune(FinetuneSpec(name="busy", data=sys.argv[2], output_dir=sys.argv[3],
+                                    lora=LoraSettings(rank=2, alpha=4), epochs=10_000))
+while job.metrics["tokens"] == 0:
+    time.sleep(0.01)
+print(job.state.value, flush=True)  # and exits, the engine in the middle of its steps
+"""
+
+
+def test_an_interpreter_exits_cleanly_with_a_runtime_left_open_mid_step(tiny_checkpoint,
+                                                                        tmp_path):
+    _, base = tiny_checkpoint
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the cat sat on the mat {i}"}) + "\n"
+                            for i in range(8)))
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", EXIT_WITH_A_BUSY_RUNTIME, str(base),
+                               str(data), str(tmp_path / "out")], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == "running"

@@ -14,11 +14,13 @@ queues, the jobs, whether it is open), for a few statements at a time.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +120,10 @@ class Runtime:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="cotune-engine", daemon=True)
         self._thread.start()
+        # A runtime still open when the interpreter exits stops at a step boundary first: torn
+        # down in the middle of a torch op, its thread would abort the process.
+        self._close_at_exit = functools.partial(_close_if_alive, weakref.ref(self))
+        atexit.register(self._close_at_exit)
 
     @classmethod
     def load(cls, model: str | Path = "default", *, dtype: str = "float32",
@@ -234,6 +240,7 @@ class Runtime:
     def close(self) -> None:
         """Stops the engine at its next step boundary (requests in flight end with "abort",
         running jobs with CANCELLED) and waits for its thread."""
+        atexit.unregister(self._close_at_exit)
         with self._lock:
             self._closed = True
         self._inbox.wake()
@@ -432,3 +439,8 @@ class Runtime:
         for seq, sink in listeners.items():
             self.engine.abort(seq)
             sink.put(None)
+
+
+def _close_if_alive(runtime: weakref.ref[Runtime]) -> None:
+    if (alive := runtime()) is not None:
+        alive.close()
