@@ -7,11 +7,15 @@ one machine, measured as a client sees them: real `cotune serve` processes and t
    rank-16 adapters; each request stops at EOS or `new_tokens`.
 3. Systems at each rate, interleaved over `rounds` rounds (medians reported):
      serving     the server alone
-     coserve     the same server while one job trains (no floor): both in the same steps
+     coserve     the same server while one job trains (no floor), as `cotune serve` runs it
+                 by default: on a CPU with cores the serving steps leave idle, the job on a
+                 training lane beside them (--training-threads), else in the same steps
+     in-steps    a server started with --training-threads 0: the job in the serving steps'
+                 passes, in the room the SLO targets leave
      time-slice  a server started with --time-slice: serving only, then training only
      split       two servers on half the cores each: one serves, the other trains
    and once a round, `training`: the job alone on the serving server. Serving alone runs
-   first at each rate in a round; the co-serving and time-sliced servers are then started
+   first at each rate in a round; the co-serving, in-steps and time-sliced servers are started
    for that rate with its SLOs as their targets (`--ttft-target`, `--tpot-target`, at
    TARGET_SHARE of the SLOs so far), as an operator would deploy them for it.
 4. SLOs at each rate: TTFT <= 2 x and TPOT <= 1.5 x the p90 that serving alone got at that
@@ -43,13 +47,14 @@ from cotune.bench.server_process import ServerProcess, start_server
 from cotune.bench.serving import RANK, machine
 from cotune.client import Client
 from cotune.client.errors import CotuneError
+from cotune.engine.engine import EngineConfig
 from cotune.model.config import ModelConfig
 from cotune.model.default_model import resolve_model_path
 from cotune.model.llama import CausalLM
 from cotune.model.targets import LORA_TARGETS
 
 LOADS = (0.25, 0.5, 0.75, 0.9)
-SYSTEMS = ("serving", "coserve", "time-slice", "split")
+SYSTEMS = ("serving", "coserve", "in-steps", "time-slice", "split")
 GRACE_S = 5.0
 TARGET_SHARE = 0.9  # the servers' SLO targets, as a share of the SLOs: a margin for the p90
 _SENTENCES = ["The river runs past the old mill and into the valley below the town.",
@@ -287,7 +292,9 @@ def run(duration: float, num_adapters: int, new_tokens: int, rounds: int, slice_
     result.update(benchmark="coserve", machine=machine(), model="SmolLM2-135M-Instruct",
                   duration_s=duration, rounds=rounds, adapters=num_adapters, rank=RANK,
                   new_tokens=new_tokens, slice_s=slice_s, concurrency=concurrency,
-                  threads={"shared": threads, "split": half}, grace_s=GRACE_S,
+                  threads={"shared": threads, "split": half,
+                           "lane": EngineConfig(num_threads=threads).idle_cores("cpu")},
+                  grace_s=GRACE_S,
                   target_share=TARGET_SHARE,
                   points=points)
     write(result, out_dir)
@@ -300,14 +307,14 @@ def _point(system: str, workdir: Path, adapters: list[Path], shared: Server,
     """One system at one rate. The co-serving and time-sliced servers start for the point,
     with `targets` (TTFT, TPOT seconds) as their SLO targets."""
     fresh = None
-    if system in ("coserve", "time-slice"):
+    if system in ("coserve", "in-steps", "time-slice"):
         flags = ["--threads", str(threads), "--ttft-target", f"{targets[0]:.4f}",
                  "--tpot-target", f"{targets[1]:.4f}"]
-        if system == "time-slice":
-            flags += ["--time-slice", str(slice_s)]
+        flags += {"coserve": [], "in-steps": ["--training-threads", "0"],
+                  "time-slice": ["--time-slice", str(slice_s)]}[system]
         fresh = Server(workdir, f"{system}-{seed}-{rate}", adapters, *flags)
     serving, training = {"serving": (shared, None), "coserve": (fresh, fresh),
-                         "time-slice": (fresh, fresh),
+                         "in-steps": (fresh, fresh), "time-slice": (fresh, fresh),
                          "split": (split_serve, split_train)}[system]
     try:
         if training is not None:
@@ -394,7 +401,9 @@ def write(result: dict, out_dir: Path) -> None:
     lines = [f"# Co-serving through the server: {result['adapters']} rank-{result['rank']} "
              f"adapters, requests of up to {result['new_tokens']} tokens, one fine-tuning job",
              "", f"Machine: {result['machine']}. Threads: {result['threads']['shared']} for the "
-             f"shared and time-sliced servers, {result['threads']['split']} for each split one. "
+             f"serving steps of the shared, co-serving, in-steps and time-sliced servers, "
+             f"{result['threads']['split']} for each split one; the co-serving server's "
+             f"training lane: {result['threads']['lane']} (0: none, the job in the steps). "
              f"{result['duration_s']:.0f} s a point, {result['rounds']} interleaved rounds, "
              f"medians; time slices of {result['slice_s']} s.", "",
              f"Capacity: {result['capacity_rps']:.2f} requests/s with "
@@ -404,7 +413,7 @@ def write(result: dict, out_dir: Path) -> None:
              f"{fmt(result['solo_trained_per_s'], '.1f')} tokens/s. SIGTERM while serving and "
              f"training: exit in {result['sigterm_exit_s']:.1f} s (grace {result['grace_s']} s).",
              "", "SLOs at each rate: TTFT <= 2 x and TPOT <= 1.5 x the p90 of serving alone. "
-             "The co-serving and time-sliced servers are started at each rate with "
+             "The co-serving, in-steps and time-sliced servers are started at each rate with "
              f"{result['target_share']:.0%} of its SLOs as their targets (--ttft-target, "
              "--tpot-target).",
              "", "| load | req/s | system | SLO met | TTFT p90 (s) | TPOT p90 (s) | training "

@@ -17,6 +17,7 @@ batches run row by row on the pool in place (`sgmv_rows`).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,9 @@ class _Layout:
         return pool.index_select(0, slots)
 
 
-_last_layout: tuple = (None, None, None)
+# Each thread's last layout: (seg_starts, seg_slots, layout). Per thread, because the passes
+# of two threads (a training lane beside the serving steps) interleave.
+_last = threading.local()
 
 
 def _layout(seg_starts: torch.Tensor, seg_slots: torch.Tensor, device) -> _Layout | None:
@@ -80,12 +83,12 @@ def _layout(seg_starts: torch.Tensor, seg_slots: torch.Tensor, device) -> _Layou
 
     Every projection of a step passes the same two tensors, so the last answer is kept and
     reused while they are the very same objects (segment tensors are never modified)."""
-    global _last_layout
-    if _last_layout[0] is seg_starts and _last_layout[1] is seg_slots:
-        return _last_layout[2]
-    result = _plan(seg_starts, seg_slots, device)
-    _last_layout = (seg_starts, seg_slots, result)
-    return result
+    starts, slots, layout = getattr(_last, "layout", (None, None, None))
+    if starts is seg_starts and slots is seg_slots:
+        return layout
+    layout = _plan(seg_starts, seg_slots, device)
+    _last.layout = (seg_starts, seg_slots, layout)
+    return layout
 
 
 def _plan(seg_starts: torch.Tensor, seg_slots: torch.Tensor, device) -> _Layout | None:

@@ -20,6 +20,7 @@ Accumulation is float32 (float64 for float64 inputs). Block sizes: `triton_confi
 
 from __future__ import annotations
 
+import threading
 from functools import cached_property, lru_cache
 
 import torch
@@ -83,19 +84,20 @@ def _on_device(device, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(device=device, dtype=torch.int32) for t in tensors]
 
 
-_last_segments: tuple = (None, None, None)
+# Each thread's last segments: (seg_starts, seg_slots, segments). Per thread, because the
+# passes of two threads (a training lane beside the serving steps) interleave.
+_last = threading.local()
 
 
 def _segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor, device) -> _Segments:
     """The segments of a batch. Every projection of a step passes the same two tensors (never
     modified), so the last answer, with its copies on the device, is reused while they are the
     very same objects on the same device."""
-    global _last_segments
-    starts, slots, segs = _last_segments
+    starts, slots, segs = getattr(_last, "segments", (None, None, None))
     if starts is seg_starts and slots is seg_slots and segs.device == device:
         return segs
     segs = _Segments(seg_starts, seg_slots, device)
-    _last_segments = (seg_starts, seg_slots, segs)
+    _last.segments = (seg_starts, seg_slots, segs)
     return segs
 
 

@@ -27,6 +27,7 @@ def test_slos_come_from_serving_alone_and_training_from_its_share():
     for rnd in range(3):
         points += [_point("serving", 0.5, rnd, ttft=1.0, tpot=0.1),
                    _point("coserve", 0.5, rnd, ttft=1.5, tpot=0.14, trained=35.0),
+                   _point("in-steps", 0.5, rnd, ttft=1.2, tpot=0.12, trained=15.0),
                    _point("time-slice", 0.5, rnd, ttft=3.0, tpot=0.1, trained=50.0),
                    _point("split", 0.5, rnd, ttft=1.0, tpot=0.2, trained=20.0)]
     unloaded = [Outcome(0.2, 0.05, 32), Outcome(0.3, None, 1)]
@@ -39,5 +40,6 @@ def test_slos_come_from_serving_alone_and_training_from_its_share():
     assert rows["serving"]["slo_attainment"] == rows["coserve"]["slo_attainment"] == 1.0
     assert rows["time-slice"]["slo_attainment"] == rows["split"]["slo_attainment"] == 0.0
     assert rows["coserve"]["training_vs_share"] == pytest.approx(35.0 / 50.0)
+    assert rows["in-steps"]["training_vs_share"] == pytest.approx(15.0 / 50.0)
     assert rows["serving"]["training_vs_share"] is None
     assert summary["unloaded_ttft_p90_s"] == 0.3 and summary["unloaded_tpot_p50_s"] == 0.05

@@ -201,7 +201,7 @@ def test_a_versions_evaluation_runs_in_the_room_of_several_steps(tiny_checkpoint
     assert sum(shares) == total and len(shares) >= total / room_tokens > 2
     everything = Evaluation(trainer.eval_examples, trainer.general_examples, trainer.lora, None)
     everything.run(everything.take_all(), engine.model)
-    assert trainer.checkpoint() == 1 and not trainer.publishing
+    assert trainer.checkpoint().version == 1 and not trainer.publishing
     expected = everything.metrics()
     assert set(expected) == {"eval_loss", "general_loss_base", "general_loss_adapter",
                              "retention"}

@@ -48,3 +48,16 @@ def test_a_target_that_is_not_seconds_above_zero_is_refused_naming_the_flag(flag
     assert refused.value.code == 2
     error = capsys.readouterr().err
     assert f"argument {flag}" in error and "seconds above 0, such as 0.25" in error
+
+
+def test_training_threads_default_to_auto_and_take_zero_or_more():
+    assert parse().training_threads is None  # the serve command picks the idle cores
+    assert [parse("--training-threads", n).training_threads for n in ("0", "3")] == [0, 3]
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "all"])
+def test_training_threads_that_are_not_a_whole_number_are_refused(value, capsys):
+    with pytest.raises(SystemExit):
+        parse("--training-threads", value)
+    error = capsys.readouterr().err
+    assert "argument --training-threads" in error and "whole number of 0 or more" in error

@@ -203,7 +203,7 @@ def test_a_job_asked_for_a_version_before_a_stop_moves_every_step(tiny_checkpoin
                       tiny_tokenizer(), "job")
     engine.add_trainer(trainer)
     published = []
-    engine.on_version = lambda job, version, path: published.append(version)
+    engine.on_version = lambda job, version: published.append(version.version)
     seqs = []
 
     def step_while_serving() -> None:  # traffic goes on: 4 requests always in flight

@@ -27,7 +27,8 @@ from cotune.engine.scheduler import (
 )
 from cotune.engine.sequence import Sequence
 from cotune.engine.step_time import StepTimeModel
-from cotune.engine.trainer import Trainer, TrainingWork
+from cotune.engine.trainer import Published, Trainer, TrainingWork
+from cotune.engine.training_lane import TrainingLane
 from cotune.model.llama import CausalLM, ForwardBatch
 from cotune.model.lora_routing import LoraRouting
 from cotune.model.training_rows import TrainingRows
@@ -57,11 +58,23 @@ class EngineConfig:
     # seconds, serving only then training only (each phase yields at once when the other
     # side has nothing to do). None: co-serving, both in the same steps.
     time_slice_s: float | None = None
+    # torch threads of a training lane (training_lane.py): jobs train on a thread of their
+    # own beside the serving steps, on cores the steps leave idle (a CPU with more cores
+    # than num_threads). 0: jobs train in the serving steps' passes, in the room the
+    # requests' SLOs leave (what a GPU wants).
+    training_threads: int = 0
 
     @property
     def torch_threads(self) -> int:
         """The torch threads the engine's steps run on (`num_threads`, or half the cores)."""
         return self.num_threads or max(1, (os.cpu_count() or 1) // 2)
+
+    def idle_cores(self, device: str) -> int:
+        """The cores the serving steps leave idle on `device`, which a training lane can
+        use: on a CPU, those beyond `torch_threads`; none on a GPU."""
+        if torch.device(device).type != "cpu":
+            return 0
+        return max(0, (os.cpu_count() or 1) - self.torch_threads)
 
 
 @dataclass
@@ -93,6 +106,11 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.step_sync = step_sync
         self.config = config = config or EngineConfig()
+        if config.training_threads and (step_sync is not None or config.time_slice_s):
+            raise ValueError("a training lane (training_threads) trains beside the serving "
+                             "steps: it cannot run with a base sharded over ranks, whose "
+                             "ranks step together, nor with time slicing; set "
+                             "training_threads to 0")
         self.stop_token_ids = set(stop_token_ids)
         num_blocks = -(-config.kv_cache_tokens // config.block_size)
         weight = model.model.embed_tokens.weight
@@ -112,24 +130,43 @@ class Engine:
         self.slo_counts: Counter[tuple[str, str, str]] = Counter()
         self._ids = itertools.count()
         self.trainers: list[Trainer] = []
-        # Called as on_version(trainer, version, path) after a job publishes a version, and
+        # Called as on_version(trainer, published) after a job publishes a version, and
         # on_job_end(trainer, error) when a job finishes (error None) or fails.
-        self.on_version: Callable[[Trainer, int, Path], None] | None = None
+        self.on_version: Callable[[Trainer, Published], None] | None = None
         self.on_job_end: Callable[[Trainer, BaseException | None], None] | None = None
-        # Called as on_step(StepReport) after every step that computed anything.
+        # Called as on_step(StepReport) after every step that computed anything, and after
+        # every pass of the training lane (a step of training alone).
         self.on_step: Callable[[StepReport], None] | None = None
+        # Called from the training lane's thread when a pass of it awaits the next step
+        # boundary (has_work turned true): wakes an idle loop.
+        self.on_lane_pass: Callable[[], None] | None = None
+        self.lane = None if not config.training_threads else TrainingLane(
+            model, config.training_threads, config.max_batched_tokens, self._lane_passed)
 
     @property
     def has_work(self) -> bool:
+        if self.lane is not None:
+            return self.scheduler.has_work or self.lane.has_passes
         return self.scheduler.has_work or bool(self.trainers)
 
     def add_trainer(self, trainer: Trainer) -> None:
-        """Starts training a job in the steps to come."""
+        """Starts training a job in the steps to come (or on the training lane)."""
         self.trainers.append(trainer)
+        if self.lane is not None:
+            self.lane.add(trainer)
 
     def remove_trainer(self, trainer: Trainer) -> None:
         if trainer in self.trainers:
             self.trainers.remove(trainer)
+            if self.lane is not None:
+                self.lane.remove(trainer)
+
+    def close(self) -> None:
+        """Stops the training lane after its pass in progress and takes what it did (a
+        version saved meanwhile is announced). Between steps; a no-op without a lane."""
+        if self.lane is not None:
+            self.lane.stop()
+            self._take_lane_passes()
 
     def add(self, prompt_ids: list[int], params: SamplingParams,
             adapter: tuple[str, str | Path] | None = None, request_id: str | None = None,
@@ -184,6 +221,8 @@ class Engine:
         return outputs
 
     def _step(self, on_output) -> list[StepOutput]:
+        if self.lane is not None:
+            self._take_lane_passes()
         started = time.perf_counter()
         serving, training = self._phase()
         plan = self.scheduler.schedule(self._inference_budget()) if serving else StepPlan()
@@ -240,7 +279,10 @@ class Engine:
         return seconds * sum(rows.lengths) / (inference_rows + sum(rows.lengths))
 
     def _phase(self) -> tuple[bool, bool]:
-        """(whether this step serves, whether it trains): both, unless time slicing."""
+        """(whether this step serves, whether it trains): both, unless time slicing or the
+        jobs train on a lane of their own."""
+        if self.lane is not None:
+            return True, False
         slice_s = self.config.time_slice_s
         if slice_s is None or not (self.trainers and self.scheduler.has_work):
             return True, True
@@ -325,10 +367,9 @@ class Engine:
         training = None
         if work is not None and work.pieces:  # training rows: pieces of examples, after
             training = TrainingRows(work.pieces)
-            for piece, run in zip(work.pieces, work.runs):
-                ids.append(run.example.token_ids[piece.start:piece.start + piece.length])
-                lens.append(piece.length)
-                adapters.append(piece.lora)
+            ids += work.token_ids()
+            lens += training.lengths
+            adapters += [piece.lora for piece in work.pieces]
         return ForwardBatch(
             token_ids=torch.tensor([t for row_ids in ids for t in row_ids]),
             seq_lens=lens,
@@ -357,44 +398,54 @@ class Engine:
         evaluation); optimizer step, versions, job end. A job that fails ends alone:
         serving and other jobs go on."""
         try:
-            stepped = trainer.train(work, hidden, self.model.logits, rows)
+            published = trainer.run(work, hidden, self.model.logits, rows,
+                                    evaluate_at_once=self.step_sync is not None)
         except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
             self._end_job(trainer, e)
             return
-        if stepped:
-            self.after_optimizer_step(trainer)
-        elif work.evaluation:
-            self._publish(trainer)
+        self._conclude(trainer, published)
 
     def after_optimizer_step(self, trainer: Trainer) -> None:
-        """Begins a version when one is due, and ends a finished job once its last version is
-        out; called after each optimizer step (by _train, or by the step sync for a job
-        spanning ranks). The version's evaluation runs in the room of the steps to come, so
-        that it never holds up the requests; with a sharded base, whose ranks step together,
-        at once."""
+        """What follows the optimizer step of a job spanning ranks (called by the step sync):
+        a version when one is due, evaluated at once (the ranks step together), and the
+        job's end once its last version is out."""
         try:
-            if trainer.should_checkpoint():
-                trainer.begin_checkpoint()
-                if self.step_sync is not None:
-                    trainer.evaluate_now()
+            published = trainer.after_optimizer_step(evaluate_at_once=True)
         except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
             self._end_job(trainer, e)
             return
-        self._publish(trainer)
+        self._conclude(trainer, published)
 
-    def _publish(self, trainer: Trainer) -> None:
-        """Saves and announces the version whose evaluation is done; ends a finished job
-        that has nothing more to publish."""
-        try:
-            if trainer.checkpoint_ready:
-                version = trainer.checkpoint()
-                if self.on_version is not None:
-                    self.on_version(trainer, version, trainer.spec.adapter_dir / f"v{version}")
-            error = None
-        except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
-            error = e
+    def _conclude(self, trainer: Trainer, published: Published | None) -> None:
+        """Announces a version the job saved, and ends a job that is done."""
+        error = None
+        if published is not None and self.on_version is not None:
+            try:
+                self.on_version(trainer, published)
+            except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
+                error = e
         if error is not None or trainer.done:
             self._end_job(trainer, error)
+
+    def _lane_passed(self) -> None:
+        if self.on_lane_pass is not None:
+            self.on_lane_pass()
+
+    def _take_lane_passes(self) -> None:
+        """What the training lane did since the last step: its passes reported and counted,
+        its versions announced, its ended jobs ended (those of a job removed meanwhile are
+        dropped: its end was reported when it was removed)."""
+        for done in self.lane.take_passes():
+            self.scheduler.counters["training_tokens"] += done.forward_tokens
+            if self.on_step is not None:
+                self.on_step(StepReport(0, 0, done.forward_tokens, done.backward_tokens,
+                                        done.seconds, done.seconds))
+            if done.trainer not in self.trainers:
+                continue
+            if done.error is not None:
+                self._end_job(done.trainer, done.error)
+            else:
+                self._conclude(done.trainer, done.published)
 
     def _end_job(self, trainer: Trainer, error: BaseException | None) -> None:
         self.remove_trainer(trainer)

@@ -49,6 +49,9 @@ class Job:
         self._done = threading.Event()
         self._events = Broadcast()
         self._reported_step = trainer.step
+        # the versions published: those it resumed after, then each as it is announced (a
+        # trainer on a training lane has saved a version a little before)
+        self._versions = list(trainer.versions)
 
     @property
     def name(self) -> str:
@@ -58,7 +61,7 @@ class Job:
     def versions(self) -> list[str]:
         """Published versions as the trainer numbers them: `name@v1`, `name@v2`, ... (the
         runtime's names for them when `serve_by_name`)."""
-        return [f"{self.name}@v{k}" for k in self.trainer.versions]
+        return [f"{self.name}@v{k}" for k in self._versions]
 
     @property
     def metrics(self) -> dict:
@@ -100,6 +103,7 @@ class Job:
                                              "tokens": t.tokens}))
 
     def _published(self, version: int, path, adapter: LoraAdapter) -> None:
+        self._versions.append(version)
         self._events.publish(JobEvent("checkpoint", {"version": version, "path": path,
                                            "step": self.trainer.step,
                                            "metrics": dict(self.trainer.metrics),

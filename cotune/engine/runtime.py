@@ -34,7 +34,7 @@ from cotune.engine.inbox import Inbox
 from cotune.engine.job import Job, JobState
 from cotune.engine.sampling import SamplingParams, TokenLogprob
 from cotune.engine.sequence import Sequence
-from cotune.engine.trainer import Trainer
+from cotune.engine.trainer import Published, Trainer
 from cotune.model.default_model import resolve_model_path
 from cotune.model.loading import checkpoint_fingerprint, load_model
 from cotune.model.tokenizer import load_tokenizer, stop_token_ids
@@ -114,6 +114,7 @@ class Runtime:
         engine.on_version = self._published
         engine.on_job_end = self._job_ended
         self._inbox = Inbox()
+        engine.on_lane_pass = self._inbox.wake
         self._lock = threading.Lock()  # the tables below; never held across engine work
         self._listeners: dict[Sequence, queue.SimpleQueue] = {}
         self._closed = False
@@ -387,13 +388,13 @@ class Runtime:
                     if output.finished:
                         del self._listeners[output.seq]
 
-    def _published(self, trainer: Trainer, version: int, path: Path) -> None:
+    def _published(self, trainer: Trainer, published: Published) -> None:
         """A job published a version. Served by name, it is servable now as `name@v{version}`
-        straight from the trainer's weights, before its event goes out; either way the
-        event carries those weights, for a caller that serves the version under its own key."""
+        straight from the weights it saved, before its event goes out; either way the event
+        carries those weights, for a caller that serves the version under its own key."""
         with self._lock:
             job = self._jobs.get(trainer)
-        adapter = trainer.adapter()
+        version, path, adapter = published.version, published.path, published.adapter
         if job is None or job.serve_by_name:
             key = f"{trainer.spec.name}@v{version}"
             self._adapters[key] = (key, path)
@@ -427,7 +428,9 @@ class Runtime:
 
     def _stop(self, error: BaseException | None) -> None:
         """The engine thread's last act (closed, failed, or the other ranks gone): every
-        request in flight and every job ends, and nothing more is taken."""
+        request in flight and every job ends, and nothing more is taken (a version that a
+        training lane saved meanwhile is announced first)."""
+        self.engine.close()
         with self._lock:
             self._closed = True
             self._error = error

@@ -26,6 +26,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
@@ -85,6 +86,21 @@ class TrainingWork:
 
     def __bool__(self) -> bool:
         return bool(self.forward_tokens or self.backward_tokens or self.evaluation)
+
+    def token_ids(self) -> list[list[int]]:
+        """The token ids of each piece, in the order of `pieces`."""
+        return [run.example.token_ids[piece.start:piece.start + piece.length]
+                for piece, run in zip(self.pieces, self.runs)]
+
+
+@dataclass(frozen=True)
+class Published:
+    """A version a job has just saved: its number, directory and weights (a copy, taken
+    when it was saved: training goes on)."""
+
+    version: int
+    path: Path
+    adapter: LoraAdapter
 
 
 class Trainer:
@@ -250,6 +266,29 @@ class Trainer:
         self._optimizer_step()
         return True
 
+    def run(self, work: TrainingWork, hidden: torch.Tensor | None,
+            logits: Callable[[torch.Tensor], torch.Tensor], rows: TrainingRows | None,
+            evaluate_at_once: bool = False) -> Published | None:
+        """`train`, then what follows an optimizer step (`after_optimizer_step`), or, after
+        a share of a version's evaluation, the version once the evaluation is done."""
+        if self.train(work, hidden, logits, rows):
+            return self.after_optimizer_step(evaluate_at_once)
+        return self._publish_ready() if work.evaluation else None
+
+    def after_optimizer_step(self, evaluate_at_once: bool) -> Published | None:
+        """Begins a version when one is due; its evaluation runs in the work that `plan`
+        gives next (so that it never holds up the requests), or here with
+        `evaluate_at_once` (ranks in lockstep, which step together). Returns the version
+        once it is saved."""
+        if self.should_checkpoint():
+            self.begin_checkpoint()
+            if evaluate_at_once:
+                self.evaluate_now()
+        return self._publish_ready()
+
+    def _publish_ready(self) -> Published | None:
+        return self.checkpoint() if self.checkpoint_ready else None
+
     def _add_piece(self, work: TrainingWork, run: _ExampleRun, n: int) -> None:
         """Plans the forward of run's next n tokens as a piece of this step's pass."""
         if n < run.length and run.kv is None:
@@ -330,9 +369,9 @@ class Trainer:
                   "bias": "none", "base_model_name_or_path": None}
         return LoraAdapter(modules=modules, config=config)
 
-    def checkpoint(self) -> int:
+    def checkpoint(self) -> Published:
         """Publishes the next version with its training state, once its evaluation is done
-        (`checkpoint_ready`); returns its number."""
+        (`checkpoint_ready`)."""
         parent = self.versions[-1] if self.versions else None
         version = (parent or 0) + 1
         evaluated = self._evaluation.metrics()
@@ -343,15 +382,16 @@ class Trainer:
                       "hyperparameters": self.spec.hyperparameters(), "job_id": self.job_id,
                       "step": self.step, "metrics": self.metrics}
         self.versions.append(version)  # the saved state already counts this version
+        adapter = self.adapter()
         try:
-            save_checkpoint(self.spec.adapter_dir, version, self.adapter(), self._progress(),
+            save_checkpoint(self.spec.adapter_dir, version, adapter, self._progress(),
                             self.optimizer, provenance)
         except BaseException:
             self.versions.pop()
             raise
         self.checkpoint_requested = False
         self._evaluation = None
-        return version
+        return Published(version, self.spec.adapter_dir / f"v{version}", adapter)
 
     def _start_micro_batch(self) -> None:
         if self.micro == 0:
@@ -377,9 +417,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(self.step)
         self.optimizer.step()
-        self.step += 1
+        self.losses.append(self._window_loss)  # before the step count: see Job._report_progress
         self.micro = 0
-        self.losses.append(self._window_loss)
+        self.step += 1
         if self._epoch_ends():
             self.epoch, self.position = self.epoch + 1, 0
 

@@ -30,6 +30,7 @@ from cotune.adapters.registry import Quotas
 from cotune.adapters.sqlite_registry import SqliteRegistry
 from cotune.distributed.ranks import RankInfo
 from cotune.distributed.zero_config import check_sharding
+from cotune.engine.engine import EngineConfig
 from cotune.engine.runtime import Runtime
 from cotune.server.adapter_service import AdapterService
 from cotune.server.admission import Admission, OpenStreams
@@ -121,7 +122,8 @@ class CotuneServer:
         options = dict(dtype=args.dtype, max_rank=args.max_rank, num_slots=args.num_slots,
                        host_cache_mb=args.host_cache_mb, kv_cache_tokens=args.kv_cache_tokens,
                        ttft_target_s=args.ttft_target, tpot_target_s=args.tpot_target,
-                       num_threads=args.threads, time_slice_s=args.time_slice)
+                       num_threads=args.threads, time_slice_s=args.time_slice,
+                       training_threads=self._training_threads(args))
         if self.rank is None:
             return Runtime.load(args.model, device=args.device, **options)
         from cotune.distributed.sharded_runtime import load_sharded_runtime  # imports deepspeed
@@ -129,6 +131,15 @@ class CotuneServer:
         return load_sharded_runtime(args.model, self.rank, zero_offload=args.zero_offload,
                                     nvme_path=args.nvme_path, timeout_s=args.rank_timeout,
                                     **options)
+
+    def _training_threads(self, args) -> int:
+        """--training-threads, or by default the cores the serving steps leave idle (none
+        for a sharded base, whose ranks step together, or a time-slicing baseline)."""
+        if args.training_threads is not None:
+            return args.training_threads
+        if self.rank is not None or args.time_slice is not None:
+            return 0
+        return EngineConfig(num_threads=args.threads).idle_cores(args.device)
 
     def start(self) -> None:
         self.server.start()
@@ -221,6 +232,10 @@ def serve_command(args) -> NoReturn:
     banner = [f"cotune serve: listening on {args.host}:{server.port} ({scheme})"]
     if server.metrics_port:
         banner.append(f"metrics: http://{args.host}:{server.metrics_port}/metrics")
+    config = server.runtime.engine.config
+    banner.append(f"threads: {config.torch_threads} serving, " + (
+        f"{config.training_threads} on a training lane" if config.training_threads
+        else "jobs train in the serving steps"))
     if args.admin_token_file is not None:
         banner.append(f"admin token: the one in {args.admin_token_file}")
     elif server.admin_token_file.exists():

@@ -30,6 +30,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def whole_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more, such "
+                                         "as 1")
+    return value
+
+
 def default_data_dir() -> Path:
     return Path(os.environ.get("COTUNE_DATA_DIR", Path.home() / ".local/share/cotune"))
 
@@ -75,6 +86,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     slo.add_argument("--tpot-target", type=positive_seconds, default=0.25, metavar="SECONDS",
                      help="time per output token a decoding request should see")
 
+    slo.add_argument("--training-threads", type=whole_number, default=None, metavar="N",
+                     help="torch threads of a training lane: jobs train on a thread of their "
+                     "own beside the serving steps, on the cores those leave idle; 0: jobs "
+                     "train in the serving steps, in the room the targets leave [on a CPU, "
+                     "the cores --threads leaves; on a GPU, under torchrun or with "
+                     "--time-slice, 0]")
     slo.add_argument("--time-slice", type=positive_seconds, default=None, metavar="SECONDS",
                      help="the baseline co-serving is measured against: alternate phases of "
                      "SECONDS, serving only then training only [off: co-serving]")
