@@ -81,7 +81,8 @@ class FinetuneSpec:
     seed: int = 0
     tenant: str = "default"
     # The share of the engine's step time this job keeps however busy serving is, measured
-    # over a window of seconds; 0: it trains only in the room the serving SLOs leave.
+    # over a window of seconds; 0: it trains only in the room the serving SLOs leave. (On a
+    # training lane, beside the steps, a job trains all the time: the floor has no use there.)
     min_share: float = 0.0
 
     def __post_init__(self):
