@@ -78,34 +78,6 @@ def test_step_seconds_spend_what_earlier_steps_saved_and_keep_ttft():
     assert scheduler.step_seconds(now) < 0
 
 
-def test_a_new_prompt_is_prefilled_with_the_slack_the_decoding_requests_saved(
-        tiny_checkpoint):
-    """A step of the TPOT target fits 9 tokens here; a 40-token prompt that arrives while a
-    request decodes is prefilled in one step once that request has saved enough time, in
-    several while it has saved nothing (each of those steps saves a little: 9, 19, 29
-    tokens)."""
-    _, base = tiny_checkpoint
-    model = load_model(base)
-
-    def steps_to_first_token(decoded: int) -> int:
-        engine = Engine(model, config=EngineConfig(tpot_target_s=0.1, ttft_target_s=10.0))
-        # 10 ms a step and 10 ms a token: (0.1 - 0.01) / 0.01 = 9 tokens within the target
-        engine.step_time = StepTimeModel(prior=(0.01, 0.01, 0.01, 1.5e-3, 0.02, 3e-3))
-        running = engine.add([5, 6, 7], SamplingParams(max_tokens=64, ignore_eos=True))
-        while len(running.output_ids) < decoded:
-            engine.step()
-        running.first_token_time = running.last_token_time  # as if decoding took no time
-        new = engine.add(list(range(3, 43)), SamplingParams(max_tokens=4))
-        steps = 0
-        while not new.output_ids:
-            engine.step()
-            steps += 1
-        return steps
-
-    assert steps_to_first_token(decoded=1) >= 2
-    assert steps_to_first_token(decoded=6) == 1  # 6 x 0.1 s saved: room for all 40
-
-
 CONFIG = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=1,
                      num_heads=1, num_kv_heads=1, head_dim=8)
 

@@ -290,18 +290,15 @@ class Engine:
         return serving_phase, not serving_phase
 
     def _inference_budget(self) -> int:
-        """While requests decode, the largest step that keeps their time per output token:
-        a step of the TPOT target, or longer where every running request has saved enough
-        in earlier, shorter steps (Scheduler.step_seconds), so that a new prompt is prefilled
-        in as few steps as the running requests can afford; otherwise the cap (prefills
-        then finish as fast as they can). When even the running decodes alone cannot meet
-        the target, no budget can: the cap then gives the most throughput."""
+        """While requests decode, the largest step that keeps their time per output token;
+        otherwise the cap (prefills then finish as fast as they can). When even the running
+        decodes alone cannot meet the target, no budget can: the cap then gives the most
+        throughput."""
         cap = self.config.max_batched_tokens
         decodes = self.scheduler.decoding
         if not decodes:
             return cap
-        seconds = max(self.config.tpot_target_s, self.scheduler.step_seconds(time.monotonic()))
-        budget = self.step_time.inference_budget(seconds, cap)
+        budget = self.step_time.inference_budget(self.config.tpot_target_s, cap)
         return cap if budget <= decodes else budget
 
     def _plan_training(self, inference_tokens: int):
