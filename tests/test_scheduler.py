@@ -78,6 +78,29 @@ def test_step_seconds_spend_what_earlier_steps_saved_and_keep_ttft():
     assert scheduler.step_seconds(now) < 0
 
 
+def test_a_prompt_gets_the_share_of_each_step_that_keeps_its_ttft_target(tiny_checkpoint):
+    """A step of the TPOT target fits 3 tokens here, one beside two decoding requests; a
+    40-token prompt then gets a quarter of itself in its first step (a 0.4 s TTFT target is 4
+    steps of 0.1 s), not a token a step."""
+    _, base = tiny_checkpoint
+    engine = Engine(load_model(base), config=EngineConfig(tpot_target_s=0.1, ttft_target_s=0.4))
+    # 10 ms a step and 30 ms a token: (0.1 - 0.01) / 0.03 = 3 tokens within the target
+    engine.step_time = StepTimeModel(prior=(0.01, 0.03, 0.01, 1.5e-3, 0.02, 3e-3))
+    decoding = [engine.add([5, 6], SamplingParams(max_tokens=64, ignore_eos=True))
+                for _ in range(2)]
+    while any(not seq.output_ids for seq in decoding):
+        engine.step()
+    new = engine.add(list(range(3, 43)), SamplingParams(max_tokens=4))
+    engine.step()
+    # 40 / 4 steps of 0.1 s, or 40 / 3 once the clock has moved at all (a token a step: 1)
+    assert 10 <= new.computed <= 20
+    steps = 1
+    while not new.output_ids:
+        engine.step()
+        steps += 1
+    assert steps <= 10  # against 40 at a token a step
+
+
 CONFIG = ModelConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_layers=1,
                      num_heads=1, num_kv_heads=1, head_dim=8)
 

@@ -299,7 +299,23 @@ class Engine:
         if not decodes:
             return cap
         budget = self.step_time.inference_budget(self.config.tpot_target_s, cap)
-        return cap if budget <= decodes else budget
+        if budget <= decodes:
+            return cap
+        return min(cap, max(budget, decodes + self._prefill_floor()))
+
+    def _prefill_floor(self) -> int:
+        """Prefill tokens a step takes at least: of each prompt awaiting its first token
+        (being prefilled, or the nearest deadlines of the queue), the share that finishes it
+        within its TTFT target if every step until then takes the TPOT target. Without it, a
+        TPOT budget just above the running decodes would feed a prompt a token or two a step."""
+        config, now = self.config, time.monotonic()
+        floor = 0
+        for seq in itertools.chain(self.scheduler.running, self.scheduler.waiting.oldest()):
+            if seq.first_token_time is None:
+                left = config.ttft_target_s - (now - seq.arrival)
+                steps = max(1, int(left / config.tpot_target_s))
+                floor += -(-seq.pending // steps)
+        return floor
 
     def _plan_training(self, inference_tokens: int):
         """(trainer, its work in this step) for the first job in turn that has work that
