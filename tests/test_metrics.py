@@ -45,7 +45,9 @@ def value(samples: dict, name: str, **labels) -> float:
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("metrics")
     port = free_port()
-    with running_server(root, "--metrics-port", str(port), "--metrics-top-adapters", "2") as s:
+    # jobs train in the serving steps (their lane's metrics: test_training_lane.py)
+    with running_server(root, "--metrics-port", str(port), "--metrics-top-adapters", "2",
+                        "--training-threads", "0") as s:
         admin = Caller(s.address, s.admin_token)
         token = admin.new_tenant("metered", max_queued_requests=1)
         yield s, port, admin, Caller(s.address, token), root
@@ -125,6 +127,7 @@ def test_a_job_counts_steps_tokens_loss_and_its_end(served):
         samples, "cotune_step_tokens_total", kind="training")  # every forwarded token, once
     training_s = value(samples, "cotune_step_training_seconds_total")
     assert 0 < training_s <= value(samples, "cotune_step_duration_seconds_sum")
+    assert value(samples, "cotune_training_pass_duration_seconds_count") == 0
     assert value(samples, "cotune_jobs_finished_total", tenant="admin", state="succeeded") == 1
     assert not [k for k in samples if k[0] == "cotune_job_loss" and ("adapter", "trained") in k[1]]
 

@@ -14,6 +14,7 @@ from cotune import JobState, OptimizerSettings, Request, Runtime
 from cotune.engine.engine import Engine, EngineConfig
 from cotune.engine.job import JobFailed
 from cotune.model.loading import load_model
+from cotune.server.metrics import Metrics
 
 PROMPTS = [[5, 6, 7, 8, 9], [1, 2], [44, 45, 46, 47], [12] * 9]
 
@@ -129,3 +130,45 @@ def test_by_default_a_lane_gets_the_cores_a_cpus_serving_steps_leave_idle(monkey
     assert EngineConfig().idle_cores("cpu") == 4  # half the cores serve
     assert EngineConfig(num_threads=8).idle_cores("cpu") == 0
     assert EngineConfig(num_threads=1).idle_cores("cuda:0") == 0
+
+
+def test_every_version_is_announced_when_the_lane_runs_passes_ahead_of_the_engine(
+        tiny_checkpoint, tmp_path):
+    _, base = tiny_checkpoint
+    with Runtime.load(base, training_threads=1) as rt:
+        lane = rt.engine.lane
+        take_passes = lane.take_passes
+        job = None
+
+        def after_the_job_is_done():  # the engine takes the lane's passes only at the end
+            while job is None or not job.trainer.done:
+                time.sleep(0.01)
+            return take_passes()
+
+        lane.take_passes = after_the_job_is_done
+        job = rt.finetune(_spec(tmp_path, max_steps=3, checkpoint_every=1))
+        assert job.wait(timeout=300).state is JobState.SUCCEEDED, job.error
+        assert job.trainer.versions == [1, 2, 3]
+        assert job.versions == ["facts@v1", "facts@v2", "facts@v3"]
+
+
+def test_the_lanes_passes_have_metrics_of_their_own_apart_from_the_steps(tiny_checkpoint,
+                                                                          tmp_path):
+    _, base = tiny_checkpoint
+    metrics = Metrics()
+    with Runtime.load(base, training_threads=1) as rt:
+        metrics.watch(rt)
+        job = rt.finetune(_spec(tmp_path, max_steps=3))
+        while job.state is JobState.RUNNING:  # requests all along
+            rt.generate(_requests())
+        assert job.wait(timeout=300).state is JobState.SUCCEEDED, job.error
+
+    def sample(name, **labels):
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert sample("cotune_training_pass_duration_seconds_count") >= 3  # a step a pass at most
+    assert sample("cotune_training_pass_duration_seconds_sum") > 0
+    assert sample("cotune_step_tokens_total", kind="training") == sample(
+        "cotune_step_tokens_total", kind="backward") > 0
+    assert sample("cotune_step_tokens_total", kind="decode") > 0
+    assert sample("cotune_step_training_seconds_total") == 0  # the steps only served

@@ -28,7 +28,7 @@ from cotune.engine.scheduler import (
 from cotune.engine.sequence import Sequence
 from cotune.engine.step_time import StepTimeModel
 from cotune.engine.trainer import Published, Trainer, TrainingWork
-from cotune.engine.training_lane import TrainingLane
+from cotune.engine.training_lane import LanePass, TrainingLane
 from cotune.model.llama import CausalLM, ForwardBatch
 from cotune.model.lora_routing import LoraRouting
 from cotune.model.training_rows import TrainingRows
@@ -134,9 +134,11 @@ class Engine:
         # on_job_end(trainer, error) when a job finishes (error None) or fails.
         self.on_version: Callable[[Trainer, Published], None] | None = None
         self.on_job_end: Callable[[Trainer, BaseException | None], None] | None = None
-        # Called as on_step(StepReport) after every step that computed anything, and after
-        # every pass of the training lane (a step of training alone).
+        # Called as on_step(StepReport) after every step that computed anything, and as
+        # on_training_pass(LanePass) for every pass of the training lane, when the engine
+        # takes it at a step boundary.
         self.on_step: Callable[[StepReport], None] | None = None
+        self.on_training_pass: Callable[[LanePass], None] | None = None
         # Called from the training lane's thread when a pass of it awaits the next step
         # boundary (has_work turned true): wakes an idle loop.
         self.on_lane_pass: Callable[[], None] | None = None
@@ -419,7 +421,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
             self._end_job(trainer, e)
             return
-        self._conclude(trainer, published)
+        self._conclude(trainer, published, trainer.done)
 
     def after_optimizer_step(self, trainer: Trainer) -> None:
         """What follows the optimizer step of a job spanning ranks (called by the step sync):
@@ -430,17 +432,18 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
             self._end_job(trainer, e)
             return
-        self._conclude(trainer, published)
+        self._conclude(trainer, published, trainer.done)
 
-    def _conclude(self, trainer: Trainer, published: Published | None) -> None:
-        """Announces a version the job saved, and ends a job that is done."""
+    def _conclude(self, trainer: Trainer, published: Published | None, done: bool) -> None:
+        """Announces a version the job saved, and ends the job when `done` (its state as of
+        the work that saved it: a lane may have gone on since)."""
         error = None
         if published is not None and self.on_version is not None:
             try:
                 self.on_version(trainer, published)
             except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
                 error = e
-        if error is not None or trainer.done:
+        if error is not None or done:
             self._end_job(trainer, error)
 
     def _lane_passed(self) -> None:
@@ -453,15 +456,14 @@ class Engine:
         dropped: its end was reported when it was removed)."""
         for done in self.lane.take_passes():
             self.scheduler.counters["training_tokens"] += done.forward_tokens
-            if self.on_step is not None:
-                self.on_step(StepReport(0, 0, done.forward_tokens, done.backward_tokens,
-                                        done.seconds, done.seconds))
+            if self.on_training_pass is not None:
+                self.on_training_pass(done)
             if done.trainer not in self.trainers:
                 continue
             if done.error is not None:
                 self._end_job(done.trainer, done.error)
             else:
-                self._conclude(done.trainer, done.published)
+                self._conclude(done.trainer, done.published, done.ended)
 
     def _end_job(self, trainer: Trainer, error: BaseException | None) -> None:
         self.remove_trainer(trainer)

@@ -40,7 +40,9 @@ PASS_SECONDS = 0.5
 @dataclass(frozen=True)
 class LanePass:
     """One pass of the lane: its job, what it computed and how long it took, and what came of
-    it (a version saved; the job done, or failed with `error`)."""
+    it (a version saved; the job done, or failed with `error`). `ended` is the job's state
+    as of this pass: by the time the engine takes it, the lane may have run the job's next
+    passes."""
 
     trainer: Trainer
     forward_tokens: int

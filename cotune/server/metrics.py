@@ -8,7 +8,8 @@ by the gRPC codes, `reason` and `kind` by the lists below.
 Who feeds what:
 - the InferenceService: requests, latencies, prompt and generated tokens, admissions;
 - the engine, after each step (`Engine.on_step`): step composition and time, and the time
-  spent on training rows;
+  spent on training rows; after each pass of its training lane (`Engine.on_training_pass`):
+  the pass's time and tokens;
 - `EngineCollector` at scrape time: queue depth, KV cache, preemptions, slots, SLO counters
   per tenant;
 - the adapter residency (`ResidentAdapters.on_load` / `on_evict`): loads into device slots,
@@ -33,6 +34,9 @@ SLO_KINDS = ("ttft", "tpot", "both")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# A lane's pass takes a room of half a second (training_lane.PASS_SECONDS), more where one
+# piece of an example takes longer.
+PASS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 # Adapter loads take from a tenth of a millisecond (a small adapter, host to device) to seconds.
 LOAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -102,8 +106,8 @@ class Metrics:
         self.in_flight = Gauge("cotune_requests_in_flight", "admitted generations not yet done",
                                ["tenant"], registry=r)
         # Steps.
-        self.step_tokens = Counter("cotune_step_tokens", "tokens computed in engine steps",
-                                   ["kind"], registry=r)
+        self.step_tokens = Counter("cotune_step_tokens", "tokens computed in engine steps and "
+                                   "the passes of its training lane", ["kind"], registry=r)
         self.step_tokens_per_step = Histogram(
             "cotune_step_batch_tokens", "tokens of one step, by kind", ["kind"],
             buckets=TOKEN_BUCKETS, registry=r)
@@ -112,6 +116,10 @@ class Metrics:
         self.step_training_seconds = Counter(
             "cotune_step_training_seconds", "seconds of engine steps spent on training rows "
             "(their backward, and their share of the forward)", registry=r)
+        self.training_pass_seconds = Histogram(
+            "cotune_training_pass_duration_seconds", "one pass of the training lane (a job's "
+            "forward, backward and optimizer steps beside the serving steps)",
+            buckets=PASS_BUCKETS, registry=r)
         # Adapters.
         self.adapter_evictions = Counter("cotune_adapter_evictions",
                                          "adapters evicted from a slot", registry=r)
@@ -141,6 +149,7 @@ class Metrics:
         evictions, and what it counts (read at scrape time)."""
         engine = runtime.engine
         engine.on_step = self._observe_step
+        engine.on_training_pass = self._observe_training_pass
         engine.adapters.on_load = self._observe_load
         engine.adapters.on_evict = self.adapter_evictions.inc
         engine.adapters.host.on_load = self.adapter_host_load_seconds.observe
@@ -159,6 +168,13 @@ class Metrics:
             if tokens:
                 self.step_tokens.labels(kind).inc(tokens)
                 self.step_tokens_per_step.labels(kind).observe(tokens)
+
+    def _observe_training_pass(self, done) -> None:
+        self.training_pass_seconds.observe(done.seconds)
+        for kind, tokens in (("training", done.forward_tokens),
+                             ("backward", done.backward_tokens)):
+            if tokens:
+                self.step_tokens.labels(kind).inc(tokens)
 
 
 class EngineCollector:
