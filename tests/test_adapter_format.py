@@ -492,6 +492,9 @@ def test_refuses_an_unknown_option_that_is_on(adapter_dir):
     (dict(r=0), "has r=0; accepted: a positive integer rank"),
     (dict(r="8"), 'has r="8"; accepted: a positive integer rank'),
     (dict(lora_alpha=None), "has lora_alpha=null; accepted: a finite number"),
+    (dict(lora_alpha=1e308), "has lora_alpha=1e\\+308; accepted: a finite number of at most "
+                             "100000 in magnitude"),
+    (dict(alpha_pattern={"q_proj": -2e5}), "alpha_pattern\\['q_proj'\\]=-200000.0; accepted"),
     (dict(rank_pattern={"q_proj": 2.5}), "rank_pattern\\['q_proj'\\]=2.5; accepted: a positive"),
     (dict(alpha_pattern={"(": 2}), "invalid regex in alpha_pattern key"),
     (dict(target_modules=None), "target_modules=null; accepted: a list of module names"),

@@ -52,6 +52,11 @@ _INERT_OPTIONS = frozenset({
 _PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica")
 _RESIDUAL_INIT_PREFIXES = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
+# The largest lora_alpha accepted, in magnitude. PEFT sets no limit, but a scale past it only
+# ever turns outputs into overflow (an alpha of 1e308 stopped an engine that multiplied by it);
+# trained adapters use alphas up to a few thousand.
+MAX_LORA_ALPHA = 100_000
+
 # PEFT's defaults, used where a config omits the key (as PEFT does).
 _DEFAULT_R = 8
 _DEFAULT_ALPHA = 8
@@ -134,9 +139,11 @@ def _check_rank(value, name: str, where: str) -> None:
 
 
 def _check_alpha(value, name: str, where: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or abs(value) > MAX_LORA_ALPHA:
         raise AdapterError(
-            f"adapter {where} has {name}={json.dumps(value)}; accepted: a finite number")
+            f"adapter {where} has {name}={json.dumps(value)}; accepted: a finite number of at "
+            f"most {MAX_LORA_ALPHA} in magnitude")
 
 
 def _check_targeting(config: dict, where: str) -> None:
