@@ -237,6 +237,31 @@ def test_an_adapter_of_rank_above_max_rank_does_not_fit(server, alice, tmp_path)
     assert str(server.data_dir) not in message
 
 
+@pytest.mark.parametrize("hostile, fragments", [
+    ("lora_alpha 1e308", ("has lora_alpha=1e+308", "accepted: a finite number of at most "
+                          "100000 in magnitude")),
+    ("weights x 1e30", ("delta (scale x lora_B @ lora_A) with an entry of",
+                        "accepted: entries of at most 1000")),
+])
+def test_a_numerically_hostile_adapter_is_refused_and_everyone_is_served(
+        server, alice, bob, tmp_path, hostile, fragments):
+    path = tiny_adapter_dir(tmp_path / "hostile", seed=3)
+    if hostile == "lora_alpha 1e308":
+        config = json.loads((path / CONFIG).read_text())
+        (path / CONFIG).write_text(json.dumps(dict(config, lora_alpha=1e308)))
+    else:
+        save_file({key: tensor * (1e30 if "lora_B" in key else 1.0)
+                   for key, tensor in load_file(path / WEIGHTS).items()}, path / WEIGHTS)
+    with leaves_nothing(server, alice):
+        refusal(lambda: alice.adapters.CreateAdapter(iter(upload_of(path)),
+                                                     metadata=alice.metadata),
+                INVALID, *fragments)
+    assert bob.tokens_of(bob.generate(max_tokens=4))
+    assert alice.tokens_of(alice.generate(adapter="kept", max_tokens=4))
+    health = health_pb2_grpc.HealthStub(bob.channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_an_adapter_for_modules_the_base_lacks_or_of_other_shapes_does_not_fit(
         server, alice, tmp_path):
     lacking = tiny_adapter_dir(tmp_path / "lacking", seed=3)

@@ -45,6 +45,10 @@ KEY_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The largest entry of a module's delta, scale * B @ A, accepted in magnitude. A base's weights
+# are of order 1 and less, trained deltas far smaller; weights multiplied by 1e30 passed the
+# finiteness check and turned every row of their adapter into NaN.
+MAX_DELTA_ENTRY = 1000.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -251,9 +255,28 @@ def _float32_modules(config: dict, factors: Mapping[str, tuple[torch.Tensor, tor
         raise AdapterError(
             f"adapter {where}: tensor {_key(list(factors)[bad // 2], 'AB'[bad % 2])!r} contains "
             "NaN or Inf; accepted: finite values only")
-    return {name: LoraModule(a=views[2 * i], b=views[2 * i + 1],
-                             scale=module_scale(config, name))
-            for i, name in enumerate(factors)}
+    modules = {name: LoraModule(a=views[2 * i], b=views[2 * i + 1],
+                                scale=module_scale(config, name))
+               for i, name in enumerate(factors)}
+    for name, module in modules.items():
+        _check_delta(name, module, where)
+    return modules
+
+
+def _check_delta(name: str, module: LoraModule, where: str) -> None:
+    """Refuses a module whose delta has an entry past MAX_DELTA_ENTRY. Each entry of B @ A is
+    at most (its row of B's norm) x (its column of A's norm), a bound of O(r (in + out)); the
+    product itself is formed only where that bound is passed."""
+    bound = abs(module.scale) * float(torch.linalg.vector_norm(module.b, dim=1).max()) \
+        * float(torch.linalg.vector_norm(module.a, dim=0).max())
+    if bound <= MAX_DELTA_ENTRY:
+        return
+    largest = abs(module.scale) * float((module.b @ module.a).abs().max())
+    if largest > MAX_DELTA_ENTRY:
+        raise AdapterError(
+            f"adapter {where}: module {name!r} has a delta (scale x lora_B @ lora_A) with an "
+            f"entry of {largest:.3g}; accepted: entries of at most {MAX_DELTA_ENTRY:g} in "
+            "magnitude (the base's weights are of order 1)")
 
 
 def _key(module: str, factor: str) -> str:

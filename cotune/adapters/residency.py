@@ -197,3 +197,7 @@ class ResidentAdapters:
             if rank > self.max_rank:
                 raise AdapterError(f"adapter {key!r}: rank {rank} exceeds max_rank "
                                    f"{self.max_rank}; lower the rank or raise --max-rank")
+            if not abs(lora.scale) <= torch.finfo(torch.float32).max:  # the slots' scales
+                raise AdapterError(f"adapter {key!r}, module {name!r}: scale {lora.scale} is "
+                                   "not a float32 number; accepted: a finite scale (lora_alpha "
+                                   "over the rank) within float32's range")

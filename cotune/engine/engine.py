@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from cotune.adapters.residency import ResidentAdapters
+from cotune.engine.containment import Quarantine, RequestFailed, non_finite_rows
 from cotune.engine.detokenizer import IncrementalDetokenizer
 from cotune.engine.kv_cache import PagedBatch, PagedKVCache
 from cotune.engine.sampling import Sampler, SamplingParams, TokenLogprob
@@ -87,6 +88,17 @@ class StepOutput:
 
 
 @dataclass(frozen=True)
+class Forwarded:
+    """A step's pass: the served rows' outputs, and what the training rows need for their
+    backward (their hidden states and rows), and the seconds of the forward itself."""
+
+    outputs: list[StepOutput]
+    training_hidden: torch.Tensor | None
+    batch: ForwardBatch | None
+    seconds: float
+
+
+@dataclass(frozen=True)
 class StepReport:
     """What one step computed, and how long it took."""
 
@@ -142,6 +154,10 @@ class Engine:
         # Called from the training lane's thread when a pass of it awaits the next step
         # boundary (has_work turned true): wakes an idle loop.
         self.on_lane_pass: Callable[[], None] | None = None
+        # Called as on_failure(seq, error) when the engine fails a request alone (its adapter
+        # failed to load or to run, or its outputs were not finite); other requests go on.
+        self.on_failure: Callable[[Sequence, BaseException], None] | None = None
+        self.quarantine = Quarantine()
         self.lane = None if not config.training_threads else TrainingLane(
             model, config.training_threads, config.max_batched_tokens, self._lane_passed)
 
@@ -187,6 +203,8 @@ class Engine:
         whose adapter fails to load ends with finish_reason "error". Safe from any thread
         while the engine steps: it reads no state that a step changes."""
         self._check_prompt(prompt_ids, params)
+        if adapter is not None:
+            self.quarantine.check(adapter[0])
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none")
         request_id = request_id or f"req-{next(self._ids)}"
@@ -237,23 +255,24 @@ class Engine:
         inference_rows = plan.num_tokens
         decode_tokens = sum(c.num_tokens for c in chunks if c.seq.pending == 1)
         train_rows = 0 if work is None else work.forward_tokens
-        hidden = batch = None
-        if inference_rows + train_rows:
-            batch = self._batch(chunks, work)
-            with torch.set_grad_enabled(train_rows > 0):
-                hidden = self.model(batch)  # (T, hidden)
-        forwarded = time.perf_counter()
-        with torch.no_grad():
-            outputs = self._sample(chunks, hidden[:inference_rows].detach()) if chunks else []
+        try:
+            forwarded = self._forward(chunks, work)
+        except Exception as error:  # noqa: BLE001 - traced to its rows where it can be
+            if self.step_sync is not None:  # ranks pass together: one cannot run apart
+                raise
+            forwarded = self._contain(chunks, trainer, work, error)
+            work = work if trainer in self.trainers else None  # or it failed alone
+        outputs = forwarded.outputs
         if on_output is not None:
             on_output(outputs)  # streamed before backward: the stream must not wait
         sampled = time.perf_counter()
         if work is not None:
-            self._train(trainer, work, None if hidden is None else hidden[inference_rows:],
-                        None if batch is None else batch.training)
+            self._train(trainer, work, forwarded.training_hidden,
+                        None if forwarded.batch is None else forwarded.batch.training)
         ended = time.perf_counter()
         seconds = ended - started
-        forward_seconds = self._training_forward(forwarded - started, inference_rows, batch)
+        forward_seconds = self._training_forward(forwarded.seconds, inference_rows,
+                                                 forwarded.batch)
         backward_seconds = 0.0 if work is None else ended - sampled  # losses, backward
         if work is not None and not work.backward_passes:
             forward_seconds, backward_seconds = forward_seconds + backward_seconds, 0.0
@@ -267,6 +286,70 @@ class Engine:
             self.on_step(StepReport(decode_tokens, inference_rows - decode_tokens, train_rows,
                                     backward_tokens, seconds, training_seconds))
         return outputs
+
+    def _forward(self, chunks: list[ScheduledChunk], work: TrainingWork | None) -> Forwarded:
+        """One pass over the served chunks and the training rows; the served rows sampled
+        (a row whose logits are not finite fails its request alone: `_fail_rows`)."""
+        started = time.perf_counter()
+        inference_rows = sum(c.num_tokens for c in chunks)
+        hidden = batch = None
+        if inference_rows or (work is not None and work.forward_tokens):
+            batch = self._batch(chunks, work)
+            with torch.set_grad_enabled(work is not None and bool(work.pieces)):
+                hidden = self.model(batch)  # (T, hidden)
+        seconds = time.perf_counter() - started
+        with torch.no_grad():
+            outputs = self._sample(chunks, hidden[:inference_rows].detach()) if chunks else []
+        return Forwarded(outputs, None if hidden is None else hidden[inference_rows:], batch,
+                         seconds)
+
+    def _contain(self, chunks: list[ScheduledChunk], trainer: Trainer | None,
+                 work: TrainingWork | None, error: Exception) -> Forwarded:
+        """A step's pass failed. Each adapter's served rows, and the job's training rows,
+        run again apart (nothing of the failed pass was committed: a row's keys and values
+        are written again, the same): what fails again fails alone, its adapter
+        quarantined, and the rest of the step goes on. Where the base model itself fails a
+        pass of one token, the fault is no one row's, and the engine stops on `error`."""
+        try:
+            with torch.no_grad():
+                self.model(ForwardBatch(torch.zeros(1, dtype=torch.int64), [1]))
+        except Exception:
+            raise error from None
+        outputs = []
+        for _, group in itertools.groupby(chunks, key=lambda c: c.seq.adapter):
+            group = list(group)
+            try:
+                outputs += self._forward(group, None).outputs
+            except Exception as e:  # noqa: BLE001 - these rows alone
+                self._fail_rows([c.seq for c in group], f"a step over its rows failed ({e!r})")
+        training = Forwarded([], None, None, 0.0)
+        if work is not None:
+            try:
+                training = self._forward([], work)
+            except Exception as e:  # noqa: BLE001 - the job alone
+                self._end_job(trainer, e)
+        return Forwarded(outputs, training.training_hidden, training.batch, training.seconds)
+
+    def _fail_rows(self, seqs: list[Sequence], reason: str) -> None:
+        """Fails requests whose rows failed, and quarantines their adapter: its requests
+        waiting or running fail too, and new ones are refused."""
+        for seq in seqs:
+            if seq.adapter is None:
+                self._fail(seq, RequestFailed(f"request {seq.id!r} failed: {reason}"))
+            elif seq.adapter not in self.quarantine:
+                quarantined = self.quarantine.add(seq.adapter, reason)
+                for other in [*self.scheduler.running, *self.scheduler.waiting]:
+                    if other.adapter == seq.adapter:
+                        self._fail(other, quarantined)
+            if not seq.is_finished:
+                self._fail(seq, self.quarantine.error(seq.adapter))
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        """Ends a request with `error` (handed to on_failure); the engine goes on."""
+        self.abort(seq)
+        seq.finish_reason = "error"
+        if self.on_failure is not None:
+            self.on_failure(seq, error)
 
     @staticmethod
     def _training_forward(seconds: float, inference_rows: int, batch: ForwardBatch | None
@@ -397,17 +480,27 @@ class Engine:
         )
 
     def _sample(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> list[StepOutput]:
+        """Samples the rows that end their prompt or decode, then commits the chunks' keys
+        and values (not before: a pass that fails commits nothing). A row whose logits are
+        not finite fails its request, and quarantines its adapter."""
         ends = torch.tensor([c.num_tokens for c in chunks], dtype=torch.int64).cumsum(0) - 1
         sampling = [i for i, c in enumerate(chunks) if c.samples]
+        tokens = logprobs = seqs = ()
+        if sampling:
+            logits = self.model.logits(hidden[ends[sampling]])  # (sampling rows, vocab)
+            seqs = [chunks[i].seq for i in sampling]
+            bad = non_finite_rows(logits)
+            if bad:
+                self._fail_rows([seqs[i] for i in bad], "its outputs were not finite (NaN or "
+                                "Inf in the logits)")
+                keep = [i for i in range(len(seqs)) if not seqs[i].is_finished]
+                logits, seqs = logits[keep], [seqs[i] for i in keep]
+            tokens, logprobs = self.sampler.sample(logits, [s.params for s in seqs],
+                                                   [s.generator for s in seqs])
         for chunk in chunks:
-            self.cache.commit(chunk.seq.id, chunk.num_tokens)
-            chunk.seq.computed += chunk.num_tokens
-        if not sampling:
-            return []
-        logits = self.model.logits(hidden[ends[sampling]])  # (sampling rows, vocab)
-        seqs = [chunks[i].seq for i in sampling]
-        tokens, logprobs = self.sampler.sample(logits, [s.params for s in seqs],
-                                               [s.generator for s in seqs])
+            if not chunk.seq.is_finished:
+                self.cache.commit(chunk.seq.id, chunk.num_tokens)
+                chunk.seq.computed += chunk.num_tokens
         return [self._advance(s, t, lp) for s, t, lp in zip(seqs, tokens, logprobs)]
 
     def _train(self, trainer: Trainer, work: TrainingWork, hidden: torch.Tensor | None,
@@ -507,13 +600,25 @@ class Engine:
         if seq.adapter is None or seq.slot is not None:
             return Admission.READY
         load = seq.adapter_load
-        if load.done() and load.exception() is not None:  # its caller reads the error there
-            seq.finish_reason = "error"
-            return Admission.FAILED
-        seq.slot = self.adapters.try_acquire(seq.adapter, load)
+        if load.done() and load.exception() is not None:
+            return self._refuse(seq, load.exception())
+        if seq.adapter in self.quarantine:
+            return self._refuse(seq, self.quarantine.error(seq.adapter))
+        try:
+            seq.slot = self.adapters.try_acquire(seq.adapter, load)
+        except Exception as e:  # noqa: BLE001 - this adapter alone
+            return self._refuse(seq, self.quarantine.add(
+                seq.adapter, f"it could not be placed in a device slot ({e})"))
         if seq.slot is not None:
             return Admission.READY
         return Admission.NO_SLOT if load.done() else Admission.LOADING
+
+    def _refuse(self, seq: Sequence, error: BaseException) -> Admission:
+        """A request that cannot be admitted ends with `error` (the scheduler drops it)."""
+        seq.finish_reason = "error"
+        if self.on_failure is not None:
+            self.on_failure(seq, error)
+        return Admission.FAILED
 
     def _await_loads(self) -> None:
         """Called by a step with nothing to compute: waits a little for an adapter that

@@ -115,6 +115,7 @@ class Runtime:
         engine.on_job_end = self._job_ended
         self._inbox = Inbox()
         engine.on_lane_pass = self._inbox.wake
+        engine.on_failure = self._fail_request
         self._lock = threading.Lock()  # the tables below; never held across engine work
         self._listeners: dict[Sequence, queue.SimpleQueue] = {}
         self._closed = False
@@ -195,7 +196,12 @@ class Runtime:
         Every request is checked before any runs: one bad request fails the call."""
         seqs, sinks = self._submit([self._prepare(r) for r in requests])
         self._await_adapters(seqs)
-        return [self._collect(seq, sink) for seq, sink in zip(seqs, sinks)]
+        try:
+            return [self._collect(seq, sink) for seq, sink in zip(seqs, sinks)]
+        except BaseException:  # one failed: the call fails, and its other requests stop
+            for seq in seqs:
+                self.abort(seq.id)
+            raise
 
     def stream(self, request: Request) -> Iterator[Delta]:
         """Yields the request's tokens and text as they are sampled; closing the iterator
@@ -319,10 +325,13 @@ class Runtime:
     def _next_outputs(self, sink: queue.SimpleQueue) -> tuple[list[StepOutput], str | None]:
         """Blocks for the next token(s) of one request: (outputs, its finish_reason once it
         has ended, else None). An aborted request ends with "abort"; an engine failure
-        raises."""
+        raises, and so does the error the engine failed this request alone with."""
         outputs = [sink.get()]
         while not sink.empty():
             outputs.append(sink.get())
+        failed = [o for o in outputs if isinstance(o, BaseException)]
+        if failed:
+            raise failed[0]
         if None in outputs:  # aborted, or the engine stopped: whatever came after is dropped
             if self._error is not None:
                 raise EngineStopped(f"the engine stopped on an error: {self._error!r}") \
@@ -387,6 +396,13 @@ class Runtime:
                     sink.put(output)
                     if output.finished:
                         del self._listeners[output.seq]
+
+    def _fail_request(self, seq: Sequence, error: BaseException) -> None:
+        """The engine failed one request alone (engine thread): its caller gets `error`."""
+        with self._lock:
+            sink = self._listeners.pop(seq, None)
+        if sink is not None:
+            sink.put(error)
 
     def _published(self, trainer: Trainer, published: Published) -> None:
         """A job published a version. Served by name, it is servable now as `name@v{version}`

@@ -7,6 +7,7 @@ import grpc
 
 from cotune.adapters.peft_format import AdapterError, AdapterMismatch
 from cotune.adapters.registry import AlreadyExists, InvalidName, NotFound, QuotaExceeded
+from cotune.engine.containment import AdapterQuarantined, RequestFailed
 from cotune.engine.runtime import EngineStopped
 
 
@@ -28,6 +29,8 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (EngineStopped, grpc.StatusCode.UNAVAILABLE),  # this replica is done; another answers
+    (AdapterQuarantined, grpc.StatusCode.FAILED_PRECONDITION),
+    (RequestFailed, grpc.StatusCode.INTERNAL),  # the engine failed it alone, and says why
     (InvalidName, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
