@@ -587,3 +587,25 @@ def test_a_regex_longer_than_4096_characters_is_refused(adapter_dir):
             "has a regex of 4899 characters in target_modules: 'q_proj|q_proj|")):
         load(adapter_dir)
 
+
+def with_task_type_nested(adapter_dir: Path, depth: int) -> None:
+    """task_type (an inert option) becomes a list nested `depth` levels deep, inside the config's
+    own object: the file nests depth + 1 levels."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config["task_type"] = "@"
+    text = json.dumps(config).replace('"@"', "[" * depth + "]" * depth)
+    (adapter_dir / "adapter_config.json").write_text(text)
+
+
+@pytest.mark.parametrize("depth", [100, 100_000])
+def test_a_config_nested_too_deeply_is_refused(adapter_dir, depth):
+    with_task_type_nested(adapter_dir, depth)
+    with pytest.raises(AdapterError, match=re.escape(
+            "has an invalid adapter_config.json: JSON nested too deeply (more than 100 levels of "
+            "arrays and objects); accepted: at most 100 levels")):
+        load(adapter_dir)
+
+
+def test_a_config_nested_100_levels_deep_is_read(adapter_dir):
+    with_task_type_nested(adapter_dir, 99)
+    assert json.dumps(load(adapter_dir).config["task_type"]) == "[" * 99 + "]" * 99

@@ -553,6 +553,28 @@ def test_a_string_field_of_invalid_utf8_is_invalid_argument(server, alice):
             INVALID, "does not parse")
 
 
+# --- JSON nested too deeply ----------------------------------------------------------------
+
+def test_json_nested_too_deeply_is_invalid_argument_wherever_it_is_read(
+        server, alice, adapter_files):
+    deep = "[" * 100_000 + "]" * 100_000
+    nested = "JSON nested too deeply (more than 100 levels of arrays and objects); accepted: " \
+             "at most 100 levels"
+    config = json.dumps(json.loads(adapter_files[CONFIG]) | {"task_type": "@"})
+    with leaves_nothing(server, alice):
+        refusal(lambda: alice.adapters.CreateAdapter(iter([
+            header(), chunk(CONFIG, config.replace('"@"', deep).encode()),
+            chunk(WEIGHTS, adapter_files[WEIGHTS])]), metadata=alice.metadata),
+            INVALID, "invalid adapter_config.json", nested)
+    refusal(lambda: alice.training.CreateJob(job(training_data=f'{{"text": {deep}}}\n'.encode()),
+                                             metadata=alice.metadata),
+            INVALID, f"training_data:1: {nested}")
+    refusal(lambda: alice.adapters.ListAdapters(adapters_pb2.ListAdaptersRequest(
+        page_token=base64.urlsafe_b64encode(deep.encode()).decode()), metadata=alice.metadata),
+        INVALID, "page_token is not one this server gave")
+    assert health_status(alice) == health_pb2.HealthCheckResponse.SERVING
+
+
 # --- after all of it -------------------------------------------------------------------------
 
 def test_after_the_bad_input_the_server_serves_and_logged_no_server_fault(server, alice, bob):
