@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cotune import bounded_json
 from cotune.engine.runtime import Request
 
 _FIELDS = {
@@ -35,9 +36,11 @@ def read_requests(path: str | Path) -> list[Request]:
 
 def _parse(line: str, where: str) -> Request:
     try:
-        data = json.loads(line)
+        data = bounded_json.loads(line)
     except json.JSONDecodeError as e:
         raise RequestFileError(f"{where}: not valid JSON ({e.msg})") from None
+    except bounded_json.NestedTooDeeply as e:
+        raise RequestFileError(f"{where}: {e}") from None
     if not isinstance(data, dict):
         raise RequestFileError(f"{where}: a request is a JSON object")
     unknown = sorted(set(data) - set(_FIELDS))

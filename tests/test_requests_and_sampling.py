@@ -89,6 +89,8 @@ def test_request_file_reads_both_prompt_forms_in_order(tmp_path):
     ('{"prompt": "x", "prompt_token_ids": [1]}', "give exactly one of prompt or prompt_token_ids"),
     ('{"adapter": null}', "give exactly one of prompt or prompt_token_ids"),
     ('{"prompt_token_ids": [1, "2"]}', "prompt_token_ids must be a list of integers"),
+    pytest.param("[" * 100_000 + "]" * 100_000, r"JSON nested too deeply \(more than 100 levels",
+                 id="nested-100000-deep"),
 ])
 def test_bad_request_line_is_refused_naming_its_line(tmp_path, line, message):
     path = _file(tmp_path, '{"prompt": "fine"}', line)

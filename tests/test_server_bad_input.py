@@ -290,6 +290,25 @@ def test_an_adapter_for_modules_the_base_lacks_or_of_other_shapes_does_not_fit(
                             metadata=alice.metadata), PRECONDITION, *fragments)
 
 
+def health_status(caller: Caller) -> int:
+    return health_pb2_grpc.HealthStub(caller.channel).Check(
+        health_pb2.HealthCheckRequest(), timeout=10).status
+
+
+def test_a_config_regex_that_would_backtrack_is_refused_at_once_and_health_serves(
+        server, alice, adapter_files):
+    # Python's re took 75 s on this one; the deadline (not a timing) is against a hang
+    bomb = r"model\.layers\.\d+\.(?=s)(.*.*)*Z"
+    config = dict(json.loads(adapter_files[CONFIG]), target_modules=bomb)
+    upload = [header(), chunk(CONFIG, json.dumps(config).encode()),
+              chunk(WEIGHTS, adapter_files[WEIGHTS])]
+    with leaves_nothing(server, alice):
+        refusal(lambda: alice.adapters.CreateAdapter(iter(upload), metadata=alice.metadata,
+                                                     timeout=30),
+                INVALID, f"invalid regex in target_modules: {bomb!r}", "RE2 syntax")
+    assert health_status(alice) == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_server_path_needs_an_admin_and_a_directory_under_allow_path(server, alice, admin):
     outside = tiny_adapter_dir(server.root / "outside", seed=6)
     allowed = server.root / "allowed"
@@ -557,6 +576,28 @@ def test_a_string_field_of_invalid_utf8_is_invalid_argument(server, alice):
         refusal(lambda: raw(alice, "/cotune.v1.AdapterService/CreateAdapter", "stream_unary")(
             iter([good_header, bad_chunk]), metadata=alice.metadata, timeout=30),
             INVALID, "does not parse")
+
+
+# --- JSON nested too deeply ----------------------------------------------------------------
+
+def test_json_nested_too_deeply_is_invalid_argument_wherever_it_is_read(
+        server, alice, adapter_files):
+    deep = "[" * 100_000 + "]" * 100_000
+    nested = "JSON nested too deeply (more than 100 levels of arrays and objects); accepted: " \
+             "at most 100 levels"
+    config = json.dumps(json.loads(adapter_files[CONFIG]) | {"task_type": "@"})
+    with leaves_nothing(server, alice):
+        refusal(lambda: alice.adapters.CreateAdapter(iter([
+            header(), chunk(CONFIG, config.replace('"@"', deep).encode()),
+            chunk(WEIGHTS, adapter_files[WEIGHTS])]), metadata=alice.metadata),
+            INVALID, "invalid adapter_config.json", nested)
+    refusal(lambda: alice.training.CreateJob(job(training_data=f'{{"text": {deep}}}\n'.encode()),
+                                             metadata=alice.metadata),
+            INVALID, f"training_data:1: {nested}")
+    refusal(lambda: alice.adapters.ListAdapters(adapters_pb2.ListAdaptersRequest(
+        page_token=base64.urlsafe_b64encode(deep.encode()).decode()), metadata=alice.metadata),
+        INVALID, "page_token is not one this server gave")
+    assert health_status(alice) == health_pb2.HealthCheckResponse.SERVING
 
 
 # --- after all of it -------------------------------------------------------------------------

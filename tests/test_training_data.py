@@ -204,6 +204,15 @@ def test_error_invalid_json(tmp_path, tokenizer):
     assert '{"prompt": str, "completion": str}' in message  # says what is accepted
 
 
+@pytest.mark.parametrize("depth", [100, 100_000])  # with the line's object, 101 levels and more
+def test_error_nested_too_deeply(tmp_path, tokenizer, depth):
+    line = '{"text": ' + "[" * depth + "]" * depth + "}"
+    message = assert_error(tmp_path, tokenizer, [GOOD, line], 2,
+                           r"JSON nested too deeply \(more than 100 levels of arrays and "
+                           r"objects\); accepted: at most 100 levels")
+    assert '{"prompt": str, "completion": str}' in message  # says what is accepted
+
+
 def test_error_not_an_object(tmp_path, tokenizer):
     assert_error(tmp_path, tokenizer, [GOOD, '["p", "c"]'], 2, "list is not an object")
 

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
+from cotune import bounded_json
 from cotune.adapters.durable import fsync, write_synced
 from cotune.adapters.validation import (
     AdapterError,
@@ -106,10 +107,12 @@ def _read_config(path: Path, where: str) -> dict:
         raise AdapterError(f"adapter {where} has no {CONFIG_NAME}; accepted: a PEFT adapter "
                            f"directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
-        config = json.loads(config_path.read_bytes().decode("utf-8"))
+        config = bounded_json.loads(config_path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterError(f"adapter {where} has an invalid {CONFIG_NAME} ({e}); accepted: a "
                            "JSON object as PEFT's save_pretrained writes it") from None
+    except bounded_json.NestedTooDeeply as e:
+        raise AdapterError(f"adapter {where} has an invalid {CONFIG_NAME}: {e}") from None
     if not isinstance(config, dict):
         raise AdapterError(f"adapter {where} has a {CONFIG_NAME} that is not a JSON object; "
                            "accepted: a JSON object as PEFT's save_pretrained writes it")

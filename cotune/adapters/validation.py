@@ -3,6 +3,10 @@
 The rules mirror peft 0.21: `LoraConfig` (tuners/lora/config.py), `check_target_module_exists`
 (tuners/tuners_utils.py), `get_pattern_key` (utils/other.py) and `LoraLayer.update_layer`
 (tuners/lora/layer.py). Every refusal says what is wrong and what is accepted.
+
+The regexes of a config come from tenants, so they are matched by RE2, in time linear in the
+module path: Python's `re` backtracks, and a pattern like `(.*.*)*Z` held the server for a
+minute. RE2 has no lookaround and no backreferences; a config that uses them is refused.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import json
 import math
 import re
 from collections.abc import Iterable
+
+import re2
 
 # The options whose non-default value changes the math of the LoRA delta (or adds parameters
 # cotune does not hold), with the values accepted and the reason. Defaults are PEFT's.
@@ -57,9 +63,19 @@ _RESIDUAL_INIT_PREFIXES = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # trained adapters use alphas up to a few thousand.
 MAX_LORA_ALPHA = 100_000
 
+# The longest regex accepted in adapter_config.json; PEFT's own are a few hundred characters.
+MAX_PATTERN_LENGTH = 4096
+_ACCEPTED_REGEX = (f"a regex of at most {MAX_PATTERN_LENGTH} characters in RE2 syntax (Python's, "
+                   "without lookahead, lookbehind or backreferences)")
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a refused pattern is the tenant's error, not the server's log
+
 # PEFT's defaults, used where a config omits the key (as PEFT does).
 _DEFAULT_R = 8
 _DEFAULT_ALPHA = 8
+
+# PEFT's layer index where layers_pattern is unset; cotune's own pattern, so Python's `re`.
+_FIRST_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
 
 
 class AdapterError(ValueError):
@@ -128,7 +144,7 @@ def _check_rank_and_alpha(config: dict, where: str) -> None:
                 f"adapter {where} has {field}={json.dumps(patterns)}; accepted: an object that "
                 "maps module names or regexes to values")
         for pattern, value in patterns.items():
-            _compile(pattern, f"{field} key", where)
+            _compile(pattern, _suffix_regex, f"{field} key", where)
             check(value, f"{field}[{pattern!r}]", where)
 
 
@@ -154,7 +170,7 @@ def _check_targeting(config: dict, where: str) -> None:
                 f"adapter {where} has target_modules='all-linear', which PEFT resolves against "
                 "its model before saving; accepted: the module names (as PEFT writes them) or a "
                 "regex")
-        _compile(targets, "target_modules", where)
+        _compile(targets, _regex, "target_modules", where)
         if config.get("layers_to_transform") is not None or config.get("layers_pattern"):
             raise AdapterError(
                 f"adapter {where} combines a regex target_modules with layers_to_transform or "
@@ -165,7 +181,7 @@ def _check_targeting(config: dict, where: str) -> None:
             "module names (e.g. [\"q_proj\", \"v_proj\"]) or a regex string")
     excluded = config.get("exclude_modules")
     if isinstance(excluded, str):
-        _compile(excluded, "exclude_modules", where)
+        _compile(excluded, _regex, "exclude_modules", where)
     elif excluded is not None and not _is_list_of(excluded, str):
         raise AdapterError(
             f"adapter {where} has exclude_modules={json.dumps(excluded)}; accepted: null, a list "
@@ -185,7 +201,7 @@ def _check_layers(config: dict, where: str) -> None:
             f"adapter {where} has layers_pattern={json.dumps(pattern)}; accepted: null, a name "
             "or a list of names (e.g. \"layers\")")
     for name in [pattern] if isinstance(pattern, str) else pattern or []:
-        _compile(name, "layers_pattern", where)
+        _compile(name, _layer_regex, "layers_pattern", where)
     if pattern and layers is None:
         raise AdapterError(
             f"adapter {where} sets layers_pattern without layers_to_transform, which PEFT "
@@ -201,13 +217,36 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _compile(pattern: str, what: str, where: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as e:
+def _compile(pattern: str, build, what: str, where: str) -> None:
+    """Refuses `pattern` unless build(pattern), the regex it is matched as, compiles in RE2."""
+    if len(pattern) > MAX_PATTERN_LENGTH:
         raise AdapterError(
-            f"adapter {where} has an invalid regex in {what}: {pattern!r} ({e}); accepted: a "
-            "Python regular expression") from None
+            f"adapter {where} has a regex of {len(pattern)} characters in {what}: "
+            f"{pattern[:80]!r}...; accepted: {_ACCEPTED_REGEX}")
+    try:
+        build(pattern)
+    except re2.error as e:
+        reason = e.args[0].decode(errors="replace") if isinstance(e.args[0], bytes) \
+            else str(e)
+        raise AdapterError(
+            f"adapter {where} has an invalid regex in {what}: {pattern!r} ({reason}); "
+            f"accepted: {_ACCEPTED_REGEX}") from None
+
+
+def _regex(pattern: str):
+    """`pattern` compiled by RE2 (re2 caches the compiled regexes)."""
+    return re2.compile(pattern, _RE2_OPTIONS)
+
+
+def _suffix_regex(key: str):
+    # get_pattern_key: a key matches a suffix of whole segments of the module path
+    return _regex(rf"(.*\.)?({key})$")
+
+
+def _layer_regex(layers_pattern: str):
+    # the layer index is the last group, whatever groups the pattern has (PEFT names it `idx`,
+    # but RE2 lets a pattern take that name too)
+    return _regex(rf"(?:^|.*?\.){layers_pattern}\.(\d+)\.")
 
 
 def is_targeted(config: dict, path: str) -> bool:
@@ -216,7 +255,7 @@ def is_targeted(config: dict, path: str) -> bool:
         return False
     targets = config["target_modules"]
     if isinstance(targets, str):
-        return re.fullmatch(targets, path) is not None
+        return _regex(targets).fullmatch(path) is not None
     if path in targets:  # a full path is taken as is, whatever layers_to_transform says
         return True
     return _matches(targets, path) and _in_transformed_layers(config, path)
@@ -226,7 +265,7 @@ def _matches(names_or_regex: str | list[str] | None, path: str) -> bool:
     if not names_or_regex:
         return False
     if isinstance(names_or_regex, str):
-        return re.fullmatch(names_or_regex, path) is not None
+        return _regex(names_or_regex).fullmatch(path) is not None
     return any(path == name or path.endswith(f".{name}") for name in names_or_regex)
 
 
@@ -237,15 +276,15 @@ def _in_transformed_layers(config: dict, path: str) -> bool:
     patterns = config.get("layers_pattern")
     if not patterns:
         # the first numbered segment is the layer index, not a nested one (an expert's)
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+        match = _FIRST_LAYER_INDEX.match(path)
     else:
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            match = _layer_regex(pattern).match(path)
             if match is not None:
                 break
     if match is None:
         return False
-    index = int(match["idx"])
+    index = int(match.groups()[-1])
     return index == layers if isinstance(layers, int) else index in layers
 
 
@@ -287,6 +326,6 @@ def module_scale(config: dict, path: str) -> float:
 def _pattern_value(patterns: dict, path: str, default):
     # get_pattern_key: the first key, in file order, that matches a suffix of whole segments
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", path):
+        if _suffix_regex(pattern).match(path):
             return value
     return default

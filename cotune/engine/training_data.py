@@ -21,6 +21,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from cotune import bounded_json
+
 ACCEPTED = ('each line must be one JSON object of one form: {"prompt": str, "completion": str}, '
             '{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]} '
             'or {"text": str}')
@@ -133,10 +135,12 @@ def _decode(path: Path, raw: bytes) -> str:
 
 def _parse(where: str, line: str) -> dict:
     try:
-        record = json.loads(line)
+        record = bounded_json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); "
                         f"{ACCEPTED}") from None
+    except bounded_json.NestedTooDeeply as e:
+        raise DataError(f"{where}: {e}; {ACCEPTED}") from None
     if not isinstance(record, dict):
         raise DataError(f"{where}: a JSON {type(record).__name__} is not an object; "
                         f"{ACCEPTED}")

@@ -7,6 +7,7 @@ import json
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
+from cotune import bounded_json
 from cotune.adapters.registry import (
     AdapterRecord,
     JobRecord,
@@ -112,7 +113,7 @@ def page_after(token: str):
     if not token:
         return None
     try:
-        after = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))["after"]
+        after = bounded_json.loads(base64.urlsafe_b64decode(token.encode("ascii")))["after"]
         if isinstance(after, bool) or not isinstance(after, (str, int)):
             raise TypeError(after)  # a forged token: the registry would fail on it
         return after
