@@ -54,7 +54,7 @@ def rpc(admin: bool = False, held_open: bool = False):
 
     def decorate(method):
         def places(self, tenant: TenantRecord):
-            return self.gate.open_streams.hold(tenant.name) if held_open else nullcontext()
+            return self.gate.open_streams.hold(tenant) if held_open else nullcontext()
 
         if inspect.isgeneratorfunction(method):
             @functools.wraps(method)
