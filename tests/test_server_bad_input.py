@@ -504,6 +504,16 @@ def test_tenant_service_refuses_duplicates_negative_quotas_and_unknown_tenants(a
         refusal(call, NOT_FOUND, "'zed' not found")
 
 
+def test_revoking_an_unknown_token_is_not_found_and_a_revoked_one_says_so(admin):
+    md, n = admin.metadata, admin.tenants
+    refusal(lambda: n.RevokeToken(tenants_pb2.RevokeTokenRequest(id="000000000000"),
+                                  metadata=md), NOT_FOUND, "token id '000000000000' not found")
+    issued = n.IssueToken(tenants_pb2.IssueTokenRequest(tenant="alice"), metadata=md)
+    revoke = tenants_pb2.RevokeTokenRequest(id=issued.id)
+    assert n.RevokeToken(revoke, metadata=md).revoked
+    assert not n.RevokeToken(revoke, metadata=md).revoked  # it was revoked already
+
+
 # --- bytes that are not a message --------------------------------------------------------------
 
 def raw(caller: Caller, method: str, kind: str = "unary_unary"):
