@@ -323,6 +323,13 @@ BAD_GENERATE = {
     "logprobs -1": (sampled(logprobs=-1), "logprobs must be None or an integer >= 0"),
     "logprobs > vocab": (sampled(logprobs=VOCAB + 1), f"accepted: 0 to {VOCAB}"),
     "an empty stop string": (sampled(stop=[""]), "stop must be a list of non-empty strings"),
+    # every response echoes the id: a megabyte of it was sent back with each token
+    "request_id of 1 MB": (inference_pb2.GenerateRequest(prompt="hi", request_id="r" * (1 << 20)),
+                           "(1048576 characters) not accepted; accepted: at most 256 printable"),
+    "request_id of 257": (inference_pb2.GenerateRequest(prompt="hi", request_id="r" * 257),
+                          "(257 characters) not accepted"),
+    "request_id with a newline": (inference_pb2.GenerateRequest(prompt="hi", request_id="a\nb"),
+                                  "request_id 'a\\nb' (3 characters) not accepted"),
 }
 
 
@@ -353,6 +360,12 @@ def test_a_request_id_in_flight_cannot_be_used_twice_by_its_tenant(alice, bob):
     # another tenant's id space is its own, and the id is free again once the request ended
     assert bob.generate(max_tokens=2, request_id="twice")[-1].usage.completion_tokens == 2
     assert alice.generate(max_tokens=2, request_id="twice")[-1].request_id == "twice"
+
+
+def test_a_request_id_of_256_printable_characters_is_echoed(alice):
+    request_id = "é" * 255 + "~"
+    assert {r.request_id for r in alice.generate(max_tokens=2, request_id=request_id)} \
+        == {request_id}
 
 
 def test_abort_needs_a_request_id(alice):
