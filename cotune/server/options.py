@@ -148,7 +148,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "--max-open-streams) [a quarter of --max-open-streams, at least 1]")
     limits.add_argument("--upload-idle-timeout", type=positive_seconds, default=30.0,
                         metavar="SECONDS",
-                        help="an adapter upload that sends nothing for this long ends with "
+                        help="an adapter upload whose next message (a file chunk: 1 MiB from "
+                             "the SDK) does not arrive within this long ends with "
                              "DEADLINE_EXCEEDED, nothing of it kept, and frees its place")
     limits.add_argument("--default-max-adapters", type=int, default=1000)
     limits.add_argument("--default-max-versions", type=int, default=1000,

@@ -75,7 +75,8 @@ class _Reader:
                 return
             try:
                 self._arrived.put(next(self._requests))
-            except BaseException as e:  # noqa: BLE001 - the end, or an error, is the reader's
+            except BaseException as e:  # noqa: BLE001 - messages() passes each on
+                # StopIteration, the call's end, or a refusal of bytes that do not parse
                 self._arrived.put(e)
                 return
 
