@@ -8,6 +8,7 @@ one JSON line per event). `cli.main` turns a CotuneError into `cotune: error: CO
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from functools import partial
 
@@ -119,7 +120,7 @@ def generate_on_server(args, sampling: dict) -> int:
         address, prompt = "", address
     if args.requests is not None or not prompt:
         raise ValueError("with --server give one prompt (--requests runs in-process)")
-    with Client(address or None, args.token) as client:
+    with Client(address or None, _token(args.token)) as client:
         for delta in client.generate(prompt, adapter=args.adapter, **sampling):
             if args.json:
                 print_json(delta)
@@ -144,8 +145,17 @@ def _emit(args, value, human) -> int:
 
 
 def _with_client(handler, args) -> int:
-    with Client(args.addr, args.token) as client:
+    with Client(args.addr, _token(args.token)) as client:
         return handler(args, client)
+
+
+def _token(given: str | None) -> str:
+    """--token, else $COTUNE_TOKEN: every command here needs one."""
+    token = os.environ.get("COTUNE_TOKEN") if given is None else given
+    if not token:
+        raise ValueError("no token: pass --token TOKEN or set COTUNE_TOKEN; an admin issues "
+                         "tokens with `cotune tenants token issue TENANT`")
+    return token
 
 
 def _label(text: str) -> tuple[str, str]:

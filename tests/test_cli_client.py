@@ -133,6 +133,21 @@ def test_a_bad_token_exits_2_with_unauthenticated_and_no_traceback(server):
     assert "Traceback" not in result.stderr
 
 
+def test_a_missing_token_points_to_cotune_token_and_the_token_flag(server):
+    """Not to the wire's 'authorization' header, which the server would have named."""
+    unset = {k: v for k, v in os.environ.items() if k != "COTUNE_TOKEN"}
+    runs = [subprocess.run([COTUNE, *args], env=dict(unset, COTUNE_ADDR=server.address),
+                           capture_output=True, text=True, timeout=120)
+            for args in (["adapters", "list"], ["generate", "--server", "--max-tokens", "2",
+                                                "hi"])]
+    runs.append(_cotune(server, "jobs", "list", token=""))  # set, but empty
+    for result in runs:
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr == "cotune: error: no token: pass --token TOKEN or set " \
+                                "COTUNE_TOKEN; an admin issues tokens with `cotune tenants " \
+                                "token issue TENANT`\n"
+
+
 def test_the_client_commands_do_not_import_torch():
     code = "import sys, cotune.cli; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -97,7 +97,8 @@ def test_token_authenticates_its_tenant_until_revoked(registry):
     assert registry.tokens("globex") == []
     assert registry.revoke_token(record.id) is True
     assert registry.revoke_token(record.id) is False  # already revoked
-    assert registry.revoke_token("000000000000") is False
+    with pytest.raises(NotFound, match="token id '000000000000' not found"):
+        registry.revoke_token("000000000000")
     assert registry.authenticate(secret) is None
     assert [t.revoked for t in registry.tokens("acme")] == [True, False]
 

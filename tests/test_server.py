@@ -118,6 +118,22 @@ def test_every_rpc_but_health_refuses_a_caller_without_a_valid_token(server, hea
         caller.close()
 
 
+def test_every_rpc_refuses_a_call_with_two_authorization_headers(server):
+    """Which of two headers would count is the server's guess (it was the last): neither does,
+    even when both hold the admin's valid token."""
+    caller = Caller(server.address, server.admin_token)
+    caller.metadata = caller.metadata * 2
+    try:
+        for name, call in every_rpc(caller).items():
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
+            assert refused.value.details() == "2 authorization headers; accepted: exactly " \
+                                              "one, 'authorization: Bearer <token>'", name
+    finally:
+        caller.close()
+
+
 def test_a_revoked_token_is_refused_and_tenant_service_needs_an_admin(server, admin):
     token = admin.new_tenant("revokee")
     caller = Caller(server.address, token)

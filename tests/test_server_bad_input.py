@@ -367,6 +367,13 @@ BAD_GENERATE = {
     "logprobs -1": (sampled(logprobs=-1), "logprobs must be None or an integer >= 0"),
     "logprobs > vocab": (sampled(logprobs=VOCAB + 1), f"accepted: 0 to {VOCAB}"),
     "an empty stop string": (sampled(stop=[""]), "stop must be a list of non-empty strings"),
+    # every response echoes the id: a megabyte of it was sent back with each token
+    "request_id of 1 MB": (inference_pb2.GenerateRequest(prompt="hi", request_id="r" * (1 << 20)),
+                           "(1048576 characters) not accepted; accepted: at most 256 printable"),
+    "request_id of 257": (inference_pb2.GenerateRequest(prompt="hi", request_id="r" * 257),
+                          "(257 characters) not accepted"),
+    "request_id with a newline": (inference_pb2.GenerateRequest(prompt="hi", request_id="a\nb"),
+                                  "request_id 'a\\nb' (3 characters) not accepted"),
 }
 
 
@@ -397,6 +404,12 @@ def test_a_request_id_in_flight_cannot_be_used_twice_by_its_tenant(alice, bob):
     # another tenant's id space is its own, and the id is free again once the request ended
     assert bob.generate(max_tokens=2, request_id="twice")[-1].usage.completion_tokens == 2
     assert alice.generate(max_tokens=2, request_id="twice")[-1].request_id == "twice"
+
+
+def test_a_request_id_of_256_printable_characters_is_echoed(alice):
+    request_id = "é" * 255 + "~"
+    assert {r.request_id for r in alice.generate(max_tokens=2, request_id=request_id)} \
+        == {request_id}
 
 
 def test_abort_needs_a_request_id(alice):
@@ -546,6 +559,16 @@ def test_tenant_service_refuses_duplicates_negative_quotas_and_unknown_tenants(a
                  lambda: n.IssueToken(tenants_pb2.IssueTokenRequest(tenant="zed"),
                                       metadata=md)):
         refusal(call, NOT_FOUND, "'zed' not found")
+
+
+def test_revoking_an_unknown_token_is_not_found_and_a_revoked_one_says_so(admin):
+    md, n = admin.metadata, admin.tenants
+    refusal(lambda: n.RevokeToken(tenants_pb2.RevokeTokenRequest(id="000000000000"),
+                                  metadata=md), NOT_FOUND, "token id '000000000000' not found")
+    issued = n.IssueToken(tenants_pb2.IssueTokenRequest(tenant="alice"), metadata=md)
+    revoke = tenants_pb2.RevokeTokenRequest(id=issued.id)
+    assert n.RevokeToken(revoke, metadata=md).revoked
+    assert not n.RevokeToken(revoke, metadata=md).revoked  # it was revoked already
 
 
 # --- bytes that are not a message --------------------------------------------------------------

@@ -5,8 +5,10 @@ the server's queue); every admitted request completes in full; other tenants are
 The limits, from the top: gRPC's own cap on RPCs in flight (`maximum_concurrent_rpcs`, which
 app.py sets to the rpc thread pool's size: --max-queued-requests + --max-open-streams + 16),
 then the bound on calls a client may hold open (--max-open-streams: uploads, exports, job
-watches), admission's server-wide --max-queued-requests, then each tenant's
-max_queued_requests and max_tokens_per_minute quotas."""
+watches; here one tenant may fill all but the place kept for admins: test_server_streams.py
+covers each tenant's share and the idle timeout), admission's server-wide
+--max-queued-requests, then each tenant's max_queued_requests and max_tokens_per_minute
+quotas."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from cotune.v1 import adapters_pb2, common_pb2, inference_pb2
 pytestmark = pytest.mark.slow
 
 SERVER_LIMIT, TENANT_LIMIT = 4, 2  # --max-queued-requests, --default-max-queued
-OPEN_STREAMS = 16  # --max-open-streams, its default
+OPEN_STREAMS = 16  # --max-open-streams, its default, and --max-open-streams-per-tenant
 # app.py: the rpc threads, and gRPC's maximum_concurrent_rpcs: generations, calls held open,
 # and 16 threads that only other calls take
 RPC_LIMIT = SERVER_LIMIT + OPEN_STREAMS + 16
@@ -47,6 +49,8 @@ def server(tmp_path_factory, metrics_port):
     with running_server(tmp_path_factory.mktemp("overload"),
                         "--max-queued-requests", str(SERVER_LIMIT),
                         "--default-max-queued", str(TENANT_LIMIT),
+                        "--max-open-streams-per-tenant", str(OPEN_STREAMS),
+                        "--upload-idle-timeout", "300",  # held open below, idle on purpose
                         "--metrics-port", str(metrics_port)) as running:
         yield running
 
@@ -234,23 +238,27 @@ def test_calls_held_open_past_their_bound_are_refused_and_health_and_generations
         return [wide.adapters.CreateAdapter.future(held_open(), metadata=wide.metadata,
                                                    timeout=90) for _ in range(count)]
 
-    extra = 4  # past the bound: these are refused at once
+    extra = 4  # past the bound: these are refused at once, and one more (the admins' place)
+    refused_count = extra + 1
     refusals_before = value(scrape(metrics_port), "cotune_open_stream_refusals_total")
     holders = open_uploads(OPEN_STREAMS + extra)
     health = health_pb2_grpc.HealthStub(other.channel)
     try:
         deadline = time.monotonic() + 20
-        while sum(h.done() for h in holders) < extra and time.monotonic() < deadline:
+        while sum(h.done() for h in holders) < refused_count and time.monotonic() < deadline:
             time.sleep(0.05)
         refused = [h for h in holders if h.done()]
-        assert len(refused) == extra
+        assert len(refused) == refused_count
         for holder in refused:
             assert holder.exception().code() == EXHAUSTED
             assert "uploads, exports and job watches open" in holder.exception().details()
-            assert "(--max-open-streams)" in holder.exception().details()
+            assert "(--max-open-streams, less the place kept for admins)" \
+                in holder.exception().details()
         counted = scrape(metrics_port)  # counted by tenant, for the operator
-        assert value(counted, "cotune_open_stream_refusals_total") - refusals_before == extra
-        assert value(counted, "cotune_open_stream_refusals_total", tenant="wide") == extra
+        assert value(counted, "cotune_open_stream_refusals_total") - refusals_before \
+            == refused_count
+        assert value(counted, "cotune_open_stream_refusals_total", tenant="wide") \
+            == refused_count
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status \
             == health_pb2.HealthCheckResponse.SERVING
         assert_complete(generate(other, max_tokens=4), max_tokens=4)
@@ -263,6 +271,12 @@ def test_calls_held_open_past_their_bound_are_refused_and_health_and_generations
     assert open_uploads(1)[0].exception(60).code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_the_bound_on_calls_held_open_is_at_least_one():
-    with pytest.raises(ValueError, match="--max-open-streams must be at least 1, got 0"):
-        OpenStreams(0)
+def test_the_bounds_on_calls_held_open_leave_the_admins_a_place_and_each_tenant_one():
+    with pytest.raises(ValueError, match=r"--max-open-streams must be at least 2 \(one place "
+                                         r"is kept for admins\), got 1"):
+        OpenStreams(1)
+    for per_tenant in (0, 17):
+        with pytest.raises(ValueError, match="--max-open-streams-per-tenant must be from 1 to "
+                                             rf"--max-open-streams \(16\), got {per_tenant}"):
+            OpenStreams(16, per_tenant)
+    assert (OpenStreams(16).per_tenant, OpenStreams(3).per_tenant) == (4, 1)

@@ -142,7 +142,7 @@ class Registry(Protocol):
         AlreadyExists (a token of that id exists), ValueError (a malformed preset)."""
 
     def revoke_token(self, token_id: str) -> bool:
-        """False when no such token or it was revoked already."""
+        """False when it was revoked already; NotFound when no token has this id."""
 
     def tokens(self, tenant: str) -> list[TokenRecord]:
         """The tenant's tokens, revoked ones included, oldest first."""

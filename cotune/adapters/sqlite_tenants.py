@@ -79,9 +79,12 @@ class SqliteTenants(SqliteDatabase):
 
     def revoke_token(self, token_id: str) -> bool:
         with self._transaction(write=True) as db:
-            cursor = db.execute("UPDATE tokens SET revoked = 1 WHERE id = ? AND revoked = 0",
-                                (token_id,))
-            return cursor.rowcount == 1
+            row = db.execute("SELECT revoked FROM tokens WHERE id = ?", (token_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"token id {token_id!r} not found; accepted: the id of a token "
+                               "issued on this server (a tenant's tokens are listed with it)")
+            db.execute("UPDATE tokens SET revoked = 1 WHERE id = ?", (token_id,))
+            return not row["revoked"]
 
     def tokens(self, tenant: str) -> list[TokenRecord]:
         with self._transaction() as db:

@@ -12,7 +12,13 @@ from cotune.server import convert
 from cotune.server.errors import RpcError, invalid
 from cotune.server.handlers import Gate, rpc
 from cotune.server.names import parse_reference
-from cotune.server.uploads import ADAPTER_FILES, Staging, allowed_path, receive_files
+from cotune.server.uploads import (
+    ADAPTER_FILES,
+    Staging,
+    allowed_path,
+    arriving,
+    receive_files,
+)
 from cotune.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2
 
 CHUNK = 1 << 20
@@ -22,14 +28,19 @@ MAX_LABELS, MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_DESCRIPTION = 64, 63, 256, 4096
 class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
     def __init__(self, gate: Gate, registry: Registry, staging: Staging,
                  base_modules: dict[str, tuple[int, int]], max_rank: int,
-                 allowed_roots: list[Path], max_upload_bytes: int):
+                 allowed_roots: list[Path], max_upload_bytes: int, upload_idle_s: float):
         self.gate, self.registry, self.staging = gate, registry, staging
         self.base_modules, self.max_rank = base_modules, max_rank
         self.allowed_roots, self.max_upload_bytes = allowed_roots, max_upload_bytes
+        self.upload_idle_s = upload_idle_s
 
     @rpc(held_open=True)
     def CreateAdapter(self, request_iterator, context, tenant):
-        first = next(request_iterator, None)
+        with arriving(request_iterator, self.upload_idle_s) as requests:
+            return self._create(requests, tenant)
+
+    def _create(self, requests, tenant):
+        first = next(requests, None)
         if first is None or first.WhichOneof("part") != "header":
             raise invalid("the first message of CreateAdapter must be its header")
         header = first.header
@@ -42,7 +53,7 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
             source = allowed_path(header.server_path, self.allowed_roots, "adapter directories")
             return self._publish(tenant.name, name, source, "server_path", header)
         with self.staging.directory() as upload:
-            receive_files(_chunks(request_iterator), upload, self.max_upload_bytes)
+            receive_files(_chunks(requests), upload, self.max_upload_bytes)
             return self._publish(tenant.name, name, upload, "upload", header)
 
     def _publish(self, tenant: str, name: str, files: Path, source: str, header):

@@ -81,27 +81,61 @@ class Admission:
 class OpenStreams:
     """The calls a client can hold open as long as it likes (adapter uploads and exports, job
     watches) share a bound of their own, below the server's rpc threads, so that unary calls
-    and health checks always find a thread however many of these are open. Past the bound a
-    call is refused at once."""
+    and health checks always find a thread however many of these are open. Within it, each
+    tenant holds at most `per_tenant` at once, so that one tenant cannot shut out the others,
+    and the last place is kept for admins: tenants that are not admins fill at most
+    `limit - 1`, so an admin can always open one (to export, or to watch a job). Past a bound
+    a call is refused at once."""
 
-    def __init__(self, limit: int):
-        if limit < 1:
-            raise ValueError(f"--max-open-streams must be at least 1, got {limit}")
-        self.limit = limit
-        self._free = threading.BoundedSemaphore(limit)
+    def __init__(self, limit: int, per_tenant: int | None = None):
+        if limit < 2:
+            raise ValueError(f"--max-open-streams must be at least 2 (one place is kept for "
+                             f"admins), got {limit}")
+        per_tenant = default_per_tenant(limit) if per_tenant is None else per_tenant
+        if not 1 <= per_tenant <= limit:
+            raise ValueError(f"--max-open-streams-per-tenant must be from 1 to "
+                             f"--max-open-streams ({limit}), got {per_tenant}")
+        self.limit, self.per_tenant = limit, per_tenant
+        self._lock = threading.Lock()
+        self._open: Counter[str] = Counter()  # tenant -> its calls held open
         # Called as on_refused(tenant) for each call refused here: the server's metrics.
         self.on_refused: Callable[[str], None] | None = None
 
     @contextmanager
-    def hold(self, tenant: str):
+    def hold(self, tenant: TenantRecord):
         """A place for one call of `tenant` while the block runs, or RESOURCE_EXHAUSTED."""
-        if not self._free.acquire(blocking=False):
+        name = tenant.name
+        with self._lock:
+            refusal = self._refusal(tenant)
+            if refusal is None:
+                self._open[name] += 1
+        if refusal is not None:
             if self.on_refused is not None:
-                self.on_refused(tenant)
-            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"the server has {self.limit} uploads, exports and job watches open, "
-                           "its limit (--max-open-streams); retry with backoff")
+                self.on_refused(name)
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
         try:
             yield
         finally:
-            self._free.release()
+            with self._lock:
+                self._open[name] -= 1
+                if not self._open[name]:
+                    del self._open[name]
+
+    def _refusal(self, tenant: TenantRecord) -> str | None:
+        """Why a new call of `tenant` finds no place, or None when it has one."""
+        held = self._open[tenant.name]
+        if held >= self.per_tenant:
+            return (f"tenant {tenant.name!r} has {held} uploads, exports and job watches open, "
+                    "its limit (--max-open-streams-per-tenant); finish or cancel one of them "
+                    "first")
+        total = sum(self._open.values())
+        if total < (self.limit if tenant.admin else self.limit - 1):
+            return None
+        kept = "" if tenant.admin else ", less the place kept for admins"
+        return (f"the server has {total} uploads, exports and job watches open, its limit "
+                f"(--max-open-streams{kept}); retry with backoff")
+
+
+def default_per_tenant(limit: int) -> int:
+    """--max-open-streams-per-tenant when not given: a quarter of --max-open-streams."""
+    return max(1, limit // 4)

@@ -65,7 +65,8 @@ class CotuneServer:
     def __init__(self, args):
         self.rank = RankInfo.from_env()  # None: the whole base in this process
         check_sharding(self.rank is not None, args.zero_offload, args.device)
-        open_streams = OpenStreams(args.max_open_streams)  # a bad bound refused before loading
+        # bad bounds refused before loading
+        open_streams = OpenStreams(args.max_open_streams, args.max_open_streams_per_tenant)
         data_dir: Path = args.data_dir
         if self.rank is not None:
             data_dir = data_dir / f"rank-{self.rank.rank}"
@@ -96,7 +97,7 @@ class CotuneServer:
         adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterService(
             self.gate, self.registry, Staging(data_dir / "uploads", args.worker_id),
             self.runtime.engine.adapters.base_modules, args.max_rank, args.allow_path,
-            max_bytes), self.server)
+            max_bytes, args.upload_idle_timeout), self.server)
         training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingService(
             self.gate, self.registry, self.jobs, args.allow_path, max_bytes), self.server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceService(

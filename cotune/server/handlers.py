@@ -30,11 +30,16 @@ class Gate:
         if self.draining:
             context.abort(grpc.StatusCode.UNAVAILABLE,
                           "the server is shutting down; retry, another replica will answer")
-        header = dict(context.invocation_metadata()).get("authorization")
-        if header is None:
+        headers = [value for key, value in context.invocation_metadata()
+                   if key == "authorization"]
+        if not headers:
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           "no authorization metadata; send 'authorization: Bearer <token>'")
-        scheme, _, token = header.partition(" ")
+        if len(headers) > 1:  # which one would count is the server's guess: none does
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          f"{len(headers)} authorization headers; accepted: exactly one, "
+                          "'authorization: Bearer <token>'")
+        scheme, _, token = headers[0].partition(" ")
         tenant = self.registry.authenticate(token.strip()) if scheme == "Bearer" else None
         if tenant is None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
@@ -54,7 +59,7 @@ def rpc(admin: bool = False, held_open: bool = False):
 
     def decorate(method):
         def places(self, tenant: TenantRecord):
-            return self.gate.open_streams.hold(tenant.name) if held_open else nullcontext()
+            return self.gate.open_streams.hold(tenant) if held_open else nullcontext()
 
         if inspect.isgeneratorfunction(method):
             @functools.wraps(method)

@@ -23,6 +23,7 @@ from cotune.v1 import inference_pb2, inference_pb2_grpc
 FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH,
           "abort": inference_pb2.FINISH_REASON_ABORT}
 MAX_TEXT_BYTES = 1 << 20
+MAX_REQUEST_ID = 256  # characters: every response echoes it
 
 
 class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
@@ -54,6 +55,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             self.metrics.requests.labels(tenant.name, label, status.name).inc()
 
     def _generate(self, request, context, tenant: TenantRecord, label: str):
+        _check_request_id(request.request_id)
         prompt_ids = self._prompt_ids(request)
         served, adapter = self._adapter(tenant, request.adapter)
         engine_request = _engine_request(request, prompt_ids, adapter, tenant.name)
@@ -167,6 +169,13 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         finally:
             with self._lock:
                 self._in_flight.discard(engine_id)
+
+
+def _check_request_id(text: str) -> None:
+    if len(text) > MAX_REQUEST_ID or not text.isprintable():
+        raise invalid(f"request_id {text[:40]!r} ({len(text)} characters) not accepted; "
+                      f"accepted: at most {MAX_REQUEST_ID} printable characters, or none for "
+                      "one the server picks")
 
 
 def _gone(context) -> grpc.StatusCode:

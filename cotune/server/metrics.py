@@ -101,7 +101,8 @@ class Metrics:
                                   registry=r)
         self.open_stream_refusals = Counter(
             "cotune_open_stream_refusals",
-            "uploads, exports and job watches refused past --max-open-streams", ["tenant"],
+            "uploads, exports and job watches refused past --max-open-streams or "
+            "--max-open-streams-per-tenant", ["tenant"],
             registry=r)
         self.in_flight = Gauge("cotune_requests_in_flight", "admitted generations not yet done",
                                ["tenant"], registry=r)

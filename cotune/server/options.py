@@ -139,8 +139,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generations in flight on this server, every tenant together")
     limits.add_argument("--max-open-streams", type=int, default=16,
                         help="adapter uploads, exports and job watches open at once (at least "
-                             "1): past it they are refused, so that other calls and health "
-                             "checks always find a thread")
+                             "2): past it they are refused, so that other calls and health "
+                             "checks always find a thread. The last place is kept for admins: "
+                             "other tenants together fill at most one less")
+    limits.add_argument("--max-open-streams-per-tenant", type=int, default=None, metavar="N",
+                        help="of --max-open-streams, those one tenant may hold at once, so "
+                             "that one tenant cannot shut out the others (1 to "
+                             "--max-open-streams) [a quarter of --max-open-streams, at least 1]")
+    limits.add_argument("--upload-idle-timeout", type=positive_seconds, default=30.0,
+                        metavar="SECONDS",
+                        help="an adapter upload whose next message (a file chunk: 1 MiB from "
+                             "the SDK) does not arrive within this long ends with "
+                             "DEADLINE_EXCEEDED, nothing of it kept, and frees its place")
     limits.add_argument("--default-max-adapters", type=int, default=1000)
     limits.add_argument("--default-max-versions", type=int, default=1000,
                         help="versions per adapter")

@@ -5,14 +5,18 @@ staging directory goes (and a crash leaves only what the next start sweeps)."""
 
 from __future__ import annotations
 
+import queue
 import shutil
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
+
 from cotune.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
-from cotune.server.errors import invalid
+from cotune.server.errors import RpcError, invalid
 from cotune.v1 import common_pb2
 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
@@ -37,6 +41,64 @@ class Staging:
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def arriving(requests: Iterator, idle_s: float) -> Iterator[Iterator]:
+    """The messages of `requests`, a client stream, read on a thread of their own, so that a
+    client that stops sending is noticed: when none arrives for `idle_s` seconds, iterating
+    raises DEADLINE_EXCEEDED and the caller's call ends, its place among the open streams
+    free. Idle uploads would otherwise hold those places as long as their clients like."""
+    reader = _Reader(requests)
+    try:
+        yield reader.messages(idle_s)
+    finally:
+        reader.close()
+
+
+class _Reader:
+    """Reads one message of a client stream each time one is asked for, so that no more is
+    held here than gRPC itself holds. Once the call ends, gRPC's iterator ends too, and so
+    does the reading thread."""
+
+    def __init__(self, requests: Iterator):
+        self._requests = requests
+        self._wanted = threading.Semaphore(0)
+        self._arrived: queue.SimpleQueue = queue.SimpleQueue()  # messages, or how it ended
+        self._closed = False
+        threading.Thread(target=self._read, name="upload-reader", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            self._wanted.acquire()
+            if self._closed:
+                return
+            try:
+                self._arrived.put(next(self._requests))
+            except BaseException as e:  # noqa: BLE001 - messages() passes each on
+                # StopIteration, the call's end, or a refusal of bytes that do not parse
+                self._arrived.put(e)
+                return
+
+    def messages(self, idle_s: float) -> Iterator:
+        while True:
+            self._wanted.release()
+            try:
+                message = self._arrived.get(timeout=idle_s)
+            except queue.Empty:
+                raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"the upload sent nothing for {idle_s:g} s, this server's "
+                               "--upload-idle-timeout; it is dropped, nothing of it kept. "
+                               "Send the files without pauses that long") from None
+            if isinstance(message, StopIteration):
+                return
+            if isinstance(message, BaseException):
+                raise message
+            yield message
+
+    def close(self) -> None:
+        self._closed = True
+        self._wanted.release()
 
 
 def receive_files(chunks: Iterable[common_pb2.FileChunk], into: Path, max_bytes: int) -> None:
