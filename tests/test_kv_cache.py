@@ -76,3 +76,21 @@ def test_paged_attention_equals_attention_over_contiguous_keys(seed):
 def test_cache_refuses_nonsense_sizes():
     with pytest.raises(ValueError, match="num_blocks >= 1"):
         PagedKVCache(CONFIG, num_blocks=0)
+
+
+def test_a_sequences_non_finite_values_never_reach_another_sequences_attention():
+    """Decodes of unequal lengths attend in one padded call: the padding of the shorter must
+    read nothing any sequence wrote (a NaN there, masked out, still makes NaN)."""
+    cache = PagedKVCache(CONFIG, num_blocks=8, block_size=2)
+    for sid, n in (("hostile", 2), ("long", 5), ("short", 1)):
+        assert cache.reserve(sid, n)
+        cache.commit(sid, n)
+    assert cache.tables["hostile"] == [0]  # rows 0 and 1
+    for layer in range(CONFIG.num_layers):
+        cache.keys[layer][:2] = torch.nan
+        cache.values[layer][:2] = torch.nan
+    for sid in ("long", "short"):
+        assert cache.reserve(sid, 1)
+    batch = PagedBatch(cache, ["long", "short"], [1, 1])
+    q, k, v = torch.randn(2, 2, 4), torch.randn(2, 1, 4), torch.randn(2, 1, 4)
+    assert torch.isfinite(batch.attention(0, q, k, v, None)).all()

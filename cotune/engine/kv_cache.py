@@ -3,7 +3,10 @@
 Per layer, keys and values live in one tensor each of shape
 (num_blocks * block_size, num_kv_heads, head_dim); the token at position p of a sequence sits
 in row table[p // block_size] * block_size + p % block_size. A sequence holds only the blocks
-its tokens fill, so memory follows the tokens actually cached, not a maximum length.
+its tokens fill, so memory follows the tokens actually cached, not a maximum length. One more
+row, the last, is never written: padding points there, at zeros. (Pointing it at a row that
+a sequence holds let that sequence's values reach everyone's attention: masked out, but a NaN
+times a weight of 0 is NaN.)
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ class PagedKVCache:
                              f"{block_size}")
         self.block_size, self.num_blocks = block_size, num_blocks
         rows = num_blocks * block_size
-        shape = (rows, config.num_kv_heads, config.head_dim)
+        self.padding_row = rows  # zeros, never written
+        shape = (rows + 1, config.num_kv_heads, config.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device)
                      for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device)
@@ -103,8 +107,9 @@ class PagedBatch:
         self.decode_tokens = torch.tensor([t for t, _ in decode], dtype=torch.int64, device=device)
         self.decode_lengths = torch.tensor([len(r) for _, r in decode], device=device)
         longest = max((len(r) for _, r in decode), default=0)
-        self.decode_rows = torch.zeros(len(decode), longest, dtype=torch.int64, device=device)
-        for b, (_, rows) in enumerate(decode):  # padding points at row 0, masked out
+        self.decode_rows = torch.full((len(decode), longest), cache.padding_row,
+                                      dtype=torch.int64, device=device)
+        for b, (_, rows) in enumerate(decode):  # padding points at the zeros, masked out
             self.decode_rows[b, :len(rows)] = rows
         # Outputs come out decode group first, then the others: put them back in batch order.
         order = [t for t, _ in decode] + [t for start, n, _ in others
