@@ -35,6 +35,7 @@ from cotune.adapters.registry import (
     QuotaExceeded,
     Registry,
     RegistryError,
+    TenantRecord,
 )
 from cotune.engine.broadcast import END, Broadcast
 from cotune.engine.checkpoint import latest_version
@@ -94,15 +95,16 @@ class JobManager:
         self._lock = threading.Lock()
         self._stopping = False
 
-    def create(self, tenant: str, adapter: str, fields: dict, data: bytes) -> JobRecord:
-        spec = spec_of(adapter, fields, self.jobs_dir, tenant)  # refuses bad settings first
+    def create(self, tenant: TenantRecord, adapter: str, fields: dict,
+               data: bytes) -> JobRecord:
+        spec = spec_of(adapter, fields, self.jobs_dir, tenant.name)  # refuses bad settings first
         max_rank = self.runtime.engine.config.max_rank
         if spec.lora.rank > max_rank:  # it would train, then publish versions nothing can serve
             raise AdapterMismatch(
                 f"rank {spec.lora.rank} exceeds max_rank {max_rank} of this server; lower the "
                 f"rank to at most {max_rank} or start the server with --max-rank "
                 f"{spec.lora.rank}")
-        record = self.registry.create_job(tenant, adapter, fields, self.worker_id)
+        record = self.registry.create_job(tenant.name, adapter, fields, self.worker_id)
         job_dir = self.jobs_dir / record.id
         job_dir.mkdir(parents=True)
         write_atomically(job_dir / "data.jsonl", data)
@@ -115,7 +117,7 @@ class JobManager:
             self.registry.update_job(record.id, state="failed", error=str(error))
             shutil.rmtree(job_dir, ignore_errors=True)
             raise error from None
-        return self.registry.get_job(tenant, record.id)
+        return self.registry.get_job(tenant.name, record.id)
 
     def resume_unfinished(self) -> None:
         """Called once at start: every job of this worker's that a stop or a crash interrupted
