@@ -30,6 +30,7 @@ from pathlib import Path
 from cotune.adapters.durable import write_atomically
 from cotune.adapters.peft_format import AdapterMismatch, LoraAdapter
 from cotune.adapters.registry import (
+    UNFINISHED_JOB_STATES,
     JobRecord,
     NotFound,
     QuotaExceeded,
@@ -164,16 +165,17 @@ class JobManager:
 
     def delete_tenant(self, name: str):
         """Deletes tenant `name` with its tokens, adapters and jobs (Registry.delete_tenant);
-        its jobs running here stop at their next step, and every deleted job's directory goes
-        (a running one's once the engine has stopped it). Returns the registry's
-        TenantDeletion."""
+        its jobs running here stop at their next step. Every deleted job's directory goes: a
+        running one's once its engine has stopped it (its follower, here or on the worker that
+        runs it, finds the job gone). Returns the registry's TenantDeletion."""
         deletion = self.registry.delete_tenant(name)
         for record in deletion.jobs:
             live = self.live(record.id)
-            if live is None:
-                shutil.rmtree(self.jobs_dir / record.id, ignore_errors=True)
-            else:  # its follower finds the job gone, and removes the directory at the end
+            if live is not None:
                 live.job.cancel()
+            elif record.state not in UNFINISHED_JOB_STATES or \
+                    record.owner in ("", self.worker_id):  # no engine runs it
+                shutil.rmtree(self.jobs_dir / record.id, ignore_errors=True)
         return deletion
 
     def _start(self, record: JobRecord) -> None:
