@@ -13,7 +13,7 @@ import sys
 from functools import partial
 
 from cotune.cli_output import ProgressLine, print_fields, print_json, print_table, when
-from cotune.client import Client, Quotas
+from cotune.client import Client
 from cotune.client.types import JOB_STATES, TERMINAL_JOB_STATES
 
 _QUOTA_FLAGS = {  # flag: (Quotas field, what it limits)
@@ -78,11 +78,16 @@ def add_commands(commands) -> None:
 
     jobs = commands.add_parser("jobs", help="the tenant's fine-tuning jobs")
     group = jobs.add_subparsers(dest="action", required=True)
-    command(group, "list", _jobs_list, "list jobs").add_argument(
-        "--state", choices=list(JOB_STATES.values()))
+    p = command(group, "list", _jobs_list, "list jobs")
+    p.add_argument("--state", choices=list(JOB_STATES.values()))
+    p.add_argument("--all-tenants", action="store_true",
+                   help="every tenant's jobs (admin token)")
     command(group, "show", _jobs_show, "a job").add_argument("id")
     command(group, "watch", _jobs_watch, "follow a job until it ends").add_argument("id")
-    command(group, "cancel", _jobs_cancel, "stop a job after its current step").add_argument("id")
+    p = command(group, "cancel", _jobs_cancel, "stop a job after its current step")
+    p.add_argument("id")
+    p.add_argument("--all-tenants", action="store_true",
+                   help="the job may be any tenant's (admin token)")
 
     tenants = commands.add_parser("tenants", help="tenants, quotas and tokens (admin token)")
     group = tenants.add_subparsers(dest="action", required=True)
@@ -92,6 +97,10 @@ def add_commands(commands) -> None:
     _quota_options(p)
     command(group, "show", _tenants_show, "a tenant, its quotas and tokens").add_argument("name")
     command(group, "list", _tenants_list, "list tenants")
+    p = command(group, "delete", _tenants_delete, "delete a tenant with its tokens, adapters "
+                "and jobs (running ones are cancelled)")
+    p.add_argument("name")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = command(group, "quotas", _tenants_quotas, "change some quotas of a tenant")
     p.add_argument("name")
     _quota_options(p)
@@ -210,15 +219,22 @@ def _adapters_export(args, client) -> int:
     return _emit(args, {"path": str(path)}, path)
 
 
+def _confirmed(args, what: str) -> bool:
+    """Whether to delete `what`: --yes, or the user's answer at a terminal."""
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise ValueError(f"deleting {args.name} needs --yes when stdin is not a terminal")
+    sys.stderr.write(f"delete {what}? [y/N] ")
+    if sys.stdin.readline().strip().lower() in ("y", "yes"):
+        return True
+    print("nothing deleted", file=sys.stderr)
+    return False
+
+
 def _adapters_delete(args, client) -> int:
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise ValueError(f"deleting {args.name} needs --yes when stdin is not a terminal")
-        sys.stderr.write(f"delete {args.name}{'' if '@' in args.name else ' and every version'}"
-                         "? [y/N] ")
-        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-            print("nothing deleted", file=sys.stderr)
-            return 1
+    if not _confirmed(args, args.name + ('' if '@' in args.name else ' and every version')):
+        return 1
     deleted = client.adapters.delete(args.name)
     return _emit(args, {"versions_deleted": deleted},
                  f"deleted {deleted} version{'s' * (deleted != 1)} of {args.name}")
@@ -239,11 +255,12 @@ def _finetune(args, client) -> int:
 
 
 def _jobs_list(args, client) -> int:
-    jobs = list(client.jobs.list(state=args.state))
+    jobs = list(client.jobs.list(state=args.state, all_tenants=args.all_tenants))
+    tenant = ["tenant"] if args.all_tenants else []
     return _emit(args, jobs, lambda: print_table(
-        ["id", "adapter", "state", "step", "loss", "versions", "created"],
-        [[j.id, j.adapter, j.state, f"{j.step}/{j.total_steps}", j.loss, j.versions,
-          when(j.create_time)] for j in jobs]))
+        [*tenant, "id", "adapter", "state", "step", "loss", "versions", "created"],
+        [[*([j.tenant] if tenant else []), j.id, j.adapter, j.state, f"{j.step}/{j.total_steps}",
+          j.loss, j.versions, when(j.create_time)] for j in jobs]))
 
 
 def _jobs_show(args, client) -> int:
@@ -256,7 +273,7 @@ def _jobs_watch(args, client) -> int:
 
 
 def _jobs_cancel(args, client) -> int:
-    job = client.jobs.cancel(args.id)
+    job = client.jobs.cancel(args.id, all_tenants=args.all_tenants)
     return _emit(args, job, f"job {job.id}: {job.state}"
                             f"{'' if job.done else ', stops after its current step'}")
 
@@ -305,8 +322,7 @@ def _print_event(event) -> None:
 
 def _tenants_create(args, client) -> int:
     limits = _quota_limits(args)
-    tenant = client.tenants.create(args.name, admin=args.admin,
-                                   quotas=Quotas(**limits) if limits else None)
+    tenant = client.tenants.create(args.name, admin=args.admin, **limits)  # the rest: defaults
     return _emit(args, tenant, f"created tenant {tenant.name}")
 
 
@@ -328,6 +344,16 @@ def _tenants_list(args, client) -> int:
         ["name", "admin", "quotas", "tokens", "created"],
         [[t.name, t.admin, t.quotas, sum(not k.revoked for k in t.tokens),
           when(t.create_time)] for t in tenants]))
+
+
+def _tenants_delete(args, client) -> int:
+    if not _confirmed(args, f"tenant {args.name} with its tokens, adapters and jobs"):
+        return 1
+    deleted = client.tenants.delete(args.name)
+    return _emit(args, deleted, f"deleted tenant {args.name}: {deleted.adapters_deleted} "
+                                f"adapters ({deleted.versions_deleted} versions), "
+                                f"{deleted.jobs_deleted} jobs ({deleted.jobs_cancelled} "
+                                f"cancelled), {deleted.tokens_deleted} tokens")
 
 
 def _tenants_quotas(args, client) -> int:

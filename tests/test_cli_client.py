@@ -92,6 +92,45 @@ def test_tenant_and_its_token(server):
     assert denied.returncode == 2 and "PERMISSION_DENIED" in denied.stderr
 
 
+def test_the_readme_tenant_keeps_the_default_quotas_it_does_not_name(server):
+    tenant = _json(server, "tenants", "create", "acme", "--max-adapters", "100", "--max-jobs",
+                   "2", "--max-tokens-per-minute", "0")
+    quotas = tenant["quotas"]
+    assert (quotas["max_adapters"], quotas["max_concurrent_jobs"]) == (100, 2)
+    # serve's --default-max-versions and --default-max-queued; 0 on the wire is "no limit"
+    assert (quotas["max_versions_per_adapter"], quotas["max_queued_requests"]) == (1000, 64)
+    assert quotas["max_tokens_per_minute"] is None
+
+
+def test_an_admin_lists_and_cancels_any_tenants_job_and_deletes_the_tenant(server, tmp_path):
+    _json(server, "tenants", "create", "leaving")
+    token = _json(server, "tenants", "token", "issue", "leaving")["token"]
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "1+1=", "completion": "2"}\n' * 12)
+    job = _json(server, "finetune", "slow", "--data", str(data), "--max-steps", "100000",
+                "--batch-size", "1", "--detach", token=token)
+    assert job["id"] not in {j["id"] for j in _json(server, "jobs", "list")}  # the admin's own
+    listed = _cotune(server, "jobs", "list", "--all-tenants")
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if job["id"] in line)
+    assert row.split()[:2] == ["leaving", job["id"]]
+    denied = _cotune(server, "jobs", "list", "--all-tenants", token=token)
+    assert denied.returncode == 2 and "PERMISSION_DENIED: all_tenants needs an admin token" \
+        in denied.stderr
+    cancelled = _json(server, "jobs", "cancel", job["id"], "--all-tenants")
+    assert (cancelled["state"], cancelled["tenant"]) == ("cancelled", "leaving")
+    refused = _cotune(server, "tenants", "delete", "leaving")  # no terminal, no --yes
+    assert refused.returncode == 2 and "needs --yes" in refused.stderr
+    deleted = _cotune(server, "tenants", "delete", "leaving", "--yes")
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout.strip() == "deleted tenant leaving: 0 adapters (0 versions), 1 jobs " \
+                                     "(0 cancelled), 1 tokens"
+    gone = _cotune(server, "jobs", "list", token=token)
+    assert gone.returncode == 2 and "UNAUTHENTICATED" in gone.stderr
+    admin = _cotune(server, "tenants", "delete", "admin", "--yes")
+    assert admin.returncode == 2 and "FAILED_PRECONDITION" in admin.stderr
+
+
 def test_generate_on_the_server_prints_the_streamed_text(server, adapter_dir):
     _json(server, "adapters", "import", "cli-gen", str(adapter_dir))
     result = _cotune(server, "generate", "--server", "Tell me a story", "--adapter",

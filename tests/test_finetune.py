@@ -220,6 +220,20 @@ def test_bad_data_is_refused_before_the_job_starts(tiny_checkpoint, tmp_path):
         assert not rt.engine.trainers
 
 
+def test_a_job_of_more_steps_than_the_wire_counts_is_refused_before_it_starts(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    # MAX_STEPS is int32's limit; lowered here so that a few examples pass it (epochs x steps)
+    monkeypatch.setattr("cotune.engine.trainer.MAX_STEPS", 3)
+    _, base = tiny_checkpoint
+    with Runtime.load(base) as rt:
+        with pytest.raises(SpecError, match=r"the job would take 6 optimizer steps \(3 an "
+                                            r"epoch, 2 epochs\); accepted: at most 3"):
+            rt.finetune(_spec(tmp_path, batch_size=len(FACTS) // 3 + 1))
+        assert not rt.engine.trainers
+        assert rt.finetune(_spec(tmp_path, max_steps=3)).wait(timeout=120).state \
+            is JobState.SUCCEEDED
+
+
 def test_cancelled_job_stops_and_keeps_its_published_versions(tiny_checkpoint, tmp_path):
     _, base = tiny_checkpoint
     with Runtime.load(base) as rt:
@@ -238,13 +252,31 @@ def test_cancelled_job_stops_and_keeps_its_published_versions(tiny_checkpoint, t
 @pytest.mark.parametrize("fields, message", [
     (dict(name="../escape"), "adapter name"),
     (dict(schedule="exponential"), "schedule"),
-    (dict(batch_size=0), "batch_size must be >= 1"),
-    (dict(eval_fraction=1.0), "eval_fraction"),
-    (dict(lora=dict(rank=0)), "rank must be >= 1"),
+    (dict(batch_size=0), "batch_size 0 not accepted; accepted: a whole number from 1 to 4096"),
+    (dict(batch_size=True), "batch_size True not accepted"),
+    (dict(grad_accumulation=10**6), "grad_accumulation 1000000 not accepted; accepted: a whole "
+                                    "number from 1 to 4096"),
+    (dict(epochs=10**9), "epochs 1000000000 not accepted; accepted: a whole number from 1 to "
+                         "10000"),
+    (dict(max_steps=2**31), "max_steps 2147483648 not accepted; accepted: a whole number from 1 "
+                            "to 2147483647"),
+    (dict(max_length=0), "max_length 0 not accepted"),
+    (dict(warmup_steps=-1), "warmup_steps -1 not accepted"),
+    (dict(checkpoint_every=2**31), "checkpoint_every 2147483648 not accepted"),
+    (dict(eval_fraction=1.0), r"eval_fraction 1.0 not accepted; accepted: a number in \[0, 1\)"),
+    (dict(lora=dict(rank=0)), "rank 0 not accepted; accepted: a whole number from 1 to 1024"),
+    (dict(lora=dict(rank=10**6)), "rank 1000000 not accepted"),
+    (dict(lora=dict(alpha=1e308)), r"alpha 1e\+308 not accepted; accepted: a number in "
+                                   r"\(0, 100000\]"),
+    (dict(lora=dict(alpha=float("nan"))), "alpha nan not accepted"),
     (dict(lora=dict(targets=("c_attn",))), "targets"),
     (dict(lora=dict(dropout=1.0)), "dropout"),
-    (dict(optimizer=dict(lr=0)), "lr must be > 0"),
-    (dict(min_share=1.0), r"min_share must be in \[0, 1\)"),
+    (dict(optimizer=dict(lr=0)), r"lr 0 not accepted; accepted: a number in \(0, 1\]"),
+    (dict(optimizer=dict(lr=1e38)), r"lr 1e\+38 not accepted"),
+    (dict(optimizer=dict(weight_decay=5.0)), r"weight_decay 5.0 not accepted; accepted: a number "
+                                             r"in \[0, 1\]"),
+    (dict(optimizer=dict(max_grad_norm=float("inf"))), "max_grad_norm inf not accepted"),
+    (dict(min_share=1.0), r"min_share 1.0 not accepted; accepted: a number in \[0, 1\)"),
 ])
 def test_bad_spec_is_refused_with_what_is_accepted(tmp_path, fields, message):
     with pytest.raises(SpecError, match=message):

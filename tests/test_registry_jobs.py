@@ -18,6 +18,7 @@ from registry_helpers import UPLOAD, blob_dirs, sha256, write_adapter
 from cotune.adapters.blob_store import CONFIG_NAME, WEIGHTS_NAME
 from cotune.adapters.registry import NotFound, QuotaExceeded, Quotas
 from cotune.adapters.sqlite_registry import SqliteRegistry
+from cotune.adapters.sqlite_schema import SCHEMA_VERSION
 
 pytest_plugins = ["registry_fixtures"]  # files, data_dir and registry
 
@@ -94,13 +95,15 @@ def test_a_version_1_registry_gets_job_owners_and_keeps_its_jobs(data_dir):
         db.executescript(
             "CREATE TABLE v1 AS SELECT id, tenant, adapter, state, spec, error, created, "
             "updated, versions, progress FROM jobs; DROP TABLE jobs; "
-            "ALTER TABLE v1 RENAME TO jobs; PRAGMA user_version = 1;")
+            "ALTER TABLE v1 RENAME TO jobs; ALTER TABLE tenants DROP COLUMN deleted; "
+            "PRAGMA user_version = 1;")
     reg = SqliteRegistry(data_dir)
     assert reg.get_job("acme", job.id).owner == ""
+    assert reg.get_tenant("acme").name == "acme"  # tenants.deleted (schema 3): not deleted
     assert [j.id for j in reg.unfinished_jobs("worker-0")] == [job.id]
     reg.close()
     with sqlite3.connect(data_dir / "registry.sqlite3") as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 # --- processes --------------------------------------------------------------------------
@@ -110,6 +113,7 @@ _PUBLISH_FOREVER = """
 import sys
 from pathlib import Path
 from cotune.adapters.sqlite_registry import SqliteRegistry
+from cotune.adapters.sqlite_schema import SCHEMA_VERSION
 registry = SqliteRegistry(Path(sys.argv[1]))
 sources = [Path(p) for p in sys.argv[2:]]
 for i in range(10**6):
@@ -158,6 +162,7 @@ _WORKER = """
 import json, sys, time
 from pathlib import Path
 from cotune.adapters.sqlite_registry import SqliteRegistry
+from cotune.adapters.sqlite_schema import SCHEMA_VERSION
 data_dir, source, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 registry = SqliteRegistry(data_dir)
 while not go.exists():

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 from registry_helpers import UPLOAD, blob_dirs
 
-from cotune.adapters.registry import AlreadyExists, InvalidName, NotFound, Quotas
+from cotune.adapters.registry import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidName,
+    NotFound,
+    Quotas,
+)
 from cotune.adapters.sqlite_registry import SqliteRegistry
 
 pytest_plugins = ["registry_fixtures"]  # files, data_dir and registry
@@ -82,6 +88,68 @@ def test_tenants_see_nothing_of_each_other(registry, files):
     assert registry.get_version("acme", "foo", 1).path.exists()  # untouched
     # the same name is a different adapter in another tenant, with its own versions
     assert registry.publish_version("globex", "foo", files, UPLOAD).version == 1
+
+
+def test_an_admin_lists_and_finds_every_tenants_jobs_where_tenants_find_only_their_own(
+        registry):
+    acme = registry.create_job("acme", "foo", {})
+    globex = registry.create_job("globex", "bar", {})
+    assert [j.id for j in registry.list_jobs(None)] == [globex.id, acme.id]
+    assert [j.id for j in registry.list_jobs(None, after=globex.id)] == [acme.id]
+    assert [j.id for j in registry.list_jobs("acme")] == [acme.id]
+    assert registry.get_job(None, globex.id).tenant == "globex"
+    with pytest.raises(NotFound):
+        registry.get_job("acme", globex.id)
+
+
+def test_deleting_a_tenant_removes_its_tokens_adapters_and_jobs_and_nothing_of_others(
+        registry, files, data_dir):
+    _, secret = registry.issue_token("acme")
+    _, kept_secret = registry.issue_token("globex")
+    registry.publish_version("acme", "foo", files, UPLOAD)
+    registry.publish_version("acme", "foo", files, UPLOAD)
+    registry.publish_version("globex", "foo", files, UPLOAD)
+    running = registry.create_job("acme", "foo", {})
+    registry.update_job(running.id, state="running")
+    other = registry.create_job("globex", "foo", {})
+    deletion = registry.delete_tenant("acme")
+    assert (deletion.adapters, deletion.versions, deletion.tokens) == (1, 2, 1)
+    assert [(j.id, j.state) for j in deletion.jobs] == [(running.id, "running")]
+    assert registry.authenticate(secret) is None
+    assert len(blob_dirs(data_dir)) == 1  # globex's version
+    for call in (lambda: registry.get_tenant("acme"), lambda: registry.tokens("acme"),
+                 lambda: registry.issue_token("acme"), lambda: registry.delete_tenant("acme"),
+                 lambda: registry.create_job("acme", "foo", {}),
+                 lambda: registry.publish_version("acme", "foo", files, UPLOAD)):
+        with pytest.raises(NotFound, match="tenant 'acme' not found"):
+            call()
+    with pytest.raises(NotFound):
+        registry.get_job(None, running.id)
+    assert [t.name for t in registry.list_tenants()] == ["globex"]
+    assert registry.authenticate(kept_secret).name == "globex"
+    assert [j.id for j in registry.list_jobs(None)] == [other.id]
+    assert registry.get_version("globex", "foo").version == 1
+
+
+def test_a_tenant_created_again_starts_empty_and_never_reuses_a_version_number(registry, files):
+    registry.publish_version("acme", "foo", files, UPLOAD)
+    registry.publish_version("acme", "foo", files, UPLOAD)
+    registry.delete_tenant("acme")
+    again = registry.create_tenant("acme", quotas=Quotas(max_adapters=3))
+    assert again.quotas == registry.get_tenant("acme").quotas == Quotas(max_adapters=3)
+    assert registry.list_adapters("acme") == [] and registry.tokens("acme") == []
+    # the runtime caches weights by tenant/name@version: v1 would be the old tenant's
+    assert registry.publish_version("acme", "foo", files, UPLOAD).version == 3
+    with pytest.raises(AlreadyExists):
+        registry.create_tenant("acme")
+
+
+def test_an_admin_tenant_cannot_be_deleted(registry):
+    registry.create_tenant("root", admin=True)
+    with pytest.raises(FailedPrecondition, match="tenant 'root' is an admin tenant, and admin "
+                                                 "tenants cannot be deleted"):
+        registry.delete_tenant("root")
+    assert registry.get_tenant("root").admin
 
 
 # --- tokens -----------------------------------------------------------------------------

@@ -85,6 +85,8 @@ def every_rpc(caller: Caller) -> dict:
             tenants_pb2.IssueTokenRequest(tenant="x"), metadata=md),
         "TenantService.RevokeToken": lambda: n.RevokeToken(
             tenants_pb2.RevokeTokenRequest(id="x"), metadata=md),
+        "TenantService.DeleteTenant": lambda: n.DeleteTenant(
+            tenants_pb2.DeleteTenantRequest(name="x"), metadata=md),
     }
 
 

@@ -473,13 +473,35 @@ BAD_JOBS = {
     "unknown target": (job(training_data=DATA, lora=training_pb2.LoraConfig(
         target_modules=["w_gate"])), INVALID, ["targets ['w_gate'] not accepted", "q_proj"]),
     "rank 0": (job(training_data=DATA, lora=training_pb2.LoraConfig(rank=0)), INVALID,
-               ["rank must be >= 1"]),
+               ["rank 0 not accepted; accepted: a whole number from 1 to 1024"]),
+    "alpha 1e308": (job(training_data=DATA, lora=training_pb2.LoraConfig(alpha=1e308)), INVALID,
+                    ["alpha 1e+308 not accepted; accepted: a number in (0, 100000]"]),
+    "lr 1e38": (job(training_data=DATA, optimizer=training_pb2.OptimizerConfig(lr=1e38)),
+                INVALID, ["lr 1e+38 not accepted; accepted: a number in (0, 1]"]),
+    "weight_decay -1": (job(training_data=DATA, optimizer=training_pb2.OptimizerConfig(
+        weight_decay=-1)), INVALID, ["weight_decay -1.0 not accepted; accepted: a number in "
+                                    "[0, 1]"]),
+    # its steps overflowed the int32 of Job.total_steps: the job stayed running forever
+    "epochs 1e9": (job(training_data=DATA, epochs=10**9), INVALID,
+                   ["epochs 1000000000 not accepted; accepted: a whole number from 1 to 10000"]),
+    "max_steps -1": (job(training_data=DATA, max_steps=-1), INVALID,
+                     ["max_steps -1 not accepted; accepted: a whole number from 1 to 2147483647"]),
+    "grad_accumulation 1e6": (job(training_data=DATA, grad_accumulation=10**6), INVALID,
+                              ["grad_accumulation 1000000 not accepted"]),
+    "max_length 0": (job(training_data=DATA, max_length=0), INVALID,
+                     ["max_length 0 not accepted; accepted: a whole number from 1 to 1048576"]),
+    "warmup_steps -1": (job(training_data=DATA, warmup_steps=-1), INVALID,
+                        ["warmup_steps -1 not accepted"]),
+    "checkpoint_every -1": (job(training_data=DATA, checkpoint_every=-1), INVALID,
+                            ["checkpoint_every -1 not accepted"]),
+    "eval_fraction 1": (job(training_data=DATA, eval_fraction=1.0), INVALID,
+                        ["eval_fraction 1.0 not accepted; accepted: a number in [0, 1)"]),
     "rank above max_rank": (job(training_data=DATA, lora=training_pb2.LoraConfig(
         rank=2 * MAX_RANK)), PRECONDITION, [f"max_rank {MAX_RANK}"]),
     "unknown schedule": (job(training_data=DATA, schedule="sometimes"), INVALID,
                          ["constant, linear, cosine"]),
     "batch_size 0": (job(training_data=DATA, batch_size=0), INVALID,
-                     ["batch_size must be >= 1"]),
+                     ["batch_size 0 not accepted; accepted: a whole number from 1 to 4096"]),
     "a version": (job(adapter="tuned@v2", training_data=DATA), INVALID,
                   ["an adapter name only"]),
     "an invalid name": (job(adapter="../tuned", training_data=DATA), INVALID, [NAME_RULE]),
@@ -528,7 +550,8 @@ def test_tenant_service_refuses_a_tenant_that_is_not_an_admin(alice):
             lambda: n.ListTenants(tenants_pb2.ListTenantsRequest(), metadata=md),
             lambda: n.SetQuotas(tenants_pb2.SetQuotasRequest(name="alice"), metadata=md),
             lambda: n.IssueToken(tenants_pb2.IssueTokenRequest(tenant="admin"), metadata=md),
-            lambda: n.RevokeToken(tenants_pb2.RevokeTokenRequest(id="x"), metadata=md)):
+            lambda: n.RevokeToken(tenants_pb2.RevokeTokenRequest(id="x"), metadata=md),
+            lambda: n.DeleteTenant(tenants_pb2.DeleteTenantRequest(name="bob"), metadata=md)):
         refusal(call, DENIED, "'alice' is not an admin")
 
 

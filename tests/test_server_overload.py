@@ -62,7 +62,8 @@ def tenants(server, admin):
     callers = {
         "capped": Caller(server.address, admin.new_tenant("capped",
                                                           max_queued_requests=TENANT_LIMIT)),
-        "wide": Caller(server.address, admin.new_tenant("wide", max_adapters=10)),
+        "wide": Caller(server.address, admin.new_tenant("wide", max_adapters=10,
+                                                        max_queued_requests=0)),
         "other": Caller(server.address, admin.new_tenant("other")),
         "metered": Caller(server.address, admin.new_tenant("metered",
                                                            max_tokens_per_minute=60)),

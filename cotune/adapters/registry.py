@@ -36,6 +36,10 @@ class InvalidName(RegistryError, ValueError):
     pass
 
 
+class FailedPrecondition(RegistryError):
+    """The call does not apply to the record as it is (deleting an admin tenant)."""
+
+
 class QuotaExceeded(RegistryError):
     """A tenant's quota stops the call; `limit` names the quota field."""
 
@@ -119,7 +123,19 @@ class JobRecord:
     owner: str = ""  # the worker that runs it (its --worker-id); "" before owners existed
 
 
+@dataclass(frozen=True)
+class TenantDeletion:
+    """What deleting a tenant removed."""
+
+    adapters: int
+    versions: int
+    tokens: int
+    jobs: tuple[JobRecord, ...]  # every job of the tenant, as it was before the deletion
+
+
 class Registry(Protocol):
+    default_quotas: Quotas  # a new tenant's, where its creator sets none
+
     # --- tenants and tokens -------------------------------------------------------------
     def create_tenant(self, name: str, admin: bool = False,
                       quotas: Quotas | None = None) -> TenantRecord:
@@ -150,6 +166,13 @@ class Registry(Protocol):
     def authenticate(self, token: str) -> TenantRecord | None:
         """The tenant of a valid, unrevoked token; None otherwise. The secret is compared by
         hash in constant time; a malformed token is None, never an exception."""
+
+    def delete_tenant(self, name: str) -> TenantDeletion:
+        """Deletes tenant `name` with its tokens (they stop authenticating at once), its
+        adapters with every version, and its jobs, in one transaction. The name may be
+        created again: the new tenant starts empty and never reuses a version number of the
+        old one. Raises NotFound, FailedPrecondition (an admin tenant: the server must keep
+        its admins)."""
 
     def bootstrap_admin(self, token: str | None = None) -> str | None:
         """At a first start: the `admin` tenant and its first token (`token`: a preset one),
@@ -193,12 +216,14 @@ class Registry(Protocol):
         InvalidName, QuotaExceeded("max_concurrent_jobs") when the tenant has that many queued
         or running."""
 
-    def get_job(self, tenant: str, job_id: str) -> JobRecord:
-        """Raises NotFound (also for other tenants' jobs)."""
+    def get_job(self, tenant: str | None, job_id: str) -> JobRecord:
+        """Raises NotFound (also for other tenants' jobs). `tenant` None: any tenant's (for
+        an admin's call)."""
 
-    def list_jobs(self, tenant: str, state: str | None = None, after: str | None = None,
+    def list_jobs(self, tenant: str | None, state: str | None = None, after: str | None = None,
                   limit: int = 50) -> list[JobRecord]:
-        """The tenant's jobs, newest first (ordered by creation, then id), after `after` (an id)."""
+        """The tenant's jobs, newest first (ordered by creation, then id), after `after` (an
+        id). `tenant` None: every tenant's (for an admin's call)."""
 
     def update_job(self, job_id: str, *, state: str | None = None, error: str | None = None,
                    version: int | None = None, progress: dict | None = None) -> JobRecord:

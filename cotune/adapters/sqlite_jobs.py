@@ -47,24 +47,26 @@ class SqliteJobs(SqliteDatabase):
                         now, now, owner))
         return job
 
-    def get_job(self, tenant: str, job_id: str) -> JobRecord:
+    def get_job(self, tenant: str | None, job_id: str) -> JobRecord:
+        where, params = _of_tenant(tenant)
         with self._transaction() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id = ? AND tenant = ?",
-                             (job_id, tenant)).fetchone()
+            row = db.execute(f"SELECT * FROM jobs WHERE id = ? AND {where}",
+                             (job_id, *params)).fetchone()
         if row is None:
             raise NotFound(f"job {job_id!r} not found")
-        return _job_record(row)
+        return job_record(row)
 
-    def list_jobs(self, tenant: str, state: str | None = None, after: str | None = None,
+    def list_jobs(self, tenant: str | None, state: str | None = None, after: str | None = None,
                   limit: int = 50) -> list[JobRecord]:
-        where, params = ["tenant = ?"], [tenant]
+        of_tenant, tenant_params = _of_tenant(tenant)
+        where, params = [of_tenant], list(tenant_params)
         if state is not None:
             where.append("state = ?")
             params.append(_checked_state(state))
         with self._transaction() as db:
             if after is not None:
-                cursor = db.execute("SELECT created, id FROM jobs WHERE id = ? AND tenant = ?",
-                                    (after, tenant)).fetchone()
+                cursor = db.execute(f"SELECT created, id FROM jobs WHERE id = ? AND {of_tenant}",
+                                    (after, *tenant_params)).fetchone()
                 if cursor is None:
                     raise NotFound(f"job {after!r} not found; accepted as `after`: the id of "
                                    "the last job of the previous page")
@@ -73,7 +75,7 @@ class SqliteJobs(SqliteDatabase):
             rows = db.execute(f"SELECT * FROM jobs WHERE {' AND '.join(where)} "
                               "ORDER BY created DESC, id DESC LIMIT ?",
                               (*params, checked_limit(limit))).fetchall()
-        return [_job_record(row) for row in rows]
+        return [job_record(row) for row in rows]
 
     def update_job(self, job_id: str, *, state: str | None = None, error: str | None = None,
                    version: int | None = None, progress: dict | None = None) -> JobRecord:
@@ -83,7 +85,7 @@ class SqliteJobs(SqliteDatabase):
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise NotFound(f"job {job_id!r} not found")
-            job = _job_record(row)
+            job = job_record(row)
             job = dataclasses.replace(
                 job, state=state or job.state, updated=time.time(),
                 error=job.error if error is None else error,
@@ -107,10 +109,15 @@ class SqliteJobs(SqliteDatabase):
                 rows = db.execute(f"SELECT * FROM jobs WHERE owner = ? AND {unfinished} "
                                   "ORDER BY created, id", (owner, *UNFINISHED_JOB_STATES))
                 rows = rows.fetchall()
-        return [_job_record(row) for row in rows]
+        return [job_record(row) for row in rows]
 
 
-def _job_record(row: sqlite3.Row) -> JobRecord:
+def _of_tenant(tenant: str | None) -> tuple[str, list]:
+    """The condition on jobs.tenant, and its parameters: None is every tenant."""
+    return ("tenant = ?", [tenant]) if tenant is not None else ("1", [])
+
+
+def job_record(row: sqlite3.Row) -> JobRecord:
     return JobRecord(id=row["id"], tenant=row["tenant"], adapter=row["adapter"],
                      state=row["state"], spec=json.loads(row["spec"]), error=row["error"],
                      created=row["created"], updated=row["updated"],

@@ -17,15 +17,38 @@ directory or a volume mounted on one node), not a network filesystem.
 
 One module per concern, joined here into one class: sqlite_schema (the schema, the connection
 and its transactions, the open and its sweep), sqlite_tenants (tenants and tokens),
-sqlite_versions (adapters and versions) and sqlite_jobs (jobs and their owners).
+sqlite_versions (adapters and versions) and sqlite_jobs (jobs and their owners); the deletion
+of a tenant, which spans them all, is here.
 """
 
 from __future__ import annotations
 
-from cotune.adapters.sqlite_jobs import SqliteJobs
-from cotune.adapters.sqlite_tenants import SqliteTenants
+from cotune.adapters.registry import FailedPrecondition, TenantDeletion
+from cotune.adapters.sqlite_jobs import SqliteJobs, job_record
+from cotune.adapters.sqlite_tenants import SqliteTenants, load_tenant
 from cotune.adapters.sqlite_versions import SqliteVersions
 
 
 class SqliteRegistry(SqliteTenants, SqliteVersions, SqliteJobs):
     """The Registry on one SQLite file; safe to call from any thread."""
+
+    def delete_tenant(self, name: str) -> TenantDeletion:
+        with self._transaction(write=True) as db:
+            if load_tenant(db, name).admin:
+                raise FailedPrecondition(
+                    f"tenant {name!r} is an admin tenant, and admin tenants cannot be deleted "
+                    "(the server must keep its admins); accepted: a tenant without admin "
+                    "rights (revoke an admin's tokens to shut it out)")
+            jobs = tuple(job_record(row) for row in db.execute(
+                "SELECT * FROM jobs WHERE tenant = ? ORDER BY created, id", (name,)))
+            blob_ids = [row[0] for row in db.execute(
+                "SELECT v.blob_id FROM versions v JOIN adapters a ON a.id = v.adapter_id "
+                "WHERE a.tenant = ?", (name,))]
+            adapters = db.execute("DELETE FROM adapters WHERE tenant = ?",  # versions cascade
+                                  (name,)).rowcount
+            tokens = db.execute("DELETE FROM tokens WHERE tenant = ?", (name,)).rowcount
+            db.execute("DELETE FROM jobs WHERE tenant = ?", (name,))
+            db.execute("UPDATE tenants SET deleted = 1 WHERE name = ?", (name,))
+        for blob_id in blob_ids:  # after the commit: a crash here leaves blobs the sweep removes
+            self._blobs.remove(blob_id)
+        return TenantDeletion(adapters=adapters, versions=len(blob_ids), tokens=tokens, jobs=jobs)

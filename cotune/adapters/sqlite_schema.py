@@ -17,13 +17,14 @@ from pathlib import Path
 from cotune.adapters.blob_store import BlobStore
 from cotune.adapters.registry import NAME, InvalidName, Quotas, RegistryError
 
-SCHEMA_VERSION = 2  # 2: jobs.owner
+SCHEMA_VERSION = 3  # 2: jobs.owner, 3: tenants.deleted
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
     name TEXT PRIMARY KEY,
     admin INTEGER NOT NULL,
     quotas TEXT NOT NULL,  -- JSON of Quotas
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0  -- 1 once deleted, since schema 3: see below
 );
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY,
@@ -82,7 +83,12 @@ CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs(tenant, created, id);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, created, id);
 """
 
-_MIGRATIONS = {1: "ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''"}  # from version
+# A deleted tenant's row stays (tenants.deleted = 1) for its version_counters: a tenant created
+# again under the name never reuses a version number, which the runtime's caches key weights by.
+_MIGRATIONS = {  # from version
+    1: "ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+    2: "ALTER TABLE tenants ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0",
+}
 
 _UNLIMITED = Quotas()
 _NAMES_ACCEPTED = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"

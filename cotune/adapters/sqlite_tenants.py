@@ -1,5 +1,6 @@
 """Tenants and their tokens in the SQLite registry. A token is ct_<id>_<secret>; the database
-keeps the sha256 of the secret only, and a token is checked against it at every call."""
+keeps the sha256 of the secret only, and a token is checked against it at every call. A deleted
+tenant's row stays, marked deleted (see the schema), and is found by no call."""
 
 from __future__ import annotations
 
@@ -33,7 +34,12 @@ class SqliteTenants(SqliteDatabase):
                               quotas=checked_quotas(
                                   self.default_quotas if quotas is None else quotas))
         with self._transaction(write=True) as db:
-            _insert_tenant(db, record)
+            if _is_deleted(db, name):  # the name again: the row (and its counters) serve anew
+                db.execute("UPDATE tenants SET admin = ?, quotas = ?, created = ?, deleted = 0 "
+                           "WHERE name = ?", (record.admin, _quotas_json(record.quotas),
+                                              record.created, name))
+            else:
+                _insert_tenant(db, record)
         return record
 
     def get_tenant(self, name: str) -> TenantRecord:
@@ -42,8 +48,9 @@ class SqliteTenants(SqliteDatabase):
 
     def list_tenants(self, after: str | None = None, limit: int = 50) -> list[TenantRecord]:
         with self._transaction() as db:
-            rows = db.execute("SELECT * FROM tenants WHERE name > ? ORDER BY name LIMIT ?",
-                              (after or "", checked_limit(limit))).fetchall()
+            rows = db.execute("SELECT * FROM tenants WHERE name > ? AND deleted = 0 "
+                              "ORDER BY name LIMIT ?", (after or "", checked_limit(limit)))
+            rows = rows.fetchall()
         return [_tenant_record(row) for row in rows]
 
     def set_quotas(self, name: str, quotas: Quotas) -> TenantRecord:
@@ -112,10 +119,15 @@ class SqliteTenants(SqliteDatabase):
 
 def load_tenant(db: sqlite3.Connection, name: str) -> TenantRecord:
     """The tenant `name`, read in the caller's transaction; NotFound when there is none."""
-    row = db.execute("SELECT * FROM tenants WHERE name = ?", (name,)).fetchone()
+    row = db.execute("SELECT * FROM tenants WHERE name = ? AND deleted = 0", (name,)).fetchone()
     if row is None:
         raise NotFound(f"tenant {name!r} not found")
     return _tenant_record(row)
+
+
+def _is_deleted(db: sqlite3.Connection, name: str) -> bool:
+    row = db.execute("SELECT deleted FROM tenants WHERE name = ?", (name,)).fetchone()
+    return row is not None and bool(row["deleted"])
 
 
 def _tenant_record(row: sqlite3.Row) -> TenantRecord:

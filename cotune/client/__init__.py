@@ -39,6 +39,7 @@ from cotune.client.types import (
     ModelInfo,
     Quotas,
     Tenant,
+    TenantDeletion,
     TokenInfo,
     TokenLogprob,
     Usage,
@@ -49,6 +50,6 @@ __all__ = [
     "Client", "Completion", "CotuneError", "DataLoss", "DeadlineExceeded", "Delta",
     "FailedPrecondition", "Internal", "InvalidArgument", "IssuedToken", "Job", "JobEvent",
     "ModelInfo", "NotFound", "OutOfRange", "PermissionDenied", "Quotas", "ResourceExhausted",
-    "Tenant", "TokenInfo", "TokenLogprob", "Unauthenticated", "Unavailable", "Unimplemented",
-    "Unknown", "Usage",
+    "Tenant", "TenantDeletion", "TokenInfo", "TokenLogprob", "Unauthenticated", "Unavailable",
+    "Unimplemented", "Unknown", "Usage",
 ]

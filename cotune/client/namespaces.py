@@ -22,6 +22,7 @@ from cotune.client.types import (
     JobEvent,
     Quotas,
     Tenant,
+    TenantDeletion,
 )
 from cotune.v1 import (
     adapters_pb2,
@@ -145,18 +146,20 @@ class Jobs:
         return self._t.unary(self._stub.GetJob, training_pb2.GetJobRequest(id=job_id),
                              Job.from_pb)
 
-    def list(self, state: str | None = None, page_size: int = 0):
+    def list(self, state: str | None = None, page_size: int = 0, all_tenants: bool = False):
         """Every job of the tenant, or those in `state` (queued, running, succeeded, failed,
-        cancelled)."""
+        cancelled). `all_tenants` (admin tokens only): every tenant's jobs."""
         if state is not None and state not in _JOB_STATE_NUMBERS:
             raise ValueError(f"unknown job state {state!r}; one of {', '.join(_JOB_STATE_NUMBERS)}")
         request = training_pb2.ListJobsRequest(state=_JOB_STATE_NUMBERS.get(state, 0),
-                                               page_size=page_size)
+                                               page_size=page_size, all_tenants=all_tenants)
         return self._t.paginate(self._stub.ListJobs, request, "jobs", Job.from_pb)
 
-    def cancel(self, job_id: str) -> Job:
-        """Stops the job after its current step; the versions it published stay."""
-        return self._t.unary(self._stub.CancelJob, training_pb2.CancelJobRequest(id=job_id),
+    def cancel(self, job_id: str, all_tenants: bool = False) -> Job:
+        """Stops the job after its current step; the versions it published stay.
+        `all_tenants` (admin tokens only): the job may be any tenant's."""
+        return self._t.unary(self._stub.CancelJob,
+                             training_pb2.CancelJobRequest(id=job_id, all_tenants=all_tenants),
                              Job.from_pb)
 
     def watch(self, job_id: str, timeout: float | None = None):
@@ -177,10 +180,20 @@ class Tenants:
         self._t = transport
         self._stub = tenants_pb2_grpc.TenantServiceStub(transport.channel)
 
-    def create(self, name: str, admin: bool = False, quotas: Quotas | None = None) -> Tenant:
-        """A new tenant; `quotas` None takes the server's defaults."""
-        request = tenants_pb2.CreateTenantRequest(
-            name=name, admin=admin, quotas=None if quotas is None else quotas.to_pb())
+    def create(self, name: str, admin: bool = False, quotas: Quotas | None = None,
+               **limits: int) -> Tenant:
+        """A new tenant. `quotas` sets every limit (None in it: no limit); or `limits`
+        (max_adapters=100, ...; 0: no limit) set those named and the others keep the
+        server's defaults; with neither, every limit is the server's default."""
+        if quotas is not None and limits:
+            raise ValueError("give quotas (every limit) or limits by name (the rest the "
+                             "server's defaults), not both")
+        Quotas(**limits)  # an unknown limit fails here, before any call
+        request = tenants_pb2.CreateTenantRequest(name=name, admin=admin)
+        if quotas is not None:
+            request.quotas.CopyFrom(quotas.to_pb())
+        elif limits:
+            request.quotas.CopyFrom(tenants_pb2.Quotas(**limits))
         return self._t.unary(self._stub.CreateTenant, request, Tenant.from_pb)
 
     def get(self, name: str) -> Tenant:
@@ -201,6 +214,12 @@ class Tenants:
             tenants_pb2.SetQuotasRequest(
                 name=name, quotas=dataclasses.replace(tenant.quotas, **limits).to_pb()),
             Tenant.from_pb))
+
+    def delete(self, name: str) -> TenantDeletion:
+        """Deletes the tenant with its tokens (they stop working at once), adapters and jobs
+        (those running are cancelled). Admin tenants cannot be deleted (FailedPrecondition)."""
+        return self._t.unary(self._stub.DeleteTenant,
+                             tenants_pb2.DeleteTenantRequest(name=name), TenantDeletion.from_pb)
 
     def issue_token(self, tenant: str, description: str = "") -> IssuedToken:
         """A new token of `tenant`; its secret is in the result only, this once."""

@@ -101,6 +101,7 @@ class Job:
     create_time: datetime | None
     update_time: datetime | None
     owner: str = ""  # the worker that runs it (a router sends its calls there)
+    tenant: str = ""  # whose job it is
 
     @property
     def done(self) -> bool:
@@ -111,7 +112,7 @@ class Job:
         return cls(m.id, m.adapter, JOB_STATES.get(m.state, "unspecified"), m.step,
                    m.total_steps, m.tokens, _optional(m, "loss"), _optional(m, "eval_loss"),
                    tuple(m.versions), m.error, _struct(m.hyperparameters),
-                   _time(m, "create_time"), _time(m, "update_time"), m.owner)
+                   _time(m, "create_time"), _time(m, "update_time"), m.owner, m.tenant)
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,22 @@ class Tenant:
     def from_pb(cls, m) -> Tenant:
         return cls(m.name, m.admin, Quotas.from_pb(m.quotas), _time(m, "create_time"),
                    tuple(TokenInfo.from_pb(t) for t in m.tokens))
+
+
+@dataclass(frozen=True)
+class TenantDeletion:
+    """What deleting a tenant removed."""
+
+    adapters_deleted: int
+    versions_deleted: int
+    jobs_deleted: int
+    jobs_cancelled: int  # of the jobs deleted, those that were queued or running
+    tokens_deleted: int
+
+    @classmethod
+    def from_pb(cls, m) -> TenantDeletion:
+        return cls(m.adapters_deleted, m.versions_deleted, m.jobs_deleted, m.jobs_cancelled,
+                   m.tokens_deleted)
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cotune.adapters.validation import MAX_LORA_ALPHA
 from cotune.model.targets import ATTENTION_TARGETS, LORA_TARGETS
 
 SCHEDULES = ("constant", "linear", "cosine")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# Bounds of every number of a spec. Steps travel as int32 on the wire (training.proto), so no
+# count of steps (max_steps, warmup, checkpoint interval, nor a job's total) may pass MAX_STEPS;
+# the others are far past any real run and stop a spec from making a job that never ends.
+MAX_STEPS = 2**31 - 1
+MAX_RANK = 1024
+MAX_BATCH_SIZE = 4096
+MAX_GRAD_ACCUMULATION = 4096
+MAX_EPOCHS = 10_000
+MAX_LENGTH = 1 << 20  # tokens per example
 
 
 class SpecError(ValueError):
@@ -26,13 +38,12 @@ class LoraSettings:
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
-        _require(isinstance(self.rank, int) and self.rank >= 1,
-                 f"rank must be >= 1, got {self.rank}")
-        _require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        check_whole("rank", self.rank, 1, MAX_RANK)
+        check_number("alpha", self.alpha, 0, MAX_LORA_ALPHA, above_low=True)
         unknown = sorted(set(self.targets) - set(LORA_TARGETS))
         _require(self.targets and not unknown,
                  f"targets {unknown or '[]'} not accepted; choose from {', '.join(LORA_TARGETS)}")
-        _require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        check_number("dropout", self.dropout, 0, 1, below_high=True)
 
     @property
     def scale(self) -> float:
@@ -51,12 +62,14 @@ class OptimizerSettings:
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(self.betas))
-        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check_number("lr", self.lr, 0, 1, above_low=True)
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                  f"betas must be two numbers in [0, 1), got {self.betas}")
-        _require(self.eps > 0 and self.weight_decay >= 0, "eps must be > 0, weight_decay >= 0")
-        _require(self.max_grad_norm is None or self.max_grad_norm > 0,
-                 f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        check_number("eps", self.eps, 0, 1, above_low=True)
+        check_number("weight_decay", self.weight_decay, 0, 1)
+        if self.max_grad_norm is not None:
+            check_number("max_grad_norm", self.max_grad_norm, 0, math.inf, above_low=True,
+                         below_high=True)
 
 
 @dataclass(frozen=True)
@@ -91,17 +104,16 @@ class FinetuneSpec:
                  "'_' or '-', starting with a letter or digit")
         _require(self.schedule in SCHEDULES,
                  f"schedule {self.schedule!r} not accepted; choose from {', '.join(SCHEDULES)}")
-        for name in ("batch_size", "grad_accumulation", "epochs", "max_length"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, f"{name} must be >= 1, got {value}")
-        _require(self.warmup_steps >= 0 and self.checkpoint_every >= 0,
-                 "warmup_steps and checkpoint_every must be >= 0")
-        _require(self.max_steps is None or self.max_steps >= 1,
-                 f"max_steps must be >= 1 or None, got {self.max_steps}")
-        _require(0 <= self.eval_fraction < 1,
-                 f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        _require(0 <= self.min_share < 1,
-                 f"min_share must be in [0, 1) (a share of step time), got {self.min_share}")
+        check_whole("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        check_whole("grad_accumulation", self.grad_accumulation, 1, MAX_GRAD_ACCUMULATION)
+        check_whole("epochs", self.epochs, 1, MAX_EPOCHS)
+        check_whole("max_length", self.max_length, 1, MAX_LENGTH)
+        check_whole("warmup_steps", self.warmup_steps, 0, MAX_STEPS)
+        check_whole("checkpoint_every", self.checkpoint_every, 0, MAX_STEPS)
+        if self.max_steps is not None:
+            check_whole("max_steps", self.max_steps, 1, MAX_STEPS)
+        check_number("eval_fraction", self.eval_fraction, 0, 1, below_high=True)
+        check_number("min_share", self.min_share, 0, 1, below_high=True)
 
     @property
     def adapter_dir(self) -> Path:
@@ -112,6 +124,23 @@ class FinetuneSpec:
         fields = asdict(self)
         fields["data"], fields["output_dir"] = str(self.data), str(self.output_dir)
         return fields
+
+
+def check_whole(name: str, value, low: int, high: int) -> None:
+    """SpecError unless `value` is a whole number in [low, high]."""
+    _require(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+             f"{name} {value!r} not accepted; accepted: a whole number from {low} to {high}")
+
+
+def check_number(name: str, value, low: float, high: float, *, above_low: bool = False,
+                 below_high: bool = False) -> None:
+    """SpecError unless `value` is a number between low and high, each end included unless
+    `above_low` / `below_high` (NaN is never accepted)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    inside = number and (low < value if above_low else low <= value) and \
+        (value < high if below_high else value <= high)
+    interval = f"{'(' if above_low else '['}{low:g}, {high:g}{')' if below_high else ']'}"
+    _require(inside, f"{name} {value!r} not accepted; accepted: a number in {interval}")
 
 
 def _require(condition: bool, message: str) -> None:

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from cotune.adapters.peft_format import LoraAdapter, LoraModule, load_peft_adapter
 from cotune.engine.checkpoint import latest_version, load_checkpoint, save_checkpoint
 from cotune.engine.evaluation import EvalItem, Evaluation, shifted_targets
-from cotune.engine.finetune_spec import FinetuneSpec
+from cotune.engine.finetune_spec import MAX_STEPS, FinetuneSpec, SpecError
 from cotune.engine.training_data import Example, read_training_data, split_eval
 from cotune.model.llama import CausalLM
 from cotune.model.lora_routing import TrainableLora
@@ -123,6 +123,10 @@ class Trainer:
         batches_per_epoch = math.ceil(len(self.train_examples) / spec.batch_size)
         steps_per_epoch = math.ceil(batches_per_epoch / spec.grad_accumulation)
         self.total_steps = spec.max_steps or steps_per_epoch * spec.epochs
+        if self.total_steps > MAX_STEPS:
+            raise SpecError(f"the job would take {self.total_steps} optimizer steps "
+                            f"({steps_per_epoch} an epoch, {spec.epochs} epochs); accepted: at "
+                            f"most {MAX_STEPS}; lower epochs or set max_steps")
         # Progress, all of it saved in a checkpoint.
         self.step = 0  # optimizer steps done
         self.micro = 0  # micro-batches done in the current accumulation window

@@ -83,7 +83,7 @@ class CotuneServer:
             self.metrics.open_stream_refusals.labels(tenant).inc()
         self.metrics.watch(self.runtime)
         self.jobs = JobManager(self.runtime, self.registry, data_dir / "jobs", self.metrics,
-                               args.worker_id)
+                               args.worker_id, args.keep_training_states)
         max_bytes = args.max_upload_mb << 20
         # a stream holds a thread while it runs: generations (bounded by admission), calls a
         # client may hold open (bounded by the gate), and a reserve for every other call
@@ -104,7 +104,7 @@ class CotuneServer:
             self.gate, self.registry, self.runtime, Admission(args.max_queued_requests),
             _model_info(self.runtime, args), self.metrics), self.server)
         tenants_pb2_grpc.add_TenantServiceServicer_to_server(
-            TenantService(self.gate, self.registry), self.server)
+            TenantService(self.gate, self.registry, self.jobs), self.server)
         self.lifecycle = Lifecycle(SERVICES, args.grace_period, log)
         self.lifecycle.add_to(self.server)
         port = self._rank_port(args.port)

@@ -63,15 +63,21 @@ def version(record: VersionRecord) -> adapters_pb2.AdapterVersion:
         sha256=record.sha256, provenance=provenance, create_time=timestamp(record.created))
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def job(record: JobRecord) -> training_pb2.Job:
+    """Never fails on the numbers a record holds: a count past int32 (a job stored before
+    specs were bounded) is shown as int32's largest, so that one job does not fail a list."""
     progress = record.progress
     message = training_pb2.Job(
         id=record.id, adapter=record.adapter, state=JOB_STATES[record.state],
-        step=progress.get("step", 0), total_steps=progress.get("total_steps", 0),
+        step=min(progress.get("step", 0), _INT32_MAX),
+        total_steps=min(progress.get("total_steps", 0), _INT32_MAX),
         tokens=progress.get("tokens", 0),
         versions=[reference(record.adapter, v) for v in record.versions], error=record.error,
         hyperparameters=struct(record.spec), create_time=timestamp(record.created),
-        update_time=timestamp(record.updated), owner=record.owner)
+        update_time=timestamp(record.updated), owner=record.owner, tenant=record.tenant)
     if progress.get("loss") is not None:
         message.loss = progress["loss"]
     if progress.get("eval_loss") is not None:
@@ -79,8 +85,13 @@ def job(record: JobRecord) -> training_pb2.Job:
     return message
 
 
-def quotas(message: tenants_pb2.Quotas) -> Quotas:
-    fields = {f: getattr(message, f) for f in Quotas.__dataclass_fields__}
+_NO_LIMITS = Quotas()
+
+
+def quotas(message: tenants_pb2.Quotas, defaults: Quotas = _NO_LIMITS) -> Quotas:
+    """The quotas of `message`; a field it leaves unset is that of `defaults` (no limit)."""
+    fields = {f: getattr(message if message.HasField(f) else defaults, f)
+              for f in Quotas.__dataclass_fields__}
     negative = [f for f, v in fields.items() if v < 0]
     if negative:
         raise invalid(f"quotas {', '.join(negative)} are negative; accepted: 0 (no limit) or "

@@ -6,7 +6,13 @@ from __future__ import annotations
 import grpc
 
 from cotune.adapters.peft_format import AdapterError, AdapterMismatch
-from cotune.adapters.registry import AlreadyExists, InvalidName, NotFound, QuotaExceeded
+from cotune.adapters.registry import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidName,
+    NotFound,
+    QuotaExceeded,
+)
 from cotune.engine.containment import AdapterQuarantined, RequestFailed
 from cotune.engine.runtime import EngineStopped
 
@@ -28,6 +34,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (EngineStopped, grpc.StatusCode.UNAVAILABLE),  # this replica is done; another answers
     (AdapterQuarantined, grpc.StatusCode.FAILED_PRECONDITION),
     (RequestFailed, grpc.StatusCode.INTERNAL),  # the engine failed it alone, and says why

@@ -6,8 +6,14 @@ broadcast to watchers. A job's directory holds its data and the trainer's checkp
   jobs/<id>/out/<adapter>/  the trainer's versions and their training state
 
 A restart resumes every queued or running job of this worker (its owner, --worker-id) from its
-newest checkpoint, and publishes any checkpoint a crash left unpublished. Workers that share a
-registry share the jobs directory too: a job's directory is its own id's.
+newest checkpoint, and publishes any checkpoint a crash left unpublished; a job that cannot be
+resumed fails with the reason. Workers that share a registry share the jobs directory too: a
+job's directory is its own id's.
+
+A job's training state (`v{k}.state/`, the optimizer's moments: about twice the adapter's size)
+is kept for its newest `keep_states` versions only; an older one goes once the registry has its
+version. A job that cannot be followed (a version its tenant's quota refuses, a registry error)
+fails with the reason, in the registry and to its watchers, and stops training.
 """
 
 from __future__ import annotations
@@ -23,7 +29,15 @@ from pathlib import Path
 
 from cotune.adapters.durable import write_atomically
 from cotune.adapters.peft_format import AdapterMismatch, LoraAdapter
-from cotune.adapters.registry import JobRecord, NotFound, Registry, TenantRecord
+from cotune.adapters.registry import (
+    UNFINISHED_JOB_STATES,
+    JobRecord,
+    NotFound,
+    QuotaExceeded,
+    Registry,
+    RegistryError,
+    TenantRecord,
+)
 from cotune.engine.broadcast import END, Broadcast
 from cotune.engine.checkpoint import latest_version
 from cotune.engine.finetune_spec import FinetuneSpec, LoraSettings, OptimizerSettings
@@ -72,9 +86,12 @@ class LiveJob:
 
 class JobManager:
     def __init__(self, runtime: Runtime, registry: Registry, jobs_dir: Path, metrics: Metrics,
-                 worker_id: str):
+                 worker_id: str, keep_states: int = 2):
+        if keep_states < 1:
+            raise ValueError(f"keep_states {keep_states} not accepted; accepted: 1 or more (a "
+                             "job resumes from its newest training state)")
         self.runtime, self.registry, self.jobs_dir = runtime, registry, jobs_dir
-        self.metrics, self.worker_id = metrics, worker_id
+        self.metrics, self.worker_id, self.keep_states = metrics, worker_id, keep_states
         self._live: dict[str, LiveJob] = {}
         self._lock = threading.Lock()
         self._stopping = False
@@ -105,23 +122,26 @@ class JobManager:
 
     def resume_unfinished(self) -> None:
         """Called once at start: every job of this worker's that a stop or a crash interrupted
-        goes on (workers sharing the registry resume their own)."""
+        goes on (workers sharing the registry resume their own). One that cannot (settings no
+        longer accepted, its data or checkpoints spoilt) fails with the reason."""
         for record in self.registry.unfinished_jobs(self.worker_id):
             try:
                 self._start(record)
                 log.info("resumed %s (%s/%s)", record.id, record.tenant, record.adapter)
             except Exception as e:  # noqa: BLE001 - one job's failure does not stop the rest
-                self.registry.update_job(record.id, state="failed", error=f"resume: {e}")
+                log.exception("resuming %s failed; the job fails", record.id)
+                self.registry.update_job(record.id, state="failed",
+                                         error=f"the job could not be resumed: {e}")
 
     def live(self, job_id: str) -> LiveJob | None:
         with self._lock:
             return self._live.get(job_id)
 
-    def cancel(self, tenant: TenantRecord, job_id: str) -> JobRecord:
+    def cancel(self, tenant: str | None, job_id: str) -> JobRecord:
         """Cancelled at once in the registry, without waiting for a step: the engine stops
         the job at its next step boundary (its owner's, when another worker runs it), and
-        the job's last events follow."""
-        record = self.registry.get_job(tenant.name, job_id)  # NotFound for others' jobs
+        the job's last events follow. `tenant` None: any tenant's job (an admin's call)."""
+        record = self.registry.get_job(tenant, job_id)  # NotFound for others' jobs
         if record.state not in ("queued", "running"):
             return record
         live = self.live(job_id)
@@ -143,6 +163,21 @@ class JobManager:
         for job in live:
             job.ended.wait(max(0.0, deadline - time.monotonic()))
 
+    def delete_tenant(self, name: str):
+        """Deletes tenant `name` with its tokens, adapters and jobs (Registry.delete_tenant);
+        its jobs running here stop at their next step. Every deleted job's directory goes: a
+        running one's once its engine has stopped it (its follower, here or on the worker that
+        runs it, finds the job gone). Returns the registry's TenantDeletion."""
+        deletion = self.registry.delete_tenant(name)
+        for record in deletion.jobs:
+            live = self.live(record.id)
+            if live is not None:
+                live.job.cancel()
+            elif record.state not in UNFINISHED_JOB_STATES or \
+                    record.owner in ("", self.worker_id):  # no engine runs it
+                shutil.rmtree(self.jobs_dir / record.id, ignore_errors=True)
+        return deletion
+
     def _start(self, record: JobRecord) -> None:
         job_dir = self.jobs_dir / record.id
         spec = spec_of(record.adapter, record.spec, job_dir, record.tenant)
@@ -150,26 +185,64 @@ class JobManager:
         job = self.runtime.finetune(spec, job_id=record.id, serve_by_name=False)
         labels = (record.tenant, self.metrics.adapter_label(record.tenant, record.adapter))
         live = LiveJob(job, spec, record, labels, progress=dict(record.progress))
-        live.progress["published"] = self._published_by(record)
         events = job.subscribe()
         with self._lock:
             self._live[record.id] = live
-        self._publish_new_versions(live)  # checkpoints a crash left unpublished
-        self.registry.update_job(record.id, state="running")
+        try:
+            live.progress["published"] = self._published_by(record)
+            self._publish_new_versions(live)  # checkpoints a crash left unpublished
+            self.registry.update_job(record.id, state="running")
+        except BaseException:  # the job must not train on with no one following it
+            job.cancel()
+            job.unsubscribe(events)
+            with self._lock:
+                self._live.pop(record.id, None)
+            raise
         threading.Thread(target=self._follow, args=(live, events), daemon=True,
                          name=f"follow-{record.id}").start()
 
     def _follow(self, live: LiveJob, events: queue.Queue) -> None:
+        """Records the job's events until its last. Any failure to record one (a version the
+        tenant's quota refuses, a registry error, a number the wire cannot carry) fails the
+        job."""
         job_id = live.record.id
         try:
             while (event := events.get()) is not END:
                 self._record(live, event)
-        except Exception:  # noqa: BLE001 - a registry failure must not kill silently
-            log.exception("following %s failed", job_id)
+        except Exception as e:  # noqa: BLE001 - the job must not stay running unfollowed
+            log.exception("following %s failed; the job fails", job_id)
+            deleted = self._fail(live, e)
+            while events.get() is not END:  # until the engine has stopped the job
+                pass
+            if deleted:
+                shutil.rmtree(self.jobs_dir / job_id, ignore_errors=True)
         finally:
             with self._lock:
                 self._live.pop(job_id, None)
             live.ended.set()
+
+    def _fail(self, live: LiveJob, error: Exception) -> bool:
+        """Stops the job (at the engine's next step) and records it failed, which frees its
+        place among the tenant's max_concurrent_jobs; its watchers hear why. Returns whether
+        the job is gone from the registry (deleted with its tenant while it ran)."""
+        job_id, now = live.record.id, time.time()
+        reason = str(error) if isinstance(error, RegistryError) else \
+            f"internal error while following the job ({type(error).__name__}: {error}); see " \
+            "the server log"
+        live.job.cancel()
+        self.metrics.job_loss.remove(*live.labels)
+        try:
+            self.registry.update_job(job_id, state="failed", error=reason)
+            self.metrics.jobs_finished.labels(live.record.tenant, "failed").inc()
+        except NotFound:
+            live.events.close(_wire(job_id, now, state=JOB_STATES["cancelled"]),
+                              _wire(job_id, now, error="the job was deleted with its tenant"))
+            return True
+        except Exception:  # noqa: BLE001 - the registry itself fails: the log says so
+            log.exception("recording %s as failed did not succeed", job_id)
+        live.events.close(_wire(job_id, now, state=JOB_STATES["failed"]),
+                          _wire(job_id, now, error=reason))
+        return False
 
     def _record(self, live: LiveJob, event: JobEvent) -> None:
         job_id = live.record.id
@@ -263,12 +336,28 @@ class JobManager:
                           "parent_version": published.get(str(k - 1), 0),
                           "dataset_fingerprint": trained.get("dataset_fingerprint", ""),
                           "hyperparameters": record.spec, "metrics": trained.get("metrics", {})}
-            version = self.registry.publish_version(
-                record.tenant, record.adapter, spec.adapter_dir / f"v{k}", provenance).version
+            try:
+                version = self.registry.publish_version(
+                    record.tenant, record.adapter, spec.adapter_dir / f"v{k}", provenance).version
+            except QuotaExceeded as e:
+                raise QuotaExceeded(e.limit, f"publishing version {k} of the job failed: {e}") \
+                    from e
             published[str(k)] = version
             self.registry.update_job(record.id, version=version, progress=live.progress)
             new.append(version)
+        self._prune_states(live)
         return new
+
+    def _prune_states(self, live: LiveJob) -> None:
+        """Removes the training state of published versions past the newest `keep_states`:
+        a job resumes from its newest, and an unpublished version keeps its state (its
+        provenance is there) until it is published."""
+        adapter_dir, published = live.spec.adapter_dir, live.progress["published"]
+        states = [k for k in range(1, latest_version(adapter_dir) + 1)
+                  if (adapter_dir / f"v{k}.state").is_dir()]
+        for k in states[:-self.keep_states]:
+            if str(k) in published:
+                shutil.rmtree(adapter_dir / f"v{k}.state")
 
 
 def _wire(job_id: str, time: float, **event) -> training_pb2.JobEvent:

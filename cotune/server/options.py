@@ -131,6 +131,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="this worker's name among those sharing --data-dir behind a router: "
                             "it owns the jobs it runs and resumes only those (default: the "
                             "hostname, the pod's name in a StatefulSet)")
+    store.add_argument("--keep-training-states", type=positive_int, default=2, metavar="N",
+                       help="training states (optimizer moments, ~2x the adapter's size) a job "
+                            "keeps on disk, its newest; older ones go once their versions are "
+                            "published (a job resumes from its newest)")
     store.add_argument("--max-upload-mb", type=int, default=2048,
                        help="largest adapter upload or training data file")
 

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from cotune.adapters.registry import Registry
+from cotune.adapters.registry import UNFINISHED_JOB_STATES, Registry
 from cotune.server import convert
 from cotune.server.handlers import Gate, rpc
+from cotune.server.jobs import JobManager
 from cotune.v1 import tenants_pb2, tenants_pb2_grpc
 
 
 class TenantService(tenants_pb2_grpc.TenantServiceServicer):
-    def __init__(self, gate: Gate, registry: Registry):
-        self.gate, self.registry = gate, registry
+    def __init__(self, gate: Gate, registry: Registry, jobs: JobManager):
+        self.gate, self.registry, self.jobs = gate, registry, jobs
 
     def _tenant(self, name: str) -> tenants_pb2.Tenant:
         return convert.tenant(self.registry.get_tenant(name), self.registry.tokens(name))
 
     @rpc(admin=True)
     def CreateTenant(self, request, context, caller):
-        quotas = convert.quotas(request.quotas) if request.HasField("quotas") else None
+        quotas = convert.quotas(request.quotas, self.registry.default_quotas) \
+            if request.HasField("quotas") else None
         self.registry.create_tenant(request.name, request.admin, quotas)
         return self._tenant(request.name)
 
@@ -37,6 +39,14 @@ class TenantService(tenants_pb2_grpc.TenantServiceServicer):
     def SetQuotas(self, request, context, caller):
         self.registry.set_quotas(request.name, convert.quotas(request.quotas))
         return self._tenant(request.name)
+
+    @rpc(admin=True)
+    def DeleteTenant(self, request, context, caller):
+        deletion = self.jobs.delete_tenant(request.name)
+        return tenants_pb2.DeleteTenantResponse(
+            adapters_deleted=deletion.adapters, versions_deleted=deletion.versions,
+            jobs_deleted=len(deletion.jobs), tokens_deleted=deletion.tokens,
+            jobs_cancelled=sum(j.state in UNFINISHED_JOB_STATES for j in deletion.jobs))
 
     @rpc(admin=True)
     def IssueToken(self, request, context, caller):

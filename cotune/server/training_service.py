@@ -1,4 +1,5 @@
-"""TrainingService: the caller's fine-tuning jobs."""
+"""TrainingService: the caller's fine-tuning jobs; an admin may list and cancel every
+tenant's (all_tenants in ListJobs and CancelJob), no one else may."""
 
 from __future__ import annotations
 
@@ -45,15 +46,16 @@ class TrainingService(training_pb2_grpc.TrainingServiceServicer):
             state = convert.JOB_STATE_NAMES.get(request.state)
             if state is None:
                 raise invalid(f"state {request.state} is not a JobState")
-        records = self.registry.list_jobs(tenant.name, state,
-                                          convert.page_after(request.page_token), size)
+        records = self.registry.list_jobs(_whose(tenant, request.all_tenants, "all_tenants"),
+                                          state, convert.page_after(request.page_token), size)
         return training_pb2.ListJobsResponse(
             jobs=[convert.job(r) for r in records],
             next_page_token=convert.next_page(records, size, lambda r: r.id))
 
     @rpc()
     def CancelJob(self, request, context, tenant):
-        return convert.job(self.jobs.cancel(tenant, request.id))
+        return convert.job(self.jobs.cancel(_whose(tenant, request.all_tenants, "all_tenants"),
+                                            request.id))
 
     @rpc(held_open=True)
     def WatchJob(self, request, context, tenant):
@@ -91,6 +93,18 @@ class TrainingService(training_pb2_grpc.TrainingServiceServicer):
             raise invalid("training_data is empty; accepted: JSONL lines of {\"prompt\", "
                           "\"completion\"}, {\"messages\"} or {\"text\"}")
         return request.training_data
+
+
+def _whose(tenant, every_tenant: bool, field: str) -> str | None:
+    """The tenant whose jobs a call reaches: the caller's, or with `every_tenant` (admin
+    tokens only) any tenant's (None)."""
+    if not every_tenant:
+        return tenant.name
+    if not tenant.admin:
+        raise RpcError(grpc.StatusCode.PERMISSION_DENIED,
+                       f"{field} needs an admin token; a tenant reaches only its own jobs "
+                       f"(leave {field} unset)")
+    return None
 
 
 def _settings(request) -> dict:

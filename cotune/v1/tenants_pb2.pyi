@@ -116,3 +116,23 @@ class RevokeTokenResponse(_message.Message):
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     revoked: bool
     def __init__(self, revoked: _Optional[bool] = ...) -> None: ...
+
+class DeleteTenantRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteTenantResponse(_message.Message):
+    __slots__ = ("adapters_deleted", "versions_deleted", "jobs_deleted", "jobs_cancelled", "tokens_deleted")
+    ADAPTERS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    JOBS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    JOBS_CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    adapters_deleted: int
+    versions_deleted: int
+    jobs_deleted: int
+    jobs_cancelled: int
+    tokens_deleted: int
+    def __init__(self, adapters_deleted: _Optional[int] = ..., versions_deleted: _Optional[int] = ..., jobs_deleted: _Optional[int] = ..., jobs_cancelled: _Optional[int] = ..., tokens_deleted: _Optional[int] = ...) -> None: ...

@@ -64,6 +64,11 @@ class TenantServiceStub:
                 request_serializer=cotune_dot_v1_dot_tenants__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=cotune_dot_v1_dot_tenants__pb2.RevokeTokenResponse.FromString,
                 _registered_method=True)
+        self.DeleteTenant = channel.unary_unary(
+                '/cotune.v1.TenantService/DeleteTenant',
+                request_serializer=cotune_dot_v1_dot_tenants__pb2.DeleteTenantRequest.SerializeToString,
+                response_deserializer=cotune_dot_v1_dot_tenants__pb2.DeleteTenantResponse.FromString,
+                _registered_method=True)
 
 
 class TenantServiceServicer:
@@ -106,6 +111,16 @@ class TenantServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteTenant(self, request, context):
+        """Deletes a tenant with everything it owns: its tokens stop working at once, its queued
+        and running jobs are cancelled, and its adapters (every version), its jobs and its tokens
+        are deleted. An admin tenant cannot be deleted (FAILED_PRECONDITION). A tenant created
+        later under the name starts empty, and never reuses a version number of the old one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TenantServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +153,11 @@ def add_TenantServiceServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=cotune_dot_v1_dot_tenants__pb2.RevokeTokenRequest.FromString,
                     response_serializer=cotune_dot_v1_dot_tenants__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'DeleteTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTenant,
+                    request_deserializer=cotune_dot_v1_dot_tenants__pb2.DeleteTenantRequest.FromString,
+                    response_serializer=cotune_dot_v1_dot_tenants__pb2.DeleteTenantResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +322,33 @@ class TenantService:
             '/cotune.v1.TenantService/RevokeToken',
             cotune_dot_v1_dot_tenants__pb2.RevokeTokenRequest.SerializeToString,
             cotune_dot_v1_dot_tenants__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cotune.v1.TenantService/DeleteTenant',
+            cotune_dot_v1_dot_tenants__pb2.DeleteTenantRequest.SerializeToString,
+            cotune_dot_v1_dot_tenants__pb2.DeleteTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,
