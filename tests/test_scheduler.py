@@ -120,6 +120,38 @@ def test_a_tenants_burst_does_not_starve_another_tenant():
     assert admitted[0] == "b0"  # before the rest of the burst
 
 
+def test_past_the_decode_limit_each_tenant_decodes_its_fair_share():
+    """One tenant's 30 decoding requests and another's 2, 8 decodes a step at most: the light
+    tenant decodes every step; the flood gets the rest, each of its requests in turn. One
+    tenant alone decodes everything (its own requests only slow each other)."""
+    scheduler = Scheduler(SchedulerConfig(max_batched_tokens=64, max_running=100),
+                          PagedKVCache(CONFIG, num_blocks=200, block_size=4))
+    flood = [Sequence(f"a{i}", [1] * 2, SamplingParams(max_tokens=50), tenant="a")
+             for i in range(30)]
+    light = [Sequence(f"b{i}", [1] * 2, SamplingParams(max_tokens=50), tenant="b")
+             for i in range(2)]
+    for seq in flood:
+        scheduler.add(seq)
+    _execute(scheduler, scheduler.schedule())  # 30 prefills of 2 tokens
+    assert scheduler.schedule(decode_limit=8).num_tokens == 30  # one tenant: all of them
+    for seq in flood:  # as if that step ran
+        seq.computed += 1
+        seq.output_ids.append(0)
+    for seq in light:
+        scheduler.add(seq)
+    _execute(scheduler, scheduler.schedule())  # the light tenant's prefills, the flood's decodes
+    decoded = Counter()
+    for step in range(15):
+        plan = scheduler.schedule(decode_limit=8)
+        tenants = Counter(c.seq.tenant for c in plan.chunks)
+        assert tenants == {"b": 2, "a": 6}, tenants
+        decoded.update(c.seq.id for c in plan.chunks if c.seq.tenant == "a")
+        _execute(scheduler, plan)
+        for chunk in plan.chunks:
+            chunk.seq.last_token_time = step + 1.0
+    assert sorted(decoded.values()) == [3] * 30  # 90 decodes over 30 requests, in turn
+
+
 def _execute(scheduler, plan):
     """What the engine does after a forward pass: the chunk is cached, a token sampled."""
     for chunk in plan.chunks:

@@ -61,3 +61,8 @@ def test_training_threads_that_are_not_a_whole_number_are_refused(value, capsys)
         parse("--training-threads", value)
     error = capsys.readouterr().err
     assert "argument --training-threads" in error and "whole number of 0 or more" in error
+
+
+def test_logprobs_a_request_may_ask_for_are_bounded_by_default():
+    assert parse().max_logprobs == 20
+    assert parse("--max-logprobs", "0").max_logprobs == 0

@@ -365,7 +365,10 @@ BAD_GENERATE = {
     "top_p 2": (sampled(top_p=2), "top_p must be in (0, 1]"),
     "top_k -1": (sampled(top_k=-1), "top_k must be an integer >= 1, or 0"),
     "logprobs -1": (sampled(logprobs=-1), "logprobs must be None or an integer >= 0"),
-    "logprobs > vocab": (sampled(logprobs=VOCAB + 1), f"accepted: 0 to {VOCAB}"),
+    "logprobs > vocab": (sampled(logprobs=VOCAB + 1), "accepted: 0 to 20 (--max-logprobs)"),
+    # a request asking for every alternative of every token delayed another tenant by 13 s
+    "logprobs 21": (sampled(logprobs=21), "logprobs 21 asks for more alternatives than this "
+                                          "server gives; accepted: 0 to 20 (--max-logprobs)"),
     "an empty stop string": (sampled(stop=[""]), "stop must be a list of non-empty strings"),
     # every response echoes the id: a megabyte of it was sent back with each token
     "request_id of 1 MB": (inference_pb2.GenerateRequest(prompt="hi", request_id="r" * (1 << 20)),

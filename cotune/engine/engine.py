@@ -245,7 +245,7 @@ class Engine:
             self._take_lane_passes()
         started = time.perf_counter()
         serving, training = self._phase()
-        plan = self.scheduler.schedule(self._inference_budget()) if serving else StepPlan()
+        plan = self.scheduler.schedule(*self._inference_budget()) if serving else StepPlan()
         # Rows of one adapter side by side: fewer segments for the LoRA ops.
         chunks = sorted(plan.chunks, key=lambda c: -1 if c.seq.slot is None else c.seq.slot)
         trainer, work = self._plan_training(plan.num_tokens) if training else (None, None)
@@ -374,19 +374,25 @@ class Engine:
         serving_phase = int(time.monotonic() / slice_s) % 2 == 0
         return serving_phase, not serving_phase
 
-    def _inference_budget(self) -> int:
-        """While requests decode, the largest step that keeps their time per output token;
-        otherwise the cap (prefills then finish as fast as they can). When even the running
-        decodes alone cannot meet the target, no budget can: the cap then gives the most
-        throughput."""
+    def _inference_budget(self) -> tuple[int, int | None]:
+        """(the step's inference tokens, the decodes it may hold: None for all). While
+        requests decode, the largest step that keeps their time per output token; otherwise
+        the cap (prefills then finish as fast as they can). When even the running decodes
+        alone cannot meet the target, no budget can: with one tenant decoding the cap then
+        gives the most throughput; with several, the step keeps the target with each
+        tenant's fair share of the decodes it holds (a tenant with few requests is not
+        slowed by another's many)."""
         cap = self.config.max_batched_tokens
         decodes = self.scheduler.decoding
         if not decodes:
-            return cap
+            return cap, None
         budget = self.step_time.inference_budget(self.config.tpot_target_s, cap)
-        if budget <= decodes:
-            return cap
-        return min(cap, max(budget, decodes + self._prefill_floor()))
+        if budget > decodes:
+            return min(cap, max(budget, decodes + self._prefill_floor())), None
+        if self.scheduler.decoding_tenants < 2:
+            return cap, None
+        limit = max(1, budget)
+        return min(cap, limit + self._prefill_floor()), limit
 
     def _prefill_floor(self) -> int:
         """Prefill tokens a step takes at least: of each prompt awaiting its first token

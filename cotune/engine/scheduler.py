@@ -118,11 +118,13 @@ class Scheduler:
         self.cache.free(seq.id)
         seq.state = SeqState.FINISHED
 
-    def schedule(self, budget: int | None = None) -> StepPlan:
-        """The chunks of the next step, at most `budget` tokens (default: the config's)."""
+    def schedule(self, budget: int | None = None, decode_limit: int | None = None) -> StepPlan:
+        """The chunks of the next step, at most `budget` tokens (default: the config's).
+        `decode_limit`: how many decodes the step may hold when more are ready and several
+        tenants decode (each tenant's fair share of them: `_fair_decodes`); None: all."""
         budget = self.config.max_batched_tokens if budget is None else budget
         plan = StepPlan()
-        budget -= self._schedule_decodes(plan, budget)
+        budget -= self._schedule_decodes(plan, decode_limit)
         self._schedule_prefills(plan, min(budget, self.config.max_batched_tokens - plan.num_tokens))
         self.counters["steps"] += 1
         self.counters["decode_tokens"] += sum(c.num_tokens for c in plan.chunks
@@ -162,12 +164,20 @@ class Scheduler:
         """Running sequences waiting for their next token (TPOT bounds their steps)."""
         return sum(s.pending == 1 for s in self.running)
 
-    def _schedule_decodes(self, plan: StepPlan, budget: int) -> int:
-        """Every running sequence's next token, within the hard cap (a budget set by the SLOs
-        only slows admissions: a running request is never paused for a new one)."""
+    @property
+    def decoding_tenants(self) -> int:
+        return len({s.tenant for s in self.running if s.pending == 1})
+
+    def _schedule_decodes(self, plan: StepPlan, limit: int | None) -> int:
+        """Every running sequence's next token, within the hard cap; past `limit` decodes,
+        each tenant's fair share of them. A running request is never paused for a new one,
+        only for another tenant's share."""
         used, cap = 0, self.config.max_batched_tokens
-        for seq in list(self.running):
-            if seq.state is not SeqState.RUNNING or seq.pending != 1 or used >= cap:
+        ready = [s for s in self.running if s.state is SeqState.RUNNING and s.pending == 1]
+        if limit is not None and len(ready) > limit:
+            ready = _fair_decodes(ready, limit)
+        for seq in ready:
+            if seq.state is not SeqState.RUNNING or used >= cap:  # preempted meanwhile
                 continue
             while not self.cache.reserve(seq.id, 1):
                 victim = self.running[-1]
@@ -240,3 +250,29 @@ class Scheduler:
         self.waiting.put_back(seq)
         plan.preempted.append(seq)
         self.counters["preemptions"] += 1
+
+
+def _fair_decodes(ready: list[Sequence], limit: int) -> list[Sequence]:
+    """`limit` of the `ready` decodes (or more: every tenant gets at least one), shared
+    fairly between tenants: a tenant with no more than its share (limit / tenants) decodes
+    all of its requests; the others split the rest evenly, each one's requests that waited
+    longest for a token first. One tenant's flood of requests then makes its own tokens
+    slower, not the steps of a tenant with a few (what S-LoRA's virtual token counters do
+    at admission, done at every step)."""
+    tenants: dict[str, list[Sequence]] = {}
+    for seq in ready:
+        tenants.setdefault(seq.tenant, []).append(seq)
+    if len(tenants) < 2:
+        return ready
+    share = max(1, limit // len(tenants))
+    chosen = [s for seqs in tenants.values() if len(seqs) <= share for s in seqs]
+    over = [sorted(seqs, key=lambda s: s.last_token_time or 0.0)
+            for seqs in tenants.values() if len(seqs) > share]
+    room = max(limit - len(chosen), len(over))
+    taken = [0] * len(over)
+    while room > 0 and any(n < len(seqs) for n, seqs in zip(taken, over)):
+        for i, seqs in enumerate(over):  # one each in turn
+            if room > 0 and taken[i] < len(seqs):
+                taken[i] += 1
+                room -= 1
+    return chosen + [s for n, seqs in zip(taken, over) for s in seqs[:n]]

@@ -102,7 +102,7 @@ class CotuneServer:
             self.gate, self.registry, self.jobs, args.allow_path, max_bytes), self.server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceService(
             self.gate, self.registry, self.runtime, Admission(args.max_queued_requests),
-            _model_info(self.runtime, args), self.metrics), self.server)
+            _model_info(self.runtime, args), self.metrics, args.max_logprobs), self.server)
         tenants_pb2_grpc.add_TenantServiceServicer_to_server(
             TenantService(self.gate, self.registry, self.jobs), self.server)
         self.lifecycle = Lifecycle(SERVICES, args.grace_period, log)

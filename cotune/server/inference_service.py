@@ -28,9 +28,10 @@ MAX_REQUEST_ID = 256  # characters: every response echoes it
 
 class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, gate: Gate, registry: Registry, runtime: Runtime, admission: Admission,
-                 model_info: inference_pb2.ModelInfo, metrics: Metrics):
+                 model_info: inference_pb2.ModelInfo, metrics: Metrics, max_logprobs: int):
         self.gate, self.registry, self.runtime = gate, registry, runtime
         self.admission, self.model_info, self.metrics = admission, model_info, metrics
+        self.max_logprobs = max_logprobs
         self._in_flight: set[str] = set()  # engine ids: "<tenant>/<request id>"
         self._lock = threading.Lock()
 
@@ -137,9 +138,10 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         there would fail the engine for every caller."""
         params = request.sampling_params()  # SamplingError (INVALID_ARGUMENT) when invalid
         vocab, context = self.model_info.vocab_size, self.model_info.max_context
-        if params.logprobs is not None and params.logprobs > vocab:
-            raise invalid(f"logprobs {params.logprobs} asks for more alternatives than the "
-                          f"vocabulary has; accepted: 0 to {vocab}")
+        limit = min(vocab, self.max_logprobs)
+        if params.logprobs is not None and params.logprobs > limit:
+            raise invalid(f"logprobs {params.logprobs} asks for more alternatives than this "
+                          f"server gives; accepted: 0 to {limit} (--max-logprobs)")
         total = len(request.prompt_token_ids) + params.max_tokens
         if total > context:
             raise invalid(f"prompt of {len(request.prompt_token_ids)} tokens plus max_tokens "

@@ -155,6 +155,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an adapter upload whose next message (a file chunk: 1 MiB from "
                              "the SDK) does not arrive within this long ends with "
                              "DEADLINE_EXCEEDED, nothing of it kept, and frees its place")
+    limits.add_argument("--max-logprobs", type=whole_number, default=20, metavar="K",
+                        help="alternatives a generation may ask for per token (logprobs): "
+                             "each one is computed, sorted and sent for every token, in the "
+                             "steps that other tenants' requests share")
     limits.add_argument("--default-max-adapters", type=int, default=1000)
     limits.add_argument("--default-max-versions", type=int, default=1000,
                         help="versions per adapter")
