@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="run a benchmark; results go to benchmarks/results")
-    bench.add_argument("name", choices=["serving", "coserve", "kernels", "adapters"])
+    bench.add_argument("name", choices=["serving", "coserve", "fairness", "kernels", "adapters"])
     bench.add_argument("--requests", type=int, default=32)
     bench.add_argument("--adapters", type=int, default=8)
     bench.add_argument("--new-tokens", type=int, default=64)
@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--duration", type=float, default=20.0, help="coserve: seconds a point")
     bench.add_argument("--slice", type=float, default=2.0, help="coserve: time-slice seconds")
     bench.add_argument("--concurrency", type=int, default=24,
-                       help="coserve: requests in flight while the capacity is measured")
+                       help="coserve: requests in flight while the capacity is measured; "
+                            "fairness: the flooding tenant's")
+    bench.add_argument("--tpot-target", type=float, default=None,
+                       help="fairness: the server's --tpot-target [its default]")
     bench.add_argument("--threads", type=int, default=None,
                        help="coserve: torch threads of the shared server [half the cores]")
     bench.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
@@ -164,7 +167,7 @@ def _generate(args) -> int:
 def _bench(args) -> int:
     from pathlib import Path
 
-    from cotune.bench import adapters, coserve, kernels, serving
+    from cotune.bench import adapters, coserve, fairness, kernels, serving
 
     out = Path(args.out or "benchmarks/results")
     if args.name == "kernels":  # hundreds of rows: the table, and where the JSON went
@@ -183,6 +186,10 @@ def _bench(args) -> int:
         coserve.run(args.duration, args.adapters, min(args.new_tokens, 32),
                     max(3, args.rounds), args.slice, args.concurrency, out, loads, args.threads)
         print((out / "coserve.md").read_text())
+        return 0
+    if args.name == "fairness":
+        fairness.run(args.duration, max(3, args.rounds), args.concurrency, args.tpot_target, out)
+        print((out / "fairness.md").read_text())
         return 0
     result = serving.run(args.requests, args.adapters, args.new_tokens, args.rounds, out,
                          with_vllm=not args.no_vllm)

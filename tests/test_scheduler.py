@@ -152,6 +152,32 @@ def test_past_the_decode_limit_each_tenant_decodes_its_fair_share():
     assert sorted(decoded.values()) == [3] * 30  # 90 decodes over 30 requests, in turn
 
 
+def test_a_tenant_with_one_request_decodes_every_step_beside_another_tenants_flood(
+        tiny_checkpoint):
+    """Decodes that cannot keep the TPOT target together (a target no step meets): the
+    light tenant's request decodes in every step, at once from its first token; the flood's
+    requests share what is left, in turn."""
+    _, base = tiny_checkpoint
+    engine = Engine(load_model(base), config=EngineConfig(tpot_target_s=1e-6))
+    flood = [engine.add([3 + i] * 4, SamplingParams(max_tokens=30, ignore_eos=True),
+                        tenant="flood") for i in range(6)]
+    for _ in range(3):  # the flood's prompts, then decodes
+        engine.step()
+    light = engine.add([40] * 4, SamplingParams(max_tokens=8, ignore_eos=True), tenant="light")
+    engine.step()  # its prompt, and its first token
+    assert len(light.output_ids) == 1
+    steps, before = 0, sum(len(s.output_ids) for s in flood)
+    while not light.is_finished:
+        engine.step()
+        steps += 1
+    assert steps == 7  # a token every step
+    # the flood's share meanwhile: a decode a step, in turn (not its 6 a step)
+    assert sum(len(s.output_ids) for s in flood) - before <= steps
+    assert max(len(s.output_ids) for s in flood) - min(len(s.output_ids) for s in flood) <= 2
+    run_to_completion(engine)
+    assert all(len(s.output_ids) == 30 for s in flood)
+
+
 def _execute(scheduler, plan):
     """What the engine does after a forward pass: the chunk is cached, a token sampled."""
     for chunk in plan.chunks:
