@@ -6,6 +6,8 @@ steps completes with the tokens it gets alone."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import threading
 
 import pytest
@@ -173,3 +175,22 @@ def test_adapters_past_the_bounds_are_refused_at_load(tiny_checkpoint, adapters,
     with pytest.raises(AdapterError, match=r"delta \(scale x lora_B @ lora_A\) with an entry of "
                                            r".*; accepted: entries of at most 1000"):
         load_peft_adapter(hostile, modules, max_rank=64)
+
+
+def test_an_adapter_stored_before_the_bounds_fails_its_requests_alone(tiny_checkpoint,
+                                                                     adapters, tmp_path):
+    """An adapter registered before the bounds existed (lora_alpha 1e308 on disk) is checked
+    again when it is read: its requests fail saying why, and the engine serves on."""
+    _, base = tiny_checkpoint
+    good, bad = adapters
+    stored = tmp_path / "stored"
+    shutil.copytree(bad, stored)
+    config = json.loads((stored / "adapter_config.json").read_text())
+    (stored / "adapter_config.json").write_text(json.dumps(dict(config, lora_alpha=1e308)))
+    with Runtime.load(base) as rt:
+        rt.register_adapter("good", good)
+        rt.register_adapter("stored", stored)
+        results = _in_threads(rt, {"good": _requests("good"), "stored": _requests("stored")})
+        assert isinstance(results["stored"], AdapterError), results["stored"]
+        assert "lora_alpha=1e+308" in str(results["stored"])
+        assert isinstance(results["good"], list) and rt.running
