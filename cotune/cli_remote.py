@@ -65,8 +65,13 @@ def add_commands(commands) -> None:
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     p = command(commands, "finetune", _finetune, "fine-tune an adapter on a server, and watch")
-    p.add_argument("name", help="the adapter to train: new, or existing (next versions)")
+    p.add_argument("name", help="the adapter to train: new, or existing: its next versions "
+                                "continue from its newest, with its weights and settings (those "
+                                "given here change them, but for its rank and targets)")
     p.add_argument("--data", required=True, help="JSONL: prompt/completion, messages or text")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="an existing adapter's next versions start from new weights, at the "
+                        "settings given here")
     add_finetune_options(p)
     p.add_argument("--detach", action="store_true", help="start the job and return")
 
@@ -165,6 +170,7 @@ def finetune_settings(args) -> dict:
     settings = {name: getattr(args, name) for name in _FINETUNE_SETTINGS
                 if getattr(args, name) is not None}
     settings["rslora"] = args.rslora
+    settings["from_scratch"] = args.from_scratch
     return settings
 
 
@@ -300,12 +306,21 @@ def _adapters_delete(args, client) -> int:
 
 def _finetune(args, client) -> int:
     job = client.jobs.create(args.name, args.data, **finetune_settings(args))
-    _emit(args, job, f"job {job.id}: training {job.adapter}")
+    _emit(args, job, f"job {job.id}: {_what_it_trains(job)}")
     if args.detach:
         if not args.json:
             print(f"follow it with: cotune jobs watch {job.id}")
         return 0
     return _watch(client, job.id, args.json)
+
+
+def _what_it_trains(job) -> str:
+    parent = job.hyperparameters.get("parent_version")
+    if parent is None:
+        return f"training {job.adapter} from new weights"
+    lora = job.hyperparameters["lora"]
+    return (f"continuing {job.adapter}@v{parent:.0f} from its weights, at rank {lora['rank']:.0f} "
+            f"with its settings and those given (--from-scratch starts from new weights)")
 
 
 def _jobs_list(args, client) -> int:

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from server_helpers import running_server, tiny_adapter_dir
 
 from cotune.client import Client
@@ -174,6 +176,7 @@ def tuned(server, tmp_path_factory):
 def test_finetune_watches_the_job_to_its_versions(server, tuned):
     _, result = tuned
     assert result.returncode == 0, result.stderr
+    assert ": training cli-tuned from new weights" in result.stdout
     assert "checkpoint at step 2: cli-tuned@v1" in result.stdout
     assert "succeeded: cli-tuned@v1, cli-tuned@v2 published" in result.stdout
     assert "step 4/4" in result.stderr  # the progress line: one line an update off a terminal
@@ -232,6 +235,53 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(server, tuned):
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 141
     assert stderr == b""
+
+
+def _weights(server, ref: str, dest: Path) -> dict:
+    exported = Path(_json(server, "adapters", "export", ref, str(dest))["path"])
+    return load_file(exported / "adapter_model.safetensors")
+
+
+def test_finetune_of_an_existing_adapter_continues_its_newest_version_and_says_so(
+        server, tuned, tmp_path):
+    """At an lr of 1e-12 a job barely moves its weights: v3 is v2, not new weights."""
+    data, first = tuned
+    assert first.returncode == 0, first.stderr
+    result = _cotune(server, "finetune", "cli-tuned", "--data", str(data), "--max-steps", "1",
+                     "--lr", "1e-12")
+    assert result.returncode == 0, result.stderr
+    assert ": continuing cli-tuned@v2 from its weights, at rank 4 with its settings" in \
+        result.stdout
+    assert "succeeded: cli-tuned@v3 published" in result.stdout
+    v3 = _json(server, "adapters", "versions", "cli-tuned")[2]
+    assert (v3["version"], v3["rank"], v3["alpha"]) == (3, 4, 8)
+    assert v3["provenance"]["parent_version"] == 2
+    settings = v3["provenance"]["hyperparameters"]  # v2's, but for those given
+    assert (settings["max_steps"], settings["optimizer"]["lr"]) == (1, 1e-12)
+    assert (settings["schedule"], settings["seed"], settings["optimizer"]["weight_decay"]) == (
+        "linear", 7, 0.1)
+    before, after = _weights(server, "cli-tuned@v2", tmp_path / "v2"), \
+        _weights(server, "cli-tuned@v3", tmp_path / "v3")
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert torch.allclose(after[name], tensor, atol=1e-6), name
+    assert any("lora_B" in name and tensor.abs().max() > 1e-4 for name, tensor in before.items())
+
+
+def test_continuing_at_another_rank_is_refused_and_from_scratch_starts_anew(server, tuned):
+    data, first = tuned
+    assert first.returncode == 0, first.stderr
+    refused = _cotune(server, "finetune", "cli-tuned", "--data", str(data), "--rank", "8")
+    assert refused.returncode == 2
+    assert "INVALID_ARGUMENT: cli-tuned@v" in refused.stderr
+    assert "has rank 4, and a job that continues it keeps them; leave rank unset, or train " \
+           "the adapter from scratch (from_scratch) at rank 8" in refused.stderr
+    anew = _cotune(server, "finetune", "cli-tuned", "--data", str(data), "--rank", "8",
+                   "--max-steps", "1", "--from-scratch")
+    assert anew.returncode == 0, anew.stderr
+    assert ": training cli-tuned from new weights" in anew.stdout
+    newest = _json(server, "adapters", "versions", "cli-tuned")[-1]
+    assert (newest["rank"], newest["provenance"]["parent_version"]) == (8, None)
 
 
 def test_a_bad_token_exits_2_with_unauthenticated_and_no_traceback(server):
