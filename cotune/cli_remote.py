@@ -1,5 +1,5 @@
 """The `cotune` commands that talk to a server through the SDK: adapters, finetune, jobs,
-tenants and `generate --server`. None of them imports torch.
+tenants and `generate --addr`. None of them imports torch.
 
 Each command prints a table or lines for people, or with --json one JSON document (a stream:
 one JSON line per event). `cli.main` turns a CotuneError into `cotune: error: CODE: message`.
@@ -16,6 +16,10 @@ from cotune.cli_output import ProgressLine, print_fields, print_json, print_tabl
 from cotune.client import Client
 from cotune.client.types import JOB_STATES, TERMINAL_JOB_STATES
 
+_FINETUNE_SETTINGS = ("rank", "alpha", "target_modules", "dropout", "lr", "weight_decay",
+                      "max_grad_norm", "schedule", "warmup_steps", "epochs", "max_steps",
+                      "batch_size", "grad_accumulation", "max_length", "checkpoint_every",
+                      "eval_fraction", "seed", "min_share")
 _QUOTA_FLAGS = {  # flag: (Quotas field, what it limits)
     "--max-adapters": ("max_adapters", "adapters of the tenant"),
     "--max-versions": ("max_versions_per_adapter", "versions per adapter"),
@@ -50,8 +54,9 @@ def add_commands(commands) -> None:
     p = command(group, "import", _adapters_import, "upload a PEFT directory as a new version")
     p.add_argument("name")
     p.add_argument("dir")
-    p.add_argument("--description", default="")
-    p.add_argument("--label", type=_label, action="append", default=[], metavar="K=V")
+    p.add_argument("--description", default="", help="what the adapter is for")
+    p.add_argument("--label", type=_label, action="append", default=[], metavar="K=V",
+                   help="a label of the adapter (repeatable)")
     p = command(group, "export", _adapters_export, "download a version into a new directory")
     p.add_argument("name", help="name (the newest version) or name@vK")
     p.add_argument("dest")
@@ -60,26 +65,21 @@ def add_commands(commands) -> None:
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     p = command(commands, "finetune", _finetune, "fine-tune an adapter on a server, and watch")
-    p.add_argument("name", help="the adapter to train: new, or existing (next versions)")
+    p.add_argument("name", help="the adapter to train: new, or existing: its next versions "
+                                "continue from its newest, with its weights and settings (those "
+                                "given here change them, but for its rank and targets)")
     p.add_argument("--data", required=True, help="JSONL: prompt/completion, messages or text")
-    p.add_argument("--rank", type=int)
-    p.add_argument("--alpha", type=float)
-    p.add_argument("--targets", type=lambda s: s.split(","), help="e.g. q_proj,v_proj")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--checkpoint-every", type=int, help="steps between published versions")
-    p.add_argument("--eval-fraction", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--min-share", type=float, help="share of step time the job keeps however "
-                   "busy serving is, in [0, 1) (default 0: only the room the SLOs leave)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="an existing adapter's next versions start from new weights, at the "
+                        "settings given here")
+    add_finetune_options(p)
     p.add_argument("--detach", action="store_true", help="start the job and return")
 
     jobs = commands.add_parser("jobs", help="the tenant's fine-tuning jobs")
     group = jobs.add_subparsers(dest="action", required=True)
     p = command(group, "list", _jobs_list, "list jobs")
-    p.add_argument("--state", choices=list(JOB_STATES.values()))
+    p.add_argument("--state", choices=list(JOB_STATES.values()),
+                   help="only jobs in this state")
     p.add_argument("--all-tenants", action="store_true",
                    help="every tenant's jobs (admin token)")
     command(group, "show", _jobs_show, "a job").add_argument("id")
@@ -108,27 +108,79 @@ def add_commands(commands) -> None:
     token_group = token.add_subparsers(dest="token_action", required=True)
     p = command(token_group, "issue", _token_issue, "a new token (its secret is shown once)")
     p.add_argument("tenant")
-    p.add_argument("--description", default="")
+    p.add_argument("--description", default="", help="what the token is for")
     command(token_group, "revoke", _token_revoke, "revoke a token by id").add_argument("id")
 
 
 def add_generate_options(parser) -> None:
     """The options `cotune generate` needs to run on a server instead of in-process."""
-    parser.add_argument("--server", nargs="?", const="", metavar="ADDR",
-                        help="generate on a cotune server (ADDR default $COTUNE_ADDR); "
-                             "--adapter is then an adapter name")
-    parser.add_argument("--token", help="with --server: bearer token (default $COTUNE_TOKEN)")
+    parser.add_argument("--addr", "--server", nargs="?", const="", metavar="ADDR",
+                        help="generate on the cotune server at ADDR, host:port (--addr alone: "
+                             "$COTUNE_ADDR, else 127.0.0.1:50051); --adapter is then an "
+                             "adapter name. --server is an older spelling of --addr")
+    parser.add_argument("--token", help="with --addr: bearer token (default $COTUNE_TOKEN)")
     parser.add_argument("--json", action="store_true",
-                        help="with --server: one JSON line per streamed delta")
+                        help="with --addr: one JSON line per streamed delta")
+
+
+def add_finetune_options(parser) -> None:
+    """The settings of a fine-tuning job, each named as Jobs.create takes it. Those not given
+    take the server's defaults (training.proto), shown here."""
+    lora = parser.add_argument_group("the adapter")
+    lora.add_argument("--rank", type=int, help="LoRA rank, 1 to 1024 (default 16)")
+    lora.add_argument("--alpha", type=float, help="LoRA alpha: the update is scaled by "
+                                                  "alpha/rank (default 32)")
+    lora.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
+    lora.add_argument("--targets", dest="target_modules", type=lambda s: s.split(","),
+                      help="modules to adapt, e.g. q_proj,v_proj (default "
+                           "q_proj,k_proj,v_proj,o_proj)")
+    lora.add_argument("--dropout", type=float, help="LoRA dropout, in [0, 1) (default 0)")
+    optimizer = parser.add_argument_group("the optimizer (AdamW) and its schedule")
+    optimizer.add_argument("--lr", type=float, help="peak learning rate, in (0, 1] "
+                                                    "(default 2e-4)")
+    optimizer.add_argument("--weight-decay", type=float, help="in [0, 1] (default 0)")
+    optimizer.add_argument("--max-grad-norm", type=float,
+                           help="clip the gradient's norm to this; 0: no clipping (default 1)")
+    optimizer.add_argument("--schedule", help="decay of the learning rate after the warmup: "
+                                              "constant, linear or cosine (default cosine)")
+    optimizer.add_argument("--warmup", dest="warmup_steps", type=int, metavar="STEPS",
+                           help="optimizer steps of linear warmup (default 0)")
+    run = parser.add_argument_group("the run")
+    run.add_argument("--epochs", type=int, help="passes over the data, 1 to 10000 (default 1)")
+    run.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    run.add_argument("--batch-size", type=int, help="examples per micro-batch, 1 to 4096 "
+                                                    "(default 4)")
+    run.add_argument("--grad-accumulation", type=int, metavar="N",
+                     help="micro-batches per optimizer step, 1 to 4096 (default 1)")
+    run.add_argument("--max-length", type=int, metavar="TOKENS",
+                     help="tokens per example; longer ones are cut (default 1024)")
+    run.add_argument("--checkpoint-every", type=int, metavar="STEPS",
+                     help="steps between published versions (default 0: only the final one)")
+    run.add_argument("--eval-fraction", type=float,
+                     help="share of the examples held out for evaluation, in [0, 1) "
+                          "(default 0)")
+    run.add_argument("--seed", type=int, help="seed of the initialisation, the order of the "
+                                              "examples and the dropout (default 0)")
+    run.add_argument("--min-share", type=float, help="share of step time the job keeps however "
+                     "busy serving is, in [0, 1) (default 0: only the room the SLOs leave)")
+
+
+def finetune_settings(args) -> dict:
+    """The job's settings given on the command line, as Jobs.create takes them."""
+    settings = {name: getattr(args, name) for name in _FINETUNE_SETTINGS
+                if getattr(args, name) is not None}
+    settings["rslora"] = args.rslora
+    settings["from_scratch"] = args.from_scratch
+    return settings
 
 
 def generate_on_server(args, sampling: dict) -> int:
     """Streams the completion of `args.prompt` to stdout as it arrives."""
-    address, prompt = args.server, args.prompt
-    if prompt is None:  # `generate --server PROMPT`: argparse gave the prompt to --server
+    address, prompt = args.addr, args.prompt
+    if prompt is None:  # `generate --addr PROMPT`: argparse gave the prompt to --addr
         address, prompt = "", address
     if args.requests is not None or not prompt:
-        raise ValueError("with --server give one prompt (--requests runs in-process)")
+        raise ValueError("with --addr give one prompt (--requests runs in-process)")
     with Client(address or None, _token(args.token)) as client:
         for delta in client.generate(prompt, adapter=args.adapter, **sampling):
             if args.json:
@@ -201,10 +253,22 @@ def _adapters_show(args, client) -> int:
 def _adapters_versions(args, client) -> int:
     versions = list(client.adapters.versions(args.name))
     return _emit(args, versions, lambda: print_table(
-        ["version", "rank", "alpha", "targets", "bytes", "sha256", "source", "job", "created"],
+        ["version", "rank", "alpha", "targets", "bytes", "sha256", "source", "parent", "job",
+         "dataset", "settings", "metrics", "created"],
         [[v.ref, v.rank, v.alpha, v.target_modules, v.size_bytes, v.sha256[:12],
-          v.provenance["source"], v.provenance["job_id"], when(v.create_time)]
+          v.provenance["source"], v.provenance["parent_version"], v.provenance["job_id"],
+          v.provenance["dataset_fingerprint"][:12], _flat(v.provenance["hyperparameters"]),
+          dict(sorted(v.provenance["metrics"].items())), when(v.create_time)]
          for v in versions]))
+
+
+def _flat(settings: dict) -> dict:
+    """A job's settings with its nested groups (lora, optimizer) spread out, by name, for a
+    table."""
+    flat = {}
+    for key, value in settings.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return dict(sorted(flat.items()))
 
 
 def _adapters_import(args, client) -> int:
@@ -241,17 +305,22 @@ def _adapters_delete(args, client) -> int:
 
 
 def _finetune(args, client) -> int:
-    job = client.jobs.create(
-        args.name, args.data, rank=args.rank, alpha=args.alpha, target_modules=args.targets,
-        lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-        checkpoint_every=args.checkpoint_every, eval_fraction=args.eval_fraction,
-        seed=args.seed, min_share=args.min_share)
-    _emit(args, job, f"job {job.id}: training {job.adapter}")
+    job = client.jobs.create(args.name, args.data, **finetune_settings(args))
+    _emit(args, job, f"job {job.id}: {_what_it_trains(job)}")
     if args.detach:
         if not args.json:
             print(f"follow it with: cotune jobs watch {job.id}")
         return 0
     return _watch(client, job.id, args.json)
+
+
+def _what_it_trains(job) -> str:
+    parent = job.hyperparameters.get("parent_version")
+    if parent is None:
+        return f"training {job.adapter} from new weights"
+    lora = job.hyperparameters["lora"]
+    return (f"continuing {job.adapter}@v{parent:.0f} from its weights, at rank {lora['rank']:.0f} "
+            f"with its settings and those given (--from-scratch starts from new weights)")
 
 
 def _jobs_list(args, client) -> int:

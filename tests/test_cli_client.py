@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from server_helpers import running_server, tiny_adapter_dir
 
 from cotune.client import Client
@@ -133,36 +136,152 @@ def test_an_admin_lists_and_cancels_any_tenants_job_and_deletes_the_tenant(serve
 
 def test_generate_on_the_server_prints_the_streamed_text(server, adapter_dir):
     _json(server, "adapters", "import", "cli-gen", str(adapter_dir))
-    result = _cotune(server, "generate", "--server", "Tell me a story", "--adapter",
+    result = _cotune(server, "generate", "--addr", "Tell me a story", "--adapter",
                      "cli-gen", "--max-tokens", "8")
     assert result.returncode == 0, result.stderr
     with Client(server.address, server.admin_token) as client:
         expected = client.complete("Tell me a story", adapter="cli-gen", max_tokens=8)
     assert result.stdout == expected.text + "\n"
-    lines = _cotune(server, "generate", "--server", server.address, "Tell me a story",
+    lines = _cotune(server, "generate", "--addr", server.address, "Tell me a story",
                     "--adapter", "cli-gen", "--max-tokens", "8", "--json")
     deltas = [json.loads(line) for line in lines.stdout.splitlines()]
     assert "".join(d["text"] for d in deltas) == expected.text
     assert deltas[-1]["finish_reason"] in ("stop", "length")
 
 
-def test_finetune_watches_the_job_to_its_versions(server, tmp_path):
-    data = tmp_path / "data.jsonl"
+def test_generate_server_is_an_alias_of_addr_and_both_take_the_wires_16_tokens(server):
+    """The tiny model has no end of sequence: a generation runs to its max_tokens."""
+    for flag in ("--addr", "--server"):
+        result = _cotune(server, "generate", flag, server.address, "Tell me", "--json")
+        assert result.returncode == 0, result.stderr
+        deltas = [json.loads(line) for line in result.stdout.splitlines()]
+        assert sum(len(d["token_ids"]) for d in deltas) == 16
+        assert deltas[-1]["finish_reason"] == "length"
+
+
+@pytest.fixture(scope="module")
+def tuned(server, tmp_path_factory):
+    """`cotune finetune` of a new adapter, run to its end with every setting the CLI has."""
+    data = tmp_path_factory.mktemp("tuned") / "data.jsonl"
     data.write_text('{"prompt": "1+1=", "completion": "2"}\n' * 12)
-    result = _cotune(server, "finetune", "cli-tuned", "--data", str(data), "--rank", "4",
-                     "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "2",
-                     "--min-share", "0.2")
+    return data, _cotune(
+        server, "finetune", "cli-tuned", "--data", str(data), "--rank", "4", "--alpha", "8",
+        "--targets", "q_proj,v_proj", "--dropout", "0.05", "--lr", "0.001", "--weight-decay",
+        "0.1", "--max-grad-norm", "0.5", "--schedule", "linear", "--warmup", "1",
+        "--max-steps", "4", "--checkpoint-every", "2", "--batch-size", "2",
+        "--grad-accumulation", "2", "--max-length", "64", "--eval-fraction", "0.25",
+        "--seed", "7", "--min-share", "0.2")
+
+
+def test_finetune_watches_the_job_to_its_versions(server, tuned):
+    _, result = tuned
     assert result.returncode == 0, result.stderr
+    assert ": training cli-tuned from new weights" in result.stdout
     assert "checkpoint at step 2: cli-tuned@v1" in result.stdout
     assert "succeeded: cli-tuned@v1, cli-tuned@v2 published" in result.stdout
     assert "step 4/4" in result.stderr  # the progress line: one line an update off a terminal
     jobs = _json(server, "jobs", "list", "--state", "succeeded")
-    assert "cli-tuned" in {j["adapter"] for j in jobs}
     job_id = next(j["id"] for j in jobs if j["adapter"] == "cli-tuned")
-    assert _json(server, "jobs", "show", job_id)["hyperparameters"]["min_share"] == 0.2
     events = _cotune(server, "jobs", "watch", job_id, "--json")
     assert events.returncode == 0
     assert json.loads(events.stdout.splitlines()[0])["kind"] == "state"
+
+
+def test_every_finetune_flag_reaches_the_jobs_settings(server, tuned):
+    assert tuned[1].returncode == 0, tuned[1].stderr
+    job = next(j for j in _json(server, "jobs", "list") if j["adapter"] == "cli-tuned")
+    settings = job["hyperparameters"]
+    assert settings["lora"] == {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"],
+                                "dropout": 0.05}
+    assert settings["optimizer"] == {"lr": 0.001, "weight_decay": 0.1, "max_grad_norm": 0.5}
+    assert {k: settings[k] for k in ("schedule", "warmup_steps", "max_steps",
+                                     "checkpoint_every", "batch_size", "grad_accumulation",
+                                     "max_length", "eval_fraction", "seed", "min_share")} == {
+        "schedule": "linear", "warmup_steps": 1, "max_steps": 4, "checkpoint_every": 2,
+        "batch_size": 2, "grad_accumulation": 2, "max_length": 64, "eval_fraction": 0.25,
+        "seed": 7, "min_share": 0.2}
+
+
+def test_a_bad_finetune_setting_is_refused_naming_what_is_accepted(server, tuned):
+    result = _cotune(server, "finetune", "cli-refused", "--data", str(tuned[0]), "--schedule",
+                     "steps")
+    assert result.returncode == 2
+    assert "schedule 'steps' not accepted; choose from constant, linear, cosine" in \
+        result.stderr
+
+
+def test_versions_table_shows_provenance_and_metrics_with_integers_as_integers(server, tuned):
+    assert tuned[1].returncode == 0, tuned[1].stderr
+    table = _cotune(server, "adapters", "versions", "cli-tuned")
+    assert table.returncode == 0, table.stderr
+    header, first, second = [re.split(r"\s{2,}", line) for line in table.stdout.splitlines()]
+    assert header[6:12] == ["SOURCE", "PARENT", "JOB", "DATASET", "SETTINGS", "METRICS"]
+    job_id = _json(server, "adapters", "versions", "cli-tuned")[0]["provenance"]["job_id"]
+    assert first[6:9] == ["job", "-", job_id] and second[6:9] == ["job", "1", job_id]
+    settings = first[10].split(", ")
+    for setting in ("rank=4", "alpha=8", "dropout=0.05", "max_steps=4", "schedule=linear"):
+        assert setting in settings
+    assert "eval_loss=" in first[11] and "train_loss=" in first[11]
+    assert ".0," not in table.stdout and ".0 " not in table.stdout
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(server, tuned):
+    """`cotune adapters versions NAME | head -0`: no "Broken pipe", no traceback; the status
+    a command that SIGPIPE ends has (128 + 13)."""
+    env = dict(os.environ, COTUNE_ADDR=server.address, COTUNE_TOKEN=server.admin_token)
+    proc = subprocess.Popen([COTUNE, "adapters", "versions", "cli-tuned"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the command writes a byte
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141
+    assert stderr == b""
+
+
+def _weights(server, ref: str, dest: Path) -> dict:
+    exported = Path(_json(server, "adapters", "export", ref, str(dest))["path"])
+    return load_file(exported / "adapter_model.safetensors")
+
+
+def test_finetune_of_an_existing_adapter_continues_its_newest_version_and_says_so(
+        server, tuned, tmp_path):
+    """At an lr of 1e-12 a job barely moves its weights: v3 is v2, not new weights."""
+    data, first = tuned
+    assert first.returncode == 0, first.stderr
+    result = _cotune(server, "finetune", "cli-tuned", "--data", str(data), "--max-steps", "1",
+                     "--lr", "1e-12")
+    assert result.returncode == 0, result.stderr
+    assert ": continuing cli-tuned@v2 from its weights, at rank 4 with its settings" in \
+        result.stdout
+    assert "succeeded: cli-tuned@v3 published" in result.stdout
+    v3 = _json(server, "adapters", "versions", "cli-tuned")[2]
+    assert (v3["version"], v3["rank"], v3["alpha"]) == (3, 4, 8)
+    assert v3["provenance"]["parent_version"] == 2
+    settings = v3["provenance"]["hyperparameters"]  # v2's, but for those given
+    assert (settings["max_steps"], settings["optimizer"]["lr"]) == (1, 1e-12)
+    assert (settings["schedule"], settings["seed"], settings["optimizer"]["weight_decay"]) == (
+        "linear", 7, 0.1)
+    before, after = _weights(server, "cli-tuned@v2", tmp_path / "v2"), \
+        _weights(server, "cli-tuned@v3", tmp_path / "v3")
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert torch.allclose(after[name], tensor, atol=1e-6), name
+    assert any("lora_B" in name and tensor.abs().max() > 1e-4 for name, tensor in before.items())
+
+
+def test_continuing_at_another_rank_is_refused_and_from_scratch_starts_anew(server, tuned):
+    data, first = tuned
+    assert first.returncode == 0, first.stderr
+    refused = _cotune(server, "finetune", "cli-tuned", "--data", str(data), "--rank", "8")
+    assert refused.returncode == 2
+    assert "INVALID_ARGUMENT: cli-tuned@v" in refused.stderr
+    assert "has rank 4, and a job that continues it keeps them; leave rank unset, or train " \
+           "the adapter from scratch (from_scratch) at rank 8" in refused.stderr
+    anew = _cotune(server, "finetune", "cli-tuned", "--data", str(data), "--rank", "8",
+                   "--max-steps", "1", "--from-scratch")
+    assert anew.returncode == 0, anew.stderr
+    assert ": training cli-tuned from new weights" in anew.stdout
+    newest = _json(server, "adapters", "versions", "cli-tuned")[-1]
+    assert (newest["rank"], newest["provenance"]["parent_version"]) == (8, None)
 
 
 def test_a_bad_token_exits_2_with_unauthenticated_and_no_traceback(server):
@@ -177,7 +296,7 @@ def test_a_missing_token_points_to_cotune_token_and_the_token_flag(server):
     unset = {k: v for k, v in os.environ.items() if k != "COTUNE_TOKEN"}
     runs = [subprocess.run([COTUNE, *args], env=dict(unset, COTUNE_ADDR=server.address),
                            capture_output=True, text=True, timeout=120)
-            for args in (["adapters", "list"], ["generate", "--server", "--max-tokens", "2",
+            for args in (["adapters", "list"], ["generate", "--addr", "--max-tokens", "2",
                                                 "hi"])]
     runs.append(_cotune(server, "jobs", "list", token=""))  # set, but empty
     for result in runs:

@@ -117,14 +117,17 @@ class Jobs:
                grad_accumulation: int | None = None, epochs: int | None = None,
                max_steps: int | None = None, max_length: int | None = None,
                eval_fraction: float | None = None, checkpoint_every: int | None = None,
-               seed: int | None = None, min_share: float | None = None) -> Job:
+               seed: int | None = None, min_share: float | None = None,
+               from_scratch: bool = False) -> Job:
         """Starts a job training `adapter` (a new name, or an existing adapter whose next
         versions the job publishes) on `data`: a JSONL file's path or its bytes, with lines
         {"prompt","completion"}, {"messages"} or {"text"}. `server_path` instead names a JSONL
         file on the server (admin tokens only). Settings left None take the server's
-        defaults (see training.proto). `min_share`: the share of the server's step time the
-        job keeps however busy serving is (by default it trains only in the room the serving
-        SLOs leave)."""
+        defaults (see training.proto); an existing adapter continues from its newest version
+        with its weights and settings (the Job's hyperparameters name it: parent_version),
+        unless `from_scratch`. `min_share`: the share of the server's step time the job keeps
+        however busy serving is (by default it trains only in the room the serving SLOs
+        leave)."""
         if (data is None) == (server_path is None):
             raise ValueError("give the training data (a JSONL path or its bytes) or a "
                              "server_path, exactly one of them")
@@ -139,7 +142,8 @@ class Jobs:
             schedule=schedule, warmup_steps=warmup_steps, batch_size=batch_size,
             grad_accumulation=grad_accumulation, epochs=epochs, max_steps=max_steps,
             max_length=max_length, eval_fraction=eval_fraction,
-            checkpoint_every=checkpoint_every, seed=seed, min_share=min_share)
+            checkpoint_every=checkpoint_every, seed=seed, min_share=min_share,
+            from_scratch=from_scratch)
         return self._t.unary(self._stub.CreateJob, request, Job.from_pb)
 
     def get(self, job_id: str) -> Job:

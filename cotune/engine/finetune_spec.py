@@ -97,6 +97,9 @@ class FinetuneSpec:
     # over a window of seconds; 0: it trains only in the room the serving SLOs leave. (On a
     # training lane, beside the steps, a job trains all the time: the floor has no use there.)
     min_share: float = 0.0
+    # A PEFT directory of this adapter's weights to start from (those of the version a job
+    # continues); None: new weights drawn from the seed. The job's own checkpoints come first.
+    init_adapter: str | Path | None = None
 
     def __post_init__(self):
         _require(bool(_NAME.match(self.name)),
@@ -123,6 +126,8 @@ class FinetuneSpec:
         """Everything that shapes the result, for provenance."""
         fields = asdict(self)
         fields["data"], fields["output_dir"] = str(self.data), str(self.output_dir)
+        if self.init_adapter is not None:
+            fields["init_adapter"] = str(self.init_adapter)
         return fields
 
 

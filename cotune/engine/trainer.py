@@ -117,6 +117,8 @@ class Trainer:
         self.general_examples = _general_text(tokenizer, spec.max_length)
         self._general_loss_base: float | None = None  # the base model's, worked out once
         self.lora = _init_lora(spec, model)
+        if spec.init_adapter is not None:  # a version it continues; _resume may go past it
+            self._load_weights(Path(spec.init_adapter))
         opt = spec.optimizer
         self.optimizer = torch.optim.AdamW(self.lora.parameters(), lr=opt.lr, betas=opt.betas,
                                            eps=opt.eps, weight_decay=opt.weight_decay)
@@ -454,20 +456,24 @@ class Trainer:
         version = latest_version(self.spec.adapter_dir)
         if not version:
             return
-        shapes = {n: (m.in_features, m.out_features)
-                  for n, m in self.model.lora_modules(self.spec.lora.targets).items()}
-        saved = load_peft_adapter(self.spec.adapter_dir / f"v{version}", shapes,
-                                  self.spec.lora.rank)
-        with torch.no_grad():
-            for name, module in saved.modules.items():
-                a, b, _ = self.lora.weights(name)
-                a.copy_(module.a)
-                b.copy_(module.b)
+        self._load_weights(self.spec.adapter_dir / f"v{version}")
         state = load_checkpoint(self.spec.adapter_dir, version, self.optimizer)
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.tokens, self.losses = state["tokens"], state["losses"]
         self.versions = state["versions"]
         self.lora.generator.set_state(torch.tensor(state["dropout_rng"], dtype=torch.uint8))
+
+    def _load_weights(self, peft_dir: Path) -> None:
+        """Sets the adapter's A and B to those of the PEFT directory `peft_dir` (refused unless
+        it has this job's rank and targets, on this base's shapes)."""
+        shapes = {n: (m.in_features, m.out_features)
+                  for n, m in self.model.lora_modules(self.spec.lora.targets).items()}
+        saved = load_peft_adapter(peft_dir, shapes, self.spec.lora.rank)
+        with torch.no_grad():
+            for name, module in saved.modules.items():
+                a, b, _ = self.lora.weights(name)
+                a.copy_(module.a)
+                b.copy_(module.b)
 
 
 def _check_span(examples: int, batch_size: int, world_size: int) -> None:

@@ -15,7 +15,8 @@ def add_route_arguments(parser: argparse.ArgumentParser) -> None:
     add_grace_period_argument(net, 10.0)
 
     found = parser.add_argument_group("discovery of the workers")
-    found.add_argument("--discovery", choices=["static", "kubernetes"], default="static")
+    found.add_argument("--discovery", choices=["static", "kubernetes"], default="static",
+                       help="static: the --workers list; kubernetes: the endpoints of --service")
     found.add_argument("--workers", default="",
                        help="static: the workers, 'host:port' or 'id=host:port' separated by "
                             "commas; give each the id of its --worker-id, so that job calls "

@@ -3,6 +3,7 @@ registry (progress, each checkpoint published as a new adapter version, the end 
 broadcast to watchers. A job's directory holds its data and the trainer's checkpoints:
 
   jobs/<id>/data.jsonl      the training data, as the job received it
+  jobs/<id>/parent/         the version the job continues (PEFT files), if it continues one
   jobs/<id>/out/<adapter>/  the trainer's versions and their training state
 
 A restart resumes every queued or running job of this worker (its owner, --worker-id) from its
@@ -37,10 +38,11 @@ from cotune.adapters.registry import (
     Registry,
     RegistryError,
     TenantRecord,
+    VersionRecord,
 )
 from cotune.engine.broadcast import END, Broadcast
 from cotune.engine.checkpoint import latest_version
-from cotune.engine.finetune_spec import FinetuneSpec, LoraSettings, OptimizerSettings
+from cotune.engine.finetune_spec import FinetuneSpec, LoraSettings, OptimizerSettings, SpecError
 from cotune.engine.job import Job, JobEvent
 from cotune.engine.runtime import Runtime
 from cotune.engine.training_data import DataError
@@ -53,12 +55,45 @@ log = logging.getLogger("cotune.server")
 
 
 def spec_of(adapter: str, fields: dict, job_dir: Path, tenant: str) -> FinetuneSpec:
-    """The FinetuneSpec of a job from the fields a client gave (checked here: SpecError)."""
+    """The FinetuneSpec of a job from its fields (checked here: SpecError): those a client
+    gave, or for a job that continues a version (`parent_version`) those merged with the
+    version's by `continued_fields`; it starts from the version's weights, copied into
+    `job_dir / "parent"`."""
     fields = dict(fields)
     lora = LoraSettings(**fields.pop("lora", {}))
     optimizer = OptimizerSettings(**fields.pop("optimizer", {}))
+    init = job_dir / "parent" if fields.pop("parent_version", None) else None
     return FinetuneSpec(name=adapter, data=job_dir / "data.jsonl", output_dir=job_dir / "out",
-                        lora=lora, optimizer=optimizer, tenant=tenant, **fields)
+                        lora=lora, optimizer=optimizer, tenant=tenant, init_adapter=init,
+                        **fields)
+
+
+def continued_fields(parent: VersionRecord, given: dict) -> dict:
+    """The fields of a job that continues version `parent` of its adapter: those `given`,
+    then the settings of the job that made `parent` (an uploaded version: none) and
+    `parent`'s alpha; always `parent`'s rank and targets, which its weights fix: a rank or
+    targets given that differ are refused (SpecError)."""
+    made = {k: v for k, v in parent.provenance.get("hyperparameters", {}).items()
+            if k != "parent_version"} if parent.provenance.get("source") == "job" else {}
+    weights = {"rank": parent.rank, "targets": sorted(parent.target_modules)}
+    given_lora = given.get("lora", {})
+    for name in ("rank", "targets"):
+        if name in given_lora and _same(given_lora[name]) != _same(weights[name]):
+            raise SpecError(
+                f"{reference(parent.name, parent.version)} has {name} {weights[name]}, and a "
+                f"job that continues it keeps them; leave {name} unset, or train the adapter "
+                f"from scratch (from_scratch) at {name} {given_lora[name]}")
+    fields = {**made, **given, "parent_version": parent.version}
+    fields["lora"] = {**made.get("lora", {}), "alpha": parent.alpha, **given_lora, **weights}
+    optimizer = {**made.get("optimizer", {}), **given.get("optimizer", {})}
+    if optimizer:
+        fields["optimizer"] = optimizer
+    return fields
+
+
+def _same(value):
+    """A setting as compared: a list of targets in any order, a number of any type."""
+    return sorted(value) if isinstance(value, list | tuple) else value
 
 
 @dataclass
@@ -96,8 +131,13 @@ class JobManager:
         self._lock = threading.Lock()
         self._stopping = False
 
-    def create(self, tenant: TenantRecord, adapter: str, fields: dict,
-               data: bytes) -> JobRecord:
+    def create(self, tenant: TenantRecord, adapter: str, fields: dict, data: bytes,
+               from_scratch: bool = False) -> JobRecord:
+        """A job training `adapter` on `data`. An existing adapter continues from its newest
+        version (continued_fields), unless `from_scratch`."""
+        parent = None if from_scratch else self._newest_version(tenant.name, adapter)
+        if parent is not None:
+            fields = continued_fields(parent, fields)
         spec = spec_of(adapter, fields, self.jobs_dir, tenant.name)  # refuses bad settings first
         max_rank = self.runtime.engine.config.max_rank
         if spec.lora.rank > max_rank:  # it would train, then publish versions nothing can serve
@@ -110,6 +150,8 @@ class JobManager:
         job_dir.mkdir(parents=True)
         write_atomically(job_dir / "data.jsonl", data)
         try:
+            if parent is not None:  # kept with the job: a resume needs them after a delete
+                shutil.copytree(parent.path, job_dir / "parent")
             self._start(record)
         except Exception as e:  # bad data: the job ends failed, and the caller hears why
             # in the data's words, not the server's paths; the data goes with the job
@@ -119,6 +161,12 @@ class JobManager:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise error from None
         return self.registry.get_job(tenant.name, record.id)
+
+    def _newest_version(self, tenant: str, adapter: str) -> VersionRecord | None:
+        try:
+            return self.registry.get_version(tenant, adapter)
+        except NotFound:
+            return None
 
     def resume_unfinished(self) -> None:
         """Called once at start: every job of this worker's that a stop or a crash interrupted
@@ -333,7 +381,8 @@ class JobManager:
                                  .read_text())
             provenance = {"source": "job", "job_id": record.id, "trainer_version": k,
                           "base_fingerprint": trained.get("base_fingerprint", ""),
-                          "parent_version": published.get(str(k - 1), 0),
+                          "parent_version": published.get(str(k - 1),
+                                                          record.spec.get("parent_version", 0)),
                           "dataset_fingerprint": trained.get("dataset_fingerprint", ""),
                           "hyperparameters": record.spec, "metrics": trained.get("metrics", {})}
             try:

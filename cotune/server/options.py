@@ -67,7 +67,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="default",
                        help="'default' (SmolLM2-135M-Instruct), a checkpoint dir or a .gguf")
-    model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="dtype of the base's weights and activations")
     model.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     model.add_argument("--max-rank", type=int, default=64,
                        help="largest LoRA rank the slot pool holds")
@@ -76,7 +77,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--host-cache-mb", type=int, default=1024,
                        help="parsed adapters kept in host memory (pinned on a GPU) between the "
                             "store on disk and the device slots")
-    model.add_argument("--kv-cache-tokens", type=int, default=16384)
+    model.add_argument("--kv-cache-tokens", type=int, default=16384,
+                       help="tokens the paged KV cache holds, every sequence together")
     model.add_argument("--threads", type=positive_int, default=None, metavar="N",
                        help="torch threads for the engine's steps [half the cores]")
     slo = parser.add_argument_group(
@@ -159,11 +161,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="alternatives a generation may ask for per token (logprobs): "
                              "each one is computed, sorted and sent for every token, in the "
                              "steps that other tenants' requests share")
-    limits.add_argument("--default-max-adapters", type=int, default=1000)
+    limits.add_argument("--default-max-adapters", type=int, default=1000,
+                        help="adapters of a tenant")
     limits.add_argument("--default-max-versions", type=int, default=1000,
                         help="versions per adapter")
     limits.add_argument("--default-max-jobs", type=int, default=4, help="concurrent jobs")
     limits.add_argument("--default-max-queued", type=int, default=64,
                         help="a tenant's generations in flight")
-    limits.add_argument("--default-tokens-per-minute", type=int, default=0)
+    limits.add_argument("--default-tokens-per-minute", type=int, default=0,
+                        help="a tenant's prompt and generated tokens a minute")
     add_grace_period_argument(limits, 30.0)

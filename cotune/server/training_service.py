@@ -31,7 +31,8 @@ class TrainingService(training_pb2_grpc.TrainingServiceServicer):
     @rpc()
     def CreateJob(self, request, context, tenant):
         adapter, _ = parse_reference(request.adapter, allow_version=False)
-        record = self.jobs.create(tenant, adapter, _settings(request), self._data(request, tenant))
+        record = self.jobs.create(tenant, adapter, _settings(request), self._data(request, tenant),
+                                  from_scratch=request.from_scratch)
         return convert.job(record)
 
     @rpc()
