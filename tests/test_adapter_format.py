@@ -305,6 +305,79 @@ def test_refuses_weights_that_are_not_safetensors(adapter_dir):
         load(adapter_dir)
 
 
+def header_only(path: Path) -> bytes:
+    """Cuts the weights file of the adapter at `path` to its header; returns what was cut."""
+    weights = path / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    end = 8 + int.from_bytes(data[:8], "little")
+    weights.write_bytes(data[:end])
+    return data[end:]
+
+
+def framed(header: bytes) -> bytes:
+    """A safetensors file of `header` and no tensor bytes."""
+    return len(header).to_bytes(8, "little") + header
+
+
+def test_a_rank_above_max_rank_is_refused_from_the_header_before_any_tensor_is_read(
+        adapter_dir):
+    header_only(adapter_dir)  # the tensors are not there to read
+    with pytest.raises(AdapterError, match=re.escape("has rank 8, which exceeds max_rank 4")):
+        load(adapter_dir, max_rank=4)
+    with pytest.raises(AdapterError, match=re.escape(
+            "not a valid safetensors file (its tensors span 14336 bytes after the header, but "
+            "the file has 0)")):
+        load(adapter_dir)
+
+
+@pytest.mark.parametrize("header, reason", [
+    ((200 << 20).to_bytes(8, "little"), "a header of 209715200 bytes, which a file of 8 bytes "
+                                        "cannot hold (at most 104857600)"),
+    (b"\x01", "the file has 1 bytes, fewer than the 8 that give the length of its header"),
+    (framed(b"[1,]"), "its header is not JSON"),
+    (framed(b"[]"), "its header is not a JSON object"),
+    (framed(b'{"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}'),
+     "its header's entry 'x' lacks a dtype (a string), a shape (whole numbers) or "
+     "data_offsets ([begin, end])"),
+])
+def test_refuses_a_safetensors_header_out_of_bounds_or_malformed(adapter_dir, header, reason):
+    (adapter_dir / "adapter_model.safetensors").write_bytes(header)
+    with pytest.raises(AdapterError, match="is not a valid safetensors file \\(.*"
+                       + re.escape(reason)):
+        load(adapter_dir)
+
+
+@pytest.mark.parametrize("spoil, reason", [
+    (lambda data: data + bytes(1 << 20), "its tensors span 14336 bytes after the header, but "
+                                         "the file has 1062912"),
+    (lambda data: data[:-4], "its tensors span 14336 bytes after the header, but the file has "
+                             "14332"),
+])
+def test_refuses_weights_whose_data_is_not_what_the_header_describes(adapter_dir, spoil,
+                                                                     reason):
+    weights = adapter_dir / "adapter_model.safetensors"
+    weights.write_bytes(spoil(weights.read_bytes()))
+    with pytest.raises(AdapterError, match=re.escape(reason)):
+        load(adapter_dir)
+
+
+def test_refuses_a_header_whose_offsets_do_not_match_the_shapes(adapter_dir):
+    weights = adapter_dir / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    begin, end = header[KEY_A]["data_offsets"]
+    header[KEY_A]["shape"] = [8, 32]  # half the bytes its offsets span
+    text = json.dumps(header).encode()
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
+    with pytest.raises(AdapterError, match="has shape \\(8, 32\\)"):
+        load(adapter_dir)  # the base's shape is checked first
+    with pytest.raises(AdapterError, match=re.escape(
+            f"its tensor '{KEY_A}' spans bytes [{begin}, {end}) after the header, where "
+            f"[{begin}, {begin + 8 * 32 * 4}) was due")):
+        load(adapter_dir, base_modules={**BASE_MODULES, Q0: (32, 64)})
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals: what the adapter is
 

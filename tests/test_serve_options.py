@@ -39,7 +39,8 @@ def test_threads_that_are_not_a_whole_number_above_zero_are_refused(value, capsy
     assert "argument --threads" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--ttft-target", "--tpot-target", "--time-slice"])
+@pytest.mark.parametrize("flag", ["--ttft-target", "--tpot-target", "--time-slice",
+                                  "--health-stall-seconds"])
 @pytest.mark.parametrize("value", ["0", "-0.1", "soon", "inf", "nan"])
 def test_a_target_that_is_not_seconds_above_zero_is_refused_naming_the_flag(flag, value,
                                                                             capsys):
@@ -66,3 +67,8 @@ def test_training_threads_that_are_not_a_whole_number_are_refused(value, capsys)
 def test_logprobs_a_request_may_ask_for_are_bounded_by_default():
     assert parse().max_logprobs == 20
     assert parse("--max-logprobs", "0").max_logprobs == 0
+
+
+def test_health_turns_not_serving_after_a_minute_of_a_wedged_engine_by_default():
+    assert parse().health_stall_seconds == 60.0
+    assert parse("--health-stall-seconds", "2.5").health_stall_seconds == 2.5

@@ -11,6 +11,7 @@ import pickle
 import shutil
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import grpc
 import pytest
@@ -235,6 +236,50 @@ def test_an_adapter_of_rank_above_max_rank_does_not_fit(server, alice, tmp_path)
             iter(upload_of(wide)), metadata=alice.metadata), PRECONDITION,
             f"rank {2 * MAX_RANK}", f"max_rank {MAX_RANK}", f"--max-rank {2 * MAX_RANK}")
     assert str(server.data_dir) not in message
+
+
+def peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+
+def large_adapter(path: Path, rank: int) -> Path:
+    """The tiny adapter of `tiny_adapter_dir` at rank `rank`: small random weights (its
+    delta well within bounds), 1792 bytes of them per unit of rank (q_proj and v_proj of two
+    layers, 64 features in, 64 and 32 out)."""
+    tiny_adapter_dir(path)
+    config = json.loads((path / CONFIG).read_text())
+    (path / CONFIG).write_text(json.dumps(dict(config, r=rank, lora_alpha=rank)))
+    save_file({key: 0.01 * (torch.randn(rank, tensor.shape[1]) if "lora_A" in key
+                            else torch.randn(tensor.shape[0], rank))
+               for key, tensor in load_file(path / WEIGHTS).items()}, path / WEIGHTS)
+    return path
+
+
+def test_an_adapter_of_rank_above_max_rank_is_refused_having_read_only_its_header(
+        server, alice, tmp_path):
+    """107 MB of weights at rank 60000: the server refuses them reading the header alone (its
+    peak memory grew by about four times the upload when it read the file whole first)."""
+    big = large_adapter(tmp_path / "big", rank=60_000)
+    size = (big / WEIGHTS).stat().st_size
+    assert size > 100 << 20
+
+    def messages():  # in chunks of 1 MiB, as the SDK sends them
+        yield header("big")
+        for name in (CONFIG, WEIGHTS):
+            with open(big / name, "rb") as f:
+                while data := f.read(1 << 20):
+                    yield chunk(name, data)
+
+    pid = server.proc.pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak starts again from now
+    before = peak_rss_kib(pid)
+    with leaves_nothing(server, alice):
+        refusal(lambda: alice.adapters.CreateAdapter(messages(), metadata=alice.metadata,
+                                                     timeout=120),
+                PRECONDITION, "rank 60000", f"max_rank {MAX_RANK}")
+    grown = (peak_rss_kib(pid) - before) << 10
+    assert grown < size // 2, f"the server's peak memory grew by {grown >> 20} MiB"
 
 
 @pytest.mark.parametrize("hostile, fragments", [

@@ -174,3 +174,6 @@ def test_the_lanes_passes_have_metrics_of_their_own_apart_from_the_steps(tiny_ch
         "cotune_step_tokens_total", kind="backward") > 0
     assert sample("cotune_step_tokens_total", kind="decode") > 0
     assert sample("cotune_step_training_seconds_total") == 0  # the steps only served
+    # what health reads of a wedged engine: both count as progress
+    assert rt.engine.progress == sample("cotune_step_duration_seconds_count") + sample(
+        "cotune_training_pass_duration_seconds_count")

@@ -26,6 +26,13 @@ from safetensors.torch import load, save_file
 
 from cotune import bounded_json
 from cotune.adapters.durable import fsync, write_synced
+from cotune.adapters.safetensors_header import (
+    Header,
+    HeaderError,
+    TensorInfo,
+    check_extent,
+    read_header,
+)
 from cotune.adapters.validation import (
     AdapterError,
     AdapterMismatch,
@@ -45,7 +52,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-_ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ACCEPTED_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # safetensors' names: bytes per item
 # The largest entry of a module's delta, scale * B @ A, accepted in magnitude. A base's weights
 # are of order 1 and less, trained deltas far smaller; weights multiplied by 1e30 passed the
 # finiteness check and turned every row of their adapter into NaN.
@@ -77,7 +84,9 @@ def load_peft_adapter(path: str | Path, base_modules: Mapping[str, tuple[int, in
 
     base_modules maps each base module path that can carry LoRA (e.g.
     'model.layers.0.self_attn.q_proj') to (in_features, out_features). The adapter is complete
-    or refused: nothing is half-loaded, and the directory is only read.
+    or refused: nothing is half-loaded, and the directory is only read. Every check of the
+    weights' names, dtypes, shapes and ranks is made on the safetensors header, before any
+    tensor is read: a refused adapter costs the memory of its header, whatever its size.
     """
     where = str(path)
     path = Path(path)
@@ -88,17 +97,16 @@ def load_peft_adapter(path: str | Path, base_modules: Mapping[str, tuple[int, in
     _refuse_pickles(path, where)
     check_config(config, where)
     check_targets_exist(config, base_modules, where)
-    factors = _lora_factors(_read_weights(path, where), where)
-    _check_module_set(config, factors, base_modules, where)
-    for name, (a, b) in factors.items():
+    weights = _weights_file(path, where)
+    header = _read_header(weights, where)
+    described = _lora_factors(header.tensors, where)
+    _check_module_set(config, described, base_modules, where)
+    for name, (a, b) in described.items():
         _check_factors(config, name, a, b, base_modules[name], where)
-    adapter = LoraAdapter(modules=_float32_modules(config, factors, where), config=config)
-    if adapter.max_rank > max_rank:
-        raise AdapterMismatch(
-            f"adapter {where} has rank {adapter.max_rank}, which exceeds max_rank {max_rank} of "
-            f"this server; lower the rank to at most {max_rank} or start the server with "
-            f"--max-rank {adapter.max_rank}")
-    return adapter
+    _check_max_rank(described, max_rank, where)
+    _check_extent(weights, header, where)
+    factors = _read_factors(weights, described, where)
+    return LoraAdapter(modules=_float32_modules(config, factors, where), config=config)
 
 
 def _read_config(path: Path, where: str) -> dict:
@@ -129,32 +137,58 @@ def _refuse_pickles(path: Path, where: str) -> None:
                 "default; convert a pickled adapter with PEFT where you trust it)")
 
 
-def _read_weights(path: Path, where: str) -> dict[str, torch.Tensor]:
-    weights_path = path / WEIGHTS_NAME
-    if not weights_path.is_file():
+def _weights_file(path: Path, where: str) -> Path:
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
         raise AdapterError(f"adapter {where} has no {WEIGHTS_NAME}; accepted: LoRA weights in "
                            f"{WEIGHTS_NAME} as PEFT's save_pretrained writes them")
+    return weights
+
+
+def _read_header(weights: Path, where: str) -> Header:
+    try:
+        return read_header(weights)
+    except HeaderError as e:
+        raise _not_safetensors(weights, where, str(e)) from None
+
+
+def _check_extent(weights: Path, header: Header, where: str) -> None:
+    """The file holds the checked tensors and nothing more (of accepted dtypes by now)."""
+    try:
+        check_extent(header, _ACCEPTED_DTYPES)
+    except HeaderError as e:
+        raise _not_safetensors(weights, where, str(e)) from None
+
+
+def _read_factors(weights: Path, described: Mapping[str, tuple[TensorInfo, TensorInfo]],
+                  where: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The tensors of the checked header: {module path: (lora_A, lora_B)}."""
     try:
         # parses a header and copies bytes; runs no code (reading the file whole is 3x faster
         # than load_file's mapping for adapters of kilobytes to megabytes)
-        return load(weights_path.read_bytes())
+        tensors = load(weights.read_bytes())
     except SafetensorError as e:
-        with open(weights_path, "rb") as f:
-            head = f.read(4)
-        if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, a raw pickle
-            raise AdapterError(
-                f"adapter {where} has a {WEIGHTS_NAME} that is a pickle (torch.save) file, not "
-                "safetensors; cotune never unpickles files; accepted: a real safetensors file "
-                "as PEFT's save_pretrained writes it") from None
-        raise AdapterError(f"adapter {where} has a {WEIGHTS_NAME} that is not a valid "
-                           f"safetensors file ({e}); accepted: a safetensors file as PEFT's "
-                           "save_pretrained writes it") from None
+        raise _not_safetensors(weights, where, str(e)) from None
+    return {name: (tensors[_key(name, "A")], tensors[_key(name, "B")]) for name in described}
 
 
-def _lora_factors(tensors: dict[str, torch.Tensor],
-                  where: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _not_safetensors(weights: Path, where: str, reason: str) -> AdapterError:
+    with open(weights, "rb") as f:
+        head = f.read(4)
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, a raw pickle
+        return AdapterError(
+            f"adapter {where} has a {WEIGHTS_NAME} that is a pickle (torch.save) file, not "
+            "safetensors; cotune never unpickles files; accepted: a real safetensors file as "
+            "PEFT's save_pretrained writes it")
+    return AdapterError(f"adapter {where} has a {WEIGHTS_NAME} that is not a valid safetensors "
+                        f"file ({reason}); accepted: a safetensors file as PEFT's "
+                        "save_pretrained writes it")
+
+
+def _lora_factors(tensors: Mapping[str, TensorInfo],
+                  where: str) -> dict[str, tuple[TensorInfo, TensorInfo]]:
     """Groups PEFT's keys by module path: {path: (lora_A, lora_B)}; refuses any other key."""
-    found: dict[str, dict[str, torch.Tensor]] = {}
+    found: dict[str, dict[str, TensorInfo]] = {}
     unknown = []
     for key, tensor in tensors.items():
         match = _LORA_KEY.fullmatch(key)
@@ -213,22 +247,22 @@ def _check_module_set(config: dict, factors: Mapping, base_modules: Mapping, whe
         raise AdapterError(f"adapter {where} has no LoRA weights; accepted: at least one module")
 
 
-def _check_factors(config: dict, name: str, a: torch.Tensor, b: torch.Tensor,
+def _check_factors(config: dict, name: str, a: TensorInfo, b: TensorInfo,
                    features: tuple[int, int], where: str) -> None:
     in_features, out_features = features
     for factor, tensor in (("A", a), ("B", b)):
         if tensor.dtype not in _ACCEPTED_DTYPES:
             raise AdapterError(
                 f"adapter {where}: tensor {_key(name, factor)!r} has dtype "
-                f"{str(tensor.dtype).removeprefix('torch.')}; accepted: float32, float16, "
-                "bfloat16 (quantised adapters are not supported)")
-    if a.dim() != 2 or a.shape[1] != in_features:
+                f"{tensor.dtype_name}; accepted: float32, float16, bfloat16 (quantised adapters "
+                "are not supported)")
+    if len(a.shape) != 2 or a.shape[1] != in_features:
         raise AdapterMismatch(
-            f"adapter {where}: lora_A of module {name!r} has shape {tuple(a.shape)}, but the base "
+            f"adapter {where}: lora_A of module {name!r} has shape {a.shape}, but the base "
             f"module has in_features={in_features}; accepted: (r, {in_features})")
-    if b.dim() != 2 or b.shape[0] != out_features:
+    if len(b.shape) != 2 or b.shape[0] != out_features:
         raise AdapterMismatch(
-            f"adapter {where}: lora_B of module {name!r} has shape {tuple(b.shape)}, but the base "
+            f"adapter {where}: lora_B of module {name!r} has shape {b.shape}, but the base "
             f"module has out_features={out_features}; accepted: ({out_features}, r)")
     r = a.shape[0]
     if b.shape[1] != r:
@@ -240,6 +274,16 @@ def _check_factors(config: dict, name: str, a: torch.Tensor, b: torch.Tensor,
             f"adapter {where}: module {name!r} has rank {r} in {WEIGHTS_NAME} but rank "
             f"{module_rank(config, name)} by adapter_config.json (r, rank_pattern); accepted: "
             "the same rank in both")
+
+
+def _check_max_rank(factors: Mapping[str, tuple[TensorInfo, TensorInfo]], max_rank: int,
+                    where: str) -> None:
+    rank = max(a.shape[0] for a, _ in factors.values())
+    if rank > max_rank:
+        raise AdapterMismatch(
+            f"adapter {where} has rank {rank}, which exceeds max_rank {max_rank} of this "
+            f"server; lower the rank to at most {max_rank} or start the server with "
+            f"--max-rank {rank}")
 
 
 def _float32_modules(config: dict, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],

@@ -151,6 +151,9 @@ class Engine:
         # takes it at a step boundary.
         self.on_step: Callable[[StepReport], None] | None = None
         self.on_training_pass: Callable[[LanePass], None] | None = None
+        # The steps that computed anything and the lane's passes taken, so far: written by
+        # the engine's thread only, read by any (health tells a wedged engine by it).
+        self.progress = 0
         # Called from the training lane's thread when a pass of it awaits the next step
         # boundary (has_work turned true): wakes an idle loop.
         self.on_lane_pass: Callable[[], None] | None = None
@@ -282,6 +285,7 @@ class Engine:
                                backward_tokens, 0 if work is None else work.backward_passes,
                                backward_seconds)
         self._remember_step(seconds, trainer, training_seconds)
+        self.progress += 1
         if self.on_step is not None:
             self.on_step(StepReport(decode_tokens, inference_rows - decode_tokens, train_rows,
                                     backward_tokens, seconds, training_seconds))
@@ -555,6 +559,7 @@ class Engine:
         dropped: its end was reported when it was removed)."""
         for done in self.lane.take_passes():
             self.scheduler.counters["training_tokens"] += done.forward_tokens
+            self.progress += 1
             if self.on_training_pass is not None:
                 self.on_training_pass(done)
             if done.trainer not in self.trainers:

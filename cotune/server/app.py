@@ -3,7 +3,9 @@ and a graceful stop on SIGTERM.
 
 Start-up: the registry opens (sweeping what a crash left), a fresh data directory gets an
 `admin` tenant whose first token goes to DATA_DIR/admin.token (mode 0600), the model loads,
-unfinished jobs resume, and only then does health say SERVING.
+unfinished jobs resume, and only then does health say SERVING (NOT_SERVING from the moment
+it listens). From then on health says whether the engine can serve (`health.py`): it turns
+NOT_SERVING once the engine stopped on an error, and while it is wedged.
 
 Stop (SIGTERM or SIGINT): health turns NOT_SERVING and new calls get UNAVAILABLE; in-flight
 calls get --grace-period seconds to finish; every job publishes a version at its next
@@ -24,7 +26,6 @@ from pathlib import Path
 from typing import NoReturn
 
 import grpc
-from grpc_health.v1 import health_pb2
 
 from cotune.adapters.registry import Quotas
 from cotune.adapters.sqlite_registry import SqliteRegistry
@@ -35,6 +36,7 @@ from cotune.engine.runtime import Runtime
 from cotune.server.adapter_service import AdapterService
 from cotune.server.admission import Admission, OpenStreams
 from cotune.server.handlers import DecodeErrors, Gate
+from cotune.server.health import NOT_SERVING, EngineHealth
 from cotune.server.inference_service import InferenceService
 from cotune.server.jobs import JobManager
 from cotune.server.lifecycle import Lifecycle, start_metrics
@@ -107,6 +109,8 @@ class CotuneServer:
             TenantService(self.gate, self.registry, self.jobs), self.server)
         self.lifecycle = Lifecycle(SERVICES, args.grace_period, log)
         self.lifecycle.add_to(self.server)
+        self.lifecycle.set_health(NOT_SERVING)  # until the jobs have resumed
+        self.health = EngineHealth(self.runtime, self.lifecycle, args.health_stall_seconds, log)
         port = self._rank_port(args.port)
         self.port = self.server.add_secure_port(f"{args.host}:{port}", _credentials(args)) \
             if args.tls_cert else self.server.add_insecure_port(f"{args.host}:{port}")
@@ -145,21 +149,18 @@ class CotuneServer:
     def start(self) -> None:
         self.server.start()
         self.jobs.resume_unfinished()
-        self.lifecycle.set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.health.update()  # SERVING, unless the engine failed meanwhile
         threading.Thread(target=self._watch_engine, daemon=True, name="engine-watch").start()
 
     def _watch_engine(self) -> None:
-        """An engine that stopped on an error takes no more work: health says NOT_SERVING,
-        so the orchestrator restarts this replica (calls get UNAVAILABLE meanwhile)."""
-        while not self.lifecycle.stopping.wait(1.0):
+        """An engine that stopped on an error, or is wedged, serves nothing: health says
+        NOT_SERVING, so that the orchestrator takes this replica out of rotation and restarts
+        it. A rank of a sharded base whose engine stopped exits."""
+        while not self.lifecycle.stopping.wait(self.health.poll_s):
             if self.rank is not None and not self.runtime.running:
                 self._leave_ranks()
                 return
-            if self.runtime.error is not None:
-                log.error("the engine stopped on an error: %r; health is NOT_SERVING",
-                          self.runtime.error)
-                self.lifecycle.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-                return
+            self.health.update()
 
     def _leave_ranks(self) -> None:
         """The ranks of a sharded base stop as one: when another rank stopped or died (or this
@@ -167,7 +168,7 @@ class CotuneServer:
         reason = "another rank stopped" if self.runtime.error is None else \
             f"lost the other ranks: {self.runtime.error!r}"
         log.error("rank %d of %d: the sharded base stopped (%s); exiting", self.rank.rank,
-                  self.rank.world_size, reason)
+                  self.rank.world_size, reason, exc_info=self.runtime.error)
         self.exit_code = 1
         threading.Thread(target=self.stop, name="stop").start()
 

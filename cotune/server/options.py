@@ -113,6 +113,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--metrics-top-adapters", type=int, default=20,
                      help="adapters of a tenant named in metric labels (the busiest; the rest "
                           "are 'other')")
+    net.add_argument("--health-stall-seconds", type=positive_seconds, default=60.0,
+                     metavar="SECONDS",
+                     help="grpc.health.v1 says NOT_SERVING while the engine is wedged: work "
+                          "waits and no step has completed for this long; SERVING again once "
+                          "it steps (it says NOT_SERVING for good once the engine stopped on "
+                          "an error)")
     net.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
     net.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     net.add_argument("--tls-client-ca", type=Path,
