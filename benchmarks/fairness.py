@@ -93,10 +93,12 @@ def _point(system: str, light: Client, flood: Client, flood_concurrency: int,
             "p99_s": _quantile(latencies, 0.99), "flood_tokens_per_s": flood_tps}
 
 
-def run(duration: float, rounds: int, flood_concurrency: int, tpot_target: float | None,
-        out_dir: Path) -> dict:
+def run(duration: float, rounds: int, flood_concurrency: int, ttft_target: float | None,
+        tpot_target: float | None, out_dir: Path) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="cotune-fairness-"))
-    flags = [] if tpot_target is None else ["--tpot-target", str(tpot_target)]
+    flags = [f"--{name}-target={value}" for name, value in (("ttft", ttft_target),
+                                                            ("tpot", tpot_target))
+             if value is not None]
     server = start_server(workdir / "server", "--max-queued-requests",
                           str(flood_concurrency + 16), *flags)
     try:
@@ -118,7 +120,7 @@ def run(duration: float, rounds: int, flood_concurrency: int, tpot_target: float
         shutil.rmtree(workdir, ignore_errors=True)
     result = _summarise(points, dict(duration_s=duration, rounds=rounds,
                                      flood_in_flight=flood_concurrency,
-                                     tpot_target_s=tpot_target))
+                                     ttft_target_s=ttft_target, tpot_target_s=tpot_target))
     _write(result, out_dir)
     return result
 
@@ -148,7 +150,8 @@ def _write(result: dict, out_dir: Path) -> None:
              f"Tenant light: requests of {SMALL_TOKENS} tokens, one at a time; tenant flood: "
              f"{s['flood_in_flight']} generations of up to {FLOOD_TOKENS} tokens in flight. "
              f"{s['rounds']} interleaved rounds of {s['duration_s']:g} s a point (medians); "
-             f"TPOT target {s['tpot_target_s'] or 'the default'} s.", "",
+             f"the server's TTFT target {s['ttft_target_s'] or 'its default'}, TPOT target "
+             f"{s['tpot_target_s'] or 'its default'} (s).", "",
              "| light's requests | calls | p50 s | p99 s | p99 / unloaded | flood tokens/s |",
              "|---|---|---|---|---|---|"]
     for system, m in result["systems"].items():

@@ -108,6 +108,8 @@ def build_parser() -> Parser:
     bench.add_argument("--concurrency", type=int, default=24,
                        help="coserve: requests in flight while the capacity is measured; "
                             "fairness: the flooding tenant's")
+    bench.add_argument("--ttft-target", type=float, default=None,
+                       help="fairness: the server's --ttft-target [its default]")
     bench.add_argument("--tpot-target", type=float, default=None,
                        help="fairness: the server's --tpot-target [its default]")
     bench.add_argument("--threads", type=int, default=None,
@@ -240,7 +242,8 @@ def _bench(args) -> int:
         print((out / "coserve.md").read_text())
         return 0
     if args.name == "fairness":
-        fairness.run(args.duration, max(3, args.rounds), args.concurrency, args.tpot_target, out)
+        fairness.run(args.duration, max(3, args.rounds), args.concurrency, args.ttft_target,
+                     args.tpot_target, out)
         print((out / "fairness.md").read_text())
         return 0
     result = serving.run(args.requests, args.adapters, args.new_tokens, args.rounds, out,
