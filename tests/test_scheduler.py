@@ -154,28 +154,38 @@ def test_past_the_decode_limit_each_tenant_decodes_its_fair_share():
 
 def test_a_tenant_with_one_request_decodes_every_step_beside_another_tenants_flood(
         tiny_checkpoint):
-    """Decodes that cannot keep the TPOT target together (a target no step meets): the
-    light tenant's request decodes in every step, at once from its first token; the flood's
-    requests share what is left, in turn."""
+    """Decodes that cannot keep the TPOT target together (targets no step meets): the light
+    tenant's request decodes in every step, at once from its first token; the flood's
+    requests share what is left, in turn, and its late prompts wait for room its own decodes
+    leave (they do not lengthen the steps that light's request decodes in)."""
     _, base = tiny_checkpoint
-    engine = Engine(load_model(base), config=EngineConfig(tpot_target_s=1e-6))
-    flood = [engine.add([3 + i] * 4, SamplingParams(max_tokens=30, ignore_eos=True),
-                        tenant="flood") for i in range(6)]
+    engine = Engine(load_model(base), config=EngineConfig(tpot_target_s=1e-6,
+                                                          ttft_target_s=1e-6))
+    reports = []
+    engine.on_step = reports.append
+
+    def flooding(count: int) -> list:
+        return [engine.add([3 + i] * 4, SamplingParams(max_tokens=30, ignore_eos=True),
+                           tenant="flood") for i in range(count)]
+
+    flood = flooding(6)
     for _ in range(3):  # the flood's prompts, then decodes
         engine.step()
     light = engine.add([40] * 4, SamplingParams(max_tokens=8, ignore_eos=True), tenant="light")
     engine.step()  # its prompt, and its first token
     assert len(light.output_ids) == 1
-    steps, before = 0, sum(len(s.output_ids) for s in flood)
+    late = flooding(3)  # more of the flood's prompts, late at once
+    steps, before, reports[:] = 0, sum(len(s.output_ids) for s in flood), []
     while not light.is_finished:
         engine.step()
         steps += 1
     assert steps == 7  # a token every step
-    # the flood's share meanwhile: a decode a step, in turn (not its 6 a step)
+    # the flood's share meanwhile: a decode a step, in turn (not its 6 a step), no prefill
     assert sum(len(s.output_ids) for s in flood) - before <= steps
     assert max(len(s.output_ids) for s in flood) - min(len(s.output_ids) for s in flood) <= 2
+    assert all(r.prefill_tokens == 0 for r in reports)
     run_to_completion(engine)
-    assert all(len(s.output_ids) == 30 for s in flood)
+    assert all(len(s.output_ids) == 30 for s in flood + late)
 
 
 def _execute(scheduler, plan):

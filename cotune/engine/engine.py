@@ -25,6 +25,7 @@ from cotune.engine.scheduler import (
     Scheduler,
     SchedulerConfig,
     StepPlan,
+    fair_share,
 )
 from cotune.engine.sequence import Sequence
 from cotune.engine.step_time import StepTimeModel
@@ -384,8 +385,8 @@ class Engine:
         the cap (prefills then finish as fast as they can). When even the running decodes
         alone cannot meet the target, no budget can: with one tenant decoding the cap then
         gives the most throughput; with several, the step keeps the target with each
-        tenant's fair share of the decodes it holds (a tenant with few requests is not
-        slowed by another's many)."""
+        tenant's fair share of the decodes it holds, and the prompts of the tenants within
+        their share whole (a tenant with few requests is not slowed by another's many)."""
         cap = self.config.max_batched_tokens
         decodes = self.scheduler.decoding
         if not decodes:
@@ -393,10 +394,15 @@ class Engine:
         budget = self.step_time.inference_budget(self.config.tpot_target_s, cap)
         if budget > decodes:
             return min(cap, max(budget, decodes + self._prefill_floor())), None
-        if self.scheduler.decoding_tenants < 2:
+        tenants = self.scheduler.tenant_decodes()
+        if len(tenants) < 2:
             return cap, None
         limit = max(1, budget)
-        return min(cap, limit + self._prefill_floor()), limit
+        share = fair_share(limit, len(tenants))
+        # the prompts of tenants within their share are prefilled whole, as they would be
+        # alone; those of a tenant past it wait for room its own decodes leave
+        heavy = {tenant for tenant, decodes in tenants.items() if decodes > share}
+        return min(cap, limit + self.scheduler.prompt_tokens(excluding=heavy)), limit
 
     def _prefill_floor(self) -> int:
         """Prefill tokens a step takes at least: of each prompt awaiting its first token

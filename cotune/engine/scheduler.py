@@ -164,9 +164,14 @@ class Scheduler:
         """Running sequences waiting for their next token (TPOT bounds their steps)."""
         return sum(s.pending == 1 for s in self.running)
 
-    @property
-    def decoding_tenants(self) -> int:
-        return len({s.tenant for s in self.running if s.pending == 1})
+    def tenant_decodes(self) -> Counter[str]:
+        """Each tenant's running sequences waiting for their next token."""
+        return Counter(s.tenant for s in self.running if s.pending == 1)
+
+    def prompt_tokens(self, excluding: set[str]) -> int:
+        """Prompt tokens still to prefill, of every tenant but those `excluding`."""
+        return sum(s.pending for s in itertools.chain(self.running, self.waiting)
+                   if s.first_token_time is None and s.tenant not in excluding)
 
     def _schedule_decodes(self, plan: StepPlan, limit: int | None) -> int:
         """Every running sequence's next token, within the hard cap; past `limit` decodes,
@@ -190,8 +195,10 @@ class Scheduler:
         return used
 
     def _schedule_prefills(self, plan: StepPlan, budget: int) -> None:
-        # Sequences already running with a partial prefill continue first, then new ones.
-        partial = [s for s in self.running if s.pending > 1]
+        # Sequences already running with a partial prefill continue first (the tenant served
+        # least recently first), then new ones.
+        partial = sorted((s for s in self.running if s.pending > 1),
+                         key=lambda s: self.tenant_tokens[s.tenant])
         for seq in partial:
             if budget <= 0:
                 return
@@ -252,6 +259,11 @@ class Scheduler:
         self.counters["preemptions"] += 1
 
 
+def fair_share(limit: int, tenants: int) -> int:
+    """Each tenant's share of a step's `limit` decodes: at least one."""
+    return max(1, limit // tenants)
+
+
 def _fair_decodes(ready: list[Sequence], limit: int) -> list[Sequence]:
     """`limit` of the `ready` decodes (or more: every tenant gets at least one), shared
     fairly between tenants: a tenant with no more than its share (limit / tenants) decodes
@@ -264,7 +276,7 @@ def _fair_decodes(ready: list[Sequence], limit: int) -> list[Sequence]:
         tenants.setdefault(seq.tenant, []).append(seq)
     if len(tenants) < 2:
         return ready
-    share = max(1, limit // len(tenants))
+    share = fair_share(limit, len(tenants))
     chosen = [s for seqs in tenants.values() if len(seqs) <= share for s in seqs]
     over = [sorted(seqs, key=lambda s: s.last_token_time or 0.0)
             for seqs in tenants.values() if len(seqs) > share]
