@@ -48,6 +48,15 @@ def _hostile(rt: Runtime, path, **changes) -> LoraAdapter:
         for name, module in adapter.modules.items()}, adapter.config)
 
 
+def _serving(rt: Runtime, adapters) -> dict[str, list[list[int]]]:
+    """Registers "good" and "bad"; the tokens the base model and "good" give alone."""
+    good, bad = adapters
+    rt.register_adapter("good", good)
+    rt.register_adapter("bad", bad)
+    return {name: [c.token_ids for c in rt.generate(_requests(adapter))]
+            for name, adapter in (("base", None), ("good", "good"))}
+
+
 def _in_threads(rt: Runtime, calls: dict[str, list[Request]]) -> dict[str, object]:
     """Runs each call's requests in a thread of its own, all at once (they share steps):
     each call's completions' tokens, or the error it raised."""
@@ -76,13 +85,9 @@ def _in_threads(rt: Runtime, calls: dict[str, list[Request]]) -> dict[str, objec
 def test_a_hostile_adapter_is_quarantined_and_every_other_request_completes(
         tiny_checkpoint, adapters, fault, changes, reason):
     _, base = tiny_checkpoint
-    good, bad = adapters
     with Runtime.load(base) as rt:
-        rt.register_adapter("good", good)
-        rt.register_adapter("bad", bad)
-        alone = {name: [c.token_ids for c in rt.generate(_requests(adapter))]
-                 for name, adapter in (("base", None), ("good", "good"))}
-        rt.cache_adapter("bad", _hostile(rt, bad, **changes))  # its next load reads no file
+        alone = _serving(rt, adapters)
+        rt.cache_adapter("bad", _hostile(rt, adapters[1], **changes))  # its next load reads no file
         results = _in_threads(rt, {"base": _requests(None), "good": _requests("good"),
                                    "bad": _requests("bad")})
         assert isinstance(results["bad"], AdapterQuarantined), results["bad"]
@@ -112,12 +117,8 @@ def _failing_on_slot(rt: Runtime, key: str | None) -> None:
 
 def test_a_pass_that_fails_on_one_adapter_fails_its_requests_alone(tiny_checkpoint, adapters):
     _, base = tiny_checkpoint
-    good, bad = adapters
     with Runtime.load(base) as rt:
-        rt.register_adapter("good", good)
-        rt.register_adapter("bad", bad)
-        alone = {name: [c.token_ids for c in rt.generate(_requests(adapter))]
-                 for name, adapter in (("base", None), ("good", "good"))}
+        alone = _serving(rt, adapters)
         rt.generate(_requests("bad", max_tokens=1))  # resident
         _failing_on_slot(rt, "bad")
         results = _in_threads(rt, {"base": _requests(None), "good": _requests("good"),

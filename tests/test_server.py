@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_hf_model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_helpers import running_server, start_server, tiny_adapter_dir
-from wire import ADAPTER_FILES, Caller
+from wire import ADAPTER_FILES, Caller, code_of
 
 from cotune.v1 import (
     adapters_pb2,
@@ -88,14 +88,6 @@ def every_rpc(caller: Caller) -> dict:
         "TenantService.DeleteTenant": lambda: n.DeleteTenant(
             tenants_pb2.DeleteTenantRequest(name="x"), metadata=md),
     }
-
-
-def code_of(call) -> grpc.StatusCode | None:
-    try:
-        call()
-    except grpc.RpcError as e:
-        return e.code()
-    return None
 
 
 def test_every_rpc_is_listed_here():

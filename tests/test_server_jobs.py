@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 from server_helpers import running_server, start_server, tiny_adapter_dir
-from wire import Caller
+from wire import Caller, code_of
 
 from cotune.v1 import adapters_pb2, tenants_pb2, training_pb2
 
@@ -31,14 +31,6 @@ def server(tmp_path_factory):
     with running_server(root, "--default-max-versions", "50") as running:
         running.root = root
         yield running
-
-
-def code_of(call) -> grpc.StatusCode | None:
-    try:
-        call()
-    except grpc.RpcError as e:
-        return e.code()
-    return None
 
 
 def last_events(caller: Caller, job_id: str) -> tuple[int, str]:

@@ -77,3 +77,12 @@ class Caller:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def code_of(call) -> grpc.StatusCode | None:
+    """The status code `call` fails with, None when it succeeds."""
+    try:
+        call()
+    except grpc.RpcError as e:
+        return e.code()
+    return None
