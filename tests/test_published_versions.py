@@ -38,7 +38,7 @@ def test_a_version_a_server_job_publishes_is_served_without_a_disk_load(tiny_che
                         if v.provenance.get("job_id") == record.id]
             assert versions == [2, 3]
             # The key and directory exactly as Generate resolves them (only the registry is used).
-            server = InferenceService(None, registry, rt, None, None, None)
+            server = InferenceService(None, registry, rt, None, None, None, max_logprobs=20)
             host = rt.engine.adapters.host
             loads = host.loads
             for version in versions:
