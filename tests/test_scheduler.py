@@ -155,7 +155,8 @@ def test_past_the_decode_limit_each_tenant_decodes_its_fair_share():
 def test_a_tenant_with_one_request_decodes_every_step_beside_another_tenants_flood(
         tiny_checkpoint):
     """Decodes that cannot keep the TPOT target together (targets no step meets): the light
-    tenant's request decodes in every step, at once from its first token; the flood's
+    tenant's prompt is prefilled whole in a step the flood's decodes do not fill, and its
+    request decodes in every step, at once from its first token; the flood's
     requests share what is left, in turn, and its late prompts wait for room its own decodes
     leave (they do not lengthen the steps that light's request decodes in)."""
     _, base = tiny_checkpoint
@@ -172,8 +173,10 @@ def test_a_tenant_with_one_request_decodes_every_step_beside_another_tenants_flo
     for _ in range(3):  # the flood's prompts, then decodes
         engine.step()
     light = engine.add([40] * 4, SamplingParams(max_tokens=8, ignore_eos=True), tenant="light")
-    engine.step()  # its prompt, and its first token
+    reports[:] = []
+    engine.step()  # its prompt, whole, and its first token; of the flood's decodes a share
     assert len(light.output_ids) == 1
+    assert (reports[0].prefill_tokens, reports[0].decode_tokens) == (4, 1)
     late = flooding(3)  # more of the flood's prompts, late at once
     steps, before, reports[:] = 0, sum(len(s.output_ids) for s in flood), []
     while not light.is_finished:

@@ -384,9 +384,10 @@ class Engine:
         requests decode, the largest step that keeps their time per output token; otherwise
         the cap (prefills then finish as fast as they can). When even the running decodes
         alone cannot meet the target, no budget can: with one tenant decoding the cap then
-        gives the most throughput; with several, the step keeps the target with each
-        tenant's fair share of the decodes it holds, and the prompts of the tenants within
-        their share whole (a tenant with few requests is not slowed by another's many)."""
+        gives the most throughput; with several tenants at work (decoding, or with prompts
+        to prefill), the step keeps the target with each tenant's fair share of the decodes
+        it holds, and the prompts of the tenants within their share whole (a tenant with
+        few requests is not slowed by another's many)."""
         cap = self.config.max_batched_tokens
         decodes = self.scheduler.decoding
         if not decodes:

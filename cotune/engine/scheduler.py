@@ -165,8 +165,12 @@ class Scheduler:
         return sum(s.pending == 1 for s in self.running)
 
     def tenant_decodes(self) -> Counter[str]:
-        """Each tenant's running sequences waiting for their next token."""
-        return Counter(s.tenant for s in self.running if s.pending == 1)
+        """Each tenant with requests running or waiting: how many of its running sequences
+        wait for their next token (0 for a tenant whose requests all await their first)."""
+        decodes = Counter({tenant: 0 for tenant in self.waiting.tenants()})
+        decodes.update({s.tenant: 0 for s in self.running})
+        decodes.update(s.tenant for s in self.running if s.pending == 1)
+        return decodes
 
     def prompt_tokens(self, excluding: set[str]) -> int:
         """Prompt tokens still to prefill, of every tenant but those `excluding`."""
@@ -180,7 +184,7 @@ class Scheduler:
         used, cap = 0, self.config.max_batched_tokens
         ready = [s for s in self.running if s.state is SeqState.RUNNING and s.pending == 1]
         if limit is not None and len(ready) > limit:
-            ready = _fair_decodes(ready, limit)
+            ready = _fair_decodes(ready, limit, len(self.tenant_decodes()))
         for seq in ready:
             if seq.state is not SeqState.RUNNING or used >= cap:  # preempted meanwhile
                 continue
@@ -264,9 +268,10 @@ def fair_share(limit: int, tenants: int) -> int:
     return max(1, limit // tenants)
 
 
-def _fair_decodes(ready: list[Sequence], limit: int) -> list[Sequence]:
+def _fair_decodes(ready: list[Sequence], limit: int, active: int) -> list[Sequence]:
     """`limit` of the `ready` decodes (or more: every tenant gets at least one), shared
-    fairly between tenants: a tenant with no more than its share (limit / tenants) decodes
+    fairly between the `active` tenants (those with work, decoding or not): a tenant with no
+    more than its share (limit / active) decodes
     all of its requests; the others split the rest evenly, each one's requests that waited
     longest for a token first. One tenant's flood of requests then makes its own tokens
     slower, not the steps of a tenant with a few (what S-LoRA's virtual token counters do
@@ -274,9 +279,9 @@ def _fair_decodes(ready: list[Sequence], limit: int) -> list[Sequence]:
     tenants: dict[str, list[Sequence]] = {}
     for seq in ready:
         tenants.setdefault(seq.tenant, []).append(seq)
-    if len(tenants) < 2:
+    if active < 2:
         return ready
-    share = fair_share(limit, len(tenants))
+    share = fair_share(limit, active)
     chosen = [s for seqs in tenants.values() if len(seqs) <= share for s in seqs]
     over = [sorted(seqs, key=lambda s: s.last_token_time or 0.0)
             for seqs in tenants.values() if len(seqs) > share]

@@ -30,6 +30,10 @@ class WaitingQueue:
     def __iter__(self) -> Iterator[Sequence]:
         return itertools.chain(self._preempted, *self._tenants.values())
 
+    def tenants(self) -> set[str]:
+        """The tenants with requests waiting."""
+        return {s.tenant for s in self._preempted} | set(self._tenants)
+
     def append(self, seq: Sequence) -> None:
         """A new request, behind its tenant's earlier ones."""
         self._tenants.setdefault(seq.tenant, deque()).append(seq)
