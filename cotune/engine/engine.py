@@ -350,8 +350,11 @@ class Engine:
                 self._fail(seq, self.quarantine.error(seq.adapter))
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
-        """Ends a request with `error` (handed to on_failure); the engine goes on."""
+        """Ends a queued or running request with `error`; the engine goes on."""
         self.abort(seq)
+        self._report_failure(seq, error)
+
+    def _report_failure(self, seq: Sequence, error: BaseException) -> None:
         seq.finish_reason = "error"
         if self.on_failure is not None:
             self.on_failure(seq, error)
@@ -633,9 +636,7 @@ class Engine:
 
     def _refuse(self, seq: Sequence, error: BaseException) -> Admission:
         """A request that cannot be admitted ends with `error` (the scheduler drops it)."""
-        seq.finish_reason = "error"
-        if self.on_failure is not None:
-            self.on_failure(seq, error)
+        self._report_failure(seq, error)
         return Admission.FAILED
 
     def _await_loads(self) -> None:
