@@ -15,6 +15,7 @@ from pathlib import Path
 
 START_TIMEOUT_S = 300
 LISTENING = re.compile(r"listening on ([\w.]+):(\d+)")
+OPENAI_API = re.compile(r"^openai api: (\S+)")
 
 
 @dataclass
@@ -36,6 +37,17 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return time.monotonic() - started
+
+    def openai_url(self, timeout: float = 30) -> str:
+        """The base URL of the OpenAI-compatible front (`--http-port`), as the banner says."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.output:
+                if match := OPENAI_API.match(line):
+                    return match[1]
+            time.sleep(0.05)
+        raise RuntimeError("the server printed no 'openai api:' line; was it started with "
+                           "--http-port?")
 
 
 def start_server(data_dir: Path, *args: str, env: dict | None = None) -> ServerProcess:

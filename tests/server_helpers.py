@@ -43,8 +43,15 @@ class RunningServer:
     output: list[str] = field(default_factory=list)  # every line it printed so far
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        ServerProcess(self.address, self.admin_token, self.proc).stop(sig, timeout)
+        self._process().stop(sig, timeout)
         return self.proc.returncode
+
+    def openai_url(self) -> str:
+        """The base URL of the OpenAI-compatible front, for a server started with --http-port."""
+        return self._process().openai_url()
+
+    def _process(self) -> ServerProcess:
+        return ServerProcess(self.address, self.admin_token, self.proc, self.output)
 
 
 def start_server(root: Path, *extra_args: str, data_dir: Path | None = None,

@@ -19,6 +19,7 @@ from cotune.router.forward import SERVICES, Forwarder
 from cotune.router.metrics import RouterMetrics
 from cotune.router.pool import MAX_MESSAGE_BYTES, Pool
 from cotune.router.routes import Routes
+from cotune.server.http.app import attach_front
 from cotune.server.lifecycle import Lifecycle, start_metrics
 
 log = logging.getLogger("cotune.router")
@@ -56,6 +57,7 @@ class Router:
                        self.metrics),))
         self.lifecycle.add_to(self.server)
         self.port = self.server.add_insecure_port(f"{args.host}:{args.port}")
+        self.http = attach_front(self.server, args.host, args.http_port)
         self.metrics_port = start_metrics(args.host, args.metrics_port, self.metrics.registry)
         self.health_timeout = args.health_timeout
 
@@ -65,10 +67,14 @@ class Router:
         self.pool.start()
         self.pool.wait_checked(self.health_timeout + 1)  # serve knowing who is up
         self.server.start()
+        if self.http is not None:
+            self.http.start()
 
     def stop(self) -> None:
         if not self.lifecycle.drain(self.server):
             return
+        if self.http is not None:
+            self.http.stop()
         self.pool.stop()
         self.lifecycle.stopped.set()
 
@@ -79,6 +85,8 @@ def route_command(args) -> int:
     router.start()
     banner = [f"cotune route: listening on {args.host}:{router.port} (grpc), "
               f"{len(router.pool.healthy())} workers healthy"]
+    if router.http is not None:
+        banner.append(f"openai api: {router.http.url}")
     if router.metrics_port:
         banner.append(f"metrics: http://{args.host}:{router.metrics_port}/metrics")
     router.lifecycle.run_until_stopped(router.stop, banner)

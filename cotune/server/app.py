@@ -37,6 +37,7 @@ from cotune.server.adapter_service import AdapterService
 from cotune.server.admission import Admission, OpenStreams
 from cotune.server.handlers import DecodeErrors, Gate
 from cotune.server.health import NOT_SERVING, EngineHealth
+from cotune.server.http.app import Tls, attach_front
 from cotune.server.inference_service import InferenceService
 from cotune.server.jobs import JobManager
 from cotune.server.lifecycle import Lifecycle, start_metrics
@@ -114,6 +115,8 @@ class CotuneServer:
         port = self._rank_port(args.port)
         self.port = self.server.add_secure_port(f"{args.host}:{port}", _credentials(args)) \
             if args.tls_cert else self.server.add_insecure_port(f"{args.host}:{port}")
+        self.http = attach_front(self.server, args.host, self._rank_port(args.http_port),
+                                 Tls(args.tls_cert, args.tls_key) if args.tls_cert else None)
         self.metrics_port = start_metrics(args.host, self._rank_port(args.metrics_port),
                                           self.metrics.registry)
         self.grace = args.grace_period
@@ -148,6 +151,8 @@ class CotuneServer:
 
     def start(self) -> None:
         self.server.start()
+        if self.http is not None:
+            self.http.start()
         self.jobs.resume_unfinished()
         self.health.update()  # SERVING, unless the engine failed meanwhile
         threading.Thread(target=self._watch_engine, daemon=True, name="engine-watch").start()
@@ -183,6 +188,8 @@ class CotuneServer:
             return
         log.info("stopping: calls drained and jobs checkpointed after %.1f s",
                  time.monotonic() - started)
+        if self.http is not None:
+            self.http.stop()
         self.jobs.stop()
         self.runtime.close()  # at the end of the step in progress
         log.info("stopping: engine stopped after %.1f s", time.monotonic() - started)
@@ -232,6 +239,8 @@ def serve_command(args) -> NoReturn:
     gc.freeze()
     scheme = "grpcs" if args.tls_cert else "grpc"
     banner = [f"cotune serve: listening on {args.host}:{server.port} ({scheme})"]
+    if server.http is not None:
+        banner.append(f"openai api: {server.http.url}")
     if server.metrics_port:
         banner.append(f"metrics: http://{args.host}:{server.metrics_port}/metrics")
     config = server.runtime.engine.config

@@ -1,0 +1,145 @@
+"""The Starlette application of the HTTP front, and the uvicorn server that runs it on a
+thread of the serving process, beside the gRPC server.
+
+Routes: `/health` (open), and under `/v1` OpenAI's models, completions, chat completions,
+files and fine-tuning jobs (each module's `routes`). Every error, the front's own or a gRPC
+status underneath, leaves as OpenAI's error object (`errors.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from cotune import bounded_json
+from cotune.server.http import models
+from cotune.server.http.backend import Backend
+from cotune.server.http.errors import ApiError, from_grpc, invalid
+
+log = logging.getLogger("cotune.http")
+MAX_BODY_BYTES = 64 << 20  # JSON bodies; as the gRPC server's message bound
+START_TIMEOUT_S = 30
+
+
+def build_app(backend: Backend) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app):
+        backend.open()  # the channel belongs to this event loop
+        yield
+        await backend.close()
+
+    async def health(request: Request) -> JSONResponse:
+        serving = await backend.serving()
+        return JSONResponse({"status": "SERVING" if serving else "NOT_SERVING"},
+                            200 if serving else 503)
+
+    routes = [Route("/health", health, methods=["GET"]), *models.routes(backend)]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        ApiError: _api_error, grpc.RpcError: _grpc_error, HTTPException: _http_error,
+        Exception: _server_error})
+
+
+async def json_body(request: Request) -> dict:
+    """The request's JSON object; 400 naming what is accepted when it is not one."""
+    data = await request.body()
+    if len(data) > MAX_BODY_BYTES:
+        raise invalid(f"the body has {len(data)} bytes; accepted: at most {MAX_BODY_BYTES}")
+    try:
+        body = bounded_json.loads(data)
+    except ValueError as e:
+        raise invalid(f"the body is not valid JSON ({e}); accepted: a JSON object") from None
+    if not isinstance(body, dict):
+        raise invalid(f"the body is a JSON {type(body).__name__}; accepted: a JSON object")
+    return body
+
+
+async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+    return error.response()
+
+
+async def _grpc_error(request: Request, error: grpc.RpcError) -> JSONResponse:
+    return from_grpc(error).response()
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    message = f"no route {request.method} {request.url.path}" if error.status_code in (404, 405) \
+        else str(error.detail)
+    return ApiError(error.status_code, message, kind).response()
+
+
+async def _server_error(request: Request, error: Exception) -> JSONResponse:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+    return ApiError(500, "internal error; see the server log", "server_error").response()
+
+
+@dataclass
+class Tls:
+    cert: Path
+    key: Path
+
+
+class HttpFront:
+    """uvicorn serving `build_app(Backend(grpc_target))` on host:port, on a thread of its own
+    (its own event loop). `port` is the one it listens on (0 picks a free one)."""
+
+    def __init__(self, grpc_target: str, host: str, port: int, tls: Tls | None = None,
+                 socket_dir: Path | None = None):
+        config = uvicorn.Config(
+            build_app(Backend(grpc_target)), host=host, port=port, log_level="warning",
+            access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+            ssl_certfile=tls and str(tls.cert), ssl_keyfile=tls and str(tls.key))
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, daemon=True, name="http-front")
+        self.host, self.port = host, port
+        self.scheme = "https" if tls is not None else "http"
+        self.socket_dir = socket_dir  # removed at the stop
+
+    def _run(self) -> None:
+        asyncio.run(self.server.serve())
+
+    def start(self) -> None:
+        self.thread.start()
+        for _ in range(START_TIMEOUT_S * 20):
+            if self.server.started or not self.thread.is_alive():
+                break
+            self.thread.join(0.05)
+        if not self.server.started:
+            raise RuntimeError(f"the HTTP front did not start on port {self.port}")
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}/v1"
+
+    def stop(self, timeout: float = 10) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+def attach_front(server: grpc.Server, host: str, port: int | None,
+                 tls: Tls | None = None) -> HttpFront | None:
+    """An HttpFront on host:port (None: no front) whose calls reach `server` (not yet
+    started) over a private Unix socket in a directory only this user may enter."""
+    if port is None:
+        return None
+    socket_dir = Path(tempfile.mkdtemp(prefix="cotune-"))  # mode 0700
+    target = f"unix:{socket_dir / 'grpc.sock'}"
+    server.add_insecure_port(target)
+    return HttpFront(target, host, port, tls, socket_dir)

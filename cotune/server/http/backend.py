@@ -1,0 +1,63 @@
+"""The gRPC services an HTTP call is translated into: an asyncio channel to the server's own
+listener (a private Unix socket), its stubs, and the metadata that carries the caller's token.
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from starlette.requests import Request
+
+from cotune.server.http.errors import ApiError
+from cotune.v1 import (
+    adapters_pb2_grpc,
+    inference_pb2_grpc,
+    training_pb2_grpc,
+)
+
+MAX_MESSAGE_BYTES = 64 << 20  # as the gRPC server's own bound
+PROTOCOL_HEADER = "cotune-protocol"  # the metrics' `protocol` label of the call underneath
+
+
+class Backend:
+    """Made in the HTTP server's event loop (`open`), closed in it (`close`)."""
+
+    def __init__(self, target: str):
+        self.target = target
+        self.channel: grpc.aio.Channel | None = None
+
+    def open(self) -> None:
+        self.channel = grpc.aio.insecure_channel(self.target, options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
+        self.adapters = adapters_pb2_grpc.AdapterServiceStub(self.channel)
+        self.training = training_pb2_grpc.TrainingServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+    async def serving(self) -> bool:
+        """What grpc.health.v1 says of the server as a whole."""
+        try:
+            reply = await self.health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def metadata(request: Request) -> tuple[tuple[str, str], ...]:
+    """The gRPC metadata of a call made for `request`: its one `Authorization` header, which
+    the gRPC services check as they check any call's."""
+    headers = request.headers.getlist("authorization")
+    if not headers:
+        raise ApiError(401, "no Authorization header; send 'Authorization: Bearer <token>' "
+                       "with a token issued by an admin (the same tokens as gRPC)",
+                       "authentication_error", code="missing_token")
+    if len(headers) > 1:
+        raise ApiError(401, f"{len(headers)} Authorization headers; accepted: exactly one, "
+                       "'Authorization: Bearer <token>'", "authentication_error",
+                       code="invalid_token")
+    return ("authorization", headers[0]), (PROTOCOL_HEADER, "http")

@@ -1,0 +1,60 @@
+"""`GET /v1/models` and `/v1/models/{id}`: the base model and the caller's adapters, as vLLM
+lists them (an adapter's `parent` and `root` are the base). An adapter's id is its name, which
+serves its newest version; `name@vK` serves version K."""
+
+from __future__ import annotations
+
+import grpc
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from cotune.server.http.backend import Backend, metadata
+from cotune.server.http.errors import from_grpc, not_found
+from cotune.v1 import adapters_pb2, inference_pb2
+
+PAGE = 1000  # adapters per ListAdapters call
+
+
+def routes(backend: Backend) -> list[Route]:
+    async def base_name(request: Request) -> str:
+        info = await backend.inference.GetModelInfo(inference_pb2.GetModelInfoRequest(),
+                                                    metadata=metadata(request))
+        return info.name
+
+    def card(id: str, created: int, base: str, adapter: bool) -> dict:
+        return {"id": id, "object": "model", "created": created, "owned_by": "cotune",
+                "root": base, "parent": base if adapter else None}
+
+    async def list_models(request: Request) -> JSONResponse:
+        base = await base_name(request)
+        cards = [card(base, 0, base, adapter=False)]
+        token = ""
+        while True:
+            reply = await backend.adapters.ListAdapters(
+                adapters_pb2.ListAdaptersRequest(page_size=PAGE, page_token=token),
+                metadata=metadata(request))
+            cards += [card(a.name, a.create_time.seconds, base, adapter=True)
+                      for a in reply.adapters]
+            token = reply.next_page_token
+            if not token:
+                return JSONResponse({"object": "list", "data": cards})
+
+    async def get_model(request: Request) -> JSONResponse:
+        model = request.path_params["model"]
+        base = await base_name(request)
+        if model == base:
+            return JSONResponse(card(base, 0, base, adapter=False))
+        name, _, version = model.partition("@")
+        try:
+            record = await backend.adapters.GetAdapter(adapters_pb2.GetAdapterRequest(name=name),
+                                                       metadata=metadata(request))
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                raise not_found(f"model {model!r} does not exist: it is neither the base "
+                                f"model {base!r} nor one of your adapters", "model") from None
+            raise from_grpc(e, "model") from None
+        return JSONResponse(card(model, record.create_time.seconds, base, adapter=True))
+
+    return [Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", get_model, methods=["GET"])]
