@@ -80,8 +80,9 @@ def test_step_seconds_spend_what_earlier_steps_saved_and_keep_ttft():
 
 def test_a_prompt_gets_the_share_of_each_step_that_keeps_its_ttft_target(tiny_checkpoint):
     """A step of the TPOT target fits 3 tokens here, one beside two decoding requests; a
-    40-token prompt then gets a quarter of itself in its first step (a 0.4 s TTFT target is 4
-    steps of 0.1 s), not a token a step."""
+    40-token prompt then asks for a quarter of itself in its first step (a 0.4 s TTFT target
+    is 4 steps of 0.1 s), not a token a step, and gets what the longest step allows (half the
+    TTFT target, 0.2 s: 6 tokens; the two decodes ride beside them)."""
     _, base = tiny_checkpoint
     engine = Engine(load_model(base), config=EngineConfig(tpot_target_s=0.1, ttft_target_s=0.4))
     # 10 ms a step and 30 ms a token: (0.1 - 0.01) / 0.03 = 3 tokens within the target
@@ -92,8 +93,8 @@ def test_a_prompt_gets_the_share_of_each_step_that_keeps_its_ttft_target(tiny_ch
         engine.step()
     new = engine.add(list(range(3, 43)), SamplingParams(max_tokens=4))
     engine.step()
-    # 40 / 4 steps of 0.1 s, or 40 / 3 once the clock has moved at all (a token a step: 1)
-    assert 10 <= new.computed <= 20
+    # 40 / 4 steps of 0.1 s, bounded by (0.2 - 0.01) / 0.03 tokens (a token a step: 1)
+    assert new.computed == 6
     steps = 1
     while not new.output_ids:
         engine.step()
@@ -241,3 +242,31 @@ def test_waiting_queue_admits_in_the_order_of_preempted_then_least_served_then_o
         order.append(seq)
         queue.remove(seq)
     assert order == expected and len(order) == 55 and not queue
+
+
+def test_the_prefill_floor_of_late_prompts_is_bounded_by_the_longest_step():
+    """A flood of prompts already past their TTFT deadline asks the floor for all of its
+    tokens at once; the step stays within half the TTFT target (what `step_seconds` assumes),
+    so a request decoding beside them is held back one bounded step, not one flood-sized. A
+    prompt with time left gets only its share."""
+    config = SchedulerConfig(max_batched_tokens=4096, max_running=100, ttft_target_s=2.0,
+                             tpot_target_s=0.25)
+    scheduler = Scheduler(config, PagedKVCache(CONFIG, num_blocks=1000, block_size=4))
+    now = 100.0
+    decoding = Sequence("light", [1] * 4, SamplingParams(max_tokens=50), tenant="b")
+    scheduler.add(decoding)
+    _execute(scheduler, scheduler.schedule())
+    assert scheduler.decoding == 1
+
+    def tokens_within(seconds: float) -> int:  # 10 ms per token
+        return int(seconds / 0.01)
+
+    fresh = Sequence("fresh", [1] * 80, SamplingParams(max_tokens=4), arrival=now, tenant="a")
+    scheduler.add(fresh)
+    tokens, limit, _ = scheduler.slo_budget(tokens_within, now)
+    assert (tokens, limit) == (25, None)  # the TPOT budget covers 1 decode + 80/8 of the prompt
+    for i in range(20):
+        scheduler.add(Sequence(f"late{i}", [1] * 200, SamplingParams(max_tokens=4),
+                               arrival=now - 5, tenant=f"t{i}"))
+    tokens, limit, _ = scheduler.slo_budget(tokens_within, now)
+    assert tokens == 1 + tokens_within(config.ttft_target_s / 2)  # not 1 + 10 + 20 * 200

@@ -25,7 +25,6 @@ from cotune.engine.scheduler import (
     Scheduler,
     SchedulerConfig,
     StepPlan,
-    fair_share,
 )
 from cotune.engine.sequence import Sequence
 from cotune.engine.step_time import StepTimeModel
@@ -249,7 +248,8 @@ class Engine:
             self._take_lane_passes()
         started = time.perf_counter()
         serving, training = self._phase()
-        plan = self.scheduler.schedule(*self._inference_budget()) if serving else StepPlan()
+        plan = self.scheduler.schedule(*self.scheduler.slo_budget(
+            self._tokens_within, time.monotonic())) if serving else StepPlan()
         # Rows of one adapter side by side: fewer segments for the LoRA ops.
         chunks = sorted(plan.chunks, key=lambda c: -1 if c.seq.slot is None else c.seq.slot)
         trainer, work = self._plan_training(plan.num_tokens) if training else (None, None)
@@ -382,45 +382,9 @@ class Engine:
         serving_phase = int(time.monotonic() / slice_s) % 2 == 0
         return serving_phase, not serving_phase
 
-    def _inference_budget(self) -> tuple[int, int | None]:
-        """(the step's inference tokens, the decodes it may hold: None for all). While
-        requests decode, the largest step that keeps their time per output token; otherwise
-        the cap (prefills then finish as fast as they can). When even the running decodes
-        alone cannot meet the target, no budget can: with one tenant decoding the cap then
-        gives the most throughput; with several tenants at work (decoding, or with prompts
-        to prefill), the step keeps the target with each tenant's fair share of the decodes
-        it holds, and the prompts of the tenants within their share whole (a tenant with
-        few requests is not slowed by another's many)."""
-        cap = self.config.max_batched_tokens
-        decodes = self.scheduler.decoding
-        if not decodes:
-            return cap, None
-        budget = self.step_time.inference_budget(self.config.tpot_target_s, cap)
-        if budget > decodes:
-            return min(cap, max(budget, decodes + self._prefill_floor())), None
-        tenants = self.scheduler.tenant_decodes()
-        if len(tenants) < 2:
-            return cap, None
-        limit = max(1, budget)
-        share = fair_share(limit, len(tenants))
-        # the prompts of tenants within their share are prefilled whole, as they would be
-        # alone; those of a tenant past it wait for room its own decodes leave
-        heavy = {tenant for tenant, decodes in tenants.items() if decodes > share}
-        return min(cap, limit + self.scheduler.prompt_tokens(excluding=heavy)), limit
-
-    def _prefill_floor(self) -> int:
-        """Prefill tokens a step takes at least: of each prompt awaiting its first token
-        (being prefilled, or the nearest deadlines of the queue), the share that finishes it
-        within its TTFT target if every step until then takes the TPOT target. Without it, a
-        TPOT budget just above the running decodes would feed a prompt a token or two a step."""
-        config, now = self.config, time.monotonic()
-        floor = 0
-        for seq in itertools.chain(self.scheduler.running, self.scheduler.waiting.oldest()):
-            if seq.first_token_time is None:
-                left = config.ttft_target_s - (now - seq.arrival)
-                steps = max(1, int(left / config.tpot_target_s))
-                floor += -(-seq.pending // steps)
-        return floor
+    def _tokens_within(self, seconds: float) -> int:
+        """The most inference tokens a step may hold and take at most `seconds`."""
+        return self.step_time.inference_budget(seconds, self.config.max_batched_tokens)
 
     def _plan_training(self, inference_tokens: int):
         """(trainer, its work in this step) for the first job in turn that has work that

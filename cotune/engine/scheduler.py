@@ -118,13 +118,62 @@ class Scheduler:
         self.cache.free(seq.id)
         seq.state = SeqState.FINISHED
 
-    def schedule(self, budget: int | None = None, decode_limit: int | None = None) -> StepPlan:
+    def slo_budget(self, tokens_within: Callable[[float], int], now: float
+                   ) -> tuple[int, int | None, int]:
+        """(the step's inference tokens, the decodes it may hold: None for all, the tenants
+        at work), for `schedule`; `tokens_within(seconds)` is the most tokens a step of
+        `seconds` holds. While requests decode, the largest step that keeps their time per
+        output token, and at least the prefill floor; otherwise the cap (prefills then finish
+        as fast as they can). When even the running decodes alone cannot meet the target, no
+        budget can: with one tenant decoding the cap then gives the most throughput; with
+        several tenants at work (decoding, or with prompts to prefill), the step keeps the
+        target with each tenant's fair share of the decodes it holds, and the prompts of the
+        tenants within their share whole (a tenant with few requests is not slowed by
+        another's many)."""
+        cap = self.config.max_batched_tokens
+        decodes = self.decoding
+        if not decodes:
+            return cap, None, 0
+        budget = tokens_within(self.config.tpot_target_s)
+        if budget > decodes:
+            floor = min(self._prefill_floor(now), tokens_within(self.max_step_seconds))
+            return min(cap, max(budget, decodes + floor)), None, 0
+        tenants = self.tenant_decodes()
+        if len(tenants) < 2:
+            return cap, None, 0
+        limit = max(1, budget)
+        share = fair_share(limit, len(tenants))
+        # the prompts of tenants within their share are prefilled whole, as they would be
+        # alone; those of a tenant past it wait for room its own decodes leave
+        heavy = {tenant for tenant, decodes in tenants.items() if decodes > share}
+        return min(cap, limit + self.prompt_tokens(excluding=heavy)), limit, len(tenants)
+
+    def _prefill_floor(self, now: float) -> int:
+        """Prefill tokens a step takes at least: of each prompt awaiting its first token
+        (being prefilled, or the nearest deadlines of the queue), the share that finishes it
+        within its TTFT target if every step until then takes the TPOT target. Without it, a
+        TPOT budget just above the running decodes would feed a prompt a token or two a step.
+        The caller bounds it by the longest step (`max_step_seconds`): prompts already late
+        would otherwise ask for all of their tokens at once, and that step would hold back
+        every running request, other tenants' too."""
+        c = self.config
+        floor = 0
+        for seq in itertools.chain(self.running, self.waiting.oldest()):
+            if seq.first_token_time is None:
+                left = c.ttft_target_s - (now - seq.arrival)
+                steps = max(1, int(left / c.tpot_target_s))
+                floor += -(-seq.pending // steps)
+        return floor
+
+    def schedule(self, budget: int | None = None, decode_limit: int | None = None,
+                 tenants: int = 0) -> StepPlan:
         """The chunks of the next step, at most `budget` tokens (default: the config's).
         `decode_limit`: how many decodes the step may hold when more are ready and several
-        tenants decode (each tenant's fair share of them: `_fair_decodes`); None: all."""
+        tenants are at work (each tenant's fair share of them: `_fair_decodes`); None: all.
+        `tenants`: how many are at work, when the caller counted them (0: counted here)."""
         budget = self.config.max_batched_tokens if budget is None else budget
         plan = StepPlan()
-        budget -= self._schedule_decodes(plan, decode_limit)
+        budget -= self._schedule_decodes(plan, decode_limit, tenants)
         self._schedule_prefills(plan, min(budget, self.config.max_batched_tokens - plan.num_tokens))
         self.counters["steps"] += 1
         self.counters["decode_tokens"] += sum(c.num_tokens for c in plan.chunks
@@ -177,14 +226,14 @@ class Scheduler:
         return sum(s.pending for s in itertools.chain(self.running, self.waiting)
                    if s.first_token_time is None and s.tenant not in excluding)
 
-    def _schedule_decodes(self, plan: StepPlan, limit: int | None) -> int:
+    def _schedule_decodes(self, plan: StepPlan, limit: int | None, tenants: int) -> int:
         """Every running sequence's next token, within the hard cap; past `limit` decodes,
         each tenant's fair share of them. A running request is never paused for a new one,
         only for another tenant's share."""
         used, cap = 0, self.config.max_batched_tokens
         ready = [s for s in self.running if s.state is SeqState.RUNNING and s.pending == 1]
         if limit is not None and len(ready) > limit:
-            ready = _fair_decodes(ready, limit, len(self.tenant_decodes()))
+            ready = _fair_decodes(ready, limit, tenants or len(self.tenant_decodes()))
         for seq in ready:
             if seq.state is not SeqState.RUNNING or used >= cap:  # preempted meanwhile
                 continue
