@@ -258,15 +258,45 @@ def test_the_prefill_floor_of_late_prompts_is_bounded_by_the_longest_step():
     _execute(scheduler, scheduler.schedule())
     assert scheduler.decoding == 1
 
-    def tokens_within(seconds: float) -> int:  # 10 ms per token
-        return int(seconds / 0.01)
+    step_time = StepTimeModel(prior=(0.0, 0.01, 0.0, 0.0, 0.0, 0.0))  # 10 ms a token
+
+    def tokens_within(seconds: float) -> int:
+        return step_time.inference_budget(seconds, config.max_batched_tokens)
 
     fresh = Sequence("fresh", [1] * 80, SamplingParams(max_tokens=4), arrival=now, tenant="a")
     scheduler.add(fresh)
-    tokens, limit, _ = scheduler.slo_budget(tokens_within, now)
+    tokens, limit, _ = scheduler.slo_budget(step_time, now)
     assert (tokens, limit) == (25, None)  # the TPOT budget covers 1 decode + 80/8 of the prompt
     for i in range(20):
         scheduler.add(Sequence(f"late{i}", [1] * 200, SamplingParams(max_tokens=4),
                                arrival=now - 5, tenant=f"t{i}"))
-    tokens, limit, _ = scheduler.slo_budget(tokens_within, now)
+    tokens, limit, _ = scheduler.slo_budget(step_time, now)
     assert tokens == 1 + tokens_within(config.ttft_target_s / 2)  # not 1 + 10 + 20 * 200
+
+
+@pytest.mark.parametrize("isolation", [1.5, 3.0, 0.0])
+def test_beside_a_flood_a_light_tenants_step_stays_within_its_isolation_bound(isolation):
+    """30 decoding requests of one tenant beside one of another's. The TPOT target would let
+    a step hold all 31 decodes (0.25 s); the light tenant alone would step in 56 ms. Its steps
+    take at most `isolation` times that: the flood decodes the rest of such a step, and the
+    light request decodes in every one. 0: no bound (every decode, as the target allows)."""
+    config = SchedulerConfig(max_batched_tokens=512, max_running=100, tenant_isolation=isolation)
+    scheduler = Scheduler(config, PagedKVCache(CONFIG, num_blocks=400, block_size=4))
+    step_time = StepTimeModel(prior=(0.05, 0.006, 0.0, 0.0, 0.0, 0.0))
+    for i in range(30):
+        scheduler.add(Sequence(f"a{i}", [1] * 2, SamplingParams(max_tokens=50), tenant="flood"))
+    scheduler.add(Sequence("b", [1] * 2, SamplingParams(max_tokens=50), tenant="light"))
+    _execute(scheduler, scheduler.schedule())
+    for seq in scheduler.running:
+        seq.first_token_time = 0.0
+    assert scheduler.decoding == 31
+    for _ in range(5):
+        plan = scheduler.schedule(*scheduler.slo_budget(step_time, now=0.0))
+        tenants = Counter(c.seq.tenant for c in plan.chunks)
+        assert tenants["light"] == 1
+        if isolation:
+            assert step_time.predict(plan.num_tokens) <= isolation * step_time.predict(1)
+            assert tenants["flood"] >= 1
+        else:
+            assert tenants["flood"] == 30
+        _execute(scheduler, plan)

@@ -72,3 +72,16 @@ def test_logprobs_a_request_may_ask_for_are_bounded_by_default():
 def test_health_turns_not_serving_after_a_minute_of_a_wedged_engine_by_default():
     assert parse().health_stall_seconds == 60.0
     assert parse("--health-stall-seconds", "2.5").health_stall_seconds == 2.5
+
+
+def test_tenant_isolation_defaults_to_the_engines_and_takes_zero_or_a_factor():
+    assert parse().tenant_isolation == EngineConfig.tenant_isolation == 1.5
+    assert [parse("--tenant-isolation", v).tenant_isolation for v in ("0", "1", "4")] == \
+        [0.0, 1.0, 4.0]
+
+
+@pytest.mark.parametrize("value", ["0.5", "-1", "inf", "nan", "fair"])
+def test_a_tenant_isolation_below_one_or_not_a_number_is_refused(value, capsys):
+    with pytest.raises(SystemExit):
+        parse("--tenant-isolation", value)
+    assert "0 or a factor of 1 or more, such as 1.5" in capsys.readouterr().err

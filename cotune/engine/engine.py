@@ -49,6 +49,7 @@ class EngineConfig:
     max_running: int = 128  # sequences in the cache at once
     ttft_target_s: float = 2.0  # serving SLOs that size each step
     tpot_target_s: float = 0.25
+    tenant_isolation: float = 1.5  # SchedulerConfig.tenant_isolation
     # The window over which a job's share of step time is measured against its floor
     # (FinetuneSpec.min_share).
     share_window_s: float = 10.0
@@ -130,7 +131,8 @@ class Engine:
                                   dtype=weight.dtype, device=weight.device)
         self.scheduler = Scheduler(SchedulerConfig(
             config.max_batched_tokens, config.max_running, config.ttft_target_s,
-            config.tpot_target_s), self.cache, admit=self._admit, release=self._release)
+            config.tpot_target_s, tenant_isolation=config.tenant_isolation), self.cache,
+            admit=self._admit, release=self._release)
         self.step_time = StepTimeModel()
         # (when, step seconds, trainer or None, its training seconds) over share_window_s
         self._recent_steps: deque[tuple[float, float, Trainer | None, float]] = deque()
@@ -249,7 +251,7 @@ class Engine:
         started = time.perf_counter()
         serving, training = self._phase()
         plan = self.scheduler.schedule(*self.scheduler.slo_budget(
-            self._tokens_within, time.monotonic())) if serving else StepPlan()
+            self.step_time, time.monotonic())) if serving else StepPlan()
         # Rows of one adapter side by side: fewer segments for the LoRA ops.
         chunks = sorted(plan.chunks, key=lambda c: -1 if c.seq.slot is None else c.seq.slot)
         trainer, work = self._plan_training(plan.num_tokens) if training else (None, None)
@@ -381,10 +383,6 @@ class Engine:
             return True, True
         serving_phase = int(time.monotonic() / slice_s) % 2 == 0
         return serving_phase, not serving_phase
-
-    def _tokens_within(self, seconds: float) -> int:
-        """The most inference tokens a step may hold and take at most `seconds`."""
-        return self.step_time.inference_budget(seconds, self.config.max_batched_tokens)
 
     def _plan_training(self, inference_tokens: int):
         """(trainer, its work in this step) for the first job in turn that has work that

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from cotune.engine.kv_cache import PagedKVCache
 from cotune.engine.sequence import SeqState, Sequence
+from cotune.engine.step_time import StepTimeModel
 from cotune.engine.waiting import WaitingQueue
 
 
@@ -35,6 +36,9 @@ class SchedulerConfig:
     tpot_target_s: float = 0.25  # time per output token a running request should get
     tenant_memory: float = 0.99  # per step, how much of a tenant's served tokens is remembered
     max_slot_waits: int = 8  # steps a request refused an adapter slot lets others pass it
+    # While a tenant floods, the longest step beside another tenant's few requests, as a
+    # multiple of the step those requests would take alone (0: no bound, only fair shares)
+    tenant_isolation: float = 1.5
 
 
 class Admission(enum.Enum):
@@ -118,35 +122,45 @@ class Scheduler:
         self.cache.free(seq.id)
         seq.state = SeqState.FINISHED
 
-    def slo_budget(self, tokens_within: Callable[[float], int], now: float
-                   ) -> tuple[int, int | None, int]:
+    def slo_budget(self, step_time: StepTimeModel, now: float) -> tuple[int, int | None, int]:
         """(the step's inference tokens, the decodes it may hold: None for all, the tenants
-        at work), for `schedule`; `tokens_within(seconds)` is the most tokens a step of
-        `seconds` holds. While requests decode, the largest step that keeps their time per
-        output token, and at least the prefill floor; otherwise the cap (prefills then finish
-        as fast as they can). When even the running decodes alone cannot meet the target, no
-        budget can: with one tenant decoding the cap then gives the most throughput; with
-        several tenants at work (decoding, or with prompts to prefill), the step keeps the
-        target with each tenant's fair share of the decodes it holds, and the prompts of the
-        tenants within their share whole (a tenant with few requests is not slowed by
-        another's many)."""
-        cap = self.config.max_batched_tokens
-        decodes = self.decoding
+        at work), for `schedule`, from the measured step time.
+
+        One tenant at work: while requests decode, the largest step that keeps their time per
+        output token, and at least the prefill floor; past what the target allows (or with
+        no decodes), the cap, which then gives the most throughput.
+
+        Several tenants at work (decoding, or with prompts to prefill): a tenant past its
+        fair share of the decodes the TPOT target allows is heavy, the others light. The
+        step keeps the light tenants' work whole (their decodes and prompts, as they would
+        run alone), and the heavy ones share the decodes of a step no longer than
+        `tenant_isolation` times the light work's own step: one tenant's flood then makes
+        its own tokens slower, not the few requests of another tenant. Without heavy
+        tenants, a TPOT target the decodes cannot keep is kept with each tenant's fair share
+        of them."""
+        c = self.config
+        cap, decodes = c.max_batched_tokens, self.decoding
         if not decodes:
             return cap, None, 0
-        budget = tokens_within(self.config.tpot_target_s)
-        if budget > decodes:
-            floor = min(self._prefill_floor(now), tokens_within(self.max_step_seconds))
-            return min(cap, max(budget, decodes + floor)), None, 0
+        budget = step_time.inference_budget(c.tpot_target_s, cap)
         tenants = self.tenant_decodes()
-        if len(tenants) < 2:
-            return cap, None, 0
-        limit = max(1, budget)
-        share = fair_share(limit, len(tenants))
-        # the prompts of tenants within their share are prefilled whole, as they would be
-        # alone; those of a tenant past it wait for room its own decodes leave
-        heavy = {tenant for tenant, decodes in tenants.items() if decodes > share}
-        return min(cap, limit + self.prompt_tokens(excluding=heavy)), limit, len(tenants)
+        if len(tenants) > 1:
+            limit = max(1, budget)
+            share = fair_share(limit, len(tenants))
+            heavy = {tenant for tenant, count in tenants.items() if count > share}
+            prompts = self.prompt_tokens(excluding=heavy)  # the light tenants', prefilled whole
+            if heavy and c.tenant_isolation:
+                light = sum(count for tenant, count in tenants.items() if tenant not in heavy)
+                alone = step_time.predict(light + prompts)
+                isolated = step_time.inference_budget(c.tenant_isolation * alone, cap)
+                limit = max(light + len(heavy), min(limit, isolated - prompts))
+            if heavy or budget <= decodes:
+                return min(cap, limit + prompts), limit, len(tenants)
+        if budget > decodes:
+            floor = min(self._prefill_floor(now),
+                        step_time.inference_budget(self.max_step_seconds, cap))
+            return min(cap, max(budget, decodes + floor)), None, 0
+        return cap, None, 0
 
     def _prefill_floor(self, now: float) -> int:
         """Prefill tokens a step takes at least: of each prompt awaiting its first token
@@ -155,7 +169,7 @@ class Scheduler:
         TPOT budget just above the running decodes would feed a prompt a token or two a step.
         The caller bounds it by the longest step (`max_step_seconds`): prompts already late
         would otherwise ask for all of their tokens at once, and that step would hold back
-        every running request, other tenants' too."""
+        every running request."""
         c = self.config
         floor = 0
         for seq in itertools.chain(self.running, self.waiting.oldest()):

@@ -130,6 +130,7 @@ class CotuneServer:
         options = dict(dtype=args.dtype, max_rank=args.max_rank, num_slots=args.num_slots,
                        host_cache_mb=args.host_cache_mb, kv_cache_tokens=args.kv_cache_tokens,
                        ttft_target_s=args.ttft_target, tpot_target_s=args.tpot_target,
+                       tenant_isolation=args.tenant_isolation,
                        num_threads=args.threads, time_slice_s=args.time_slice,
                        training_threads=self._training_threads(args))
         if self.rank is None:

@@ -41,6 +41,17 @@ def whole_number(text: str) -> int:
     return value
 
 
+def isolation_factor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value == 0 or 1 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not 0 or a factor of 1 or more, such "
+                                         "as 1.5")
+    return value
+
+
 def default_data_dir() -> Path:
     return Path(os.environ.get("COTUNE_DATA_DIR", Path.home() / ".local/share/cotune"))
 
@@ -90,7 +101,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                      help="time to first token a request should see")
     slo.add_argument("--tpot-target", type=positive_seconds, default=0.25, metavar="SECONDS",
                      help="time per output token a decoding request should see")
-
+    slo.add_argument("--tenant-isolation", type=isolation_factor, default=1.5,
+                     metavar="FACTOR",
+                     help="while one tenant floods, the longest step beside another tenant's "
+                          "few requests, as a multiple of the step those would take alone "
+                          "(the flood's own tokens slow down instead); 0: no bound, only fair "
+                          "shares of what the TPOT target allows")
     slo.add_argument("--training-threads", type=whole_number, default=None, metavar="N",
                      help="torch threads of a training lane: jobs train on a thread of their "
                      "own beside the serving steps, on the cores those leave idle; 0: jobs "
