@@ -40,12 +40,13 @@ SYSTEMS = ("unloaded", "isolated", "fair shares", "one tenant")
 SERVER_OF = {"unloaded": None, "isolated": None, "fair shares": "0", "one tenant": None}
 
 
-def _call_seconds(client: Client, prompt: str, max_tokens: int) -> tuple[float, int]:
-    """(seconds from the call to its last token, tokens generated)."""
-    started, tokens = time.monotonic(), 0
+def _call_seconds(client: Client, prompt: str, max_tokens: int,
+                  on_tokens=lambda count: None) -> float:
+    """Seconds from the call to its last token; `on_tokens(count)` as tokens arrive."""
+    started = time.monotonic()
     for delta in client.generate(prompt, max_tokens=max_tokens, timeout=600):
-        tokens += len(delta.token_ids)
-    return time.monotonic() - started, tokens
+        on_tokens(len(delta.token_ids))
+    return time.monotonic() - started
 
 
 class Flood:
@@ -63,10 +64,12 @@ class Flood:
         i = k
         while not self._stop.is_set():
             prompt = _CHAT.format(f"Tell a long story about the number {i}.")
-            _, tokens = _call_seconds(client, prompt, FLOOD_TOKENS)
-            with self._lock:
-                self.tokens += tokens
+            _call_seconds(client, prompt, FLOOD_TOKENS, self._count)  # as they stream
             i += len(self._threads)
+
+    def _count(self, tokens: int) -> None:
+        with self._lock:
+            self.tokens += tokens
 
     def stop(self) -> None:
         self._stop.set()
@@ -79,7 +82,7 @@ def _light_calls(client: Client, duration: float) -> list[float]:
     latencies, stop, i = [], time.monotonic() + duration, 0
     while time.monotonic() < stop:
         prompt = _CHAT.format(f"Name a colour ({i}).")
-        latencies.append(_call_seconds(client, prompt, SMALL_TOKENS)[0])
+        latencies.append(_call_seconds(client, prompt, SMALL_TOKENS))
         i += 1
     return latencies
 

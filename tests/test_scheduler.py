@@ -300,3 +300,24 @@ def test_beside_a_flood_a_light_tenants_step_stays_within_its_isolation_bound(is
         else:
             assert tenants["flood"] == 30
         _execute(scheduler, plan)
+
+
+def test_a_light_tenant_between_requests_keeps_the_flood_bounded_for_a_ttft_target():
+    """An interactive client sends its next request soon after the last ends: for a TTFT
+    target after a tenant last had work, the flood's steps stay bounded as if it were there
+    (a step in progress is what its next request would wait out); past that, they are not."""
+    config = SchedulerConfig(max_batched_tokens=512, max_running=100, ttft_target_s=2.0)
+    scheduler = Scheduler(config, PagedKVCache(CONFIG, num_blocks=400, block_size=4))
+    step_time = StepTimeModel(prior=(0.05, 0.006, 0.0, 0.0, 0.0, 0.0))
+    for i in range(30):
+        scheduler.add(Sequence(f"a{i}", [1] * 2, SamplingParams(max_tokens=50), tenant="flood"))
+    light = Sequence("b", [1] * 2, SamplingParams(max_tokens=50), tenant="light")
+    scheduler.add(light)
+    _execute(scheduler, scheduler.schedule())
+    for seq in scheduler.running:
+        seq.first_token_time = 0.0
+    bounded = scheduler.slo_budget(step_time, now=10.0)
+    scheduler.abort(light)  # its request ended
+    assert scheduler.slo_budget(step_time, now=11.5)[:2] == bounded[:2] == (5, 5)  # flood's
+    tokens, limit, _ = scheduler.slo_budget(step_time, now=12.5)
+    assert (tokens, limit) == (config.max_batched_tokens, None)  # one tenant, past the target

@@ -89,6 +89,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.counters: Counter[str] = Counter()  # decisions, for metrics
         self.tenant_tokens: Counter[str] = Counter()  # recent tokens served, decaying
+        self._last_work: dict[str, float] = {}  # tenant -> when it last had work (slo_budget)
 
     @property
     def has_work(self) -> bool:
@@ -130,20 +131,21 @@ class Scheduler:
         output token, and at least the prefill floor; past what the target allows (or with
         no decodes), the cap, which then gives the most throughput.
 
-        Several tenants at work (decoding, or with prompts to prefill): a tenant past its
-        fair share of the decodes the TPOT target allows is heavy, the others light. The
-        step keeps the light tenants' work whole (their decodes and prompts, as they would
-        run alone), and the heavy ones share the decodes of a step no longer than
-        `tenant_isolation` times the light work's own step: one tenant's flood then makes
-        its own tokens slower, not the few requests of another tenant. Without heavy
-        tenants, a TPOT target the decodes cannot keep is kept with each tenant's fair share
-        of them."""
+        Several tenants at work (decoding, or with prompts to prefill, or with requests
+        within the last TTFT target: an interactive client sends its next request soon): a
+        tenant past its fair share of the decodes the TPOT target allows is heavy, the others
+        light. The step keeps the light tenants' work whole (their decodes and prompts, as
+        they would run alone), and the heavy ones get the rest of a step no longer than
+        `tenant_isolation` times the light work's own step (half of it for their prompts
+        while they have some): one tenant's flood then makes its own tokens slower, not the
+        few requests of another tenant. Without heavy tenants, a TPOT target the decodes
+        cannot keep is kept with each tenant's fair share of them."""
         c = self.config
         cap, decodes = c.max_batched_tokens, self.decoding
+        tenants = self._tenants_at_work(now)
         if not decodes:
             return cap, None, 0
         budget = step_time.inference_budget(c.tpot_target_s, cap)
-        tenants = self.tenant_decodes()
         if len(tenants) > 1:
             limit = max(1, budget)
             share = fair_share(limit, len(tenants))
@@ -151,9 +153,12 @@ class Scheduler:
             prompts = self.prompt_tokens(excluding=heavy)  # the light tenants', prefilled whole
             if heavy and c.tenant_isolation:
                 light = sum(count for tenant, count in tenants.items() if tenant not in heavy)
-                alone = step_time.predict(light + prompts)
+                alone = step_time.predict(max(1, light + prompts))
                 isolated = step_time.inference_budget(c.tenant_isolation * alone, cap)
-                limit = max(light + len(heavy), min(limit, isolated - prompts))
+                room = min(isolated - prompts, limit) - light  # and within the TPOT target
+                waiting = self.prompt_tokens(excluding=set(tenants) - heavy)
+                limit = light + max(len(heavy), room // 2 if waiting else room)
+                return min(cap, max(limit, light + room) + prompts), limit, len(tenants)
             if heavy or budget <= decodes:
                 return min(cap, limit + prompts), limit, len(tenants)
         if budget > decodes:
@@ -161,6 +166,20 @@ class Scheduler:
                         step_time.inference_budget(self.max_step_seconds, cap))
             return min(cap, max(budget, decodes + floor)), None, 0
         return cap, None, 0
+
+    def _tenants_at_work(self, now: float) -> Counter[str]:
+        """`tenant_decodes`, and (with 0) the tenants that had work within the last TTFT
+        target."""
+        tenants = self.tenant_decodes()
+        for tenant in tenants:
+            self._last_work[tenant] = now
+        horizon = now - self.config.ttft_target_s
+        for tenant, when in list(self._last_work.items()):
+            if when < horizon:
+                del self._last_work[tenant]
+            else:
+                tenants.setdefault(tenant, 0)
+        return tenants
 
     def _prefill_floor(self, now: float) -> int:
         """Prefill tokens a step takes at least: of each prompt awaiting its first token
