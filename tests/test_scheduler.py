@@ -320,4 +320,5 @@ def test_a_light_tenant_between_requests_keeps_the_flood_bounded_for_a_ttft_targ
     scheduler.abort(light)  # its request ended
     assert scheduler.slo_budget(step_time, now=11.5)[:2] == bounded[:2] == (5, 5)  # flood's
     tokens, limit, _ = scheduler.slo_budget(step_time, now=12.5)
-    assert (tokens, limit) == (config.max_batched_tokens, None)  # one tenant, past the target
+    # one tenant, past the target: every decode, in the step the TPOT target allows
+    assert (tokens, limit) == (step_time.inference_budget(config.tpot_target_s, 512), None)
