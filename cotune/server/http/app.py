@@ -45,7 +45,8 @@ def build_app(backend: Backend) -> Starlette:
         return JSONResponse({"status": "SERVING" if serving else "NOT_SERVING"},
                             200 if serving else 503)
 
-    routes = [Route("/health", health, methods=["GET"]), *models.routes(backend),
+    routes = [Route("/health", health, methods=["GET"]),
+              *models.routes(backend),
               *completions.routes(backend),
               *chat.routes(backend)]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
