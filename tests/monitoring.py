@@ -23,8 +23,10 @@ DASHBOARD = ROOT / "deploy/helm/cotune/files/cotune-dashboard.json"
 RENDER_PANELS = ROOT / "deploy/grafana/render_panels.py"
 
 # What Grafana puts in place of the dashboard's variables, as the tests evaluate the queries:
-# every job, tenant and adapter, and a rate window of a minute (scrapes are 1 s apart).
-VARIABLES = {"__rate_interval": "1m", "job": ".*", "tenant": ".*", "adapter": ".*"}
+# every job, tenant, adapter and protocol, and a rate window of a minute (scrapes are 1 s
+# apart).
+VARIABLES = {"__rate_interval": "1m", "job": ".*", "tenant": ".*", "adapter": ".*",
+             "protocol": ".*"}
 # Labels that the scrape adds to every series, and histograms' own.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container"}
 
@@ -114,12 +116,13 @@ def exposed_series() -> dict[str, set[str]]:
 
 
 def label_values() -> dict[str, set[str]]:
-    """The closed label sets of metrics.py: reason, kind, state, result."""
+    """The closed label sets of metrics.py: reason, kind, state, result, protocol."""
     from cotune.server import metrics
 
     return {"reason": set(metrics.REJECTION_REASONS),
             "kind": set(metrics.STEP_TOKEN_KINDS) | set(metrics.SLO_KINDS),
-            "state": set(JOB_STATES), "result": {"met", "missed"}}
+            "state": set(JOB_STATES), "result": {"met", "missed"},
+            "protocol": set(metrics.PROTOCOLS)}
 
 
 def check_selectors(expr: str, where: str) -> list[str]:

@@ -4,7 +4,15 @@ tests/test_dashboard_live.py runs the queries against a real Prometheus."""
 
 from __future__ import annotations
 
-from monitoring import VARIABLES, check_selectors, dashboard, panels, substitute
+from monitoring import (
+    VARIABLES,
+    check_selectors,
+    dashboard,
+    exposed_series,
+    panels,
+    selectors,
+    substitute,
+)
 
 ROWS = ["Serving", "Training", "Adapters", "Tenants", "Capacity"]
 
@@ -16,7 +24,7 @@ def test_the_dashboard_has_its_uid_rows_and_a_templated_prometheus_datasource():
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    for name in ("tenant", "adapter"):
+    for name in ("tenant", "adapter", "protocol"):
         assert variables[name]["multi"] and variables[name]["includeAll"], name
         # "All" must match the base model's requests too, whose adapter label is empty.
         assert variables[name]["allValue"] == ".*", name
@@ -69,4 +77,18 @@ def test_queries_use_only_the_variables_the_tests_can_substitute():
                     body = expr.split(series + "{", 1)[1].split("}", 1)[0]
                     assert 'tenant=~"$tenant"' in body and 'adapter=~"$adapter"' in body, \
                         panel["title"]
-    assert set(VARIABLES) >= {"__rate_interval", "tenant", "adapter"}
+    assert set(VARIABLES) >= {"__rate_interval", "tenant", "adapter", "protocol"}
+
+
+def test_every_per_call_series_follows_the_protocol_variable():
+    """A dashboard set to one protocol (grpc or http) shows that protocol's calls only."""
+    per_call = {name for name, labels in exposed_series().items() if "protocol" in labels}
+    assert {"cotune_requests_total", "cotune_time_to_first_token_seconds_bucket"} <= per_call
+    for panel in panels(dashboard()):
+        for target in panel["targets"]:
+            for name, matchers in selectors(target["expr"]):
+                if name in per_call:
+                    assert ("protocol", "=~", "$protocol") in matchers, panel["title"]
+    protocols = next(v for v in dashboard()["templating"]["list"] if v["name"] == "protocol")
+    assert protocols["query"]["query"] == \
+        'label_values(cotune_requests_total{job=~"$job"}, protocol)'

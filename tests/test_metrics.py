@@ -65,13 +65,15 @@ def test_generations_count_requests_tokens_latency_steps_and_adapter_loads(serve
     def grew(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
 
-    ok = dict(tenant="admin", adapter="first", status="OK")
+    # a gRPC call: protocol "grpc" (tests/test_http_generation.py counts HTTP calls)
+    ok = dict(tenant="admin", adapter="first", status="OK", protocol="grpc")
     assert grew("cotune_requests_total", **ok) == 1
-    assert grew("cotune_generated_tokens_total", tenant="admin", adapter="first") == tokens == 5
-    assert grew("cotune_prompt_tokens_total", tenant="admin", adapter="first") > 0
-    assert grew("cotune_time_to_first_token_seconds_count", tenant="admin") == 1
-    assert grew("cotune_inter_token_latency_seconds_count", tenant="admin") == 4
-    assert grew("cotune_request_duration_seconds_count", tenant="admin") == 1
+    call = dict(tenant="admin", protocol="grpc")
+    assert grew("cotune_generated_tokens_total", adapter="first", **call) == tokens == 5
+    assert grew("cotune_prompt_tokens_total", adapter="first", **call) > 0
+    assert grew("cotune_time_to_first_token_seconds_count", **call) == 1
+    assert grew("cotune_inter_token_latency_seconds_count", **call) == 4
+    assert grew("cotune_request_duration_seconds_count", **call) == 1
     assert grew("cotune_step_tokens_total", kind="decode") >= 4
     assert grew("cotune_step_tokens_total", kind="prefill") > 0
     assert grew("cotune_step_duration_seconds_count") >= 5
@@ -86,7 +88,7 @@ def test_generations_count_requests_tokens_latency_steps_and_adapter_loads(serve
     assert value(after, "cotune_adapter_slots_used") >= 1
     assert value(after, "cotune_adapter_slots") == 8
     assert 0 <= value(after, "cotune_kv_cache_usage_ratio") <= 1
-    assert value(after, "cotune_requests_in_flight", tenant="admin") == 0
+    assert value(after, "cotune_requests_in_flight", **call) == 0
 
 
 def test_refusals_count_by_status_and_rejections_by_reason(served):
@@ -110,7 +112,7 @@ def test_refusals_count_by_status_and_rejections_by_reason(served):
     assert grew("cotune_requests_total", tenant="metered", status="NOT_FOUND") == 1
     assert grew("cotune_requests_total", tenant="metered", status="RESOURCE_EXHAUSTED") == 1
     assert grew("cotune_admission_rejections_total", tenant="metered",
-                reason="tenant_queue") == 1
+                reason="tenant_queue", protocol="grpc") == 1
 
 
 def test_a_job_counts_steps_tokens_loss_and_its_end(served):

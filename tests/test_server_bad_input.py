@@ -12,15 +12,19 @@ import shutil
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
 import torch
+from conftest import CHATML, tiny_tokenizer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file, save_file
 from server_helpers import running_server, tiny_adapter_dir
 from wire import Caller
 
+from cotune.server.errors import RpcError
+from cotune.server.inference_service import InferenceService
 from cotune.v1 import adapters_pb2, common_pb2, inference_pb2, tenants_pb2, training_pb2
 
 pytestmark = pytest.mark.slow
@@ -389,8 +393,17 @@ def ids(*values: int) -> inference_pb2.GenerateRequest:
     return inference_pb2.GenerateRequest(prompt_token_ids=inference_pb2.TokenIds(ids=values))
 
 
+def chat(*messages: tuple[str, str]) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(chat=inference_pb2.ChatMessages(messages=[
+        inference_pb2.ChatMessage(role=role, content=content) for role, content in messages]))
+
+
 BAD_GENERATE = {
-    "no input": (inference_pb2.GenerateRequest(), "no input; set prompt or prompt_token_ids"),
+    "no input": (inference_pb2.GenerateRequest(),
+                 "no input; set prompt, prompt_token_ids or chat"),
+    "a chat of no messages": (chat(), "chat has no messages"),
+    "a chat role the template has no turn for": (
+        chat(("tool", "x")), "chat.messages[0].role is 'tool'; accepted: system, user, assistant"),
     "empty prompt": (inference_pb2.GenerateRequest(prompt=""), "prompt is empty"),
     "no token ids": (ids(), f"non-empty list of ids in [0, {VOCAB})"),
     "token id = vocab": (ids(5, VOCAB), f"in [0, {VOCAB}); got {VOCAB}"),
@@ -706,3 +719,30 @@ def test_after_the_bad_input_the_server_serves_and_logged_no_server_fault(server
     faults = [line for line in server.output if " ERROR " in line or "Traceback" in line]
     assert faults == []
     assert server.proc.poll() is None
+
+
+def _chat_service(chat_template: str | None):
+    """An InferenceService whose runtime has only a tokenizer: enough to read a chat input."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = chat_template
+    return InferenceService(None, None, SimpleNamespace(tokenizer=tokenizer), None,
+                            inference_pb2.ModelInfo(name="tiny"), None, 20), tokenizer
+
+
+def test_a_chat_is_rendered_by_the_models_template_with_the_assistants_turn_opened():
+    service, tokenizer = _chat_service(CHATML)
+    ids = service._prompt_ids(chat(("system", "be brief"), ("user", "hi")))
+    assert tokenizer.decode(ids) == ("<|im_start|>system\nbe brief<|im_end|>\n"
+                                     "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("template, fragment", [
+    (None, "the model 'tiny' has no chat template; send a prompt"),
+    ("{{ raise_exception('roles must alternate') }}",
+     "the model's chat template rejects this conversation: roles must alternate"),
+])
+def test_a_chat_the_model_cannot_render_is_invalid(template, fragment):
+    service, _ = _chat_service(template)
+    with pytest.raises(RpcError) as refused:
+        service._prompt_ids(chat(("user", "hi")))
+    assert refused.value.code == INVALID and fragment in refused.value.message

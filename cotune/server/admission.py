@@ -98,12 +98,14 @@ class OpenStreams:
         self.limit, self.per_tenant = limit, per_tenant
         self._lock = threading.Lock()
         self._open: Counter[str] = Counter()  # tenant -> its calls held open
-        # Called as on_refused(tenant) for each call refused here: the server's metrics.
-        self.on_refused: Callable[[str], None] | None = None
+        # Called as on_refused(tenant, protocol) for each call refused here: the server's
+        # metrics.
+        self.on_refused: Callable[[str, str], None] | None = None
 
     @contextmanager
-    def hold(self, tenant: TenantRecord):
-        """A place for one call of `tenant` while the block runs, or RESOURCE_EXHAUSTED."""
+    def hold(self, tenant: TenantRecord, protocol: str):
+        """A place for one call of `tenant` while the block runs, or RESOURCE_EXHAUSTED;
+        `protocol` is only counted (metrics.PROTOCOLS)."""
         name = tenant.name
         with self._lock:
             refusal = self._refusal(tenant)
@@ -111,7 +113,7 @@ class OpenStreams:
                 self._open[name] += 1
         if refusal is not None:
             if self.on_refused is not None:
-                self.on_refused(name)
+                self.on_refused(name, protocol)
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
         try:
             yield

@@ -82,8 +82,8 @@ class CotuneServer:
         self.runtime = self._load_runtime(args)
         self.gate = Gate(self.registry, open_streams)
         self.metrics = Metrics(args.metrics_top_adapters)
-        open_streams.on_refused = lambda tenant: \
-            self.metrics.open_stream_refusals.labels(tenant).inc()
+        open_streams.on_refused = lambda tenant, protocol: \
+            self.metrics.open_stream_refusals.labels(tenant, protocol).inc()
         self.metrics.watch(self.runtime)
         self.jobs = JobManager(self.runtime, self.registry, data_dir / "jobs", self.metrics,
                                args.worker_id, args.keep_training_states)

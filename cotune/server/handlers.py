@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError
 from cotune.adapters.registry import Registry, TenantRecord
 from cotune.server.admission import OpenStreams
 from cotune.server.errors import status_of
+from cotune.server.metrics import protocol_of
 
 log = logging.getLogger("cotune.server")
 
@@ -58,15 +59,16 @@ def rpc(admin: bool = False, held_open: bool = False):
     gate's open_streams while it runs."""
 
     def decorate(method):
-        def places(self, tenant: TenantRecord):
-            return self.gate.open_streams.hold(tenant) if held_open else nullcontext()
+        def places(self, tenant: TenantRecord, context):
+            return self.gate.open_streams.hold(tenant, protocol_of(context)) if held_open \
+                else nullcontext()
 
         if inspect.isgeneratorfunction(method):
             @functools.wraps(method)
             def stream(self, request, context):
                 tenant = self.gate.caller(context, admin)
                 try:
-                    with places(self, tenant):
+                    with places(self, tenant, context):
                         yield from method(self, request, context, tenant)
                 except Exception as e:  # noqa: BLE001 - every error gets a status
                     _abort(context, method, e)
@@ -76,7 +78,7 @@ def rpc(admin: bool = False, held_open: bool = False):
         def unary(self, request, context):
             tenant = self.gate.caller(context, admin)
             try:
-                with places(self, tenant):
+                with places(self, tenant, context):
                     return method(self, request, context, tenant)
             except Exception as e:  # noqa: BLE001 - every error gets a status
                 _abort(context, method, e)

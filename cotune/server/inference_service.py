@@ -1,5 +1,6 @@
 """InferenceService: generation streamed from the shared runtime. A request runs on the
-caller's own adapter versions only; its id is scoped to the caller's tenant."""
+caller's own adapter versions only; its id is scoped to the caller's tenant. A chat input is
+rendered here by the model's own chat template, so that gRPC and HTTP callers get the same."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from cotune.engine.runtime import Request, Runtime
 from cotune.server.admission import Admission, Rejected
 from cotune.server.errors import RpcError, invalid, status_of
 from cotune.server.handlers import Gate, rpc
-from cotune.server.metrics import Metrics
+from cotune.server.metrics import Metrics, protocol_of
 from cotune.server.names import parse_reference, reference, runtime_key
 from cotune.v1 import inference_pb2, inference_pb2_grpc
 
@@ -24,6 +25,7 @@ FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINI
           "abort": inference_pb2.FINISH_REASON_ABORT}
 MAX_TEXT_BYTES = 1 << 20
 MAX_REQUEST_ID = 256  # characters: every response echoes it
+CHAT_ROLES = ("system", "user", "assistant")  # as the training data's messages form
 
 
 class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
@@ -38,9 +40,10 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     @rpc()
     def Generate(self, request, context, tenant):
         label = self.metrics.adapter_label(tenant.name, request.adapter.split("@", 1)[0])
+        protocol = protocol_of(context)
         status = grpc.StatusCode.OK
         try:
-            yield from self._generate(request, context, tenant, label)
+            yield from self._generate(request, context, tenant, label, protocol)
             if not context.is_active():  # the stream ended because the call did
                 status = _gone(context)
         except GeneratorExit:
@@ -48,14 +51,14 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             raise
         except Exception as e:
             if isinstance(e, Rejected):
-                self.metrics.rejections.labels(tenant.name, e.reason).inc()
+                self.metrics.rejections.labels(tenant.name, e.reason, protocol).inc()
             known = status_of(e)
             status = grpc.StatusCode.INTERNAL if known is None else known[0]
             raise
         finally:
-            self.metrics.requests.labels(tenant.name, label, status.name).inc()
+            self.metrics.requests.labels(tenant.name, label, status.name, protocol).inc()
 
-    def _generate(self, request, context, tenant: TenantRecord, label: str):
+    def _generate(self, request, context, tenant: TenantRecord, label: str, protocol: str):
         _check_request_id(request.request_id)
         prompt_ids = self._prompt_ids(request)
         served, adapter = self._adapter(tenant, request.adapter)
@@ -65,8 +68,8 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         engine_request.request_id = engine_id
         m = self.metrics
         with self.admission.request(tenant, len(prompt_ids)), self._claim(engine_id), \
-                _in_flight(m.in_flight.labels(tenant.name)):
-            m.prompt_tokens.labels(tenant.name, label).inc(len(prompt_ids))
+                _in_flight(m.in_flight.labels(tenant.name, protocol)):
+            m.prompt_tokens.labels(tenant.name, label, protocol).inc(len(prompt_ids))
             # A cancelled call or a passed deadline aborts the request in the engine at once.
             context.add_callback(lambda: self.runtime.abort(engine_id))
             start = last = time.monotonic()
@@ -76,21 +79,23 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                 if count:
                     if ttft is None:
                         ttft = now - start
-                        m.ttft.labels(tenant.name).observe(ttft)
+                        m.ttft.labels(tenant.name, protocol).observe(ttft)
                     else:
                         for _ in range(count):  # tokens sampled together share the gap
-                            m.inter_token.labels(tenant.name).observe((now - last) / count)
+                            m.inter_token.labels(tenant.name, protocol).observe(
+                                (now - last) / count)
                     last = now
                 generated += count
-                m.generated_tokens.labels(tenant.name, label).inc(count)
+                m.generated_tokens.labels(tenant.name, label, protocol).inc(count)
                 self.admission.count_tokens(tenant.name, count)
                 response = inference_pb2.GenerateResponse(
                     request_id=engine_id.split("/", 1)[1], token_ids=delta.token_ids,
-                    text=delta.text, logprobs=[_logprob(lp) for lp in delta.logprobs if lp],
+                    text=delta.text,
+                    logprobs=[self._logprob(lp) for lp in delta.logprobs if lp],
                     adapter=served)
                 served = ""  # named on the first message only
                 if delta.finish_reason is not None:
-                    m.e2e.labels(tenant.name).observe(now - start)
+                    m.e2e.labels(tenant.name, protocol).observe(now - start)
                     response.finish_reason = FINISH[delta.finish_reason]
                     response.usage.CopyFrom(inference_pb2.Usage(
                         prompt_tokens=len(prompt_ids), completion_tokens=generated,
@@ -118,7 +123,9 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     def _prompt_ids(self, request) -> list[int]:
         kind = request.WhichOneof("input")
         if kind is None:
-            raise invalid("the request has no input; set prompt or prompt_token_ids")
+            raise invalid("the request has no input; set prompt, prompt_token_ids or chat")
+        if kind == "chat":
+            return self._chat_ids(request.chat.messages)
         if kind == "prompt":
             if not request.prompt:
                 raise invalid("prompt is empty")
@@ -132,6 +139,39 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             raise invalid(f"prompt_token_ids must be a non-empty list of ids in [0, {vocab}); "
                           f"got {'an empty list' if not ids else bad}")
         return ids
+
+    def _chat_ids(self, messages) -> list[int]:
+        """The conversation as the model's chat template renders it, the assistant's turn
+        opened."""
+        if not messages:
+            raise invalid("chat has no messages; accepted: one or more messages with a role "
+                          f"({', '.join(CHAT_ROLES)}) and a content")
+        for i, message in enumerate(messages):
+            if message.role not in CHAT_ROLES:
+                raise invalid(f"chat.messages[{i}].role is {message.role[:40]!r}; accepted: "
+                              f"{', '.join(CHAT_ROLES)}")
+        if sum(len(m.content.encode()) for m in messages) > MAX_TEXT_BYTES:
+            raise invalid(f"the chat's contents exceed {MAX_TEXT_BYTES >> 20} MiB")
+        tokenizer = self.runtime.tokenizer
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise invalid(f"the model {self.model_info.name!r} has no chat template; send a "
+                          "prompt (text or token ids) instead")
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in messages], tokenize=False,
+                add_generation_prompt=True)
+        except Exception as e:  # the template's own checks (e.g. roles must alternate)
+            raise invalid(f"the model's chat template rejects this conversation: {e}") from None
+        # The template writes the special tokens itself (a BOS among them, where it has one).
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    def _logprob(self, lp) -> inference_pb2.TokenLogprob:
+        """`lp` with each token's text, so that callers need no tokenizer of their own."""
+        text = self.runtime.tokenizer.decode
+        return inference_pb2.TokenLogprob(
+            token_id=lp.token_id, logprob=lp.logprob, token=text([lp.token_id]),
+            top=[inference_pb2.TopLogprob(token_id=t, logprob=p, token=text([t]))
+                 for t, p in lp.top])
 
     def _check_fits(self, request: Request) -> None:
         """The checks the engine would make inside its step, made here: a request it refused
@@ -206,9 +246,3 @@ def _engine_request(request, prompt_ids: list[int], adapter: tuple[str, Path] | 
     return Request(prompt_token_ids=prompt_ids, adapter=key, adapter_path=path, stop=list(s.stop),
                    stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
                    tenant=tenant, **fields)
-
-
-def _logprob(lp) -> inference_pb2.TokenLogprob:
-    return inference_pb2.TokenLogprob(
-        token_id=lp.token_id, logprob=lp.logprob,
-        top=[inference_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top])

@@ -3,7 +3,9 @@
 Counters and histograms, never pre-computed rates; units in the names. Label sets are
 bounded: `tenant` by the registry (tenants are created by admins), `adapter` by
 `AdapterLabels` (the busiest N adapter names of the tenant, the rest as "other"), `status`
-by the gRPC codes, `reason` and `kind` by the lists below.
+by the gRPC codes, `reason`, `kind` and `protocol` by the lists below. `protocol` says which
+front a call came through: "http" for the OpenAI-compatible front (which marks its calls
+underneath with PROTOCOL_METADATA), "grpc" for every other call.
 
 Who feeds what:
 - the InferenceService: requests, latencies, prompt and generated tokens, admissions;
@@ -28,6 +30,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 OTHER = "other"
+PROTOCOLS = ("grpc", "http")
+PROTOCOL_METADATA = "cotune-protocol"
 REJECTION_REASONS = ("server_queue", "tenant_queue", "tokens_per_minute")
 STEP_TOKEN_KINDS = ("decode", "prefill", "training", "backward")
 SLO_KINDS = ("ttft", "tpot", "both")
@@ -75,6 +79,13 @@ class AdapterLabels:
         self._recounted = time.monotonic()
 
 
+def protocol_of(context) -> str:
+    """The `protocol` label of a gRPC call: its PROTOCOL_METADATA when that is one of
+    PROTOCOLS, else "grpc" (any other value would make the label set unbounded)."""
+    values = [v for k, v in context.invocation_metadata() if k == PROTOCOL_METADATA]
+    return values[0] if len(values) == 1 and values[0] in PROTOCOLS else PROTOCOLS[0]
+
+
 class Metrics:
     """Every metric of the server, in a registry of its own (so tests can run several)."""
 
@@ -82,30 +93,31 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.adapter_label = AdapterLabels(top_adapters)
         # Requests and latency.
+        # Per call: each by the `protocol` of the front the call came through.
         self.requests = Counter("cotune_requests", "Generate calls by final gRPC status",
-                                ["tenant", "adapter", "status"], registry=r)
+                                ["tenant", "adapter", "status", "protocol"], registry=r)
         self.ttft = Histogram("cotune_time_to_first_token_seconds",
-                              "arrival to first token", ["tenant"], buckets=LATENCY_BUCKETS,
-                              registry=r)
+                              "arrival to first token", ["tenant", "protocol"],
+                              buckets=LATENCY_BUCKETS, registry=r)
         self.inter_token = Histogram("cotune_inter_token_latency_seconds",
-                                     "time between a request's successive tokens", ["tenant"],
-                                     buckets=LATENCY_BUCKETS, registry=r)
+                                     "time between a request's successive tokens",
+                                     ["tenant", "protocol"], buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("cotune_request_duration_seconds", "arrival to the last token",
-                             ["tenant"], buckets=LATENCY_BUCKETS, registry=r)
+                             ["tenant", "protocol"], buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("cotune_prompt_tokens", "prompt tokens of admitted requests",
-                                     ["tenant", "adapter"], registry=r)
+                                     ["tenant", "adapter", "protocol"], registry=r)
         self.generated_tokens = Counter("cotune_generated_tokens", "tokens generated",
-                                        ["tenant", "adapter"], registry=r)
+                                        ["tenant", "adapter", "protocol"], registry=r)
         self.rejections = Counter("cotune_admission_rejections",
-                                  "generations refused at admission", ["tenant", "reason"],
-                                  registry=r)
+                                  "generations refused at admission",
+                                  ["tenant", "reason", "protocol"], registry=r)
         self.open_stream_refusals = Counter(
             "cotune_open_stream_refusals",
             "uploads, exports and job watches refused past --max-open-streams or "
-            "--max-open-streams-per-tenant", ["tenant"],
+            "--max-open-streams-per-tenant", ["tenant", "protocol"],
             registry=r)
         self.in_flight = Gauge("cotune_requests_in_flight", "admitted generations not yet done",
-                               ["tenant"], registry=r)
+                               ["tenant", "protocol"], registry=r)
         # Steps.
         self.step_tokens = Counter("cotune_step_tokens", "tokens computed in engine steps and "
                                    "the passes of its training lane", ["kind"], registry=r)

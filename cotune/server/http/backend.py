@@ -9,14 +9,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.requests import Request
 
 from cotune.server.http.errors import ApiError
+from cotune.server.metrics import PROTOCOL_METADATA
 from cotune.v1 import (
     adapters_pb2_grpc,
+    inference_pb2,
     inference_pb2_grpc,
     training_pb2_grpc,
 )
 
 MAX_MESSAGE_BYTES = 64 << 20  # as the gRPC server's own bound
-PROTOCOL_HEADER = "cotune-protocol"  # the metrics' `protocol` label of the call underneath
 
 
 class Backend:
@@ -25,6 +26,7 @@ class Backend:
     def __init__(self, target: str):
         self.target = target
         self.channel: grpc.aio.Channel | None = None
+        self._base_model: str | None = None
 
     def open(self) -> None:
         self.channel = grpc.aio.insecure_channel(self.target, options=[
@@ -38,6 +40,15 @@ class Backend:
     async def close(self) -> None:
         if self.channel is not None:
             await self.channel.close()
+
+    async def base_model(self, metadata) -> str:
+        """The base model's id, as GetModelInfo names it; asked once, as it never changes
+        while the server runs."""
+        if self._base_model is None:
+            info = await self.inference.GetModelInfo(inference_pb2.GetModelInfoRequest(),
+                                                     metadata=metadata)
+            self._base_model = info.name
+        return self._base_model
 
     async def serving(self) -> bool:
         """What grpc.health.v1 says of the server as a whole."""
@@ -60,4 +71,4 @@ def metadata(request: Request) -> tuple[tuple[str, str], ...]:
         raise ApiError(401, f"{len(headers)} Authorization headers; accepted: exactly one, "
                        "'Authorization: Bearer <token>'", "authentication_error",
                        code="invalid_token")
-    return ("authorization", headers[0]), (PROTOCOL_HEADER, "http")
+    return ("authorization", headers[0]), (PROTOCOL_METADATA, "http")
