@@ -25,13 +25,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from cotune import bounded_json
-from cotune.server.http import models
+from cotune.server.http import files, fine_tuning, models
 from cotune.server.http.backend import Backend
-from cotune.server.http.errors import ApiError, from_grpc, invalid
+from cotune.server.http.errors import ApiError, from_grpc
 
 log = logging.getLogger("cotune.http")
-MAX_BODY_BYTES = 64 << 20  # JSON bodies; as the gRPC server's message bound
 START_TIMEOUT_S = 30
 
 
@@ -47,24 +45,11 @@ def build_app(backend: Backend) -> Starlette:
         return JSONResponse({"status": "SERVING" if serving else "NOT_SERVING"},
                             200 if serving else 503)
 
-    routes = [Route("/health", health, methods=["GET"]), *models.routes(backend)]
+    routes = [Route("/health", health, methods=["GET"]), *models.routes(backend),
+              *files.routes(backend), *fine_tuning.routes(backend)]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         ApiError: _api_error, grpc.RpcError: _grpc_error, HTTPException: _http_error,
         Exception: _server_error})
-
-
-async def json_body(request: Request) -> dict:
-    """The request's JSON object; 400 naming what is accepted when it is not one."""
-    data = await request.body()
-    if len(data) > MAX_BODY_BYTES:
-        raise invalid(f"the body has {len(data)} bytes; accepted: at most {MAX_BODY_BYTES}")
-    try:
-        body = bounded_json.loads(data)
-    except ValueError as e:
-        raise invalid(f"the body is not valid JSON ({e}); accepted: a JSON object") from None
-    if not isinstance(body, dict):
-        raise invalid(f"the body is a JSON {type(body).__name__}; accepted: a JSON object")
-    return body
 
 
 async def _api_error(request: Request, error: ApiError) -> JSONResponse:

@@ -11,6 +11,8 @@ from starlette.requests import Request
 from cotune.server.http.errors import ApiError
 from cotune.v1 import (
     adapters_pb2_grpc,
+    files_pb2_grpc,
+    inference_pb2,
     inference_pb2_grpc,
     training_pb2_grpc,
 )
@@ -33,11 +35,18 @@ class Backend:
         self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.adapters = adapters_pb2_grpc.AdapterServiceStub(self.channel)
         self.training = training_pb2_grpc.TrainingServiceStub(self.channel)
+        self.files = files_pb2_grpc.FileServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     async def close(self) -> None:
         if self.channel is not None:
             await self.channel.close()
+
+    async def base_model(self, request: Request) -> str:
+        """The base model's id (GetModelInfo's name), as the caller may ask for it."""
+        info = await self.inference.GetModelInfo(inference_pb2.GetModelInfoRequest(),
+                                                 metadata=metadata(request))
+        return info.name
 
     async def serving(self) -> bool:
         """What grpc.health.v1 says of the server as a whole."""

@@ -11,23 +11,18 @@ from starlette.routing import Route
 
 from cotune.server.http.backend import Backend, metadata
 from cotune.server.http.errors import from_grpc, not_found
-from cotune.v1 import adapters_pb2, inference_pb2
+from cotune.v1 import adapters_pb2
 
 PAGE = 1000  # adapters per ListAdapters call
 
 
 def routes(backend: Backend) -> list[Route]:
-    async def base_name(request: Request) -> str:
-        info = await backend.inference.GetModelInfo(inference_pb2.GetModelInfoRequest(),
-                                                    metadata=metadata(request))
-        return info.name
-
     def card(id: str, created: int, base: str, adapter: bool) -> dict:
         return {"id": id, "object": "model", "created": created, "owned_by": "cotune",
                 "root": base, "parent": base if adapter else None}
 
     async def list_models(request: Request) -> JSONResponse:
-        base = await base_name(request)
+        base = await backend.base_model(request)
         cards = [card(base, 0, base, adapter=False)]
         token = ""
         while True:
@@ -42,7 +37,7 @@ def routes(backend: Backend) -> list[Route]:
 
     async def get_model(request: Request) -> JSONResponse:
         model = request.path_params["model"]
-        base = await base_name(request)
+        base = await backend.base_model(request)
         if model == base:
             return JSONResponse(card(base, 0, base, adapter=False))
         name, _, version = model.partition("@")
