@@ -63,7 +63,7 @@ def job_object(job: training_pb2.Job, base: str) -> dict:
         "id": job.id, "object": "fine_tuning.job", "created_at": job.create_time.seconds,
         "model": f"{job.adapter}@v{int(parent)}" if parent else base,
         "fine_tuned_model": job.adapter if job.versions else None,
-        "status": STATUS.get(job.state, "queued"),
+        "status": STATUS[job.state],
         "finished_at": job.update_time.seconds if job.state in FINISHED else None,
         "hyperparameters": hyperparameters, "training_file": job.training_file or None,
         "validation_file": None, "result_files": [],
@@ -229,8 +229,8 @@ def _hyperparameters(body: dict) -> dict:
         value = given.get(name, "auto")
         if value == "auto":
             continue
-        whole = isinstance(value, int) and not isinstance(value, bool)
-        if not (whole if kind is int else whole or isinstance(value, float)) or value <= 0:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or value <= 0 or not isinstance(value, kind | int):  # 2 is a float too
             raise invalid(f"{name} {value!r} not accepted; accepted: \"auto\" or a positive "
                           f"{'whole number' if kind is int else 'number'}", name)
         settings[name] = value
