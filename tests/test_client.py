@@ -169,6 +169,28 @@ def test_a_job_publishes_its_checkpoints_as_versions(client):
     assert [v.provenance["job_id"] for v in client.adapters.versions("trained")] == [job.id] * 2
 
 
+def test_a_job_trains_on_an_uploaded_file_and_its_events_are_read_back(client, tmp_path):
+    path = tmp_path / "cats.jsonl"
+    path.write_bytes(b'{"text": "the cat sat on the mat"}\n' * 4)
+    file = client.files.upload(path)
+    assert (file.filename, file.size_bytes) == ("cats.jsonl", path.stat().st_size)
+    assert client.files.get(file.id) == file and client.files.content(file.id) == \
+        path.read_bytes()
+    assert file.id in [f.id for f in client.files.list(purpose="fine-tune")]
+    with pytest.raises(InvalidArgument, match="upload.jsonl:1: invalid JSON"):
+        client.files.upload(b"not json\n")
+    job = client.jobs.create("from-file", training_file=file.id, batch_size=2)
+    assert job.training_file == file.id
+    assert client.jobs.wait(job.id, timeout=60).state == "succeeded"
+    events = list(client.jobs.events(job.id, page_size=2))  # over several pages
+    assert [e.sequence for e in events] == list(range(len(events), 0, -1))
+    assert (events[0].kind, events[0].state) == ("state", "succeeded")
+    assert [e.version for e in events if e.kind == "checkpoint"] == ["from-file@v1"]
+    client.files.delete(file.id)
+    with pytest.raises(NotFound):
+        client.files.get(file.id)
+
+
 def test_tenants_see_only_their_own_adapters_and_quotas_change_one_at_a_time(server, client,
                                                                              adapter_dirs):
     client.tenants.create("quiet", quotas=Quotas(max_adapters=5, max_concurrent_jobs=1))

@@ -1,7 +1,8 @@
 """The registry: tenants and their tokens and quotas, adapters with immutable versions and
-provenance, and fine-tuning jobs. The server calls it from its request threads; the embedded
-default is SQLite (`cotune.adapters.sqlite_registry`), and a networked database can implement
-the same interface later.
+provenance, fine-tuning jobs with their events, and the files tenants upload for jobs. The
+server calls it from its request threads; the embedded default is SQLite
+(`cotune.adapters.sqlite_registry`), and a networked database can implement the same interface
+later.
 
 Names: tenants and adapters are 1-128 letters, digits, '.', '_' or '-', starting with a
 letter or digit (so no name is a path). Versions count from 1 per adapter and are never
@@ -17,6 +18,7 @@ from typing import Protocol
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+JOB_EVENT_KINDS = ("state", "error", "progress", "evaluation", "checkpoint")
 UNFINISHED_JOB_STATES = ("queued", "running")
 
 
@@ -46,6 +48,13 @@ class QuotaExceeded(RegistryError):
     def __init__(self, limit: str, message: str):
         super().__init__(message)
         self.limit = limit
+
+
+def files_refusal(tenant: str, count: int) -> str:
+    """Why `tenant`, with `count` files, may upload no more (QuotaExceeded("max_files"))."""
+    return (f"tenant {tenant!r} has {count} files, the most this server keeps per tenant; "
+            "delete a file you no longer need, or ask the operator to start the server with "
+            "a higher --max-files-per-tenant")
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,33 @@ class JobRecord:
     versions: tuple[int, ...] = ()
     progress: dict = field(default_factory=dict)  # step, total_steps, tokens, loss, eval_loss
     owner: str = ""  # the worker that runs it (its --worker-id); "" before owners existed
+    training_file: str = ""  # the id of the file it trains on; "" for data sent inline
+
+
+@dataclass(frozen=True)
+class JobEventRecord:
+    """One stored event of a job; `sequence` counts from 1 per job. `data` by `kind`:
+    state {state}, error {error}, progress {step, total_steps, loss, tokens,
+    tokens_per_second}, evaluation {step, metrics}, checkpoint {step, version, metrics}."""
+
+    job_id: str
+    sequence: int
+    time: float
+    kind: str  # one of JOB_EVENT_KINDS
+    data: dict
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """An uploaded file; `path` holds its bytes while the record exists."""
+
+    id: str  # "file-" and 24 hex digits, made by the registry
+    tenant: str
+    filename: str  # the client's label, never a path
+    purpose: str
+    size_bytes: int
+    created: float
+    path: Path
 
 
 @dataclass(frozen=True)
@@ -131,6 +167,7 @@ class TenantDeletion:
     versions: int
     tokens: int
     jobs: tuple[JobRecord, ...]  # every job of the tenant, as it was before the deletion
+    files: int = 0
 
 
 class Registry(Protocol):
@@ -169,7 +206,8 @@ class Registry(Protocol):
 
     def delete_tenant(self, name: str) -> TenantDeletion:
         """Deletes tenant `name` with its tokens (they stop authenticating at once), its
-        adapters with every version, and its jobs, in one transaction. The name may be
+        adapters with every version, its jobs with their events, and its files, in one
+        transaction. The name may be
         created again: the new tenant starts empty and never reuses a version number of the
         old one. Raises NotFound, FailedPrecondition (an admin tenant: the server must keep
         its admins)."""
@@ -211,10 +249,12 @@ class Registry(Protocol):
         NotFound."""
 
     # --- jobs ---------------------------------------------------------------------------
-    def create_job(self, tenant: str, adapter: str, spec: dict, owner: str = "") -> JobRecord:
-        """A queued job with a fresh id ("job-<hex>"), run by worker `owner`. Raises
-        InvalidName, QuotaExceeded("max_concurrent_jobs") when the tenant has that many queued
-        or running."""
+    def create_job(self, tenant: str, adapter: str, spec: dict, owner: str = "",
+                   training_file: str = "") -> JobRecord:
+        """A queued job with a fresh id ("job-<hex>"), run by worker `owner`, and its first
+        event (state queued). `training_file`: the id of the file it trains on, recorded
+        only. Raises InvalidName, QuotaExceeded("max_concurrent_jobs") when the tenant has
+        that many queued or running."""
 
     def get_job(self, tenant: str | None, job_id: str) -> JobRecord:
         """Raises NotFound (also for other tenants' jobs). `tenant` None: any tenant's (for
@@ -228,13 +268,42 @@ class Registry(Protocol):
     def update_job(self, job_id: str, *, state: str | None = None, error: str | None = None,
                    version: int | None = None, progress: dict | None = None) -> JobRecord:
         """Records a state change, an error, a published version (appended) and/or the
-        latest progress (replaces the previous). Raises NotFound."""
+        latest progress (replaces the previous). A change of state is stored as a "state"
+        event, and an error set with it as an "error" event, in the same transaction: a job's
+        events never miss a state it was in. Raises NotFound."""
 
     def unfinished_jobs(self, owner: str | None = None) -> list[JobRecord]:
         """Queued and running jobs, oldest first: what a restart resumes. None: every
         worker's; a worker id: that worker's, after it claimed the unowned ones (jobs of a
         registry from before owners) in the same transaction, so that of workers starting
         together on one registry exactly one resumes each."""
+
+    def add_job_event(self, job_id: str, kind: str, data: dict, time: float) -> int:
+        """Stores an event of the job (JobEventRecord); returns its sequence. Raises NotFound
+        (a job deleted with its tenant), ValueError (an unknown kind)."""
+
+    def list_job_events(self, tenant: str, job_id: str, before: int | None = None,
+                        limit: int = 50) -> list[JobEventRecord]:
+        """The job's events, newest first, those with a sequence below `before`. Raises
+        NotFound (also for other tenants' jobs)."""
+
+    # --- files --------------------------------------------------------------------------
+    def add_file(self, tenant: str, filename: str, purpose: str, staged: Path,
+                 max_files: int = 0) -> FileRecord:
+        """Moves the file `staged` (on the registry's filesystem, already checked by the
+        caller) into the store as a new file of `tenant`, atomically: a crash leaves the
+        whole file and its record or neither. Raises NotFound (no such tenant),
+        QuotaExceeded("max_files") when the tenant has `max_files` files (0: no limit)."""
+
+    def get_file(self, tenant: str, file_id: str) -> FileRecord:
+        """Raises NotFound (also for other tenants' files and for ids of no file's form)."""
+
+    def list_files(self, tenant: str, purpose: str = "", after: str | None = None,
+                   limit: int = 50) -> list[FileRecord]:
+        """The tenant's files (of `purpose`, "" any), newest first, after `after` (an id)."""
+
+    def delete_file(self, tenant: str, file_id: str) -> None:
+        """Deletes the record, then the bytes. Raises NotFound."""
 
     def close(self) -> None:
         ...

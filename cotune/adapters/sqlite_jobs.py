@@ -1,5 +1,6 @@
-"""Fine-tuning jobs in the SQLite registry, and the claim of unowned jobs by the worker that
-resumes them (jobs.owner: the id of the worker that runs the job, '' while none does)."""
+"""Fine-tuning jobs in the SQLite registry with their events, and the claim of unowned jobs by
+the worker that resumes them (jobs.owner: the id of the worker that runs the job, '' while none
+does)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import sqlite3
 import time
 
 from cotune.adapters.registry import (
+    JOB_EVENT_KINDS,
     JOB_STATES,
     UNFINISHED_JOB_STATES,
+    JobEventRecord,
     JobRecord,
     NotFound,
     QuotaExceeded,
@@ -23,12 +26,13 @@ from cotune.adapters.sqlite_tenants import load_tenant
 class SqliteJobs(SqliteDatabase):
     """The job calls of the Registry."""
 
-    def create_job(self, tenant: str, adapter: str, spec: dict, owner: str = "") -> JobRecord:
+    def create_job(self, tenant: str, adapter: str, spec: dict, owner: str = "",
+                   training_file: str = "") -> JobRecord:
         check_name("adapter", adapter)
         now = time.time()
         job = JobRecord(id=f"job-{secrets.token_hex(8)}", tenant=tenant, adapter=adapter,
                         state="queued", spec=json.loads(json.dumps(spec)), error="",
-                        created=now, updated=now, owner=owner)
+                        created=now, updated=now, owner=owner, training_file=training_file)
         with self._transaction(write=True) as db:
             limit = load_tenant(db, tenant).quotas.max_concurrent_jobs
             count = db.execute(
@@ -41,10 +45,11 @@ class SqliteJobs(SqliteDatabase):
                     f"max_concurrent_jobs quota is {limit}; wait for one to finish, cancel one, "
                     "or ask an administrator to raise max_concurrent_jobs"))
             db.execute("INSERT INTO jobs (id, tenant, adapter, state, spec, error, created, "
-                       "updated, versions, progress, owner) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, '[]', '{}', ?)",
+                       "updated, versions, progress, owner, training_file) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, '[]', '{}', ?, ?)",
                        (job.id, tenant, adapter, job.state, json.dumps(job.spec), job.error,
-                        now, now, owner))
+                        now, now, owner, training_file))
+            _insert_event(db, job.id, "state", {"state": job.state}, now)
         return job
 
     def get_job(self, tenant: str | None, job_id: str) -> JobRecord:
@@ -95,7 +100,33 @@ class SqliteJobs(SqliteDatabase):
                        "updated = ? WHERE id = ?",
                        (job.state, job.error, json.dumps(job.versions), json.dumps(job.progress),
                         job.updated, job_id))
+            if job.state != row["state"]:
+                _insert_event(db, job_id, "state", {"state": job.state}, job.updated)
+                if error:
+                    _insert_event(db, job_id, "error", {"error": error}, job.updated)
         return job
+
+    def add_job_event(self, job_id: str, kind: str, data: dict, time: float) -> int:
+        if kind not in JOB_EVENT_KINDS:
+            raise ValueError(f"job event kind {kind!r} is invalid; accepted: "
+                             f"{', '.join(JOB_EVENT_KINDS)}")
+        with self._transaction(write=True) as db:
+            if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+                raise NotFound(f"job {job_id!r} not found")
+            return _insert_event(db, job_id, kind, data, time)
+
+    def list_job_events(self, tenant: str, job_id: str, before: int | None = None,
+                        limit: int = 50) -> list[JobEventRecord]:
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE id = ? AND tenant = ?",
+                          (job_id, tenant)).fetchone() is None:
+                raise NotFound(f"job {job_id!r} not found")
+            rows = db.execute("SELECT * FROM job_events WHERE job_id = ? AND sequence < ? "
+                              "ORDER BY sequence DESC LIMIT ?",
+                              (job_id, 2**63 - 1 if before is None else before,
+                               checked_limit(limit))).fetchall()
+        return [JobEventRecord(job_id=row["job_id"], sequence=row["sequence"], time=row["time"],
+                               kind=row["kind"], data=json.loads(row["data"])) for row in rows]
 
     def unfinished_jobs(self, owner: str | None = None) -> list[JobRecord]:
         unfinished = f"state IN ({', '.join('?' * len(UNFINISHED_JOB_STATES))})"
@@ -117,12 +148,22 @@ def _of_tenant(tenant: str | None) -> tuple[str, list]:
     return ("tenant = ?", [tenant]) if tenant is not None else ("1", [])
 
 
+def _insert_event(db: sqlite3.Connection, job_id: str, kind: str, data: dict,
+                  time: float) -> int:
+    sequence = db.execute("SELECT COALESCE(MAX(sequence), 0) + 1 FROM job_events "
+                          "WHERE job_id = ?", (job_id,)).fetchone()[0]
+    db.execute("INSERT INTO job_events (job_id, sequence, time, kind, data) "
+               "VALUES (?, ?, ?, ?, ?)", (job_id, sequence, time, kind, json.dumps(data)))
+    return sequence
+
+
 def job_record(row: sqlite3.Row) -> JobRecord:
     return JobRecord(id=row["id"], tenant=row["tenant"], adapter=row["adapter"],
                      state=row["state"], spec=json.loads(row["spec"]), error=row["error"],
                      created=row["created"], updated=row["updated"],
                      versions=tuple(json.loads(row["versions"])),
-                     progress=json.loads(row["progress"]), owner=row["owner"])
+                     progress=json.loads(row["progress"]), owner=row["owner"],
+                     training_file=row["training_file"])
 
 
 def _checked_state(state: str) -> str:

@@ -17,19 +17,20 @@ directory or a volume mounted on one node), not a network filesystem.
 
 One module per concern, joined here into one class: sqlite_schema (the schema, the connection
 and its transactions, the open and its sweep), sqlite_tenants (tenants and tokens),
-sqlite_versions (adapters and versions) and sqlite_jobs (jobs and their owners); the deletion
-of a tenant, which spans them all, is here.
+sqlite_versions (adapters and versions), sqlite_jobs (jobs, their owners and events) and
+sqlite_files (uploaded files); the deletion of a tenant, which spans them all, is here.
 """
 
 from __future__ import annotations
 
 from cotune.adapters.registry import FailedPrecondition, TenantDeletion
+from cotune.adapters.sqlite_files import SqliteFiles
 from cotune.adapters.sqlite_jobs import SqliteJobs, job_record
 from cotune.adapters.sqlite_tenants import SqliteTenants, load_tenant
 from cotune.adapters.sqlite_versions import SqliteVersions
 
 
-class SqliteRegistry(SqliteTenants, SqliteVersions, SqliteJobs):
+class SqliteRegistry(SqliteTenants, SqliteVersions, SqliteJobs, SqliteFiles):
     """The Registry on one SQLite file; safe to call from any thread."""
 
     def delete_tenant(self, name: str) -> TenantDeletion:
@@ -47,8 +48,15 @@ class SqliteRegistry(SqliteTenants, SqliteVersions, SqliteJobs):
             adapters = db.execute("DELETE FROM adapters WHERE tenant = ?",  # versions cascade
                                   (name,)).rowcount
             tokens = db.execute("DELETE FROM tokens WHERE tenant = ?", (name,)).rowcount
-            db.execute("DELETE FROM jobs WHERE tenant = ?", (name,))
+            db.execute("DELETE FROM jobs WHERE tenant = ?", (name,))  # their events cascade
+            file_ids = [row[0] for row in db.execute("SELECT id FROM files WHERE tenant = ?",
+                                                     (name,))]
+            db.execute("DELETE FROM files WHERE tenant = ?", (name,))
             db.execute("UPDATE tenants SET deleted = 1 WHERE name = ?", (name,))
-        for blob_id in blob_ids:  # after the commit: a crash here leaves blobs the sweep removes
+        # after the commit: a crash here leaves blobs and files the sweep removes
+        for blob_id in blob_ids:
             self._blobs.remove(blob_id)
-        return TenantDeletion(adapters=adapters, versions=len(blob_ids), tokens=tokens, jobs=jobs)
+        for file_id in file_ids:
+            self._files.remove(file_id)
+        return TenantDeletion(adapters=adapters, versions=len(blob_ids), tokens=tokens, jobs=jobs,
+                              files=len(file_ids))

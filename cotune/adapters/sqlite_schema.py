@@ -15,9 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cotune.adapters.blob_store import BlobStore
+from cotune.adapters.file_store import FileStore
 from cotune.adapters.registry import NAME, InvalidName, Quotas, RegistryError
 
-SCHEMA_VERSION = 3  # 2: jobs.owner, 3: tenants.deleted
+SCHEMA_VERSION = 4  # 2: jobs.owner, 3: tenants.deleted, 4: jobs.training_file, job_events, files
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
     name TEXT PRIMARY KEY,
@@ -77,10 +78,30 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated REAL NOT NULL,
     versions TEXT NOT NULL,  -- JSON list of the versions the job published
     progress TEXT NOT NULL,  -- JSON object, the latest report
-    owner TEXT NOT NULL DEFAULT ''  -- the worker that runs it (its id), since schema 2
+    owner TEXT NOT NULL DEFAULT '',  -- the worker that runs it (its id), since schema 2
+    training_file TEXT NOT NULL DEFAULT ''  -- the file id it trains on, since schema 4
 );
 CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs(tenant, created, id);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, created, id);
+-- What ListJobEvents shows after the fact. A job's events go with it (its tenant's deletion).
+CREATE TABLE IF NOT EXISTS job_events (
+    job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    sequence INTEGER NOT NULL,  -- from 1 per job
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL,  -- JSON object
+    PRIMARY KEY (job_id, sequence)
+);
+-- A file's bytes are data_dir/files/<id>, written before its row and removed after it.
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL REFERENCES tenants(name),
+    filename TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_by_tenant ON files(tenant, created, id);
 """
 
 # A deleted tenant's row stays (tenants.deleted = 1) for its version_counters: a tenant created
@@ -88,6 +109,7 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, created, id);
 _MIGRATIONS = {  # from version
     1: "ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
     2: "ALTER TABLE tenants ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0",
+    3: "ALTER TABLE jobs ADD COLUMN training_file TEXT NOT NULL DEFAULT ''",  # new tables: _SCHEMA
 }
 
 _UNLIMITED = Quotas()
@@ -103,6 +125,7 @@ class SqliteDatabase:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.default_quotas = checked_quotas(default_quotas)
         self._blobs = BlobStore(self.data_dir / "blobs")
+        self._files = FileStore(self.data_dir / "files")
         self._lock = threading.Lock()
         self._dir_lock = os.open(self.data_dir / "registry.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -116,7 +139,9 @@ class SqliteDatabase:
             if alone:
                 with self._transaction() as db:
                     referenced = {row[0] for row in db.execute("SELECT blob_id FROM versions")}
+                    files = {row[0] for row in db.execute("SELECT id FROM files")}
                 self._blobs.sweep(referenced)
+                self._files.sweep(files)
             fcntl.flock(self._dir_lock, fcntl.LOCK_SH)  # held until close: others skip sweeps
         except BaseException:
             os.close(self._dir_lock)

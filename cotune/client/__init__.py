@@ -33,6 +33,7 @@ from cotune.client.types import (
     AdapterVersion,
     Completion,
     Delta,
+    File,
     IssuedToken,
     Job,
     JobEvent,
@@ -48,7 +49,7 @@ from cotune.client.types import (
 __all__ = [
     "Aborted", "Adapter", "AdapterVersion", "AlreadyExists", "AsyncClient", "Cancelled",
     "Client", "Completion", "CotuneError", "DataLoss", "DeadlineExceeded", "Delta",
-    "FailedPrecondition", "Internal", "InvalidArgument", "IssuedToken", "Job", "JobEvent",
+    "FailedPrecondition", "File", "Internal", "InvalidArgument", "IssuedToken", "Job", "JobEvent",
     "ModelInfo", "NotFound", "OutOfRange", "PermissionDenied", "Quotas", "ResourceExhausted",
     "Tenant", "TenantDeletion", "TokenInfo", "TokenLogprob", "Unauthenticated", "Unavailable",
     "Unimplemented", "Unknown", "Usage",

@@ -1,5 +1,5 @@
 """The surface `Client` and `AsyncClient` share: connecting, inference and health. Adapters,
-jobs and tenants are in `namespaces.py`. Written once; see `transport.py` for how one body
+files, jobs and tenants are in `namespaces.py`. Written once; see `transport.py` for how one body
 serves both the sync and the async client."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from types import ModuleType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cotune.client.namespaces import Adapters, Jobs, Tenants
+from cotune.client.namespaces import Adapters, Files, Jobs, Tenants
 from cotune.client.transport import Collect
 from cotune.client.types import Completion, Delta, ModelInfo
 from cotune.v1 import inference_pb2, inference_pb2_grpc
@@ -54,6 +54,7 @@ class ClientBase:
         self._inference = inference_pb2_grpc.InferenceServiceStub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
         self.adapters = Adapters(self._t)
+        self.files = Files(self._t)
         self.jobs = Jobs(self._t)
         self.tenants = Tenants(self._t)
 

@@ -1,5 +1,6 @@
-"""The two PEFT files of an adapter on the client's disk: read for an upload, written by an
-export. Nothing else is ever read or written, whatever the server sends."""
+"""The client's disk in uploads and downloads: the two PEFT files of an adapter, read for an
+upload and written by an export (nothing else is ever read or written, whatever the server
+sends), and a training file read for an upload."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from cotune.client.errors import DataLoss
 from cotune.client.transport import Sink
-from cotune.v1 import adapters_pb2, common_pb2
+from cotune.v1 import adapters_pb2, common_pb2, files_pb2
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CHUNK_BYTES = 1 << 20
@@ -40,6 +41,33 @@ def upload_requests(header: adapters_pb2.CreateAdapterHeader, path: str | os.Pat
                         chunk=common_pb2.FileChunk(path=name, data=data))
                     if len(data) < CHUNK_BYTES:
                         break
+
+    return requests
+
+
+def file_upload_requests(data: str | os.PathLike | bytes, purpose: str, filename: str | None
+                         ) -> Callable[[], Iterator[files_pb2.UploadFileRequest]]:
+    """A function that returns the UploadFile stream of `data` (a file's path or its bytes):
+    the header, then 1 MiB pieces; re-callable for a retry, as `upload_requests`. The name is
+    `filename`, else the path's name ("upload.jsonl" for bytes)."""
+    if isinstance(data, bytes):
+        name = filename or "upload.jsonl"
+    else:
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is not a file")
+        name = filename or path.name
+    header = files_pb2.UploadFileHeader(filename=name, purpose=purpose)
+
+    def requests() -> Iterator[files_pb2.UploadFileRequest]:
+        yield files_pb2.UploadFileRequest(header=header)
+        if isinstance(data, bytes):
+            for start in range(0, len(data), CHUNK_BYTES):
+                yield files_pb2.UploadFileRequest(data=data[start:start + CHUNK_BYTES])
+            return
+        with open(path, "rb") as f:
+            while piece := f.read(CHUNK_BYTES):
+                yield files_pb2.UploadFileRequest(data=piece)
 
     return requests
 

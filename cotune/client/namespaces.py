@@ -1,4 +1,5 @@
-"""`client.adapters`, `client.jobs` and `client.tenants`: written once for both clients.
+"""`client.adapters`, `client.files`, `client.jobs` and `client.tenants`: written once for both
+clients.
 
 With `Client` the methods return values and iterators; with `AsyncClient` the same methods
 return awaitables (`await client.adapters.get(...)`) and async iterators
@@ -11,12 +12,13 @@ import dataclasses
 import os
 from pathlib import Path
 
-from cotune.client.files import ExportWriter, upload_requests
-from cotune.client.transport import Transport, UntilDone
+from cotune.client.files import ExportWriter, file_upload_requests, upload_requests
+from cotune.client.transport import Collect, Transport, UntilDone
 from cotune.client.types import (
     JOB_STATES,
     Adapter,
     AdapterVersion,
+    File,
     IssuedToken,
     Job,
     JobEvent,
@@ -27,6 +29,8 @@ from cotune.client.types import (
 from cotune.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
+    files_pb2,
+    files_pb2_grpc,
     tenants_pb2,
     tenants_pb2_grpc,
     training_pb2,
@@ -99,6 +103,41 @@ class Adapters:
         return self._t.fold(stream, writer)
 
 
+class Files:
+    """The tenant's uploaded files, for fine-tuning jobs (jobs.create(training_file=...))."""
+
+    def __init__(self, transport: Transport):
+        self._t = transport
+        self._stub = files_pb2_grpc.FileServiceStub(transport.channel)
+
+    def upload(self, data: str | os.PathLike | bytes, *, purpose: str = "fine-tune",
+               filename: str | None = None) -> File:
+        """Uploads a JSONL file (its path or its bytes) of lines {"prompt","completion"},
+        {"messages"} or {"text"}; the server checks every line (InvalidArgument names the
+        first bad one) before it keeps the file."""
+        return self._t.upload(self._stub.UploadFile,
+                              file_upload_requests(data, purpose, filename), File.from_pb)
+
+    def get(self, file_id: str) -> File:
+        return self._t.unary(self._stub.GetFile, files_pb2.GetFileRequest(id=file_id),
+                             File.from_pb)
+
+    def list(self, purpose: str = "", page_size: int = 0):
+        """Every file of the tenant (of `purpose`, "" any), newest first."""
+        request = files_pb2.ListFilesRequest(purpose=purpose, page_size=page_size)
+        return self._t.paginate(self._stub.ListFiles, request, "files", File.from_pb)
+
+    def delete(self, file_id: str) -> None:
+        """Deletes the file; jobs made from it keep their own copy of its data."""
+        return self._t.unary(self._stub.DeleteFile, files_pb2.DeleteFileRequest(id=file_id),
+                             lambda _: None)
+
+    def content(self, file_id: str) -> bytes:
+        stream = self._t.stream(self._stub.GetFileContent, files_pb2.GetFileRequest(id=file_id),
+                                lambda piece: piece.data, self._t.timeout)
+        return self._t.fold(stream, Collect(b"".join))
+
+
 class Jobs:
     """The tenant's fine-tuning jobs. Each checkpoint of a job is published as a new version of
     its adapter, servable at once."""
@@ -108,7 +147,8 @@ class Jobs:
         self._stub = training_pb2_grpc.TrainingServiceStub(transport.channel)
 
     def create(self, adapter: str, data: str | os.PathLike | bytes | None = None, *,
-               server_path: str | None = None, rank: int | None = None,
+               training_file: str | None = None, server_path: str | None = None,
+               rank: int | None = None,
                alpha: float | None = None, rslora: bool = False,
                target_modules: list[str] | None = None, dropout: float | None = None,
                lr: float | None = None, weight_decay: float | None = None,
@@ -121,20 +161,22 @@ class Jobs:
                from_scratch: bool = False) -> Job:
         """Starts a job training `adapter` (a new name, or an existing adapter whose next
         versions the job publishes) on `data`: a JSONL file's path or its bytes, with lines
-        {"prompt","completion"}, {"messages"} or {"text"}. `server_path` instead names a JSONL
-        file on the server (admin tokens only). Settings left None take the server's
+        {"prompt","completion"}, {"messages"} or {"text"}. `training_file` instead names one
+        of the tenant's files (files.upload), `server_path` a JSONL file on the server (admin
+        tokens only). Settings left None take the server's
         defaults (see training.proto); an existing adapter continues from its newest version
         with its weights and settings (the Job's hyperparameters name it: parent_version),
         unless `from_scratch`. `min_share`: the share of the server's step time the job keeps
         however busy serving is (by default it trains only in the room the serving SLOs
         leave)."""
-        if (data is None) == (server_path is None):
-            raise ValueError("give the training data (a JSONL path or its bytes) or a "
-                             "server_path, exactly one of them")
+        if sum(given is not None for given in (data, training_file, server_path)) != 1:
+            raise ValueError("give the training data (a JSONL path or its bytes), a "
+                             "training_file or a server_path, exactly one of them")
         if data is not None and not isinstance(data, bytes):
             data = Path(data).read_bytes()
         request = training_pb2.CreateJobRequest(
-            adapter=adapter, training_data=data, server_path=server_path,
+            adapter=adapter, training_data=data, training_file=training_file,
+            server_path=server_path,
             lora=training_pb2.LoraConfig(rank=rank, alpha=alpha, rslora=rslora,
                                          target_modules=target_modules, dropout=dropout),
             optimizer=training_pb2.OptimizerConfig(lr=lr, weight_decay=weight_decay,
@@ -165,6 +207,12 @@ class Jobs:
         return self._t.unary(self._stub.CancelJob,
                              training_pb2.CancelJobRequest(id=job_id, all_tenants=all_tenants),
                              Job.from_pb)
+
+    def events(self, job_id: str, page_size: int = 0):
+        """The job's stored events (JobEvent), newest first: every state change, error,
+        evaluation and checkpoint, and its progress thinned to about 100 events."""
+        request = training_pb2.ListJobEventsRequest(job_id=job_id, page_size=page_size)
+        return self._t.paginate(self._stub.ListJobEvents, request, "events", JobEvent.from_pb)
 
     def watch(self, job_id: str, timeout: float | None = None):
         """The job's events (JobEvent) from its current state until it ends."""
@@ -220,8 +268,9 @@ class Tenants:
             Tenant.from_pb))
 
     def delete(self, name: str) -> TenantDeletion:
-        """Deletes the tenant with its tokens (they stop working at once), adapters and jobs
-        (those running are cancelled). Admin tenants cannot be deleted (FailedPrecondition)."""
+        """Deletes the tenant with its tokens (they stop working at once), adapters, jobs
+        (those running are cancelled) and files. Admin tenants cannot be deleted
+        (FailedPrecondition)."""
         return self._t.unary(self._stub.DeleteTenant,
                              tenants_pb2.DeleteTenantRequest(name=name), TenantDeletion.from_pb)
 

@@ -102,6 +102,7 @@ class Job:
     update_time: datetime | None
     owner: str = ""  # the worker that runs it (a router sends its calls there)
     tenant: str = ""  # whose job it is
+    training_file: str = ""  # the id of the file it trains on ("": data sent inline)
 
     @property
     def done(self) -> bool:
@@ -112,14 +113,16 @@ class Job:
         return cls(m.id, m.adapter, JOB_STATES.get(m.state, "unspecified"), m.step,
                    m.total_steps, m.tokens, _optional(m, "loss"), _optional(m, "eval_loss"),
                    tuple(m.versions), m.error, _struct(m.hyperparameters),
-                   _time(m, "create_time"), _time(m, "update_time"), m.owner, m.tenant)
+                   _time(m, "create_time"), _time(m, "update_time"), m.owner, m.tenant,
+                   m.training_file)
 
 
 @dataclass(frozen=True)
 class JobEvent:
     """One event of a watched job. `kind` says which fields are set:
     state: `state`; progress: `step`, `total_steps`, `loss`, `tokens`, `tokens_per_second`;
-    evaluation: `step`, `metrics`; checkpoint: `step`, `version`; error: `error`."""
+    evaluation: `step`, `metrics`; checkpoint: `step`, `version`, `metrics`; error: `error`.
+    `sequence`: its number among the job's stored events (jobs.events), 0 from jobs.watch."""
 
     job_id: str
     time: datetime | None
@@ -133,11 +136,12 @@ class JobEvent:
     metrics: dict[str, float] | None = None
     version: str | None = None
     error: str | None = None
+    sequence: int = 0
 
     @classmethod
     def from_pb(cls, m) -> JobEvent:
         kind = m.WhichOneof("event")
-        head = dict(job_id=m.job_id, time=_time(m, "time"), kind=kind)
+        head = dict(job_id=m.job_id, time=_time(m, "time"), kind=kind, sequence=m.sequence)
         if kind == "state":
             return cls(**head, state=JOB_STATES.get(m.state, "unspecified"))
         if kind == "progress":
@@ -147,8 +151,24 @@ class JobEvent:
         if kind == "evaluation":
             return cls(**head, step=m.evaluation.step, metrics=dict(m.evaluation.metrics))
         if kind == "checkpoint":
-            return cls(**head, step=m.checkpoint.step, version=m.checkpoint.version)
+            return cls(**head, step=m.checkpoint.step, version=m.checkpoint.version,
+                       metrics=dict(m.checkpoint.metrics))
         return cls(**head, error=m.error)
+
+
+@dataclass(frozen=True)
+class File:
+    """An uploaded file; `id` ("file-...") is what jobs.create(training_file=...) takes."""
+
+    id: str
+    filename: str
+    purpose: str
+    size_bytes: int
+    create_time: datetime | None
+
+    @classmethod
+    def from_pb(cls, m) -> File:
+        return cls(m.id, m.filename, m.purpose, m.size_bytes, _time(m, "create_time"))
 
 
 @dataclass(frozen=True)
@@ -293,11 +313,12 @@ class TenantDeletion:
     jobs_deleted: int
     jobs_cancelled: int  # of the jobs deleted, those that were queued or running
     tokens_deleted: int
+    files_deleted: int = 0
 
     @classmethod
     def from_pb(cls, m) -> TenantDeletion:
         return cls(m.adapters_deleted, m.versions_deleted, m.jobs_deleted, m.jobs_cancelled,
-                   m.tokens_deleted)
+                   m.tokens_deleted, m.files_deleted)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,11 @@ One example per line, in one of three forms (a file uses one form throughout):
 
 The whole file is read and validated before anything is returned: a job never trains on a
 half-read file. Every error names `path:line:`, what was wrong and what is accepted.
+
+`check_training_file` checks a file's lines without a tokenizer (UTF-8, JSON, one form, the
+fields and their types): what an upload can be refused for before any job reads it. What
+depends on the model (a chat template, an EOS token, lengths in tokens) is checked when a job
+reads the file.
 """
 
 from __future__ import annotations
@@ -68,21 +73,9 @@ def read_training_data(path: str | Path, tokenizer, max_length: int = 2048) -> D
     except OSError as e:
         raise DataError(f"{path}: cannot read the training data: {e.strerror}; expected a "
                         f"JSONL file ({ACCEPTED})") from None
-    text = _decode(path, raw)
 
     examples, truncated = [], 0
-    file_form, first_line = None, 0
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        record = _parse(where, line)
-        form = _form_of(where, record)
-        if file_form is None:
-            file_form, first_line = form, number
-        elif form != file_form:
-            raise DataError(f"{where}: this line is in the {form} form but line {first_line} "
-                            f"is in the {file_form} form; a file must use one form throughout")
+    for where, form, record in _records(str(path), raw.split(b"\n")):
         if form == "prompt/completion":
             example = _prompt_completion(where, record, tokenizer)
         elif form == "messages":
@@ -100,9 +93,39 @@ def read_training_data(path: str | Path, tokenizer, max_length: int = 2048) -> D
                                 "tokens; shorten what comes before the targets or raise "
                                 "max_length")
         examples.append(example)
-    if not examples:
-        raise DataError(f"{path}: the file holds no examples; {ACCEPTED}")
     return Dataset(examples, hashlib.sha256(raw).hexdigest(), truncated)
+
+
+def check_training_file(path: Path, name: str) -> int:
+    """Checks the JSONL file at `path` line by line, holding one line at a time, without a
+    tokenizer (see the module's docstring); returns its number of examples. Errors name
+    `name:line`."""
+    with open(path, "rb") as f:
+        return sum(1 for _ in _records(name, f))
+
+
+def _records(name: str, lines):
+    """(where, form, record) of each non-blank line of `lines` (bytes, with or without their
+    newline), every one checked in form and fields; DataError at the first that is not, or
+    when there is none."""
+    file_form, first_line = None, 0
+    for number, line in enumerate(lines, start=1):
+        where = f"{name}:{number}"
+        text = _decode(where, line, first=number == 1)
+        if not text.strip():
+            continue
+        record = _parse(where, text)
+        form = _form_of(where, record)
+        if form == "messages":
+            _check_messages(where, record["messages"])
+        if file_form is None:
+            file_form, first_line = form, number
+        elif form != file_form:
+            raise DataError(f"{where}: this line is in the {form} form but line {first_line} "
+                            f"is in the {file_form} form; a file must use one form throughout")
+        yield where, form, record
+    if file_form is None:
+        raise DataError(f"{name}: the file holds no examples; {ACCEPTED}")
 
 
 def split_eval(dataset: Dataset, eval_fraction: float,
@@ -124,13 +147,13 @@ def split_eval(dataset: Dataset, eval_fraction: float,
     return train, held
 
 
-def _decode(path: Path, raw: bytes) -> str:
+def _decode(where: str, line: bytes, first: bool) -> str:
+    # line by line: a newline byte is never part of a multi-byte UTF-8 character
     try:
-        return raw.decode("utf-8-sig")
+        return line.decode("utf-8-sig" if first else "utf-8")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x} at offset "
-                        f"{e.start}); training data must be UTF-8 encoded JSONL") from None
+        raise DataError(f"{where}: not UTF-8 (byte {line[e.start]:#04x} at column "
+                        f"{e.start + 1}); training data must be UTF-8 encoded JSONL") from None
 
 
 def _parse(where: str, line: str) -> dict:
@@ -212,7 +235,9 @@ def _messages(where: str, messages, tokenizer) -> Example:
     prompt (tokenizing the whole text at once could merge the prompt's last newline with
     content that starts with whitespace).
     """
-    _check_messages(where, messages, tokenizer)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(f"{where}: the model's tokenizer has no chat template, which the "
+                        "messages form needs; use the prompt/completion or text form")
     full = _render(where, tokenizer, messages, generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):
@@ -246,7 +271,7 @@ def _messages(where: str, messages, tokenizer) -> Example:
     return Example(ids, mask)
 
 
-def _check_messages(where: str, messages, tokenizer) -> None:
+def _check_messages(where: str, messages) -> None:
     if not isinstance(messages, list):
         raise DataError(f"{where}: 'messages' is a JSON {_json_type(messages)}; it must be "
                         'an array of {"role": ..., "content": ...} objects')
@@ -277,9 +302,6 @@ def _check_messages(where: str, messages, tokenizer) -> None:
     if roles[0] == "assistant":
         raise DataError(f"{where}: messages[0] is an assistant message; a conversation "
                         "starts with a system or user message (the prompt of the turn)")
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(f"{where}: the model's tokenizer has no chat template, which the "
-                        "messages form needs; use the prompt/completion or text form")
 
 
 def _render(where: str, tokenizer, messages: list, *, generation_prompt: bool) -> str:

@@ -18,12 +18,13 @@ import grpc
 from cotune.router.metrics import RouterMetrics
 from cotune.router.pool import Pool, Worker
 from cotune.router.routes import Caller, NoWorker, Route, Routes
-from cotune.v1 import adapters_pb2, inference_pb2, tenants_pb2, training_pb2
+from cotune.v1 import adapters_pb2, files_pb2, inference_pb2, tenants_pb2, training_pb2
 
 log = logging.getLogger("cotune.router")
 SERVICES = tuple(module.DESCRIPTOR.services_by_name[name] for module, name in (
     (adapters_pb2, "AdapterService"), (training_pb2, "TrainingService"),
-    (inference_pb2, "InferenceService"), (tenants_pb2, "TenantService")))
+    (inference_pb2, "InferenceService"), (tenants_pb2, "TenantService"),
+    (files_pb2, "FileService")))
 _NOT_FORWARDED = ("grpc-", ":")
 NO_DEADLINE_S = 1e9  # transport headers, set anew on the worker's call
 

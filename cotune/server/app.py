@@ -35,6 +35,7 @@ from cotune.engine.engine import EngineConfig
 from cotune.engine.runtime import Runtime
 from cotune.server.adapter_service import AdapterService
 from cotune.server.admission import Admission, OpenStreams
+from cotune.server.file_service import FileService
 from cotune.server.handlers import DecodeErrors, Gate
 from cotune.server.health import NOT_SERVING, EngineHealth
 from cotune.server.http.app import Tls, attach_front
@@ -48,6 +49,8 @@ from cotune.server.uploads import Staging
 from cotune.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
+    files_pb2,
+    files_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
     tenants_pb2,
@@ -59,7 +62,8 @@ from cotune.v1 import (
 log = logging.getLogger("cotune.server")
 SERVICES = tuple(f.DESCRIPTOR.services_by_name[name].full_name for f, name in (
     (adapters_pb2, "AdapterService"), (training_pb2, "TrainingService"),
-    (inference_pb2, "InferenceService"), (tenants_pb2, "TenantService")))
+    (inference_pb2, "InferenceService"), (tenants_pb2, "TenantService"),
+    (files_pb2, "FileService")))
 MAX_MESSAGE_BYTES = 64 << 20  # inline training data; larger sets go by server_path
 UNARY_THREADS = 16  # rpc threads no stream can take: health checks and unary calls
 
@@ -97,10 +101,13 @@ class CotuneServer:
             interceptors=[DecodeErrors()],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        staging = Staging(data_dir / "uploads", args.worker_id)
         adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterService(
-            self.gate, self.registry, Staging(data_dir / "uploads", args.worker_id),
-            self.runtime.engine.adapters.base_modules, args.max_rank, args.allow_path,
-            max_bytes, args.upload_idle_timeout), self.server)
+            self.gate, self.registry, staging, self.runtime.engine.adapters.base_modules,
+            args.max_rank, args.allow_path, max_bytes, args.upload_idle_timeout), self.server)
+        files_pb2_grpc.add_FileServiceServicer_to_server(FileService(
+            self.gate, self.registry, staging, max_bytes, args.upload_idle_timeout,
+            args.max_files_per_tenant), self.server)
         training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingService(
             self.gate, self.registry, self.jobs, args.allow_path, max_bytes), self.server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceService(

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import base64
 import json
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from cotune import bounded_json
 from cotune.adapters.registry import (
     AdapterRecord,
+    FileRecord,
+    JobEventRecord,
     JobRecord,
     Quotas,
     TenantRecord,
     TokenRecord,
     VersionRecord,
 )
+from cotune.server import page_tokens
 from cotune.server.errors import invalid
 from cotune.server.names import reference
-from cotune.v1 import adapters_pb2, tenants_pb2, training_pb2
+from cotune.v1 import adapters_pb2, files_pb2, tenants_pb2, training_pb2
 
 JOB_STATES = {"queued": training_pb2.JOB_STATE_QUEUED, "running": training_pb2.JOB_STATE_RUNNING,
               "succeeded": training_pb2.JOB_STATE_SUCCEEDED,
@@ -77,12 +78,44 @@ def job(record: JobRecord) -> training_pb2.Job:
         tokens=progress.get("tokens", 0),
         versions=[reference(record.adapter, v) for v in record.versions], error=record.error,
         hyperparameters=struct(record.spec), create_time=timestamp(record.created),
-        update_time=timestamp(record.updated), owner=record.owner, tenant=record.tenant)
+        update_time=timestamp(record.updated), owner=record.owner, tenant=record.tenant,
+        training_file=record.training_file)
     if progress.get("loss") is not None:
         message.loss = progress["loss"]
     if progress.get("eval_loss") is not None:
         message.eval_loss = progress["eval_loss"]
     return message
+
+
+def job_event(job_id: str, time: float, kind: str, data: dict,
+              sequence: int = 0) -> training_pb2.JobEvent:
+    """The wire event of `kind` with `data` as JobEventRecord has it: one translation for the
+    events a watcher hears and those ListJobEvents reads back."""
+    message = training_pb2.JobEvent(job_id=job_id, time=timestamp(time), sequence=sequence)
+    if kind == "state":
+        message.state = JOB_STATES[data["state"]]
+    elif kind == "error":
+        message.error = data["error"]
+    elif kind == "progress":
+        message.progress.CopyFrom(training_pb2.Progress(
+            step=data["step"], total_steps=data["total_steps"], loss=data["loss"] or 0.0,
+            tokens=data["tokens"], tokens_per_second=data["tokens_per_second"]))
+    elif kind == "evaluation":
+        message.evaluation.CopyFrom(training_pb2.Evaluation(step=data["step"],
+                                                            metrics=data["metrics"]))
+    else:
+        message.checkpoint.CopyFrom(training_pb2.Checkpoint(
+            step=data["step"], version=data["version"], metrics=data["metrics"]))
+    return message
+
+
+def stored_job_event(record: JobEventRecord) -> training_pb2.JobEvent:
+    return job_event(record.job_id, record.time, record.kind, record.data, record.sequence)
+
+
+def file(record: FileRecord) -> files_pb2.File:
+    return files_pb2.File(id=record.id, filename=record.filename, purpose=record.purpose,
+                          size_bytes=record.size_bytes, create_time=timestamp(record.created))
 
 
 _NO_LIMITS = Quotas()
@@ -109,7 +142,7 @@ def tenant(record: TenantRecord, tokens: list[TokenRecord]) -> tenants_pb2.Tenan
                 for t in tokens])
 
 
-# Page tokens are opaque to clients: the key to continue after, as url-safe base64 JSON.
+# Page tokens are opaque to clients: the key to continue after (page_tokens.py).
 DEFAULT_PAGE, MAX_PAGE = 50, 1000
 
 
@@ -124,17 +157,12 @@ def page_after(token: str):
     if not token:
         return None
     try:
-        after = bounded_json.loads(base64.urlsafe_b64decode(token.encode("ascii")))["after"]
-        if isinstance(after, bool) or not isinstance(after, (str, int)):
-            raise TypeError(after)  # a forged token: the registry would fail on it
-        return after
-    except (ValueError, KeyError, TypeError, UnicodeError):
+        return page_tokens.decode(token)
+    except ValueError:
         raise invalid("page_token is not one this server gave; pass next_page_token of the "
                       "previous page, or nothing for the first page") from None
 
 
 def next_page(items: list, size: int, key) -> str:
     """The token after the last item of a full page; "" when this was the last page."""
-    if len(items) < size:
-        return ""
-    return base64.urlsafe_b64encode(json.dumps({"after": key(items[-1])}).encode()).decode()
+    return page_tokens.encode(key(items[-1])) if len(items) >= size else ""

@@ -15,6 +15,10 @@ A job's training state (`v{k}.state/`, the optimizer's moments: about twice the 
 is kept for its newest `keep_states` versions only; an older one goes once the registry has its
 version. A job that cannot be followed (a version its tenant's quota refuses, a registry error)
 fails with the reason, in the registry and to its watchers, and stops training.
+
+A job's events are stored in the registry as they happen (ListJobEvents reads them back):
+every state change, error, evaluation and checkpoint, and of its progress events about
+PROGRESS_EVENTS_KEPT spread evenly over its steps, so that a long job stores a bounded number.
 """
 
 from __future__ import annotations
@@ -46,12 +50,13 @@ from cotune.engine.finetune_spec import FinetuneSpec, LoraSettings, OptimizerSet
 from cotune.engine.job import Job, JobEvent
 from cotune.engine.runtime import Runtime
 from cotune.engine.training_data import DataError
-from cotune.server.convert import JOB_STATES, timestamp
+from cotune.server.convert import job_event
 from cotune.server.metrics import Metrics
 from cotune.server.names import reference, runtime_key
 from cotune.v1 import training_pb2
 
 log = logging.getLogger("cotune.server")
+PROGRESS_EVENTS_KEPT = 100  # stored per job, besides the first and last step's
 
 
 def spec_of(adapter: str, fields: dict, job_dir: Path, tenant: str) -> FinetuneSpec:
@@ -132,9 +137,10 @@ class JobManager:
         self._stopping = False
 
     def create(self, tenant: TenantRecord, adapter: str, fields: dict, data: bytes,
-               from_scratch: bool = False) -> JobRecord:
-        """A job training `adapter` on `data`. An existing adapter continues from its newest
-        version (continued_fields), unless `from_scratch`."""
+               from_scratch: bool = False, training_file: str = "") -> JobRecord:
+        """A job training `adapter` on `data`, read from the tenant's file `training_file`
+        when it names one. An existing adapter continues from its newest version
+        (continued_fields), unless `from_scratch`."""
         parent = None if from_scratch else self._newest_version(tenant.name, adapter)
         if parent is not None:
             fields = continued_fields(parent, fields)
@@ -145,7 +151,8 @@ class JobManager:
                 f"rank {spec.lora.rank} exceeds max_rank {max_rank} of this server; lower the "
                 f"rank to at most {max_rank} or start the server with --max-rank "
                 f"{spec.lora.rank}")
-        record = self.registry.create_job(tenant.name, adapter, fields, self.worker_id)
+        record = self.registry.create_job(tenant.name, adapter, fields, self.worker_id,
+                                          training_file)
         job_dir = self.jobs_dir / record.id
         job_dir.mkdir(parents=True)
         write_atomically(job_dir / "data.jsonl", data)
@@ -155,7 +162,8 @@ class JobManager:
             self._start(record)
         except Exception as e:  # bad data: the job ends failed, and the caller hears why
             # in the data's words, not the server's paths; the data goes with the job
-            error = DataError(str(e).replace(str(job_dir / "data.jsonl"), "training_data")) \
+            name = training_file or "training_data"
+            error = DataError(str(e).replace(str(job_dir / "data.jsonl"), name)) \
                 if isinstance(e, DataError) else e
             self.registry.update_job(record.id, state="failed", error=str(error))
             shutil.rmtree(job_dir, ignore_errors=True)
@@ -283,13 +291,12 @@ class JobManager:
             self.registry.update_job(job_id, state="failed", error=reason)
             self.metrics.jobs_finished.labels(live.record.tenant, "failed").inc()
         except NotFound:
-            live.events.close(_wire(job_id, now, state=JOB_STATES["cancelled"]),
-                              _wire(job_id, now, error="the job was deleted with its tenant"))
+            live.events.close(_state(job_id, now, "cancelled"),
+                              _error(job_id, now, "the job was deleted with its tenant"))
             return True
         except Exception:  # noqa: BLE001 - the registry itself fails: the log says so
             log.exception("recording %s as failed did not succeed", job_id)
-        live.events.close(_wire(job_id, now, state=JOB_STATES["failed"]),
-                          _wire(job_id, now, error=reason))
+        live.events.close(_state(job_id, now, "failed"), _error(job_id, now, reason))
         return False
 
     def _record(self, live: LiveJob, event: JobEvent) -> None:
@@ -300,36 +307,45 @@ class JobManager:
             self._count_progress(live, event.data)
             rate = live.advance(event.data, event.time)
             self.registry.update_job(job_id, progress=live.progress)
-            live.events.publish(_wire(job_id, event.time, progress=training_pb2.Progress(
-                step=event.data["step"], total_steps=event.data["total_steps"],
-                loss=event.data["loss"] or 0.0, tokens=event.data["tokens"],
-                tokens_per_second=rate)))
+            data = {k: event.data[k] for k in ("step", "total_steps", "loss", "tokens")}
+            self._emit(live, event.time, "progress", {**data, "tokens_per_second": rate},
+                       store=_kept(data["step"], data["total_steps"]))
         elif event.kind == "checkpoint":
             metrics = {k: float(v) for k, v in event.data["metrics"].items()
                        if isinstance(v, (int, float))}
             if "eval_loss" in metrics:
                 live.progress["eval_loss"] = metrics["eval_loss"]
                 self.metrics.job_eval_loss.labels(*live.labels).set(metrics["eval_loss"])
-            live.events.publish(_wire(job_id, event.time, evaluation=training_pb2.Evaluation(
-                step=event.data["step"], metrics=metrics)))
+            step = event.data["step"]
+            self._emit(live, event.time, "evaluation", {"step": step, "metrics": metrics})
             new = self._publish_new_versions(live)
             self._cache(live, event.data["version"], event.data["adapter"])
             for version in new:
-                live.events.publish(_wire(job_id, event.time, checkpoint=training_pb2.Checkpoint(
-                    step=event.data["step"], version=reference(live.record.adapter, version))))
+                self._emit(live, event.time, "checkpoint", {
+                    "step": step, "version": reference(live.record.adapter, version),
+                    "metrics": metrics})
         elif event.kind == "state":
             state, error = event.data["state"].value, event.data["error"] or ""
             if self._stopping and state == "cancelled":
-                live.events.close(_wire(job_id, event.time, error="the server is shutting "
-                                        "down; the job resumes when it starts again"))
+                live.events.close(_error(job_id, event.time, "the server is shutting down; "
+                                         "the job resumes when it starts again"))
                 return
             self.registry.update_job(job_id, state=state, error=error)
             self.metrics.jobs_finished.labels(live.record.tenant, state).inc()
             self.metrics.job_loss.remove(*live.labels)  # the gauge is of running jobs
-            final = [_wire(job_id, event.time, state=JOB_STATES[state])]
+            final = [_state(job_id, event.time, state)]
             if error:
-                final.append(_wire(job_id, event.time, error=error))
+                final.append(_error(job_id, event.time, error))
             live.events.close(*final)
+
+    def _emit(self, live: LiveJob, time: float, kind: str, data: dict,
+              store: bool = True) -> None:
+        """Stores an event of the job (unless a progress event thinned out) and sends it to
+        its watchers. State changes and errors are stored by the registry itself, with the
+        change (Registry.update_job): here they are only sent."""
+        if store:
+            self.registry.add_job_event(live.record.id, kind, data, time)
+        live.events.publish(job_event(live.record.id, time, kind, data))
 
     def _count_progress(self, live: LiveJob, progress: dict) -> None:
         """Steps and tokens since the last report (a resumed job may report fewer than it had
@@ -409,10 +425,21 @@ class JobManager:
                 shutil.rmtree(adapter_dir / f"v{k}.state")
 
 
-def _wire(job_id: str, time: float, **event) -> training_pb2.JobEvent:
-    return training_pb2.JobEvent(job_id=job_id, time=timestamp(time), **event)
+def _kept(step: int, total_steps: int) -> bool:
+    """Whether the progress event of `step` is stored: the first and last step's, and every
+    stride-th, the stride spreading PROGRESS_EVENTS_KEPT over the job's steps."""
+    stride = max(1, total_steps // PROGRESS_EVENTS_KEPT)
+    return step in (1, total_steps) or step % stride == 0
+
+
+def _state(job_id: str, time: float, state: str) -> training_pb2.JobEvent:
+    return job_event(job_id, time, "state", {"state": state})
+
+
+def _error(job_id: str, time: float, error: str) -> training_pb2.JobEvent:
+    return job_event(job_id, time, "error", {"error": error})
 
 
 def job_state_event(record: JobRecord) -> training_pb2.JobEvent:
     """The first event a watcher gets: the job as the registry has it now."""
-    return _wire(record.id, record.updated, state=JOB_STATES[record.state])
+    return _state(record.id, record.updated, record.state)

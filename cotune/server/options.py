@@ -164,6 +164,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                             "published (a job resumes from its newest)")
     store.add_argument("--max-upload-mb", type=int, default=2048,
                        help="largest adapter upload or training data file")
+    store.add_argument("--max-files-per-tenant", type=whole_number, default=100, metavar="N",
+                       help="uploaded files (FileService, /v1/files) a tenant may keep at once; "
+                            "0: no limit")
 
     limits = parser.add_argument_group("admission and default quotas (0: no limit)")
     limits.add_argument("--max-queued-requests", type=int, default=256,

@@ -46,6 +46,7 @@ class TenantService(tenants_pb2_grpc.TenantServiceServicer):
         return tenants_pb2.DeleteTenantResponse(
             adapters_deleted=deletion.adapters, versions_deleted=deletion.versions,
             jobs_deleted=len(deletion.jobs), tokens_deleted=deletion.tokens,
+            files_deleted=deletion.files,
             jobs_cancelled=sum(j.state in UNFINISHED_JOB_STATES for j in deletion.jobs))
 
     @rpc(admin=True)

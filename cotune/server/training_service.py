@@ -12,6 +12,7 @@ from cotune.adapters.registry import Registry
 from cotune.engine.broadcast import END
 from cotune.server import convert
 from cotune.server.errors import RpcError, invalid
+from cotune.server.file_service import open_file
 from cotune.server.handlers import Gate, rpc
 from cotune.server.jobs import JobManager, job_state_event
 from cotune.server.names import parse_reference
@@ -32,7 +33,8 @@ class TrainingService(training_pb2_grpc.TrainingServiceServicer):
     def CreateJob(self, request, context, tenant):
         adapter, _ = parse_reference(request.adapter, allow_version=False)
         record = self.jobs.create(tenant, adapter, _settings(request), self._data(request, tenant),
-                                  from_scratch=request.from_scratch)
+                                  from_scratch=request.from_scratch,
+                                  training_file=request.training_file)
         return convert.job(record)
 
     @rpc()
@@ -78,10 +80,25 @@ class TrainingService(training_pb2_grpc.TrainingServiceServicer):
         finally:
             live.events.unsubscribe(events)
 
+    @rpc()
+    def ListJobEvents(self, request, context, tenant):
+        size = convert.page_size(request.page_size)
+        before = convert.page_after(request.page_token)
+        if before is not None and not isinstance(before, int):
+            raise invalid("page_token is not one this server gave for ListJobEvents")
+        records = self.registry.list_job_events(tenant.name, request.job_id, before, size)
+        return training_pb2.ListJobEventsResponse(
+            events=[convert.stored_job_event(r) for r in records],
+            next_page_token=convert.next_page(records, size, lambda r: r.sequence))
+
     def _data(self, request, tenant) -> bytes:
         kind = request.WhichOneof("data")
         if kind is None:
-            raise invalid("the job has no data; set training_data (JSONL bytes) or server_path")
+            raise invalid("the job has no data; set training_file (a file id), training_data "
+                          "(JSONL bytes) or server_path")
+        if kind == "training_file":
+            with open_file(self.registry, tenant.name, request.training_file) as f:
+                return f.read()
         if kind == "server_path":
             if not tenant.admin:
                 raise RpcError(grpc.StatusCode.PERMISSION_DENIED,

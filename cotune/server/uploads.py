@@ -1,7 +1,8 @@
-"""Receiving adapter files from a client stream into a private staging directory, with the
-checks that come before any parsing: known file names only, each file in one run of chunks,
-a size limit. Nothing here is published: the caller validates and publishes, then the
-staging directory goes (and a crash leaves only what the next start sweeps)."""
+"""Receiving uploads from a client stream into a private staging directory, with the checks
+that come before any parsing: for an adapter, known file names only, each file in one run of
+chunks; for any upload, a size limit. Nothing here is published: the caller validates and
+publishes, then the staging directory goes (and a crash leaves only what the next start
+sweeps)."""
 
 from __future__ import annotations
 
@@ -118,10 +119,7 @@ def receive_files(chunks: Iterable[common_pb2.FileChunk], into: Path, max_bytes:
                     out.close()
                     done.add(current)
                 current, out = chunk.path, open(into / chunk.path, "wb")
-            total += len(chunk.data)
-            if total > max_bytes:
-                raise invalid(f"the upload exceeds {max_bytes >> 20} MiB, this server's "
-                              "--max-upload-mb")
+            total = _counted(total, len(chunk.data), max_bytes)
             out.write(chunk.data)
     finally:
         if out is not None:
@@ -132,6 +130,23 @@ def receive_files(chunks: Iterable[common_pb2.FileChunk], into: Path, max_bytes:
     if missing:
         raise invalid(f"the upload lacks {', '.join(missing)}; accepted: a PEFT adapter "
                       f"directory's {' and '.join(ADAPTER_FILES)}")
+
+
+def receive_file(pieces: Iterable[bytes], into: Path, max_bytes: int) -> None:
+    """Writes the pieces, in order, to the file `into`."""
+    total = 0
+    with open(into, "wb") as out:
+        for data in pieces:
+            total = _counted(total, len(data), max_bytes)
+            out.write(data)
+
+
+def _counted(total: int, more: int, max_bytes: int) -> int:
+    """The bytes of the upload so far and `more`, refused past `max_bytes`."""
+    if total + more > max_bytes:
+        raise invalid(f"the upload exceeds {max_bytes >> 20} MiB, this server's "
+                      "--max-upload-mb")
+    return total + more
 
 
 def allowed_path(text: str, roots: list[Path], what: str) -> Path:

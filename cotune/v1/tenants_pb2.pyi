@@ -124,15 +124,17 @@ class DeleteTenantRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class DeleteTenantResponse(_message.Message):
-    __slots__ = ("adapters_deleted", "versions_deleted", "jobs_deleted", "jobs_cancelled", "tokens_deleted")
+    __slots__ = ("adapters_deleted", "versions_deleted", "jobs_deleted", "jobs_cancelled", "tokens_deleted", "files_deleted")
     ADAPTERS_DELETED_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_DELETED_FIELD_NUMBER: _ClassVar[int]
     JOBS_DELETED_FIELD_NUMBER: _ClassVar[int]
     JOBS_CANCELLED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_DELETED_FIELD_NUMBER: _ClassVar[int]
+    FILES_DELETED_FIELD_NUMBER: _ClassVar[int]
     adapters_deleted: int
     versions_deleted: int
     jobs_deleted: int
     jobs_cancelled: int
     tokens_deleted: int
-    def __init__(self, adapters_deleted: _Optional[int] = ..., versions_deleted: _Optional[int] = ..., jobs_deleted: _Optional[int] = ..., jobs_cancelled: _Optional[int] = ..., tokens_deleted: _Optional[int] = ...) -> None: ...
+    files_deleted: int
+    def __init__(self, adapters_deleted: _Optional[int] = ..., versions_deleted: _Optional[int] = ..., jobs_deleted: _Optional[int] = ..., jobs_cancelled: _Optional[int] = ..., tokens_deleted: _Optional[int] = ..., files_deleted: _Optional[int] = ...) -> None: ...

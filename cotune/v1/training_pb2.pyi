@@ -51,10 +51,11 @@ class OptimizerConfig(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("adapter", "training_data", "server_path", "lora", "optimizer", "schedule", "warmup_steps", "batch_size", "grad_accumulation", "epochs", "max_steps", "max_length", "eval_fraction", "checkpoint_every", "seed", "min_share", "from_scratch")
+    __slots__ = ("adapter", "training_data", "server_path", "training_file", "lora", "optimizer", "schedule", "warmup_steps", "batch_size", "grad_accumulation", "epochs", "max_steps", "max_length", "eval_fraction", "checkpoint_every", "seed", "min_share", "from_scratch")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     TRAINING_DATA_FIELD_NUMBER: _ClassVar[int]
     SERVER_PATH_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FILE_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +73,7 @@ class CreateJobRequest(_message.Message):
     adapter: str
     training_data: bytes
     server_path: str
+    training_file: str
     lora: LoraConfig
     optimizer: OptimizerConfig
     schedule: str
@@ -86,10 +88,10 @@ class CreateJobRequest(_message.Message):
     seed: int
     min_share: float
     from_scratch: bool
-    def __init__(self, adapter: _Optional[str] = ..., training_data: _Optional[bytes] = ..., server_path: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accumulation: _Optional[int] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., eval_fraction: _Optional[float] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ..., min_share: _Optional[float] = ..., from_scratch: _Optional[bool] = ...) -> None: ...
+    def __init__(self, adapter: _Optional[str] = ..., training_data: _Optional[bytes] = ..., server_path: _Optional[str] = ..., training_file: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accumulation: _Optional[int] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., eval_fraction: _Optional[float] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ..., min_share: _Optional[float] = ..., from_scratch: _Optional[bool] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "adapter", "state", "step", "total_steps", "tokens", "loss", "eval_loss", "versions", "error", "hyperparameters", "create_time", "update_time", "owner", "tenant")
+    __slots__ = ("id", "adapter", "state", "step", "total_steps", "tokens", "loss", "eval_loss", "versions", "error", "hyperparameters", "create_time", "update_time", "owner", "tenant", "training_file")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +107,7 @@ class Job(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FILE_FIELD_NUMBER: _ClassVar[int]
     id: str
     adapter: str
     state: JobState
@@ -120,7 +123,8 @@ class Job(_message.Message):
     update_time: _timestamp_pb2.Timestamp
     owner: str
     tenant: str
-    def __init__(self, id: _Optional[str] = ..., adapter: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., tokens: _Optional[int] = ..., loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., versions: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., hyperparameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
+    training_file: str
+    def __init__(self, id: _Optional[str] = ..., adapter: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., tokens: _Optional[int] = ..., loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., versions: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., hyperparameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., tenant: _Optional[str] = ..., training_file: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)
@@ -192,15 +196,24 @@ class Evaluation(_message.Message):
     def __init__(self, step: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
-    __slots__ = ("step", "version")
+    __slots__ = ("step", "version", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     STEP_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     step: int
     version: str
-    def __init__(self, step: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, step: _Optional[int] = ..., version: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "time", "state", "progress", "evaluation", "checkpoint", "error")
+    __slots__ = ("job_id", "time", "state", "progress", "evaluation", "checkpoint", "error", "sequence")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +221,7 @@ class JobEvent(_message.Message):
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     time: _timestamp_pb2.Timestamp
     state: JobState
@@ -215,4 +229,23 @@ class JobEvent(_message.Message):
     evaluation: Evaluation
     checkpoint: Checkpoint
     error: str
-    def __init__(self, job_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    sequence: int
+    def __init__(self, job_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., checkpoint: _Optional[_Union[Checkpoint, _Mapping]] = ..., error: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class ListJobEventsRequest(_message.Message):
+    __slots__ = ("job_id", "page_size", "page_token")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    page_size: int
+    page_token: str
+    def __init__(self, job_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListJobEventsResponse(_message.Message):
+    __slots__ = ("events", "next_page_token")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[JobEvent]
+    next_page_token: str
+    def __init__(self, events: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -59,6 +59,11 @@ class TrainingServiceStub:
                 request_serializer=cotune_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=cotune_dot_v1_dot_training__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.ListJobEvents = channel.unary_unary(
+                '/cotune.v1.TrainingService/ListJobEvents',
+                request_serializer=cotune_dot_v1_dot_training__pb2.ListJobEventsRequest.SerializeToString,
+                response_deserializer=cotune_dot_v1_dot_training__pb2.ListJobEventsResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -97,6 +102,14 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobEvents(self, request, context):
+        """The job's stored events, newest first: every state change, error, evaluation and
+        checkpoint, and its progress thinned to about 100 events however long it runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +137,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=cotune_dot_v1_dot_training__pb2.WatchJobRequest.FromString,
                     response_serializer=cotune_dot_v1_dot_training__pb2.JobEvent.SerializeToString,
+            ),
+            'ListJobEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobEvents,
+                    request_deserializer=cotune_dot_v1_dot_training__pb2.ListJobEventsRequest.FromString,
+                    response_serializer=cotune_dot_v1_dot_training__pb2.ListJobEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +279,33 @@ class TrainingService:
             '/cotune.v1.TrainingService/WatchJob',
             cotune_dot_v1_dot_training__pb2.WatchJobRequest.SerializeToString,
             cotune_dot_v1_dot_training__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cotune.v1.TrainingService/ListJobEvents',
+            cotune_dot_v1_dot_training__pb2.ListJobEventsRequest.SerializeToString,
+            cotune_dot_v1_dot_training__pb2.ListJobEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

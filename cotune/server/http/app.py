@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from cotune.server.http import chat, completions, models
+from cotune.server.http import chat, completions, files, fine_tuning, models
 from cotune.server.http.backend import Backend
 from cotune.server.http.errors import ApiError, from_grpc
 
@@ -48,7 +48,9 @@ def build_app(backend: Backend) -> Starlette:
     routes = [Route("/health", health, methods=["GET"]),
               *models.routes(backend),
               *completions.routes(backend),
-              *chat.routes(backend)]
+              *chat.routes(backend),
+              *files.routes(backend),
+              *fine_tuning.routes(backend)]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         ApiError: _api_error, grpc.RpcError: _grpc_error, HTTPException: _http_error,
         Exception: _server_error})

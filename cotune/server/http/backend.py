@@ -12,6 +12,7 @@ from cotune.server.http.errors import ApiError
 from cotune.server.metrics import PROTOCOL_METADATA
 from cotune.v1 import (
     adapters_pb2_grpc,
+    files_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
     training_pb2_grpc,
@@ -35,6 +36,7 @@ class Backend:
         self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.adapters = adapters_pb2_grpc.AdapterServiceStub(self.channel)
         self.training = training_pb2_grpc.TrainingServiceStub(self.channel)
+        self.files = files_pb2_grpc.FileServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     async def close(self) -> None:
