@@ -182,6 +182,8 @@ class CotuneServer:
         handler's thread. Running jobs publish a version at their next optimizer step while
         the calls in flight drain, so that the next start resumes them losing nothing."""
         self.gate.draining = True  # new calls: UNAVAILABLE
+        if self.http is not None:
+            self.http.drain()  # new HTTP calls: 503, saying why
         started = time.monotonic()
         if not self.lifecycle.drain(self.server,
                                     meanwhile=lambda: self.runtime.checkpoint_jobs(self.grace)):
