@@ -116,7 +116,8 @@ class CotuneServer:
         self.port = self.server.add_secure_port(f"{args.host}:{port}", _credentials(args)) \
             if args.tls_cert else self.server.add_insecure_port(f"{args.host}:{port}")
         self.http = attach_front(self.server, args.host, self._rank_port(args.http_port),
-                                 Tls(args.tls_cert, args.tls_key) if args.tls_cert else None)
+                                 Tls(args.tls_cert, args.tls_key, args.tls_client_ca)
+                                 if args.tls_cert else None)
         self.metrics_port = start_metrics(args.host, self._rank_port(args.metrics_port),
                                           self.metrics.registry)
         self.grace = args.grace_period

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import ssl
 import tempfile
 import threading
 from contextlib import asynccontextmanager
@@ -91,6 +92,7 @@ async def _server_error(request: Request, error: Exception) -> JSONResponse:
 class Tls:
     cert: Path
     key: Path
+    client_ca: Path | None = None  # mTLS, as on the gRPC port: clients need a cert it signed
 
 
 class HttpFront:
@@ -110,7 +112,9 @@ class HttpFront:
             # asgi3 said, not guessed: uvicorn takes a bound method for an ASGI2 app
             self._serve_unless_draining, interface="asgi3", host=host, port=port,
             log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5,
-            ssl_certfile=tls and str(tls.cert), ssl_keyfile=tls and str(tls.key))
+            ssl_certfile=tls and str(tls.cert), ssl_keyfile=tls and str(tls.key),
+            ssl_ca_certs=tls and tls.client_ca and str(tls.client_ca),
+            ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca else ssl.CERT_NONE)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True, name="http-front")
         self.host, self.port = host, port
