@@ -45,6 +45,15 @@ def test_help_shows_the_defaults():
         assert flag in finetune
 
 
+@pytest.mark.parametrize("command", ["serve", "route"])
+def test_serve_and_route_offer_the_openai_http_api_off_by_default(command):
+    shown = " ".join(COMMANDS[f"cotune {command}"].format_help().split())
+    assert "--http-port PORT also serve the OpenAI-compatible HTTP API (/v1/...) and an " \
+        "open /health" in shown
+    assert build_parser().parse_args([command]).http_port is None
+    assert build_parser().parse_args([command, "--http-port", "0"]).http_port == 0
+
+
 def test_generate_asks_for_the_wire_contracts_16_tokens():
     """inference.proto: `optional int32 max_tokens = 1;  // [16]`."""
     proto = Path(__file__).parents[1] / "proto/cotune/v1/inference.proto"

@@ -197,6 +197,14 @@ def test_monitoring_objects_can_each_be_turned_off():
     (["--set", "server.dtype=float16"], "server.dtype"),
     (["--set", "model.volume.type=nfs"], "model.volume.type"),
     (["--set", "ports.grpc=70000"], "ports.grpc"),
+    (["--set", "ports.http=0"], "ports.http"),
+    (["--set", "ports.http=65536"], "ports.http"),
+    (["--set-string", "http.enabled=yes"], "http.enabled"),
+    (["--set", "server.keepTrainingStates=0"], "server.keepTrainingStates"),
+    (["--set", "server.uploadIdleTimeoutSeconds=0"], "server.uploadIdleTimeoutSeconds"),
+    (["--set", "server.healthStallSeconds=-1"], "server.healthStallSeconds"),
+    (["--set", "server.maxLogprobs=-1"], "server.maxLogprobs"),
+    (["--set", "server.maxOpenStreamsPerTenant=-1"], "server.maxOpenStreamsPerTenant"),
 ])
 def test_values_schema_rejects_a_bad_value_with_its_name(bad, message):
     result = helm("template", "rel", str(CHART), *bad)
@@ -214,6 +222,9 @@ def test_values_schema_rejects_a_bad_value_with_its_name(bad, message):
     (["--set", "model.volume.type=persistentVolumeClaim"], "model.volume.claimName"),
     (["--set", "router.enabled=true,tls.enabled=true,tls.secretName=tls"],
      "router.enabled does not go with tls.enabled"),
+    (["--set", "ports.http=9400"], "ports.http (9400) is also one of ports.grpc"),
+    (["--set", "server.maxOpenStreams=8,server.maxOpenStreamsPerTenant=9"],
+     "server.maxOpenStreamsPerTenant (9) exceeds server.maxOpenStreams (8)"),
 ])
 def test_template_refuses_inconsistent_values_and_says_what_to_change(bad, message):
     result = helm("template", "rel", str(CHART), *bad)
@@ -259,28 +270,55 @@ def test_termination_grace_outlasts_prestop_drain_and_checkpoints(case):
         assert pod["terminationGracePeriodSeconds"] > pre_stop + 2 * grace
 
 
+def containers(docs) -> list[dict]:
+    """The worker containers, then the router's."""
+    found = [worker_container(s) for s in of_kind(docs, "StatefulSet")]
+    return found + [d["spec"]["template"]["spec"]["containers"][0]
+                    for d in of_kind(docs, "Deployment")]
+
+
+def probes_of(container: dict) -> list[dict]:
+    return [container[k] for k in ("startupProbe", "readinessProbe", "livenessProbe")
+            if k in container]
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c != "tls"])
-def test_probes_are_grpc_health_checks_on_the_grpc_port(case):
+def test_with_http_the_probes_get_health_on_the_http_port(case):
     docs = rendered(case)
-    containers = [worker_container(s) for s in of_kind(docs, "StatefulSet")]
-    containers += [d["spec"]["template"]["spec"]["containers"][0]
-                   for d in of_kind(docs, "Deployment")]
-    assert containers
-    for container in containers:
-        grpc_port = {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"]
-        assert grpc_port == 50051
-        probes = [container[k] for k in ("startupProbe", "readinessProbe", "livenessProbe")
-                  if k in container]
-        assert len(probes) >= 2
-        for probe in probes:
-            assert probe["grpc"]["port"] == grpc_port
+    assert containers(docs)
+    for container in containers(docs):
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert (ports["grpc"], ports["http"]) == (50051, 8000)
+        assert len(probes_of(container)) >= 2
+        for probe in probes_of(container):
+            assert probe["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTP"}
 
 
-def test_with_tls_the_probes_check_the_tcp_port_and_the_certificates_are_mounted():
+def test_without_http_the_probes_are_grpc_health_checks_on_the_grpc_port():
+    docs = template("--set", "http.enabled=false,router.enabled=true")
+    assert len(containers(docs)) == 2
+    for container in containers(docs):
+        assert "http" not in {p["name"] for p in container["ports"]}
+        assert len(probes_of(container)) >= 2
+        for probe in probes_of(container):
+            assert probe["grpc"] == {"port": 50051} and "httpGet" not in probe
+
+
+def test_with_tls_the_http_probes_speak_https_unless_client_certificates_are_required():
+    docs = template("--set", "tls.enabled=true,tls.secretName=server-tls")
+    for probe in probes_of(worker_container(one(docs, "StatefulSet"))):
+        assert probe["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTPS"}
+    service = one(docs, "Service", "rel-cotune-workers")
+    assert {p["name"]: p["appProtocol"] for p in service["spec"]["ports"]}["http"] == "https"
+
+
+def test_with_mutual_tls_the_probes_check_the_tcp_port_and_the_certificates_are_mounted():
     statefulset = one(rendered("tls"), "StatefulSet")
     container = worker_container(statefulset)
     for key in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[key]["tcpSocket"]["port"] == "grpc" and "grpc" not in container[key]
+        # the kubelet presents no client certificate: /health over HTTPS would be refused
+        assert container[key]["tcpSocket"] == {"port": "grpc"}
+        assert not {"grpc", "httpGet"} & container[key].keys()
     assert {"--tls-cert=/etc/cotune/tls/tls.crt", "--tls-key=/etc/cotune/tls/tls.key",
             "--tls-client-ca=/etc/cotune/client-ca/ca.crt"} <= set(container["args"])
     secrets = {v["name"]: v["secret"]["secretName"]
@@ -304,8 +342,71 @@ def test_worker_arguments_parse_as_cotune_serve_flags(case):
         filled = [re.sub(r"\$\((\w+)\)", lambda m: config[m.group(1)], a) for a in args]
         parsed, extra = parser.parse_known_args(filled)
         assert not extra, f"cotune serve does not know {extra}"
-        assert (parsed.host, parsed.port, str(parsed.data_dir)) == (
-            "0.0.0.0", 50051, "/var/lib/cotune")
+        assert (parsed.host, parsed.port, str(parsed.data_dir), parsed.http_port) == (
+            "0.0.0.0", 50051, "/var/lib/cotune", 8000)
+
+
+def serve_arguments(*args: str) -> argparse.Namespace:
+    """The worker's arguments rendered with `args`, filled from the ConfigMap as the kubelet
+    does, parsed by the real `cotune serve` parser."""
+    docs = template(*args)
+    config = one(docs, "ConfigMap", "rel-cotune-config")["data"]
+    _, *rendered_args = worker_container(one(docs, "StatefulSet"))["args"]
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_serve_arguments(parser)
+    return parser.parse_args([re.sub(r"\$\((\w+)\)", lambda m: config[m.group(1)], a)
+                              for a in rendered_args])
+
+
+def test_server_values_reach_the_flags_of_cotune_serve():
+    parsed = serve_arguments(
+        "--set", "server.maxOpenStreams=12,server.maxOpenStreamsPerTenant=5",
+        "--set-json", "server.uploadIdleTimeoutSeconds=7.5",  # --set makes 7.5 a string
+        "--set", "server.maxLogprobs=3",
+        "--set", "server.healthStallSeconds=90,server.keepTrainingStates=4",
+        "--set", "ports.http=8080")
+    assert (parsed.max_open_streams, parsed.max_open_streams_per_tenant) == (12, 5)
+    assert (parsed.upload_idle_timeout, parsed.max_logprobs) == (7.5, 3)
+    assert (parsed.health_stall_seconds, parsed.keep_training_states) == (90, 4)
+    assert parsed.http_port == 8080
+
+
+def test_default_values_leave_the_servers_own_defaults():
+    """The chart's defaults are `cotune serve`'s: installing the chart changes no behaviour
+    that running the command would have (0 per tenant: the server's own quarter)."""
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    own = parser.parse_args([])
+    parsed = serve_arguments()
+    for flag in ("max_open_streams", "max_open_streams_per_tenant", "upload_idle_timeout",
+                 "max_logprobs", "health_stall_seconds", "keep_training_states",
+                 "max_queued_requests", "max_upload_mb", "max_rank", "num_slots"):
+        assert getattr(parsed, flag) == getattr(own, flag), flag
+
+
+# `cotune serve` flags that no value sets (server.extraArgs passes them), and why
+LEFT_TO_EXTRA_ARGS = {
+    "--threads", "--training-threads", "--time-slice",  # tuning against the pod's CPU limit
+    "--nvme-path", "--rank-timeout",  # sharded-base tuning (NVMe offload needs a volume)
+    "--metrics-top-adapters",  # the label budget of Prometheus, rarely changed
+    "--worker-id",  # the hostname by default: the pod's name, stable in a StatefulSet
+}
+
+
+def test_every_flag_of_cotune_serve_is_set_by_a_value_or_left_to_extra_args():
+    """A flag added to `cotune serve` fails here until the chart passes it (or it is listed
+    above with its reason)."""
+    docs = template("--set", "tls.enabled=true,tls.secretName=t,tls.clientCASecretName=c",
+                    "--set", "server.allowPaths={/srv},server.maxOpenStreamsPerTenant=2",
+                    "--set", "workers.shardedBase=true,workers.ranksPerGroup=2,"
+                    "workers.replicas=2")
+    passed = {a.split("=", 1)[0] for s in of_kind(docs, "StatefulSet")
+              for a in worker_container(s)["args"][1:]}
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    flags = {a.option_strings[-1] for a in parser._actions if a.dest != "help"}
+    assert passed <= flags
+    assert flags - passed == LEFT_TO_EXTRA_ARGS
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -456,6 +557,31 @@ def test_router_discovers_workers_through_endpointslices_of_the_headless_service
     parsed, extra = parser.parse_known_args(args[1:])
     assert not extra, f"cotune route does not know {extra}"
     assert (parsed.spill_threshold, parsed.health_interval, parsed.health_timeout) == (32, 1, 2)
+    assert parsed.http_port == 8000
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_with_http_the_services_of_workers_and_router_have_a_port_named_http(case):
+    docs = rendered(case)
+    services = [one(docs, "Service", "rel-cotune-workers")]
+    if chart_values(case)["router"]["enabled"]:
+        services.append(one(docs, "Service", "rel-cotune-router"))
+    for service in services:
+        ports = {p["name"]: p for p in service["spec"]["ports"]}
+        assert (ports["http"]["port"], ports["http"]["targetPort"]) == (8000, "http")
+    for container in containers(docs):
+        assert "--http-port=8000" in container["args"]
+
+
+def test_without_http_no_port_flag_or_service_port_is_rendered():
+    docs = template("--set", "http.enabled=false,router.enabled=true")
+    for container in containers(docs):
+        assert not [a for a in container["args"] if a.startswith("--http-port")]
+    for service in of_kind(docs, "Service"):
+        assert "http" not in {p["name"] for p in service["spec"]["ports"]}
+    for policy in of_kind(docs, "NetworkPolicy"):
+        assert [[p["port"] for p in r["ports"]] for r in policy["spec"]["ingress"]] == [
+            ["grpc"], ["metrics"]]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -484,9 +610,10 @@ def test_disruption_budgets_cover_the_workers(case):
         assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
-def test_network_policy_opens_grpc_metrics_and_the_rendezvous_between_ranks():
+def test_network_policy_opens_grpc_http_metrics_and_the_rendezvous_between_ranks():
     default = one(rendered("default"), "NetworkPolicy", "rel-cotune-worker")["spec"]["ingress"]
-    assert [[p["port"] for p in rule["ports"]] for rule in default] == [["grpc"], ["metrics"]]
+    assert [[p["port"] for p in rule["ports"]] for rule in default] == [["grpc", "http"],
+                                                                        ["metrics"]]
     assert default[1]["from"] == [{"namespaceSelector": {
         "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     sharded = one(rendered("gpu-sharded"), "NetworkPolicy", "rel-cotune-worker")["spec"]
@@ -500,7 +627,7 @@ def test_network_policy_opens_grpc_metrics_and_the_rendezvous_between_ranks():
     assert not of_kind(rendered("cpu-single-worker"), "NetworkPolicy")
 
 
-def test_notes_tell_how_to_connect_with_the_admin_token_of_the_secret(tmp_path):
+def test_notes_tell_how_to_connect_over_grpc_and_http_with_the_admin_token(tmp_path):
     """NOTES.txt renders only at install; a copy of the chart renders it as a template."""
     chart = tmp_path / "cotune"
     shutil.copytree(CHART, chart)
@@ -515,6 +642,9 @@ def test_notes_tell_how_to_connect_with_the_admin_token_of_the_secret(tmp_path):
     assert "COTUNE_ADDR=127.0.0.1:50051" in notes and "COTUNE_TOKEN=" in notes
     assert "cotune adapters list" in notes
     assert "get secret rel-cotune-admin" in notes
+    assert "port-forward svc/rel-cotune-workers 8000:8000" in notes
+    assert "OPENAI_BASE_URL=http://127.0.0.1:8000/v1 OPENAI_API_KEY=$COTUNE_TOKEN" in notes
+    assert "http://rel-cotune-workers.ml.svc:8000/v1" in notes
 
 
 # --- the image ----------------------------------------------------------------------------
@@ -560,10 +690,11 @@ def test_dockerfile_runs_the_console_script_as_the_charts_user_on_the_charts_por
     instructions = dict(dockerfile_instructions())  # the last of each kind: the final stage
     (entrypoint,) = json.loads(instructions["ENTRYPOINT"])
     assert entrypoint in scripts
-    assert json.loads(instructions["CMD"]) == ["serve", "--host", "0.0.0.0"]
     values = chart_values("default")
-    assert set(instructions["EXPOSE"].split()) == {str(values["ports"]["grpc"]),
-                                                  str(values["ports"]["metrics"])}
+    assert json.loads(instructions["CMD"]) == ["serve", "--host", "0.0.0.0", "--http-port",
+                                               str(values["ports"]["http"])]
+    assert set(instructions["EXPOSE"].split()) == {
+        str(values["ports"][name]) for name in ("grpc", "http", "metrics")}
     uid = values["podSecurityContext"]["runAsUser"]
     assert instructions["USER"] == f"{uid}:{uid}"
-    assert instructions["HEALTHCHECK"] == "NONE"  # Kubernetes probes gRPC health instead
+    assert instructions["HEALTHCHECK"] == "NONE"  # Kubernetes probes health instead

@@ -1,13 +1,20 @@
 """The OpenAI-compatible HTTP front of a real `cotune serve --http-port` on 127.0.0.1, called
-with the real `openai` client: health, authentication, and the models a tenant sees."""
+with the real `openai` client: health, authentication, the models a tenant sees, and the
+stop (the front answers while the gRPC calls drain)."""
 
 from __future__ import annotations
+
+import signal
+import threading
+import time
 
 import httpx2 as httpx
 import openai
 import pytest
 from server_helpers import running_server, tiny_adapter_dir
 from wire import Caller
+
+from cotune.v1 import inference_pb2
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +82,37 @@ def test_an_unknown_route_is_404_in_openais_format(server, tenants):
                       headers={"Authorization": f"Bearer {tenants['acme']}"}, timeout=10)
     assert reply.status_code == 404
     assert "no route GET /v1/nothing-here" in reply.json()["error"]["message"]
+
+
+
+def test_a_stopping_server_answers_http_503_saying_why_until_its_calls_have_drained(tmp_path):
+    """A server of its own, SIGTERM with an upload in flight: new HTTP calls get a 503 that
+    says the server is shutting down (not the error of the private socket it closed), the
+    upload completes, and only then does the front stop."""
+    release = threading.Event()
+    with running_server(tmp_path, "--http-port", "0", "--grace-period", "60") as server:
+        base_url = server.openai_url()
+        caller = Caller(server.address, server.admin_token)
+        upload = caller.held_upload("drained", tiny_adapter_dir(tmp_path / "a"), release)
+        # answered after the upload started on the same connection: the upload is in flight
+        caller.inference.GetModelInfo(inference_pb2.GetModelInfoRequest(),
+                                      metadata=caller.metadata, timeout=10)
+        server.proc.send_signal(signal.SIGTERM)
+
+        def models() -> httpx.Response:
+            return httpx.get(base_url + "/models", timeout=10,
+                             headers={"Authorization": f"Bearer {server.admin_token}"})
+
+        deadline = time.monotonic() + 30
+        while (reply := models()).status_code != 503:
+            assert time.monotonic() < deadline, reply.text
+            time.sleep(0.05)
+        assert "shutting down" in reply.json()["error"]["message"]
+        assert httpx.get(base_url.removesuffix("/v1") + "/health", timeout=10).status_code == 503
+        assert server.proc.poll() is None  # still draining: the upload holds it
+        release.set()
+        assert upload.result(timeout=60).name == "drained"
+        caller.close()
+        assert server.proc.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            models()

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from server_helpers import RunningServer, start_server, tiny_adapter_dir, tiny_model_dir
 from test_metrics import free_port, scrape, value
 
-from cotune.bench.server_process import LISTENING, START_TIMEOUT_S
+from cotune.bench.server_process import LISTENING, OPENAI_API, START_TIMEOUT_S
 from cotune.client import Client, Unauthenticated
 from cotune.router.hashing import first_unloaded, rendezvous_order
 from cotune.router.metrics import RouterMetrics
@@ -169,17 +169,32 @@ class RunningRouter:
     address: str
     metrics_port: int
     proc: subprocess.Popen
+    output: list[str]  # every line it printed so far
 
     def metric(self, name: str, **labels) -> float:
         return value(scrape(self.metrics_port), name, **labels)
 
+    def openai_url(self) -> str:
+        """The base URL of the OpenAI-compatible front, for a router started with
+        --http-port: the banner's line after the one that says it listens."""
+        match = wait_for(lambda: next(filter(None, map(OPENAI_API.match, self.output)), None),
+                         what="the router's 'openai api:' line")
+        return match[1]
+
 
 @contextmanager
 def router(cluster: Cluster, *extra_args: str):
+    with running_router(cluster.static_list(), *extra_args) as r:
+        yield r
+
+
+@contextmanager
+def running_router(workers: str, *extra_args: str):
+    """`cotune route --workers workers` on a free port, once it listens; terminated after."""
     metrics_port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cotune.cli", "route", "--port", "0", "--workers",
-         cluster.static_list(), "--metrics-port", str(metrics_port), *extra_args],
+        [sys.executable, "-m", "cotune.cli", "route", "--port", "0", "--workers", workers,
+         "--metrics-port", str(metrics_port), *extra_args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     output = []
@@ -189,9 +204,15 @@ def router(cluster: Cluster, *extra_args: str):
         assert time.monotonic() < deadline, "".join(output)
     match = LISTENING.search(line)
     assert match, "cotune route did not start:\n" + "".join(output)
-    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keeps the pipe drained
+    output.append(line)
+
+    def keep_reading() -> None:  # the pipe drained; the banner's later lines for openai_url
+        for line in proc.stdout:
+            output.append(line)
+
+    threading.Thread(target=keep_reading, daemon=True).start()
     try:
-        yield RunningRouter(f"{match[1]}:{match[2]}", metrics_port, proc)
+        yield RunningRouter(f"{match[1]}:{match[2]}", metrics_port, proc, output)
     finally:
         proc.terminate()
         proc.wait(30)

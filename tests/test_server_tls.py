@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 from pathlib import Path
 
 import grpc
+import httpx2 as httpx
 import pytest
 from server_helpers import running_server
 
@@ -39,10 +41,20 @@ def _model_info(channel: grpc.Channel, token: str):
         timeout=10)
 
 
+def _https_health(server, certs: Path, client_certificate: bool) -> httpx.Response:
+    """GET /health of the HTTP front (its URL says https), trusting the test CA."""
+    context = ssl.create_default_context(cafile=certs / "ca.pem")
+    if client_certificate:
+        context.load_cert_chain(certs / "client.pem", certs / "client.key")
+    url = server.openai_url()
+    assert url.startswith("https://"), url
+    return httpx.get(url.removesuffix("/v1") + "/health", verify=context, timeout=10)
+
+
 def test_tls_serves_a_client_that_trusts_the_ca_and_refuses_plaintext(tmp_path):
     certs = _certificates(tmp_path)
     with running_server(tmp_path, "--tls-cert", str(certs / "server.pem"), "--tls-key",
-                        str(certs / "server.key")) as server:
+                        str(certs / "server.key"), "--http-port", "0") as server:
         trusted = grpc.ssl_channel_credentials(root_certificates=(certs / "ca.pem").read_bytes())
         with grpc.secure_channel(server.address, trusted) as channel:
             assert _model_info(channel, server.admin_token).vocab_size == 320
@@ -50,6 +62,8 @@ def test_tls_serves_a_client_that_trusts_the_ca_and_refuses_plaintext(tmp_path):
                 pytest.raises(grpc.RpcError) as refused:
             _model_info(channel, server.admin_token)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # the HTTP front serves the same certificate
+        assert _https_health(server, certs, client_certificate=False).status_code == 200
 
 
 def test_mutual_tls_needs_a_client_certificate_signed_by_the_client_ca(tmp_path):
@@ -57,7 +71,7 @@ def test_mutual_tls_needs_a_client_certificate_signed_by_the_client_ca(tmp_path)
     ca = (certs / "ca.pem").read_bytes()
     with running_server(tmp_path, "--tls-cert", str(certs / "server.pem"), "--tls-key",
                         str(certs / "server.key"), "--tls-client-ca",
-                        str(certs / "ca.pem")) as server:
+                        str(certs / "ca.pem"), "--http-port", "0") as server:
         with_certificate = grpc.ssl_channel_credentials(
             root_certificates=ca, private_key=(certs / "client.key").read_bytes(),
             certificate_chain=(certs / "client.pem").read_bytes())
@@ -68,3 +82,9 @@ def test_mutual_tls_needs_a_client_certificate_signed_by_the_client_ca(tmp_path)
                 pytest.raises(grpc.RpcError) as refused:
             _model_info(channel, server.admin_token)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # and so does the HTTP front: no TLS session without a client certificate
+        assert _https_health(server, certs, client_certificate=True).status_code == 200
+        # (TLS 1.3: the server checks the certificate after the client's handshake, so the
+        # refusal shows as a closed connection or a failed handshake, as timing has it)
+        with pytest.raises(httpx.TransportError):
+            _https_health(server, certs, client_certificate=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import grpc
@@ -31,13 +32,14 @@ class Caller:
         self.tenants = tenants_pb2_grpc.TenantServiceStub(self.channel)
 
     def upload(self, name: str, directory: Path, **header):
-        def messages():
-            yield adapters_pb2.CreateAdapterRequest(
-                header=adapters_pb2.CreateAdapterHeader(name=name, **header))
-            for file_name in ADAPTER_FILES:
-                yield adapters_pb2.CreateAdapterRequest(chunk=common_pb2.FileChunk(
-                    path=file_name, data=(directory / file_name).read_bytes()))
-        return self.adapters.CreateAdapter(messages(), metadata=self.metadata, timeout=60)
+        return self.adapters.CreateAdapter(_upload(name, directory, header),
+                                           metadata=self.metadata, timeout=60)
+
+    def held_upload(self, name: str, directory: Path, release: threading.Event):
+        """An upload held in flight: its files follow the header once `release` is set. The
+        future of its reply."""
+        return self.adapters.CreateAdapter.future(_upload(name, directory, {}, release),
+                                                  metadata=self.metadata, timeout=90)
 
     def generate(self, prompt: str = "the cat", adapter: str = "", max_tokens: int = 8,
                  **fields) -> list:
@@ -86,3 +88,14 @@ def code_of(call) -> grpc.StatusCode | None:
     except grpc.RpcError as e:
         return e.code()
     return None
+
+
+def _upload(name: str, directory: Path, header: dict, release: threading.Event | None = None):
+    """The messages of an upload of `directory`'s adapter; the files wait for `release`."""
+    yield adapters_pb2.CreateAdapterRequest(
+        header=adapters_pb2.CreateAdapterHeader(name=name, **header))
+    if release is not None:
+        release.wait(60)
+    for file_name in ADAPTER_FILES:
+        yield adapters_pb2.CreateAdapterRequest(chunk=common_pb2.FileChunk(
+            path=file_name, data=(directory / file_name).read_bytes()))

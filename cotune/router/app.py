@@ -71,10 +71,12 @@ class Router:
             self.http.start()
 
     def stop(self) -> None:
+        if self.http is not None:
+            self.http.drain()  # new HTTP calls: 503, saying why
         if not self.lifecycle.drain(self.server):
             return
         if self.http is not None:
-            self.http.stop()
+            self.http.stop()  # after the drain: its calls in flight were gRPC calls underneath
         self.pool.stop()
         self.lifecycle.stopped.set()
 

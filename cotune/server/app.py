@@ -123,7 +123,8 @@ class CotuneServer:
         self.port = self.server.add_secure_port(f"{args.host}:{port}", _credentials(args)) \
             if args.tls_cert else self.server.add_insecure_port(f"{args.host}:{port}")
         self.http = attach_front(self.server, args.host, self._rank_port(args.http_port),
-                                 Tls(args.tls_cert, args.tls_key) if args.tls_cert else None)
+                                 Tls(args.tls_cert, args.tls_key, args.tls_client_ca)
+                                 if args.tls_cert else None)
         self.metrics_port = start_metrics(args.host, self._rank_port(args.metrics_port),
                                           self.metrics.registry)
         self.grace = args.grace_period
@@ -190,6 +191,8 @@ class CotuneServer:
         handler's thread. Running jobs publish a version at their next optimizer step while
         the calls in flight drain, so that the next start resumes them losing nothing."""
         self.gate.draining = True  # new calls: UNAVAILABLE
+        if self.http is not None:
+            self.http.drain()  # new HTTP calls: 503, saying why
         started = time.monotonic()
         if not self.lifecycle.drain(self.server,
                                     meanwhile=lambda: self.runtime.checkpoint_jobs(self.grace)):

@@ -67,8 +67,9 @@ def add_network_arguments(parser: argparse.ArgumentParser,
     net.add_argument("--metrics-port", type=int, default=0,
                      help="serve Prometheus metrics on this port (/metrics); 0: none")
     net.add_argument("--http-port", type=int, default=None, metavar="PORT",
-                     help="also serve the OpenAI-compatible HTTP API (/v1/...) on this port, "
-                          "from the same process; 0 picks a free one [none]")
+                     help="also serve the OpenAI-compatible HTTP API (/v1/...) and an open "
+                          "/health on this port, beside gRPC in the same process and with "
+                          "the same tokens; 0 picks a free one [none]")
     return net
 
 

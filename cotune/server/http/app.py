@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import ssl
 import tempfile
 import threading
 from contextlib import asynccontextmanager
@@ -80,23 +81,44 @@ async def _server_error(request: Request, error: Exception) -> JSONResponse:
 class Tls:
     cert: Path
     key: Path
+    client_ca: Path | None = None  # mTLS, as on the gRPC port: clients need a cert it signed
 
 
 class HttpFront:
     """uvicorn serving `build_app(Backend(grpc_target))` on host:port, on a thread of its own
-    (its own event loop). `port` is the one it listens on (0 picks a free one)."""
+    (its own event loop). `port` is the one it listens on (0 picks a free one).
+
+    The owner's stop calls `drain` as its gRPC server starts draining, and `stop` once that
+    drain has ended: the HTTP calls in flight are gRPC calls underneath, drained with the
+    others, and the front answers (503) until then, so that a load balancer sees the replica
+    go unready rather than refuse connections."""
 
     def __init__(self, grpc_target: str, host: str, port: int, tls: Tls | None = None,
                  socket_dir: Path | None = None):
+        self.app = build_app(Backend(grpc_target))
+        self.draining = False
         config = uvicorn.Config(
-            build_app(Backend(grpc_target)), host=host, port=port, log_level="warning",
-            access_log=False, lifespan="on", timeout_graceful_shutdown=5,
-            ssl_certfile=tls and str(tls.cert), ssl_keyfile=tls and str(tls.key))
+            # asgi3 said, not guessed: uvicorn takes a bound method for an ASGI2 app
+            self._serve_unless_draining, interface="asgi3", host=host, port=port,
+            log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+            ssl_certfile=tls and str(tls.cert), ssl_keyfile=tls and str(tls.key),
+            ssl_ca_certs=tls and tls.client_ca and str(tls.client_ca),
+            ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca else ssl.CERT_NONE)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True, name="http-front")
         self.host, self.port = host, port
         self.scheme = "https" if tls is not None else "http"
         self.socket_dir = socket_dir  # removed at the stop
+
+    async def _serve_unless_draining(self, scope, receive, send) -> None:
+        # a draining gRPC server has closed the private socket: without this a new call would
+        # get the channel's "failed to connect to unix:/tmp/..." instead of the reason
+        if self.draining and scope["type"] == "http" and scope["path"] != "/health":
+            refused = ApiError(503, "the server is shutting down; retry, another replica will "
+                               "answer", "service_unavailable_error", code="unavailable")
+            await refused.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
     def _run(self) -> None:
         asyncio.run(self.server.serve())
@@ -114,6 +136,10 @@ class HttpFront:
     @property
     def url(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}/v1"
+
+    def drain(self) -> None:
+        """New calls (but /health) are answered 503 from now on; those in flight go on."""
+        self.draining = True
 
     def stop(self, timeout: float = 10) -> None:
         self.server.should_exit = True

@@ -100,15 +100,25 @@ Returns a JSON list of {name, group, replicas}. */}}
 {{- toJson $sets }}
 {{- end }}
 
-{{/* The gRPC probe of a container, or a TCP probe when TLS is on (Kubernetes' gRPC probes
-speak plaintext only). Arguments: (dict "root" $ "probe" <values>). */}}
+{{/* The probe of a container. With http.enabled: GET /health on the HTTP port, which answers
+from the same grpc.health.v1 status as a gRPC probe and fails too when the HTTP front is down;
+over HTTPS with TLS (the kubelet does not verify certificates), but not with client
+certificates required: the kubelet presents none. Else the gRPC probe, or with TLS a TCP
+probe (Kubernetes' gRPC probes speak plaintext only). Arguments: (dict "root" $ "probe"
+<values>). */}}
 {{- define "cotune.probe" -}}
-{{- if .root.Values.tls.enabled }}
+{{- $v := .root.Values }}
+{{- if and $v.http.enabled (not (and $v.tls.enabled $v.tls.clientCASecretName)) }}
+httpGet:
+  path: /health
+  port: http
+  scheme: {{ ternary "HTTPS" "HTTP" $v.tls.enabled }}
+{{- else if $v.tls.enabled }}
 tcpSocket:
   port: grpc
 {{- else }}
 grpc:
-  port: {{ .root.Values.ports.grpc }}
+  port: {{ $v.ports.grpc }}
 {{- end }}
 periodSeconds: {{ .probe.periodSeconds }}
 failureThreshold: {{ .probe.failureThreshold }}
