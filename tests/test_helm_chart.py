@@ -205,6 +205,8 @@ def test_monitoring_objects_can_each_be_turned_off():
     (["--set", "server.healthStallSeconds=-1"], "server.healthStallSeconds"),
     (["--set", "server.maxLogprobs=-1"], "server.maxLogprobs"),
     (["--set", "server.maxOpenStreamsPerTenant=-1"], "server.maxOpenStreamsPerTenant"),
+    (["--set-json", "server.tenantIsolation=0.5"], "server.tenantIsolation"),
+    (["--set", "server.maxFilesPerTenant=-1"], "server.maxFilesPerTenant"),
 ])
 def test_values_schema_rejects_a_bad_value_with_its_name(bad, message):
     result = helm("template", "rel", str(CHART), *bad)
@@ -364,7 +366,9 @@ def test_server_values_reach_the_flags_of_cotune_serve():
         "--set-json", "server.uploadIdleTimeoutSeconds=7.5",  # --set makes 7.5 a string
         "--set", "server.maxLogprobs=3",
         "--set", "server.healthStallSeconds=90,server.keepTrainingStates=4",
-        "--set", "ports.http=8080")
+        "--set", "ports.http=8080",
+        "--set-json", "server.tenantIsolation=2.5", "--set", "server.maxFilesPerTenant=7")
+    assert (parsed.tenant_isolation, parsed.max_files_per_tenant) == (2.5, 7)
     assert (parsed.max_open_streams, parsed.max_open_streams_per_tenant) == (12, 5)
     assert (parsed.upload_idle_timeout, parsed.max_logprobs) == (7.5, 3)
     assert (parsed.health_stall_seconds, parsed.keep_training_states) == (90, 4)
@@ -380,7 +384,8 @@ def test_default_values_leave_the_servers_own_defaults():
     parsed = serve_arguments()
     for flag in ("max_open_streams", "max_open_streams_per_tenant", "upload_idle_timeout",
                  "max_logprobs", "health_stall_seconds", "keep_training_states",
-                 "max_queued_requests", "max_upload_mb", "max_rank", "num_slots"):
+                 "max_queued_requests", "max_upload_mb", "max_rank", "num_slots",
+                 "tenant_isolation", "max_files_per_tenant"):
         assert getattr(parsed, flag) == getattr(own, flag), flag
 
 

@@ -172,7 +172,7 @@ def test_include_usage_adds_a_last_chunk_with_the_usage_and_no_choices(acme, bas
     assert finished == {0, 1}
 
 
-def test_n_choices_with_a_seed_use_seed_plus_index_and_sum_their_usage(acme, base):
+def test_n_choices_with_a_seed_use_seed_plus_index_and_count_the_prompt_once(acme, base):
     def sample(seed: int, n: int):
         return acme.completions.create(model=base, prompt=PROMPT, max_tokens=8, n=n,
                                        temperature=1.0, seed=seed)
@@ -182,7 +182,37 @@ def test_n_choices_with_a_seed_use_seed_plus_index_and_sum_their_usage(acme, bas
     assert [c.index for c in two.choices] == [0, 1] and texts[0] != texts[1]
     assert texts == [sample(7, 1).choices[0].text, sample(8, 1).choices[0].text]
     assert two.usage.completion_tokens == 16
-    assert two.usage.prompt_tokens == 2 * sample(7, 1).usage.prompt_tokens
+    assert two.usage.prompt_tokens == sample(7, 1).usage.prompt_tokens  # one prompt, as OpenAI
+
+
+CONTEXT = 256  # the tiny model's max_position_embeddings
+
+
+def test_a_chat_without_max_tokens_may_fill_the_context(acme, base):
+    """As OpenAI's chat: no max_tokens is as many as the context leaves, not Generate's 16."""
+    reply = acme.chat.completions.create(model=base, messages=CHAT)
+    usage, finish = reply.usage, reply.choices[0].finish_reason
+    assert finish in ("stop", "length")
+    if finish == "length":
+        assert usage.prompt_tokens + usage.completion_tokens == CONTEXT
+    else:
+        assert usage.prompt_tokens + usage.completion_tokens < CONTEXT
+
+
+def test_generate_with_max_tokens_zero_fills_the_context_and_refuses_a_full_prompt(grpc_acme):
+    def generate(prompt_ids: list[int]):
+        return list(grpc_acme.inference.Generate(inference_pb2.GenerateRequest(
+            prompt_token_ids=inference_pb2.TokenIds(ids=prompt_ids),
+            sampling=inference_pb2.SamplingParams(max_tokens=0, ignore_eos=True)),
+            metadata=grpc_acme.metadata, timeout=120))
+
+    responses = generate([5] * 200)
+    assert sum(len(r.token_ids) for r in responses) == CONTEXT - 200
+    assert responses[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    with pytest.raises(grpc.RpcError) as refused:
+        generate([5] * CONTEXT)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "fills the model's context of 256 tokens" in refused.value.details()
 
 
 def test_several_prompts_and_token_ids_are_prompts_too(acme, grpc_acme, base):

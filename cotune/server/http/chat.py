@@ -29,6 +29,9 @@ NEUTRAL = generation.NEUTRAL_FIELDS | {"tools", "tool_choice", "functions", "fun
 CONTENT_FORMS = 'a string, or an array of {"type": "text", "text": ...} parts'
 
 
+UP_TO_THE_CONTEXT = 0  # SamplingParams.max_tokens 0: what the context leaves after the prompt
+
+
 def routes(backend: Backend) -> list[Route]:
     async def create(request: Request):
         body = await json_body(request)
@@ -41,13 +44,20 @@ def routes(backend: Backend) -> list[Route]:
     return [Route("/v1/chat/completions", create, methods=["POST"])]
 
 
-def _max_tokens(body: dict) -> int | None:
-    """max_completion_tokens, or max_tokens (its older name)."""
+def _max_tokens(body: dict) -> int:
+    """max_completion_tokens, or max_tokens (its older name); unset, as OpenAI's chat: as many
+    as the model's context leaves after the prompt (0, for Generate)."""
     new, old = (optional(body, name, integer) for name in ("max_completion_tokens", "max_tokens"))
     if new is not None and old is not None and new != old:
         raise invalid(f"max_completion_tokens {new} and max_tokens {old} differ; accepted: one "
                       "of them (max_tokens is its older name)", "max_tokens")
-    return old if new is None else new
+    value = old if new is None else new
+    if value is None:
+        return UP_TO_THE_CONTEXT
+    if value < 1:
+        raise invalid(f"max_completion_tokens {value} is not accepted; accepted: 1 or more, or "
+                      "none for as many as the model's context leaves", "max_completion_tokens")
+    return value
 
 
 def _logprobs(body: dict) -> int | None:

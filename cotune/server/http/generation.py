@@ -141,7 +141,7 @@ async def respond(request: Request, backend: Backend, params: Params,
             "model": firsts[0].adapter or base}
     choices = [Choice(i) for i in range(len(firsts))]
     if params.stream:
-        events = _events(calls, firsts, choices, head, shape, params.include_usage)
+        events = _events(calls, firsts, choices, head, shape, params)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
@@ -154,7 +154,8 @@ async def respond(request: Request, backend: Backend, params: Params,
     finally:
         calls.cancel()
     return JSONResponse({**head, "object": shape.object,
-                         "choices": [shape.choice(c) for c in choices], "usage": _usage(choices)})
+                         "choices": [shape.choice(c) for c in choices],
+                         "usage": _usage(choices, params.n)})
 
 
 def _requests(base: str, params: Params, inputs: list[inference_pb2.GenerateRequest]
@@ -253,19 +254,19 @@ async def _unless_disconnected(request: Request, work: Awaitable):
 
 
 async def _events(calls: Calls, firsts: list, choices: list[Choice], head: dict, shape: Shape,
-                  include_usage: bool) -> AsyncIterator[str]:
+                  params: Params) -> AsyncIterator[str]:
     """Server-sent events, one chunk per response, then `data: [DONE]`. An error after the
     start is an event of its own (OpenAI's error object), as the `openai` client reads it."""
     chunk = {**head, "object": shape.chunk_object}
-    if include_usage:
+    if params.include_usage:
         chunk["usage"] = None  # on every chunk but the last, as OpenAI's
     responses = calls.responses(firsts)
     try:
         async for i, response in responses:
             yield _event({**chunk, "choices": [shape.delta(choices[i], response)]})
             choices[i].add(response)
-        if include_usage:
-            yield _event({**chunk, "choices": [], "usage": _usage(choices)})
+        if params.include_usage:
+            yield _event({**chunk, "choices": [], "usage": _usage(choices, params.n)})
     except grpc.RpcError as e:
         yield _event(from_grpc(e).body())
     finally:  # the end, an error, or the client gone (its task cancelled)
@@ -278,10 +279,10 @@ def _event(data: dict) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def _usage(choices: list[Choice]) -> dict:
-    """Tokens summed over the choices: each choice's prompt was computed, and counted in the
-    tenant's tokens per minute."""
-    prompt = sum(c.usage.prompt_tokens for c in choices)
+def _usage(choices: list[Choice], n: int) -> dict:
+    """Tokens summed over the choices, each prompt counted once (as OpenAI's: the n choices
+    of one prompt are choices[k * n:(k + 1) * n])."""
+    prompt = sum(c.usage.prompt_tokens for c in choices[::n])
     completion = sum(c.usage.completion_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
