@@ -129,3 +129,22 @@ def test_a_stopping_router_answers_http_503_while_it_drains_then_stops_the_front
         assert r.proc.wait(30) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(base_url.removesuffix("/v1") + "/health", timeout=10)
+
+
+def test_generation_through_the_router_equals_the_workers_and_is_routed(worker, tokens, routed):
+    """A completion, a streamed chat and the worker's own gRPC Generate give the same greedy
+    tokens; the router forwards the Generate calls to the worker, as gRPC ones."""
+    acme = client(routed, tokens["acme"])
+    direct = Caller(worker.address, tokens["acme"])
+    expected = "".join(r.text for r in direct.generate("the cat", "acme-helper", max_tokens=6))
+    direct.close()
+    before = routed.metric("cotune_router_calls_total", worker="w0", method="Generate",
+                           code="OK")
+    reply = acme.completions.create(model="acme-helper", prompt="the cat", max_tokens=6)
+    assert reply.choices[0].text == expected and reply.model == "acme-helper@v1"
+    chunks = list(acme.chat.completions.create(
+        model="acme-helper", messages=[{"role": "user", "content": "the cat"}], max_tokens=4,
+        stream=True))
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert routed.metric("cotune_router_calls_total", worker="w0", method="Generate",
+                         code="OK") == before + 2

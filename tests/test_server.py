@@ -20,6 +20,7 @@ from wire import ADAPTER_FILES, Caller, code_of
 from cotune.v1 import (
     adapters_pb2,
     common_pb2,
+    files_pb2,
     inference_pb2,
     tenants_pb2,
     training_pb2,
@@ -40,8 +41,8 @@ def server(tmp_path_factory):
 
 def every_rpc(caller: Caller) -> dict:
     """One call of every method of every cotune service, with well-formed requests."""
-    md, a, t, i, n = (caller.metadata, caller.adapters, caller.training, caller.inference,
-                      caller.tenants)
+    md, a, t, i, n, f = (caller.metadata, caller.adapters, caller.training, caller.inference,
+                         caller.tenants, caller.files)
     header = adapters_pb2.CreateAdapterRequest(header=adapters_pb2.CreateAdapterHeader(name="x"))
     return {
         "AdapterService.CreateAdapter": lambda: a.CreateAdapter(iter([header]), metadata=md),
@@ -87,12 +88,24 @@ def every_rpc(caller: Caller) -> dict:
             tenants_pb2.RevokeTokenRequest(id="x"), metadata=md),
         "TenantService.DeleteTenant": lambda: n.DeleteTenant(
             tenants_pb2.DeleteTenantRequest(name="x"), metadata=md),
+        "TrainingService.ListJobEvents": lambda: t.ListJobEvents(
+            training_pb2.ListJobEventsRequest(job_id="j"), metadata=md),
+        "FileService.UploadFile": lambda: f.UploadFile(iter([files_pb2.UploadFileRequest(
+            header=files_pb2.UploadFileHeader(filename="x.jsonl", purpose="fine-tune")),
+            files_pb2.UploadFileRequest(data=TRAINING_DATA)]), metadata=md),
+        "FileService.GetFile": lambda: f.GetFile(files_pb2.GetFileRequest(id="file-x"),
+                                                 metadata=md),
+        "FileService.ListFiles": lambda: f.ListFiles(files_pb2.ListFilesRequest(), metadata=md),
+        "FileService.DeleteFile": lambda: f.DeleteFile(files_pb2.DeleteFileRequest(id="file-x"),
+                                                       metadata=md),
+        "FileService.GetFileContent": lambda: list(f.GetFileContent(
+            files_pb2.GetFileRequest(id="file-x"), metadata=md)),
     }
 
 
 def test_every_rpc_is_listed_here():
     methods = {f"{s.name}.{m.name}"
-               for module in (adapters_pb2, inference_pb2, tenants_pb2, training_pb2)
+               for module in (adapters_pb2, files_pb2, inference_pb2, tenants_pb2, training_pb2)
                for s in module.DESCRIPTOR.services_by_name.values() for m in s.methods}
     assert methods == set(every_rpc(Caller("127.0.0.1:1", None)))
 

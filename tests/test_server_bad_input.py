@@ -408,8 +408,8 @@ BAD_GENERATE = {
     "no token ids": (ids(), f"non-empty list of ids in [0, {VOCAB})"),
     "token id = vocab": (ids(5, VOCAB), f"in [0, {VOCAB}); got {VOCAB}"),
     "token id -1": (ids(-1), "got -1"),
-    "max_tokens -1": (sampled(max_tokens=-1), "max_tokens must be an integer >= 1"),
-    "max_tokens 0": (sampled(max_tokens=0), "max_tokens must be an integer >= 1"),
+    "max_tokens -1": (sampled(max_tokens=-1),
+                      "max_tokens -1 not accepted; accepted: 1 or more, or 0 for as many"),
     "max_tokens 2**31-1": (sampled(max_tokens=2**31 - 1),
                            f"exceeds the model's context of {CONTEXT}"),
     "past the context": (inference_pb2.GenerateRequest(
@@ -523,7 +523,7 @@ def job(**fields) -> training_pb2.CreateJobRequest:
 
 
 BAD_JOBS = {
-    "no data": (job(), INVALID, ["the job has no data; set training_data"]),
+    "no data": (job(), INVALID, ["the job has no data; set training_file"]),
     "empty data": (job(training_data=b""), INVALID,
                    ["training_data is empty", '{"prompt", "completion"}']),
     "data not JSONL": (job(training_data=b"this is not JSON\n"), INVALID,

@@ -11,6 +11,7 @@ from cotune.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
     common_pb2,
+    files_pb2_grpc,
     inference_pb2,
     inference_pb2_grpc,
     tenants_pb2,
@@ -30,6 +31,7 @@ class Caller:
         self.training = training_pb2_grpc.TrainingServiceStub(self.channel)
         self.inference = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.tenants = tenants_pb2_grpc.TenantServiceStub(self.channel)
+        self.files = files_pb2_grpc.FileServiceStub(self.channel)
 
     def upload(self, name: str, directory: Path, **header):
         return self.adapters.CreateAdapter(_upload(name, directory, header),

@@ -63,8 +63,9 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         prompt_ids = self._prompt_ids(request)
         served, adapter = self._adapter(tenant, request.adapter)
         engine_request = _engine_request(request, prompt_ids, adapter, tenant.name)
-        if request.sampling.HasField("max_tokens") and request.sampling.max_tokens == 0:
-            engine_request.max_tokens = self._context_left(len(prompt_ids))
+        if request.sampling.HasField("max_tokens") and request.sampling.max_tokens <= 0:
+            engine_request.max_tokens = self._context_left(len(prompt_ids),
+                                                           request.sampling.max_tokens)
         self._check_fits(engine_request)  # refused as bad input, not as load, and before quota
         engine_id = f"{tenant.name}/{request.request_id or uuid.uuid4().hex}"
         engine_request.request_id = engine_id
@@ -190,8 +191,11 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                           f"{params.max_tokens} exceeds the model's context of {context} "
                           "tokens; shorten the prompt or lower max_tokens")
 
-    def _context_left(self, prompt_tokens: int) -> int:
+    def _context_left(self, prompt_tokens: int, max_tokens: int) -> int:
         """max_tokens 0: as many tokens as the model's context leaves after the prompt."""
+        if max_tokens < 0:
+            raise invalid(f"max_tokens {max_tokens} not accepted; accepted: 1 or more, or 0 "
+                          "for as many as the model's context leaves after the prompt")
         left = self.model_info.max_context - prompt_tokens
         if left < 1:
             raise invalid(f"the prompt of {prompt_tokens} tokens fills the model's context of "
