@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 
+import httpx2 as httpx
 import openai
 import pytest
 from server_helpers import running_server
@@ -23,7 +24,8 @@ DATA = "\n".join(json.dumps({"prompt": f"the cat {i}", "completion": " sat on th
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("http-fine-tuning")
-    with running_server(root, "--http-port", "0", "--max-files-per-tenant", "3") as server:
+    with running_server(root, "--http-port", "0", "--max-files-per-tenant", "3",
+                        "--max-upload-mb", "1") as server:
         yield server
 
 
@@ -91,6 +93,30 @@ def test_a_malformed_file_is_400_naming_its_line_and_is_not_kept(server, tokens)
     assert error["param"] == "file"
     with pytest.raises(openai.BadRequestError, match="purpose 'batch' not accepted"):
         api.files.create(file=("x.jsonl", DATA), purpose="batch")
+    assert api.files.list().data == []
+
+
+def test_an_upload_past_max_upload_mb_is_413_and_a_bad_token_401_before_its_body(server,
+                                                                                 tokens):
+    big = b'{"text": "' + b"x" * (2 << 20) + b'"}\n'
+    with pytest.raises(openai.AuthenticationError):
+        upload(client(server, "ct_not_a_token"), big)
+    api = client(server, tokens["globex"])
+    with pytest.raises(openai.APIStatusError) as caught:
+        upload(api, big)
+    assert caught.value.status_code == 413 and "--max-upload-mb" in caught.value.message
+
+    def chunked():  # no Content-Length: counted as it arrives
+        yield b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="t.jsonl"\r\n\r\n'
+        for _ in range(40):
+            yield b"x" * (64 << 10)
+        yield b"\r\n--b--\r\n"
+
+    reply = httpx.post(server.openai_url() + "/files", content=chunked(), timeout=30, headers={
+        "Authorization": f"Bearer {tokens['globex']}",
+        "Content-Type": "multipart/form-data; boundary=b"})
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "file_too_large"
     assert api.files.list().data == []
 
 

@@ -124,7 +124,7 @@ class CotuneServer:
             if args.tls_cert else self.server.add_insecure_port(f"{args.host}:{port}")
         self.http = attach_front(self.server, args.host, self._rank_port(args.http_port),
                                  Tls(args.tls_cert, args.tls_key, args.tls_client_ca)
-                                 if args.tls_cert else None)
+                                 if args.tls_cert else None, max_bytes)
         self.metrics_port = start_metrics(args.host, self._rank_port(args.metrics_port),
                                           self.metrics.registry)
         self.grace = args.grace_period

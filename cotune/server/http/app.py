@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from cotune.server.http import chat, completions, files, fine_tuning, models
-from cotune.server.http.backend import Backend
+from cotune.server.http.backend import DEFAULT_MAX_UPLOAD_BYTES, Backend
 from cotune.server.http.errors import ApiError, from_grpc
 
 log = logging.getLogger("cotune.http")
@@ -94,8 +94,9 @@ class HttpFront:
     go unready rather than refuse connections."""
 
     def __init__(self, grpc_target: str, host: str, port: int, tls: Tls | None = None,
-                 socket_dir: Path | None = None):
-        self.app = build_app(Backend(grpc_target))
+                 socket_dir: Path | None = None,
+                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
+        self.app = build_app(Backend(grpc_target, max_upload_bytes))
         self.draining = False
         config = uvicorn.Config(
             # asgi3 said, not guessed: uvicorn takes a bound method for an ASGI2 app
@@ -148,13 +149,14 @@ class HttpFront:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
-def attach_front(server: grpc.Server, host: str, port: int | None,
-                 tls: Tls | None = None) -> HttpFront | None:
+def attach_front(server: grpc.Server, host: str, port: int | None, tls: Tls | None = None,
+                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> HttpFront | None:
     """An HttpFront on host:port (None: no front) whose calls reach `server` (not yet
-    started) over a private Unix socket in a directory only this user may enter."""
+    started) over a private Unix socket in a directory only this user may enter.
+    `max_upload_bytes`: the largest file upload it reads (the server's own bound)."""
     if port is None:
         return None
     socket_dir = Path(tempfile.mkdtemp(prefix="cotune-"))  # mode 0700
     target = f"unix:{socket_dir / 'grpc.sock'}"
     server.add_insecure_port(target)
-    return HttpFront(target, host, port, tls, socket_dir)
+    return HttpFront(target, host, port, tls, socket_dir, max_upload_bytes)

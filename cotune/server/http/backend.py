@@ -19,13 +19,15 @@ from cotune.v1 import (
 )
 
 MAX_MESSAGE_BYTES = 64 << 20  # as the gRPC server's own bound
+DEFAULT_MAX_UPLOAD_BYTES = 2048 << 20  # `cotune serve --max-upload-mb`'s default
 
 
 class Backend:
     """Made in the HTTP server's event loop (`open`), closed in it (`close`)."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES):
         self.target = target
+        self.max_upload_bytes = max_upload_bytes  # a file upload's body, read before gRPC
         self.channel: grpc.aio.Channel | None = None
         self._base_model: str | None = None
 
@@ -42,6 +44,11 @@ class Backend:
     async def close(self) -> None:
         if self.channel is not None:
             await self.channel.close()
+
+    async def authenticate(self, metadata) -> None:
+        """Refuses a caller whose token the gRPC services refuse (a grpc.RpcError), with a
+        call that costs nothing: before a body the front reads whole is read."""
+        await self.inference.GetModelInfo(inference_pb2.GetModelInfoRequest(), metadata=metadata)
 
     async def base_model(self, metadata) -> str:
         """The base model's id, as GetModelInfo names it; asked once, as it never changes

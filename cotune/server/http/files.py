@@ -13,11 +13,12 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from cotune.server.http.backend import Backend, metadata
-from cotune.server.http.errors import from_grpc, invalid
+from cotune.server.http.errors import ApiError, from_grpc, invalid
 from cotune.server.http.listing import collect, limit_of, list_object
 from cotune.v1 import files_pb2
 
 CHUNK = 1 << 20
+MULTIPART_SLACK = 64 << 10  # the multipart framing and fields beside the file
 MAX_LIST = 10_000  # OpenAI's largest `limit` of GET /v1/files, and its default
 
 
@@ -29,8 +30,13 @@ def file_object(f: files_pb2.File) -> dict:
 
 def routes(backend: Backend) -> list[Route]:
     async def upload(request: Request) -> JSONResponse:
-        md = metadata(request)  # a caller without a token is refused before its body is read
-        form = await request.form(max_files=1, max_fields=16)
+        md = metadata(request)
+        # the body is parsed (and spooled to disk) before UploadFile sees it: only for a
+        # caller the server accepts, and only up to the server's bound
+        await backend.authenticate(md)
+        limit = backend.max_upload_bytes + MULTIPART_SLACK
+        bounded = Request(request.scope, _bounded(request, limit))
+        form = await bounded.form(max_files=1, max_fields=16)
         try:
             part, purpose = form.get("file"), form.get("purpose")
             if not isinstance(part, UploadFile):
@@ -96,6 +102,31 @@ def routes(backend: Backend) -> list[Route]:
             Route("/v1/files/{file_id}", get_file, methods=["GET"]),
             Route("/v1/files/{file_id}", delete_file, methods=["DELETE"]),
             Route("/v1/files/{file_id}/content", content, methods=["GET"])]
+
+
+def _bounded(request: Request, limit: int):
+    """`request`'s receive, refusing (413) a body past `limit` bytes: by its Content-Length
+    before a byte is read, or as the bytes arrive."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    received = 0
+
+    async def receive():
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise _too_large(received, limit)
+        return message
+
+    return receive
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"the upload has {size} bytes or more; accepted: a file of at most "
+                    f"{limit - MULTIPART_SLACK} bytes (the server's --max-upload-mb)",
+                    param="file", code="file_too_large")
 
 
 async def _call(rpc, request: Request, message=files_pb2.GetFileRequest):
