@@ -322,3 +322,19 @@ def test_a_light_tenant_between_requests_keeps_the_flood_bounded_for_a_ttft_targ
     tokens, limit, _ = scheduler.slo_budget(step_time, now=12.5)
     # one tenant, past the target: every decode, in the step the TPOT target allows
     assert (tokens, limit) == (step_time.inference_budget(config.tpot_target_s, 512), None)
+
+
+def test_step_time_model_tells_decode_rows_from_prefill_tokens():
+    """Steps whose mix of decodes and prompt tokens moves: the fit of the rows recovers each
+    one's cost, and sizes the decodes a step of given seconds holds beside a prompt."""
+    model = StepTimeModel()
+    rng = random.Random(1)
+    for _ in range(64):
+        decodes, prefill = rng.randint(0, 40), rng.choice([0, rng.randint(1, 120)])
+        if decodes + prefill:
+            seconds = 0.02 + 3e-3 * decodes + 5e-4 * prefill + rng.uniform(0, 1e-4)
+            model.observe(decodes + prefill, seconds, decode_tokens=decodes)
+    assert model.rows == pytest.approx((0.02, 3e-3, 5e-4), rel=0.05, abs=1e-3)
+    assert model.predict_rows(10, 100) == pytest.approx(0.02 + 0.03 + 0.05, rel=0.05)
+    assert model.decodes_within(0.1, 100) == pytest.approx(10, abs=1)
+    assert model.prefill_within(0.05) == pytest.approx(100, abs=5)

@@ -286,7 +286,7 @@ class Engine:
         backward_tokens = 0 if work is None else work.backward_tokens
         self.step_time.observe(inference_rows, seconds, train_rows, forward_seconds,
                                backward_tokens, 0 if work is None else work.backward_passes,
-                               backward_seconds)
+                               backward_seconds, decode_tokens)
         self._remember_step(seconds, trainer, training_seconds)
         self.progress += 1
         if self.on_step is not None:

@@ -148,24 +148,50 @@ class Scheduler:
         budget = step_time.inference_budget(c.tpot_target_s, cap)
         if len(tenants) > 1:
             limit = max(1, budget)
+            isolated = self._isolated_budget(step_time, tenants, limit) \
+                if c.tenant_isolation else None
+            if isolated is not None:
+                return isolated
             share = fair_share(limit, len(tenants))
             heavy = {tenant for tenant, count in tenants.items() if count > share}
-            prompts = self.prompt_tokens(excluding=heavy)  # the light tenants', prefilled whole
-            if heavy and c.tenant_isolation:
-                light = sum(count for tenant, count in tenants.items() if tenant not in heavy)
-                alone = step_time.predict(max(1, light + prompts))
-                isolated = step_time.inference_budget(c.tenant_isolation * alone, cap)
-                room = min(isolated - prompts, limit) - light  # and within the TPOT target
-                waiting = self.prompt_tokens(excluding=set(tenants) - heavy)
-                limit = light + max(len(heavy), room // 2 if waiting else room)
-                return min(cap, max(limit, light + room) + prompts), limit, len(tenants)
             if heavy or budget <= decodes:
-                return min(cap, limit + prompts), limit, len(tenants)
+                # the prompts of tenants within their share are prefilled whole, as they
+                # would be alone; those of a tenant past it wait for room its decodes leave
+                return min(cap, limit + self.prompt_tokens(excluding=heavy)), limit, \
+                    len(tenants)
         if budget > decodes:
             floor = min(self._prefill_floor(now),
                         step_time.inference_budget(self.max_step_seconds, cap))
             return min(cap, max(budget, decodes + floor)), None, 0
         return cap, None, 0
+
+    def _isolated_budget(self, step_time: StepTimeModel, tenants: Counter[str], limit: int
+                         ) -> tuple[int, int, int] | None:
+        """`slo_budget`'s answer while light and heavy tenants are at work, None otherwise.
+        Light: a tenant within its share of the decodes of an isolated step (one a single
+        decode would take, times `tenant_isolation`); heavy: the others. The step keeps the
+        light tenants' work whole, and the heavy ones get the rest of a step no longer than
+        `tenant_isolation` times the light work's own (half of that rest for their prompts
+        while they have some), within `limit`, the TPOT target's decodes."""
+        c = self.config
+        step = c.tenant_isolation * step_time.predict_rows(1, 0)
+        share = fair_share(step_time.decodes_within(step, 0), len(tenants))
+        heavy = {tenant for tenant, count in tenants.items() if count > share}
+        if not heavy or len(heavy) == len(tenants):
+            return None
+        light = sum(count for tenant, count in tenants.items() if tenant not in heavy)
+        prompts = self.prompt_tokens(excluding=heavy)  # the light tenants', prefilled whole
+        # light's step alone (a decode's, while it is between requests)
+        alone = step_time.predict_rows(light or int(not prompts), prompts)
+        isolated = step_time.decodes_within(c.tenant_isolation * alone, prompts)
+        room = min(isolated, limit) - light  # the heavy tenants' decodes
+        waiting = self.prompt_tokens(excluding=set(tenants) - heavy)
+        heavy_decodes = max(len(heavy), room // 2 if waiting else room)
+        # what the heavy tenants' decodes leave of the room, for their prompts
+        left = step_time.rows[1] * max(0, room - heavy_decodes)
+        decodes = light + heavy_decodes
+        tokens = decodes + prompts + step_time.prefill_within(left)
+        return min(c.max_batched_tokens, tokens), decodes, len(tenants)
 
     def _tenants_at_work(self, now: float) -> Counter[str]:
         """`tenant_decodes`, and (with 0) the tenants that had work within the last TTFT

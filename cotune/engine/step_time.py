@@ -45,14 +45,27 @@ class StepTimeModel:
         self._forward: deque[tuple[int, float]] = deque(maxlen=window)  # (tokens, seconds)
         # (tokens, passes, seconds)
         self._backward: deque[tuple[int, int, float]] = deque(maxlen=window)
+        # (decode tokens, prefill tokens, serving seconds), and the fit of them: a decode row
+        # costs more than a prefill row (its attention reads a whole context, its sequence is
+        # sampled and streamed), so a step's mix of the two tells its time better than their
+        # sum where the mix moves (a flood's steps beside another tenant's few requests)
+        self._rows: deque[tuple[int, int, float]] = deque(maxlen=window)
+        self.rows = self._rows_prior()  # (a, b_decode, b_prefill)
 
     def observe(self, inference_tokens: int, seconds: float, training_tokens: int = 0,
                 forward_seconds: float = 0.0, backward_tokens: int = 0,
-                backward_passes: int = 0, backward_seconds: float = 0.0) -> None:
+                backward_passes: int = 0, backward_seconds: float = 0.0,
+                decode_tokens: int | None = None) -> None:
         """A step of `seconds` in all: `forward_seconds` of them spent on its training rows'
         forward (and their losses), `backward_seconds` on the backward of `backward_passes`
-        graphs over `backward_tokens` rows (and the losses of the pieces in them)."""
-        self._serving.append((inference_tokens, seconds - forward_seconds - backward_seconds))
+        graphs over `backward_tokens` rows (and the losses of the pieces in them).
+        `decode_tokens`: of its inference tokens, the decodes (the rest prefill), when known."""
+        serving = seconds - forward_seconds - backward_seconds
+        self._serving.append((inference_tokens, serving))
+        if decode_tokens is not None and inference_tokens:
+            self._rows.append((decode_tokens, inference_tokens - decode_tokens, serving))
+            self.rows = _fit(self._rows, self._rows_prior()) \
+                if len(self._rows) >= MIN_SAMPLES else self._rows_prior()
         if training_tokens:
             self._forward.append((training_tokens, forward_seconds))
         if backward_passes:
@@ -90,21 +103,41 @@ class StepTimeModel:
         part, of a forward or of a backward."""
         return max(self.coefficients[2], self.coefficients[4])
 
+    def _rows_prior(self) -> tuple[float, float, float]:
+        a, b_serve = self.coefficients[:2]
+        return a, b_serve, b_serve
+
+    def predict_rows(self, decodes: int, prefill: int) -> float:
+        """Seconds of a step serving `decodes` decode rows and `prefill` prompt tokens."""
+        a, b_decode, b_prefill = self.rows
+        return a + b_decode * decodes + b_prefill * prefill
+
+    def decodes_within(self, seconds: float, prefill: int) -> int:
+        """The most decode rows a step with `prefill` prompt tokens may hold and still take at
+        most `seconds` (0 or more)."""
+        a, b_decode, b_prefill = self.rows
+        return max(0, int((seconds - a - b_prefill * prefill) / b_decode))
+
+    def prefill_within(self, seconds: float) -> int:
+        """The prompt tokens that `seconds` of a step buys."""
+        return max(0, int(seconds / self.rows[2]))
+
     def inference_budget(self, seconds: float, cap: int) -> int:
         """The most inference tokens a step may hold and still take at most `seconds`."""
         a, b_serve = self.coefficients[:2]
         return int(max(1, min(cap, (seconds - a) / b_serve)))
 
 
-def _fit(samples, prior: tuple[float, float], per_pass: bool = False) -> tuple[float, float]:
-    """(fixed >= 0, per token > 0) seconds fitted to samples (tokens, seconds), or (tokens,
-    passes, seconds) with `per_pass` (the fixed cost then counts once per pass). A little
-    ridge toward the prior keeps the fit sane while the tokens hardly vary; samples far off
-    the first fit are dropped and the fit is made again."""
+def _fit(samples, prior: tuple[float, ...], per_pass: bool = False) -> tuple[float, ...]:
+    """(fixed >= 0, per unit > 0 of each feature...) seconds fitted to samples (features...,
+    seconds), or (tokens, passes, seconds) with `per_pass` (the fixed cost then counts once
+    per pass). A little ridge toward the prior keeps the fit sane while the features hardly
+    vary; samples far off the first fit are dropped and the fit is made again."""
     data = np.array(samples, dtype=np.float64)
+    features = data[:, :1] if per_pass else data[:, :-1]
     fixed = data[:, 1] if per_pass else np.ones(len(data))
-    x, y = np.column_stack([fixed, data[:, 0]]), data[:, -1]
-    ridge = 1e-3 * np.diag([1.0, 1e2])
+    x, y = np.column_stack([fixed, features]), data[:, -1]
+    ridge = 1e-3 * np.diag([1.0] + [1e2] * features.shape[1])
 
     def solve(rows):
         xs = x[rows]
@@ -115,4 +148,5 @@ def _fit(samples, prior: tuple[float, float], per_pass: bool = False) -> tuple[f
     keep = residuals <= OUTLIER * np.median(residuals) + 1e-6
     if keep.sum() >= 2 and not keep.all():
         coefficients = solve(keep)
-    return max(float(coefficients[0]), 0.0), max(float(coefficients[1]), 1e-6)
+    return (max(float(coefficients[0]), 0.0),
+            *(max(float(c), 1e-6) for c in coefficients[1:]))
