@@ -337,4 +337,3 @@ def test_step_time_model_tells_decode_rows_from_prefill_tokens():
     assert model.rows == pytest.approx((0.02, 3e-3, 5e-4), rel=0.05, abs=1e-3)
     assert model.predict_rows(10, 100) == pytest.approx(0.02 + 0.03 + 0.05, rel=0.05)
     assert model.decodes_within(0.1, 100) == pytest.approx(10, abs=1)
-    assert model.prefill_within(0.05) == pytest.approx(100, abs=5)

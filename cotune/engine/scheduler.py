@@ -171,8 +171,8 @@ class Scheduler:
         Light: a tenant within its share of the decodes of an isolated step (one a single
         decode would take, times `tenant_isolation`); heavy: the others. The step keeps the
         light tenants' work whole, and the heavy ones get the rest of a step no longer than
-        `tenant_isolation` times the light work's own (half of that rest for their prompts
-        while they have some), within `limit`, the TPOT target's decodes."""
+        `tenant_isolation` times the light work's own, within `limit`, the TPOT target's
+        decodes."""
         c = self.config
         step = c.tenant_isolation * step_time.predict_rows(1, 0)
         share = fair_share(step_time.decodes_within(step, 0), len(tenants))
@@ -184,14 +184,10 @@ class Scheduler:
         # light's step alone (a decode's, while it is between requests)
         alone = step_time.predict_rows(light or int(not prompts), prompts)
         isolated = step_time.decodes_within(c.tenant_isolation * alone, prompts)
-        room = min(isolated, limit) - light  # the heavy tenants' decodes
-        waiting = self.prompt_tokens(excluding=set(tenants) - heavy)
-        heavy_decodes = max(len(heavy), room // 2 if waiting else room)
-        # what the heavy tenants' decodes leave of the room, for their prompts
-        left = step_time.rows[1] * max(0, room - heavy_decodes)
-        decodes = light + heavy_decodes
-        tokens = decodes + prompts + step_time.prefill_within(left)
-        return min(c.max_batched_tokens, tokens), decodes, len(tenants)
+        # the heavy tenants' decodes; a room their decodes leave (as their requests end)
+        # goes to their prompts, so that they keep about as many requests running as it holds
+        room = max(len(heavy), min(isolated, limit) - light)
+        return min(c.max_batched_tokens, light + room + prompts), light + room, len(tenants)
 
     def _tenants_at_work(self, now: float) -> Counter[str]:
         """`tenant_decodes`, and (with 0) the tenants that had work within the last TTFT

@@ -118,10 +118,6 @@ class StepTimeModel:
         a, b_decode, b_prefill = self.rows
         return max(0, int((seconds - a - b_prefill * prefill) / b_decode))
 
-    def prefill_within(self, seconds: float) -> int:
-        """The prompt tokens that `seconds` of a step buys."""
-        return max(0, int(seconds / self.rows[2]))
-
     def inference_budget(self, seconds: float, cap: int) -> int:
         """The most inference tokens a step may hold and still take at most `seconds`."""
         a, b_serve = self.coefficients[:2]
