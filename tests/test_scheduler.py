@@ -306,7 +306,8 @@ def test_a_light_tenant_between_requests_keeps_the_flood_bounded_for_a_ttft_targ
     """An interactive client sends its next request soon after the last ends: for a TTFT
     target after a tenant last had work, the flood's steps stay bounded as if it were there
     (a step in progress is what its next request would wait out); past that, they are not."""
-    config = SchedulerConfig(max_batched_tokens=512, max_running=100, ttft_target_s=2.0)
+    config = SchedulerConfig(max_batched_tokens=512, max_running=100, ttft_target_s=2.0,
+                             tenant_isolation=1.5)
     scheduler = Scheduler(config, PagedKVCache(CONFIG, num_blocks=400, block_size=4))
     step_time = StepTimeModel(prior=(0.05, 0.006, 0.0, 0.0, 0.0, 0.0))
     for i in range(30):

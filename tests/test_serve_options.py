@@ -75,7 +75,7 @@ def test_health_turns_not_serving_after_a_minute_of_a_wedged_engine_by_default()
 
 
 def test_tenant_isolation_defaults_to_the_engines_and_takes_zero_or_a_factor():
-    assert parse().tenant_isolation == EngineConfig.tenant_isolation == 1.5
+    assert parse().tenant_isolation == EngineConfig.tenant_isolation == 0
     assert [parse("--tenant-isolation", v).tenant_isolation for v in ("0", "1", "4")] == \
         [0.0, 1.0, 4.0]
 

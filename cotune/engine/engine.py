@@ -49,7 +49,7 @@ class EngineConfig:
     max_running: int = 128  # sequences in the cache at once
     ttft_target_s: float = 2.0  # serving SLOs that size each step
     tpot_target_s: float = 0.25
-    tenant_isolation: float = 1.5  # SchedulerConfig.tenant_isolation
+    tenant_isolation: float = 0.0  # SchedulerConfig.tenant_isolation
     # The window over which a job's share of step time is measured against its floor
     # (FinetuneSpec.min_share).
     share_window_s: float = 10.0

@@ -37,8 +37,10 @@ class SchedulerConfig:
     tenant_memory: float = 0.99  # per step, how much of a tenant's served tokens is remembered
     max_slot_waits: int = 8  # steps a request refused an adapter slot lets others pass it
     # While a tenant floods, the longest step beside another tenant's few requests, as a
-    # multiple of the step those requests would take alone (0: no bound, only fair shares)
-    tenant_isolation: float = 1.5
+    # multiple of the step those requests would take alone (0: no bound, only fair shares).
+    # Off by default: where a step's fixed cost is high (a CPU), short steps cost the
+    # flooding tenant most of its throughput (benchmarks/README, fairness)
+    tenant_isolation: float = 0.0
 
 
 class Admission(enum.Enum):

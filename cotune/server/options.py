@@ -102,12 +102,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                      help="time to first token a request should see")
     slo.add_argument("--tpot-target", type=positive_seconds, default=0.25, metavar="SECONDS",
                      help="time per output token a decoding request should see")
-    slo.add_argument("--tenant-isolation", type=isolation_factor, default=1.5,
+    slo.add_argument("--tenant-isolation", type=isolation_factor, default=0.0,
                      metavar="FACTOR",
                      help="while one tenant floods, the longest step beside another tenant's "
                           "few requests, as a multiple of the step those would take alone "
-                          "(the flood's own tokens slow down instead); 0: no bound, only fair "
-                          "shares of what the TPOT target allows")
+                          "(the flood's own tokens slow down instead, by much where a step's "
+                          "fixed cost is high, as on a CPU), such as 1.5; 0: no bound, only "
+                          "fair shares of what the TPOT target allows [0]")
     slo.add_argument("--training-threads", type=whole_number, default=None, metavar="N",
                      help="torch threads of a training lane: jobs train on a thread of their "
                      "own beside the serving steps, on the cores those leave idle; 0: jobs "
