@@ -146,5 +146,7 @@ def test_generation_through_the_router_equals_the_workers_and_is_routed(worker, 
         model="acme-helper", messages=[{"role": "user", "content": "the cat"}], max_tokens=4,
         stream=True))
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-    assert routed.metric("cotune_router_calls_total", worker="w0", method="Generate",
-                         code="OK") == before + 2
+    # the router counts a call once its stream has ended on its side, after the client's
+    wait_for(lambda: routed.metric("cotune_router_calls_total", worker="w0",
+                                   method="Generate", code="OK") == before + 2,
+             what="the router counting both Generate calls")
