@@ -50,7 +50,15 @@ class StepTimeModel:
         # sampled and streamed), so a step's mix of the two tells its time better than their
         # sum where the mix moves (a flood's steps beside another tenant's few requests)
         self._rows: deque[tuple[int, int, float]] = deque(maxlen=window)
-        self.rows = self._rows_prior()  # (a, b_decode, b_prefill)
+        self._rows_fit: tuple[float, float, float] | None = None
+
+    @property
+    def rows(self) -> tuple[float, float, float]:
+        """(a, b_decode, b_prefill): the fit of the steps' decode rows and prompt tokens."""
+        if self._rows_fit is None:
+            self._rows_fit = _fit(self._rows, self._rows_prior()) \
+                if len(self._rows) >= MIN_SAMPLES else self._rows_prior()
+        return self._rows_fit
 
     def observe(self, inference_tokens: int, seconds: float, training_tokens: int = 0,
                 forward_seconds: float = 0.0, backward_tokens: int = 0,
@@ -64,8 +72,7 @@ class StepTimeModel:
         self._serving.append((inference_tokens, serving))
         if decode_tokens is not None and inference_tokens:
             self._rows.append((decode_tokens, inference_tokens - decode_tokens, serving))
-            self.rows = _fit(self._rows, self._rows_prior()) \
-                if len(self._rows) >= MIN_SAMPLES else self._rows_prior()
+            self._rows_fit = None  # fitted again when asked (only tenant isolation asks)
         if training_tokens:
             self._forward.append((training_tokens, forward_seconds))
         if backward_passes:

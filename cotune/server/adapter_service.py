@@ -89,9 +89,7 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
     def ListVersions(self, request, context, tenant):
         name, _ = parse_reference(request.name, allow_version=False)
         size = convert.page_size(request.page_size)
-        after = convert.page_after(request.page_token)
-        if after is not None and not isinstance(after, int):
-            raise invalid("page_token is not one this server gave for ListVersions")
+        after = convert.page_after(request.page_token, int, "ListVersions")
         records = self.registry.list_versions(tenant.name, name, after, size)
         return adapters_pb2.ListVersionsResponse(
             versions=[convert.version(r) for r in records],

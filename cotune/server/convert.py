@@ -143,24 +143,28 @@ def tenant(record: TenantRecord, tokens: list[TokenRecord]) -> tenants_pb2.Tenan
 
 
 # Page tokens are opaque to clients: the key to continue after (page_tokens.py).
-DEFAULT_PAGE, MAX_PAGE = 50, 1000
 
 
 def page_size(requested: int) -> int:
-    if requested < 0 or requested > MAX_PAGE:
+    if requested < 0 or requested > page_tokens.MAX_PAGE:
         raise invalid(f"page_size {requested} not accepted; accepted: 0 (default "
-                      f"{DEFAULT_PAGE}) to {MAX_PAGE}")
-    return requested or DEFAULT_PAGE
+                      f"{page_tokens.DEFAULT_PAGE}) to {page_tokens.MAX_PAGE}")
+    return requested or page_tokens.DEFAULT_PAGE
 
 
-def page_after(token: str):
+def page_after(token: str, kind: type = object, method: str = "this list"):
+    """The key a page token continues after (None for the first page); a token this server
+    did not make, or one of another List call (its key not a `kind`), is refused."""
     if not token:
         return None
     try:
-        return page_tokens.decode(token)
+        after = page_tokens.decode(token)
     except ValueError:
         raise invalid("page_token is not one this server gave; pass next_page_token of the "
                       "previous page, or nothing for the first page") from None
+    if not isinstance(after, kind):
+        raise invalid(f"page_token is not one this server gave for {method}")
+    return after
 
 
 def next_page(items: list, size: int, key) -> str:

@@ -56,9 +56,7 @@ class FileService(files_pb2_grpc.FileServiceServicer):
     @rpc()
     def ListFiles(self, request, context, tenant):
         size = convert.page_size(request.page_size)
-        after = convert.page_after(request.page_token)
-        if after is not None and not isinstance(after, str):
-            raise invalid("page_token is not one this server gave for ListFiles")
+        after = convert.page_after(request.page_token, str, "ListFiles")
         records = self.registry.list_files(tenant.name, request.purpose, after, size)
         return files_pb2.ListFilesResponse(
             files=[convert.file(r) for r in records],

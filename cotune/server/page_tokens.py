@@ -10,6 +10,8 @@ import json
 
 from cotune import bounded_json
 
+DEFAULT_PAGE, MAX_PAGE = 50, 1000  # items of a List call's page: page_size 0, the most
+
 
 def encode(after: str | int) -> str:
     return base64.urlsafe_b64encode(json.dumps({"after": after}).encode()).decode()

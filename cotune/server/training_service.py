@@ -83,9 +83,7 @@ class TrainingService(training_pb2_grpc.TrainingServiceServicer):
     @rpc()
     def ListJobEvents(self, request, context, tenant):
         size = convert.page_size(request.page_size)
-        before = convert.page_after(request.page_token)
-        if before is not None and not isinstance(before, int):
-            raise invalid("page_token is not one this server gave for ListJobEvents")
+        before = convert.page_after(request.page_token, int, "ListJobEvents")
         records = self.registry.list_job_events(tenant.name, request.job_id, before, size)
         return training_pb2.ListJobEventsResponse(
             events=[convert.stored_job_event(r) for r in records],

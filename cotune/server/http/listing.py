@@ -13,8 +13,6 @@ from cotune.server import page_tokens
 from cotune.server.http.backend import metadata
 from cotune.server.http.errors import invalid
 
-MAX_PAGE = 1000  # the gRPC List calls' largest page
-
 
 def limit_of(request: Request, default: int, maximum: int) -> int:
     """The `limit` query parameter; 400 naming the range when it is out of it."""
@@ -33,7 +31,7 @@ async def collect(request: Request, call, message, field: str, limit: int,
     """Up to `limit` items of `field` over as many pages of the List call `call` (`message`
     its request) as it takes, starting after the item keyed `after`, only those `keep`
     holds for; and whether more follow."""
-    message.page_size = min(limit + 1, MAX_PAGE)  # one more than asked: has_more
+    message.page_size = min(limit + 1, page_tokens.MAX_PAGE)  # one more than asked: has_more
     message.page_token = "" if after is None else page_tokens.encode(after)
     items: list = []
     while True:

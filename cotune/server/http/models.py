@@ -4,6 +4,8 @@ serves its newest version; `name@vK` serves version K."""
 
 from __future__ import annotations
 
+import sys
+
 import grpc
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -11,9 +13,8 @@ from starlette.routing import Route
 
 from cotune.server.http.backend import Backend, metadata
 from cotune.server.http.errors import from_grpc, not_found
+from cotune.server.http.listing import collect
 from cotune.v1 import adapters_pb2
-
-PAGE = 1000  # adapters per ListAdapters call
 
 
 def routes(backend: Backend) -> list[Route]:
@@ -23,24 +24,17 @@ def routes(backend: Backend) -> list[Route]:
 
     async def list_models(request: Request) -> JSONResponse:
         base = await backend.base_model(metadata(request))
-        cards = [card(base, 0, base, adapter=False)]
-        token = ""
-        while True:
-            reply = await backend.adapters.ListAdapters(
-                adapters_pb2.ListAdaptersRequest(page_size=PAGE, page_token=token),
-                metadata=metadata(request))
-            cards += [card(a.name, a.create_time.seconds, base, adapter=True)
-                      for a in reply.adapters]
-            token = reply.next_page_token
-            if not token:
-                return JSONResponse({"object": "list", "data": cards})
+        adapters, _ = await collect(request, backend.adapters.ListAdapters,
+                                    adapters_pb2.ListAdaptersRequest(), "adapters", sys.maxsize)
+        return JSONResponse({"object": "list", "data": [card(base, 0, base, adapter=False)] + [
+            card(a.name, a.create_time.seconds, base, adapter=True) for a in adapters]})
 
     async def get_model(request: Request) -> JSONResponse:
         model = request.path_params["model"]
         base = await backend.base_model(metadata(request))
         if model == base:
             return JSONResponse(card(base, 0, base, adapter=False))
-        name, _, version = model.partition("@")
+        name = model.partition("@")[0]
         try:
             record = await backend.adapters.GetAdapter(adapters_pb2.GetAdapterRequest(name=name),
                                                        metadata=metadata(request))
