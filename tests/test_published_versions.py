@@ -9,7 +9,7 @@ import json
 
 from server_helpers import tiny_adapter_dir
 
-from cotune.adapters.sqlite_registry import SqliteRegistry
+from cotune.adapters.sql_registry import SqliteRegistry
 from cotune.engine.runtime import Request, Runtime
 from cotune.server.inference_service import InferenceService
 from cotune.server.jobs import JobManager, LiveJob

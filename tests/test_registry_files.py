@@ -1,6 +1,6 @@
-"""The SQLite registry's uploaded files and stored job events: tenancy, the per-tenant bound,
-paging, what a deleted tenant leaves (nothing), the sweep of what a crash left, and the
-schema 3 -> 4 migration keeping the data."""
+"""The registry's uploaded files and stored job events: tenancy, the per-tenant bound, paging,
+what a deleted tenant leaves (nothing), the sweep of what a crash left, on both backends; and
+SQLite's schema 3 -> 4 migration keeping the data."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import sqlite3
 
 import pytest
 
+from cotune.adapters.migrations import MANAGED_BY_ALEMBIC
 from cotune.adapters.registry import NotFound, QuotaExceeded
-from cotune.adapters.sqlite_registry import SqliteRegistry
-from cotune.adapters.sqlite_schema import SCHEMA_VERSION
+from cotune.adapters.schema_migrations import newest_revision
+from cotune.adapters.sql_registry import SqliteRegistry
 
-pytest_plugins = ["registry_fixtures"]  # files, data_dir and registry
+pytest_plugins = ["registry_fixtures"]  # files, data_dir, backend, open_here and registry
 
 
 def staged(tmp_path, data: bytes = b'{"text": "hello there"}\n', name: str = "upload"):
@@ -94,20 +95,21 @@ def test_deleting_a_tenant_removes_its_files_and_job_events_only(registry, tmp_p
     assert registry.get_job("acme", job.id).training_file == mine.id
     assert registry.delete_tenant("acme").files == 1
     assert stored(data_dir) == [theirs.id]
-    with sqlite3.connect(data_dir / "registry.sqlite3") as db:
-        assert db.execute("SELECT DISTINCT job_id FROM job_events").fetchall() == [(other.id,)]
+    with registry._transaction() as db:
+        assert [row[0] for row in db.execute("SELECT DISTINCT job_id FROM job_events")] == \
+            [other.id]
     registry.create_tenant("acme")  # the name again: nothing of the old tenant's
     assert registry.list_files("acme") == []
 
 
-def test_open_sweeps_files_that_no_row_references(data_dir, tmp_path):
-    registry = SqliteRegistry(data_dir)
+def test_open_sweeps_files_that_no_row_references(open_here, data_dir, tmp_path):
+    registry = open_here()
     registry.create_tenant("acme")
     kept = registry.add_file("acme", "a.jsonl", "fine-tune", staged(tmp_path))
     registry.close()
     debris = data_dir / "files" / ("file-" + "1" * 24)  # a crash between the bytes and the row
     debris.write_bytes(b"{}")
-    SqliteRegistry(data_dir).close()
+    open_here().close()
     assert stored(data_dir) == [kept.id]
 
 
@@ -119,7 +121,7 @@ def test_a_schema_3_registry_gets_files_and_job_events_and_keeps_its_jobs(data_d
     registry.close()
     with sqlite3.connect(data_dir / "registry.sqlite3") as db:  # as cotune with schema 3 left it
         db.executescript(
-            "DROP TABLE job_events; DROP TABLE files; "
+            "DROP TABLE alembic_version; DROP TABLE job_events; DROP TABLE files; "
             "CREATE TABLE v3 (id TEXT PRIMARY KEY, tenant TEXT NOT NULL REFERENCES "
             "tenants(name), adapter TEXT NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL, "
             "error TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, versions TEXT "
@@ -136,4 +138,6 @@ def test_a_schema_3_registry_gets_files_and_job_events_and_keeps_its_jobs(data_d
     assert registry.list_files("acme") == []
     registry.close()
     with sqlite3.connect(data_dir / "registry.sqlite3") as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert db.execute("PRAGMA user_version").fetchone()[0] == MANAGED_BY_ALEMBIC
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0] == \
+            newest_revision()

@@ -1,6 +1,6 @@
-"""The SQLite registry's jobs, and workers sharing one registry: job states and quotas, the
-claim of unowned jobs, the schema 1 migration, and real processes publishing into one data_dir
-(one of them killed midway)."""
+"""The registry's jobs, and workers sharing one registry: job states and quotas, the claim of
+unowned jobs, and real processes publishing into one registry and data_dir (one of them killed
+midway), on both backends; and SQLite's schema 1 migration."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ import pytest
 from registry_helpers import UPLOAD, blob_dirs, sha256, write_adapter
 
 from cotune.adapters.blob_store import CONFIG_NAME, WEIGHTS_NAME
+from cotune.adapters.migrations import MANAGED_BY_ALEMBIC
 from cotune.adapters.registry import NotFound, QuotaExceeded, Quotas
-from cotune.adapters.sqlite_registry import SqliteRegistry
-from cotune.adapters.sqlite_schema import SCHEMA_VERSION
+from cotune.adapters.schema_migrations import newest_revision
+from cotune.adapters.sql_registry import SqliteRegistry
 
-pytest_plugins = ["registry_fixtures"]  # files, data_dir and registry
+pytest_plugins = ["registry_fixtures"]  # files, data_dir, backend, open_here and registry
 
 
 # --- jobs -------------------------------------------------------------------------------
@@ -93,9 +94,11 @@ def test_a_version_1_registry_gets_job_owners_and_keeps_its_jobs(data_dir):
     reg.close()
     with sqlite3.connect(data_dir / "registry.sqlite3") as db:  # as cotune with schema 1 left it
         db.executescript(
+            "DROP TABLE job_events; DROP TABLE files; "
             "CREATE TABLE v1 AS SELECT id, tenant, adapter, state, spec, error, created, "
             "updated, versions, progress FROM jobs; DROP TABLE jobs; "
             "ALTER TABLE v1 RENAME TO jobs; ALTER TABLE tenants DROP COLUMN deleted; "
+            "DROP TABLE alembic_version; "
             "PRAGMA user_version = 1;")
     reg = SqliteRegistry(data_dir)
     assert reg.get_job("acme", job.id).owner == ""
@@ -103,7 +106,9 @@ def test_a_version_1_registry_gets_job_owners_and_keeps_its_jobs(data_dir):
     assert [j.id for j in reg.unfinished_jobs("worker-0")] == [job.id]
     reg.close()
     with sqlite3.connect(data_dir / "registry.sqlite3") as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA user_version").fetchone()[0] == MANAGED_BY_ALEMBIC
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0] == \
+            newest_revision()
 
 
 # --- processes --------------------------------------------------------------------------
@@ -112,10 +117,9 @@ def test_a_version_1_registry_gets_job_owners_and_keeps_its_jobs(data_dir):
 _PUBLISH_FOREVER = """
 import sys
 from pathlib import Path
-from cotune.adapters.sqlite_registry import SqliteRegistry
-from cotune.adapters.sqlite_schema import SCHEMA_VERSION
-registry = SqliteRegistry(Path(sys.argv[1]))
-sources = [Path(p) for p in sys.argv[2:]]
+from cotune.adapters.sql_registry import open_registry
+registry = open_registry(sys.argv[1], Path(sys.argv[2]))
+sources = [Path(p) for p in sys.argv[3:]]
 for i in range(10**6):
     registry.publish_version("acme", f"a{i % 2}", sources[i % len(sources)], {"source": "upload"})
     print(i, flush=True)
@@ -123,14 +127,15 @@ for i in range(10**6):
 
 
 @pytest.mark.slow
-def test_sigkill_during_publishes_leaves_only_whole_versions(data_dir, tmp_path):
+def test_sigkill_during_publishes_leaves_only_whole_versions(backend, open_here, registry_url,
+                                                            data_dir, tmp_path):
     sources = [write_adapter(tmp_path / f"src{i}", seed=i, rank=8, features=512)
                for i in range(3)]  # ~33 KB of weights each: the kill often lands in a copy
-    setup = SqliteRegistry(data_dir)
+    setup = open_here()
     setup.create_tenant("acme")
     setup.close()
-    child = subprocess.Popen([sys.executable, "-c", _PUBLISH_FOREVER, str(data_dir),
-                              *map(str, sources)], stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-c", _PUBLISH_FOREVER, registry_url,
+                              str(data_dir), *map(str, sources)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(30):
@@ -141,7 +146,7 @@ def test_sigkill_during_publishes_leaves_only_whole_versions(data_dir, tmp_path)
     finally:
         child.kill()
         child.communicate()
-    reg = SqliteRegistry(data_dir)
+    reg = open_here()
     versions = [v for a in reg.list_adapters("acme")
                 for v in reg.list_versions("acme", a.name, limit=1000)]
     assert len(versions) >= 30
@@ -151,8 +156,9 @@ def test_sigkill_during_publishes_leaves_only_whole_versions(data_dir, tmp_path)
         assert json.loads((v.path / CONFIG_NAME).read_text())["r"] == 8
     assert blob_dirs(data_dir) == {v.path for v in versions}
     assert list((data_dir / "blobs" / ".staging").iterdir()) == []
-    with sqlite3.connect(data_dir / "registry.sqlite3") as db:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    if backend == "sqlite":
+        with sqlite3.connect(data_dir / "registry.sqlite3") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     latest = reg.get_adapter("acme", "a0").latest_version
     assert reg.publish_version("acme", "a0", sources[0], UPLOAD).version > latest
     reg.close()
@@ -161,10 +167,9 @@ def test_sigkill_during_publishes_leaves_only_whole_versions(data_dir, tmp_path)
 _WORKER = """
 import json, sys, time
 from pathlib import Path
-from cotune.adapters.sqlite_registry import SqliteRegistry
-from cotune.adapters.sqlite_schema import SCHEMA_VERSION
-data_dir, source, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-registry = SqliteRegistry(data_dir)
+from cotune.adapters.sql_registry import open_registry
+url, data_dir, source, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+registry = open_registry(url, data_dir)
 while not go.exists():
     time.sleep(0.001)
 token = registry.bootstrap_admin()
@@ -177,21 +182,22 @@ print(json.dumps({"token": token, "versions": versions}), flush=True)
 
 
 @pytest.mark.slow
-def test_two_processes_share_one_registry(data_dir, tmp_path):
+def test_two_processes_share_one_registry(open_here, registry_url, data_dir, tmp_path):
     """Two workers on one data_dir: one makes the admin, versions never collide, a token one
     issued authenticates in the other, and opens beside them never sweep a blob in flight."""
     sources = [write_adapter(tmp_path / f"src{i}", seed=i, rank=8, features=256)
                for i in range(2)]
-    SqliteRegistry(data_dir).close()
+    open_here().close()
     go = tmp_path / "go"
-    workers = [subprocess.Popen([sys.executable, "-c", _WORKER, str(data_dir), str(source),
+    workers = [subprocess.Popen([sys.executable, "-c", _WORKER, registry_url, str(data_dir),
+                                 str(source),
                                  str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True) for source in sources]
     try:
         go.touch()
         opens = 0
         while any(w.poll() is None for w in workers) or opens < 3:
-            SqliteRegistry(data_dir).close()  # would sweep, were it alone
+            open_here().close()  # would sweep, were it alone
             opens += 1
         results = []
         for worker in workers:
@@ -205,7 +211,7 @@ def test_two_processes_share_one_registry(data_dir, tmp_path):
     tokens = [r["token"] for r in results if r["token"] is not None]
     assert len(tokens) == 1
     assert sorted(v for r in results for v in r["versions"]) == list(range(1, 25))
-    reg = SqliteRegistry(data_dir)
+    reg = open_here()
     assert reg.authenticate(tokens[0]).name == "admin"
     assert [t.name for t in reg.list_tenants()] == ["admin"]
     versions = reg.list_versions("admin", "shared", limit=100)

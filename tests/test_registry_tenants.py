@@ -1,5 +1,5 @@
-"""The SQLite registry's tenants and tokens: names, quotas, token secrets, and tenants that
-see nothing of each other; real files and real SQLite in tmp_path."""
+"""The registry's tenants and tokens: names, quotas, token secrets, and tenants that see
+nothing of each other; on both backends (real SQLite and a real PostgreSQL server)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,15 @@ from cotune.adapters.registry import (
     NotFound,
     Quotas,
 )
-from cotune.adapters.sqlite_registry import SqliteRegistry
 
-pytest_plugins = ["registry_fixtures"]  # files, data_dir and registry
+pytest_plugins = ["registry_fixtures"]  # files, data_dir, backend, open_here and registry
 
 
 # --- tenants ----------------------------------------------------------------------------
 
 
-def test_tenants_are_created_listed_in_name_order_and_get_quotas(data_dir):
-    reg = SqliteRegistry(data_dir, default_quotas=Quotas(max_adapters=5))
+def test_tenants_are_created_listed_in_name_order_and_get_quotas(open_here):
+    reg = open_here(default_quotas=Quotas(max_adapters=5))
     for name in ("zeta", "alpha", "mid"):
         reg.create_tenant(name)
     root = reg.create_tenant("root", admin=True, quotas=Quotas(max_concurrent_jobs=2))
@@ -188,6 +187,7 @@ def test_malformed_or_wrong_tokens_are_none_never_an_exception(registry):
     assert registry.authenticate(secret).name == "acme"
 
 
+@pytest.mark.parametrize("backend", ["sqlite"])  # the file's bytes
 def test_database_does_not_hold_token_secrets(registry, data_dir):
     record, secret = registry.issue_token("acme")
     body = secret.removeprefix(f"ct_{record.id}_").encode()  # the body may hold "_" itself
@@ -196,8 +196,8 @@ def test_database_does_not_hold_token_secrets(registry, data_dir):
     assert body not in stored and body[:16] not in stored
 
 
-def test_a_preset_token_authenticates_and_a_malformed_one_is_refused(tmp_path):
-    registry = SqliteRegistry(tmp_path)
+def test_a_preset_token_authenticates_and_a_malformed_one_is_refused(open_here):
+    registry = open_here()
     registry.create_tenant("ops", admin=True)
     preset = "ct_0123456789ab_" + "A" * 43
     record, token = registry.issue_token("ops", "from a Kubernetes Secret", preset)

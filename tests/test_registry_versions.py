@@ -1,6 +1,6 @@
-"""The SQLite registry's adapters and versions: numbering, files and provenance, listing,
-deletes, quotas, the blob store, and what survives a reopen or a crash; real files and real
-SQLite in tmp_path."""
+"""The registry's adapters and versions: numbering, files and provenance, listing, deletes,
+quotas, the blob store, the schema's migrations, and what survives a reopen or a crash; real
+files in tmp_path, on both backends (real SQLite and a real PostgreSQL server)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from registry_helpers import UPLOAD, blob_dirs, sha256, write_adapter
 
 from cotune.adapters.blob_store import CONFIG_NAME, WEIGHTS_NAME, BlobStore
 from cotune.adapters.registry import NotFound, QuotaExceeded, Quotas, RegistryError
-from cotune.adapters.sqlite_registry import SqliteRegistry
+from cotune.adapters.schema_migrations import newest_revision
+from cotune.adapters.sql_registry import SqliteRegistry
 
-pytest_plugins = ["registry_fixtures"]  # files, data_dir and registry
+pytest_plugins = ["registry_fixtures"]  # files, data_dir, backend, open_here and registry
 
 
 # --- adapters and versions --------------------------------------------------------------
@@ -170,27 +171,31 @@ def test_max_versions_per_adapter_counts_existing_versions(registry, files):
 # --- durability and crashes -------------------------------------------------------------
 
 
-def test_reopening_keeps_everything(data_dir, files):
-    reg = SqliteRegistry(data_dir)
+def test_reopening_keeps_everything(open_here, files):
+    reg = open_here()
     reg.create_tenant("acme", quotas=Quotas(max_adapters=3))
     _, secret = reg.issue_token("acme")
     version = reg.publish_version("acme", "foo", files, UPLOAD, labels={"k": "v"})
     job = reg.update_job(reg.create_job("acme", "foo", {"steps": 2}).id, state="running")
     reg.close()
-    reg = SqliteRegistry(data_dir)
+    reg = open_here()
     assert reg.get_tenant("acme").quotas == Quotas(max_adapters=3)
     assert reg.authenticate(secret).name == "acme"
     assert reg.get_version("acme", "foo") == version and version.path.exists()
     assert reg.get_adapter("acme", "foo").labels == {"k": "v"}
     assert reg.unfinished_jobs() == [job]
     assert reg.publish_version("acme", "foo", files, UPLOAD).version == 2
-    mode = sqlite3.connect(data_dir / "registry.sqlite3").execute("PRAGMA journal_mode")
-    assert mode.fetchone()[0] == "wal"
     reg.close()
 
 
-def test_open_sweeps_unreferenced_blobs_and_staging_debris(data_dir, files):
-    reg = SqliteRegistry(data_dir)
+def test_the_sqlite_file_runs_in_wal_mode(data_dir):
+    SqliteRegistry(data_dir).close()
+    mode = sqlite3.connect(data_dir / "registry.sqlite3").execute("PRAGMA journal_mode")
+    assert mode.fetchone()[0] == "wal"
+
+
+def test_open_sweeps_unreferenced_blobs_and_staging_debris(open_here, data_dir, files):
+    reg = open_here()
     reg.create_tenant("acme")
     kept = reg.publish_version("acme", "foo", files, UPLOAD)
     deleted = reg.publish_version("acme", "foo", files, UPLOAD)
@@ -200,33 +205,38 @@ def test_open_sweeps_unreferenced_blobs_and_staging_debris(data_dir, files):
     debris = data_dir / "blobs" / ".staging" / "tmpcrash"  # a crash while copying
     debris.mkdir()
     (debris / WEIGHTS_NAME).write_bytes(b"half")
-    with sqlite3.connect(data_dir / "registry.sqlite3") as db:  # a crash after a delete commits
+    reg = open_here()
+    with reg._transaction(write=True) as db:  # a crash after a delete commits
         db.execute("DELETE FROM versions WHERE version = 2")
-    reg = SqliteRegistry(data_dir)
+    reg.close()
+    reg = open_here()
     assert not renamed.exists() and not debris.exists() and not deleted.path.exists()
     assert blob_dirs(data_dir) == {kept.path}
     assert sha256(kept.path / WEIGHTS_NAME) == kept.sha256
     reg.close()
 
 
-def test_a_second_open_of_the_same_directory_does_not_sweep(data_dir, files):
+def test_a_second_open_of_the_same_directory_does_not_sweep(open_here, data_dir, files):
     """An admin command beside a running server must not remove a blob the server has
     published and is about to insert."""
-    server = SqliteRegistry(data_dir)
+    server = open_here()
     _, in_flight = BlobStore(data_dir / "blobs").publish(files)
-    SqliteRegistry(data_dir).close()
+    open_here().close()
     assert in_flight.exists()
     server.close()
-    SqliteRegistry(data_dir).close()  # alone now: the orphan goes
+    open_here().close()  # alone now: the orphan goes
     assert not in_flight.exists()
 
 
-def test_newer_schema_is_refused(data_dir):
-    SqliteRegistry(data_dir).close()
-    with sqlite3.connect(data_dir / "registry.sqlite3") as db:
-        db.execute("PRAGMA user_version = 99")
-    with pytest.raises(RegistryError, match="schema version 99, newer than"):
-        SqliteRegistry(data_dir)
+def test_a_registry_migrated_by_a_newer_cotune_is_refused(open_here):
+    registry = open_here()
+    with registry._transaction(write=True) as db:
+        db.execute("UPDATE alembic_version SET version_num = '9999'")
+    registry.close()
+    with pytest.raises(RegistryError, match=(
+            r"the registry .* has a schema this cotune does not know \(.*'9999'.*\); its "
+            rf"newest is revision {newest_revision()}; accepted: a registry written by this")):
+        open_here()
 
 
 # --- the blob store ---------------------------------------------------------------------

@@ -42,6 +42,11 @@ class FailedPrecondition(RegistryError):
     """The call does not apply to the record as it is (deleting an admin tenant)."""
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry's database cannot be reached now (a PostgreSQL server restarting, the
+    network between): the call did nothing, and may be retried."""
+
+
 class QuotaExceeded(RegistryError):
     """A tenant's quota stops the call; `limit` names the quota field."""
 
@@ -66,6 +71,9 @@ class Quotas:
     max_concurrent_jobs: int = 0  # jobs queued or running
     max_queued_requests: int = 0  # generations in flight (enforced by the server)
     max_tokens_per_minute: int = 0  # prompt + generated tokens (enforced by the server)
+
+
+NO_LIMITS = Quotas()
 
 
 @dataclass(frozen=True)

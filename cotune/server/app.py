@@ -28,7 +28,7 @@ from typing import NoReturn
 import grpc
 
 from cotune.adapters.registry import Quotas
-from cotune.adapters.sqlite_registry import SqliteRegistry
+from cotune.adapters.sql_registry import open_registry
 from cotune.distributed.ranks import RankInfo
 from cotune.distributed.zero_config import check_sharding
 from cotune.engine.engine import EngineConfig
@@ -76,9 +76,14 @@ class CotuneServer:
         open_streams = OpenStreams(args.max_open_streams, args.max_open_streams_per_tenant)
         data_dir: Path = args.data_dir
         if self.rank is not None:
+            if args.registry:
+                raise ValueError(
+                    "--registry (or $COTUNE_REGISTRY) with a sharded base is not supported yet: "
+                    "each rank keeps a registry of its own in DATA_DIR/rank-N; accepted: no "
+                    "--registry with a sharded base")
             data_dir = data_dir / f"rank-{self.rank.rank}"
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.registry = SqliteRegistry(data_dir, Quotas(
+        self.registry = open_registry(args.registry, data_dir, Quotas(
             args.default_max_adapters, args.default_max_versions, args.default_max_jobs,
             args.default_max_queued, args.default_tokens_per_minute))
         self.admin_token_file = data_dir / "admin.token"

@@ -12,6 +12,7 @@ from cotune.adapters.registry import (
     InvalidName,
     NotFound,
     QuotaExceeded,
+    RegistryUnavailable,
 )
 from cotune.engine.containment import AdapterQuarantined, RequestFailed
 from cotune.engine.runtime import EngineStopped
@@ -36,6 +37,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (EngineStopped, grpc.StatusCode.UNAVAILABLE),  # this replica is done; another answers
+    (RegistryUnavailable, grpc.StatusCode.UNAVAILABLE),  # the database is away; retry later
     (AdapterQuarantined, grpc.StatusCode.FAILED_PRECONDITION),
     (RequestFailed, grpc.StatusCode.INTERNAL),  # the engine failed it alone, and says why
     (InvalidName, grpc.StatusCode.INVALID_ARGUMENT),

@@ -66,8 +66,8 @@ def rpc(admin: bool = False, held_open: bool = False):
         if inspect.isgeneratorfunction(method):
             @functools.wraps(method)
             def stream(self, request, context):
-                tenant = self.gate.caller(context, admin)
-                try:
+                try:  # the caller too: a registry away is UNAVAILABLE, never UNKNOWN
+                    tenant = self.gate.caller(context, admin)
                     with places(self, tenant, context):
                         yield from method(self, request, context, tenant)
                 except Exception as e:  # noqa: BLE001 - every error gets a status
@@ -76,8 +76,8 @@ def rpc(admin: bool = False, held_open: bool = False):
 
         @functools.wraps(method)
         def unary(self, request, context):
-            tenant = self.gate.caller(context, admin)
             try:
+                tenant = self.gate.caller(context, admin)
                 with places(self, tenant, context):
                     return method(self, request, context, tenant)
             except Exception as e:  # noqa: BLE001 - every error gets a status

@@ -149,6 +149,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     store.add_argument("--data-dir", type=Path, default=default_data_dir(),
                        help="registry, adapter versions, jobs (default $COTUNE_DATA_DIR or "
                             "~/.local/share/cotune)")
+    store.add_argument("--registry", default=os.environ.get("COTUNE_REGISTRY", ""), metavar="URL",
+                       help="the registry's database: a postgresql:// URL, one database for "
+                            "every worker of a cluster (its password from $PGPASSWORD or "
+                            "$PGPASSFILE rather than the URL); default $COTUNE_REGISTRY, or "
+                            "when unset, the embedded SQLite in --data-dir")
     store.add_argument("--admin-token-file", type=Path,
                        help="at the first start, the admin tenant's token is the one in this "
                             "file (a Kubernetes Secret) instead of a new one in "

@@ -1,18 +1,23 @@
-"""Adapters and their versions in the SQLite registry: a version's row in the database, its
-files a blob of the BlobStore (in which order the two are written: sqlite_registry)."""
+"""Adapters and their versions in the registry: a version's row in the database, its files a
+blob of the BlobStore (in which order the two are written: sql_database)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import time
 from pathlib import Path
 
 from cotune.adapters.blob_store import CONFIG_NAME, FILES, WEIGHTS_NAME
 from cotune.adapters.registry import AdapterRecord, NotFound, QuotaExceeded, Quotas, VersionRecord
-from cotune.adapters.sqlite_schema import SqliteDatabase, check_name, checked_limit
-from cotune.adapters.sqlite_tenants import load_tenant
+from cotune.adapters.sql_database import (
+    Connection,
+    Row,
+    SqlDatabase,
+    check_name,
+    checked_limit,
+)
+from cotune.adapters.sql_tenants import load_tenant
 
 _ADAPTERS = """
 SELECT a.tenant, a.name, a.description, a.labels, a.created, a.updated,
@@ -24,7 +29,7 @@ SELECT a.tenant, a.name, v.* FROM versions v JOIN adapters a ON a.id = v.adapter
 WHERE {where} ORDER BY v.version {order} LIMIT ?"""
 
 
-class SqliteVersions(SqliteDatabase):
+class SqlVersions(SqlDatabase):
     """The adapter and version calls of the Registry."""
 
     def publish_version(self, tenant: str, name: str, files: Path, provenance: dict,
@@ -55,7 +60,7 @@ class SqliteVersions(SqliteDatabase):
                              target_modules=target_modules, size_bytes=size_bytes, sha256=sha256,
                              provenance=json.loads(provenance_json), created=now, path=path)
 
-    def _adapter_for_new_version(self, db: sqlite3.Connection, tenant: str, name: str,
+    def _adapter_for_new_version(self, db: Connection, tenant: str, name: str,
                                  quotas: Quotas, now: float, description: str | None,
                                  labels: dict[str, str] | None) -> int:
         """The id of the adapter a new version joins, created when new; checks the quotas."""
@@ -71,8 +76,9 @@ class SqliteVersions(SqliteDatabase):
                     "delete an adapter, or ask an administrator to raise max_adapters"))
             return db.execute(
                 "INSERT INTO adapters (tenant, name, description, labels, created, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (tenant, name, description or "", json.dumps(labels or {}), now, now)).lastrowid
+                "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                (tenant, name, description or "", json.dumps(labels or {}), now,
+                 now)).fetchone()[0]
         count = db.execute("SELECT COUNT(*) FROM versions WHERE adapter_id = ?",
                            (row["id"],)).fetchone()[0]
         if 0 < quotas.max_versions_per_adapter <= count:
@@ -96,10 +102,10 @@ class SqliteVersions(SqliteDatabase):
     def list_adapters(self, tenant: str, name_prefix: str = "",
                       labels: dict[str, str] | None = None, after: str | None = None,
                       limit: int = 50) -> list[AdapterRecord]:
-        where = ["a.tenant = ?", "a.name > ?", "substr(a.name, 1, ?) = ?"]
+        where = ["a.tenant = ?", "a.name > ?", "substr(a.name, 1, CAST(? AS INTEGER)) = ?"]
         params: list = [tenant, after or "", len(name_prefix), name_prefix]
         for key, value in (labels or {}).items():
-            where.append("EXISTS (SELECT 1 FROM json_each(a.labels) WHERE key = ? AND value = ?)")
+            where.append(self.label_match)
             params += [key, value]
         with self._transaction() as db:
             rows = db.execute(_ADAPTERS.format(where=" AND ".join(where)),
@@ -149,7 +155,7 @@ class SqliteVersions(SqliteDatabase):
             self._blobs.remove(blob_id)
         return len(blob_ids)
 
-    def _version_record(self, row: sqlite3.Row) -> VersionRecord:
+    def _version_record(self, row: Row) -> VersionRecord:
         return VersionRecord(
             tenant=row["tenant"], name=row["name"], version=row["version"], rank=row["rank"],
             alpha=row["alpha"], target_modules=tuple(json.loads(row["target_modules"])),
@@ -158,7 +164,7 @@ class SqliteVersions(SqliteDatabase):
             path=self._blobs.path(row["blob_id"]))
 
 
-def _adapter_id(db: sqlite3.Connection, tenant: str, name: str) -> int:
+def _adapter_id(db: Connection, tenant: str, name: str) -> int:
     row = db.execute("SELECT id FROM adapters WHERE tenant = ? AND name = ?",
                      (tenant, name)).fetchone()
     if row is None:
@@ -166,19 +172,20 @@ def _adapter_id(db: sqlite3.Connection, tenant: str, name: str) -> int:
     return row["id"]
 
 
-def _adapter_record(row: sqlite3.Row) -> AdapterRecord:
+def _adapter_record(row: Row) -> AdapterRecord:
     return AdapterRecord(tenant=row["tenant"], name=row["name"], description=row["description"],
                          labels=json.loads(row["labels"]), latest_version=row["latest_version"],
                          version_count=row["version_count"], created=row["created"],
                          updated=row["updated"])
 
 
-def _next_version(db: sqlite3.Connection, tenant: str, name: str) -> int:
+def _next_version(db: Connection, tenant: str, name: str) -> int:
     row = db.execute("SELECT next_version FROM version_counters WHERE tenant = ? AND name = ?",
                      (tenant, name)).fetchone()
     version = 1 if row is None else row[0]
-    db.execute("INSERT OR REPLACE INTO version_counters (tenant, name, next_version) "
-               "VALUES (?, ?, ?)", (tenant, name, version + 1))
+    db.execute("INSERT INTO version_counters (tenant, name, next_version) VALUES (?, ?, ?) "
+               "ON CONFLICT (tenant, name) DO UPDATE SET next_version = excluded.next_version",
+               (tenant, name, version + 1))
     return version
 
 

@@ -1,4 +1,4 @@
-"""Fine-tuning jobs in the SQLite registry with their events, and the claim of unowned jobs by
+"""Fine-tuning jobs in the registry with their events, and the claim of unowned jobs by
 the worker that resumes them (jobs.owner: the id of the worker that runs the job, '' while none
 does)."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
-import sqlite3
 import time
 
 from cotune.adapters.registry import (
@@ -19,11 +18,17 @@ from cotune.adapters.registry import (
     NotFound,
     QuotaExceeded,
 )
-from cotune.adapters.sqlite_schema import SqliteDatabase, check_name, checked_limit
-from cotune.adapters.sqlite_tenants import load_tenant
+from cotune.adapters.sql_database import (
+    Connection,
+    Row,
+    SqlDatabase,
+    check_name,
+    checked_limit,
+)
+from cotune.adapters.sql_tenants import load_tenant
 
 
-class SqliteJobs(SqliteDatabase):
+class SqlJobs(SqlDatabase):
     """The job calls of the Registry."""
 
     def create_job(self, tenant: str, adapter: str, spec: dict, owner: str = "",
@@ -145,10 +150,10 @@ class SqliteJobs(SqliteDatabase):
 
 def _of_tenant(tenant: str | None) -> tuple[str, list]:
     """The condition on jobs.tenant, and its parameters: None is every tenant."""
-    return ("tenant = ?", [tenant]) if tenant is not None else ("1", [])
+    return ("tenant = ?", [tenant]) if tenant is not None else ("1 = 1", [])
 
 
-def _insert_event(db: sqlite3.Connection, job_id: str, kind: str, data: dict,
+def _insert_event(db: Connection, job_id: str, kind: str, data: dict,
                   time: float) -> int:
     sequence = db.execute("SELECT COALESCE(MAX(sequence), 0) + 1 FROM job_events "
                           "WHERE job_id = ?", (job_id,)).fetchone()[0]
@@ -157,7 +162,7 @@ def _insert_event(db: sqlite3.Connection, job_id: str, kind: str, data: dict,
     return sequence
 
 
-def job_record(row: sqlite3.Row) -> JobRecord:
+def job_record(row: Row) -> JobRecord:
     return JobRecord(id=row["id"], tenant=row["tenant"], adapter=row["adapter"],
                      state=row["state"], spec=json.loads(row["spec"]), error=row["error"],
                      created=row["created"], updated=row["updated"],

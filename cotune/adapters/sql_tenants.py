@@ -1,4 +1,4 @@
-"""Tenants and their tokens in the SQLite registry. A token is ct_<id>_<secret>; the database
+"""Tenants and their tokens in the registry. A token is ct_<id>_<secret>; the database
 keeps the sha256 of the secret only, and a token is checked against it at every call. A deleted
 tenant's row stays, marked deleted (see the schema), and is found by no call."""
 
@@ -10,12 +10,13 @@ import hmac
 import json
 import re
 import secrets
-import sqlite3
 import time
 
 from cotune.adapters.registry import AlreadyExists, NotFound, Quotas, TenantRecord, TokenRecord
-from cotune.adapters.sqlite_schema import (
-    SqliteDatabase,
+from cotune.adapters.sql_database import (
+    Connection,
+    Row,
+    SqlDatabase,
     check_name,
     checked_limit,
     checked_quotas,
@@ -24,7 +25,7 @@ from cotune.adapters.sqlite_schema import (
 _TOKEN = re.compile(r"ct_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")  # ct_<id>_<token_urlsafe(32)>
 
 
-class SqliteTenants(SqliteDatabase):
+class SqlTenants(SqlDatabase):
     """The tenant and token calls of the Registry."""
 
     def create_tenant(self, name: str, admin: bool = False,
@@ -36,7 +37,7 @@ class SqliteTenants(SqliteDatabase):
         with self._transaction(write=True) as db:
             if _is_deleted(db, name):  # the name again: the row (and its counters) serve anew
                 db.execute("UPDATE tenants SET admin = ?, quotas = ?, created = ?, deleted = 0 "
-                           "WHERE name = ?", (record.admin, _quotas_json(record.quotas),
+                           "WHERE name = ?", (int(record.admin), _quotas_json(record.quotas),
                                               record.created, name))
             else:
                 _insert_tenant(db, record)
@@ -96,7 +97,7 @@ class SqliteTenants(SqliteDatabase):
     def tokens(self, tenant: str) -> list[TokenRecord]:
         with self._transaction() as db:
             load_tenant(db, tenant)
-            rows = db.execute("SELECT * FROM tokens WHERE tenant = ? ORDER BY rowid",
+            rows = db.execute("SELECT * FROM tokens WHERE tenant = ? ORDER BY created, id",
                               (tenant,)).fetchall()
         return [TokenRecord(id=row["id"], tenant=row["tenant"], description=row["description"],
                             created=row["created"], revoked=bool(row["revoked"])) for row in rows]
@@ -117,7 +118,7 @@ class SqliteTenants(SqliteDatabase):
         return _tenant_record(row)
 
 
-def load_tenant(db: sqlite3.Connection, name: str) -> TenantRecord:
+def load_tenant(db: Connection, name: str) -> TenantRecord:
     """The tenant `name`, read in the caller's transaction; NotFound when there is none."""
     row = db.execute("SELECT * FROM tenants WHERE name = ? AND deleted = 0", (name,)).fetchone()
     if row is None:
@@ -125,23 +126,23 @@ def load_tenant(db: sqlite3.Connection, name: str) -> TenantRecord:
     return _tenant_record(row)
 
 
-def _is_deleted(db: sqlite3.Connection, name: str) -> bool:
+def _is_deleted(db: Connection, name: str) -> bool:
     row = db.execute("SELECT deleted FROM tenants WHERE name = ?", (name,)).fetchone()
     return row is not None and bool(row["deleted"])
 
 
-def _tenant_record(row: sqlite3.Row) -> TenantRecord:
+def _tenant_record(row: Row) -> TenantRecord:
     return TenantRecord(name=row["name"], admin=bool(row["admin"]),
                         quotas=Quotas(**json.loads(row["quotas"])), created=row["created"])
 
 
-def _insert_tenant(db: sqlite3.Connection, record: TenantRecord) -> None:
-    try:
-        db.execute("INSERT INTO tenants (name, admin, quotas, created) VALUES (?, ?, ?, ?)",
-                   (record.name, record.admin, _quotas_json(record.quotas), record.created))
-    except sqlite3.IntegrityError:
+def _insert_tenant(db: Connection, record: TenantRecord) -> None:
+    """In a write transaction: the check and the insert are one step for every other writer."""
+    if db.execute("SELECT 1 FROM tenants WHERE name = ?", (record.name,)).fetchone():
         raise AlreadyExists(f"tenant {record.name!r} already exists; accepted: a new name, or "
-                            "set_quotas to change an existing tenant") from None
+                            "set_quotas to change an existing tenant")
+    db.execute("INSERT INTO tenants (name, admin, quotas, created) VALUES (?, ?, ?, ?)",
+               (record.name, int(record.admin), _quotas_json(record.quotas), record.created))
 
 
 def _token_parts(token: str | None) -> tuple[str, str]:
@@ -155,14 +156,14 @@ def _token_parts(token: str | None) -> tuple[str, str]:
     return match[1], match[2]
 
 
-def _insert_token(db: sqlite3.Connection, record: TokenRecord, secret: str) -> None:
-    try:
-        db.execute("INSERT INTO tokens (id, tenant, hash, description, created) "
-                   "VALUES (?, ?, ?, ?, ?)", (record.id, record.tenant, _secret_hash(secret),
-                                              record.description, record.created))
-    except sqlite3.IntegrityError:
+def _insert_token(db: Connection, record: TokenRecord, secret: str) -> None:
+    """In a write transaction, as _insert_tenant."""
+    if db.execute("SELECT 1 FROM tokens WHERE id = ?", (record.id,)).fetchone():
         raise AlreadyExists(f"a token with id {record.id} exists already; accepted: a token "
-                            "of a new id") from None
+                            "of a new id")
+    db.execute("INSERT INTO tokens (id, tenant, hash, description, created) "
+               "VALUES (?, ?, ?, ?, ?)", (record.id, record.tenant, _secret_hash(secret),
+                                          record.description, record.created))
 
 
 def _quotas_json(quotas: Quotas) -> str:

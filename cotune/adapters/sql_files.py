@@ -1,19 +1,18 @@
-"""Uploaded files in the SQLite registry: a file's row in the database, its bytes in the
+"""Uploaded files in the registry: a file's row in the database, its bytes in the
 FileStore (in which order the two are written: file_store.py)."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
 from cotune.adapters.file_store import is_file_id, new_file_id
 from cotune.adapters.registry import FileRecord, NotFound, QuotaExceeded, files_refusal
-from cotune.adapters.sqlite_schema import SqliteDatabase, checked_limit
-from cotune.adapters.sqlite_tenants import load_tenant
+from cotune.adapters.sql_database import Connection, Row, SqlDatabase, checked_limit
+from cotune.adapters.sql_tenants import load_tenant
 
 
-class SqliteFiles(SqliteDatabase):
+class SqlFiles(SqlDatabase):
     """The file calls of the Registry."""
 
     def add_file(self, tenant: str, filename: str, purpose: str, staged: Path,
@@ -65,13 +64,13 @@ class SqliteFiles(SqliteDatabase):
             db.execute("DELETE FROM files WHERE id = ?", (file_id,))
         self._files.remove(file_id)  # after the commit: a crash here leaves what the sweep removes
 
-    def _file_record(self, row: sqlite3.Row) -> FileRecord:
+    def _file_record(self, row: Row) -> FileRecord:
         return FileRecord(id=row["id"], tenant=row["tenant"], filename=row["filename"],
                           purpose=row["purpose"], size_bytes=row["size_bytes"],
                           created=row["created"], path=self._files.path(row["id"]))
 
 
-def _file_row(db: sqlite3.Connection, tenant: str, file_id: str, accepted: str = "") -> sqlite3.Row:
+def _file_row(db: Connection, tenant: str, file_id: str, accepted: str = "") -> Row:
     row = db.execute("SELECT * FROM files WHERE id = ? AND tenant = ?",
                      (file_id, tenant)).fetchone() if is_file_id(file_id) else None
     if row is None:

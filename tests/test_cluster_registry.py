@@ -1,0 +1,88 @@
+"""Workers of a cluster on one PostgreSQL registry (`cotune serve --registry`): real `cotune
+serve` processes with separate data directories, as on separate nodes, against a real
+PostgreSQL server. Tenants, tokens and quotas are the cluster's, and a worker whose database
+goes away refuses calls with UNAVAILABLE, naming the registry, finishes the generations it
+runs, and recovers when the database is back."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+
+import pytest
+from server_helpers import running_server, tiny_adapter_dir
+from sqlalchemy.engine import make_url
+
+from cotune.client import Client, ResourceExhausted, Unauthenticated, Unavailable
+
+pytestmark = pytest.mark.slow
+pytest_plugins = ["postgres_server"]
+
+
+@pytest.fixture
+def cluster_args(postgres_server, postgres_url, tmp_path):
+    """The serve arguments and environment every worker of one cluster shares: the registry's
+    URL without its password (that comes from $PGPASSWORD) and a preset admin token."""
+    admin_token = tmp_path / "admin.token"
+    admin_token.write_text(f"ct_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}")
+    server, database = postgres_server, make_url(postgres_url).database
+    url = f"postgresql://{server.user}@{server.host}:{server.port}/{database}"
+    args = ("--registry", url, "--admin-token-file", str(admin_token))
+    return args, {"PGPASSWORD": postgres_server.password}
+
+
+def test_workers_on_separate_nodes_share_tenants_tokens_and_quotas(cluster_args, tmp_path):
+    args, env = cluster_args
+    with running_server(tmp_path, *args, data_dir=tmp_path / "node-1", env=env) as one, \
+            running_server(tmp_path, *args, data_dir=tmp_path / "node-2", env=env) as two:
+        assert one.admin_token == two.admin_token
+        with Client(one.address, one.admin_token) as admin:
+            admin.tenants.create("acme", max_adapters=1)
+            token = admin.tenants.issue_token("acme")
+        with Client(one.address, token.token) as on_one, \
+                Client(two.address, token.token) as on_two:
+            on_one.adapters.create("first", tiny_adapter_dir(tmp_path / "a", seed=1))
+            assert [a.name for a in on_two.adapters.list()] == ["first"]
+            with pytest.raises(ResourceExhausted, match="has 1 adapters, its max_adapters"):
+                on_two.adapters.create("second", tiny_adapter_dir(tmp_path / "b", seed=2))
+            with Client(two.address, two.admin_token) as admin_on_two:
+                assert admin_on_two.tenants.revoke_token(token.id)
+            with pytest.raises(Unauthenticated):  # revoked on one worker, refused by the other
+                list(on_one.adapters.list())
+
+
+def test_a_worker_whose_registry_goes_away_refuses_calls_finishes_generations_and_recovers(
+        postgres_server, cluster_args, tmp_path):
+    args, env = cluster_args
+    with running_server(tmp_path, *args, env=env) as server, \
+            Client(server.address, server.admin_token) as admin:
+        assert list(admin.adapters.list()) == []
+        # authenticated and running before the database goes (the tiny model may finish it
+        # before the database is down; what must not happen is that it is cut)
+        stream = admin.generate("the cat", max_tokens=250, ignore_eos=True)
+        first = next(stream)
+        rest: list = []
+        reader = threading.Thread(target=lambda: rest.extend(stream))
+        reader.start()
+        postgres_server.stop()
+        try:
+            with pytest.raises(Unavailable, match=(
+                    r"the registry postgresql://cotune@127\.0\.0\.1:\d+/\w+ is unavailable "
+                    r"\(.*\); nothing was changed, and the call may be retried")) as refused:
+                list(admin.adapters.list())
+            assert postgres_server.password not in str(refused.value)
+            reader.join(timeout=120)
+            assert not reader.is_alive()
+            tokens = len(first.token_ids) + sum(len(delta.token_ids) for delta in rest)
+            assert tokens == 250 and rest[-1].finish_reason == "length"
+        finally:
+            postgres_server.start()
+        deadline = time.monotonic() + 30
+        while True:  # the pool's connections died with the server: each is replaced once
+            try:
+                assert list(admin.adapters.list()) == []
+                break
+            except Unavailable:
+                assert time.monotonic() < deadline, "the worker did not recover"
+                time.sleep(0.5)
