@@ -31,6 +31,12 @@ def pins(*locks: str) -> dict[str, str]:
     return found
 
 
+def modules(package: Path) -> set[Path]:
+    """The Python files of `package`, but those of its links (kernels, bench): relative paths."""
+    return {path.relative_to(package) for path in package.rglob("*.py")
+            if path.relative_to(package).parts[0] not in ("kernels", "bench")}
+
+
 def normalized(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -137,6 +143,10 @@ def test_the_client_extra_installs_without_torch_in_a_clean_venv(tmp_path):
     installed = {normalized(p["name"]) for p in json.loads(listed)}
     assert "cotune" in installed
     assert not installed & {"torch", "numpy", "transformers", "safetensors"}, installed
+    # every module of the source ships (pyproject's package list names each package)
+    site = Path(run(python, "-c", "import cotune; print(cotune.__file__)",
+                    cwd=tmp_path).stdout.strip()).parent
+    assert modules(ROOT / "cotune") <= modules(site), modules(ROOT / "cotune") - modules(site)
     run(python, "-c", "import sys; from cotune.client import Client, AsyncClient; "
                       "assert 'torch' not in sys.modules", cwd=tmp_path)
     assert "adapters" in run(str(venv / "bin" / "cotune"), "--help", cwd=tmp_path).stdout
