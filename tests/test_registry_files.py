@@ -33,7 +33,8 @@ def test_a_file_is_moved_into_the_store_and_found_by_its_tenant_only(registry, t
     assert record.id.startswith("file-") and len(record.id) == 29
     assert (record.filename, record.purpose, record.size_bytes) == ("train.jsonl", "fine-tune",
                                                                     18)
-    assert not source.exists() and record.path.read_bytes() == b'{"text": "a b c"}\n'
+    with registry.open_file(record) as content:
+        assert not source.exists() and content.read() == b'{"text": "a b c"}\n'
     assert registry.get_file("acme", record.id) == record
     for tenant, file_id in (("globex", record.id), ("acme", "file-" + "0" * 24),
                             ("acme", "../registry.sqlite3")):

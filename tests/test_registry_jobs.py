@@ -152,9 +152,9 @@ def test_sigkill_during_publishes_leaves_only_whole_versions(backend, open_here,
     assert len(versions) >= 30
     expected = {sha256(s / WEIGHTS_NAME) for s in sources}
     for v in versions:
-        assert v.sha256 in expected and sha256(v.path / WEIGHTS_NAME) == v.sha256
-        assert json.loads((v.path / CONFIG_NAME).read_text())["r"] == 8
-    assert blob_dirs(data_dir) == {v.path for v in versions}
+        assert v.sha256 in expected and sha256(reg.version_dir(v) / WEIGHTS_NAME) == v.sha256
+        assert json.loads((reg.version_dir(v) / CONFIG_NAME).read_text())["r"] == 8
+    assert blob_dirs(data_dir) == {reg.version_dir(v) for v in versions}
     assert list((data_dir / "blobs" / ".staging").iterdir()) == []
     if backend == "sqlite":
         with sqlite3.connect(data_dir / "registry.sqlite3") as db:
@@ -218,6 +218,6 @@ def test_two_processes_share_one_registry(open_here, registry_url, data_dir, tmp
     by_version = {v: sha256(sources[i] / WEIGHTS_NAME)
                   for i, r in enumerate(results) for v in r["versions"]}
     for v in versions:
-        assert sha256(v.path / WEIGHTS_NAME) == v.sha256 == by_version[v.version]
-    assert blob_dirs(data_dir) == {v.path for v in versions}
+        assert sha256(reg.version_dir(v) / WEIGHTS_NAME) == v.sha256 == by_version[v.version]
+    assert blob_dirs(data_dir) == {reg.version_dir(v) for v in versions}
     reg.close()

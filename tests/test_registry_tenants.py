@@ -84,7 +84,7 @@ def test_tenants_see_nothing_of_each_other(registry, files):
         registry.get_job("globex", job.id)
     with pytest.raises(NotFound):
         registry.list_jobs("globex", after=job.id)
-    assert registry.get_version("acme", "foo", 1).path.exists()  # untouched
+    assert registry.version_dir(registry.get_version("acme", "foo", 1)).exists()  # untouched
     # the same name is a different adapter in another tenant, with its own versions
     assert registry.publish_version("globex", "foo", files, UPLOAD).version == 1
 

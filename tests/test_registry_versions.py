@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from registry_helpers import UPLOAD, blob_dirs, sha256, write_adapter
 
-from cotune.adapters.blob_store import CONFIG_NAME, WEIGHTS_NAME, BlobStore
+from cotune.adapters.blob_store import CONFIG_NAME, WEIGHTS_NAME, LocalBlobStore
 from cotune.adapters.registry import NotFound, QuotaExceeded, Quotas, RegistryError
 from cotune.adapters.schema_migrations import newest_revision
 from cotune.adapters.sql_registry import SqliteRegistry
@@ -33,7 +33,8 @@ def test_versions_count_from_one_and_keep_their_files_and_provenance(registry, t
         version = published[-1]
         assert version.version == seed and version.provenance == provenance
         assert (version.rank, version.alpha, version.target_modules) == (4, 8.0, ("q_proj",))
-        assert version.sha256 == sha256(src / WEIGHTS_NAME) == sha256(version.path / WEIGHTS_NAME)
+        stored = registry.version_dir(version) / WEIGHTS_NAME
+        assert version.sha256 == sha256(src / WEIGHTS_NAME) == sha256(stored)
         assert version.size_bytes == sum((src / f).stat().st_size
                                          for f in (CONFIG_NAME, WEIGHTS_NAME))
     assert registry.get_version("acme", "foo") == published[-1]  # newest
@@ -54,7 +55,8 @@ def test_config_defaults_and_regex_target_modules_are_recorded(registry, files, 
     version = registry.publish_version("acme", "regex", src, UPLOAD)
     assert (version.rank, version.alpha) == (8, 8.0)  # PEFT's defaults
     assert version.target_modules == (r".*\.(q|v)_proj",)
-    assert sorted(p.name for p in version.path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    stored = registry.version_dir(version)
+    assert sorted(p.name for p in stored.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
 
 
 def test_versions_are_never_reused_after_deletes(registry, files, data_dir):
@@ -62,7 +64,7 @@ def test_versions_are_never_reused_after_deletes(registry, files, data_dir):
         registry.publish_version("acme", "foo", files, UPLOAD)
     v3 = registry.get_version("acme", "foo", 3)
     assert registry.delete_adapter("acme", "foo", 3) == 1
-    assert not v3.path.exists()
+    assert not registry.version_dir(v3).exists()
     assert registry.publish_version("acme", "foo", files, UPLOAD).version == 4
     assert registry.delete_adapter("acme", "foo") == 3  # versions 1, 2 and 4
     assert blob_dirs(data_dir) == set()
@@ -139,7 +141,7 @@ def test_concurrent_publishes_get_distinct_consecutive_versions(registry, files)
         versions = [v for batch in pool.map(publish_five, range(8)) for v in batch]
     assert sorted(versions) == list(range(1, 41))
     assert [v.version for v in registry.list_versions("acme", "foo")] == list(range(1, 41))
-    assert len({v.path for v in registry.list_versions("acme", "foo")}) == 40
+    assert len({v.blob_id for v in registry.list_versions("acme", "foo")}) == 40
 
 
 # --- quotas -----------------------------------------------------------------------------
@@ -181,7 +183,7 @@ def test_reopening_keeps_everything(open_here, files):
     reg = open_here()
     assert reg.get_tenant("acme").quotas == Quotas(max_adapters=3)
     assert reg.authenticate(secret).name == "acme"
-    assert reg.get_version("acme", "foo") == version and version.path.exists()
+    assert reg.get_version("acme", "foo") == version and reg.version_dir(version).exists()
     assert reg.get_adapter("acme", "foo").labels == {"k": "v"}
     assert reg.unfinished_jobs() == [job]
     assert reg.publish_version("acme", "foo", files, UPLOAD).version == 2
@@ -200,8 +202,8 @@ def test_open_sweeps_unreferenced_blobs_and_staging_debris(open_here, data_dir, 
     kept = reg.publish_version("acme", "foo", files, UPLOAD)
     deleted = reg.publish_version("acme", "foo", files, UPLOAD)
     reg.close()
-    blobs = BlobStore(data_dir / "blobs")
-    _, renamed = blobs.publish(files)  # a crash between the rename and the insert
+    blobs = LocalBlobStore(data_dir / "blobs")
+    renamed = blobs.directory(blobs.publish(files))  # a crash between the rename and the insert
     debris = data_dir / "blobs" / ".staging" / "tmpcrash"  # a crash while copying
     debris.mkdir()
     (debris / WEIGHTS_NAME).write_bytes(b"half")
@@ -210,9 +212,9 @@ def test_open_sweeps_unreferenced_blobs_and_staging_debris(open_here, data_dir, 
         db.execute("DELETE FROM versions WHERE version = 2")
     reg.close()
     reg = open_here()
-    assert not renamed.exists() and not debris.exists() and not deleted.path.exists()
-    assert blob_dirs(data_dir) == {kept.path}
-    assert sha256(kept.path / WEIGHTS_NAME) == kept.sha256
+    assert not renamed.exists() and not debris.exists() and not reg.version_dir(deleted).exists()
+    assert blob_dirs(data_dir) == {reg.version_dir(kept)}
+    assert sha256(reg.version_dir(kept) / WEIGHTS_NAME) == kept.sha256
     reg.close()
 
 
@@ -220,7 +222,8 @@ def test_a_second_open_of_the_same_directory_does_not_sweep(open_here, data_dir,
     """An admin command beside a running server must not remove a blob the server has
     published and is about to insert."""
     server = open_here()
-    _, in_flight = BlobStore(data_dir / "blobs").publish(files)
+    blobs = LocalBlobStore(data_dir / "blobs")
+    in_flight = blobs.directory(blobs.publish(files))
     open_here().close()
     assert in_flight.exists()
     server.close()
@@ -243,10 +246,10 @@ def test_a_registry_migrated_by_a_newer_cotune_is_refused(open_here):
 
 
 def test_blob_store_refuses_ids_that_are_not_hex_and_incomplete_adapters(tmp_path, files):
-    blobs = BlobStore(tmp_path / "blobs")
+    blobs = LocalBlobStore(tmp_path / "blobs")
     for bad in ("..", "../x", "", "A" * 32, "0" * 31, "g" * 32, "0" * 32 + "/x", None):
         with pytest.raises(ValueError, match="accepted: 32 lowercase hex digits"):
-            blobs.path(bad)
+            blobs.directory(bad)
         with pytest.raises(ValueError):
             blobs.remove(bad)
     partial = tmp_path / "partial"

@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from cotune.adapters.registry import NO_LIMITS, Quotas, RegistryUnavailable
 from cotune.adapters.schema_migrations import migrate
 from cotune.adapters.sql_database import SqlDatabase
+from cotune.adapters.stores import Stores
 
 # Any fixed number, other than the migrations' lock: the key of the writers' advisory lock.
 _WRITE_LOCK = 0x636F74756E6577  # "cotunew"
@@ -35,8 +36,8 @@ class PostgresDatabase(SqlDatabase):
     label_match = "(a.labels::jsonb ->> ?) = ?"
 
     def __init__(self, url: str, data_dir: Path, default_quotas: Quotas = NO_LIMITS,
-                 pool_size: int = 8):
-        super().__init__(data_dir, default_quotas)
+                 stores: Stores | None = None, pool_size: int = 8):
+        super().__init__(data_dir, default_quotas, stores)
         parsed = sa.engine.make_url(url)
         if parsed.drivername not in _SCHEMES:
             raise ValueError(f"registry URL scheme {parsed.drivername!r} is not PostgreSQL's; "

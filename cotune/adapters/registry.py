@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -107,8 +107,9 @@ class AdapterRecord:
 
 @dataclass(frozen=True)
 class VersionRecord:
-    """One immutable version. `path` is its PEFT directory in the blob store
-    (adapter_config.json + adapter_model.safetensors); it exists while the record does."""
+    """One immutable version. Its PEFT files (adapter_config.json +
+    adapter_model.safetensors) are the blob `blob_id` of the blob store while the record
+    exists: `Registry.version_dir` and `Registry.open_version_file` reach them."""
 
     tenant: str
     name: str
@@ -122,7 +123,7 @@ class VersionRecord:
     # dataset_fingerprint, hyperparameters (dict), job_id, metrics (dict of floats)
     provenance: dict
     created: float
-    path: Path
+    blob_id: str
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,8 @@ class JobEventRecord:
 
 @dataclass(frozen=True)
 class FileRecord:
-    """An uploaded file; `path` holds its bytes while the record exists."""
+    """An uploaded file; its bytes are in the file store while the record exists
+    (`Registry.open_file`)."""
 
     id: str  # "file-" and 24 hex digits, made by the registry
     tenant: str
@@ -164,7 +166,6 @@ class FileRecord:
     purpose: str
     size_bytes: int
     created: float
-    path: Path
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,14 @@ class Registry(Protocol):
                       limit: int = 50) -> list[VersionRecord]:
         """Versions in ascending order, those after `after`. Raises NotFound."""
 
+    def version_dir(self, version: VersionRecord) -> Path:
+        """A local directory holding the version's PEFT files (a remote store fetches them
+        into the worker's disk cache first). Raises FileNotFoundError (a version deleted
+        meanwhile), BlobStore's StoreUnavailable."""
+
+    def open_version_file(self, version: VersionRecord, name: str) -> BinaryIO:
+        """One of the version's two files as a stream from the store (an export's)."""
+
     def delete_adapter(self, tenant: str, name: str, version: int | None = None) -> int:
         """Deletes one version, or the adapter with every version (version None); returns
         how many versions went. Deleting the last version deletes the adapter. Raises
@@ -305,6 +314,10 @@ class Registry(Protocol):
 
     def get_file(self, tenant: str, file_id: str) -> FileRecord:
         """Raises NotFound (also for other tenants' files and for ids of no file's form)."""
+
+    def open_file(self, file: FileRecord) -> BinaryIO:
+        """The file's bytes as a stream from the store; FileNotFoundError when it was
+        deleted since the record was read (an open stream outlives a deletion)."""
 
     def list_files(self, tenant: str, purpose: str = "", after: str | None = None,
                    limit: int = 50) -> list[FileRecord]:

@@ -11,12 +11,12 @@ advisory lock), so a check that must hold across workers (a quota, the next vers
 first admin, the claim of unowned jobs) is read and acted on in one transaction that no other
 writer interleaves.
 
-Version blobs and uploaded files live in local directories under data_dir: a blob is stored
-before the row that references it is inserted and removed after the row's deletion is
-committed, so a crash leaves at worst a blob that no row references, which the next open sweeps
-away. Only a process that opens data_dir while no other process has it open sweeps (an
-exclusive flock), so a command run beside a server never removes a blob the server is about to
-insert.
+Version blobs and uploaded files live in their stores (data_dir/blobs and data_dir/files, or an
+S3 bucket: stores.py): a blob or file is stored before the row that references it is inserted and
+removed after the row's deletion is committed, so a crash leaves at worst one that no row
+references, which the next open sweeps away. Only a process that opens data_dir while no other
+process has it open sweeps (an exclusive flock), so a command run beside a server never removes
+a blob the server is about to insert (and an S3 store removes only what is old).
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
-from cotune.adapters.blob_store import BlobStore
-from cotune.adapters.file_store import FileStore
 from cotune.adapters.registry import NAME, NO_LIMITS, InvalidName, Quotas
+from cotune.adapters.stores import Stores, local_stores
 
 _NAMES_ACCEPTED = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
@@ -66,12 +65,13 @@ class SqlDatabase(ABC):
 
     label_match: str  # true when adapter `a` has label ? (key) with value ? (value)
 
-    def __init__(self, data_dir: Path, default_quotas: Quotas = NO_LIMITS):
+    def __init__(self, data_dir: Path, default_quotas: Quotas = NO_LIMITS,
+                 stores: Stores | None = None):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.default_quotas = checked_quotas(default_quotas)
-        self._blobs = BlobStore(self.data_dir / "blobs")
-        self._files = FileStore(self.data_dir / "files")
+        stores = stores or local_stores(self.data_dir)
+        self._blobs, self._files = stores.blobs, stores.files
         self._dir_lock = -1
 
     def _open_stores(self) -> None:

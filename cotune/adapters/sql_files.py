@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from cotune.adapters.file_store import is_file_id, new_file_id
 from cotune.adapters.registry import FileRecord, NotFound, QuotaExceeded, files_refusal
@@ -19,7 +20,7 @@ class SqlFiles(SqlDatabase):
                  max_files: int = 0) -> FileRecord:
         file_id, now = new_file_id(), time.time()
         size = Path(staged).stat().st_size
-        path = self._files.put(file_id, staged)
+        self._files.put(file_id, staged)
         try:
             with self._transaction(write=True) as db:
                 load_tenant(db, tenant)
@@ -34,12 +35,12 @@ class SqlFiles(SqlDatabase):
             self._files.remove(file_id)
             raise
         return FileRecord(id=file_id, tenant=tenant, filename=filename, purpose=purpose,
-                          size_bytes=size, created=now, path=path)
+                          size_bytes=size, created=now)
 
     def get_file(self, tenant: str, file_id: str) -> FileRecord:
         with self._transaction() as db:
             row = _file_row(db, tenant, file_id)
-        return self._file_record(row)
+        return _file_record(row)
 
     def list_files(self, tenant: str, purpose: str = "", after: str | None = None,
                    limit: int = 50) -> list[FileRecord]:
@@ -56,7 +57,7 @@ class SqlFiles(SqlDatabase):
             rows = db.execute(f"SELECT * FROM files WHERE {' AND '.join(where)} "
                               "ORDER BY created DESC, id DESC LIMIT ?",
                               (*params, checked_limit(limit))).fetchall()
-        return [self._file_record(row) for row in rows]
+        return [_file_record(row) for row in rows]
 
     def delete_file(self, tenant: str, file_id: str) -> None:
         with self._transaction(write=True) as db:
@@ -64,10 +65,14 @@ class SqlFiles(SqlDatabase):
             db.execute("DELETE FROM files WHERE id = ?", (file_id,))
         self._files.remove(file_id)  # after the commit: a crash here leaves what the sweep removes
 
-    def _file_record(self, row: Row) -> FileRecord:
-        return FileRecord(id=row["id"], tenant=row["tenant"], filename=row["filename"],
-                          purpose=row["purpose"], size_bytes=row["size_bytes"],
-                          created=row["created"], path=self._files.path(row["id"]))
+    def open_file(self, record: FileRecord) -> BinaryIO:
+        return self._files.open(record.id)
+
+
+def _file_record(row: Row) -> FileRecord:
+    return FileRecord(id=row["id"], tenant=row["tenant"], filename=row["filename"],
+                      purpose=row["purpose"], size_bytes=row["size_bytes"],
+                      created=row["created"])
 
 
 def _file_row(db: Connection, tenant: str, file_id: str, accepted: str = "") -> Row:

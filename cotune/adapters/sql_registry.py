@@ -20,14 +20,17 @@ from cotune.adapters.sql_jobs import SqlJobs, job_record
 from cotune.adapters.sql_tenants import SqlTenants, load_tenant
 from cotune.adapters.sql_versions import SqlVersions
 from cotune.adapters.sqlite_database import SqliteDatabase
+from cotune.adapters.stores import Stores
 
 
-def open_registry(url: str, data_dir: Path, default_quotas: Quotas = NO_LIMITS) -> SqlRegistry:
+def open_registry(url: str, data_dir: Path, default_quotas: Quotas = NO_LIMITS,
+                  stores: Stores | None = None) -> SqlRegistry:
     """The registry at `url`, a postgresql:// URL, or when it is "", the embedded SQLite
-    registry in data_dir. Files live under data_dir either way."""
+    registry in data_dir; the bytes of its versions and files in `stores` (None: data_dir's
+    directories)."""
     if not url:
-        return SqliteRegistry(data_dir, default_quotas)
-    return PostgresRegistry(url, data_dir, default_quotas)
+        return SqliteRegistry(data_dir, default_quotas, stores)
+    return PostgresRegistry(url, data_dir, default_quotas, stores)
 
 
 class SqlRegistry(SqlTenants, SqlVersions, SqlJobs, SqlFiles):

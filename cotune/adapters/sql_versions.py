@@ -7,6 +7,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from cotune.adapters.blob_store import CONFIG_NAME, FILES, WEIGHTS_NAME
 from cotune.adapters.registry import AdapterRecord, NotFound, QuotaExceeded, Quotas, VersionRecord
@@ -37,11 +38,11 @@ class SqlVersions(SqlDatabase):
                         labels: dict[str, str] | None = None) -> VersionRecord:
         check_name("adapter", name)
         provenance_json = json.dumps(provenance)
-        blob_id, path = self._blobs.publish(files)
+        rank, alpha, target_modules = _lora_shape(Path(files) / CONFIG_NAME)
+        size_bytes = sum((Path(files) / file).stat().st_size for file in FILES)
+        sha256 = _file_sha256(Path(files) / WEIGHTS_NAME)
+        blob_id = self._blobs.publish(files)
         try:
-            rank, alpha, target_modules = _lora_shape(path / CONFIG_NAME)
-            size_bytes = sum((path / file).stat().st_size for file in FILES)
-            sha256 = _file_sha256(path / WEIGHTS_NAME)
             now = time.time()
             with self._transaction(write=True) as db:
                 quotas = load_tenant(db, tenant).quotas
@@ -58,7 +59,8 @@ class SqlVersions(SqlDatabase):
             raise
         return VersionRecord(tenant=tenant, name=name, version=version, rank=rank, alpha=alpha,
                              target_modules=target_modules, size_bytes=size_bytes, sha256=sha256,
-                             provenance=json.loads(provenance_json), created=now, path=path)
+                             provenance=json.loads(provenance_json), created=now,
+                             blob_id=blob_id)
 
     def _adapter_for_new_version(self, db: Connection, tenant: str, name: str,
                                  quotas: Quotas, now: float, description: str | None,
@@ -121,7 +123,7 @@ class SqlVersions(SqlDatabase):
             if row is None:
                 _adapter_id(db, tenant, name)
                 raise NotFound(f"version {version} of adapter {name!r} not found")
-        return self._version_record(row)
+        return _version_record(row)
 
     def list_versions(self, tenant: str, name: str, after: int | None = None,
                       limit: int = 50) -> list[VersionRecord]:
@@ -131,7 +133,13 @@ class SqlVersions(SqlDatabase):
                 _VERSIONS.format(where="a.tenant = ? AND a.name = ? AND v.version > ?",
                                  order="ASC"),
                 (tenant, name, after or 0, checked_limit(limit))).fetchall()
-        return [self._version_record(row) for row in rows]
+        return [_version_record(row) for row in rows]
+
+    def version_dir(self, version: VersionRecord) -> Path:
+        return self._blobs.directory(version.blob_id)
+
+    def open_version_file(self, version: VersionRecord, name: str) -> BinaryIO:
+        return self._blobs.open(version.blob_id, name)
 
     def delete_adapter(self, tenant: str, name: str, version: int | None = None) -> int:
         with self._transaction(write=True) as db:
@@ -155,13 +163,15 @@ class SqlVersions(SqlDatabase):
             self._blobs.remove(blob_id)
         return len(blob_ids)
 
-    def _version_record(self, row: Row) -> VersionRecord:
-        return VersionRecord(
-            tenant=row["tenant"], name=row["name"], version=row["version"], rank=row["rank"],
-            alpha=row["alpha"], target_modules=tuple(json.loads(row["target_modules"])),
-            size_bytes=row["size_bytes"], sha256=row["sha256"],
-            provenance=json.loads(row["provenance"]), created=row["created"],
-            path=self._blobs.path(row["blob_id"]))
+
+
+def _version_record(row: Row) -> VersionRecord:
+    return VersionRecord(
+        tenant=row["tenant"], name=row["name"], version=row["version"], rank=row["rank"],
+        alpha=row["alpha"], target_modules=tuple(json.loads(row["target_modules"])),
+        size_bytes=row["size_bytes"], sha256=row["sha256"],
+        provenance=json.loads(row["provenance"]), created=row["created"],
+        blob_id=row["blob_id"])
 
 
 def _adapter_id(db: Connection, tenant: str, name: str) -> int:

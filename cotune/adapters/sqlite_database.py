@@ -22,13 +22,15 @@ import sqlalchemy as sa
 from cotune.adapters.registry import NO_LIMITS, Quotas
 from cotune.adapters.schema_migrations import migrate
 from cotune.adapters.sql_database import SqlDatabase
+from cotune.adapters.stores import Stores
 
 
 class SqliteDatabase(SqlDatabase):
     label_match = "EXISTS (SELECT 1 FROM json_each(a.labels) WHERE key = ? AND value = ?)"
 
-    def __init__(self, data_dir: Path, default_quotas: Quotas = NO_LIMITS):
-        super().__init__(data_dir, default_quotas)
+    def __init__(self, data_dir: Path, default_quotas: Quotas = NO_LIMITS,
+                 stores: Stores | None = None):
+        super().__init__(data_dir, default_quotas, stores)
         self.path = self.data_dir / "registry.sqlite3"
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False,

@@ -105,8 +105,8 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
     def ExportAdapter(self, request, context, tenant):
         name, version = parse_reference(request.name)
         record = self.registry.get_version(tenant.name, name, version)
-        for file_name in ADAPTER_FILES:
-            with open(record.path / file_name, "rb") as f:
+        for file_name in ADAPTER_FILES:  # streamed from the store, whichever it is
+            with self.registry.open_version_file(record, file_name) as f:
                 while data := f.read(CHUNK):
                     yield common_pb2.FileChunk(path=file_name, data=data)
 

@@ -29,6 +29,7 @@ import grpc
 
 from cotune.adapters.registry import Quotas
 from cotune.adapters.sql_registry import open_registry
+from cotune.adapters.stores import open_stores
 from cotune.distributed.ranks import RankInfo
 from cotune.distributed.zero_config import check_sharding
 from cotune.engine.engine import EngineConfig
@@ -76,16 +77,17 @@ class CotuneServer:
         open_streams = OpenStreams(args.max_open_streams, args.max_open_streams_per_tenant)
         data_dir: Path = args.data_dir
         if self.rank is not None:
-            if args.registry:
+            if args.registry or args.blobs:
                 raise ValueError(
-                    "--registry (or $COTUNE_REGISTRY) with a sharded base is not supported yet: "
-                    "each rank keeps a registry of its own in DATA_DIR/rank-N; accepted: no "
-                    "--registry with a sharded base")
+                    "--registry or --blobs (or $COTUNE_REGISTRY, $COTUNE_BLOBS) with a sharded "
+                    "base is not supported yet: each rank keeps a registry of its own in "
+                    "DATA_DIR/rank-N; accepted: neither with a sharded base")
             data_dir = data_dir / f"rank-{self.rank.rank}"
         data_dir.mkdir(parents=True, exist_ok=True)
         self.registry = open_registry(args.registry, data_dir, Quotas(
             args.default_max_adapters, args.default_max_versions, args.default_max_jobs,
-            args.default_max_queued, args.default_tokens_per_minute))
+            args.default_max_queued, args.default_tokens_per_minute),
+            open_stores(args.blobs, data_dir, args.blob_cache_mb * 2**20))
         self.admin_token_file = data_dir / "admin.token"
         self._bootstrap_admin(args.admin_token_file)
         self.runtime = self._load_runtime(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 
+from cotune.adapters.blob_store import StoreUnavailable
 from cotune.adapters.peft_format import AdapterError, AdapterMismatch
 from cotune.adapters.registry import (
     AlreadyExists,
@@ -38,6 +39,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (EngineStopped, grpc.StatusCode.UNAVAILABLE),  # this replica is done; another answers
     (RegistryUnavailable, grpc.StatusCode.UNAVAILABLE),  # the database is away; retry later
+    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),  # the blob store is away; retry later
     (AdapterQuarantined, grpc.StatusCode.FAILED_PRECONDITION),
     (RequestFailed, grpc.StatusCode.INTERNAL),  # the engine failed it alone, and says why
     (InvalidName, grpc.StatusCode.INVALID_ARGUMENT),

@@ -79,7 +79,7 @@ def open_file(registry: Registry, tenant: str, file_id: str):
     short. NotFound also when it is deleted between the lookup and the open."""
     record = registry.get_file(tenant, file_id)
     try:
-        return open(record.path, "rb")
+        return registry.open_file(record)
     except FileNotFoundError:  # deleted since the lookup
         raise NotFound(f"file {file_id!r} not found") from None
 

@@ -210,7 +210,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
         name, version = parse_reference(text)
         record = self.registry.get_version(tenant.name, name, version)
         return reference(name, record.version), (runtime_key(tenant.name, name, record.version),
-                                                 Path(record.path))
+                                                 self.registry.version_dir(record))
 
     @contextmanager
     def _claim(self, engine_id: str):

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cotune.adapters.blob_store import StoreUnavailable
 from cotune.adapters.durable import write_atomically
 from cotune.adapters.peft_format import AdapterMismatch, LoraAdapter
 from cotune.adapters.registry import (
@@ -41,6 +42,7 @@ from cotune.adapters.registry import (
     QuotaExceeded,
     Registry,
     RegistryError,
+    RegistryUnavailable,
     TenantRecord,
     VersionRecord,
 )
@@ -158,7 +160,7 @@ class JobManager:
         write_atomically(job_dir / "data.jsonl", data)
         try:
             if parent is not None:  # kept with the job: a resume needs them after a delete
-                shutil.copytree(parent.path, job_dir / "parent")
+                shutil.copytree(self.registry.version_dir(parent), job_dir / "parent")
             self._start(record)
         except Exception as e:  # bad data: the job ends failed, and the caller hears why
             # in the data's words, not the server's paths; the data goes with the job
@@ -302,11 +304,14 @@ class JobManager:
     def _record(self, live: LiveJob, event: JobEvent) -> None:
         job_id = live.record.id
         if event.kind == "progress":
-            if self.registry.get_job(live.record.tenant, job_id).state == "cancelled":
-                live.job.cancel()  # by a worker sharing the registry, while this one was out
             self._count_progress(live, event.data)
             rate = live.advance(event.data, event.time)
-            self.registry.update_job(job_id, progress=live.progress)
+            try:
+                if self.registry.get_job(live.record.tenant, job_id).state == "cancelled":
+                    live.job.cancel()  # by a worker sharing the registry, while this one was out
+                self.registry.update_job(job_id, progress=live.progress)
+            except RegistryUnavailable as e:  # the next report replaces this one anyway
+                log.warning("job %s: progress not recorded: %s", job_id, e)
             data = {k: event.data[k] for k in ("step", "total_steps", "loss", "tokens")}
             self._emit(live, event.time, "progress", {**data, "tokens_per_second": rate},
                        store=_kept(data["step"], data["total_steps"]))
@@ -318,7 +323,7 @@ class JobManager:
                 self.metrics.job_eval_loss.labels(*live.labels).set(metrics["eval_loss"])
             step = event.data["step"]
             self._emit(live, event.time, "evaluation", {"step": step, "metrics": metrics})
-            new = self._publish_new_versions(live)
+            new = self._publish_new_versions(live, retry_later=True)
             self._cache(live, event.data["version"], event.data["adapter"])
             for version in new:
                 self._emit(live, event.time, "checkpoint", {
@@ -330,6 +335,8 @@ class JobManager:
                 live.events.close(_error(job_id, event.time, "the server is shutting down; "
                                          "the job resumes when it starts again"))
                 return
+            if state == "succeeded":  # what the store refused before, now or never
+                self._publish_new_versions(live)
             self.registry.update_job(job_id, state=state, error=error)
             self.metrics.jobs_finished.labels(live.record.tenant, state).inc()
             self.metrics.job_loss.remove(*live.labels)  # the gauge is of running jobs
@@ -384,9 +391,11 @@ class JobManager:
                 return published
             after = page[-1].version
 
-    def _publish_new_versions(self, live: LiveJob) -> list[int]:
+    def _publish_new_versions(self, live: LiveJob, retry_later: bool = False) -> list[int]:
         """Publishes the trainer's checkpoints not yet in the registry, oldest first; returns
-        their registry versions."""
+        their registry versions. `retry_later`: when the registry or its store is unavailable,
+        the rest wait for the next call (the job's next checkpoint) instead of failing the
+        job; their training states stay until then."""
         spec, record = live.spec, live.record
         published: dict = live.progress.setdefault("published", {})  # trainer k -> registry
         new = []
@@ -407,6 +416,13 @@ class JobManager:
             except QuotaExceeded as e:
                 raise QuotaExceeded(e.limit, f"publishing version {k} of the job failed: {e}") \
                     from e
+            except (RegistryUnavailable, StoreUnavailable) as e:
+                if not retry_later:
+                    raise RegistryUnavailable(f"publishing version {k} of the job failed: {e}") \
+                        from e
+                log.warning("job %s: version %d waits for the next checkpoint: %s",
+                            record.id, k, e)
+                break
             published[str(k)] = version
             self.registry.update_job(record.id, version=version, progress=live.progress)
             new.append(version)

@@ -154,6 +154,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                             "every worker of a cluster (its password from $PGPASSWORD or "
                             "$PGPASSFILE rather than the URL); default $COTUNE_REGISTRY, or "
                             "when unset, the embedded SQLite in --data-dir")
+    store.add_argument("--blobs", default=os.environ.get("COTUNE_BLOBS", ""), metavar="URL",
+                       help="where adapter versions and uploaded files are kept: an "
+                            "s3://bucket/prefix URL of any S3-compatible store, shared by every "
+                            "worker of a cluster (endpoint and credentials from the environment "
+                            "as boto3 reads them: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...); "
+                            "default $COTUNE_BLOBS, or when unset, directories in --data-dir")
+    store.add_argument("--blob-cache-mb", type=positive_int, default=10240, metavar="MB",
+                       help="with --blobs s3://...: the local disk cache of files from the "
+                            "store, in --data-dir; least recently used files go past it")
     store.add_argument("--admin-token-file", type=Path,
                        help="at the first start, the admin tenant's token is the one in this "
                             "file (a Kubernetes Secret) instead of a new one in "

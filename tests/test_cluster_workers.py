@@ -1,11 +1,13 @@
-"""Workers of a cluster on one PostgreSQL registry (`cotune serve --registry`): real `cotune
-serve` processes with separate data directories, as on separate nodes, against a real
-PostgreSQL server. Tenants, tokens and quotas are the cluster's, and a worker whose database
+"""Workers of a cluster on one PostgreSQL registry and one S3 store (`cotune serve --registry
+--blobs`): real `cotune serve` processes with separate data directories, as on separate nodes,
+against a real PostgreSQL server and a real S3 HTTP server. Tenants, tokens, quotas and adapter
+versions are the cluster's: what one worker takes in, another serves. A worker whose database
 goes away refuses calls with UNAVAILABLE, naming the registry, finishes the generations it
 runs, and recovers when the database is back."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
@@ -14,25 +16,27 @@ import pytest
 from server_helpers import running_server, tiny_adapter_dir
 from sqlalchemy.engine import make_url
 
-from cotune.client import Client, ResourceExhausted, Unauthenticated, Unavailable
+from cotune.client import Client, NotFound, ResourceExhausted, Unauthenticated, Unavailable
 
 pytestmark = pytest.mark.slow
-pytest_plugins = ["postgres_server"]
+pytest_plugins = ["postgres_server", "s3_server"]
 
 
 @pytest.fixture
-def cluster_args(postgres_server, postgres_url, tmp_path):
+def cluster_args(postgres_server, postgres_url, s3_server, s3_url, tmp_path):
     """The serve arguments and environment every worker of one cluster shares: the registry's
-    URL without its password (that comes from $PGPASSWORD) and a preset admin token."""
+    URL without its password (that comes from $PGPASSWORD), the store's URL (its endpoint and
+    keys from boto3's environment) and a preset admin token."""
     admin_token = tmp_path / "admin.token"
     admin_token.write_text(f"ct_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}")
     server, database = postgres_server, make_url(postgres_url).database
     url = f"postgresql://{server.user}@{server.host}:{server.port}/{database}"
-    args = ("--registry", url, "--admin-token-file", str(admin_token))
-    return args, {"PGPASSWORD": postgres_server.password}
+    args = ("--registry", url, "--blobs", s3_url, "--admin-token-file", str(admin_token))
+    return args, {"PGPASSWORD": postgres_server.password, **s3_server.environment}
 
 
-def test_workers_on_separate_nodes_share_tenants_tokens_and_quotas(cluster_args, tmp_path):
+def test_workers_on_separate_nodes_share_tenants_tokens_quotas_and_versions(cluster_args,
+                                                                            tmp_path):
     args, env = cluster_args
     with running_server(tmp_path, *args, data_dir=tmp_path / "node-1", env=env) as one, \
             running_server(tmp_path, *args, data_dir=tmp_path / "node-2", env=env) as two:
@@ -40,10 +44,18 @@ def test_workers_on_separate_nodes_share_tenants_tokens_and_quotas(cluster_args,
         with Client(one.address, one.admin_token) as admin:
             admin.tenants.create("acme", max_adapters=1)
             token = admin.tenants.issue_token("acme")
+        uploaded = tiny_adapter_dir(tmp_path / "a", seed=1)
         with Client(one.address, token.token) as on_one, \
                 Client(two.address, token.token) as on_two:
-            on_one.adapters.create("first", tiny_adapter_dir(tmp_path / "a", seed=1))
+            on_one.adapters.create("first", uploaded)
             assert [a.name for a in on_two.adapters.list()] == ["first"]
+            greedy = dict(adapter="first", max_tokens=12, ignore_eos=True)
+            served = on_two.complete("the cat sat", **greedy)  # from the store, not a disk
+            assert served.token_ids == on_one.complete("the cat sat", **greedy).token_ids
+            on_two.adapters.export("first", tmp_path / "exported")
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                assert (tmp_path / "exported" / name).read_bytes() == \
+                    (uploaded / name).read_bytes()
             with pytest.raises(ResourceExhausted, match="has 1 adapters, its max_adapters"):
                 on_two.adapters.create("second", tiny_adapter_dir(tmp_path / "b", seed=2))
             with Client(two.address, two.admin_token) as admin_on_two:
@@ -86,3 +98,29 @@ def test_a_worker_whose_registry_goes_away_refuses_calls_finishes_generations_an
             except Unavailable:
                 assert time.monotonic() < deadline, "the worker did not recover"
                 time.sleep(0.5)
+
+
+def test_a_job_whose_store_goes_away_publishes_its_versions_at_a_later_checkpoint(
+        s3_server, cluster_args, tmp_path):
+    args, env = cluster_args
+    data = "\n".join(json.dumps({"prompt": f"the cat {i}", "completion": " sat on the mat"})
+                     for i in range(8)).encode()
+    with running_server(tmp_path, *args, env=env) as server, \
+            Client(server.address, server.admin_token) as admin:
+        s3_server.stop()
+        try:
+            job = admin.jobs.create("tuned", data, max_steps=60, checkpoint_every=3,
+                                    batch_size=1)
+            for event in admin.jobs.watch(job.id, timeout=120):
+                if event.kind == "evaluation" and event.step >= 6:
+                    break  # two checkpoints the store was away for
+            with pytest.raises(NotFound):
+                admin.adapters.get("tuned")
+        finally:
+            s3_server.start()
+        done = admin.jobs.wait(job.id, timeout=300)
+        assert (done.state, done.error) == ("succeeded", "")
+        versions = list(admin.adapters.versions("tuned"))
+        assert [v.version for v in versions] == list(range(1, 21))  # none lost, in order
+        # each the child of the one before, as the trainer made them
+        assert [v.provenance["parent_version"] for v in versions] == [None, *range(1, 20)]
