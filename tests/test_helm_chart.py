@@ -207,6 +207,10 @@ def test_monitoring_objects_can_each_be_turned_off():
     (["--set", "server.maxOpenStreamsPerTenant=-1"], "server.maxOpenStreamsPerTenant"),
     (["--set-json", "server.tenantIsolation=0.5"], "server.tenantIsolation"),
     (["--set", "server.maxFilesPerTenant=-1"], "server.maxFilesPerTenant"),
+    (["--set", "blobs.url=s3://Adapters_Bucket/prod"], "blobs.url"),  # not a bucket's name
+    (["--set", "blobs.url=https://adapters.s3.amazonaws.com"], "blobs.url"),
+    (["--set", "blobs.cacheMb=0"], "blobs.cacheMb"),
+    (["--set", "blobs.endpoint=minio.storage.svc:9000"], "blobs.endpoint"),  # no scheme
 ])
 def test_values_schema_rejects_a_bad_value_with_its_name(bad, message):
     result = helm("template", "rel", str(CHART), *bad)
@@ -227,6 +231,14 @@ def test_values_schema_rejects_a_bad_value_with_its_name(bad, message):
     (["--set", "ports.http=9400"], "ports.http (9400) is also one of ports.grpc"),
     (["--set", "server.maxOpenStreams=8,server.maxOpenStreamsPerTenant=9"],
      "server.maxOpenStreamsPerTenant (9) exceeds server.maxOpenStreams (8)"),
+    (["--set", "registry.existingSecret=pg"], "registry.existingSecret needs blobs.url"),
+    (["--set", "blobs.url=s3://adapters"], "blobs.url needs registry.existingSecret"),
+    (["--set", "blobs.existingSecret=s3-keys"], "settings of the external mode"),
+    (["-f", str(CHART / "ci/postgres-s3.yaml"), "--set", "workers.persistence.sharedClaim=c"],
+     "workers.persistence.sharedClaim does not go with the external mode"),
+    (["-f", str(CHART / "ci/postgres-s3.yaml"),
+      "--set", "workers.shardedBase=true,workers.ranksPerGroup=3,workers.replicas=3"],
+     "registry.existingSecret does not go with workers.shardedBase"),
 ])
 def test_template_refuses_inconsistent_values_and_says_what_to_change(bad, message):
     result = helm("template", "rel", str(CHART), *bad)
@@ -351,7 +363,12 @@ def test_worker_arguments_parse_as_cotune_serve_flags(case):
 def serve_arguments(*args: str) -> argparse.Namespace:
     """The worker's arguments rendered with `args`, filled from the ConfigMap as the kubelet
     does, parsed by the real `cotune serve` parser."""
-    docs = template(*args)
+    return parsed_worker_arguments(template(*args))
+
+
+def parsed_worker_arguments(docs) -> argparse.Namespace:
+    """The worker's arguments of `docs`, filled from the ConfigMap as the kubelet does, parsed
+    by the real `cotune serve` parser."""
     config = one(docs, "ConfigMap", "rel-cotune-config")["data"]
     _, *rendered_args = worker_container(one(docs, "StatefulSet"))["args"]
     parser = argparse.ArgumentParser(exit_on_error=False)
@@ -398,20 +415,42 @@ LEFT_TO_EXTRA_ARGS = {
 }
 
 
+def serve_flags_read_from(variables: set[str]) -> set[str]:
+    """The flags of `cotune serve` whose defaults come from these environment variables: those
+    whose defaults change when the variables are set."""
+    def defaults() -> dict[str, object]:
+        parser = argparse.ArgumentParser()
+        add_serve_arguments(parser)
+        return {a.option_strings[-1]: a.default for a in parser._actions if a.option_strings}
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in variables:
+            patch.delenv(name, raising=False)
+        unset = defaults()
+        for name in variables:
+            patch.setenv(name, "1")  # parses as any type a default could be read as
+        return {flag for flag, value in defaults().items() if value != unset[flag]}
+
+
 def test_every_flag_of_cotune_serve_is_set_by_a_value_or_left_to_extra_args():
-    """A flag added to `cotune serve` fails here until the chart passes it (or it is listed
-    above with its reason)."""
-    docs = template("--set", "tls.enabled=true,tls.secretName=t,tls.clientCASecretName=c",
-                    "--set", "server.allowPaths={/srv},server.maxOpenStreamsPerTenant=2",
-                    "--set", "workers.shardedBase=true,workers.ranksPerGroup=2,"
-                    "workers.replicas=2")
-    passed = {a.split("=", 1)[0] for s in of_kind(docs, "StatefulSet")
-              for a in worker_container(s)["args"][1:]}
+    """A flag added to `cotune serve` fails here until the chart passes it, as an argument or
+    as the environment variable it defaults to (--registry: $COTUNE_REGISTRY, from a Secret),
+    or it is listed above with its reason."""
+    sharded = template("--set", "tls.enabled=true,tls.secretName=t,tls.clientCASecretName=c",
+                       "--set", "server.allowPaths={/srv},server.maxOpenStreamsPerTenant=2",
+                       "--set", "workers.shardedBase=true,workers.ranksPerGroup=2,"
+                       "workers.replicas=2")
+    # the external mode (registry, blobs) does not go with a sharded base: a second render
+    workers = [worker_container(s) for docs in (sharded, rendered("postgres-s3"))
+               for s in of_kind(docs, "StatefulSet")]
+    passed = {a.split("=", 1)[0] for c in workers for a in c["args"][1:]}
+    from_environment = serve_flags_read_from({e["name"] for c in workers for e in c["env"]})
+    assert "--registry" in from_environment and "--registry" not in passed
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     flags = {a.option_strings[-1] for a in parser._actions if a.dest != "help"}
     assert passed <= flags
-    assert flags - passed == LEFT_TO_EXTRA_ARGS
+    assert flags - passed - from_environment == LEFT_TO_EXTRA_ARGS
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -523,6 +562,69 @@ def test_workers_with_a_shared_claim_mount_that_one_claim_as_their_data():
     assert not [a for a in worker_container(statefulset)["args"] if "--worker-id" in a]  # the pod
 
 
+# the environment of the external mode: the registry's and the store's settings
+EXTERNAL_ENV = {"COTUNE_REGISTRY", "PGPASSWORD", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+                "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+def secret_ref(name: str, key: str) -> dict:
+    return {"valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
+
+
+def test_embedded_mode_renders_no_registry_or_store_settings():
+    docs = rendered("default")
+    container = worker_container(one(docs, "StatefulSet"))
+    assert not EXTERNAL_ENV & env_of(container).keys()
+    assert not [a for a in container["args"] if a.startswith(("--registry", "--blob"))]
+    assert not [k for k in one(docs, "ConfigMap", "rel-cotune-config")["data"] if "BLOB" in k]
+
+
+def test_external_mode_takes_the_registry_and_the_store_keys_from_secrets_not_arguments():
+    docs = rendered("postgres-s3")
+    statefulset = one(docs, "StatefulSet")
+    container = worker_container(statefulset)
+    env = env_of(container)
+    assert {name: {k: v for k, v in env[name].items() if k != "name"}
+            for name in EXTERNAL_ENV} == {
+        "COTUNE_REGISTRY": secret_ref("cotune-registry", "url"),
+        "PGPASSWORD": secret_ref("cotune-registry", "password"),
+        "AWS_ENDPOINT_URL": {"value": "http://minio.storage.svc:9000"},
+        "AWS_DEFAULT_REGION": {"value": "us-east-1"},
+        "AWS_ACCESS_KEY_ID": secret_ref("cotune-blobs", "access-key-id"),
+        "AWS_SECRET_ACCESS_KEY": secret_ref("cotune-blobs", "secret-access-key")}
+    # the store's URL is no secret: an argument, from the ConfigMap; the registry's never is
+    config = one(docs, "ConfigMap", "rel-cotune-config")["data"]
+    assert [a for a in container["args"] if a.startswith(("--registry", "--blob"))] == [
+        "--blobs=$(COTUNE_SERVE_BLOBS)", "--blob-cache-mb=$(COTUNE_SERVE_BLOB_CACHE_MB)"]
+    assert (config["COTUNE_SERVE_BLOBS"], config["COTUNE_SERVE_BLOB_CACHE_MB"]) == (
+        "s3://cotune-adapters/prod", "20480")
+    assert not [v for v in [*container["args"], *config.values()] if "postgres" in v]
+    parsed = parsed_worker_arguments(docs)
+    assert (parsed.blobs, parsed.blob_cache_mb) == ("s3://cotune-adapters/prod", 20480)
+    # the chart names the registry's and the store's Secrets, it makes none
+    assert [s["metadata"]["name"] for s in of_kind(docs, "Secret")] == ["rel-cotune-admin"]
+    # each worker keeps a ReadWriteOnce claim of its own: nothing ties the pods to one node
+    assert [t["spec"]["accessModes"] for t in statefulset["spec"]["volumeClaimTemplates"]] == [
+        ["ReadWriteOnce"]]
+    volumes = statefulset["spec"]["template"]["spec"]["volumes"]
+    assert "data" not in {v["name"] for v in volumes}
+    assert "ReadWriteMany" not in json.dumps(docs)
+
+
+def test_external_mode_without_password_key_or_store_secret_leaves_them_to_their_defaults():
+    """No PGPASSWORD (the passfile or the URL has it), no AWS keys (boto3 finds a cloud role),
+    and --blob-cache-mb the server's own default."""
+    docs = template("--set", "registry.existingSecret=pg,blobs.url=s3://adapters")
+    env = env_of(worker_container(one(docs, "StatefulSet")))
+    assert EXTERNAL_ENV & env.keys() == {"COTUNE_REGISTRY"}
+    assert env["COTUNE_REGISTRY"]["valueFrom"] == secret_ref("pg", "url")["valueFrom"]
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    parsed = parsed_worker_arguments(docs)
+    assert (parsed.blobs, parsed.blob_cache_mb) == (
+        "s3://adapters", parser.get_default("blob_cache_mb"))
+
+
 # --- router, autoscaling, disruption, network ---------------------------------------------
 
 
@@ -632,7 +734,7 @@ def test_network_policy_opens_grpc_http_metrics_and_the_rendezvous_between_ranks
     assert not of_kind(rendered("cpu-single-worker"), "NetworkPolicy")
 
 
-def test_notes_tell_how_to_connect_over_grpc_and_http_with_the_admin_token(tmp_path):
+def rendered_notes(tmp_path: Path, *args: str) -> str:
     """NOTES.txt renders only at install; a copy of the chart renders it as a template."""
     chart = tmp_path / "cotune"
     shutil.copytree(CHART, chart)
@@ -640,9 +742,13 @@ def test_notes_tell_how_to_connect_over_grpc_and_http_with_the_admin_token(tmp_p
     (chart / "templates/notes-check.yaml").write_text(
         'notes: {{ tpl (.Files.Get "notes.txt") . | toJson }}\n')
     result = helm("template", "rel", str(chart), "--namespace", "ml",
-                  "--show-only", "templates/notes-check.yaml")
+                  "--show-only", "templates/notes-check.yaml", *args)
     assert result.returncode == 0, result.stderr
-    notes = yaml.safe_load(result.stdout.split("---", 1)[1])["notes"]
+    return yaml.safe_load(result.stdout.split("---", 1)[1])["notes"]
+
+
+def test_notes_tell_how_to_connect_over_grpc_and_http_with_the_admin_token(tmp_path):
+    notes = rendered_notes(tmp_path)
     assert "port-forward svc/rel-cotune-workers 50051:50051" in notes
     assert "COTUNE_ADDR=127.0.0.1:50051" in notes and "COTUNE_TOKEN=" in notes
     assert "cotune adapters list" in notes
@@ -650,6 +756,18 @@ def test_notes_tell_how_to_connect_over_grpc_and_http_with_the_admin_token(tmp_p
     assert "port-forward svc/rel-cotune-workers 8000:8000" in notes
     assert "OPENAI_BASE_URL=http://127.0.0.1:8000/v1 OPENAI_API_KEY=$COTUNE_TOKEN" in notes
     assert "http://rel-cotune-workers.ml.svc:8000/v1" in notes
+    assert "State: embedded, in each worker's data volume" in notes
+
+
+def test_notes_of_the_external_mode_say_where_the_registry_and_the_store_are(tmp_path):
+    notes = rendered_notes(tmp_path, *values_args("postgres-s3"))
+    assert "State: external" in notes
+    assert "Registry: PostgreSQL, its URL in the Secret cotune-registry (key url" in notes
+    assert ("Store:    s3://cotune-adapters/prod at http://minio.storage.svc:9000 (us-east-1), "
+            "keys from the Secret cotune-blobs") in notes
+    assert "first worker to start on an empty registry" in notes
+    assert "The workers share the registry and the store" in notes
+    assert "own data volume and registry" not in notes and "SQLite" not in notes
 
 
 # --- the image ----------------------------------------------------------------------------

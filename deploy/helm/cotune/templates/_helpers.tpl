@@ -146,3 +146,31 @@ hostPath:
 emptyDir: {}
 {{- end }}
 {{- end }}
+
+{{/* The external mode: one PostgreSQL registry (registry.existingSecret) and one S3 store
+(blobs.url) for every worker, "true"; or the embedded mode, "". Half of it is refused: a
+shared registry over blobs on each worker's volume would list versions that only their
+publisher can read, and registries of their own over one bucket would each sweep the versions
+of the others as blobs no row references. */}}
+{{- define "cotune.external" -}}
+{{- $r := .Values.registry }}
+{{- $b := .Values.blobs }}
+{{- if and $r.existingSecret (not $b.url) }}
+{{- fail "registry.existingSecret needs blobs.url: workers sharing one registry with adapter versions on their own data volumes would list versions that only the worker that published them can read; set blobs.url (an s3:// store they share) too, or neither for the embedded mode" }}
+{{- end }}
+{{- if and $b.url (not $r.existingSecret) }}
+{{- fail "blobs.url needs registry.existingSecret: workers with registries of their own over one bucket would each sweep the versions of the others as blobs no row references; set registry.existingSecret (a PostgreSQL registry they share) too, or neither for the embedded mode" }}
+{{- end }}
+{{- if and (not $b.url) (or $b.endpoint $b.region $b.existingSecret $r.passwordKey) }}
+{{- fail "blobs.endpoint, blobs.region, blobs.existingSecret and registry.passwordKey are settings of the external mode, which registry.existingSecret and blobs.url turn on: set those too, or leave these empty for the embedded mode" }}
+{{- end }}
+{{- if $r.existingSecret }}
+{{- if .Values.workers.persistence.sharedClaim }}
+{{- fail "workers.persistence.sharedClaim does not go with the external mode (registry.existingSecret, blobs.url): the workers share the registry and the store already, and their data volumes hold what is each worker's own (the blob cache, training states, uploads being received); leave sharedClaim empty: each worker gets a ReadWriteOnce claim and may run on any node" }}
+{{- end }}
+{{- if .Values.workers.shardedBase }}
+{{- fail "registry.existingSecret does not go with workers.shardedBase yet: each rank of a sharded base keeps a registry of its own in DATA_DIR/rank-N (cotune serve refuses --registry under a sharded base); leave registry and blobs empty" }}
+{{- end }}
+{{- print "true" }}
+{{- end }}
+{{- end }}
