@@ -384,8 +384,12 @@ def test_server_values_reach_the_flags_of_cotune_serve():
         "--set", "server.maxLogprobs=3",
         "--set", "server.healthStallSeconds=90,server.keepTrainingStates=4",
         "--set", "ports.http=8080",
-        "--set-json", "server.tenantIsolation=2.5", "--set", "server.maxFilesPerTenant=7")
+        "--set-json", "server.tenantIsolation=2.5", "--set", "server.maxFilesPerTenant=7",
+        # floats to Helm, as numbers of a values file are: no 1.048576e+06 may reach int()
+        "--set-json", "server.kvCacheTokens=1048576",
+        "--set-json", "server.defaultQuotas.tokensPerMinute=2000000")
     assert (parsed.tenant_isolation, parsed.max_files_per_tenant) == (2.5, 7)
+    assert (parsed.kv_cache_tokens, parsed.default_tokens_per_minute) == (1048576, 2000000)
     assert (parsed.max_open_streams, parsed.max_open_streams_per_tenant) == (12, 5)
     assert (parsed.upload_idle_timeout, parsed.max_logprobs) == (7.5, 3)
     assert (parsed.health_stall_seconds, parsed.keep_training_states) == (90, 4)
