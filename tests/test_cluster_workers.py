@@ -16,9 +16,18 @@ import pytest
 from server_helpers import running_server, tiny_adapter_dir
 from sqlalchemy.engine import make_url
 
-from cotune.client import Client, NotFound, ResourceExhausted, Unauthenticated, Unavailable
+from cotune.client import (
+    Client,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 
 pytestmark = pytest.mark.slow
+DATA = "\n".join(json.dumps({"prompt": f"the cat {i}", "completion": " sat on the mat"})
+                 for i in range(8)).encode()
 pytest_plugins = ["postgres_server", "s3_server"]
 
 
@@ -47,8 +56,11 @@ def test_workers_on_separate_nodes_share_tenants_tokens_quotas_and_versions(clus
         uploaded = tiny_adapter_dir(tmp_path / "a", seed=1)
         with Client(one.address, token.token) as on_one, \
                 Client(two.address, token.token) as on_two:
-            on_one.adapters.create("first", uploaded)
+            on_one.adapters.create("first", uploaded, idempotency_key="upload-1")
             assert [a.name for a in on_two.adapters.list()] == ["first"]
+            # a retry through another worker (its reply lost): the same version, no other
+            retried = on_two.adapters.create("first", uploaded, idempotency_key="upload-1")
+            assert retried.version == 1
             greedy = dict(adapter="first", max_tokens=12, ignore_eos=True)
             served = on_two.complete("the cat sat", **greedy)  # from the store, not a disk
             assert served.token_ids == on_one.complete("the cat sat", **greedy).token_ids
@@ -58,6 +70,11 @@ def test_workers_on_separate_nodes_share_tenants_tokens_quotas_and_versions(clus
                     (uploaded / name).read_bytes()
             with pytest.raises(ResourceExhausted, match="has 1 adapters, its max_adapters"):
                 on_two.adapters.create("second", tiny_adapter_dir(tmp_path / "b", seed=2))
+            job = on_one.jobs.create("first", DATA, max_steps=2, idempotency_key="job-1")
+            again = on_two.jobs.create("first", DATA, max_steps=2, idempotency_key="job-1")
+            assert again.id == job.id and [j.id for j in on_two.jobs.list()] == [job.id]
+            with pytest.raises(InvalidArgument, match="'job-1' was used by another CreateJob"):
+                on_two.jobs.create("first", DATA, max_steps=3, idempotency_key="job-1")
             with Client(two.address, two.admin_token) as admin_on_two:
                 assert admin_on_two.tenants.revoke_token(token.id)
             with pytest.raises(Unauthenticated):  # revoked on one worker, refused by the other
@@ -103,13 +120,11 @@ def test_a_worker_whose_registry_goes_away_refuses_calls_finishes_generations_an
 def test_a_job_whose_store_goes_away_publishes_its_versions_at_a_later_checkpoint(
         s3_server, cluster_args, tmp_path):
     args, env = cluster_args
-    data = "\n".join(json.dumps({"prompt": f"the cat {i}", "completion": " sat on the mat"})
-                     for i in range(8)).encode()
     with running_server(tmp_path, *args, env=env) as server, \
             Client(server.address, server.admin_token) as admin:
         s3_server.stop()
         try:
-            job = admin.jobs.create("tuned", data, max_steps=60, checkpoint_every=3,
+            job = admin.jobs.create("tuned", DATA, max_steps=60, checkpoint_every=3,
                                     batch_size=1)
             for event in admin.jobs.watch(job.id, timeout=120):
                 if event.kind == "evaluation" and event.step >= 6:

@@ -55,6 +55,34 @@ class QuotaExceeded(RegistryError):
         self.limit = limit
 
 
+class Repeated(RegistryError):
+    """A creating call repeated with its idempotency key: `earlier` is what the first call
+    created (a VersionRecord or a JobRecord); this one created nothing."""
+
+    def __init__(self, earlier: VersionRecord | JobRecord):
+        super().__init__(f"repeats an earlier call, which created {earlier!r}")
+        self.earlier = earlier
+
+
+IDEMPOTENT_CALLS = ("CreateAdapter", "CreateJob")
+IDEMPOTENCY_KEPT_S = 24 * 3600  # how long a key answers its retries
+_IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """What makes a creating call safe to retry: the caller's key, and the fingerprint of its
+    request (a hash the server makes), which a retry must match."""
+
+    key: str
+    fingerprint: str
+
+    def __post_init__(self):
+        if not isinstance(self.key, str) or not _IDEMPOTENCY_KEY.fullmatch(self.key):
+            raise ValueError(f"idempotency key {str(self.key)[:80]!r} is invalid; accepted: "
+                             "1-128 of A-Z a-z 0-9 . _ : -")
+
+
 def files_refusal(tenant: str, count: int) -> str:
     """Why `tenant`, with `count` files, may upload no more (QuotaExceeded("max_files"))."""
     return (f"tenant {tenant!r} has {count} files, the most this server keeps per tenant; "
@@ -230,12 +258,16 @@ class Registry(Protocol):
     # --- adapters and versions ----------------------------------------------------------
     def publish_version(self, tenant: str, name: str, files: Path, provenance: dict,
                         description: str | None = None,
-                        labels: dict[str, str] | None = None) -> VersionRecord:
+                        labels: dict[str, str] | None = None,
+                        idempotency: Idempotency | None = None) -> VersionRecord:
         """Publishes the PEFT files in directory `files` (already validated by the caller) as
         the next version of `name`, creating the adapter when new. The files are copied into
         the store atomically: a crash at any moment leaves the whole version or none.
-        description/labels, when given, replace the adapter's. Raises InvalidName, NotFound
-        (no such tenant), QuotaExceeded("max_adapters" | "max_versions_per_adapter")."""
+        description/labels, when given, replace the adapter's. `idempotency`: a key the tenant
+        used for a CreateAdapter in the last IDEMPOTENCY_KEPT_S raises Repeated with that
+        call's version, and publishes nothing. Raises InvalidName, NotFound (no such tenant),
+        QuotaExceeded("max_adapters" | "max_versions_per_adapter"), ValueError (the key was
+        used with another request)."""
 
     def get_adapter(self, tenant: str, name: str) -> AdapterRecord:
         """Raises NotFound (also for other tenants' adapters: nothing leaks)."""
@@ -267,11 +299,20 @@ class Registry(Protocol):
 
     # --- jobs ---------------------------------------------------------------------------
     def create_job(self, tenant: str, adapter: str, spec: dict, owner: str = "",
-                   training_file: str = "") -> JobRecord:
+                   training_file: str = "", idempotency: Idempotency | None = None) -> JobRecord:
         """A queued job with a fresh id ("job-<hex>"), run by worker `owner`, and its first
         event (state queued). `training_file`: the id of the file it trains on, recorded
-        only. Raises InvalidName, QuotaExceeded("max_concurrent_jobs") when the tenant has
-        that many queued or running."""
+        only. `idempotency`: as publish_version's, for a CreateJob (Repeated carries the
+        first call's job). Raises InvalidName, QuotaExceeded("max_concurrent_jobs") when the
+        tenant has that many queued or running, ValueError (the key was used with another
+        request)."""
+
+    def repeated(self, tenant: str, call: str,
+                 idempotency: Idempotency) -> VersionRecord | JobRecord | None:
+        """What the tenant's earlier `call` (one of IDEMPOTENT_CALLS) with this key created,
+        or None when the key is new: lets a server answer a retry before it does the call's
+        work. Raises ValueError (the key was used with another request), NotFound (what it
+        created was deleted since)."""
 
     def get_job(self, tenant: str | None, job_id: str) -> JobRecord:
         """Raises NotFound (also for other tenants' jobs). `tenant` None: any tenant's (for

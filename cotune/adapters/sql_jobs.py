@@ -13,10 +13,12 @@ from cotune.adapters.registry import (
     JOB_EVENT_KINDS,
     JOB_STATES,
     UNFINISHED_JOB_STATES,
+    Idempotency,
     JobEventRecord,
     JobRecord,
     NotFound,
     QuotaExceeded,
+    Repeated,
 )
 from cotune.adapters.sql_database import (
     Connection,
@@ -25,6 +27,7 @@ from cotune.adapters.sql_database import (
     check_name,
     checked_limit,
 )
+from cotune.adapters.sql_idempotency import earlier, remember
 from cotune.adapters.sql_tenants import load_tenant
 
 
@@ -32,13 +35,17 @@ class SqlJobs(SqlDatabase):
     """The job calls of the Registry."""
 
     def create_job(self, tenant: str, adapter: str, spec: dict, owner: str = "",
-                   training_file: str = "") -> JobRecord:
+                   training_file: str = "", idempotency: Idempotency | None = None) -> JobRecord:
         check_name("adapter", adapter)
         now = time.time()
         job = JobRecord(id=f"job-{secrets.token_hex(8)}", tenant=tenant, adapter=adapter,
                         state="queued", spec=json.loads(json.dumps(spec)), error="",
                         created=now, updated=now, owner=owner, training_file=training_file)
         with self._transaction(write=True) as db:
+            if idempotency is not None and \
+                    (done := earlier(db, tenant, "CreateJob", idempotency)):
+                raise Repeated(job_record(db.execute("SELECT * FROM jobs WHERE id = ?",
+                                                     (done["job"],)).fetchone()))
             limit = load_tenant(db, tenant).quotas.max_concurrent_jobs
             count = db.execute(
                 f"SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN "
@@ -55,6 +62,8 @@ class SqlJobs(SqlDatabase):
                        (job.id, tenant, adapter, job.state, json.dumps(job.spec), job.error,
                         now, now, owner, training_file))
             _insert_event(db, job.id, "state", {"state": job.state}, now)
+            if idempotency is not None:
+                remember(db, tenant, "CreateJob", idempotency, {"job": job.id}, now)
         return job
 
     def get_job(self, tenant: str | None, job_id: str) -> JobRecord:

@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cotune.adapters.blob_store import CONFIG_NAME, FILES, WEIGHTS_NAME
-from cotune.adapters.registry import AdapterRecord, NotFound, QuotaExceeded, Quotas, VersionRecord
+from cotune.adapters.registry import (
+    AdapterRecord,
+    Idempotency,
+    NotFound,
+    QuotaExceeded,
+    Quotas,
+    Repeated,
+    VersionRecord,
+)
 from cotune.adapters.sql_database import (
     Connection,
     Row,
@@ -18,6 +26,7 @@ from cotune.adapters.sql_database import (
     check_name,
     checked_limit,
 )
+from cotune.adapters.sql_idempotency import earlier, remember
 from cotune.adapters.sql_tenants import load_tenant
 
 _ADAPTERS = """
@@ -35,7 +44,8 @@ class SqlVersions(SqlDatabase):
 
     def publish_version(self, tenant: str, name: str, files: Path, provenance: dict,
                         description: str | None = None,
-                        labels: dict[str, str] | None = None) -> VersionRecord:
+                        labels: dict[str, str] | None = None,
+                        idempotency: Idempotency | None = None) -> VersionRecord:
         check_name("adapter", name)
         provenance_json = json.dumps(provenance)
         rank, alpha, target_modules = _lora_shape(Path(files) / CONFIG_NAME)
@@ -45,6 +55,16 @@ class SqlVersions(SqlDatabase):
         try:
             now = time.time()
             with self._transaction(write=True) as db:
+                if idempotency is not None and \
+                        (done := earlier(db, tenant, "CreateAdapter", idempotency)):
+                    row = db.execute(_VERSIONS.format(
+                        where="a.tenant = ? AND a.name = ? AND v.version = ?", order="ASC"),
+                        (tenant, done["adapter"], done["version"], 1)).fetchone()
+                    if row is None:
+                        raise NotFound(f"version {done['version']} of adapter "
+                                       f"{done['adapter']!r}, which the first call with "
+                                       "this idempotency key created, was deleted since")
+                    raise Repeated(_version_record(row))
                 quotas = load_tenant(db, tenant).quotas
                 adapter_id = self._adapter_for_new_version(db, tenant, name, quotas, now,
                                                            description, labels)
@@ -54,6 +74,9 @@ class SqlVersions(SqlDatabase):
                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (adapter_id, version, rank, alpha, json.dumps(target_modules),
                             size_bytes, sha256, provenance_json, now, blob_id))
+                if idempotency is not None:
+                    remember(db, tenant, "CreateAdapter", idempotency,
+                             {"adapter": name, "version": version}, now)
         except BaseException:
             self._blobs.remove(blob_id)
             raise

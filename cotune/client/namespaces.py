@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import uuid
 from pathlib import Path
 
 from cotune.client.files import ExportWriter, file_upload_requests, upload_requests
@@ -40,6 +41,11 @@ from cotune.v1 import (
 _JOB_STATE_NUMBERS = {name: number for number, name in JOB_STATES.items()}
 
 
+def new_idempotency_key() -> str:
+    """A key for one creating call and its retries."""
+    return uuid.uuid4().hex
+
+
 class Adapters:
     """The tenant's adapters. A name addresses the newest version; "name@vK" (or "name@K")
     one version."""
@@ -49,21 +55,27 @@ class Adapters:
         self._stub = adapters_pb2_grpc.AdapterServiceStub(transport.channel)
 
     def create(self, name: str, path: str | os.PathLike, *, description: str = "",
-               labels: dict[str, str] | None = None) -> AdapterVersion:
+               labels: dict[str, str] | None = None,
+               idempotency_key: str | None = None) -> AdapterVersion:
         """Uploads a PEFT directory (adapter_config.json + adapter_model.safetensors; `path` is
         the directory or one of the two files) as the next version of `name`, creating the
-        adapter when it is new."""
-        header = adapters_pb2.CreateAdapterHeader(name=name, description=description,
-                                                  labels=labels)
+        adapter when it is new. Retried (after a lost reply too) under one idempotency key, so
+        that it publishes one version: a fresh key per call, or `idempotency_key` to retry
+        across processes."""
+        header = adapters_pb2.CreateAdapterHeader(
+            name=name, description=description, labels=labels,
+            idempotency_key=idempotency_key or new_idempotency_key())
         return self._t.upload(self._stub.CreateAdapter, upload_requests(header, path),
                               AdapterVersion.from_pb)
 
     def create_from_server_path(self, name: str, server_path: str, *, description: str = "",
-                                labels: dict[str, str] | None = None) -> AdapterVersion:
+                                labels: dict[str, str] | None = None,
+                                idempotency_key: str | None = None) -> AdapterVersion:
         """Publishes a PEFT directory that is already on the server, under a root the server
-        allows (--allow-path); admin tokens only."""
-        header = adapters_pb2.CreateAdapterHeader(name=name, description=description,
-                                                  labels=labels, server_path=server_path)
+        allows (--allow-path); admin tokens only. Retried as `create`."""
+        header = adapters_pb2.CreateAdapterHeader(
+            name=name, description=description, labels=labels, server_path=server_path,
+            idempotency_key=idempotency_key or new_idempotency_key())
         return self._t.upload(self._stub.CreateAdapter,
                               lambda: iter([adapters_pb2.CreateAdapterRequest(header=header)]),
                               AdapterVersion.from_pb)
@@ -158,7 +170,7 @@ class Jobs:
                max_steps: int | None = None, max_length: int | None = None,
                eval_fraction: float | None = None, checkpoint_every: int | None = None,
                seed: int | None = None, min_share: float | None = None,
-               from_scratch: bool = False) -> Job:
+               from_scratch: bool = False, idempotency_key: str | None = None) -> Job:
         """Starts a job training `adapter` (a new name, or an existing adapter whose next
         versions the job publishes) on `data`: a JSONL file's path or its bytes, with lines
         {"prompt","completion"}, {"messages"} or {"text"}. `training_file` instead names one
@@ -168,7 +180,8 @@ class Jobs:
         with its weights and settings (the Job's hyperparameters name it: parent_version),
         unless `from_scratch`. `min_share`: the share of the server's step time the job keeps
         however busy serving is (by default it trains only in the room the serving SLOs
-        leave)."""
+        leave). Retried (after a lost reply too) under one idempotency key, so that it starts
+        one job: a fresh key per call, or `idempotency_key` to retry across processes."""
         if sum(given is not None for given in (data, training_file, server_path)) != 1:
             raise ValueError("give the training data (a JSONL path or its bytes), a "
                              "training_file or a server_path, exactly one of them")
@@ -185,7 +198,7 @@ class Jobs:
             grad_accumulation=grad_accumulation, epochs=epochs, max_steps=max_steps,
             max_length=max_length, eval_fraction=eval_fraction,
             checkpoint_every=checkpoint_every, seed=seed, min_share=min_share,
-            from_scratch=from_scratch)
+            from_scratch=from_scratch, idempotency_key=idempotency_key or new_idempotency_key())
         return self._t.unary(self._stub.CreateJob, request, Job.from_pb)
 
     def get(self, job_id: str) -> Job:

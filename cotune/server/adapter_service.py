@@ -7,10 +7,11 @@ from pathlib import Path
 import grpc
 
 from cotune.adapters.peft_format import AdapterError, load_peft_adapter
-from cotune.adapters.registry import Registry
+from cotune.adapters.registry import Idempotency, Registry, Repeated
 from cotune.server import convert
 from cotune.server.errors import RpcError, invalid
 from cotune.server.handlers import Gate, rpc
+from cotune.server.idempotency import idempotency
 from cotune.server.names import parse_reference
 from cotune.server.uploads import (
     ADAPTER_FILES,
@@ -46,17 +47,22 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
         header = first.header
         name, _ = parse_reference(header.name, allow_version=False)
         _check_labels(header.labels, header.description)
+        retry = idempotency(header.idempotency_key, header)
+        if retry is not None and (earlier := self.registry.repeated(
+                tenant.name, "CreateAdapter", retry)) is not None:
+            return convert.version(earlier)  # a retry: nothing to receive, nothing to make
         if header.server_path:
             if not tenant.admin:
                 raise RpcError(grpc.StatusCode.PERMISSION_DENIED,
                                "server_path needs an admin token; upload the files instead")
             source = allowed_path(header.server_path, self.allowed_roots, "adapter directories")
-            return self._publish(tenant.name, name, source, "server_path", header)
+            return self._publish(tenant.name, name, source, "server_path", header, retry)
         with self.staging.directory() as upload:
             receive_files(_chunks(requests), upload, self.max_upload_bytes)
-            return self._publish(tenant.name, name, upload, "upload", header)
+            return self._publish(tenant.name, name, upload, "upload", header, retry)
 
-    def _publish(self, tenant: str, name: str, files: Path, source: str, header):
+    def _publish(self, tenant: str, name: str, files: Path, source: str, header,
+                 retry: Idempotency | None):
         # Parsed by the same code that serves it: a version that is published loads.
         try:
             load_peft_adapter(files, self.base_modules, self.max_rank)
@@ -65,9 +71,12 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
                 raise
             # the staging directory's path means nothing to the client: name the upload
             raise type(e)(str(e).replace(str(files), f"{name!r} (the upload)")) from None
-        record = self.registry.publish_version(
-            tenant, name, files, {"source": source}, description=header.description or None,
-            labels=dict(header.labels) or None)
+        try:
+            record = self.registry.publish_version(
+                tenant, name, files, {"source": source}, description=header.description or None,
+                labels=dict(header.labels) or None, idempotency=retry)
+        except Repeated as repeated:  # the first call with the key committed meanwhile
+            record = repeated.earlier
         return convert.version(record)
 
     @rpc()

@@ -37,6 +37,7 @@ from cotune.adapters.durable import write_atomically
 from cotune.adapters.peft_format import AdapterMismatch, LoraAdapter
 from cotune.adapters.registry import (
     UNFINISHED_JOB_STATES,
+    Idempotency,
     JobRecord,
     NotFound,
     QuotaExceeded,
@@ -139,10 +140,12 @@ class JobManager:
         self._stopping = False
 
     def create(self, tenant: TenantRecord, adapter: str, fields: dict, data: bytes,
-               from_scratch: bool = False, training_file: str = "") -> JobRecord:
+               from_scratch: bool = False, training_file: str = "",
+               idempotency: Idempotency | None = None) -> JobRecord:
         """A job training `adapter` on `data`, read from the tenant's file `training_file`
         when it names one. An existing adapter continues from its newest version
-        (continued_fields), unless `from_scratch`."""
+        (continued_fields), unless `from_scratch`. Raises Repeated, starting nothing, when
+        `idempotency`'s key made a job already."""
         parent = None if from_scratch else self._newest_version(tenant.name, adapter)
         if parent is not None:
             fields = continued_fields(parent, fields)
@@ -154,7 +157,7 @@ class JobManager:
                 f"rank to at most {max_rank} or start the server with --max-rank "
                 f"{spec.lora.rank}")
         record = self.registry.create_job(tenant.name, adapter, fields, self.worker_id,
-                                          training_file)
+                                          training_file, idempotency)
         job_dir = self.jobs_dir / record.id
         job_dir.mkdir(parents=True)
         write_atomically(job_dir / "data.jsonl", data)

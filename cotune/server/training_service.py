@@ -8,12 +8,13 @@ from pathlib import Path
 
 import grpc
 
-from cotune.adapters.registry import Registry
+from cotune.adapters.registry import Registry, Repeated
 from cotune.engine.broadcast import END
 from cotune.server import convert
 from cotune.server.errors import RpcError, invalid
 from cotune.server.file_service import open_file
 from cotune.server.handlers import Gate, rpc
+from cotune.server.idempotency import idempotency
 from cotune.server.jobs import JobManager, job_state_event
 from cotune.server.names import parse_reference
 from cotune.server.uploads import allowed_path
@@ -32,9 +33,17 @@ class TrainingService(training_pb2_grpc.TrainingServiceServicer):
     @rpc()
     def CreateJob(self, request, context, tenant):
         adapter, _ = parse_reference(request.adapter, allow_version=False)
-        record = self.jobs.create(tenant, adapter, _settings(request), self._data(request, tenant),
-                                  from_scratch=request.from_scratch,
-                                  training_file=request.training_file)
+        retry = idempotency(request.idempotency_key, request)
+        if retry is not None and (earlier := self.registry.repeated(
+                tenant.name, "CreateJob", retry)) is not None:
+            return convert.job(earlier)  # a retry: the first call's job, and no other
+        try:
+            record = self.jobs.create(tenant, adapter, _settings(request),
+                                      self._data(request, tenant),
+                                      from_scratch=request.from_scratch,
+                                      training_file=request.training_file, idempotency=retry)
+        except Repeated as repeated:  # the first call with the key committed meanwhile
+            record = repeated.earlier
         return convert.job(record)
 
     @rpc()

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63otune/v1/training.proto\x12\tcotune.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\nLoraConfig\x12\x11\n\x04rank\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05\x61lpha\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06rslora\x18\x03 \x01(\x08\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x14\n\x07\x64ropout\x18\x05 \x01(\x01H\x02\x88\x01\x01\x42\x07\n\x05_rankB\x08\n\x06_alphaB\n\n\x08_dropout\"\x83\x01\n\x0fOptimizerConfig\x12\x0f\n\x02lr\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rmax_grad_norm\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x05\n\x03_lrB\x0f\n\r_weight_decayB\x10\n\x0e_max_grad_norm\"\x8c\x05\n\x10\x43reateJobRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x17\n\rtraining_data\x18\x02 \x01(\x0cH\x00\x12\x15\n\x0bserver_path\x18\x03 \x01(\tH\x00\x12\x17\n\rtraining_file\x18\x12 \x01(\tH\x00\x12#\n\x04lora\x18\x04 \x01(\x0b\x32\x15.cotune.v1.LoraConfig\x12-\n\toptimizer\x18\x05 \x01(\x0b\x32\x1a.cotune.v1.OptimizerConfig\x12\x10\n\x08schedule\x18\x06 \x01(\t\x12\x19\n\x0cwarmup_steps\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nbatch_size\x18\x08 \x01(\x05H\x02\x88\x01\x01\x12\x1e\n\x11grad_accumulation\x18\t \x01(\x05H\x03\x88\x01\x01\x12\x13\n\x06\x65pochs\x18\n \x01(\x05H\x04\x88\x01\x01\x12\x16\n\tmax_steps\x18\x0b \x01(\x05H\x05\x88\x01\x01\x12\x17\n\nmax_length\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x1a\n\reval_fraction\x18\r \x01(\x01H\x07\x88\x01\x01\x12\x1d\n\x10\x63heckpoint_every\x18\x0e \x01(\x05H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\x0f \x01(\x03H\t\x88\x01\x01\x12\x16\n\tmin_share\x18\x10 \x01(\x01H\n\x88\x01\x01\x12\x14\n\x0c\x66rom_scratch\x18\x11 \x01(\x08\x42\x06\n\x04\x64\x61taB\x0f\n\r_warmup_stepsB\r\n\x0b_batch_sizeB\x14\n\x12_grad_accumulationB\t\n\x07_epochsB\x0c\n\n_max_stepsB\r\n\x0b_max_lengthB\x10\n\x0e_eval_fractionB\x13\n\x11_checkpoint_everyB\x07\n\x05_seedB\x0c\n\n_min_share\"\xa6\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.cotune.v1.JobState\x12\x0c\n\x04step\x18\x04 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x05\x12\x0e\n\x06tokens\x18\x06 \x01(\x03\x12\x11\n\x04loss\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\teval_loss\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08versions\x18\t \x03(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x30\n\x0fhyperparameters\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\x0e \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\x12\x15\n\rtraining_file\x18\x10 \x01(\tB\x07\n\x05_lossB\x0c\n\n_eval_loss\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"q\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.cotune.v1.JobState\x12\x13\n\x0b\x61ll_tenants\x18\x04 \x01(\x08\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cotune.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"3\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x61ll_tenants\x18\x02 \x01(\x08\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"f\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\"\x7f\n\nEvaluation\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x33\n\x07metrics\x18\x02 \x03(\x0b\x32\".cotune.v1.Evaluation.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x90\x01\n\nCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x33\n\x07metrics\x18\x03 \x03(\x0b\x32\".cotune.v1.Checkpoint.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x99\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x13.cotune.v1.JobStateH\x00\x12\'\n\x08progress\x18\x04 \x01(\x0b\x32\x13.cotune.v1.ProgressH\x00\x12+\n\nevaluation\x18\x05 \x01(\x0b\x32\x15.cotune.v1.EvaluationH\x00\x12+\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x15.cotune.v1.CheckpointH\x00\x12\x0f\n\x05\x65rror\x18\x07 \x01(\tH\x00\x12\x10\n\x08sequence\x18\x08 \x01(\x03\x42\x07\n\x05\x65vent\"M\n\x14ListJobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x15ListJobEventsResponse\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.cotune.v1.JobEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\x91\x03\n\x0fTrainingService\x12\x38\n\tCreateJob\x12\x1b.cotune.v1.CreateJobRequest\x1a\x0e.cotune.v1.Job\x12\x32\n\x06GetJob\x12\x18.cotune.v1.GetJobRequest\x1a\x0e.cotune.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.cotune.v1.ListJobsRequest\x1a\x1b.cotune.v1.ListJobsResponse\x12\x38\n\tCancelJob\x12\x1b.cotune.v1.CancelJobRequest\x1a\x0e.cotune.v1.Job\x12=\n\x08WatchJob\x12\x1a.cotune.v1.WatchJobRequest\x1a\x13.cotune.v1.JobEvent0\x01\x12R\n\rListJobEvents\x12\x1f.cotune.v1.ListJobEventsRequest\x1a .cotune.v1.ListJobEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63otune/v1/training.proto\x12\tcotune.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\nLoraConfig\x12\x11\n\x04rank\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05\x61lpha\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06rslora\x18\x03 \x01(\x08\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x14\n\x07\x64ropout\x18\x05 \x01(\x01H\x02\x88\x01\x01\x42\x07\n\x05_rankB\x08\n\x06_alphaB\n\n\x08_dropout\"\x83\x01\n\x0fOptimizerConfig\x12\x0f\n\x02lr\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rmax_grad_norm\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x05\n\x03_lrB\x0f\n\r_weight_decayB\x10\n\x0e_max_grad_norm\"\xa5\x05\n\x10\x43reateJobRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x17\n\rtraining_data\x18\x02 \x01(\x0cH\x00\x12\x15\n\x0bserver_path\x18\x03 \x01(\tH\x00\x12\x17\n\rtraining_file\x18\x12 \x01(\tH\x00\x12#\n\x04lora\x18\x04 \x01(\x0b\x32\x15.cotune.v1.LoraConfig\x12-\n\toptimizer\x18\x05 \x01(\x0b\x32\x1a.cotune.v1.OptimizerConfig\x12\x10\n\x08schedule\x18\x06 \x01(\t\x12\x19\n\x0cwarmup_steps\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nbatch_size\x18\x08 \x01(\x05H\x02\x88\x01\x01\x12\x1e\n\x11grad_accumulation\x18\t \x01(\x05H\x03\x88\x01\x01\x12\x13\n\x06\x65pochs\x18\n \x01(\x05H\x04\x88\x01\x01\x12\x16\n\tmax_steps\x18\x0b \x01(\x05H\x05\x88\x01\x01\x12\x17\n\nmax_length\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x1a\n\reval_fraction\x18\r \x01(\x01H\x07\x88\x01\x01\x12\x1d\n\x10\x63heckpoint_every\x18\x0e \x01(\x05H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\x0f \x01(\x03H\t\x88\x01\x01\x12\x16\n\tmin_share\x18\x10 \x01(\x01H\n\x88\x01\x01\x12\x14\n\x0c\x66rom_scratch\x18\x11 \x01(\x08\x12\x17\n\x0fidempotency_key\x18\x13 \x01(\tB\x06\n\x04\x64\x61taB\x0f\n\r_warmup_stepsB\r\n\x0b_batch_sizeB\x14\n\x12_grad_accumulationB\t\n\x07_epochsB\x0c\n\n_max_stepsB\r\n\x0b_max_lengthB\x10\n\x0e_eval_fractionB\x13\n\x11_checkpoint_everyB\x07\n\x05_seedB\x0c\n\n_min_share\"\xa6\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.cotune.v1.JobState\x12\x0c\n\x04step\x18\x04 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x05\x12\x0e\n\x06tokens\x18\x06 \x01(\x03\x12\x11\n\x04loss\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\teval_loss\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08versions\x18\t \x03(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x30\n\x0fhyperparameters\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\x0e \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\x12\x15\n\rtraining_file\x18\x10 \x01(\tB\x07\n\x05_lossB\x0c\n\n_eval_loss\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"q\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.cotune.v1.JobState\x12\x13\n\x0b\x61ll_tenants\x18\x04 \x01(\x08\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cotune.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"3\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x61ll_tenants\x18\x02 \x01(\x08\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"f\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\"\x7f\n\nEvaluation\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x33\n\x07metrics\x18\x02 \x03(\x0b\x32\".cotune.v1.Evaluation.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x90\x01\n\nCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x33\n\x07metrics\x18\x03 \x03(\x0b\x32\".cotune.v1.Checkpoint.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x99\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x13.cotune.v1.JobStateH\x00\x12\'\n\x08progress\x18\x04 \x01(\x0b\x32\x13.cotune.v1.ProgressH\x00\x12+\n\nevaluation\x18\x05 \x01(\x0b\x32\x15.cotune.v1.EvaluationH\x00\x12+\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x15.cotune.v1.CheckpointH\x00\x12\x0f\n\x05\x65rror\x18\x07 \x01(\tH\x00\x12\x10\n\x08sequence\x18\x08 \x01(\x03\x42\x07\n\x05\x65vent\"M\n\x14ListJobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"U\n\x15ListJobEventsResponse\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.cotune.v1.JobEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\x91\x03\n\x0fTrainingService\x12\x38\n\tCreateJob\x12\x1b.cotune.v1.CreateJobRequest\x1a\x0e.cotune.v1.Job\x12\x32\n\x06GetJob\x12\x18.cotune.v1.GetJobRequest\x1a\x0e.cotune.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.cotune.v1.ListJobsRequest\x1a\x1b.cotune.v1.ListJobsResponse\x12\x38\n\tCancelJob\x12\x1b.cotune.v1.CancelJobRequest\x1a\x0e.cotune.v1.Job\x12=\n\x08WatchJob\x12\x1a.cotune.v1.WatchJobRequest\x1a\x13.cotune.v1.JobEvent0\x01\x12R\n\rListJobEvents\x12\x1f.cotune.v1.ListJobEventsRequest\x1a .cotune.v1.ListJobEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,42 +37,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATION_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_CHECKPOINT_METRICSENTRY']._loaded_options = None
   _globals['_CHECKPOINT_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2597
-  _globals['_JOBSTATE']._serialized_end=2751
+  _globals['_JOBSTATE']._serialized_start=2622
+  _globals['_JOBSTATE']._serialized_end=2776
   _globals['_LORACONFIG']._serialized_start=103
   _globals['_LORACONFIG']._serialized_end=247
   _globals['_OPTIMIZERCONFIG']._serialized_start=250
   _globals['_OPTIMIZERCONFIG']._serialized_end=381
   _globals['_CREATEJOBREQUEST']._serialized_start=384
-  _globals['_CREATEJOBREQUEST']._serialized_end=1036
-  _globals['_JOB']._serialized_start=1039
-  _globals['_JOB']._serialized_end=1461
-  _globals['_GETJOBREQUEST']._serialized_start=1463
-  _globals['_GETJOBREQUEST']._serialized_end=1490
-  _globals['_LISTJOBSREQUEST']._serialized_start=1492
-  _globals['_LISTJOBSREQUEST']._serialized_end=1605
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1607
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1680
-  _globals['_CANCELJOBREQUEST']._serialized_start=1682
-  _globals['_CANCELJOBREQUEST']._serialized_end=1733
-  _globals['_WATCHJOBREQUEST']._serialized_start=1735
-  _globals['_WATCHJOBREQUEST']._serialized_end=1764
-  _globals['_PROGRESS']._serialized_start=1766
-  _globals['_PROGRESS']._serialized_end=1868
-  _globals['_EVALUATION']._serialized_start=1870
-  _globals['_EVALUATION']._serialized_end=1997
-  _globals['_EVALUATION_METRICSENTRY']._serialized_start=1951
-  _globals['_EVALUATION_METRICSENTRY']._serialized_end=1997
-  _globals['_CHECKPOINT']._serialized_start=2000
-  _globals['_CHECKPOINT']._serialized_end=2144
-  _globals['_CHECKPOINT_METRICSENTRY']._serialized_start=1951
-  _globals['_CHECKPOINT_METRICSENTRY']._serialized_end=1997
-  _globals['_JOBEVENT']._serialized_start=2147
-  _globals['_JOBEVENT']._serialized_end=2428
-  _globals['_LISTJOBEVENTSREQUEST']._serialized_start=2430
-  _globals['_LISTJOBEVENTSREQUEST']._serialized_end=2507
-  _globals['_LISTJOBEVENTSRESPONSE']._serialized_start=2509
-  _globals['_LISTJOBEVENTSRESPONSE']._serialized_end=2594
-  _globals['_TRAININGSERVICE']._serialized_start=2754
-  _globals['_TRAININGSERVICE']._serialized_end=3155
+  _globals['_CREATEJOBREQUEST']._serialized_end=1061
+  _globals['_JOB']._serialized_start=1064
+  _globals['_JOB']._serialized_end=1486
+  _globals['_GETJOBREQUEST']._serialized_start=1488
+  _globals['_GETJOBREQUEST']._serialized_end=1515
+  _globals['_LISTJOBSREQUEST']._serialized_start=1517
+  _globals['_LISTJOBSREQUEST']._serialized_end=1630
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1632
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1705
+  _globals['_CANCELJOBREQUEST']._serialized_start=1707
+  _globals['_CANCELJOBREQUEST']._serialized_end=1758
+  _globals['_WATCHJOBREQUEST']._serialized_start=1760
+  _globals['_WATCHJOBREQUEST']._serialized_end=1789
+  _globals['_PROGRESS']._serialized_start=1791
+  _globals['_PROGRESS']._serialized_end=1893
+  _globals['_EVALUATION']._serialized_start=1895
+  _globals['_EVALUATION']._serialized_end=2022
+  _globals['_EVALUATION_METRICSENTRY']._serialized_start=1976
+  _globals['_EVALUATION_METRICSENTRY']._serialized_end=2022
+  _globals['_CHECKPOINT']._serialized_start=2025
+  _globals['_CHECKPOINT']._serialized_end=2169
+  _globals['_CHECKPOINT_METRICSENTRY']._serialized_start=1976
+  _globals['_CHECKPOINT_METRICSENTRY']._serialized_end=2022
+  _globals['_JOBEVENT']._serialized_start=2172
+  _globals['_JOBEVENT']._serialized_end=2453
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_start=2455
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_end=2532
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_start=2534
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_end=2619
+  _globals['_TRAININGSERVICE']._serialized_start=2779
+  _globals['_TRAININGSERVICE']._serialized_end=3180
 # @@protoc_insertion_point(module_scope)

@@ -51,7 +51,7 @@ class OptimizerConfig(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("adapter", "training_data", "server_path", "training_file", "lora", "optimizer", "schedule", "warmup_steps", "batch_size", "grad_accumulation", "epochs", "max_steps", "max_length", "eval_fraction", "checkpoint_every", "seed", "min_share", "from_scratch")
+    __slots__ = ("adapter", "training_data", "server_path", "training_file", "lora", "optimizer", "schedule", "warmup_steps", "batch_size", "grad_accumulation", "epochs", "max_steps", "max_length", "eval_fraction", "checkpoint_every", "seed", "min_share", "from_scratch", "idempotency_key")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     TRAINING_DATA_FIELD_NUMBER: _ClassVar[int]
     SERVER_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class CreateJobRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     MIN_SHARE_FIELD_NUMBER: _ClassVar[int]
     FROM_SCRATCH_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     adapter: str
     training_data: bytes
     server_path: str
@@ -88,7 +89,8 @@ class CreateJobRequest(_message.Message):
     seed: int
     min_share: float
     from_scratch: bool
-    def __init__(self, adapter: _Optional[str] = ..., training_data: _Optional[bytes] = ..., server_path: _Optional[str] = ..., training_file: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accumulation: _Optional[int] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., eval_fraction: _Optional[float] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ..., min_share: _Optional[float] = ..., from_scratch: _Optional[bool] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, adapter: _Optional[str] = ..., training_data: _Optional[bytes] = ..., server_path: _Optional[str] = ..., training_file: _Optional[str] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., grad_accumulation: _Optional[int] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_length: _Optional[int] = ..., eval_fraction: _Optional[float] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ..., min_share: _Optional[float] = ..., from_scratch: _Optional[bool] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "adapter", "state", "step", "total_steps", "tokens", "loss", "eval_loss", "versions", "error", "hyperparameters", "create_time", "update_time", "owner", "tenant", "training_file")
