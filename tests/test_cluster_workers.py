@@ -8,6 +8,7 @@ runs, and recovers when the database is back."""
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import threading
 import time
@@ -47,12 +48,29 @@ def cluster_args(postgres_server, postgres_url, s3_server, s3_url, tmp_path):
 def test_workers_on_separate_nodes_share_tenants_tokens_quotas_and_versions(cluster_args,
                                                                             tmp_path):
     args, env = cluster_args
-    with running_server(tmp_path, *args, data_dir=tmp_path / "node-1", env=env) as one, \
-            running_server(tmp_path, *args, data_dir=tmp_path / "node-2", env=env) as two:
+    with running_server(tmp_path, *args, "--worker-id", "node-1", data_dir=tmp_path / "node-1",
+                        env=env) as one, \
+            running_server(tmp_path, *args, "--worker-id", "node-2",
+                           data_dir=tmp_path / "node-2", env=env) as two:
         assert one.admin_token == two.admin_token
         with Client(one.address, one.admin_token) as admin:
             admin.tenants.create("acme", max_adapters=1)
             token = admin.tenants.issue_token("acme")
+            admin.tenants.create("metered", max_tokens_per_minute=40)
+            metered = admin.tenants.issue_token("metered")
+        with Client(one.address, metered.token) as on_one, \
+                Client(two.address, metered.token) as on_two:
+            on_one.complete("the cat", max_tokens=30, ignore_eos=True)  # 30 and the prompt's
+            deadline = time.monotonic() + 30
+            while True:  # worker two hears of them at its next exchange (every 5 s)
+                try:
+                    on_two.complete("a", max_tokens=1)
+                except ResourceExhausted as refused:
+                    elsewhere = re.search(r"\((\d+) of them on other workers\)", str(refused))
+                    assert elsewhere and int(elsewhere[1]) >= 30, str(refused)
+                    break
+                assert time.monotonic() < deadline, "worker two never counted worker one's"
+                time.sleep(2.5)
         uploaded = tiny_adapter_dir(tmp_path / "a", seed=1)
         with Client(one.address, token.token) as on_one, \
                 Client(two.address, token.token) as on_two:

@@ -208,3 +208,16 @@ def test_a_preset_token_authenticates_and_a_malformed_one_is_refused(open_here):
     with pytest.raises(AlreadyExists):
         registry.issue_token("ops", "", preset)
     registry.close()
+
+
+def test_workers_exchange_the_tokens_their_tenants_used_in_the_last_minute(registry):
+    assert registry.exchange_token_usage("w1", {"acme": 100}, now=1000.0) == {}
+    assert registry.exchange_token_usage("w2", {"acme": 50, "globex": 7}, now=1001.0) == \
+        {"acme": 100}
+    assert registry.exchange_token_usage("w1", {"acme": 120}, now=1002.0) == \
+        {"acme": 50, "globex": 7}  # its own report replaced, never counted
+    assert registry.exchange_token_usage("w3", {}, now=1003.0) == {"acme": 170, "globex": 7}
+    # a worker that stopped reporting counts no more a minute after its last report
+    assert registry.exchange_token_usage("w3", {}, now=1061.5) == {"acme": 120}
+    registry.delete_tenant("acme")
+    assert registry.exchange_token_usage("w3", {}, now=1062.0) == {}

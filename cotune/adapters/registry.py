@@ -345,6 +345,16 @@ class Registry(Protocol):
         """The job's events, newest first, those with a sequence below `before`. Raises
         NotFound (also for other tenants' jobs)."""
 
+    # --- usage --------------------------------------------------------------------------
+    def exchange_token_usage(self, worker: str, used: dict[str, int],
+                             now: float) -> dict[str, int]:
+        """Replaces worker `worker`'s report with `used` (tenant -> tokens it admitted in the
+        last minute) and returns, per tenant, the tokens the other workers reported within
+        the last minute. Each worker calls it every few seconds, so a tenant's use across the
+        cluster is its use here plus what the others reported, seconds ago: the cluster may
+        pass a tenant's max_tokens_per_minute by what the other workers admit between two
+        exchanges, never more. A worker that stopped reporting counts no more a minute later."""
+
     # --- files --------------------------------------------------------------------------
     def add_file(self, tenant: str, filename: str, purpose: str, staged: Path,
                  max_files: int = 0) -> FileRecord:

@@ -5,8 +5,9 @@ One module per concern, joined here into one class per backend: sql_database (th
 the transactions, the SQL both backends share), sqlite_database and postgres_database (each
 backend's connection, transactions and open), schema_migrations (the schema, by Alembic),
 sql_tenants (tenants and tokens), sql_versions (adapters and versions), sql_jobs (jobs, their
-owners and events), sql_files (uploaded files) and sql_idempotency (the keys that make creating
-calls safe to retry); the deletion of a tenant, which spans them all, is here.
+owners and events), sql_files (uploaded files), sql_idempotency (the keys that make creating
+calls safe to retry) and sql_usage (the tokens per minute of a cluster); the deletion of a
+tenant, which spans them all, is here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cotune.adapters.sql_files import SqlFiles
 from cotune.adapters.sql_idempotency import SqlIdempotency
 from cotune.adapters.sql_jobs import SqlJobs, job_record
 from cotune.adapters.sql_tenants import SqlTenants, load_tenant
+from cotune.adapters.sql_usage import SqlUsage
 from cotune.adapters.sql_versions import SqlVersions
 from cotune.adapters.sqlite_database import SqliteDatabase
 from cotune.adapters.stores import Stores
@@ -34,7 +36,7 @@ def open_registry(url: str, data_dir: Path, default_quotas: Quotas = NO_LIMITS,
     return PostgresRegistry(url, data_dir, default_quotas, stores)
 
 
-class SqlRegistry(SqlTenants, SqlVersions, SqlJobs, SqlFiles, SqlIdempotency):
+class SqlRegistry(SqlTenants, SqlVersions, SqlJobs, SqlFiles, SqlIdempotency, SqlUsage):
     """The Registry's calls on a database of either backend; safe to call from any thread."""
 
     def delete_tenant(self, name: str) -> TenantDeletion:
@@ -57,6 +59,7 @@ class SqlRegistry(SqlTenants, SqlVersions, SqlJobs, SqlFiles, SqlIdempotency):
                                                      (name,))]
             db.execute("DELETE FROM files WHERE tenant = ?", (name,))
             db.execute("DELETE FROM idempotency_keys WHERE tenant = ?", (name,))
+            db.execute("DELETE FROM token_usage WHERE tenant = ?", (name,))
             db.execute("UPDATE tenants SET deleted = 1 WHERE name = ?", (name,))
         # after the commit: a crash here leaves blobs and files the sweep removes
         for blob_id in blob_ids:

@@ -1,6 +1,9 @@
 """Admission control for generations: the server-wide queue bound and each tenant's
 queued-request and tokens-per-minute quotas. A refusal is immediate (RESOURCE_EXHAUSTED with
-the limit it hit), so ten times the admitted load costs the server next to nothing."""
+the limit it hit), so ten times the admitted load costs the server next to nothing.
+
+Tokens per minute count the cluster's: the tokens admitted here in the last minute, plus what
+the other workers last reported (`elsewhere`, which usage_exchange keeps current)."""
 
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ class Admission:
         self._lock = threading.Lock()
         self._queued: Counter[str] = Counter()
         self._tokens: dict[str, deque[tuple[float, int]]] = {}  # tenant -> (time, tokens)
+        self.elsewhere: dict[str, int] = {}  # tenant -> tokens of the last minute on others
 
     @contextmanager
     def request(self, tenant: TenantRecord, prompt_tokens: int):
@@ -48,12 +52,13 @@ class Admission:
                                f"tenant {name!r} has {self._queued[name]} generations in "
                                f"flight, its quota max_queued_requests="
                                f"{quotas.max_queued_requests}; wait for one to finish")
-            used = self._used(name)
-            if quotas.max_tokens_per_minute and used >= quotas.max_tokens_per_minute:
+            here, elsewhere = self._used(name), self.elsewhere.get(name, 0)
+            if quotas.max_tokens_per_minute and here + elsewhere >= quotas.max_tokens_per_minute:
                 raise Rejected("tokens_per_minute",
-                               f"tenant {name!r} used {used} tokens in the last minute, its "
-                               f"quota max_tokens_per_minute={quotas.max_tokens_per_minute}; "
-                               "retry later")
+                               f"tenant {name!r} used {here + elsewhere} tokens in the last "
+                               f"minute ({elsewhere} of them on other workers), its quota "
+                               f"max_tokens_per_minute={quotas.max_tokens_per_minute}; retry "
+                               "later")
             self._queued[name] += 1
         self.count_tokens(name, prompt_tokens)
         try:
@@ -67,6 +72,12 @@ class Admission:
     def count_tokens(self, tenant: str, tokens: int) -> None:
         with self._lock:
             self._tokens.setdefault(tenant, deque()).append((time.monotonic(), tokens))
+
+    def used_here(self) -> dict[str, int]:
+        """Tenant -> tokens admitted on this worker in the last minute."""
+        with self._lock:
+            return {tenant: used for tenant in list(self._tokens)
+                    if (used := self._used(tenant))}
 
     def _used(self, tenant: str) -> int:
         window = self._tokens.get(tenant)

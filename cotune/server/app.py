@@ -47,6 +47,7 @@ from cotune.server.metrics import Metrics
 from cotune.server.tenant_service import TenantService
 from cotune.server.training_service import TrainingService
 from cotune.server.uploads import Staging
+from cotune.server.usage_exchange import UsageExchange
 from cotune.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
@@ -117,8 +118,10 @@ class CotuneServer:
             args.max_files_per_tenant), self.server)
         training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingService(
             self.gate, self.registry, self.jobs, args.allow_path, max_bytes), self.server)
+        admission = Admission(args.max_queued_requests)
+        self.usage = UsageExchange(self.registry, admission, args.worker_id)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceService(
-            self.gate, self.registry, self.runtime, Admission(args.max_queued_requests),
+            self.gate, self.registry, self.runtime, admission,
             _model_info(self.runtime, args), self.metrics, args.max_logprobs), self.server)
         tenants_pb2_grpc.add_TenantServiceServicer_to_server(
             TenantService(self.gate, self.registry, self.jobs), self.server)
@@ -213,6 +216,7 @@ class CotuneServer:
         log.info("stopping: engine stopped after %.1f s", time.monotonic() - started)
         self.jobs.join(self.grace)  # the jobs' last events, written to the registry
         log.info("stopped after %.1f s", time.monotonic() - started)
+        self.usage.stop()
         self.registry.close()
         self.lifecycle.stopped.set()
 
