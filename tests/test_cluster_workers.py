@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import signal
 import threading
 import time
 
 import pytest
-from server_helpers import running_server, tiny_adapter_dir
+from server_helpers import running_server, start_server, tiny_adapter_dir
 from sqlalchemy.engine import make_url
 
 from cotune.client import (
@@ -93,6 +94,11 @@ def test_workers_on_separate_nodes_share_tenants_tokens_quotas_and_versions(clus
             assert again.id == job.id and [j.id for j in on_two.jobs.list()] == [job.id]
             with pytest.raises(InvalidArgument, match="'job-1' was used by another CreateJob"):
                 on_two.jobs.create("first", DATA, max_steps=3, idempotency_key="job-1")
+            on_one.jobs.wait(job.id, timeout=120)
+            endless = on_one.jobs.create("first", DATA, max_steps=100_000, batch_size=1)
+            assert on_two.jobs.cancel(endless.id).state == "cancelled"  # not its worker
+            events = list(on_one.jobs.watch(endless.id, timeout=60))  # its worker stops it
+            assert [e.state for e in events if e.kind == "state"][-1] == "cancelled"
             with Client(two.address, two.admin_token) as admin_on_two:
                 assert admin_on_two.tenants.revoke_token(token.id)
             with pytest.raises(Unauthenticated):  # revoked on one worker, refused by the other
@@ -157,3 +163,38 @@ def test_a_job_whose_store_goes_away_publishes_its_versions_at_a_later_checkpoin
         assert [v.version for v in versions] == list(range(1, 21))  # none lost, in order
         # each the child of the one before, as the trainer made them
         assert [v.provenance["parent_version"] for v in versions] == [None, *range(1, 20)]
+
+
+def test_a_job_outlives_the_kill_9_of_its_worker_and_ends_on_another_with_the_same_losses(
+        cluster_args, tmp_path):
+    args, env = cluster_args
+    lease = ("--job-lease-seconds", "2")
+    job_settings = dict(max_steps=6, checkpoint_every=2, batch_size=2, seed=3)
+    one = start_server(tmp_path, *args, *lease, "--worker-id", "node-1",
+                       data_dir=tmp_path / "node-1", env=env)
+    try:
+        with running_server(tmp_path, *args, *lease, "--worker-id", "node-2",
+                            data_dir=tmp_path / "node-2", env=env) as two, \
+                Client(two.address, two.admin_token) as on_two:
+            reference = on_two.jobs.create("reference", DATA, **job_settings)
+            assert on_two.jobs.wait(reference.id, timeout=300).state == "succeeded"
+            with Client(one.address, one.admin_token) as on_one:
+                job = on_one.jobs.create("interrupted", DATA, **job_settings)
+                for event in on_one.jobs.watch(job.id, timeout=120):
+                    if event.kind == "checkpoint":  # its first version, then the kill
+                        break
+            one.stop(signal.SIGKILL)
+            deadline = time.monotonic() + 120
+            while not (done := on_two.jobs.get(job.id)).done:  # node 2 takes it over
+                assert time.monotonic() < deadline, done
+                time.sleep(0.5)
+            assert (done.state, done.owner, done.error) == ("succeeded", "node-2", "")
+            losses = [[v.provenance["metrics"]["train_loss"] for v in on_two.adapters.versions(
+                name)] for name in ("reference", "interrupted")]
+            assert len(losses[1]) == 3 and losses[0] == losses[1]
+            for name in ("reference", "interrupted"):  # the same weights, bit for bit
+                on_two.adapters.export(f"{name}@v3", tmp_path / name)
+            assert (tmp_path / "reference" / "adapter_model.safetensors").read_bytes() == \
+                (tmp_path / "interrupted" / "adapter_model.safetensors").read_bytes()
+    finally:
+        one.stop(signal.SIGKILL)

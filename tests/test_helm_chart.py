@@ -383,6 +383,7 @@ def test_server_values_reach_the_flags_of_cotune_serve():
         "--set-json", "server.uploadIdleTimeoutSeconds=7.5",  # --set makes 7.5 a string
         "--set", "server.maxLogprobs=3",
         "--set", "server.healthStallSeconds=90,server.keepTrainingStates=4",
+        "--set-json", "server.jobLeaseSeconds=12.5",
         "--set", "ports.http=8080",
         "--set-json", "server.tenantIsolation=2.5", "--set", "server.maxFilesPerTenant=7",
         # floats to Helm, as numbers of a values file are: no 1.048576e+06 may reach int()
@@ -393,6 +394,7 @@ def test_server_values_reach_the_flags_of_cotune_serve():
     assert (parsed.max_open_streams, parsed.max_open_streams_per_tenant) == (12, 5)
     assert (parsed.upload_idle_timeout, parsed.max_logprobs) == (7.5, 3)
     assert (parsed.health_stall_seconds, parsed.keep_training_states) == (90, 4)
+    assert parsed.job_lease_seconds == 12.5
     assert parsed.http_port == 8080
 
 

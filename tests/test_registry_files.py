@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+from registry_helpers import legacy_registry
 
 from cotune.adapters.migrations import MANAGED_BY_ALEMBIC
 from cotune.adapters.registry import NotFound, QuotaExceeded
@@ -115,27 +116,24 @@ def test_open_sweeps_files_that_no_row_references(open_here, data_dir, tmp_path)
 
 
 def test_a_schema_3_registry_gets_files_and_job_events_and_keeps_its_jobs(data_dir):
-    registry = SqliteRegistry(data_dir)
-    registry.create_tenant("acme")
-    job = registry.create_job("acme", "foo", {"epochs": 2})
-    registry.update_job(job.id, state="succeeded", version=1)
-    registry.close()
-    with sqlite3.connect(data_dir / "registry.sqlite3") as db:  # as cotune with schema 3 left it
+    job_id = "job-0123456789abcdef"
+    with legacy_registry(data_dir) as db:  # as cotune with schema 3 left it
         db.executescript(
-            "DROP TABLE alembic_version; DROP TABLE job_events; DROP TABLE files; "
-            "CREATE TABLE v3 (id TEXT PRIMARY KEY, tenant TEXT NOT NULL REFERENCES "
+            "DROP TABLE job_events; DROP TABLE files; DROP TABLE jobs; "
+            "CREATE TABLE jobs (id TEXT PRIMARY KEY, tenant TEXT NOT NULL REFERENCES "
             "tenants(name), adapter TEXT NOT NULL, state TEXT NOT NULL, spec TEXT NOT NULL, "
             "error TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, versions TEXT "
             "NOT NULL, progress TEXT NOT NULL, owner TEXT NOT NULL DEFAULT ''); "
-            "INSERT INTO v3 SELECT id, tenant, adapter, state, spec, error, created, updated, "
-            "versions, progress, owner FROM jobs; DROP TABLE jobs; "
-            "ALTER TABLE v3 RENAME TO jobs; PRAGMA user_version = 3;")
+            "PRAGMA user_version = 3; "
+            "INSERT INTO tenants VALUES ('acme', 0, '{}', 1.0, 0); "
+            f"INSERT INTO jobs VALUES ('{job_id}', 'acme', 'foo', 'succeeded', "
+            "'{\"epochs\": 2}', '', 1.0, 2.0, '[1]', '{}', 'worker-0');")
     registry = SqliteRegistry(data_dir)
-    kept = registry.get_job("acme", job.id)
+    kept = registry.get_job("acme", job_id)
     assert (kept.state, kept.spec, kept.versions, kept.training_file) == \
         ("succeeded", {"epochs": 2}, (1,), "")
-    assert registry.list_job_events("acme", job.id) == []  # none were stored before schema 4
-    registry.add_job_event(job.id, "progress", {"step": 1}, 1.0)
+    assert registry.list_job_events("acme", job_id) == []  # none were stored before schema 4
+    registry.add_job_event(job_id, "progress", {"step": 1}, 1.0)
     assert registry.list_files("acme") == []
     registry.close()
     with sqlite3.connect(data_dir / "registry.sqlite3") as db:

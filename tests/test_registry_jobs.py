@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from registry_helpers import UPLOAD, blob_dirs, sha256, write_adapter
+from registry_helpers import UPLOAD, blob_dirs, legacy_registry, sha256, write_adapter
 
 from cotune.adapters.blob_store import CONFIG_NAME, WEIGHTS_NAME
 from cotune.adapters.migrations import MANAGED_BY_ALEMBIC
@@ -87,21 +87,34 @@ def test_a_worker_resumes_its_own_jobs_and_claims_unowned_ones_once(registry):
     assert [j.id for j in registry.unfinished_jobs()] == [mine.id, theirs.id, unowned.id]
 
 
+def test_a_job_whose_owners_lease_ends_is_taken_over_by_one_other_worker(registry):
+    job = registry.create_job("acme", "foo", {}, owner="w1", lease_until=100.0)
+    assert registry.claim_expired_jobs("w2", now=99.0, lease_until=200.0) == []
+    assert registry.renew_leases("w1", [job.id], lease_until=130.0) == []  # still its own
+    claimed = registry.claim_expired_jobs("w2", now=131.0, lease_until=200.0)
+    assert [(j.id, j.owner, j.lease_until) for j in claimed] == [(job.id, "w2", 200.0)]
+    assert registry.claim_expired_jobs("w3", now=131.0, lease_until=300.0) == []  # once
+    assert registry.renew_leases("w1", [job.id], lease_until=160.0) == [job.id]  # lost it
+    assert [j.id for j in registry.unfinished_jobs("w1", lease_until=160.0)] == []
+    registry.update_job(job.id, state="succeeded")
+    assert registry.renew_leases("w2", [job.id], lease_until=300.0) == [job.id]  # it ended
+    assert registry.claim_expired_jobs("w3", now=1e12, lease_until=2e12) == []
+
+
 def test_a_version_1_registry_gets_job_owners_and_keeps_its_jobs(data_dir):
-    reg = SqliteRegistry(data_dir)
-    reg.create_tenant("acme")
-    job = reg.create_job("acme", "foo", {"steps": 2}, owner="gone")
-    reg.close()
-    with sqlite3.connect(data_dir / "registry.sqlite3") as db:  # as cotune with schema 1 left it
+    job_id = "job-0123456789abcdef"
+    with legacy_registry(data_dir) as db:  # as cotune with schema 1 left it
         db.executescript(
-            "DROP TABLE job_events; DROP TABLE files; "
-            "CREATE TABLE v1 AS SELECT id, tenant, adapter, state, spec, error, created, "
-            "updated, versions, progress FROM jobs; DROP TABLE jobs; "
-            "ALTER TABLE v1 RENAME TO jobs; ALTER TABLE tenants DROP COLUMN deleted; "
-            "DROP TABLE alembic_version; "
-            "PRAGMA user_version = 1;")
+            "DROP TABLE job_events; DROP TABLE files; CREATE TABLE v1 AS SELECT id, tenant, "
+            "adapter, state, spec, error, created, updated, versions, progress FROM jobs; "
+            "DROP TABLE jobs; ALTER TABLE v1 RENAME TO jobs; ALTER TABLE tenants DROP COLUMN "
+            "deleted; PRAGMA user_version = 1; "
+            "INSERT INTO tenants VALUES ('acme', 0, '{}', 1.0); "
+            f"INSERT INTO jobs VALUES ('{job_id}', 'acme', 'foo', 'queued', "
+            "'{\"steps\": 2}', '', 1.0, 1.0, '[]', '{}');")
     reg = SqliteRegistry(data_dir)
-    assert reg.get_job("acme", job.id).owner == ""
+    job = reg.get_job("acme", job_id)
+    assert (job.owner, job.spec, job.state) == ("", {"steps": 2}, "queued")
     assert reg.get_tenant("acme").name == "acme"  # tenants.deleted (schema 3): not deleted
     assert [j.id for j in reg.unfinished_jobs("worker-0")] == [job.id]
     reg.close()

@@ -168,6 +168,7 @@ class JobRecord:
     progress: dict = field(default_factory=dict)  # step, total_steps, tokens, loss, eval_loss
     owner: str = ""  # the worker that runs it (its --worker-id); "" before owners existed
     training_file: str = ""  # the id of the file it trains on; "" for data sent inline
+    lease_until: float = 0.0  # the owner's hold on an unfinished job ends then, unless renewed
 
 
 @dataclass(frozen=True)
@@ -299,13 +300,14 @@ class Registry(Protocol):
 
     # --- jobs ---------------------------------------------------------------------------
     def create_job(self, tenant: str, adapter: str, spec: dict, owner: str = "",
-                   training_file: str = "", idempotency: Idempotency | None = None) -> JobRecord:
-        """A queued job with a fresh id ("job-<hex>"), run by worker `owner`, and its first
-        event (state queued). `training_file`: the id of the file it trains on, recorded
-        only. `idempotency`: as publish_version's, for a CreateJob (Repeated carries the
-        first call's job). Raises InvalidName, QuotaExceeded("max_concurrent_jobs") when the
-        tenant has that many queued or running, ValueError (the key was used with another
-        request)."""
+                   training_file: str = "", idempotency: Idempotency | None = None,
+                   lease_until: float = 0.0) -> JobRecord:
+        """A queued job with a fresh id ("job-<hex>"), run by worker `owner` under a lease
+        until `lease_until`, and its first event (state queued). `training_file`: the id of
+        the file it trains on, recorded only. `idempotency`: as publish_version's, for a
+        CreateJob (Repeated carries the first call's job). Raises InvalidName,
+        QuotaExceeded("max_concurrent_jobs") when the tenant has that many queued or running,
+        ValueError (the key was used with another request)."""
 
     def repeated(self, tenant: str, call: str,
                  idempotency: Idempotency) -> VersionRecord | JobRecord | None:
@@ -330,11 +332,24 @@ class Registry(Protocol):
         event, and an error set with it as an "error" event, in the same transaction: a job's
         events never miss a state it was in. Raises NotFound."""
 
-    def unfinished_jobs(self, owner: str | None = None) -> list[JobRecord]:
+    def unfinished_jobs(self, owner: str | None = None,
+                        lease_until: float = 0.0) -> list[JobRecord]:
         """Queued and running jobs, oldest first: what a restart resumes. None: every
         worker's; a worker id: that worker's, after it claimed the unowned ones (jobs of a
         registry from before owners) in the same transaction, so that of workers starting
-        together on one registry exactly one resumes each."""
+        together on one registry exactly one resumes each; their leases run until
+        `lease_until`."""
+
+    def renew_leases(self, owner: str, job_ids: list[str], lease_until: float) -> list[str]:
+        """Extends to `lease_until` the lease of each job of `job_ids` that is unfinished and
+        still `owner`'s; returns the others (another worker took it over, or it ended or went
+        with its tenant): the owner stops running those."""
+
+    def claim_expired_jobs(self, owner: str, now: float,
+                           lease_until: float) -> list[JobRecord]:
+        """Unfinished jobs whose owner's lease ended before `now` (a worker that died or lost
+        the database), made `owner`'s until `lease_until`, oldest first, in one transaction:
+        of workers claiming together, one gets each job."""
 
     def add_job_event(self, job_id: str, kind: str, data: dict, time: float) -> int:
         """Stores an event of the job (JobEventRecord); returns its sequence. Raises NotFound

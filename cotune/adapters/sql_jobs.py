@@ -35,32 +35,32 @@ class SqlJobs(SqlDatabase):
     """The job calls of the Registry."""
 
     def create_job(self, tenant: str, adapter: str, spec: dict, owner: str = "",
-                   training_file: str = "", idempotency: Idempotency | None = None) -> JobRecord:
+                   training_file: str = "", idempotency: Idempotency | None = None,
+                   lease_until: float = 0.0) -> JobRecord:
         check_name("adapter", adapter)
         now = time.time()
         job = JobRecord(id=f"job-{secrets.token_hex(8)}", tenant=tenant, adapter=adapter,
                         state="queued", spec=json.loads(json.dumps(spec)), error="",
-                        created=now, updated=now, owner=owner, training_file=training_file)
+                        created=now, updated=now, owner=owner, training_file=training_file,
+                        lease_until=lease_until)
         with self._transaction(write=True) as db:
             if idempotency is not None and \
                     (done := earlier(db, tenant, "CreateJob", idempotency)):
                 raise Repeated(job_record(db.execute("SELECT * FROM jobs WHERE id = ?",
                                                      (done["job"],)).fetchone()))
             limit = load_tenant(db, tenant).quotas.max_concurrent_jobs
-            count = db.execute(
-                f"SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN "
-                f"({', '.join('?' * len(UNFINISHED_JOB_STATES))})",
-                (tenant, *UNFINISHED_JOB_STATES)).fetchone()[0]
+            count = db.execute(f"SELECT COUNT(*) FROM jobs WHERE tenant = ? AND {_UNFINISHED}",
+                               (tenant, *UNFINISHED_JOB_STATES)).fetchone()[0]
             if 0 < limit <= count:
                 raise QuotaExceeded("max_concurrent_jobs", (
                     f"tenant {tenant!r} has {count} jobs queued or running, its "
                     f"max_concurrent_jobs quota is {limit}; wait for one to finish, cancel one, "
                     "or ask an administrator to raise max_concurrent_jobs"))
             db.execute("INSERT INTO jobs (id, tenant, adapter, state, spec, error, created, "
-                       "updated, versions, progress, owner, training_file) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, '[]', '{}', ?, ?)",
+                       "updated, versions, progress, owner, training_file, lease_until) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, '[]', '{}', ?, ?, ?)",
                        (job.id, tenant, adapter, job.state, json.dumps(job.spec), job.error,
-                        now, now, owner, training_file))
+                        now, now, owner, training_file, lease_until))
             _insert_event(db, job.id, "state", {"state": job.state}, now)
             if idempotency is not None:
                 remember(db, tenant, "CreateJob", idempotency, {"job": job.id}, now)
@@ -142,19 +142,46 @@ class SqlJobs(SqlDatabase):
         return [JobEventRecord(job_id=row["job_id"], sequence=row["sequence"], time=row["time"],
                                kind=row["kind"], data=json.loads(row["data"])) for row in rows]
 
-    def unfinished_jobs(self, owner: str | None = None) -> list[JobRecord]:
-        unfinished = f"state IN ({', '.join('?' * len(UNFINISHED_JOB_STATES))})"
+    def unfinished_jobs(self, owner: str | None = None,
+                        lease_until: float = 0.0) -> list[JobRecord]:
         with self._transaction(write=owner is not None) as db:
             if owner is None:
-                rows = db.execute(f"SELECT * FROM jobs WHERE {unfinished} ORDER BY created, id",
+                rows = db.execute(f"SELECT * FROM jobs WHERE {_UNFINISHED} ORDER BY created, id",
                                   UNFINISHED_JOB_STATES).fetchall()
             else:
-                db.execute(f"UPDATE jobs SET owner = ? WHERE owner = '' AND {unfinished}",
+                db.execute(f"UPDATE jobs SET owner = ? WHERE owner = '' AND {_UNFINISHED}",
                            (owner, *UNFINISHED_JOB_STATES))
-                rows = db.execute(f"SELECT * FROM jobs WHERE owner = ? AND {unfinished} "
+                db.execute(f"UPDATE jobs SET lease_until = ? WHERE owner = ? AND {_UNFINISHED}",
+                           (lease_until, owner, *UNFINISHED_JOB_STATES))
+                rows = db.execute(f"SELECT * FROM jobs WHERE owner = ? AND {_UNFINISHED} "
                                   "ORDER BY created, id", (owner, *UNFINISHED_JOB_STATES))
                 rows = rows.fetchall()
         return [job_record(row) for row in rows]
+
+    def renew_leases(self, owner: str, job_ids: list[str], lease_until: float) -> list[str]:
+        held = []
+        with self._transaction(write=True) as db:
+            for job_id in job_ids:
+                if db.execute(f"UPDATE jobs SET lease_until = ? WHERE id = ? AND owner = ? AND "
+                              f"{_UNFINISHED}", (lease_until, job_id, owner,
+                                                 *UNFINISHED_JOB_STATES)).rowcount:
+                    held.append(job_id)
+        return [job_id for job_id in job_ids if job_id not in held]
+
+    def claim_expired_jobs(self, owner: str, now: float,
+                           lease_until: float) -> list[JobRecord]:
+        with self._transaction(write=True) as db:
+            ids = [row[0] for row in db.execute(
+                f"SELECT id FROM jobs WHERE {_UNFINISHED} AND owner != ? AND lease_until < ? "
+                "ORDER BY created, id", (*UNFINISHED_JOB_STATES, owner, now))]
+            for job_id in ids:
+                db.execute("UPDATE jobs SET owner = ?, lease_until = ? WHERE id = ?",
+                           (owner, lease_until, job_id))
+            return [job_record(db.execute("SELECT * FROM jobs WHERE id = ?",
+                                          (job_id,)).fetchone()) for job_id in ids]
+
+
+_UNFINISHED = f"state IN ({', '.join('?' * len(UNFINISHED_JOB_STATES))})"
 
 
 def _of_tenant(tenant: str | None) -> tuple[str, list]:
@@ -177,7 +204,7 @@ def job_record(row: Row) -> JobRecord:
                      created=row["created"], updated=row["updated"],
                      versions=tuple(json.loads(row["versions"])),
                      progress=json.loads(row["progress"]), owner=row["owner"],
-                     training_file=row["training_file"])
+                     training_file=row["training_file"], lease_until=row["lease_until"])
 
 
 def _checked_state(state: str) -> str:

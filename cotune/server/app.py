@@ -85,10 +85,10 @@ class CotuneServer:
                     "DATA_DIR/rank-N; accepted: neither with a sharded base")
             data_dir = data_dir / f"rank-{self.rank.rank}"
         data_dir.mkdir(parents=True, exist_ok=True)
+        stores = open_stores(args.blobs, data_dir, args.blob_cache_mb * 2**20)
         self.registry = open_registry(args.registry, data_dir, Quotas(
             args.default_max_adapters, args.default_max_versions, args.default_max_jobs,
-            args.default_max_queued, args.default_tokens_per_minute),
-            open_stores(args.blobs, data_dir, args.blob_cache_mb * 2**20))
+            args.default_max_queued, args.default_tokens_per_minute), stores)
         self.admin_token_file = data_dir / "admin.token"
         self._bootstrap_admin(args.admin_token_file)
         self.runtime = self._load_runtime(args)
@@ -98,7 +98,8 @@ class CotuneServer:
             self.metrics.open_stream_refusals.labels(tenant, protocol).inc()
         self.metrics.watch(self.runtime)
         self.jobs = JobManager(self.runtime, self.registry, data_dir / "jobs", self.metrics,
-                               args.worker_id, args.keep_training_states)
+                               args.worker_id, args.keep_training_states,
+                               args.job_lease_seconds, stores.jobs)
         max_bytes = args.max_upload_mb << 20
         # a stream holds a thread while it runs: generations (bounded by admission), calls a
         # client may hold open (bounded by the gate), and a reserve for every other call

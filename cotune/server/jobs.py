@@ -11,6 +11,11 @@ newest checkpoint, and publishes any checkpoint a crash left unpublished; a job 
 resumed fails with the reason. Workers that share a registry share the jobs directory too: a
 job's directory is its own id's.
 
+The owner holds each job it runs under a lease in the registry, renewed every third of
+`lease_s`. A worker that dies (or loses the database) longer than that loses its jobs to the
+first other worker that claims them, which resumes each from its newest checkpoint; an owner
+that finds its lease taken stops the job here and records nothing more of it.
+
 A job's training state (`v{k}.state/`, the optimizer's moments: about twice the adapter's size)
 is kept for its newest `keep_states` versions only; an older one goes once the registry has its
 version. A job that cannot be followed (a version its tenant's quota refuses, a registry error)
@@ -34,6 +39,7 @@ from pathlib import Path
 
 from cotune.adapters.blob_store import StoreUnavailable
 from cotune.adapters.durable import write_atomically
+from cotune.adapters.job_files import JobFiles, LocalJobFiles
 from cotune.adapters.peft_format import AdapterMismatch, LoraAdapter
 from cotune.adapters.registry import (
     UNFINISHED_JOB_STATES,
@@ -114,6 +120,8 @@ class LiveJob:
     progress: dict = field(default_factory=dict)  # as the registry stores it
     ended: threading.Event = field(default_factory=threading.Event)
     progress_time: float | None = None  # when this run last updated `progress`
+    abandoned: bool = False  # another worker took the job over: record nothing more
+    kept: set = field(default_factory=set)  # checkpoints in the job files, for a taker
 
     def advance(self, data: dict, time: float) -> float:
         """Records a progress event; returns the training tokens per second since the
@@ -129,15 +137,21 @@ class LiveJob:
 
 class JobManager:
     def __init__(self, runtime: Runtime, registry: Registry, jobs_dir: Path, metrics: Metrics,
-                 worker_id: str, keep_states: int = 2):
+                 worker_id: str, keep_states: int = 2, lease_s: float = 30.0,
+                 job_files: JobFiles | None = None):
         if keep_states < 1:
             raise ValueError(f"keep_states {keep_states} not accepted; accepted: 1 or more (a "
                              "job resumes from its newest training state)")
         self.runtime, self.registry, self.jobs_dir = runtime, registry, jobs_dir
         self.metrics, self.worker_id, self.keep_states = metrics, worker_id, keep_states
+        self.lease_s = lease_s
+        self.job_files = job_files or LocalJobFiles()
         self._live: dict[str, LiveJob] = {}
         self._lock = threading.Lock()
         self._stopping = False
+        self._leases_stopped = threading.Event()
+        self._leases = threading.Thread(target=self._hold_leases, name="job-leases",
+                                        daemon=True)
 
     def create(self, tenant: TenantRecord, adapter: str, fields: dict, data: bytes,
                from_scratch: bool = False, training_file: str = "",
@@ -157,13 +171,15 @@ class JobManager:
                 f"rank to at most {max_rank} or start the server with --max-rank "
                 f"{spec.lora.rank}")
         record = self.registry.create_job(tenant.name, adapter, fields, self.worker_id,
-                                          training_file, idempotency)
+                                          training_file, idempotency,
+                                          lease_until=time.time() + self.lease_s)
         job_dir = self.jobs_dir / record.id
         job_dir.mkdir(parents=True)
         write_atomically(job_dir / "data.jsonl", data)
         try:
             if parent is not None:  # kept with the job: a resume needs them after a delete
                 shutil.copytree(self.registry.version_dir(parent), job_dir / "parent")
+            self._keep(record.id, ["data.jsonl", "parent"])
             self._start(record)
         except Exception as e:  # bad data: the job ends failed, and the caller hears why
             # in the data's words, not the server's paths; the data goes with the job
@@ -185,14 +201,53 @@ class JobManager:
         """Called once at start: every job of this worker's that a stop or a crash interrupted
         goes on (workers sharing the registry resume their own). One that cannot (settings no
         longer accepted, its data or checkpoints spoilt) fails with the reason."""
-        for record in self.registry.unfinished_jobs(self.worker_id):
+        for record in self.registry.unfinished_jobs(self.worker_id,
+                                                    lease_until=time.time() + self.lease_s):
+            self._resume(record)
+        self._leases.start()
+
+    def _lost(self, live: LiveJob) -> None:
+        """A job whose lease this worker could not renew stops here: cancelled (from another
+        worker), it ends as such; taken over, it records nothing more here."""
+        try:
+            record = self.registry.get_job(None, live.record.id)
+            moved = record.state in UNFINISHED_JOB_STATES and record.owner != self.worker_id
+        except NotFound:  # gone with its tenant: its follower finds out
+            moved = False
+        if moved:
+            log.warning("job %s is now %s's; it stops here", record.id, record.owner)
+            live.abandoned = True
+        live.job.cancel()
+
+    def _resume(self, record: JobRecord) -> None:
+        try:
+            self._start(record)
+            log.info("resumed %s (%s/%s)", record.id, record.tenant, record.adapter)
+        except Exception as e:  # noqa: BLE001 - one job's failure does not stop the rest
+            log.exception("resuming %s failed; the job fails", record.id)
+            self.registry.update_job(record.id, state="failed",
+                                     error=f"the job could not be resumed: {e}")
+
+    def _hold_leases(self) -> None:
+        """Renews the leases of the jobs running here, stops those another worker took over,
+        and takes over those whose owner's lease ended."""
+        while not self._leases_stopped.wait(self.lease_s / 3):
+            now = time.time()
+            with self._lock:
+                running = list(self._live)
             try:
-                self._start(record)
-                log.info("resumed %s (%s/%s)", record.id, record.tenant, record.adapter)
-            except Exception as e:  # noqa: BLE001 - one job's failure does not stop the rest
-                log.exception("resuming %s failed; the job fails", record.id)
-                self.registry.update_job(record.id, state="failed",
-                                         error=f"the job could not be resumed: {e}")
+                lost = self.registry.renew_leases(self.worker_id, running, now + self.lease_s)
+                claimed = self.registry.claim_expired_jobs(self.worker_id, now,
+                                                           now + self.lease_s)
+            except RegistryUnavailable as e:  # past the lease, others may take the jobs over
+                log.warning("job leases not renewed: %s", e)
+                continue
+            for job_id in lost:
+                if (live := self.live(job_id)) is not None and not live.abandoned:
+                    self._lost(live)
+            for record in claimed:
+                log.info("taking over %s, whose owner's lease ended", record.id)
+                self._resume(record)
 
     def live(self, job_id: str) -> LiveJob | None:
         with self._lock:
@@ -212,8 +267,9 @@ class JobManager:
 
     def stop(self) -> None:
         """Before the runtime closes: the jobs it then ends stay running in the registry, so
-        the next start resumes them."""
+        the next start resumes them (or, past their lease, another worker)."""
         self._stopping = True
+        self._leases_stopped.set()
 
     def join(self, timeout: float) -> None:
         """After the runtime closed: waits until every job's last events (its shutdown
@@ -231,6 +287,7 @@ class JobManager:
         runs it, finds the job gone). Returns the registry's TenantDeletion."""
         deletion = self.registry.delete_tenant(name)
         for record in deletion.jobs:
+            self._forget(record.id)
             live = self.live(record.id)
             if live is not None:
                 live.job.cancel()
@@ -241,7 +298,11 @@ class JobManager:
 
     def _start(self, record: JobRecord) -> None:
         job_dir = self.jobs_dir / record.id
-        spec = spec_of(record.adapter, record.spec, job_dir, record.tenant)
+        spec = spec_of(record.adapter, record.spec, job_dir, record.tenant)  # settings first
+        if not job_dir.is_dir() and not self.job_files.fetch(record.id, job_dir):
+            raise RuntimeError(
+                "its files are on the disk of the worker that ran it, which this worker does "
+                "not reach; accepted: workers that share --blobs s3://... (or one --data-dir)")
         # served from the registry, by tenant and registry version (_cache): not by name
         job = self.runtime.finetune(spec, job_id=record.id, serve_by_name=False)
         labels = (record.tenant, self.metrics.adapter_label(record.tenant, record.adapter))
@@ -294,6 +355,7 @@ class JobManager:
         self.metrics.job_loss.remove(*live.labels)
         try:
             self.registry.update_job(job_id, state="failed", error=reason)
+            self._forget(job_id)
             self.metrics.jobs_finished.labels(live.record.tenant, "failed").inc()
         except NotFound:
             live.events.close(_state(job_id, now, "cancelled"),
@@ -306,6 +368,11 @@ class JobManager:
 
     def _record(self, live: LiveJob, event: JobEvent) -> None:
         job_id = live.record.id
+        if live.abandoned:  # its new owner records it; here its watchers hear where it went
+            if event.kind == "state":
+                live.events.close(_error(job_id, event.time, "the job moved to another worker "
+                                         "of the cluster; watch it again there"))
+            return
         if event.kind == "progress":
             self._count_progress(live, event.data)
             rate = live.advance(event.data, event.time)
@@ -326,6 +393,7 @@ class JobManager:
                 self.metrics.job_eval_loss.labels(*live.labels).set(metrics["eval_loss"])
             step = event.data["step"]
             self._emit(live, event.time, "evaluation", {"step": step, "metrics": metrics})
+            self._keep_checkpoints(live)
             new = self._publish_new_versions(live, retry_later=True)
             self._cache(live, event.data["version"], event.data["adapter"])
             for version in new:
@@ -341,6 +409,7 @@ class JobManager:
             if state == "succeeded":  # what the store refused before, now or never
                 self._publish_new_versions(live)
             self.registry.update_job(job_id, state=state, error=error)
+            self._forget(job_id)  # ended: no worker takes it over
             self.metrics.jobs_finished.labels(live.record.tenant, state).inc()
             self.metrics.job_loss.remove(*live.labels)  # the gauge is of running jobs
             final = [_state(job_id, event.time, state)]
@@ -442,6 +511,37 @@ class JobManager:
         for k in states[:-self.keep_states]:
             if str(k) in published:
                 shutil.rmtree(adapter_dir / f"v{k}.state")
+                self._forget(live.record.id, [self._in_job_dir(live, f"v{k}.state")])
+
+    def _keep_checkpoints(self, live: LiveJob) -> None:
+        """Stores the checkpoints not stored yet in the job files, each state before its
+        version (resume takes the newest version that has both), for a worker that may take
+        the job over; what the store refuses now waits for the next checkpoint."""
+        adapter_dir = live.spec.adapter_dir
+        new = [k for k in range(1, latest_version(adapter_dir) + 1)
+               if k not in live.kept and (adapter_dir / f"v{k}.state").is_dir()]
+        if new and self._keep(live.record.id, [self._in_job_dir(live, f"v{k}{part}")
+                                               for k in new for part in (".state", "")]):
+            live.kept.update(new)
+
+    def _in_job_dir(self, live: LiveJob, name: str) -> str:
+        """The path of the adapter directory's `name`, as the job files name it."""
+        return (live.spec.adapter_dir / name).relative_to(self.jobs_dir / live.record.id) \
+            .as_posix()
+
+    def _keep(self, job_id: str, names: list[str]) -> bool:
+        try:
+            self.job_files.keep(job_id, self.jobs_dir / job_id, names)
+        except StoreUnavailable as e:  # the job trains on; only a takeover would miss them
+            log.warning("job %s: %s not stored for a takeover: %s", job_id, names, e)
+            return False
+        return True
+
+    def _forget(self, job_id: str, names: list[str] | None = None) -> None:
+        try:
+            self.job_files.forget(job_id, names)
+        except StoreUnavailable as e:
+            log.warning("job %s: stored files not removed: %s", job_id, e)
 
 
 def _kept(step: int, total_steps: int) -> bool:

@@ -178,6 +178,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                        help="training states (optimizer moments, ~2x the adapter's size) a job "
                             "keeps on disk, its newest; older ones go once their versions are "
                             "published (a job resumes from its newest)")
+    store.add_argument("--job-lease-seconds", type=positive_seconds, default=30.0,
+                       metavar="S",
+                       help="a job's owner renews its hold on the job every third of this; a "
+                            "worker of the same registry takes over the jobs of one that "
+                            "stopped renewing this long ago (dead, or cut off from the "
+                            "registry), and resumes each from its newest checkpoint")
     store.add_argument("--max-upload-mb", type=int, default=2048,
                        help="largest adapter upload or training data file")
     store.add_argument("--max-files-per-tenant", type=whole_number, default=100, metavar="N",
