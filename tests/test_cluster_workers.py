@@ -7,12 +7,14 @@ runs, and recovers when the database is back."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from server_helpers import running_server, start_server, tiny_adapter_dir
@@ -80,10 +82,22 @@ def test_workers_on_separate_nodes_share_tenants_tokens_quotas_and_versions(clus
             # a retry through another worker (its reply lost): the same version, no other
             retried = on_two.adapters.create("first", uploaded, idempotency_key="upload-1")
             assert retried.version == 1
-            greedy = dict(adapter="first", max_tokens=12, ignore_eos=True)
+            # 8 publishers at once, 4 through each worker: no version lost, none torn
+            sources = [tiny_adapter_dir(tmp_path / f"p{i}", seed=10 + i) for i in range(8)]
+            with ThreadPoolExecutor(8) as pool:
+                published = list(pool.map(lambda i: (on_one, on_two)[i % 2].adapters.create(
+                    "first", sources[i]), range(8)))
+            assert sorted(v.version for v in published) == list(range(2, 10))
+            for i, version in enumerate(published):  # read back through the other worker
+                exported = (on_two, on_one)[i % 2].adapters.export(
+                    version.ref, tmp_path / f"read-{i}")
+                weights = (exported / "adapter_model.safetensors").read_bytes()
+                assert weights == (sources[i] / "adapter_model.safetensors").read_bytes()
+                assert hashlib.sha256(weights).hexdigest() == version.sha256
+            greedy = dict(adapter="first@v1", max_tokens=12, ignore_eos=True)
             served = on_two.complete("the cat sat", **greedy)  # from the store, not a disk
             assert served.token_ids == on_one.complete("the cat sat", **greedy).token_ids
-            on_two.adapters.export("first", tmp_path / "exported")
+            on_two.adapters.export("first@v1", tmp_path / "exported")
             for name in ("adapter_config.json", "adapter_model.safetensors"):
                 assert (tmp_path / "exported" / name).read_bytes() == \
                     (uploaded / name).read_bytes()

@@ -234,3 +234,28 @@ def test_two_processes_share_one_registry(open_here, registry_url, data_dir, tmp
         assert sha256(reg.version_dir(v) / WEIGHTS_NAME) == v.sha256 == by_version[v.version]
     assert blob_dirs(data_dir) == {reg.version_dir(v) for v in versions}
     reg.close()
+
+
+_OPEN = """
+import sys
+from pathlib import Path
+from cotune.adapters.sql_registry import open_registry
+open_registry(sys.argv[1], Path(sys.argv[2])).close()
+"""
+
+
+@pytest.mark.slow
+def test_workers_opening_a_new_registry_together_migrate_it_once(open_here, registry_url,
+                                                                 tmp_path):
+    workers = [subprocess.Popen([sys.executable, "-c", _OPEN, registry_url,
+                                 str(tmp_path / "data")], stderr=subprocess.PIPE, text=True)
+               for _ in range(4)]
+    for worker in workers:
+        assert worker.wait(timeout=120) == 0, worker.stderr.read()
+        worker.stderr.close()
+    registry = open_here()
+    with registry._transaction() as db:
+        assert [row[0] for row in db.execute("SELECT version_num FROM alembic_version")] == \
+            [newest_revision()]
+    registry.create_tenant("acme")  # whole: every table there
+    registry.close()

@@ -140,6 +140,8 @@ def test_generation_through_the_router_equals_the_workers_and_is_routed(worker, 
     direct.close()
     before = routed.metric("cotune_router_calls_total", worker="w0", method="Generate",
                            code="OK")
+    cancelled = routed.metric("cotune_router_calls_total", worker="w0", method="Generate",
+                              code="CANCELLED")
     reply = acme.completions.create(model="acme-helper", prompt="the cat", max_tokens=6)
     assert reply.choices[0].text == expected and reply.model == "acme-helper@v1"
     chunks = list(acme.chat.completions.create(
@@ -150,3 +152,6 @@ def test_generation_through_the_router_equals_the_workers_and_is_routed(worker, 
     wait_for(lambda: routed.metric("cotune_router_calls_total", worker="w0",
                                    method="Generate", code="OK") == before + 2,
              what="the router counting both Generate calls")
+    # read to their ends, never cancelled after their last token
+    assert routed.metric("cotune_router_calls_total", worker="w0", method="Generate",
+                         code="CANCELLED") == cancelled

@@ -232,22 +232,25 @@ class JobManager:
         """Renews the leases of the jobs running here, stops those another worker took over,
         and takes over those whose owner's lease ended."""
         while not self._leases_stopped.wait(self.lease_s / 3):
-            now = time.time()
-            with self._lock:
-                running = list(self._live)
             try:
-                lost = self.registry.renew_leases(self.worker_id, running, now + self.lease_s)
-                claimed = self.registry.claim_expired_jobs(self.worker_id, now,
-                                                           now + self.lease_s)
+                self._renew_and_claim()
             except RegistryUnavailable as e:  # past the lease, others may take the jobs over
                 log.warning("job leases not renewed: %s", e)
-                continue
-            for job_id in lost:
-                if (live := self.live(job_id)) is not None and not live.abandoned:
-                    self._lost(live)
-            for record in claimed:
-                log.info("taking over %s, whose owner's lease ended", record.id)
-                self._resume(record)
+            except Exception:  # noqa: BLE001 - the leases must be renewed again next time
+                log.exception("renewing job leases failed")
+
+    def _renew_and_claim(self) -> None:
+        now = time.time()
+        with self._lock:
+            running = list(self._live)
+        lost = self.registry.renew_leases(self.worker_id, running, now + self.lease_s)
+        claimed = self.registry.claim_expired_jobs(self.worker_id, now, now + self.lease_s)
+        for job_id in lost:
+            if (live := self.live(job_id)) is not None and not live.abandoned:
+                self._lost(live)
+        for record in claimed:
+            log.info("taking over %s, whose owner's lease ended", record.id)
+            self._resume(record)
 
     def live(self, job_id: str) -> LiveJob | None:
         with self._lock:

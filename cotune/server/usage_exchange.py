@@ -29,6 +29,8 @@ class UsageExchange:
                 self.worker, self.admission.used_here(), time.time())
         except RegistryUnavailable as e:  # the last counts stand until the database is back
             log.warning("tokens per minute not exchanged: %s", e)
+        except Exception:  # noqa: BLE001 - the exchange goes on at its next turn
+            log.exception("exchanging tokens per minute failed")
 
     def stop(self) -> None:
         self._stopped.set()

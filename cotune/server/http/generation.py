@@ -148,6 +148,7 @@ async def respond(request: Request, backend: Backend, params: Params,
     async def collect() -> None:
         async for i, response in calls.responses(firsts):
             choices[i].add(response)
+        await calls.ended()
 
     try:
         await _unless_disconnected(request, collect())
@@ -221,6 +222,11 @@ class Calls:
             for task in reads:
                 task.cancel()
 
+    async def ended(self) -> None:
+        """Waits for each call's status, which follows its last response: a call read to its
+        end is never cancelled, so the server (and a router) count it as the success it is."""
+        await asyncio.gather(*(call.code() for call in self.calls))
+
     def cancel(self) -> None:
         for call in self.calls:
             call.cancel()  # nothing for a call already done
@@ -265,6 +271,7 @@ async def _events(calls: Calls, firsts: list, choices: list[Choice], head: dict,
         async for i, response in responses:
             yield _event({**chunk, "choices": [shape.delta(choices[i], response)]})
             choices[i].add(response)
+        await calls.ended()
         if params.include_usage:
             yield _event({**chunk, "choices": [], "usage": _usage(choices, params.n)})
     except grpc.RpcError as e:
