@@ -1,8 +1,8 @@
 """The registry: tenants and their tokens and quotas, adapters with immutable versions and
-provenance, fine-tuning jobs with their events, and the files tenants upload for jobs. The
-server calls it from its request threads; the embedded default is SQLite
-(`cotune.adapters.sqlite_registry`), and a networked database can implement the same interface
-later.
+provenance, fine-tuning jobs with their events and leases, the files tenants upload for jobs,
+the idempotency keys of creating calls and the token use of a cluster's workers. The server
+calls it from its request threads. `cotune.adapters.sql_registry` implements it on SQLite (the
+embedded default) and on PostgreSQL (a cluster's), with the bytes in `stores`.
 
 Names: tenants and adapters are 1-128 letters, digits, '.', '_' or '-', starting with a
 letter or digit (so no name is a path). Versions count from 1 per adapter and are never
