@@ -176,9 +176,16 @@ def test_a_job_is_cancelled_and_the_job_quota_is_429(server, tokens):
     api = client(server, tokens["waiter"])
     file = upload(api)
     base = api.models.list().data[0].id
-    long = api.fine_tuning.jobs.create(training_file=file.id, model=base,
-                                       hyperparameters={"n_epochs": 10_000, "batch_size": 1})
+    settings = dict(training_file=file.id, model=base,
+                    hyperparameters={"n_epochs": 10_000, "batch_size": 1})
+    long = api.fine_tuning.jobs.create(**settings, extra_headers={"Idempotency-Key": "try-1"})
     assert long.fine_tuned_model is None and long.model == base
+    # its retry (a lost reply) is the same job, not a second one past the quota of 1
+    again = api.fine_tuning.jobs.create(**settings, extra_headers={"Idempotency-Key": "try-1"})
+    assert again.id == long.id
+    with pytest.raises(openai.BadRequestError, match="'try-1' was used by another CreateJob"):
+        api.fine_tuning.jobs.create(**{**settings, "seed": 5},
+                                    extra_headers={"Idempotency-Key": "try-1"})
     with pytest.raises(openai.RateLimitError, match="max_concurrent_jobs quota is 1"):
         api.fine_tuning.jobs.create(training_file=file.id, model=base)
     assert api.fine_tuning.jobs.cancel(long.id).status == "cancelled"

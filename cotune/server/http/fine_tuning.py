@@ -2,8 +2,10 @@
 same jobs, registry and quotas as gRPC (max_concurrent_jobs: 429).
 
 - `model` the base model's id trains a new adapter, named `suffix` (checked by TrainingService
-  as any adapter name); without a suffix, "ft-" and 12 random hex digits. A suffix that names
-  an existing adapter is refused (409): continuing it is asked for by naming it as `model`.
+  as any adapter name); without a suffix, "ft-" and 12 random hex digits (of the
+  Idempotency-Key's hash, when the request has one, so that its retries name the same). A
+  suffix that names an existing adapter is refused (409): continuing it is asked for by naming
+  it as `model`.
 - `model` one of the caller's adapters continues it from its newest version (CreateJob's own
   rule); its next versions keep its name, so a different `suffix` is refused.
 - `hyperparameters` (or `method.supervised.hyperparameters`): n_epochs -> epochs, batch_size
@@ -11,12 +13,15 @@ same jobs, registry and quotas as gRPC (max_concurrent_jobs: 429).
   absent: cotune's default. A job reports the values it runs with.
 - `fine_tuned_model` is the adapter's name once the job has published a version, null before:
   when it is set, it serves. Each checkpoint is a version, `name@vK`, servable at once.
+- An `Idempotency-Key` header makes a retry safe, as CreateJobRequest.idempotency_key: the
+  same key answers the job the first request created (`extra_headers=` in `openai`).
 - Events and checkpoints are the job's stored events (ListJobEvents), newest first; their ids
   carry the job's and the event's number, so `after` needs no lookup.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 
@@ -111,7 +116,8 @@ def routes(backend: Backend) -> list[Route]:
     async def create(request: Request) -> JSONResponse:
         md = metadata(request)
         body = await json_body(request)
-        message = await _create_request(request, backend, body)
+        message = await _create_request(request, backend, body,
+                                        request.headers.get("idempotency-key", ""))
         try:
             job = await backend.training.CreateJob(message, metadata=md)
         except grpc.RpcError as e:
@@ -165,8 +171,8 @@ def routes(backend: Backend) -> list[Route]:
             Route(jobs + "/{job_id}/checkpoints", list_checkpoints, methods=["GET"])]
 
 
-async def _create_request(request: Request, backend: Backend,
-                          body: dict) -> training_pb2.CreateJobRequest:
+async def _create_request(request: Request, backend: Backend, body: dict,
+                          idempotency_key: str) -> training_pb2.CreateJobRequest:
     """CreateJob's request for OpenAI's body: the adapter it trains (see the module's
     docstring) and the settings."""
     unknown = sorted(set(body) - set(FIELDS))
@@ -184,7 +190,9 @@ async def _create_request(request: Request, backend: Backend,
         raise invalid(f"seed {seed!r} not accepted; accepted: a whole number", "seed")
     base = await backend.base_model(metadata(request))
     if model == base:
-        adapter = suffix or f"ft-{secrets.token_hex(6)}"
+        drawn = hashlib.sha256(idempotency_key.encode()).hexdigest()[:12] \
+            if idempotency_key else secrets.token_hex(6)
+        adapter = suffix or f"ft-{drawn}"
         if suffix is not None and await _adapter_exists(backend, request, suffix, "suffix"):
             raise ApiError(409, f"adapter {suffix!r} exists; to train it further pass "
                            f"model={suffix!r}, or choose another suffix", "conflict_error",
@@ -201,6 +209,7 @@ async def _create_request(request: Request, backend: Backend,
     lr = settings.pop("learning_rate_multiplier", None)
     return training_pb2.CreateJobRequest(
         adapter=adapter, training_file=training_file, seed=seed,
+        idempotency_key=idempotency_key,
         epochs=settings.get("n_epochs"), batch_size=settings.get("batch_size"),
         optimizer=training_pb2.OptimizerConfig(lr=None if lr is None else lr * DEFAULT_LR))
 
