@@ -55,59 +55,19 @@ from cotune.adapters.registry import (
 )
 from cotune.engine.broadcast import END, Broadcast
 from cotune.engine.checkpoint import latest_version
-from cotune.engine.finetune_spec import FinetuneSpec, LoraSettings, OptimizerSettings, SpecError
+from cotune.engine.finetune_spec import FinetuneSpec
 from cotune.engine.job import Job, JobEvent
 from cotune.engine.runtime import Runtime
 from cotune.engine.training_data import DataError
 from cotune.server.convert import job_event
+from cotune.server.job_leases import JobLeases
+from cotune.server.job_specs import continued_fields, spec_of
 from cotune.server.metrics import Metrics
 from cotune.server.names import reference, runtime_key
 from cotune.v1 import training_pb2
 
 log = logging.getLogger("cotune.server")
 PROGRESS_EVENTS_KEPT = 100  # stored per job, besides the first and last step's
-
-
-def spec_of(adapter: str, fields: dict, job_dir: Path, tenant: str) -> FinetuneSpec:
-    """The FinetuneSpec of a job from its fields (checked here: SpecError): those a client
-    gave, or for a job that continues a version (`parent_version`) those merged with the
-    version's by `continued_fields`; it starts from the version's weights, copied into
-    `job_dir / "parent"`."""
-    fields = dict(fields)
-    lora = LoraSettings(**fields.pop("lora", {}))
-    optimizer = OptimizerSettings(**fields.pop("optimizer", {}))
-    init = job_dir / "parent" if fields.pop("parent_version", None) else None
-    return FinetuneSpec(name=adapter, data=job_dir / "data.jsonl", output_dir=job_dir / "out",
-                        lora=lora, optimizer=optimizer, tenant=tenant, init_adapter=init,
-                        **fields)
-
-
-def continued_fields(parent: VersionRecord, given: dict) -> dict:
-    """The fields of a job that continues version `parent` of its adapter: those `given`,
-    then the settings of the job that made `parent` (an uploaded version: none) and
-    `parent`'s alpha; always `parent`'s rank and targets, which its weights fix: a rank or
-    targets given that differ are refused (SpecError)."""
-    made = {k: v for k, v in parent.provenance.get("hyperparameters", {}).items()
-            if k != "parent_version"} if parent.provenance.get("source") == "job" else {}
-    weights = {"rank": parent.rank, "targets": sorted(parent.target_modules)}
-    given_lora = given.get("lora", {})
-    for name in ("rank", "targets"):
-        if name in given_lora and _same(given_lora[name]) != _same(weights[name]):
-            raise SpecError(
-                f"{reference(parent.name, parent.version)} has {name} {weights[name]}, and a "
-                f"job that continues it keeps them; leave {name} unset, or train the adapter "
-                f"from scratch (from_scratch) at {name} {given_lora[name]}")
-    fields = {**made, **given, "parent_version": parent.version}
-    fields["lora"] = {**made.get("lora", {}), "alpha": parent.alpha, **given_lora, **weights}
-    optimizer = {**made.get("optimizer", {}), **given.get("optimizer", {})}
-    if optimizer:
-        fields["optimizer"] = optimizer
-    return fields
-
-
-def _same(value):
-    """A setting as compared: a list of targets in any order, a number of any type."""
-    return sorted(value) if isinstance(value, list | tuple) else value
 
 
 @dataclass
@@ -144,14 +104,12 @@ class JobManager:
                              "job resumes from its newest training state)")
         self.runtime, self.registry, self.jobs_dir = runtime, registry, jobs_dir
         self.metrics, self.worker_id, self.keep_states = metrics, worker_id, keep_states
-        self.lease_s = lease_s
+        self.leases = JobLeases(registry, worker_id, lease_s, self._running, self._lost,
+                                self._resume)
         self.job_files = job_files or LocalJobFiles()
         self._live: dict[str, LiveJob] = {}
         self._lock = threading.Lock()
         self._stopping = False
-        self._leases_stopped = threading.Event()
-        self._leases = threading.Thread(target=self._hold_leases, name="job-leases",
-                                        daemon=True)
 
     def create(self, tenant: TenantRecord, adapter: str, fields: dict, data: bytes,
                from_scratch: bool = False, training_file: str = "",
@@ -172,7 +130,7 @@ class JobManager:
                 f"{spec.lora.rank}")
         record = self.registry.create_job(tenant.name, adapter, fields, self.worker_id,
                                           training_file, idempotency,
-                                          lease_until=time.time() + self.lease_s)
+                                          lease_until=self.leases.until())
         job_dir = self.jobs_dir / record.id
         job_dir.mkdir(parents=True)
         write_atomically(job_dir / "data.jsonl", data)
@@ -202,13 +160,20 @@ class JobManager:
         goes on (workers sharing the registry resume their own). One that cannot (settings no
         longer accepted, its data or checkpoints spoilt) fails with the reason."""
         for record in self.registry.unfinished_jobs(self.worker_id,
-                                                    lease_until=time.time() + self.lease_s):
+                                                    lease_until=self.leases.until()):
             self._resume(record)
-        self._leases.start()
+        self.leases.start()
 
-    def _lost(self, live: LiveJob) -> None:
+    def _running(self) -> list[str]:
+        with self._lock:
+            return list(self._live)
+
+    def _lost(self, job_id: str) -> None:
         """A job whose lease this worker could not renew stops here: cancelled (from another
         worker), it ends as such; taken over, it records nothing more here."""
+        live = self.live(job_id)
+        if live is None or live.abandoned:
+            return
         try:
             record = self.registry.get_job(None, live.record.id)
             moved = record.state in UNFINISHED_JOB_STATES and record.owner != self.worker_id
@@ -227,30 +192,6 @@ class JobManager:
             log.exception("resuming %s failed; the job fails", record.id)
             self.registry.update_job(record.id, state="failed",
                                      error=f"the job could not be resumed: {e}")
-
-    def _hold_leases(self) -> None:
-        """Renews the leases of the jobs running here, stops those another worker took over,
-        and takes over those whose owner's lease ended."""
-        while not self._leases_stopped.wait(self.lease_s / 3):
-            try:
-                self._renew_and_claim()
-            except RegistryUnavailable as e:  # past the lease, others may take the jobs over
-                log.warning("job leases not renewed: %s", e)
-            except Exception:  # noqa: BLE001 - the leases must be renewed again next time
-                log.exception("renewing job leases failed")
-
-    def _renew_and_claim(self) -> None:
-        now = time.time()
-        with self._lock:
-            running = list(self._live)
-        lost = self.registry.renew_leases(self.worker_id, running, now + self.lease_s)
-        claimed = self.registry.claim_expired_jobs(self.worker_id, now, now + self.lease_s)
-        for job_id in lost:
-            if (live := self.live(job_id)) is not None and not live.abandoned:
-                self._lost(live)
-        for record in claimed:
-            log.info("taking over %s, whose owner's lease ended", record.id)
-            self._resume(record)
 
     def live(self, job_id: str) -> LiveJob | None:
         with self._lock:
@@ -272,7 +213,7 @@ class JobManager:
         """Before the runtime closes: the jobs it then ends stay running in the registry, so
         the next start resumes them (or, past their lease, another worker)."""
         self._stopping = True
-        self._leases_stopped.set()
+        self.leases.stop()
 
     def join(self, timeout: float) -> None:
         """After the runtime closed: waits until every job's last events (its shutdown
