@@ -1,5 +1,5 @@
-"""The `cotune` commands that talk to a server through the SDK: adapters, finetune, jobs,
-tenants and `generate --addr`. None of them imports torch.
+"""The `cotune` commands that talk to a server through the SDK: adapters, files, finetune,
+jobs, tenants and `generate --addr`. None of them imports torch.
 
 Each command prints a table or lines for people, or with --json one JSON document (a stream:
 one JSON line per event). `cli.main` turns a CotuneError into `cotune: error: CODE: message`.
@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from functools import partial
+from pathlib import Path
 
 from cotune.cli_output import ProgressLine, print_fields, print_json, print_table, when
 from cotune.client import Client
@@ -30,7 +31,7 @@ _QUOTA_FLAGS = {  # flag: (Quotas field, what it limits)
 
 
 def add_commands(commands) -> None:
-    """Adds adapters, finetune, jobs and tenants to the `cotune` subcommands."""
+    """Adds adapters, files, finetune, jobs and tenants to the `cotune` subcommands."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--addr", help="server host:port (default $COTUNE_ADDR, else "
                                        "127.0.0.1:50051)")
@@ -64,11 +65,29 @@ def add_commands(commands) -> None:
     p.add_argument("name")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
+    files = commands.add_parser("files", help="the tenant's uploaded files (training data)")
+    group = files.add_subparsers(dest="action", required=True)
+    p = command(group, "upload", _files_upload, "upload a JSONL file for fine-tuning jobs")
+    p.add_argument("path")
+    p.add_argument("--purpose", default="fine-tune", help="what the file is for [fine-tune]")
+    command(group, "list", _files_list, "list files").add_argument(
+        "--purpose", default="", help="only files of this purpose")
+    command(group, "show", _files_show, "a file").add_argument("id")
+    p = command(group, "download", _files_download, "a file's bytes into a new file")
+    p.add_argument("id")
+    p.add_argument("dest")
+    p = command(group, "delete", _files_delete, "delete a file (jobs made from it go on)")
+    p.add_argument("id")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
     p = command(commands, "finetune", _finetune, "fine-tune an adapter on a server, and watch")
     p.add_argument("name", help="the adapter to train: new, or existing: its next versions "
                                 "continue from its newest, with its weights and settings (those "
                                 "given here change them, but for its rank and targets)")
-    p.add_argument("--data", required=True, help="JSONL: prompt/completion, messages or text")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", help="JSONL: prompt/completion, messages or text")
+    data.add_argument("--training-file", metavar="ID",
+                      help="one of the tenant's files (cotune files upload) instead of --data")
     p.add_argument("--from-scratch", action="store_true",
                    help="an existing adapter's next versions start from new weights, at the "
                         "settings given here")
@@ -288,7 +307,7 @@ def _confirmed(args, what: str) -> bool:
     if args.yes:
         return True
     if not sys.stdin.isatty():
-        raise ValueError(f"deleting {args.name} needs --yes when stdin is not a terminal")
+        raise ValueError(f"deleting {what} needs --yes when stdin is not a terminal")
     sys.stderr.write(f"delete {what}? [y/N] ")
     if sys.stdin.readline().strip().lower() in ("y", "yes"):
         return True
@@ -304,8 +323,45 @@ def _adapters_delete(args, client) -> int:
                  f"deleted {deleted} version{'s' * (deleted != 1)} of {args.name}")
 
 
+def _files_upload(args, client) -> int:
+    file = client.files.upload(args.path, purpose=args.purpose)
+    return _emit(args, file, f"uploaded {file.id} ({file.filename}, {file.size_bytes} bytes)")
+
+
+def _files_list(args, client) -> int:
+    files = list(client.files.list(purpose=args.purpose))
+    return _emit(args, files, lambda: print_table(
+        ["id", "filename", "purpose", "bytes", "created"],
+        [[f.id, f.filename, f.purpose, f.size_bytes, when(f.create_time)] for f in files]))
+
+
+def _files_show(args, client) -> int:
+    file = client.files.get(args.id)
+    return _emit(args, file, lambda: print_fields(file))
+
+
+def _files_download(args, client) -> int:
+    dest = Path(args.dest)
+    if dest.exists():
+        raise ValueError(f"{dest} exists; accepted: a path that does not exist yet")
+    data = client.files.content(args.id)
+    partial = dest.with_name(f".{dest.name}.partial")
+    partial.write_bytes(data)
+    partial.rename(dest)  # whole or not at all
+    return _emit(args, {"path": str(dest), "size_bytes": len(data)},
+                 f"wrote {len(data)} bytes to {dest}")
+
+
+def _files_delete(args, client) -> int:
+    if not _confirmed(args, args.id):
+        return 1
+    client.files.delete(args.id)
+    return _emit(args, {"deleted": args.id}, f"deleted {args.id}")
+
+
 def _finetune(args, client) -> int:
-    job = client.jobs.create(args.name, args.data, **finetune_settings(args))
+    job = client.jobs.create(args.name, args.data, training_file=args.training_file,
+                             **finetune_settings(args))
     _emit(args, job, f"job {job.id}: {_what_it_trains(job)}")
     if args.detach:
         if not args.json:

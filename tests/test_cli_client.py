@@ -81,6 +81,32 @@ def test_adapter_lifecycle_in_json(server, adapter_dir, tmp_path):
         missing.stderr
 
 
+def test_files_are_uploaded_listed_downloaded_trained_on_and_deleted(server, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"the cat {i}", "completion": " sat"}) + "\n"
+                            for i in range(4)))
+    file = _json(server, "files", "upload", str(data))
+    assert (file["filename"], file["purpose"], file["size_bytes"]) == \
+        ("train.jsonl", "fine-tune", data.stat().st_size)
+    assert [f["id"] for f in _json(server, "files", "list")] == [file["id"]]
+    assert _json(server, "files", "show", file["id"]) == file
+    copy = tmp_path / "copy.jsonl"
+    assert _json(server, "files", "download", file["id"], str(copy))["size_bytes"] == \
+        data.stat().st_size
+    assert copy.read_bytes() == data.read_bytes()
+    again = _cotune(server, "files", "download", file["id"], str(copy))
+    assert again.returncode == 2 and "exists" in again.stderr
+    job = json.loads(_cotune(server, "finetune", "from-a-file", "--training-file", file["id"],
+                             "--max-steps", "1", "--detach", "--json").stdout)
+    assert job["training_file"] == file["id"]
+    refused = _cotune(server, "files", "delete", file["id"], stdin="")
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert _json(server, "files", "delete", file["id"], "--yes") == {"deleted": file["id"]}
+    assert _json(server, "files", "list") == []
+    both = _cotune(server, "finetune", "x", "--data", str(data), "--training-file", file["id"])
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
 def test_tenant_and_its_token(server):
     tenant = _json(server, "tenants", "create", "cli-tenant", "--max-adapters", "7")
     assert tenant["name"] == "cli-tenant" and tenant["quotas"]["max_adapters"] == 7
