@@ -41,8 +41,9 @@ VLLM_UNUSED := torchvision torchaudio torchcodec
 
 .PHONY: run test lint proto lock lock-upgrade test-latest
 
+# gRPC on 127.0.0.1:50051 and OpenAI's HTTP API on 127.0.0.1:8000/v1
 run: $(STAMP)
-	$(BIN)/cotune serve
+	$(BIN)/cotune serve --http-port 8000
 
 test: $(STAMP) $(VLLM_STAMP) $(TOOLS_STAMP)
 	$(BIN)/ruff check .
