@@ -17,7 +17,7 @@ from registry_helpers import UPLOAD, blob_dirs, legacy_registry, sha256, write_a
 
 from cotune.adapters.blob_store import CONFIG_NAME, WEIGHTS_NAME
 from cotune.adapters.migrations import MANAGED_BY_ALEMBIC
-from cotune.adapters.registry import NotFound, QuotaExceeded, Quotas
+from cotune.adapters.registry import FailedPrecondition, NotFound, QuotaExceeded, Quotas
 from cotune.adapters.schema_migrations import newest_revision
 from cotune.adapters.sql_registry import SqliteRegistry
 
@@ -259,3 +259,15 @@ def test_workers_opening_a_new_registry_together_migrate_it_once(open_here, regi
             [newest_revision()]
     registry.create_tenant("acme")  # whole: every table there
     registry.close()
+
+
+def test_a_jobs_version_is_published_only_while_its_worker_owns_the_job(registry, files):
+    job = registry.create_job("acme", "foo", {}, owner="w1", lease_until=100.0)
+    kept = registry.publish_version("acme", "foo", files, UPLOAD, job_owner=(job.id, "w1"))
+    registry.claim_expired_jobs("w2", now=101.0, lease_until=200.0)  # w1 was cut off
+    with pytest.raises(FailedPrecondition, match=f"job {job.id} runs on worker 'w2' now, no "
+                                                 "longer on 'w1'"):
+        registry.publish_version("acme", "foo", files, UPLOAD, job_owner=(job.id, "w1"))
+    assert [v.version for v in registry.list_versions("acme", "foo")] == [kept.version]
+    assert registry.publish_version("acme", "foo", files, UPLOAD,
+                                    job_owner=(job.id, "w2")).version == 2

@@ -260,13 +260,16 @@ class Registry(Protocol):
     def publish_version(self, tenant: str, name: str, files: Path, provenance: dict,
                         description: str | None = None,
                         labels: dict[str, str] | None = None,
-                        idempotency: Idempotency | None = None) -> VersionRecord:
+                        idempotency: Idempotency | None = None,
+                        job_owner: tuple[str, str] | None = None) -> VersionRecord:
         """Publishes the PEFT files in directory `files` (already validated by the caller) as
         the next version of `name`, creating the adapter when new. The files are copied into
         the store atomically: a crash at any moment leaves the whole version or none.
         description/labels, when given, replace the adapter's. `idempotency`: a key the tenant
         used for a CreateAdapter in the last IDEMPOTENCY_KEPT_S raises Repeated with that
-        call's version, and publishes nothing. Raises InvalidName, NotFound (no such tenant),
+        call's version, and publishes nothing. `job_owner` (job id, worker): a job's version,
+        published only while that worker owns the job, else FailedPrecondition (another
+        worker took the job over). Raises InvalidName, NotFound (no such tenant),
         QuotaExceeded("max_adapters" | "max_versions_per_adapter"), ValueError (the key was
         used with another request)."""
 

@@ -12,6 +12,7 @@ from typing import BinaryIO
 from cotune.adapters.blob_store import CONFIG_NAME, FILES, WEIGHTS_NAME
 from cotune.adapters.registry import (
     AdapterRecord,
+    FailedPrecondition,
     Idempotency,
     NotFound,
     QuotaExceeded,
@@ -45,7 +46,8 @@ class SqlVersions(SqlDatabase):
     def publish_version(self, tenant: str, name: str, files: Path, provenance: dict,
                         description: str | None = None,
                         labels: dict[str, str] | None = None,
-                        idempotency: Idempotency | None = None) -> VersionRecord:
+                        idempotency: Idempotency | None = None,
+                        job_owner: tuple[str, str] | None = None) -> VersionRecord:
         check_name("adapter", name)
         provenance_json = json.dumps(provenance)
         rank, alpha, target_modules = _lora_shape(Path(files) / CONFIG_NAME)
@@ -65,6 +67,8 @@ class SqlVersions(SqlDatabase):
                                        f"{done['adapter']!r}, which the first call with "
                                        "this idempotency key created, was deleted since")
                     raise Repeated(_version_record(row))
+                if job_owner is not None:
+                    _check_job_owner(db, *job_owner)
                 quotas = load_tenant(db, tenant).quotas
                 adapter_id = self._adapter_for_new_version(db, tenant, name, quotas, now,
                                                            description, labels)
@@ -195,6 +199,15 @@ def _version_record(row: Row) -> VersionRecord:
         size_bytes=row["size_bytes"], sha256=row["sha256"],
         provenance=json.loads(row["provenance"]), created=row["created"],
         blob_id=row["blob_id"])
+
+
+def _check_job_owner(db: Connection, job_id: str, worker: str) -> None:
+    row = db.execute("SELECT owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"job {job_id!r} not found")
+    if row["owner"] != worker:
+        raise FailedPrecondition(f"job {job_id} runs on worker {row['owner']!r} now, no "
+                                 f"longer on {worker!r}, which publishes its versions no more")
 
 
 def _adapter_id(db: Connection, tenant: str, name: str) -> int:

@@ -43,6 +43,7 @@ from cotune.adapters.job_files import JobFiles, LocalJobFiles
 from cotune.adapters.peft_format import AdapterMismatch, LoraAdapter
 from cotune.adapters.registry import (
     UNFINISHED_JOB_STATES,
+    FailedPrecondition,
     Idempotency,
     JobRecord,
     NotFound,
@@ -428,7 +429,13 @@ class JobManager:
                           "hyperparameters": record.spec, "metrics": trained.get("metrics", {})}
             try:
                 version = self.registry.publish_version(
-                    record.tenant, record.adapter, spec.adapter_dir / f"v{k}", provenance).version
+                    record.tenant, record.adapter, spec.adapter_dir / f"v{k}", provenance,
+                    job_owner=(record.id, self.worker_id)).version
+            except FailedPrecondition as e:  # its lease ran out: the new owner publishes
+                log.warning("job %s stops here: %s", record.id, e)
+                live.abandoned = True
+                live.job.cancel()
+                return new
             except QuotaExceeded as e:
                 raise QuotaExceeded(e.limit, f"publishing version {k} of the job failed: {e}") \
                     from e
