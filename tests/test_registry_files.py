@@ -83,6 +83,7 @@ def test_job_events_record_every_state_change_with_its_error_and_page_newest_fir
                                                          limit=2)] == [3, 2]
     with pytest.raises(NotFound):
         registry.list_job_events("globex", job.id)
+    assert registry.list_job_events(None, job.id) == events  # an admin's: any tenant's job
     with pytest.raises(NotFound):
         registry.add_job_event("job-gone", "progress", {}, 1.0)
     with pytest.raises(ValueError, match="kind 'chat' is invalid"):

@@ -107,6 +107,15 @@ def test_an_admin_lists_and_cancels_every_tenants_jobs_and_a_tenant_only_its_own
         id=job.id, all_tenants=True), metadata=admin.metadata)
     assert (cancelled.state, cancelled.tenant) == (CANCELLED, "bob")
     assert last_events(bob, job.id)[0] == CANCELLED
+
+    def events(caller: Caller, **fields) -> list:
+        return list(caller.training.ListJobEvents(training_pb2.ListJobEventsRequest(
+            job_id=job.id, **fields), metadata=caller.metadata).events)
+
+    stored = events(bob)
+    assert events(admin, all_tenants=True) == stored  # an admin reads any tenant's events
+    assert code_of(lambda: events(admin)) == grpc.StatusCode.NOT_FOUND  # without the flag
+    assert code_of(lambda: events(alice, all_tenants=True)) == denied
     alice.close()
     bob.close()
 

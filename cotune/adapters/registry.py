@@ -358,10 +358,11 @@ class Registry(Protocol):
         """Stores an event of the job (JobEventRecord); returns its sequence. Raises NotFound
         (a job deleted with its tenant), ValueError (an unknown kind)."""
 
-    def list_job_events(self, tenant: str, job_id: str, before: int | None = None,
+    def list_job_events(self, tenant: str | None, job_id: str, before: int | None = None,
                         limit: int = 50) -> list[JobEventRecord]:
         """The job's events, newest first, those with a sequence below `before`. Raises
-        NotFound (also for other tenants' jobs)."""
+        NotFound (also for other tenants' jobs). `tenant` None: any tenant's job (for an
+        admin's call)."""
 
     # --- usage --------------------------------------------------------------------------
     def exchange_token_usage(self, worker: str, used: dict[str, int],

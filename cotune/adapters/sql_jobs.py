@@ -129,11 +129,12 @@ class SqlJobs(SqlDatabase):
                 raise NotFound(f"job {job_id!r} not found")
             return _insert_event(db, job_id, kind, data, time)
 
-    def list_job_events(self, tenant: str, job_id: str, before: int | None = None,
+    def list_job_events(self, tenant: str | None, job_id: str, before: int | None = None,
                         limit: int = 50) -> list[JobEventRecord]:
+        of_tenant, params = _of_tenant(tenant)
         with self._transaction() as db:
-            if db.execute("SELECT 1 FROM jobs WHERE id = ? AND tenant = ?",
-                          (job_id, tenant)).fetchone() is None:
+            if db.execute(f"SELECT 1 FROM jobs WHERE id = ? AND {of_tenant}",
+                          (job_id, *params)).fetchone() is None:
                 raise NotFound(f"job {job_id!r} not found")
             rows = db.execute("SELECT * FROM job_events WHERE job_id = ? AND sequence < ? "
                               "ORDER BY sequence DESC LIMIT ?",

@@ -221,10 +221,12 @@ class Jobs:
                              training_pb2.CancelJobRequest(id=job_id, all_tenants=all_tenants),
                              Job.from_pb)
 
-    def events(self, job_id: str, page_size: int = 0):
+    def events(self, job_id: str, page_size: int = 0, all_tenants: bool = False):
         """The job's stored events (JobEvent), newest first: every state change, error,
-        evaluation and checkpoint, and its progress thinned to about 100 events."""
-        request = training_pb2.ListJobEventsRequest(job_id=job_id, page_size=page_size)
+        evaluation and checkpoint, and its progress thinned to about 100 events.
+        `all_tenants` (admin tokens only): the job may be any tenant's."""
+        request = training_pb2.ListJobEventsRequest(job_id=job_id, page_size=page_size,
+                                                    all_tenants=all_tenants)
         return self._t.paginate(self._stub.ListJobEvents, request, "events", JobEvent.from_pb)
 
     def watch(self, job_id: str, timeout: float | None = None):

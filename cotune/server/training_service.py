@@ -93,7 +93,8 @@ class TrainingService(training_pb2_grpc.TrainingServiceServicer):
     def ListJobEvents(self, request, context, tenant):
         size = convert.page_size(request.page_size)
         before = convert.page_after(request.page_token, int, "ListJobEvents")
-        records = self.registry.list_job_events(tenant.name, request.job_id, before, size)
+        records = self.registry.list_job_events(
+            _whose(tenant, request.all_tenants, "all_tenants"), request.job_id, before, size)
         return training_pb2.ListJobEventsResponse(
             events=[convert.stored_job_event(r) for r in records],
             next_page_token=convert.next_page(records, size, lambda r: r.sequence))
