@@ -3,6 +3,7 @@ of the server, the SDK and the CLI."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from contextlib import contextmanager
@@ -13,6 +14,10 @@ from conftest import make_peft_adapter, tiny_hf_model, tiny_tokenizer
 
 from cotune.bench.server_process import ServerProcess
 from cotune.bench.server_process import start_server as start_process
+
+# Eight prompt/completion lines of JSONL: the training data of the tests' jobs.
+TRAINING_DATA = "\n".join(json.dumps({"prompt": f"the cat {i}", "completion": " sat on the mat"})
+                          for i in range(8)).encode()
 
 
 def tiny_model_dir(root: Path) -> Path:

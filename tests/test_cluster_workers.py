@@ -8,7 +8,6 @@ runs, and recovers when the database is back."""
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import secrets
 import signal
@@ -17,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from server_helpers import running_server, start_server, tiny_adapter_dir
+from server_helpers import TRAINING_DATA, running_server, start_server, tiny_adapter_dir
 from sqlalchemy.engine import make_url
 
 from cotune.client import (
@@ -30,8 +29,6 @@ from cotune.client import (
 )
 
 pytestmark = pytest.mark.slow
-DATA = "\n".join(json.dumps({"prompt": f"the cat {i}", "completion": " sat on the mat"})
-                 for i in range(8)).encode()
 pytest_plugins = ["postgres_server", "s3_server"]
 
 
@@ -103,13 +100,13 @@ def test_workers_on_separate_nodes_share_tenants_tokens_quotas_and_versions(clus
                     (uploaded / name).read_bytes()
             with pytest.raises(ResourceExhausted, match="has 1 adapters, its max_adapters"):
                 on_two.adapters.create("second", tiny_adapter_dir(tmp_path / "b", seed=2))
-            job = on_one.jobs.create("first", DATA, max_steps=2, idempotency_key="job-1")
-            again = on_two.jobs.create("first", DATA, max_steps=2, idempotency_key="job-1")
+            job = on_one.jobs.create("first", TRAINING_DATA, max_steps=2, idempotency_key="job-1")
+            again = on_two.jobs.create("first", TRAINING_DATA, max_steps=2, idempotency_key="job-1")
             assert again.id == job.id and [j.id for j in on_two.jobs.list()] == [job.id]
             with pytest.raises(InvalidArgument, match="'job-1' was used by another CreateJob"):
-                on_two.jobs.create("first", DATA, max_steps=3, idempotency_key="job-1")
+                on_two.jobs.create("first", TRAINING_DATA, max_steps=3, idempotency_key="job-1")
             on_one.jobs.wait(job.id, timeout=120)
-            endless = on_one.jobs.create("first", DATA, max_steps=100_000, batch_size=1)
+            endless = on_one.jobs.create("first", TRAINING_DATA, max_steps=100_000, batch_size=1)
             assert on_two.jobs.cancel(endless.id).state == "cancelled"  # not its worker
             events = list(on_one.jobs.watch(endless.id, timeout=60))  # its worker stops it
             assert [e.state for e in events if e.kind == "state"][-1] == "cancelled"
@@ -162,7 +159,7 @@ def test_a_job_whose_store_goes_away_publishes_its_versions_at_a_later_checkpoin
             Client(server.address, server.admin_token) as admin:
         s3_server.stop()
         try:
-            job = admin.jobs.create("tuned", DATA, max_steps=60, checkpoint_every=3,
+            job = admin.jobs.create("tuned", TRAINING_DATA, max_steps=60, checkpoint_every=3,
                                     batch_size=1)
             for event in admin.jobs.watch(job.id, timeout=120):
                 if event.kind == "evaluation" and event.step >= 6:
@@ -190,10 +187,10 @@ def test_a_job_outlives_the_kill_9_of_its_worker_and_ends_on_another_with_the_sa
         with running_server(tmp_path, *args, *lease, "--worker-id", "node-2",
                             data_dir=tmp_path / "node-2", env=env) as two, \
                 Client(two.address, two.admin_token) as on_two:
-            reference = on_two.jobs.create("reference", DATA, **job_settings)
+            reference = on_two.jobs.create("reference", TRAINING_DATA, **job_settings)
             assert on_two.jobs.wait(reference.id, timeout=300).state == "succeeded"
             with Client(one.address, one.admin_token) as on_one:
-                job = on_one.jobs.create("interrupted", DATA, **job_settings)
+                job = on_one.jobs.create("interrupted", TRAINING_DATA, **job_settings)
                 for event in on_one.jobs.watch(job.id, timeout=120):
                     if event.kind == "checkpoint":  # its first version, then the kill
                         break

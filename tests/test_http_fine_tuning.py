@@ -6,19 +6,16 @@ quota and not-found errors as OpenAI's."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import httpx2 as httpx
 import openai
 import pytest
-from server_helpers import running_server
+from server_helpers import TRAINING_DATA, running_server
 from wire import Caller
 
 pytestmark = pytest.mark.slow
 
-DATA = "\n".join(json.dumps({"prompt": f"the cat {i}", "completion": " sat on the mat"})
-                 for i in range(8)).encode()
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +36,7 @@ def client(server, token: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.openai_url(), api_key=token, max_retries=0)
 
 
-def upload(api: openai.OpenAI, data: bytes = DATA, name: str = "train.jsonl"):
+def upload(api: openai.OpenAI, data: bytes = TRAINING_DATA, name: str = "train.jsonl"):
     return api.files.create(file=(name, data), purpose="fine-tune")
 
 
@@ -67,10 +64,10 @@ def test_files_are_uploaded_listed_read_and_deleted_and_others_files_are_404(ser
     created = upload(acme, name="cats.jsonl")
     assert created.id.startswith("file-") and created.object == "file"
     assert (created.bytes, created.filename, created.purpose, created.status) == \
-        (len(DATA), "cats.jsonl", "fine-tune", "processed")
+        (len(TRAINING_DATA), "cats.jsonl", "fine-tune", "processed")
     assert acme.files.retrieve(created.id) == created
     assert created.id in [f.id for f in acme.files.list()]
-    assert acme.files.content(created.id).content == DATA
+    assert acme.files.content(created.id).content == TRAINING_DATA
     with pytest.raises(openai.NotFoundError) as caught:
         globex.files.retrieve(created.id)
     assert caught.value.body["param"] == "file_id"
@@ -85,14 +82,14 @@ def test_files_are_uploaded_listed_read_and_deleted_and_others_files_are_404(ser
 
 def test_a_malformed_file_is_400_naming_its_line_and_is_not_kept(server, tokens):
     api = client(server, tokens["globex"])
-    bad = DATA + b'\n{"prompt": "no completion"}\n'
+    bad = TRAINING_DATA + b'\n{"prompt": "no completion"}\n'
     with pytest.raises(openai.BadRequestError) as caught:
         upload(api, bad, name="bad.jsonl")
     error = caught.value.body
     assert error["message"].startswith("bad.jsonl:9: missing field 'completion'")
     assert error["param"] == "file"
     with pytest.raises(openai.BadRequestError, match="purpose 'batch' not accepted"):
-        api.files.create(file=("x.jsonl", DATA), purpose="batch")
+        api.files.create(file=("x.jsonl", TRAINING_DATA), purpose="batch")
     assert api.files.list().data == []
 
 

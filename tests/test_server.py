@@ -4,7 +4,6 @@ checked against PEFT, and what survives kill -9 and SIGTERM."""
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -14,7 +13,7 @@ import pytest
 import torch
 from conftest import tiny_hf_model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_helpers import running_server, start_server, tiny_adapter_dir
+from server_helpers import TRAINING_DATA, running_server, start_server, tiny_adapter_dir
 from wire import ADAPTER_FILES, Caller, code_of
 
 from cotune.v1 import (
@@ -28,8 +27,6 @@ from cotune.v1 import (
 
 pytestmark = pytest.mark.slow
 
-TRAINING_DATA = "\n".join(json.dumps({"prompt": f"the cat {i}", "completion": " sat on the mat"})
-                          for i in range(8)).encode()
 JOB = dict(max_steps=6, checkpoint_every=2, batch_size=2, seed=3)
 
 

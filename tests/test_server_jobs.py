@@ -12,15 +12,13 @@ import time
 
 import grpc
 import pytest
-from server_helpers import running_server, start_server, tiny_adapter_dir
+from server_helpers import TRAINING_DATA, running_server, start_server, tiny_adapter_dir
 from wire import Caller, code_of
 
 from cotune.v1 import adapters_pb2, tenants_pb2, training_pb2
 
 pytestmark = pytest.mark.slow
 
-DATA = "\n".join(json.dumps({"prompt": f"the cat {i}", "completion": " sat on the mat"})
-                 for i in range(8)).encode()
 FAILED, CANCELLED = training_pb2.JOB_STATE_FAILED, training_pb2.JOB_STATE_CANCELLED
 LONG_JOB = dict(max_steps=100_000, batch_size=1)  # runs until it is stopped
 
@@ -57,7 +55,7 @@ def test_a_job_refused_a_version_by_max_versions_per_adapter_fails_and_frees_its
         server, admin):
     tenant = Caller(server.address, admin.new_tenant(
         "capped", max_versions_per_adapter=1, max_concurrent_jobs=1))
-    job = tenant.create_job("tuned", DATA, max_steps=4, checkpoint_every=1, batch_size=2)
+    job = tenant.create_job("tuned", TRAINING_DATA, max_steps=4, checkpoint_every=1, batch_size=2)
     state, error = last_events(tenant, job.id)
     assert state == FAILED
     assert "publishing version 2 of the job failed" in error
@@ -67,13 +65,13 @@ def test_a_job_refused_a_version_by_max_versions_per_adapter_fails_and_frees_its
     assert (stored.state, stored.error, list(stored.versions)) == (FAILED, error, ["tuned@v1"])
     assert [j.state for j in list_jobs(tenant)] == [FAILED]
     # its place among max_concurrent_jobs is free again
-    second = tenant.create_job("other", DATA, max_steps=1, batch_size=2)
+    second = tenant.create_job("other", TRAINING_DATA, max_steps=1, batch_size=2)
     assert last_events(tenant, second.id)[0] == training_pb2.JOB_STATE_SUCCEEDED
     tenant.close()
 
 
 def test_a_job_keeps_the_training_state_of_its_newest_two_versions_only(server, admin):
-    job = admin.create_job("pruned", DATA, max_steps=5, checkpoint_every=1, batch_size=2)
+    job = admin.create_job("pruned", TRAINING_DATA, max_steps=5, checkpoint_every=1, batch_size=2)
     assert last_events(admin, job.id)[0] == training_pb2.JOB_STATE_SUCCEEDED
     out = server.data_dir / "jobs" / job.id / "out" / "pruned"
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".state")) == \
@@ -89,7 +87,7 @@ def test_an_admin_lists_and_cancels_every_tenants_jobs_and_a_tenant_only_its_own
         server, admin):
     alice = Caller(server.address, admin.new_tenant("alice"))
     bob = Caller(server.address, admin.new_tenant("bob"))
-    job = bob.create_job("long", DATA, **LONG_JOB)
+    job = bob.create_job("long", TRAINING_DATA, **LONG_JOB)
     running(bob, job.id)
     denied = grpc.StatusCode.PERMISSION_DENIED
     assert code_of(lambda: list_jobs(alice, all_tenants=True)) == denied
@@ -125,7 +123,7 @@ def test_deleting_a_tenant_stops_its_tokens_at_once_cancels_its_job_and_removes_
     token = admin.new_tenant("doomed")
     doomed = Caller(server.address, token)
     doomed.upload("kept", tiny_adapter_dir(server.root / "doomed-adapter", seed=2))
-    job = doomed.create_job("long", DATA, **LONG_JOB)
+    job = doomed.create_job("long", TRAINING_DATA, **LONG_JOB)
     running(doomed, job.id)
     watch = doomed.watch(job.id)
     events = [next(watch)]  # the watch is open on the server before the tenant goes
@@ -190,7 +188,8 @@ def test_a_stored_job_that_cannot_resume_fails_at_the_next_start_and_lists(tmp_p
         assert (job.id, job.state, job.total_steps) == ("job-00000000000000ff", FAILED, 2**31 - 1)
         assert job.error.startswith("the job could not be resumed: epochs 1000000000 not "
                                     "accepted; accepted: a whole number from 1 to 10000")
-        fresh = admin.create_job("fresh", DATA, max_steps=2, batch_size=2)  # the engine is free
+        # the engine is free
+        fresh = admin.create_job("fresh", TRAINING_DATA, max_steps=2, batch_size=2)
         assert last_events(admin, fresh.id)[0] == training_pb2.JOB_STATE_SUCCEEDED
         admin.close()
     finally:
