@@ -28,7 +28,8 @@ from cotune.engine.scheduler import (
 )
 from cotune.engine.sequence import Sequence
 from cotune.engine.step_time import StepTimeModel
-from cotune.engine.trainer import Published, Trainer, TrainingWork
+from cotune.engine.example_pieces import TrainingWork
+from cotune.engine.trainer import Published, Trainer
 from cotune.engine.training_lane import LanePass, TrainingLane
 from cotune.model.llama import CausalLM, ForwardBatch
 from cotune.model.lora_routing import LoraRouting
@@ -302,7 +303,7 @@ class Engine:
         hidden = batch = None
         if inference_rows or (work is not None and work.forward_tokens):
             batch = self._batch(chunks, work)
-            with torch.set_grad_enabled(work is not None and bool(work.pieces)):
+            with torch.set_grad_enabled(work is not None and work.needs_grad):
                 hidden = self.model(batch)  # (T, hidden)
         seconds = time.perf_counter() - started
         with torch.no_grad():

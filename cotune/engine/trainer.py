@@ -6,11 +6,9 @@ The engine drives it, once per step that has room for training:
   ... one forward pass over inference rows and work.pieces' rows ...
   trainer.train(work, hidden_of_those_rows, model.logits)  # losses, then backward
 Training is token-level: an example runs as pieces over several steps when a step has
-room for only part of it. Each piece's forward attends over the keys and values of the
-earlier pieces (training_rows.ExampleKV); once the last piece is forwarded, the pieces' backward
-runs in reverse order, again over as many steps as it needs. A micro-batch's loss is
-normalised by its own number of target tokens, so the gradients of its pieces add up to
-those of the whole micro-batch; the optimizer steps at the end of an accumulation window.
+room for only part of it (example_pieces.py). A micro-batch's loss is normalised by its own
+number of target tokens, so the gradients of its pieces add up to those of the whole
+micro-batch; the optimizer steps at the end of an accumulation window.
 
 A job that spans the ranks of a sharded base runs on every rank with the same spec: each rank
 takes every world_size-th example of each micro-batch, normalised by the target tokens of the
@@ -24,7 +22,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -33,64 +31,13 @@ from torch.nn import functional as F
 
 from cotune.adapters.peft_format import LoraAdapter, LoraModule, load_peft_adapter
 from cotune.engine.checkpoint import latest_version, load_checkpoint, save_checkpoint
-from cotune.engine.evaluation import EvalItem, Evaluation, shifted_targets
+from cotune.engine.evaluation import Evaluation, shifted_targets
+from cotune.engine.example_pieces import Cost, ExamplePieces, ExampleRun, TrainingWork
 from cotune.engine.finetune_spec import MAX_STEPS, FinetuneSpec, SpecError
 from cotune.engine.training_data import Example, read_training_data, split_eval
 from cotune.model.llama import CausalLM
 from cotune.model.lora_routing import TrainableLora
-from cotune.model.training_rows import ExampleKV, TrainingPiece, TrainingRows
-
-# seconds of a step's training work: cost(forward tokens, backward tokens, backward passes)
-Cost = Callable[[int, int, int], float]
-
-
-@dataclass
-class _ExampleRun:
-    """An example of the current micro-batch on its way through forward and backward."""
-
-    example: Example
-    targets: torch.Tensor  # (length,) the token each row predicts, -100 for none
-    kv: ExampleKV | None = None  # made when the example runs as more than one piece
-    planned: int = 0  # tokens whose forward is planned (run: `held`)
-    # (piece, its loss with its pass's graph, the pass's rows) forwarded alone, backward not
-    # yet run; in order
-    held: list[tuple[TrainingPiece, torch.Tensor, TrainingRows]] = field(default_factory=list)
-
-    @property
-    def length(self) -> int:
-        return len(self.example.token_ids)
-
-
-
-@dataclass
-class TrainingWork:
-    """A step's training work, as `Trainer.plan` chose it.
-
-    pieces:        forwarded in the step's pass, rows in this order. One backward covers
-                   them all (they share the pass's graph): in this step when `backward_now`,
-                   else later, when the pass holds a single piece of a split example.
-    held_backward: (example, count) the backward of its `count` newest held pieces, each
-                   forwarded alone in an earlier pass, newest first.
-    evaluation:    examples of a version's evaluation, forwarded in passes of their own
-                   (a job that is publishing a version trains no more until it is out).
-    """
-
-    pieces: list[TrainingPiece] = field(default_factory=list)
-    runs: list[_ExampleRun] = field(default_factory=list)  # the example of each piece
-    backward_now: bool = False
-    held_backward: list[tuple[_ExampleRun, int]] = field(default_factory=list)
-    forward_tokens: int = 0
-    backward_tokens: int = 0
-    backward_passes: int = 0  # graphs whose backward runs in this step
-    evaluation: list[EvalItem] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.forward_tokens or self.backward_tokens or self.evaluation)
-
-    def token_ids(self) -> list[list[int]]:
-        """The token ids of each piece, in the order of `pieces`."""
-        return [run.example.token_ids[piece.start:piece.start + piece.length]
-                for piece, run in zip(self.pieces, self.runs)]
+from cotune.model.training_rows import TrainingRows
 
 
 @dataclass(frozen=True)
@@ -142,8 +89,9 @@ class Trainer:
         self.awaiting_ranks = False  # a spanning job's share is done; its step waits for the ranks
         self._window_loss = 0.0
         self._pending: list[Example] = []  # examples of the micro-batch not yet started
-        self._runs: list[_ExampleRun] = []  # those started whose backward is not done
         self._normaliser = 0
+        # those started whose backward is not done
+        self.pieces = ExamplePieces(model, self.lora, self._next_run)
         self._resume()
 
     @property
@@ -154,80 +102,23 @@ class Trainer:
     @property
     def partial_examples(self) -> int:
         """Examples forwarded in part: the rest of them runs in later steps."""
-        return sum(0 < run.planned < run.length for run in self._runs)
+        return self.pieces.partial_examples
 
     def plan(self, seconds: float, cost: Cost, max_tokens: int, split: bool = True,
              at_least_one: bool = False) -> TrainingWork:
         """The training work that fits in `seconds` by `cost`, with at most `max_tokens`
-        forward rows. First the backward of held pieces (oldest example first, newest piece
-        first); then whole examples of the current micro-batch, forward and backward in this
-        step, as long as they fit; then a piece of the next example, sized so that its own
-        backward fits a room like this one, and evenly (a stub of a last piece would cost a
-        pass of its own). A piece that is not its example's last goes alone in its pass
-        (the pieces of a pass share one backward). `split`: False keeps every example
-        whole. `at_least_one`: the smallest unit of work even when nothing fits (the job's
-        floor, or nothing served). While a version is being published: the next examples
-        of its evaluation that fit, and no training."""
+        forward rows, from the current micro-batch's examples (ExamplePieces.plan). While a
+        version is being published: the next examples of its evaluation that fit, and no
+        training."""
         work = TrainingWork()
         if self._evaluation is not None:
             work.evaluation = self._evaluation.take(
                 lambda tokens: tokens <= max_tokens and cost(tokens, 0, 0) <= seconds,
                 at_least_one)
             return work
-        if not self._runs and not self._pending:
+        if not self.pieces.runs and not self._pending:
             self._start_micro_batch()
-
-        def fits(forward: int, backward: int = 0, passes: int = 0, unit: bool = True) -> bool:
-            """Whether the work planned so far plus this much still fits (costs have fixed
-            parts: the whole step's work is priced, not the increment); or, with
-            `at_least_one` and nothing planned yet, whether it is a smallest unit (`unit`)."""
-            total = cost(work.forward_tokens + forward, work.backward_tokens + backward,
-                         work.backward_passes + passes)
-            return total <= seconds or (at_least_one and unit and not work)
-
-        def take_held(run: _ExampleRun) -> bool:
-            """Plans the backward of run's held pieces, newest first, while they fit; True if
-            all did."""
-            count = 0
-            for piece, _, _ in reversed(run.held):
-                if not fits(0, piece.length, 1):
-                    break
-                count += 1
-                work.backward_tokens += piece.length
-                work.backward_passes += 1
-            if count:
-                work.held_backward.append((run, count))
-            return count == len(run.held)
-
-        for run in self._runs:
-            if run.planned == run.length and not take_held(run):
-                return work
-        while work.forward_tokens < max_tokens:
-            run = self._forwarding_run()
-            if run is None:
-                break
-            remaining, rows = run.length - run.planned, max_tokens - work.forward_tokens
-            new_pass = 0 if work.backward_now else 1  # the pass's pieces share one backward
-            whole = run.planned == 0 and not split
-            # a whole example is the smallest unit only where examples are never split
-            if (remaining <= rows or whole) and fits(remaining, remaining, new_pass,
-                                                     unit=not split):
-                self._add_piece(work, run, remaining)  # the rest of it, its backward now
-                work.backward_now = True
-                work.backward_tokens += remaining
-                work.backward_passes += new_pass
-                if run.held:
-                    take_held(run)
-                    break
-                continue
-            if not split or work.pieces:
-                break  # a piece whose backward waits goes alone in its pass
-            n = _most(min(remaining, rows), lambda k: fits(k) and cost(0, k, 1) <= seconds)
-            if n < 1 and at_least_one and not work:
-                n = 1
-            if n >= 1:
-                self._add_piece(work, run, -(-remaining // -(-remaining // n)))
-            break
+        self.pieces.plan(work, seconds, cost, max_tokens, split, at_least_one)
         return work
 
     def train(self, work: TrainingWork, hidden: torch.Tensor | None,
@@ -238,30 +129,10 @@ class Trainer:
         if work.evaluation:
             self._evaluation.run(work.evaluation, self.model)
             return False
-        if work.pieces:
-            losses = []
-            for piece, run, states in zip(work.pieces, work.runs,
-                                          hidden.split([p.length for p in work.pieces])):
-                targets = run.targets[piece.start:piece.start + piece.length]
-                losses.append(F.cross_entropy(logits(states), targets, ignore_index=-100,
-                                              reduction="sum") / self._normaliser)
-            loss = torch.stack(losses).sum()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()}")
-            if work.backward_now:
-                rows.backward(loss)
-                self._window_loss += loss.item()
-                self.tokens += work.forward_tokens
-            else:
-                work.runs[0].held.append((work.pieces[0], loss, rows))
-        for run, count in work.held_backward:
-            for _ in range(count):
-                piece, loss, piece_rows = run.held.pop()
-                piece_rows.backward(loss)
-                self._window_loss += loss.item()
-                self.tokens += piece.length
-        self._runs = [run for run in self._runs if run.planned < run.length or run.held]
-        if self._runs or self._pending:
+        loss, tokens = self.pieces.train(work, hidden, logits, rows)
+        self._window_loss += loss
+        self.tokens += tokens
+        if self.pieces.runs or self._pending:
             return False
         self.micro += 1
         if self.micro < self.spec.grad_accumulation and not self._epoch_ends():
@@ -295,28 +166,19 @@ class Trainer:
     def _publish_ready(self) -> Published | None:
         return self.checkpoint() if self.checkpoint_ready else None
 
-    def _add_piece(self, work: TrainingWork, run: _ExampleRun, n: int) -> None:
-        """Plans the forward of run's next n tokens as a piece of this step's pass."""
-        if n < run.length and run.kv is None:
-            weight = self.model.model.embed_tokens.weight
-            run.kv = ExampleKV(self.model.config, run.length, weight.dtype, weight.device)
-        work.pieces.append(TrainingPiece(self.lora, run.planned, n, run.kv))
-        work.runs.append(run)
-        work.forward_tokens += n
-        run.planned += n
-
-    def _forwarding_run(self) -> _ExampleRun | None:
-        """The example whose forward goes on next: one under way, else the micro-batch's
-        next example not started (None when every one has been forwarded)."""
-        for run in self._runs:
-            if run.planned < run.length:
-                return run
+    def _next_run(self) -> ExampleRun | None:
+        """The micro-batch's next example not started, with its loss: cross-entropy over its
+        target tokens, normalised by the micro-batch's."""
         if not self._pending:
             return None
         example = self._pending.pop(0)
-        run = _ExampleRun(example, shifted_targets([example], self.model.device))
-        self._runs.append(run)
-        return run
+        targets, normaliser = shifted_targets([example], self.model.device), self._normaliser
+
+        def loss(logits: torch.Tensor, start: int, n: int) -> torch.Tensor:
+            return F.cross_entropy(logits, targets[start:start + n], ignore_index=-100,
+                                   reduction="sum") / normaliser
+
+        return ExampleRun(example.token_ids, loss)
 
     def synced_optimizer_step(self, all_reduce_sum) -> None:
         """The optimizer step of a spanning job, called on every rank at once: the ranks'
@@ -509,15 +371,3 @@ def _general_text(tokenizer, max_length: int) -> list[Example]:
         ids = tokenizer(paragraph).input_ids[:max_length]
         examples.append(Example(ids, [False] + [True] * (len(ids) - 1)))
     return examples
-
-
-def _most(limit: int, ok: Callable[[int], bool]) -> int:
-    """The largest n in [0, limit] with ok(n), for ok true up to some n and false after."""
-    low, high = 0, limit
-    while low < high:
-        middle = (low + high + 1) // 2
-        if ok(middle):
-            low = middle
-        else:
-            high = middle - 1
-    return low
