@@ -27,6 +27,7 @@ _QUOTA_FLAGS = {  # flag: (Quotas field, what it limits)
     "--max-jobs": ("max_concurrent_jobs", "concurrent jobs"),
     "--max-queued": ("max_queued_requests", "generations in flight"),
     "--max-tokens-per-minute": ("max_tokens_per_minute", "prompt and generated tokens a minute"),
+    "--max-sessions": ("max_sessions", "RL sessions open at once on a server"),
 }
 
 

@@ -148,6 +148,8 @@ def test_monitoring_objects_can_each_be_turned_off():
     (["--set-string", "http.enabled=yes"], "http.enabled"),
     (["--set", "server.keepTrainingStates=0"], "server.keepTrainingStates"),
     (["--set", "server.uploadIdleTimeoutSeconds=0"], "server.uploadIdleTimeoutSeconds"),
+    (["--set", "server.sessionIdleTimeoutSeconds=0"], "server.sessionIdleTimeoutSeconds"),
+    (["--set", "server.defaultQuotas.maxSessions=-1"], "server.defaultQuotas.maxSessions"),
     (["--set", "server.healthStallSeconds=-1"], "server.healthStallSeconds"),
     (["--set", "server.maxLogprobs=-1"], "server.maxLogprobs"),
     (["--set", "server.maxOpenStreamsPerTenant=-1"], "server.maxOpenStreamsPerTenant"),
@@ -323,6 +325,8 @@ def test_server_values_reach_the_flags_of_cotune_serve():
         "--set", "server.maxLogprobs=3",
         "--set", "server.healthStallSeconds=90,server.keepTrainingStates=4",
         "--set-json", "server.jobLeaseSeconds=12.5",
+        "--set-json", "server.sessionIdleTimeoutSeconds=45.5",
+        "--set", "server.defaultQuotas.maxSessions=3",
         "--set", "ports.http=8080",
         "--set-json", "server.tenantIsolation=2.5", "--set", "server.maxFilesPerTenant=7",
         # floats to Helm, as numbers of a values file are: no 1.048576e+06 may reach int()
@@ -334,6 +338,7 @@ def test_server_values_reach_the_flags_of_cotune_serve():
     assert (parsed.upload_idle_timeout, parsed.max_logprobs) == (7.5, 3)
     assert (parsed.health_stall_seconds, parsed.keep_training_states) == (90, 4)
     assert parsed.job_lease_seconds == 12.5
+    assert (parsed.session_idle_timeout, parsed.default_max_sessions) == (45.5, 3)
     assert parsed.http_port == 8080
 
 
@@ -347,7 +352,8 @@ def test_default_values_leave_the_servers_own_defaults():
     for flag in ("max_open_streams", "max_open_streams_per_tenant", "upload_idle_timeout",
                  "max_logprobs", "health_stall_seconds", "keep_training_states",
                  "max_queued_requests", "max_upload_mb", "max_rank", "num_slots",
-                 "tenant_isolation", "max_files_per_tenant"):
+                 "tenant_isolation", "max_files_per_tenant", "session_idle_timeout",
+                 "default_max_sessions"):
         assert getattr(parsed, flag) == getattr(own, flag), flag
 
 

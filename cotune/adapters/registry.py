@@ -99,6 +99,7 @@ class Quotas:
     max_concurrent_jobs: int = 0  # jobs queued or running
     max_queued_requests: int = 0  # generations in flight (enforced by the server)
     max_tokens_per_minute: int = 0  # prompt + generated tokens (enforced by the server)
+    max_sessions: int = 0  # RL sessions open at once on a server (enforced by the server)
 
 
 NO_LIMITS = Quotas()

@@ -269,6 +269,7 @@ class Quotas:
     max_concurrent_jobs: int | None = None
     max_queued_requests: int | None = None
     max_tokens_per_minute: int | None = None
+    max_sessions: int | None = None
 
     @classmethod
     def from_pb(cls, m) -> Quotas:

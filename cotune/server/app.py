@@ -88,7 +88,8 @@ class CotuneServer:
         stores = open_stores(args.blobs, data_dir, args.blob_cache_mb * 2**20)
         self.registry = open_registry(args.registry, data_dir, Quotas(
             args.default_max_adapters, args.default_max_versions, args.default_max_jobs,
-            args.default_max_queued, args.default_tokens_per_minute), stores)
+            args.default_max_queued, args.default_tokens_per_minute,
+            args.default_max_sessions), stores)
         self.admin_token_file = data_dir / "admin.token"
         self._bootstrap_admin(args.admin_token_file)
         self.runtime = self._load_runtime(args)

@@ -220,4 +220,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a tenant's generations in flight")
     limits.add_argument("--default-tokens-per-minute", type=int, default=0,
                         help="a tenant's prompt and generated tokens a minute")
+    limits.add_argument("--default-max-sessions", type=int, default=4,
+                        help="a tenant's RL sessions open at once on this server")
+    limits.add_argument("--session-idle-timeout", type=positive_seconds, default=600.0,
+                        metavar="SECONDS",
+                        help="an RL session with no call for this long is closed (its live "
+                             "weights and optimizer state dropped) and frees its place in the "
+                             "tenant's max_sessions")
     add_grace_period_argument(limits, 30.0)

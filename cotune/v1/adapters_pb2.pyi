@@ -66,7 +66,7 @@ class Adapter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., latest_version: _Optional[int] = ..., version_count: _Optional[int] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Provenance(_message.Message):
-    __slots__ = ("source", "base_fingerprint", "parent_version", "dataset_fingerprint", "hyperparameters", "job_id", "metrics")
+    __slots__ = ("source", "base_fingerprint", "parent_version", "dataset_fingerprint", "hyperparameters", "job_id", "metrics", "session_id", "steps")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,8 @@ class Provenance(_message.Message):
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     source: str
     base_fingerprint: str
     parent_version: int
@@ -88,7 +90,9 @@ class Provenance(_message.Message):
     hyperparameters: _struct_pb2.Struct
     job_id: str
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, source: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., parent_version: _Optional[int] = ..., dataset_fingerprint: _Optional[str] = ..., hyperparameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., job_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    session_id: str
+    steps: int
+    def __init__(self, source: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., parent_version: _Optional[int] = ..., dataset_fingerprint: _Optional[str] = ..., hyperparameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., job_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., session_id: _Optional[str] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class AdapterVersion(_message.Message):
     __slots__ = ("name", "version", "rank", "alpha", "target_modules", "size_bytes", "sha256", "provenance", "create_time")

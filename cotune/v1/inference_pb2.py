@@ -24,45 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63otune/v1/inference.proto\x12\tcotune.v1\"\xd8\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12/\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x13.cotune.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x17.cotune.v1.ChatMessagesH\x00\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.cotune.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.cotune.v1.ChatMessage\"\x98\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x15\n\x08logprobs\x18\x08 \x01(\x05H\x05\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\t\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.cotune.v1.TopLogprob\x12\r\n\x05token\x18\x04 \x01(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0cttft_seconds\x18\x03 \x01(\x01\"\xd4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.cotune.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.cotune.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.cotune.v1.Usage\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x15\n\x13GetModelInfoRequest\"\xcc\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bmax_context\x18\x04 \x01(\x05\x12\x10\n\x08max_rank\x18\x05 \x01(\x05\x12\x14\n\x0clora_targets\x18\x06 \x03(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x13\n\x0bhidden_size\x18\t \x01(\x05\x12\x12\n\nnum_layers\x18\n \x01(\x05*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa0\x02\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1a.cotune.v1.GenerateRequest\x1a\x1b.cotune.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.cotune.v1.AbortRequest\x1a\x18.cotune.v1.AbortResponse\x12\x43\n\x08Tokenize\x12\x1a.cotune.v1.TokenizeRequest\x1a\x1b.cotune.v1.TokenizeResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.cotune.v1.GetModelInfoRequest\x1a\x14.cotune.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63otune/v1/inference.proto\x12\tcotune.v1\"\xe9\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12/\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x13.cotune.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x17.cotune.v1.ChatMessagesH\x00\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.cotune.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0f\n\x07session\x18\x07 \x01(\tB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.cotune.v1.ChatMessage\"\x98\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x15\n\x08logprobs\x18\x08 \x01(\x05H\x05\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\t\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.cotune.v1.TopLogprob\x12\r\n\x05token\x18\x04 \x01(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0cttft_seconds\x18\x03 \x01(\x01\"\xed\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.cotune.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.cotune.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.cotune.v1.Usage\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x12\x17\n\x0fweights_version\x18\x08 \x01(\x03\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x15\n\x13GetModelInfoRequest\"\xcc\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bmax_context\x18\x04 \x01(\x05\x12\x10\n\x08max_rank\x18\x05 \x01(\x05\x12\x14\n\x0clora_targets\x18\x06 \x03(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x13\n\x0bhidden_size\x18\t \x01(\x05\x12\x12\n\nnum_layers\x18\n \x01(\x05*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa0\x02\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1a.cotune.v1.GenerateRequest\x1a\x1b.cotune.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.cotune.v1.AbortRequest\x1a\x18.cotune.v1.AbortResponse\x12\x43\n\x08Tokenize\x12\x1a.cotune.v1.TokenizeRequest\x1a\x1b.cotune.v1.TokenizeResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.cotune.v1.GetModelInfoRequest\x1a\x14.cotune.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cotune.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1505
-  _globals['_FINISHREASON']._serialized_end=1625
+  _globals['_FINISHREASON']._serialized_start=1547
+  _globals['_FINISHREASON']._serialized_end=1667
   _globals['_GENERATEREQUEST']._serialized_start=41
-  _globals['_GENERATEREQUEST']._serialized_end=257
-  _globals['_TOKENIDS']._serialized_start=259
-  _globals['_TOKENIDS']._serialized_end=282
-  _globals['_CHATMESSAGE']._serialized_start=284
-  _globals['_CHATMESSAGE']._serialized_end=328
-  _globals['_CHATMESSAGES']._serialized_start=330
-  _globals['_CHATMESSAGES']._serialized_end=386
-  _globals['_SAMPLINGPARAMS']._serialized_start=389
-  _globals['_SAMPLINGPARAMS']._serialized_end=669
-  _globals['_TOPLOGPROB']._serialized_start=671
-  _globals['_TOPLOGPROB']._serialized_end=733
-  _globals['_TOKENLOGPROB']._serialized_start=735
-  _globals['_TOKENLOGPROB']._serialized_end=835
-  _globals['_USAGE']._serialized_start=837
-  _globals['_USAGE']._serialized_end=916
-  _globals['_GENERATERESPONSE']._serialized_start=919
-  _globals['_GENERATERESPONSE']._serialized_end=1131
-  _globals['_ABORTREQUEST']._serialized_start=1133
-  _globals['_ABORTREQUEST']._serialized_end=1167
-  _globals['_ABORTRESPONSE']._serialized_start=1169
-  _globals['_ABORTRESPONSE']._serialized_end=1201
-  _globals['_TOKENIZEREQUEST']._serialized_start=1203
-  _globals['_TOKENIZEREQUEST']._serialized_end=1234
-  _globals['_TOKENIZERESPONSE']._serialized_start=1236
-  _globals['_TOKENIZERESPONSE']._serialized_end=1273
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1275
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1296
-  _globals['_MODELINFO']._serialized_start=1299
-  _globals['_MODELINFO']._serialized_end=1503
-  _globals['_INFERENCESERVICE']._serialized_start=1628
-  _globals['_INFERENCESERVICE']._serialized_end=1916
+  _globals['_GENERATEREQUEST']._serialized_end=274
+  _globals['_TOKENIDS']._serialized_start=276
+  _globals['_TOKENIDS']._serialized_end=299
+  _globals['_CHATMESSAGE']._serialized_start=301
+  _globals['_CHATMESSAGE']._serialized_end=345
+  _globals['_CHATMESSAGES']._serialized_start=347
+  _globals['_CHATMESSAGES']._serialized_end=403
+  _globals['_SAMPLINGPARAMS']._serialized_start=406
+  _globals['_SAMPLINGPARAMS']._serialized_end=686
+  _globals['_TOPLOGPROB']._serialized_start=688
+  _globals['_TOPLOGPROB']._serialized_end=750
+  _globals['_TOKENLOGPROB']._serialized_start=752
+  _globals['_TOKENLOGPROB']._serialized_end=852
+  _globals['_USAGE']._serialized_start=854
+  _globals['_USAGE']._serialized_end=933
+  _globals['_GENERATERESPONSE']._serialized_start=936
+  _globals['_GENERATERESPONSE']._serialized_end=1173
+  _globals['_ABORTREQUEST']._serialized_start=1175
+  _globals['_ABORTREQUEST']._serialized_end=1209
+  _globals['_ABORTRESPONSE']._serialized_start=1211
+  _globals['_ABORTRESPONSE']._serialized_end=1243
+  _globals['_TOKENIZEREQUEST']._serialized_start=1245
+  _globals['_TOKENIZEREQUEST']._serialized_end=1276
+  _globals['_TOKENIZERESPONSE']._serialized_start=1278
+  _globals['_TOKENIZERESPONSE']._serialized_end=1315
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1317
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1338
+  _globals['_MODELINFO']._serialized_start=1341
+  _globals['_MODELINFO']._serialized_end=1545
+  _globals['_INFERENCESERVICE']._serialized_start=1670
+  _globals['_INFERENCESERVICE']._serialized_end=1958
 # @@protoc_insertion_point(module_scope)

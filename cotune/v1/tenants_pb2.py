@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63otune/v1/tenants.proto\x12\tcotune.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaa\x02\n\x06Quotas\x12\x19\n\x0cmax_adapters\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12%\n\x18max_versions_per_adapter\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12 \n\x13max_concurrent_jobs\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12 \n\x13max_queued_requests\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\"\n\x15max_tokens_per_minute\x18\x05 \x01(\x03H\x04\x88\x01\x01\x42\x0f\n\r_max_adaptersB\x1b\n\x19_max_versions_per_adapterB\x16\n\x14_max_concurrent_jobsB\x16\n\x14_max_queued_requestsB\x18\n\x16_max_tokens_per_minute\"\x9f\x01\n\x06Tenant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x64min\x18\x02 \x01(\x08\x12!\n\x06quotas\x18\x03 \x01(\x0b\x32\x11.cotune.v1.Quotas\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x06tokens\x18\x05 \x03(\x0b\x32\x14.cotune.v1.TokenInfo\"n\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\x04 \x01(\x08\"U\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x64min\x18\x02 \x01(\x08\x12!\n\x06quotas\x18\x03 \x01(\x0b\x32\x11.cotune.v1.Quotas\" \n\x10GetTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x12ListTenantsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"R\n\x13ListTenantsResponse\x12\"\n\x07tenants\x18\x01 \x03(\x0b\x32\x11.cotune.v1.Tenant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"C\n\x10SetQuotasRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x06quotas\x18\x02 \x01(\x0b\x32\x11.cotune.v1.Quotas\"8\n\x11IssueTokenRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"(\n\x0bIssuedToken\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\"&\n\x13RevokeTokenResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08\"#\n\x13\x44\x65leteTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa7\x01\n\x14\x44\x65leteTenantResponse\x12\x18\n\x10\x61\x64\x61pters_deleted\x18\x01 \x01(\x05\x12\x18\n\x10versions_deleted\x18\x02 \x01(\x05\x12\x14\n\x0cjobs_deleted\x18\x03 \x01(\x05\x12\x16\n\x0ejobs_cancelled\x18\x04 \x01(\x05\x12\x16\n\x0etokens_deleted\x18\x05 \x01(\x05\x12\x15\n\rfiles_deleted\x18\x06 \x01(\x05\x32\xfd\x03\n\rTenantService\x12\x41\n\x0c\x43reateTenant\x12\x1e.cotune.v1.CreateTenantRequest\x1a\x11.cotune.v1.Tenant\x12;\n\tGetTenant\x12\x1b.cotune.v1.GetTenantRequest\x1a\x11.cotune.v1.Tenant\x12L\n\x0bListTenants\x12\x1d.cotune.v1.ListTenantsRequest\x1a\x1e.cotune.v1.ListTenantsResponse\x12;\n\tSetQuotas\x12\x1b.cotune.v1.SetQuotasRequest\x1a\x11.cotune.v1.Tenant\x12\x42\n\nIssueToken\x12\x1c.cotune.v1.IssueTokenRequest\x1a\x16.cotune.v1.IssuedToken\x12L\n\x0bRevokeToken\x12\x1d.cotune.v1.RevokeTokenRequest\x1a\x1e.cotune.v1.RevokeTokenResponse\x12O\n\x0c\x44\x65leteTenant\x12\x1e.cotune.v1.DeleteTenantRequest\x1a\x1f.cotune.v1.DeleteTenantResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63otune/v1/tenants.proto\x12\tcotune.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x02\n\x06Quotas\x12\x19\n\x0cmax_adapters\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12%\n\x18max_versions_per_adapter\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12 \n\x13max_concurrent_jobs\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12 \n\x13max_queued_requests\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\"\n\x15max_tokens_per_minute\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x19\n\x0cmax_sessions\x18\x06 \x01(\x05H\x05\x88\x01\x01\x42\x0f\n\r_max_adaptersB\x1b\n\x19_max_versions_per_adapterB\x16\n\x14_max_concurrent_jobsB\x16\n\x14_max_queued_requestsB\x18\n\x16_max_tokens_per_minuteB\x0f\n\r_max_sessions\"\x9f\x01\n\x06Tenant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x64min\x18\x02 \x01(\x08\x12!\n\x06quotas\x18\x03 \x01(\x0b\x32\x11.cotune.v1.Quotas\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x06tokens\x18\x05 \x03(\x0b\x32\x14.cotune.v1.TokenInfo\"n\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07revoked\x18\x04 \x01(\x08\"U\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61\x64min\x18\x02 \x01(\x08\x12!\n\x06quotas\x18\x03 \x01(\x0b\x32\x11.cotune.v1.Quotas\" \n\x10GetTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x12ListTenantsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"R\n\x13ListTenantsResponse\x12\"\n\x07tenants\x18\x01 \x03(\x0b\x32\x11.cotune.v1.Tenant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"C\n\x10SetQuotasRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x06quotas\x18\x02 \x01(\x0b\x32\x11.cotune.v1.Quotas\"8\n\x11IssueTokenRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"(\n\x0bIssuedToken\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\"&\n\x13RevokeTokenResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08\"#\n\x13\x44\x65leteTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa7\x01\n\x14\x44\x65leteTenantResponse\x12\x18\n\x10\x61\x64\x61pters_deleted\x18\x01 \x01(\x05\x12\x18\n\x10versions_deleted\x18\x02 \x01(\x05\x12\x14\n\x0cjobs_deleted\x18\x03 \x01(\x05\x12\x16\n\x0ejobs_cancelled\x18\x04 \x01(\x05\x12\x16\n\x0etokens_deleted\x18\x05 \x01(\x05\x12\x15\n\rfiles_deleted\x18\x06 \x01(\x05\x32\xfd\x03\n\rTenantService\x12\x41\n\x0c\x43reateTenant\x12\x1e.cotune.v1.CreateTenantRequest\x1a\x11.cotune.v1.Tenant\x12;\n\tGetTenant\x12\x1b.cotune.v1.GetTenantRequest\x1a\x11.cotune.v1.Tenant\x12L\n\x0bListTenants\x12\x1d.cotune.v1.ListTenantsRequest\x1a\x1e.cotune.v1.ListTenantsResponse\x12;\n\tSetQuotas\x12\x1b.cotune.v1.SetQuotasRequest\x1a\x11.cotune.v1.Tenant\x12\x42\n\nIssueToken\x12\x1c.cotune.v1.IssueTokenRequest\x1a\x16.cotune.v1.IssuedToken\x12L\n\x0bRevokeToken\x12\x1d.cotune.v1.RevokeTokenRequest\x1a\x1e.cotune.v1.RevokeTokenResponse\x12O\n\x0c\x44\x65leteTenant\x12\x1e.cotune.v1.DeleteTenantRequest\x1a\x1f.cotune.v1.DeleteTenantResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,33 +33,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cotune.v1.tenants_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_QUOTAS']._serialized_start=72
-  _globals['_QUOTAS']._serialized_end=370
-  _globals['_TENANT']._serialized_start=373
-  _globals['_TENANT']._serialized_end=532
-  _globals['_TOKENINFO']._serialized_start=534
-  _globals['_TOKENINFO']._serialized_end=644
-  _globals['_CREATETENANTREQUEST']._serialized_start=646
-  _globals['_CREATETENANTREQUEST']._serialized_end=731
-  _globals['_GETTENANTREQUEST']._serialized_start=733
-  _globals['_GETTENANTREQUEST']._serialized_end=765
-  _globals['_LISTTENANTSREQUEST']._serialized_start=767
-  _globals['_LISTTENANTSREQUEST']._serialized_end=826
-  _globals['_LISTTENANTSRESPONSE']._serialized_start=828
-  _globals['_LISTTENANTSRESPONSE']._serialized_end=910
-  _globals['_SETQUOTASREQUEST']._serialized_start=912
-  _globals['_SETQUOTASREQUEST']._serialized_end=979
-  _globals['_ISSUETOKENREQUEST']._serialized_start=981
-  _globals['_ISSUETOKENREQUEST']._serialized_end=1037
-  _globals['_ISSUEDTOKEN']._serialized_start=1039
-  _globals['_ISSUEDTOKEN']._serialized_end=1079
-  _globals['_REVOKETOKENREQUEST']._serialized_start=1081
-  _globals['_REVOKETOKENREQUEST']._serialized_end=1113
-  _globals['_REVOKETOKENRESPONSE']._serialized_start=1115
-  _globals['_REVOKETOKENRESPONSE']._serialized_end=1153
-  _globals['_DELETETENANTREQUEST']._serialized_start=1155
-  _globals['_DELETETENANTREQUEST']._serialized_end=1190
-  _globals['_DELETETENANTRESPONSE']._serialized_start=1193
-  _globals['_DELETETENANTRESPONSE']._serialized_end=1360
-  _globals['_TENANTSERVICE']._serialized_start=1363
-  _globals['_TENANTSERVICE']._serialized_end=1872
+  _globals['_QUOTAS']._serialized_end=414
+  _globals['_TENANT']._serialized_start=417
+  _globals['_TENANT']._serialized_end=576
+  _globals['_TOKENINFO']._serialized_start=578
+  _globals['_TOKENINFO']._serialized_end=688
+  _globals['_CREATETENANTREQUEST']._serialized_start=690
+  _globals['_CREATETENANTREQUEST']._serialized_end=775
+  _globals['_GETTENANTREQUEST']._serialized_start=777
+  _globals['_GETTENANTREQUEST']._serialized_end=809
+  _globals['_LISTTENANTSREQUEST']._serialized_start=811
+  _globals['_LISTTENANTSREQUEST']._serialized_end=870
+  _globals['_LISTTENANTSRESPONSE']._serialized_start=872
+  _globals['_LISTTENANTSRESPONSE']._serialized_end=954
+  _globals['_SETQUOTASREQUEST']._serialized_start=956
+  _globals['_SETQUOTASREQUEST']._serialized_end=1023
+  _globals['_ISSUETOKENREQUEST']._serialized_start=1025
+  _globals['_ISSUETOKENREQUEST']._serialized_end=1081
+  _globals['_ISSUEDTOKEN']._serialized_start=1083
+  _globals['_ISSUEDTOKEN']._serialized_end=1123
+  _globals['_REVOKETOKENREQUEST']._serialized_start=1125
+  _globals['_REVOKETOKENREQUEST']._serialized_end=1157
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=1159
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=1197
+  _globals['_DELETETENANTREQUEST']._serialized_start=1199
+  _globals['_DELETETENANTREQUEST']._serialized_end=1234
+  _globals['_DELETETENANTRESPONSE']._serialized_start=1237
+  _globals['_DELETETENANTRESPONSE']._serialized_end=1404
+  _globals['_TENANTSERVICE']._serialized_start=1407
+  _globals['_TENANTSERVICE']._serialized_end=1916
 # @@protoc_insertion_point(module_scope)

@@ -10,18 +10,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Quotas(_message.Message):
-    __slots__ = ("max_adapters", "max_versions_per_adapter", "max_concurrent_jobs", "max_queued_requests", "max_tokens_per_minute")
+    __slots__ = ("max_adapters", "max_versions_per_adapter", "max_concurrent_jobs", "max_queued_requests", "max_tokens_per_minute", "max_sessions")
     MAX_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     MAX_VERSIONS_PER_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_JOBS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     max_adapters: int
     max_versions_per_adapter: int
     max_concurrent_jobs: int
     max_queued_requests: int
     max_tokens_per_minute: int
-    def __init__(self, max_adapters: _Optional[int] = ..., max_versions_per_adapter: _Optional[int] = ..., max_concurrent_jobs: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_tokens_per_minute: _Optional[int] = ...) -> None: ...
+    max_sessions: int
+    def __init__(self, max_adapters: _Optional[int] = ..., max_versions_per_adapter: _Optional[int] = ..., max_concurrent_jobs: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_tokens_per_minute: _Optional[int] = ..., max_sessions: _Optional[int] = ...) -> None: ...
 
 class Tenant(_message.Message):
     __slots__ = ("name", "admin", "quotas", "create_time", "tokens")

@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from cotune.v1 import adapters_pb2 as cotune_dot_v1_dot_adapters__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63otune/v1/training.proto\x12\tcotune.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\nLoraConfig\x12\x11\n\x04rank\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05\x61lpha\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06rslora\x18\x03 \x01(\x08\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x14\n\x07\x64ropout\x18\x05 \x01(\x01H\x02\x88\x01\x01\x42\x07\n\x05_rankB\x08\n\x06_alphaB\n\n\x08_dropout\"\x83\x01\n\x0fOptimizerConfig\x12\x0f\n\x02lr\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rmax_grad_norm\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x05\n\x03_lrB\x0f\n\r_weight_decayB\x10\n\x0e_max_grad_norm\"\xa5\x05\n\x10\x43reateJobRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x17\n\rtraining_data\x18\x02 \x01(\x0cH\x00\x12\x15\n\x0bserver_path\x18\x03 \x01(\tH\x00\x12\x17\n\rtraining_file\x18\x12 \x01(\tH\x00\x12#\n\x04lora\x18\x04 \x01(\x0b\x32\x15.cotune.v1.LoraConfig\x12-\n\toptimizer\x18\x05 \x01(\x0b\x32\x1a.cotune.v1.OptimizerConfig\x12\x10\n\x08schedule\x18\x06 \x01(\t\x12\x19\n\x0cwarmup_steps\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nbatch_size\x18\x08 \x01(\x05H\x02\x88\x01\x01\x12\x1e\n\x11grad_accumulation\x18\t \x01(\x05H\x03\x88\x01\x01\x12\x13\n\x06\x65pochs\x18\n \x01(\x05H\x04\x88\x01\x01\x12\x16\n\tmax_steps\x18\x0b \x01(\x05H\x05\x88\x01\x01\x12\x17\n\nmax_length\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x1a\n\reval_fraction\x18\r \x01(\x01H\x07\x88\x01\x01\x12\x1d\n\x10\x63heckpoint_every\x18\x0e \x01(\x05H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\x0f \x01(\x03H\t\x88\x01\x01\x12\x16\n\tmin_share\x18\x10 \x01(\x01H\n\x88\x01\x01\x12\x14\n\x0c\x66rom_scratch\x18\x11 \x01(\x08\x12\x17\n\x0fidempotency_key\x18\x13 \x01(\tB\x06\n\x04\x64\x61taB\x0f\n\r_warmup_stepsB\r\n\x0b_batch_sizeB\x14\n\x12_grad_accumulationB\t\n\x07_epochsB\x0c\n\n_max_stepsB\r\n\x0b_max_lengthB\x10\n\x0e_eval_fractionB\x13\n\x11_checkpoint_everyB\x07\n\x05_seedB\x0c\n\n_min_share\"\xa6\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.cotune.v1.JobState\x12\x0c\n\x04step\x18\x04 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x05\x12\x0e\n\x06tokens\x18\x06 \x01(\x03\x12\x11\n\x04loss\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\teval_loss\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08versions\x18\t \x03(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x30\n\x0fhyperparameters\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\x0e \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\x12\x15\n\rtraining_file\x18\x10 \x01(\tB\x07\n\x05_lossB\x0c\n\n_eval_loss\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"q\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.cotune.v1.JobState\x12\x13\n\x0b\x61ll_tenants\x18\x04 \x01(\x08\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cotune.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"3\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x61ll_tenants\x18\x02 \x01(\x08\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"f\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\"\x7f\n\nEvaluation\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x33\n\x07metrics\x18\x02 \x03(\x0b\x32\".cotune.v1.Evaluation.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x90\x01\n\nCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x33\n\x07metrics\x18\x03 \x03(\x0b\x32\".cotune.v1.Checkpoint.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x99\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x13.cotune.v1.JobStateH\x00\x12\'\n\x08progress\x18\x04 \x01(\x0b\x32\x13.cotune.v1.ProgressH\x00\x12+\n\nevaluation\x18\x05 \x01(\x0b\x32\x15.cotune.v1.EvaluationH\x00\x12+\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x15.cotune.v1.CheckpointH\x00\x12\x0f\n\x05\x65rror\x18\x07 \x01(\tH\x00\x12\x10\n\x08sequence\x18\x08 \x01(\x03\x42\x07\n\x05\x65vent\"b\n\x14ListJobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x13\n\x0b\x61ll_tenants\x18\x04 \x01(\x08\"U\n\x15ListJobEventsResponse\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.cotune.v1.JobEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\x91\x03\n\x0fTrainingService\x12\x38\n\tCreateJob\x12\x1b.cotune.v1.CreateJobRequest\x1a\x0e.cotune.v1.Job\x12\x32\n\x06GetJob\x12\x18.cotune.v1.GetJobRequest\x1a\x0e.cotune.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.cotune.v1.ListJobsRequest\x1a\x1b.cotune.v1.ListJobsResponse\x12\x38\n\tCancelJob\x12\x1b.cotune.v1.CancelJobRequest\x1a\x0e.cotune.v1.Job\x12=\n\x08WatchJob\x12\x1a.cotune.v1.WatchJobRequest\x1a\x13.cotune.v1.JobEvent0\x01\x12R\n\rListJobEvents\x12\x1f.cotune.v1.ListJobEventsRequest\x1a .cotune.v1.ListJobEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63otune/v1/training.proto\x12\tcotune.v1\x1a\x18\x63otune/v1/adapters.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x01\n\nLoraConfig\x12\x11\n\x04rank\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05\x61lpha\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x0e\n\x06rslora\x18\x03 \x01(\x08\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x14\n\x07\x64ropout\x18\x05 \x01(\x01H\x02\x88\x01\x01\x42\x07\n\x05_rankB\x08\n\x06_alphaB\n\n\x08_dropout\"\x83\x01\n\x0fOptimizerConfig\x12\x0f\n\x02lr\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rmax_grad_norm\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x05\n\x03_lrB\x0f\n\r_weight_decayB\x10\n\x0e_max_grad_norm\"\xa5\x05\n\x10\x43reateJobRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x17\n\rtraining_data\x18\x02 \x01(\x0cH\x00\x12\x15\n\x0bserver_path\x18\x03 \x01(\tH\x00\x12\x17\n\rtraining_file\x18\x12 \x01(\tH\x00\x12#\n\x04lora\x18\x04 \x01(\x0b\x32\x15.cotune.v1.LoraConfig\x12-\n\toptimizer\x18\x05 \x01(\x0b\x32\x1a.cotune.v1.OptimizerConfig\x12\x10\n\x08schedule\x18\x06 \x01(\t\x12\x19\n\x0cwarmup_steps\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x17\n\nbatch_size\x18\x08 \x01(\x05H\x02\x88\x01\x01\x12\x1e\n\x11grad_accumulation\x18\t \x01(\x05H\x03\x88\x01\x01\x12\x13\n\x06\x65pochs\x18\n \x01(\x05H\x04\x88\x01\x01\x12\x16\n\tmax_steps\x18\x0b \x01(\x05H\x05\x88\x01\x01\x12\x17\n\nmax_length\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x1a\n\reval_fraction\x18\r \x01(\x01H\x07\x88\x01\x01\x12\x1d\n\x10\x63heckpoint_every\x18\x0e \x01(\x05H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\x0f \x01(\x03H\t\x88\x01\x01\x12\x16\n\tmin_share\x18\x10 \x01(\x01H\n\x88\x01\x01\x12\x14\n\x0c\x66rom_scratch\x18\x11 \x01(\x08\x12\x17\n\x0fidempotency_key\x18\x13 \x01(\tB\x06\n\x04\x64\x61taB\x0f\n\r_warmup_stepsB\r\n\x0b_batch_sizeB\x14\n\x12_grad_accumulationB\t\n\x07_epochsB\x0c\n\n_max_stepsB\r\n\x0b_max_lengthB\x10\n\x0e_eval_fractionB\x13\n\x11_checkpoint_everyB\x07\n\x05_seedB\x0c\n\n_min_share\"\xa6\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.cotune.v1.JobState\x12\x0c\n\x04step\x18\x04 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x05\x12\x0e\n\x06tokens\x18\x06 \x01(\x03\x12\x11\n\x04loss\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\teval_loss\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08versions\x18\t \x03(\t\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x30\n\x0fhyperparameters\x18\x0b \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\x0e \x01(\t\x12\x0e\n\x06tenant\x18\x0f \x01(\t\x12\x15\n\rtraining_file\x18\x10 \x01(\tB\x07\n\x05_lossB\x0c\n\n_eval_loss\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"q\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.cotune.v1.JobState\x12\x13\n\x0b\x61ll_tenants\x18\x04 \x01(\x08\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.cotune.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"3\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x61ll_tenants\x18\x02 \x01(\x08\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"f\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\"\x7f\n\nEvaluation\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x33\n\x07metrics\x18\x02 \x03(\x0b\x32\".cotune.v1.Evaluation.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x90\x01\n\nCheckpoint\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x33\n\x07metrics\x18\x03 \x03(\x0b\x32\".cotune.v1.Checkpoint.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x99\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x13.cotune.v1.JobStateH\x00\x12\'\n\x08progress\x18\x04 \x01(\x0b\x32\x13.cotune.v1.ProgressH\x00\x12+\n\nevaluation\x18\x05 \x01(\x0b\x32\x15.cotune.v1.EvaluationH\x00\x12+\n\ncheckpoint\x18\x06 \x01(\x0b\x32\x15.cotune.v1.CheckpointH\x00\x12\x0f\n\x05\x65rror\x18\x07 \x01(\tH\x00\x12\x10\n\x08sequence\x18\x08 \x01(\x03\x42\x07\n\x05\x65vent\"b\n\x14ListJobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x13\n\x0b\x61ll_tenants\x18\x04 \x01(\x08\"U\n\x15ListJobEventsResponse\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.cotune.v1.JobEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd5\x01\n\x0b\x41\x64\x61mWConfig\x12\x0f\n\x02lr\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05\x62\x65ta1\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05\x62\x65ta2\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x10\n\x03\x65ps\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x19\n\x0cweight_decay\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1a\n\rmax_grad_norm\x18\x06 \x01(\x01H\x05\x88\x01\x01\x42\x05\n\x03_lrB\x08\n\x06_beta1B\x08\n\x06_beta2B\x06\n\x04_epsB\x0f\n\r_weight_decayB\x10\n\x0e_max_grad_norm\"\xd2\x01\n\x14\x43reateSessionRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12#\n\x04lora\x18\x02 \x01(\x0b\x32\x15.cotune.v1.LoraConfig\x12)\n\toptimizer\x18\x03 \x01(\x0b\x32\x16.cotune.v1.AdamWConfig\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\tmin_share\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\tB\x07\n\x05_seedB\x0c\n\n_min_share\"\x9f\x03\n\x07Session\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.cotune.v1.SessionState\x12\x14\n\x0c\x63lose_reason\x18\x05 \x01(\t\x12\r\n\x05steps\x18\x06 \x01(\x03\x12\x17\n\x0fweights_version\x18\x07 \x01(\x03\x12#\n\x04lora\x18\x08 \x01(\x0b\x32\x15.cotune.v1.LoraConfig\x12)\n\toptimizer\x18\t \x01(\x0b\x32\x16.cotune.v1.AdamWConfig\x12\x0c\n\x04seed\x18\n \x01(\x03\x12\x10\n\x08versions\x18\x0b \x03(\t\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_used_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14idle_timeout_seconds\x18\x0e \x01(\x01\x12\x0e\n\x06tenant\x18\x0f \x01(\t\"\x1f\n\x11GetSessionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x15\n\x13ListSessionsRequest\"<\n\x14ListSessionsResponse\x12$\n\x08sessions\x18\x01 \x03(\x0b\x32\x12.cotune.v1.Session\"!\n\x13\x43loseSessionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1d\n\x0bTokenValues\x12\x0e\n\x06values\x18\x01 \x03(\x01\"\x83\x01\n\x07\x45xample\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0f\n\x07weights\x18\x02 \x03(\x01\x12(\n\x08logprobs\x18\x03 \x01(\x0b\x32\x16.cotune.v1.TokenValues\x12*\n\nadvantages\x18\x04 \x01(\x0b\x32\x16.cotune.v1.TokenValues\"^\n\x04Loss\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\x08\x63lip_low\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tclip_high\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x0b\n\t_clip_lowB\x0c\n\n_clip_high\"q\n\x16\x46orwardBackwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x12.cotune.v1.Example\x12\x1d\n\x04loss\x18\x03 \x01(\x0b\x32\x0f.cotune.v1.Loss\"J\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x12.cotune.v1.Example\"p\n\x0f\x46orwardResponse\x12(\n\x08logprobs\x18\x01 \x03(\x0b\x32\x16.cotune.v1.TokenValues\x12\x11\n\x04loss\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\x0fweights_version\x18\x03 \x01(\x03\x42\x07\n\x05_loss\"Q\n\x10OptimStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12)\n\toptimizer\x18\x02 \x01(\x0b\x32\x16.cotune.v1.AdamWConfig\"N\n\x11OptimStepResponse\x12\r\n\x05steps\x18\x01 \x01(\x03\x12\x17\n\x0fweights_version\x18\x02 \x01(\x03\x12\x11\n\tgrad_norm\x18\x03 \x01(\x01\"(\n\x12SaveVersionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*_\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12SESSION_STATE_OPEN\x10\x01\x12\x18\n\x14SESSION_STATE_CLOSED\x10\x02\x32\xd1\x07\n\x0fTrainingService\x12\x38\n\tCreateJob\x12\x1b.cotune.v1.CreateJobRequest\x1a\x0e.cotune.v1.Job\x12\x32\n\x06GetJob\x12\x18.cotune.v1.GetJobRequest\x1a\x0e.cotune.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.cotune.v1.ListJobsRequest\x1a\x1b.cotune.v1.ListJobsResponse\x12\x38\n\tCancelJob\x12\x1b.cotune.v1.CancelJobRequest\x1a\x0e.cotune.v1.Job\x12=\n\x08WatchJob\x12\x1a.cotune.v1.WatchJobRequest\x1a\x13.cotune.v1.JobEvent0\x01\x12R\n\rListJobEvents\x12\x1f.cotune.v1.ListJobEventsRequest\x1a .cotune.v1.ListJobEventsResponse\x12\x44\n\rCreateSession\x12\x1f.cotune.v1.CreateSessionRequest\x1a\x12.cotune.v1.Session\x12>\n\nGetSession\x12\x1c.cotune.v1.GetSessionRequest\x1a\x12.cotune.v1.Session\x12O\n\x0cListSessions\x12\x1e.cotune.v1.ListSessionsRequest\x1a\x1f.cotune.v1.ListSessionsResponse\x12\x42\n\x0c\x43loseSession\x12\x1e.cotune.v1.CloseSessionRequest\x1a\x12.cotune.v1.Session\x12P\n\x0f\x46orwardBackward\x12!.cotune.v1.ForwardBackwardRequest\x1a\x1a.cotune.v1.ForwardResponse\x12@\n\x07\x46orward\x12\x19.cotune.v1.ForwardRequest\x1a\x1a.cotune.v1.ForwardResponse\x12\x46\n\tOptimStep\x12\x1b.cotune.v1.OptimStepRequest\x1a\x1c.cotune.v1.OptimStepResponse\x12G\n\x0bSaveVersion\x12\x1d.cotune.v1.SaveVersionRequest\x1a\x19.cotune.v1.AdapterVersionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,42 +38,76 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATION_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_CHECKPOINT_METRICSENTRY']._loaded_options = None
   _globals['_CHECKPOINT_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2643
-  _globals['_JOBSTATE']._serialized_end=2797
-  _globals['_LORACONFIG']._serialized_start=103
-  _globals['_LORACONFIG']._serialized_end=247
-  _globals['_OPTIMIZERCONFIG']._serialized_start=250
-  _globals['_OPTIMIZERCONFIG']._serialized_end=381
-  _globals['_CREATEJOBREQUEST']._serialized_start=384
-  _globals['_CREATEJOBREQUEST']._serialized_end=1061
-  _globals['_JOB']._serialized_start=1064
-  _globals['_JOB']._serialized_end=1486
-  _globals['_GETJOBREQUEST']._serialized_start=1488
-  _globals['_GETJOBREQUEST']._serialized_end=1515
-  _globals['_LISTJOBSREQUEST']._serialized_start=1517
-  _globals['_LISTJOBSREQUEST']._serialized_end=1630
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1632
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1705
-  _globals['_CANCELJOBREQUEST']._serialized_start=1707
-  _globals['_CANCELJOBREQUEST']._serialized_end=1758
-  _globals['_WATCHJOBREQUEST']._serialized_start=1760
-  _globals['_WATCHJOBREQUEST']._serialized_end=1789
-  _globals['_PROGRESS']._serialized_start=1791
-  _globals['_PROGRESS']._serialized_end=1893
-  _globals['_EVALUATION']._serialized_start=1895
-  _globals['_EVALUATION']._serialized_end=2022
-  _globals['_EVALUATION_METRICSENTRY']._serialized_start=1976
-  _globals['_EVALUATION_METRICSENTRY']._serialized_end=2022
-  _globals['_CHECKPOINT']._serialized_start=2025
-  _globals['_CHECKPOINT']._serialized_end=2169
-  _globals['_CHECKPOINT_METRICSENTRY']._serialized_start=1976
-  _globals['_CHECKPOINT_METRICSENTRY']._serialized_end=2022
-  _globals['_JOBEVENT']._serialized_start=2172
-  _globals['_JOBEVENT']._serialized_end=2453
-  _globals['_LISTJOBEVENTSREQUEST']._serialized_start=2455
-  _globals['_LISTJOBEVENTSREQUEST']._serialized_end=2553
-  _globals['_LISTJOBEVENTSRESPONSE']._serialized_start=2555
-  _globals['_LISTJOBEVENTSRESPONSE']._serialized_end=2640
-  _globals['_TRAININGSERVICE']._serialized_start=2800
-  _globals['_TRAININGSERVICE']._serialized_end=3201
+  _globals['_JOBSTATE']._serialized_start=4440
+  _globals['_JOBSTATE']._serialized_end=4594
+  _globals['_SESSIONSTATE']._serialized_start=4596
+  _globals['_SESSIONSTATE']._serialized_end=4691
+  _globals['_LORACONFIG']._serialized_start=129
+  _globals['_LORACONFIG']._serialized_end=273
+  _globals['_OPTIMIZERCONFIG']._serialized_start=276
+  _globals['_OPTIMIZERCONFIG']._serialized_end=407
+  _globals['_CREATEJOBREQUEST']._serialized_start=410
+  _globals['_CREATEJOBREQUEST']._serialized_end=1087
+  _globals['_JOB']._serialized_start=1090
+  _globals['_JOB']._serialized_end=1512
+  _globals['_GETJOBREQUEST']._serialized_start=1514
+  _globals['_GETJOBREQUEST']._serialized_end=1541
+  _globals['_LISTJOBSREQUEST']._serialized_start=1543
+  _globals['_LISTJOBSREQUEST']._serialized_end=1656
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1658
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1731
+  _globals['_CANCELJOBREQUEST']._serialized_start=1733
+  _globals['_CANCELJOBREQUEST']._serialized_end=1784
+  _globals['_WATCHJOBREQUEST']._serialized_start=1786
+  _globals['_WATCHJOBREQUEST']._serialized_end=1815
+  _globals['_PROGRESS']._serialized_start=1817
+  _globals['_PROGRESS']._serialized_end=1919
+  _globals['_EVALUATION']._serialized_start=1921
+  _globals['_EVALUATION']._serialized_end=2048
+  _globals['_EVALUATION_METRICSENTRY']._serialized_start=2002
+  _globals['_EVALUATION_METRICSENTRY']._serialized_end=2048
+  _globals['_CHECKPOINT']._serialized_start=2051
+  _globals['_CHECKPOINT']._serialized_end=2195
+  _globals['_CHECKPOINT_METRICSENTRY']._serialized_start=2002
+  _globals['_CHECKPOINT_METRICSENTRY']._serialized_end=2048
+  _globals['_JOBEVENT']._serialized_start=2198
+  _globals['_JOBEVENT']._serialized_end=2479
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_start=2481
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_end=2579
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_start=2581
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_end=2666
+  _globals['_ADAMWCONFIG']._serialized_start=2669
+  _globals['_ADAMWCONFIG']._serialized_end=2882
+  _globals['_CREATESESSIONREQUEST']._serialized_start=2885
+  _globals['_CREATESESSIONREQUEST']._serialized_end=3095
+  _globals['_SESSION']._serialized_start=3098
+  _globals['_SESSION']._serialized_end=3513
+  _globals['_GETSESSIONREQUEST']._serialized_start=3515
+  _globals['_GETSESSIONREQUEST']._serialized_end=3546
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=3548
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=3569
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=3571
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=3631
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=3633
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=3666
+  _globals['_TOKENVALUES']._serialized_start=3668
+  _globals['_TOKENVALUES']._serialized_end=3697
+  _globals['_EXAMPLE']._serialized_start=3700
+  _globals['_EXAMPLE']._serialized_end=3831
+  _globals['_LOSS']._serialized_start=3833
+  _globals['_LOSS']._serialized_end=3927
+  _globals['_FORWARDBACKWARDREQUEST']._serialized_start=3929
+  _globals['_FORWARDBACKWARDREQUEST']._serialized_end=4042
+  _globals['_FORWARDREQUEST']._serialized_start=4044
+  _globals['_FORWARDREQUEST']._serialized_end=4118
+  _globals['_FORWARDRESPONSE']._serialized_start=4120
+  _globals['_FORWARDRESPONSE']._serialized_end=4232
+  _globals['_OPTIMSTEPREQUEST']._serialized_start=4234
+  _globals['_OPTIMSTEPREQUEST']._serialized_end=4315
+  _globals['_OPTIMSTEPRESPONSE']._serialized_start=4317
+  _globals['_OPTIMSTEPRESPONSE']._serialized_end=4395
+  _globals['_SAVEVERSIONREQUEST']._serialized_start=4397
+  _globals['_SAVEVERSIONREQUEST']._serialized_end=4437
+  _globals['_TRAININGSERVICE']._serialized_start=4694
+  _globals['_TRAININGSERVICE']._serialized_end=5671
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from cotune.v1 import adapters_pb2 as cotune_dot_v1_dot_adapters__pb2
 from cotune.v1 import training_pb2 as cotune_dot_v1_dot_training__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -64,6 +65,46 @@ class TrainingServiceStub:
                 request_serializer=cotune_dot_v1_dot_training__pb2.ListJobEventsRequest.SerializeToString,
                 response_deserializer=cotune_dot_v1_dot_training__pb2.ListJobEventsResponse.FromString,
                 _registered_method=True)
+        self.CreateSession = channel.unary_unary(
+                '/cotune.v1.TrainingService/CreateSession',
+                request_serializer=cotune_dot_v1_dot_training__pb2.CreateSessionRequest.SerializeToString,
+                response_deserializer=cotune_dot_v1_dot_training__pb2.Session.FromString,
+                _registered_method=True)
+        self.GetSession = channel.unary_unary(
+                '/cotune.v1.TrainingService/GetSession',
+                request_serializer=cotune_dot_v1_dot_training__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=cotune_dot_v1_dot_training__pb2.Session.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/cotune.v1.TrainingService/ListSessions',
+                request_serializer=cotune_dot_v1_dot_training__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=cotune_dot_v1_dot_training__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/cotune.v1.TrainingService/CloseSession',
+                request_serializer=cotune_dot_v1_dot_training__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=cotune_dot_v1_dot_training__pb2.Session.FromString,
+                _registered_method=True)
+        self.ForwardBackward = channel.unary_unary(
+                '/cotune.v1.TrainingService/ForwardBackward',
+                request_serializer=cotune_dot_v1_dot_training__pb2.ForwardBackwardRequest.SerializeToString,
+                response_deserializer=cotune_dot_v1_dot_training__pb2.ForwardResponse.FromString,
+                _registered_method=True)
+        self.Forward = channel.unary_unary(
+                '/cotune.v1.TrainingService/Forward',
+                request_serializer=cotune_dot_v1_dot_training__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=cotune_dot_v1_dot_training__pb2.ForwardResponse.FromString,
+                _registered_method=True)
+        self.OptimStep = channel.unary_unary(
+                '/cotune.v1.TrainingService/OptimStep',
+                request_serializer=cotune_dot_v1_dot_training__pb2.OptimStepRequest.SerializeToString,
+                response_deserializer=cotune_dot_v1_dot_training__pb2.OptimStepResponse.FromString,
+                _registered_method=True)
+        self.SaveVersion = channel.unary_unary(
+                '/cotune.v1.TrainingService/SaveVersion',
+                request_serializer=cotune_dot_v1_dot_training__pb2.SaveVersionRequest.SerializeToString,
+                response_deserializer=cotune_dot_v1_dot_adapters__pb2.AdapterVersion.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -110,6 +151,72 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSession(self, request, context):
+        """Opens an RL session on an adapter of the caller's; RESOURCE_EXHAUSTED past the tenant's
+        max_sessions quota; FAILED_PRECONDITION on a server whose base is sharded over ranks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSession(self, request, context):
+        """An open session, or one closed lately (state CLOSED, with the reason).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """The caller's open sessions on this server, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """Closes the session and frees its place in max_sessions: its live weights and optimizer
+        state go (SaveVersion first to keep them); operations in flight fail. Closing a closed
+        session answers it as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardBackward(self, request, context):
+        """The examples' per-token logprobs under the live weights, and the gradients of the loss
+        over them, accumulated into the session's until the next OptimStep. Bad input is refused
+        (INVALID_ARGUMENT) before anything runs: the session is unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Forward(self, request, context):
+        """The examples' per-token logprobs under the live weights; no gradients.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OptimStep(self, request, context):
+        """One AdamW step with the accumulated gradients (clipped to max_grad_norm), which it then
+        clears; the live weights change in place and weights_version grows by one. A Generate in
+        flight keeps sampling from the version it started with; one issued after OptimStep
+        returned samples from the new weights.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaveVersion(self, request, context):
+        """Publishes the live weights as the next version of the session's adapter (PEFT files; the
+        provenance names the session, its steps and the version it continued), counted against
+        max_versions_per_adapter. Saving weights already saved answers the version they became.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +249,46 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.ListJobEvents,
                     request_deserializer=cotune_dot_v1_dot_training__pb2.ListJobEventsRequest.FromString,
                     response_serializer=cotune_dot_v1_dot_training__pb2.ListJobEventsResponse.SerializeToString,
+            ),
+            'CreateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSession,
+                    request_deserializer=cotune_dot_v1_dot_training__pb2.CreateSessionRequest.FromString,
+                    response_serializer=cotune_dot_v1_dot_training__pb2.Session.SerializeToString,
+            ),
+            'GetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSession,
+                    request_deserializer=cotune_dot_v1_dot_training__pb2.GetSessionRequest.FromString,
+                    response_serializer=cotune_dot_v1_dot_training__pb2.Session.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=cotune_dot_v1_dot_training__pb2.ListSessionsRequest.FromString,
+                    response_serializer=cotune_dot_v1_dot_training__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=cotune_dot_v1_dot_training__pb2.CloseSessionRequest.FromString,
+                    response_serializer=cotune_dot_v1_dot_training__pb2.Session.SerializeToString,
+            ),
+            'ForwardBackward': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardBackward,
+                    request_deserializer=cotune_dot_v1_dot_training__pb2.ForwardBackwardRequest.FromString,
+                    response_serializer=cotune_dot_v1_dot_training__pb2.ForwardResponse.SerializeToString,
+            ),
+            'Forward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forward,
+                    request_deserializer=cotune_dot_v1_dot_training__pb2.ForwardRequest.FromString,
+                    response_serializer=cotune_dot_v1_dot_training__pb2.ForwardResponse.SerializeToString,
+            ),
+            'OptimStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.OptimStep,
+                    request_deserializer=cotune_dot_v1_dot_training__pb2.OptimStepRequest.FromString,
+                    response_serializer=cotune_dot_v1_dot_training__pb2.OptimStepResponse.SerializeToString,
+            ),
+            'SaveVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveVersion,
+                    request_deserializer=cotune_dot_v1_dot_training__pb2.SaveVersionRequest.FromString,
+                    response_serializer=cotune_dot_v1_dot_adapters__pb2.AdapterVersion.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +453,222 @@ class TrainingService:
             '/cotune.v1.TrainingService/ListJobEvents',
             cotune_dot_v1_dot_training__pb2.ListJobEventsRequest.SerializeToString,
             cotune_dot_v1_dot_training__pb2.ListJobEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cotune.v1.TrainingService/CreateSession',
+            cotune_dot_v1_dot_training__pb2.CreateSessionRequest.SerializeToString,
+            cotune_dot_v1_dot_training__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cotune.v1.TrainingService/GetSession',
+            cotune_dot_v1_dot_training__pb2.GetSessionRequest.SerializeToString,
+            cotune_dot_v1_dot_training__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cotune.v1.TrainingService/ListSessions',
+            cotune_dot_v1_dot_training__pb2.ListSessionsRequest.SerializeToString,
+            cotune_dot_v1_dot_training__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cotune.v1.TrainingService/CloseSession',
+            cotune_dot_v1_dot_training__pb2.CloseSessionRequest.SerializeToString,
+            cotune_dot_v1_dot_training__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardBackward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cotune.v1.TrainingService/ForwardBackward',
+            cotune_dot_v1_dot_training__pb2.ForwardBackwardRequest.SerializeToString,
+            cotune_dot_v1_dot_training__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cotune.v1.TrainingService/Forward',
+            cotune_dot_v1_dot_training__pb2.ForwardRequest.SerializeToString,
+            cotune_dot_v1_dot_training__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OptimStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cotune.v1.TrainingService/OptimStep',
+            cotune_dot_v1_dot_training__pb2.OptimStepRequest.SerializeToString,
+            cotune_dot_v1_dot_training__pb2.OptimStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cotune.v1.TrainingService/SaveVersion',
+            cotune_dot_v1_dot_training__pb2.SaveVersionRequest.SerializeToString,
+            cotune_dot_v1_dot_adapters__pb2.AdapterVersion.FromString,
             options,
             channel_credentials,
             insecure,
