@@ -44,6 +44,7 @@ from cotune.server.inference_service import InferenceService
 from cotune.server.jobs import JobManager
 from cotune.server.lifecycle import Lifecycle, start_metrics
 from cotune.server.metrics import Metrics
+from cotune.server.sessions import SessionManager
 from cotune.server.tenant_service import TenantService
 from cotune.server.training_service import TrainingService
 from cotune.server.uploads import Staging
@@ -101,6 +102,10 @@ class CotuneServer:
         self.jobs = JobManager(self.runtime, self.registry, data_dir / "jobs", self.metrics,
                                args.worker_id, args.keep_training_states,
                                args.job_lease_seconds, stores.jobs)
+        # a sharded base's ranks step in lockstep over their own requests: a session's
+        # operations would reach one rank only, so sessions are refused there for now
+        self.sessions = SessionManager(self.runtime, self.registry, data_dir / "sessions",
+                                       args.session_idle_timeout, sharded=self.rank is not None)
         max_bytes = args.max_upload_mb << 20
         # a stream holds a thread while it runs: generations (bounded by admission), calls a
         # client may hold open (bounded by the gate), and a reserve for every other call
@@ -119,12 +124,14 @@ class CotuneServer:
             self.gate, self.registry, staging, max_bytes, args.upload_idle_timeout,
             args.max_files_per_tenant), self.server)
         training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingService(
-            self.gate, self.registry, self.jobs, args.allow_path, max_bytes), self.server)
+            self.gate, self.registry, self.jobs, args.allow_path, max_bytes, self.sessions),
+            self.server)
         admission = Admission(args.max_queued_requests)
         self.usage = UsageExchange(self.registry, admission, args.worker_id)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceService(
             self.gate, self.registry, self.runtime, admission,
-            _model_info(self.runtime, args), self.metrics, args.max_logprobs), self.server)
+            _model_info(self.runtime, args), self.metrics, args.max_logprobs, self.sessions),
+            self.server)
         tenants_pb2_grpc.add_TenantServiceServicer_to_server(
             TenantService(self.gate, self.registry, self.jobs), self.server)
         self.lifecycle = Lifecycle(SERVICES, args.grace_period, log)
@@ -175,6 +182,7 @@ class CotuneServer:
         if self.http is not None:
             self.http.start()
         self.jobs.resume_unfinished()
+        self.sessions.start()
         self.health.update()  # SERVING, unless the engine failed meanwhile
         threading.Thread(target=self._watch_engine, daemon=True, name="engine-watch").start()
 
@@ -214,6 +222,7 @@ class CotuneServer:
         if self.http is not None:
             self.http.stop()
         self.jobs.stop()
+        self.sessions.stop()  # their live weights go with the engine
         self.runtime.close()  # at the end of the step in progress
         log.info("stopping: engine stopped after %.1f s", time.monotonic() - started)
         self.jobs.join(self.grace)  # the jobs' last events, written to the registry

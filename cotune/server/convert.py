@@ -19,6 +19,7 @@ from cotune.adapters.registry import (
 from cotune.server import page_tokens
 from cotune.server.errors import invalid
 from cotune.server.names import reference
+from cotune.server.sessions import LiveSession
 from cotune.v1 import adapters_pb2, files_pb2, tenants_pb2, training_pb2
 
 JOB_STATES = {"queued": training_pb2.JOB_STATE_QUEUED, "running": training_pb2.JOB_STATE_RUNNING,
@@ -85,6 +86,30 @@ def job(record: JobRecord) -> training_pb2.Job:
     if progress.get("eval_loss") is not None:
         message.eval_loss = progress["eval_loss"]
     return message
+
+
+def session(live: LiveSession) -> training_pb2.Session:
+    spec, handle = live.spec, live.handle
+    lora, optimizer = spec.lora, spec.optimizer
+    return training_pb2.Session(
+        id=live.id, adapter=live.adapter, parent=live.parent,
+        state=training_pb2.SESSION_STATE_OPEN if live.open else training_pb2.SESSION_STATE_CLOSED,
+        close_reason=live.close_reason, steps=handle.steps,
+        weights_version=handle.weights_version,
+        lora=training_pb2.LoraConfig(rank=lora.rank, alpha=lora.alpha, rslora=lora.rslora,
+                                     target_modules=list(lora.targets), dropout=lora.dropout),
+        optimizer=adamw(optimizer), seed=spec.seed,
+        versions=[reference(live.adapter, v) for v in live.versions],
+        create_time=timestamp(live.created), last_used_time=timestamp(live.last_used),
+        idle_timeout_seconds=live.idle_timeout_s, tenant=live.tenant)
+
+
+def adamw(settings) -> training_pb2.AdamWConfig:
+    """OptimizerSettings on the wire, every field set (max_grad_norm 0: no clipping)."""
+    beta1, beta2 = settings.betas
+    return training_pb2.AdamWConfig(
+        lr=settings.lr, beta1=beta1, beta2=beta2, eps=settings.eps,
+        weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm or 0.0)
 
 
 def job_event(job_id: str, time: float, kind: str, data: dict,

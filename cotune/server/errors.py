@@ -17,6 +17,7 @@ from cotune.adapters.registry import (
 )
 from cotune.engine.containment import AdapterQuarantined, RequestFailed
 from cotune.engine.runtime import EngineStopped
+from cotune.engine.session import SessionFailed
 
 
 class RpcError(Exception):
@@ -42,6 +43,9 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),  # the blob store is away; retry later
     (AdapterQuarantined, grpc.StatusCode.FAILED_PRECONDITION),
     (RequestFailed, grpc.StatusCode.INTERNAL),  # the engine failed it alone, and says why
+    # a session's operation the engine could not complete (its loss became Inf): the message
+    # says what was undone; the session goes on
+    (SessionFailed, grpc.StatusCode.ABORTED),
     (InvalidName, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterError, grpc.StatusCode.INVALID_ARGUMENT),

@@ -1,6 +1,7 @@
 """InferenceService: generation streamed from the shared runtime. A request runs on the
-caller's own adapter versions only; its id is scoped to the caller's tenant. A chat input is
-rendered here by the model's own chat template, so that gRPC and HTTP callers get the same."""
+caller's own adapter versions (or RL sessions' live weights) only; its id is scoped to the
+caller's tenant. A chat input is rendered here by the model's own chat template, so that gRPC
+and HTTP callers get the same."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from cotune.server.errors import RpcError, invalid, status_of
 from cotune.server.handlers import Gate, rpc
 from cotune.server.metrics import Metrics, protocol_of
 from cotune.server.names import parse_reference, reference, runtime_key
+from cotune.server.sessions import SessionManager
 from cotune.v1 import inference_pb2, inference_pb2_grpc
 
 FINISH = {"stop": inference_pb2.FINISH_REASON_STOP, "length": inference_pb2.FINISH_REASON_LENGTH,
@@ -30,16 +32,17 @@ CHAT_ROLES = ("system", "user", "assistant")  # as the training data's messages 
 
 class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, gate: Gate, registry: Registry, runtime: Runtime, admission: Admission,
-                 model_info: inference_pb2.ModelInfo, metrics: Metrics, max_logprobs: int):
+                 model_info: inference_pb2.ModelInfo, metrics: Metrics, max_logprobs: int,
+                 sessions: SessionManager | None = None):
         self.gate, self.registry, self.runtime = gate, registry, runtime
         self.admission, self.model_info, self.metrics = admission, model_info, metrics
-        self.max_logprobs = max_logprobs
+        self.max_logprobs, self.sessions = max_logprobs, sessions
         self._in_flight: set[str] = set()  # engine ids: "<tenant>/<request id>"
         self._lock = threading.Lock()
 
     @rpc()
     def Generate(self, request, context, tenant):
-        label = self.metrics.adapter_label(tenant.name, request.adapter.split("@", 1)[0])
+        label = self.metrics.adapter_label(tenant.name, self._adapter_name(tenant, request))
         protocol = protocol_of(context)
         status = grpc.StatusCode.OK
         try:
@@ -61,8 +64,20 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
     def _generate(self, request, context, tenant: TenantRecord, label: str, protocol: str):
         _check_request_id(request.request_id)
         prompt_ids = self._prompt_ids(request)
+        if request.session:
+            with self._session(tenant, request) as session:
+                engine_request = _engine_request(request, prompt_ids, None, tenant.name)
+                engine_request.session = session.handle
+                yield from self._run(request, context, tenant, label, protocol, prompt_ids,
+                                     engine_request, "")
+            return
         served, adapter = self._adapter(tenant, request.adapter)
         engine_request = _engine_request(request, prompt_ids, adapter, tenant.name)
+        yield from self._run(request, context, tenant, label, protocol, prompt_ids,
+                             engine_request, served)
+
+    def _run(self, request, context, tenant: TenantRecord, label: str, protocol: str,
+             prompt_ids: list[int], engine_request: Request, served: str):
         if request.sampling.HasField("max_tokens") and request.sampling.max_tokens <= 0:
             engine_request.max_tokens = self._context_left(len(prompt_ids),
                                                            request.sampling.max_tokens)
@@ -95,7 +110,7 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                     request_id=engine_id.split("/", 1)[1], token_ids=delta.token_ids,
                     text=delta.text,
                     logprobs=[self._logprob(lp) for lp in delta.logprobs if lp],
-                    adapter=served)
+                    adapter=served, weights_version=delta.weights_version or 0)
                 served = ""  # named on the first message only
                 if delta.finish_reason is not None:
                     m.e2e.labels(tenant.name, protocol).observe(now - start)
@@ -202,6 +217,24 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
                           f"{self.model_info.max_context} tokens; no room is left to generate "
                           "in; shorten the prompt")
         return left
+
+    def _session(self, tenant: TenantRecord, request):
+        """The caller's open session the request samples from, busy while it streams."""
+        if request.adapter:
+            raise invalid("adapter and session are both set; a request samples from an "
+                          "adapter version or from a session's live weights, one of them")
+        if self.sessions is None:
+            raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "this server has no RL sessions")
+        return self.sessions.use(tenant.name, request.session)
+
+    def _adapter_name(self, tenant: TenantRecord, request) -> str:
+        """The adapter the request runs on, as its metrics name it ("" for the base)."""
+        if not request.session:
+            return request.adapter.split("@", 1)[0]
+        try:
+            return self.sessions.get(tenant.name, request.session).adapter
+        except Exception:  # noqa: BLE001 - the call itself says what is wrong with it
+            return ""
 
     def _adapter(self, tenant: TenantRecord, text: str) -> tuple[str, tuple[str, Path] | None]:
         """(the version served as "name@vK", its (runtime key, PEFT directory)) or ("", None)."""
