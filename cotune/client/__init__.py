@@ -28,17 +28,22 @@ from cotune.client.errors import (
     Unimplemented,
     Unknown,
 )
+from cotune.client.sessions import Session
 from cotune.client.types import (
     Adapter,
     AdapterVersion,
     Completion,
     Delta,
+    Example,
     File,
+    ForwardResult,
     IssuedToken,
     Job,
     JobEvent,
     ModelInfo,
+    OptimResult,
     Quotas,
+    SessionInfo,
     Tenant,
     TenantDeletion,
     TokenInfo,
@@ -48,9 +53,10 @@ from cotune.client.types import (
 
 __all__ = [
     "Aborted", "Adapter", "AdapterVersion", "AlreadyExists", "AsyncClient", "Cancelled",
-    "Client", "Completion", "CotuneError", "DataLoss", "DeadlineExceeded", "Delta",
-    "FailedPrecondition", "File", "Internal", "InvalidArgument", "IssuedToken", "Job", "JobEvent",
-    "ModelInfo", "NotFound", "OutOfRange", "PermissionDenied", "Quotas", "ResourceExhausted",
-    "Tenant", "TenantDeletion", "TokenInfo", "TokenLogprob", "Unauthenticated", "Unavailable",
-    "Unimplemented", "Unknown", "Usage",
+    "Client", "Completion", "CotuneError", "DataLoss", "DeadlineExceeded", "Delta", "Example",
+    "FailedPrecondition", "File", "ForwardResult", "Internal", "InvalidArgument", "IssuedToken",
+    "Job", "JobEvent", "ModelInfo", "NotFound", "OptimResult", "OutOfRange", "PermissionDenied",
+    "Quotas", "ResourceExhausted", "Session", "SessionInfo", "Tenant", "TenantDeletion",
+    "TokenInfo", "TokenLogprob", "Unauthenticated", "Unavailable", "Unimplemented", "Unknown",
+    "Usage",
 ]

@@ -1,6 +1,6 @@
 """The surface `Client` and `AsyncClient` share: connecting, inference and health. Adapters,
-files, jobs and tenants are in `namespaces.py`. Written once; see `transport.py` for how one body
-serves both the sync and the async client."""
+files, jobs and tenants are in `namespaces.py`, RL sessions in `sessions.py`. Written once;
+see `transport.py` for how one body serves both the sync and the async client."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from types import ModuleType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cotune.client.generation import generate_request
 from cotune.client.namespaces import Adapters, Files, Jobs, Tenants
+from cotune.client.sessions import Sessions
 from cotune.client.transport import Collect
 from cotune.client.types import Completion, Delta, ModelInfo
 from cotune.v1 import inference_pb2, inference_pb2_grpc
@@ -57,6 +59,7 @@ class ClientBase:
         self.files = Files(self._t)
         self.jobs = Jobs(self._t)
         self.tenants = Tenants(self._t)
+        self.sessions = Sessions(self._t)
 
     def generate(self, prompt: str | Sequence[int], *, adapter: str | None = None,
                  max_tokens: int | None = None, temperature: float | None = None,
@@ -70,14 +73,10 @@ class ClientBase:
         defaults (16 tokens, greedy). Closing the iterator, or breaking out of a loop over it,
         cancels the call, which aborts the request on the server. `timeout`: seconds for the
         whole generation."""
-        sampling = inference_pb2.SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            seed=seed, stop=stop, stop_token_ids=stop_token_ids, logprobs=logprobs,
-            ignore_eos=ignore_eos)
-        given = ({"prompt": prompt} if isinstance(prompt, str) else
-                 {"prompt_token_ids": inference_pb2.TokenIds(ids=prompt)})
-        request = inference_pb2.GenerateRequest(**given, adapter=adapter, sampling=sampling,
-                                                request_id=request_id)
+        request = generate_request(
+            prompt, adapter=adapter, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
+            logprobs=logprobs, ignore_eos=ignore_eos, request_id=request_id)
         return self._t.stream(self._inference.Generate, request, Delta.from_pb, timeout)
 
     def complete(self, prompt: str | Sequence[int], **options) -> Completion:

@@ -6,6 +6,7 @@ lower-case strings ("running", "stop"); protobuf Structs and maps are plain dict
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -23,6 +24,8 @@ FINISH_REASONS = {inference_pb2.FINISH_REASON_STOP: "stop",
                   inference_pb2.FINISH_REASON_LENGTH: "length",
                   inference_pb2.FINISH_REASON_ABORT: "abort"}
 QUOTA_FIELDS = tuple(f.name for f in tenants_pb2.Quotas.DESCRIPTOR.fields)
+SESSION_STATES = {training_pb2.SESSION_STATE_OPEN: "open",
+                  training_pb2.SESSION_STATE_CLOSED: "closed"}
 
 
 def _time(message, field: str) -> datetime | None:
@@ -202,6 +205,7 @@ class Delta:
     usage: Usage | None
     adapter: str
     logprobs: tuple[TokenLogprob, ...]
+    weights_version: int = 0  # sampling from a session: the weights its tokens came from
 
     @classmethod
     def from_pb(cls, m) -> Delta:
@@ -211,7 +215,7 @@ class Delta:
                           m.usage.ttft_seconds)
         return cls(m.request_id, tuple(m.token_ids), m.text,
                    FINISH_REASONS.get(m.finish_reason), usage, m.adapter,
-                   tuple(TokenLogprob.from_pb(lp) for lp in m.logprobs))
+                   tuple(TokenLogprob.from_pb(lp) for lp in m.logprobs), m.weights_version)
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,9 @@ class Completion:
     ttft_s: float
     adapter: str
     logprobs: tuple[TokenLogprob, ...]
+    # sampling from a session: the weights version every token came from (a generation keeps
+    # the version it started with); 0 otherwise
+    weights_version: int = 0
 
     @classmethod
     def from_deltas(cls, deltas: list[Delta]) -> Completion:
@@ -238,7 +245,8 @@ class Completion:
                    next((d.finish_reason for d in reversed(deltas) if d.finish_reason), None),
                    usage.prompt_tokens, usage.completion_tokens, usage.ttft_s,
                    next((d.adapter for d in deltas if d.adapter), ""),
-                   tuple(lp for d in deltas for lp in d.logprobs))
+                   tuple(lp for d in deltas for lp in d.logprobs),
+                   next((d.weights_version for d in deltas if d.weights_version), 0))
 
 
 @dataclass(frozen=True)
@@ -332,3 +340,98 @@ class IssuedToken:
     @classmethod
     def from_pb(cls, m) -> IssuedToken:
         return cls(m.id, m.token)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example of an RL session's forward_backward or forward (a dict of these keys does
+    too). Entry t of each per-token list concerns token t, predicted from the tokens before it:
+    weights[0] must be 0. `weights`: the loss weight of each token (for importance_sampling and
+    ppo, 0 or 1: the mask of the sampled tokens); forward reads token_ids only. `logprobs` (the
+    sampler's) and `advantages`: for importance_sampling and ppo, None otherwise."""
+
+    token_ids: Sequence[int]
+    weights: Sequence[float] = ()
+    logprobs: Sequence[float] | None = None
+    advantages: Sequence[float] | None = None
+
+    @classmethod
+    def of(cls, example: Example | dict) -> Example:
+        if isinstance(example, Example):
+            return example
+        if not isinstance(example, dict):
+            raise TypeError(f"an example is an Example or a dict with its fields, not "
+                            f"{type(example).__name__}")
+        return cls(**example)
+
+    def to_pb(self) -> training_pb2.Example:
+        message = training_pb2.Example(token_ids=self.token_ids, weights=self.weights)
+        for name in ("logprobs", "advantages"):
+            values = getattr(self, name)
+            if values is not None:  # absent differs from empty on the wire
+                getattr(message, name).CopyFrom(training_pb2.TokenValues(values=values))
+        return message
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """What forward_backward and forward return: per example, per token the logprob under
+    the weights they ran with (0.0 for token 0); the loss summed over the examples (None from
+    forward); that weights version."""
+
+    logprobs: tuple[tuple[float, ...], ...]
+    loss: float | None
+    weights_version: int
+
+    @classmethod
+    def from_pb(cls, m) -> ForwardResult:
+        return cls(tuple(tuple(lp.values) for lp in m.logprobs), _optional(m, "loss"),
+                   m.weights_version)
+
+
+@dataclass(frozen=True)
+class OptimResult:
+    """What optim_step returns: the steps taken so far, the weights version that sampling
+    uses from now on, the gradients' norm before clipping."""
+
+    steps: int
+    weights_version: int
+    grad_norm: float
+
+    @classmethod
+    def from_pb(cls, m) -> OptimResult:
+        return cls(m.steps, m.weights_version, m.grad_norm)
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """An RL session as the server last reported it. `lora`: rank, alpha, rslora,
+    target_modules, dropout; `optimizer`: optim_step's defaults (lr, beta1, beta2, eps,
+    weight_decay, max_grad_norm; 0: no clipping)."""
+
+    id: str
+    adapter: str
+    parent: str  # "name@vK" it continues, "" for new weights
+    state: str  # open, closed
+    close_reason: str
+    steps: int
+    weights_version: int
+    lora: dict
+    optimizer: dict
+    seed: int
+    versions: tuple[str, ...]  # "name@vK" it saved
+    create_time: datetime | None
+    last_used_time: datetime | None
+    idle_timeout_s: float
+    tenant: str
+
+    @classmethod
+    def from_pb(cls, m) -> SessionInfo:
+        lora = {"rank": m.lora.rank, "alpha": m.lora.alpha, "rslora": m.lora.rslora,
+                "target_modules": tuple(m.lora.target_modules), "dropout": m.lora.dropout}
+        optimizer = {f: getattr(m.optimizer, f) for f in
+                     ("lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm")}
+        return cls(m.id, m.adapter, m.parent, SESSION_STATES.get(m.state, "unspecified"),
+                   m.close_reason, m.steps, m.weights_version, lora, optimizer, m.seed,
+                   tuple(m.versions), _time(m, "create_time"), _time(m, "last_used_time"),
+                   m.idle_timeout_seconds, m.tenant)
