@@ -113,8 +113,10 @@ def test_tenant_and_its_token(server):
     issued = _json(server, "tenants", "token", "issue", "cli-tenant", "--description", "ci")
     assert issued["token"].startswith("ct_")
     assert _json(server, "adapters", "list", token=issued["token"]) == []
-    quotas = _json(server, "tenants", "quotas", "cli-tenant", "--max-jobs", "1")["quotas"]
+    quotas = _json(server, "tenants", "quotas", "cli-tenant", "--max-jobs", "1",
+                   "--max-sessions", "2")["quotas"]
     assert (quotas["max_adapters"], quotas["max_concurrent_jobs"]) == (7, 1)
+    assert quotas["max_sessions"] == 2
     shown = _json(server, "tenants", "show", "cli-tenant")
     assert [t["description"] for t in shown["tokens"]] == ["ci"]
     denied = _cotune(server, "tenants", "list", token=issued["token"])
@@ -129,6 +131,7 @@ def test_the_readme_tenant_keeps_the_default_quotas_it_does_not_name(server):
     # serve's --default-max-versions and --default-max-queued; 0 on the wire is "no limit"
     assert (quotas["max_versions_per_adapter"], quotas["max_queued_requests"]) == (1000, 64)
     assert quotas["max_tokens_per_minute"] is None
+    assert quotas["max_sessions"] == 4  # serve's --default-max-sessions
 
 
 def test_an_admin_lists_and_cancels_any_tenants_job_and_deletes_the_tenant(server, tmp_path):

@@ -3,6 +3,8 @@ nothing of each other; on both backends (real SQLite and a real PostgreSQL serve
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from registry_helpers import UPLOAD, blob_dirs
 
@@ -36,6 +38,33 @@ def test_tenants_are_created_listed_in_name_order_and_get_quotas(open_here):
     with pytest.raises(ValueError, match="max_adapters=-1"):
         reg.set_quotas("alpha", Quotas(max_adapters=-1))
     reg.close()
+
+
+def test_a_registry_of_revision_0007_gets_max_sessions_in_every_tenants_quotas(open_here):
+    reg = open_here()
+    reg.create_tenant("limited", quotas=Quotas(max_adapters=5, max_sessions=9))
+    reg.create_tenant("unlimited")
+    reg.create_tenant("chosen", quotas=Quotas(max_adapters=5, max_sessions=2))
+    with reg._transaction(write=True) as db:  # back to how revision 0007 stored quotas
+        for name in ("limited", "unlimited"):
+            quotas = json.loads(db.execute("SELECT quotas FROM tenants WHERE name = ?",
+                                           (name,)).fetchone()[0])
+            del quotas["max_sessions"]
+            db.execute("UPDATE tenants SET quotas = ? WHERE name = ?", (json.dumps(quotas), name))
+        db.execute("UPDATE alembic_version SET version_num = '0007'")
+    reg.close()
+    reg = open_here()
+    assert reg.get_tenant("limited").quotas == Quotas(max_adapters=5, max_sessions=4)
+    assert reg.get_tenant("unlimited").quotas == Quotas()  # no limit at all: none here either
+    assert reg.get_tenant("chosen").quotas.max_sessions == 2  # set already: kept
+    reg.close()
+
+
+def test_max_sessions_is_set_and_read_back_with_the_other_quotas(registry):
+    registry.set_quotas("acme", Quotas(max_sessions=3, max_concurrent_jobs=1))
+    assert registry.get_tenant("acme").quotas == Quotas(max_sessions=3, max_concurrent_jobs=1)
+    with pytest.raises(ValueError, match="max_sessions=-1"):
+        registry.set_quotas("acme", Quotas(max_sessions=-1))
 
 
 def test_duplicate_tenant_is_refused(registry):
