@@ -83,7 +83,8 @@ class AdapterVersion:
                       "parent_version": p.parent_version or None,
                       "dataset_fingerprint": p.dataset_fingerprint,
                       "hyperparameters": _struct(p.hyperparameters), "job_id": p.job_id,
-                      "metrics": dict(p.metrics)}
+                      "metrics": dict(p.metrics), "session_id": p.session_id,
+                      "steps": p.steps}
         return cls(m.name, m.version, m.rank, m.alpha, tuple(m.target_modules), m.size_bytes,
                    m.sha256, provenance, _time(m, "create_time"))
 
