@@ -87,6 +87,22 @@ def every_rpc(caller: Caller) -> dict:
             tenants_pb2.DeleteTenantRequest(name="x"), metadata=md),
         "TrainingService.ListJobEvents": lambda: t.ListJobEvents(
             training_pb2.ListJobEventsRequest(job_id="j"), metadata=md),
+        "TrainingService.CreateSession": lambda: t.CreateSession(
+            training_pb2.CreateSessionRequest(adapter="x"), metadata=md),
+        "TrainingService.GetSession": lambda: t.GetSession(
+            training_pb2.GetSessionRequest(id="s"), metadata=md),
+        "TrainingService.ListSessions": lambda: t.ListSessions(
+            training_pb2.ListSessionsRequest(), metadata=md),
+        "TrainingService.CloseSession": lambda: t.CloseSession(
+            training_pb2.CloseSessionRequest(id="s"), metadata=md),
+        "TrainingService.ForwardBackward": lambda: t.ForwardBackward(
+            training_pb2.ForwardBackwardRequest(session_id="s"), metadata=md),
+        "TrainingService.Forward": lambda: t.Forward(
+            training_pb2.ForwardRequest(session_id="s"), metadata=md),
+        "TrainingService.OptimStep": lambda: t.OptimStep(
+            training_pb2.OptimStepRequest(session_id="s"), metadata=md),
+        "TrainingService.SaveVersion": lambda: t.SaveVersion(
+            training_pb2.SaveVersionRequest(session_id="s"), metadata=md),
         "FileService.UploadFile": lambda: f.UploadFile(iter([files_pb2.UploadFileRequest(
             header=files_pb2.UploadFileHeader(filename="x.jsonl", purpose="fine-tune")),
             files_pb2.UploadFileRequest(data=TRAINING_DATA)]), metadata=md),
