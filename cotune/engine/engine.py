@@ -17,6 +17,7 @@ import torch
 from cotune.adapters.residency import ResidentAdapters
 from cotune.engine.containment import Quarantine, RequestFailed, non_finite_rows
 from cotune.engine.detokenizer import IncrementalDetokenizer
+from cotune.engine.example_pieces import TrainingWork
 from cotune.engine.kv_cache import PagedBatch, PagedKVCache
 from cotune.engine.sampling import Sampler, SamplingParams, TokenLogprob
 from cotune.engine.scheduler import (
@@ -28,7 +29,6 @@ from cotune.engine.scheduler import (
 )
 from cotune.engine.sequence import Sequence
 from cotune.engine.step_time import StepTimeModel
-from cotune.engine.example_pieces import TrainingWork
 from cotune.engine.trainer import Published, Trainer
 from cotune.engine.training_lane import LanePass, TrainingLane
 from cotune.model.llama import CausalLM, ForwardBatch
