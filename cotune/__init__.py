@@ -9,7 +9,8 @@ _EXPORTS = {
     "Completion": "cotune.engine.runtime", "Delta": "cotune.engine.runtime",
     "FinetuneSpec": "cotune.engine.finetune_spec", "LoraSettings": "cotune.engine.finetune_spec",
     "OptimizerSettings": "cotune.engine.finetune_spec", "Job": "cotune.engine.job",
-    "JobState": "cotune.engine.job",
+    "JobState": "cotune.engine.job", "SessionSpec": "cotune.engine.session_spec",
+    "Datum": "cotune.engine.session_spec", "LossSpec": "cotune.engine.session_spec",
 }
 __all__ = sorted(_EXPORTS)
 

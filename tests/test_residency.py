@@ -94,6 +94,23 @@ def test_full_pool_evicts_the_least_recently_used_unpinned_adapter(base, tmp_pat
     assert resident.slot_of("a1") is None and resident.slot_of("a2") is not None
 
 
+def test_a_retired_adapter_leaves_its_slot_once_its_last_request_releases_it(base, tmp_path):
+    hf_model, model = base
+    resident = ResidentAdapters(model, num_slots=2, max_rank=16)
+    paths = [_adapter(hf_model, tmp_path / f"a{i}", seed=i) for i in range(2)]
+    resident.load("idle", paths[0])
+    resident.retire("idle")  # unpinned: freed at once
+    assert resident.slot_of("idle") is None and resident.num_resident == 0
+    resident.acquire("busy", paths[1])
+    resident.acquire("busy", paths[1])
+    resident.retire("busy")
+    resident.release("busy")
+    assert resident.slot_of("busy") is not None  # one request still samples from it
+    resident.release("busy")
+    assert resident.slot_of("busy") is None and resident.num_resident == 0
+    resident.retire("never-resident")  # nothing to let go of
+
+
 def test_loading_the_same_key_twice_reuses_its_slot(base, tmp_path):
     hf_model, model = base
     resident = ResidentAdapters(model, num_slots=2, max_rank=16)

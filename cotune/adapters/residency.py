@@ -52,6 +52,7 @@ class ResidentAdapters:
         self._copy_stream = torch.cuda.Stream(device) if cuda else None
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._pins: Counter[str] = Counter()
+        self._retired: set[str] = set()  # evicted once their last pin is released
         # A free slot serves nothing (rank 0 in every module) but may keep the weights of its
         # last adapter, in the modules `_held` names, until an adapter is placed there.
         self._free = list(range(num_slots))
@@ -109,6 +110,20 @@ class ResidentAdapters:
         self._pins[key] -= 1
         if self._pins[key] <= 0:
             del self._pins[key]
+            if key in self._retired:
+                self._retired.discard(key)
+                self.evict(key)
+
+    def retire(self, key: str) -> None:
+        """Lets go of an adapter no new request will use (an RL session's weights that a
+        newer version replaced): its slot is freed now, or once the requests that pin it
+        have released it."""
+        if key not in self._slot_of:
+            return
+        if self._pins[key]:
+            self._retired.add(key)
+        else:
+            self.evict(key)
 
     def load(self, key: str, path: str | Path) -> int:
         """Makes the PEFT adapter at `path` resident under `key`, unpinned; returns its slot."""

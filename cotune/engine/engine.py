@@ -8,15 +8,17 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from cotune.adapters.peft_format import AdapterError, LoraAdapter
 from cotune.adapters.residency import ResidentAdapters
 from cotune.engine.containment import Quarantine, RequestFailed, non_finite_rows
 from cotune.engine.detokenizer import IncrementalDetokenizer
+from cotune.engine.example_pieces import TrainingWork
 from cotune.engine.kv_cache import PagedBatch, PagedKVCache
 from cotune.engine.sampling import Sampler, SamplingParams, TokenLogprob
 from cotune.engine.scheduler import (
@@ -27,8 +29,8 @@ from cotune.engine.scheduler import (
     StepPlan,
 )
 from cotune.engine.sequence import Sequence
+from cotune.engine.session import Session
 from cotune.engine.step_time import StepTimeModel
-from cotune.engine.example_pieces import TrainingWork
 from cotune.engine.trainer import Published, Trainer
 from cotune.engine.training_lane import LanePass, TrainingLane
 from cotune.model.llama import CausalLM, ForwardBatch
@@ -144,7 +146,10 @@ class Engine:
         # finished requests by (tenant, "ttft"|"tpot"|"both", "met"|"missed")
         self.slo_counts: Counter[tuple[str, str, str]] = Counter()
         self._ids = itertools.count()
-        self.trainers: list[Trainer] = []
+        # What trains in the steps, in turn: jobs (unless a training lane trains them) and
+        # RL sessions (session.py), which a job's interface fits.
+        self.trainers: list[Trainer | Session] = []
+        self.sessions: list[Session] = []
         # Called as on_version(trainer, published) after a job publishes a version, and
         # on_job_end(trainer, error) when a job finishes (error None) or fails.
         self.on_version: Callable[[Trainer, Published], None] | None = None
@@ -169,9 +174,11 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
+        if self.scheduler.has_work or any(s.has_work for s in self.sessions):
+            return True
         if self.lane is not None:
-            return self.scheduler.has_work or self.lane.has_passes
-        return self.scheduler.has_work or bool(self.trainers)
+            return self.lane.has_passes
+        return len(self.trainers) > len(self.sessions)  # a job
 
     def add_trainer(self, trainer: Trainer) -> None:
         """Starts training a job in the steps to come (or on the training lane)."""
@@ -185,6 +192,34 @@ class Engine:
             if self.lane is not None:
                 self.lane.remove(trainer)
 
+    def add_session(self, session: Session) -> None:
+        """Starts running an RL session's operations in the steps to come (never on a
+        training lane: its caller waits on each operation, and OptimStep changes the
+        weights between two steps)."""
+        session.on_weights = self._live_weights
+        self.sessions.append(session)
+        self.trainers.append(session)
+
+    def remove_session(self, session: Session, error: BaseException) -> None:
+        """Ends a session: its operations not done fail with `error`, its live weights
+        leave their slot once no request samples from them."""
+        if session in self.sessions:
+            self.sessions.remove(session)
+            self.trainers.remove(session)
+        session.close(error)
+        self.adapters.retire(session.live.key)
+
+    def _live_weights(self, session: Session, previous: str) -> None:
+        """A session's OptimStep made new weights: they take a slot now, so that the next
+        request samples at once (where every slot is busy, its first request places
+        them), and the previous version's slot is let go once no request uses it."""
+        self.adapters.retire(previous)
+        live = session.live
+        try:
+            self.adapters.place(live.key, live.adapter)
+        except AdapterError:
+            pass
+
     def close(self) -> None:
         """Stops the training lane after its pass in progress and takes what it did (a
         version saved meanwhile is announced). Between steps; a no-op without a lane."""
@@ -193,7 +228,8 @@ class Engine:
             self._take_lane_passes()
 
     def add(self, prompt_ids: list[int], params: SamplingParams,
-            adapter: tuple[str, str | Path] | None = None, request_id: str | None = None,
+            adapter: tuple[str, str | Path | LoraAdapter] | None = None,
+            request_id: str | None = None,
             tenant: str = "default") -> Sequence:
         """Queues a request: `prepare`, then `enqueue`."""
         seq = self.prepare(prompt_ids, params, adapter, request_id, tenant)
@@ -201,10 +237,12 @@ class Engine:
         return seq
 
     def prepare(self, prompt_ids: list[int], params: SamplingParams,
-                adapter: tuple[str, str | Path] | None = None, request_id: str | None = None,
+                adapter: tuple[str, str | Path | LoraAdapter] | None = None,
+            request_id: str | None = None,
                 tenant: str = "default") -> Sequence:
         """A request checked and ready to queue; `adapter` is (key, PEFT directory) or None for
-        the base model. Everything but the adapter's file is checked here; the adapter's
+        the base model, or (key, weights) for weights in memory (an RL session's live
+        version). Everything but the adapter's file is checked here; the adapter's
         disk->host load starts now, in the background (`seq.adapter_load`), and a request
         whose adapter fails to load ends with finish_reason "error". Safe from any thread
         while the engine steps: it reads no state that a step changes."""
@@ -217,7 +255,10 @@ class Engine:
         seq = Sequence(request_id, list(prompt_ids), params, tenant=tenant,
                        adapter=None if adapter is None else adapter[0])
         self.scheduler.check_fits(seq)
-        if adapter is not None:
+        if adapter is not None and isinstance(adapter[1], LoraAdapter):
+            seq.adapter_load = Future()
+            seq.adapter_load.set_result(adapter[1])
+        elif adapter is not None:
             seq.adapter_load = self.adapters.prefetch(*adapter)
         if self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params.stop)
@@ -267,8 +308,8 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - traced to its rows where it can be
             if self.step_sync is not None:  # ranks pass together: one cannot run apart
                 raise
-            forwarded = self._contain(chunks, trainer, work, error)
-            work = work if trainer in self.trainers else None  # or it failed alone
+            forwarded, trains_on = self._contain(chunks, trainer, work, error)
+            work = work if trains_on else None  # or it failed alone
         outputs = forwarded.outputs
         if on_output is not None:
             on_output(outputs)  # streamed before backward: the stream must not wait
@@ -312,12 +353,13 @@ class Engine:
                          seconds)
 
     def _contain(self, chunks: list[ScheduledChunk], trainer: Trainer | None,
-                 work: TrainingWork | None, error: Exception) -> Forwarded:
+                 work: TrainingWork | None, error: Exception) -> tuple[Forwarded, bool]:
         """A step's pass failed. Each adapter's served rows, and the job's training rows,
         run again apart (nothing of the failed pass was committed: a row's keys and values
         are written again, the same): what fails again fails alone, its adapter
         quarantined, and the rest of the step goes on. Where the base model itself fails a
-        pass of one token, the fault is no one row's, and the engine stops on `error`."""
+        pass of one token, the fault is no one row's, and the engine stops on `error`.
+        Returns the pass, and whether the training rows' work goes on (they did not fail)."""
         try:
             with torch.no_grad():
                 self.model(ForwardBatch(torch.zeros(1, dtype=torch.int64), [1]))
@@ -330,13 +372,15 @@ class Engine:
                 outputs += self._forward(group, None).outputs
             except Exception as e:  # noqa: BLE001 - these rows alone
                 self._fail_rows([c.seq for c in group], f"a step over its rows failed ({e!r})")
-        training = Forwarded([], None, None, 0.0)
+        training, trains_on = Forwarded([], None, None, 0.0), work is not None
         if work is not None:
             try:
                 training = self._forward([], work)
             except Exception as e:  # noqa: BLE001 - the job alone
                 self._end_job(trainer, e)
-        return Forwarded(outputs, training.training_hidden, training.batch, training.seconds)
+                trains_on = False
+        return Forwarded(outputs, training.training_hidden, training.batch,
+                         training.seconds), trains_on
 
     def _fail_rows(self, seqs: list[Sequence], reason: str) -> None:
         """Fails requests whose rows failed, and quarantines their adapter: its requests
@@ -375,10 +419,7 @@ class Engine:
         return seconds * sum(rows.lengths) / (inference_rows + sum(rows.lengths))
 
     def _phase(self) -> tuple[bool, bool]:
-        """(whether this step serves, whether it trains): both, unless time slicing or the
-        jobs train on a lane of their own."""
-        if self.lane is not None:
-            return True, False
+        """(whether this step serves, whether it trains): both, unless time slicing."""
         slice_s = self.config.time_slice_s
         if slice_s is None or not (self.trainers and self.scheduler.has_work):
             return True, True
@@ -400,7 +441,8 @@ class Engine:
         of this step, and at least the smallest unit of work; so does a job asked for a
         version before a stop (Runtime.checkpoint_jobs), whose work would otherwise be lost
         if the rooms of the grace period were too small for it."""
-        ready = [t for t in self.trainers if not t.awaiting_ranks]
+        ready = [t for t in self.trainers if not t.awaiting_ranks and (
+            t in self.sessions or self.lane is None)]  # a lane trains the jobs
         if not ready:
             return None, None
         cap = self.config.max_batched_tokens
@@ -542,7 +584,11 @@ class Engine:
             else:
                 self._conclude(done.trainer, done.published, done.ended)
 
-    def _end_job(self, trainer: Trainer, error: BaseException | None) -> None:
+    def _end_job(self, trainer: Trainer | Session, error: BaseException | None) -> None:
+        """A job ends, or fails; a session whose work failed goes on (Session.discard)."""
+        if trainer in self.sessions:
+            trainer.discard(error)
+            return
         self.remove_trainer(trainer)
         if self.on_job_end is not None:
             self.on_job_end(trainer, error)

@@ -34,6 +34,9 @@ from cotune.engine.inbox import Inbox
 from cotune.engine.job import Job, JobState
 from cotune.engine.sampling import SamplingParams, TokenLogprob
 from cotune.engine.sequence import Sequence
+from cotune.engine.session import Session, SessionClosed
+from cotune.engine.session_handle import SessionHandle
+from cotune.engine.session_spec import SessionSpec
 from cotune.engine.trainer import Published, Trainer
 from cotune.model.default_model import resolve_model_path
 from cotune.model.loading import checkpoint_fingerprint, load_model
@@ -69,6 +72,8 @@ class Request:
     ignore_eos: bool = False
     request_id: str | None = None
     tenant: str = "default"  # waiting requests are admitted tenant by tenant
+    # an RL session whose live weights it samples from (instead of an adapter)
+    session: SessionHandle | None = None
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(
@@ -87,6 +92,7 @@ class Delta:
     text: str
     logprobs: list[TokenLogprob | None]
     finish_reason: str | None = None
+    weights_version: int | None = None  # of the session it samples from
 
 
 @dataclass
@@ -98,6 +104,7 @@ class Completion:
     prompt_tokens: int
     logprobs: list[TokenLogprob | None] | None = None
     ttft_s: float | None = None  # arrival to first token
+    weights_version: int | None = None  # of the session it sampled from, every token
 
     @property
     def completion_tokens(self) -> int:
@@ -110,6 +117,8 @@ class Runtime:
         self.base_fingerprint = "" if model_path is None else checkpoint_fingerprint(model_path)
         self._adapters: dict[str, tuple[str, Path]] = {}  # name -> (residency key, directory)
         self._jobs: dict[Trainer, Job] = {}
+        self._sessions: dict[str, SessionHandle] = {}
+        self._session_ids = itertools.count(1)
         self._job_ids = itertools.count(1)
         engine.on_version = self._published
         engine.on_job_end = self._job_ended
@@ -185,6 +194,42 @@ class Runtime:
             self._inbox.put(start)
         return job
 
+    def open_session(self, spec: SessionSpec, session_id: str | None = None) -> SessionHandle:
+        """Opens an RL session on a new adapter (or the version spec.init_adapter holds):
+        ForwardBackward, Forward, OptimStep and Save run in the same steps that serve
+        requests, and `Request(session=...)` samples from its live weights, which each
+        OptimStep changes in place (session.py). SpecError or AdapterError when the spec or
+        its init adapter is refused."""
+        if self.engine.step_sync is not None:
+            raise ValueError("RL sessions need a whole base in this process; this runtime's "
+                             "base is sharded over ranks")
+        session_id = session_id or f"session-{next(self._session_ids)}"
+        model = self.engine.model
+        session = Session(spec, model, session_id, self.base_fingerprint)
+        handle = SessionHandle(session, self._post, self._close_session,
+                               model.config.vocab_size, model.config.max_position_embeddings)
+        with self._lock:
+            self._check_open()
+            if session_id in self._sessions:
+                raise ValueError(f"a session {session_id!r} is already open")
+            self._sessions[session_id] = handle
+            self._inbox.put(functools.partial(self.engine.add_session, session))
+        return handle
+
+    def _post(self, command) -> None:
+        """Runs `command` on the engine's thread at its next step boundary (EngineStopped
+        once the runtime is closed)."""
+        with self._lock:
+            self._check_open()
+            self._inbox.put(command)
+
+    def _close_session(self, handle: SessionHandle) -> None:
+        with self._lock:
+            if self._sessions.pop(handle.id, None) is None:
+                return  # the runtime stopped, and ended it
+            self._inbox.put(functools.partial(self.engine.remove_session, handle.session,
+                                              SessionClosed(f"session {handle.id} was closed")))
+
     def cache_adapter(self, key: str, adapter: LoraAdapter) -> None:
         """Keeps `adapter` in host memory under `key`, so that the first request for `key`
         reads no file: for a caller that serves a job's versions under keys of its own
@@ -213,7 +258,7 @@ class Runtime:
             while finish_reason is None:
                 outputs, finish_reason = self._next_outputs(sink)
                 yield Delta(seq.id, [o.token_id for o in outputs], "".join(o.text for o in outputs),
-                            [o.logprob for o in outputs], finish_reason)
+                            [o.logprob for o in outputs], finish_reason, seq.weights_version)
         finally:
             if finish_reason is None:
                 self.abort(seq.id)
@@ -262,7 +307,10 @@ class Runtime:
     def _submit(self, prepared: list):
         """Queues prepared requests, all or none: each is checked here, in the caller's
         thread, and they reach the engine together at its next step boundary."""
-        seqs = [self.engine.prepare(*request) for request in prepared]
+        seqs = []
+        for request, weights_version in prepared:
+            seqs.append(self.engine.prepare(*request))
+            seqs[-1].weights_version = weights_version
         sinks = [queue.SimpleQueue() for _ in seqs]
 
         def enqueue() -> None:
@@ -289,14 +337,25 @@ class Runtime:
             raise
 
     def _prepare(self, request: Request):
+        """(Engine.prepare's arguments, the session's weights version it samples from)."""
         if (request.prompt is None) == (request.prompt_token_ids is None):
             raise ValueError("a request needs exactly one of prompt or prompt_token_ids")
+        if request.session is not None and request.adapter is not None:
+            raise ValueError("a request samples from an adapter or from a session's live "
+                             "weights, not both")
         ids = request.prompt_token_ids
         if ids is None:
             ids = self.tokenizer(request.prompt).input_ids
-        adapter = self._adapter(request.adapter) if request.adapter_path is None \
-            else (request.adapter, request.adapter_path)
-        return list(ids), request.sampling_params(), adapter, request.request_id, request.tenant
+        weights_version = None
+        if request.session is not None:  # the version live now, to its last token
+            live = request.session.live()
+            adapter, weights_version = (live.key, live.adapter), live.version
+        elif request.adapter_path is None:
+            adapter = self._adapter(request.adapter)
+        else:
+            adapter = (request.adapter, request.adapter_path)
+        return (list(ids), request.sampling_params(), adapter, request.request_id,
+                request.tenant), weights_version
 
     def _adapter(self, name: str | None):
         if name is None:
@@ -320,7 +379,7 @@ class Runtime:
         logprobs = None if seq.params.logprobs is None else [o.logprob for o in received]
         return Completion(seq.id, [o.token_id for o in received],
                           "".join(o.text for o in received), finish_reason,
-                          len(seq.prompt_ids), logprobs, ttft)
+                          len(seq.prompt_ids), logprobs, ttft, seq.weights_version)
 
     def _next_outputs(self, sink: queue.SimpleQueue) -> tuple[list[StepOutput], str | None]:
         """Blocks for the next token(s) of one request: (outputs, its finish_reason once it
@@ -450,8 +509,16 @@ class Runtime:
         with self._lock:
             self._closed = True
             self._error = error
+        self._inbox.apply()  # what was asked before the stop reaches the engine, and ends below
+        with self._lock:
             jobs, self._jobs = self._jobs, {}
             listeners, self._listeners = self._listeners, {}
+            sessions, self._sessions = self._sessions, {}
+        ended = EngineStopped("the runtime stopped" if error is None else
+                              f"the engine stopped on an error: {error!r}")
+        for handle in sessions.values():
+            handle.ended(ended)
+            self.engine.remove_session(handle.session, ended)
         for trainer, job in jobs.items():
             self.engine.remove_trainer(trainer)
             job._end(JobState.CANCELLED if error is None else JobState.FAILED, error)

@@ -40,6 +40,7 @@ class Sequence:
     preemptions: int = 0
     generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None
+    weights_version: int | None = None  # of the RL session whose live weights it samples
 
     def __post_init__(self):
         if self.params.seed is not None:

@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from cotune.adapters.peft_format import LoraAdapter, LoraModule, load_peft_adapter
+from cotune.adapters.peft_format import LoraAdapter
 from cotune.engine.checkpoint import latest_version, load_checkpoint, save_checkpoint
 from cotune.engine.evaluation import Evaluation, shifted_targets
 from cotune.engine.example_pieces import Cost, ExamplePieces, ExampleRun, TrainingWork
 from cotune.engine.finetune_spec import MAX_STEPS, FinetuneSpec, SpecError
+from cotune.engine.live_lora import load_lora_weights, lora_snapshot, new_lora
 from cotune.engine.training_data import Example, read_training_data, split_eval
 from cotune.model.llama import CausalLM
-from cotune.model.lora_routing import TrainableLora
 from cotune.model.training_rows import TrainingRows
 
 
@@ -63,9 +63,9 @@ class Trainer:
             _check_span(len(self.train_examples), spec.batch_size, span[1])
         self.general_examples = _general_text(tokenizer, spec.max_length)
         self._general_loss_base: float | None = None  # the base model's, worked out once
-        self.lora = _init_lora(spec, model)
+        self.lora = new_lora(spec.lora, spec.seed, model)
         if spec.init_adapter is not None:  # a version it continues; _resume may go past it
-            self._load_weights(Path(spec.init_adapter))
+            load_lora_weights(self.lora, spec.lora, model, Path(spec.init_adapter))
         opt = spec.optimizer
         self.optimizer = torch.optim.AdamW(self.lora.parameters(), lr=opt.lr, betas=opt.betas,
                                            eps=opt.eps, weight_decay=opt.weight_decay)
@@ -227,15 +227,7 @@ class Trainer:
 
     def adapter(self) -> LoraAdapter:
         """The current weights as a PEFT adapter (a copy: training goes on)."""
-        lora, modules = self.spec.lora, {}
-        for name in self.lora.module_names():
-            a, b, scale = self.lora.weights(name)
-            modules[name] = LoraModule(a=a.detach().clone(), b=b.detach().clone(), scale=scale)
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank,
-                  "lora_alpha": lora.alpha, "use_rslora": lora.rslora,
-                  "target_modules": sorted(lora.targets), "lora_dropout": lora.dropout,
-                  "bias": "none", "base_model_name_or_path": None}
-        return LoraAdapter(modules=modules, config=config)
+        return lora_snapshot(self.lora, self.spec.lora)
 
     def checkpoint(self) -> Published:
         """Publishes the next version with its training state, once its evaluation is done
@@ -318,24 +310,13 @@ class Trainer:
         version = latest_version(self.spec.adapter_dir)
         if not version:
             return
-        self._load_weights(self.spec.adapter_dir / f"v{version}")
+        load_lora_weights(self.lora, self.spec.lora, self.model,
+                          self.spec.adapter_dir / f"v{version}")
         state = load_checkpoint(self.spec.adapter_dir, version, self.optimizer)
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.tokens, self.losses = state["tokens"], state["losses"]
         self.versions = state["versions"]
         self.lora.generator.set_state(torch.tensor(state["dropout_rng"], dtype=torch.uint8))
-
-    def _load_weights(self, peft_dir: Path) -> None:
-        """Sets the adapter's A and B to those of the PEFT directory `peft_dir` (refused unless
-        it has this job's rank and targets, on this base's shapes)."""
-        shapes = {n: (m.in_features, m.out_features)
-                  for n, m in self.model.lora_modules(self.spec.lora.targets).items()}
-        saved = load_peft_adapter(peft_dir, shapes, self.spec.lora.rank)
-        with torch.no_grad():
-            for name, module in saved.modules.items():
-                a, b, _ = self.lora.weights(name)
-                a.copy_(module.a)
-                b.copy_(module.b)
 
 
 def _check_span(examples: int, batch_size: int, world_size: int) -> None:
@@ -346,21 +327,6 @@ def _check_span(examples: int, batch_size: int, world_size: int) -> None:
             f"a job spanning {world_size} ranks needs at least {world_size} examples in every "
             f"micro-batch; batch_size {batch_size} over {examples} training examples leaves "
             f"{min(batch_size, last)}; raise batch_size or run the job on one rank")
-
-
-def _init_lora(spec: FinetuneSpec, model: CausalLM) -> TrainableLora:
-    """A as PEFT initialises it (Kaiming-uniform, a=sqrt(5): U(-1/sqrt(d_in), 1/sqrt(d_in))),
-    B zero, so the new adapter starts as the base model; drawn from the job's seed."""
-    generator = torch.Generator().manual_seed(spec.seed)
-    modules = {}
-    for name, module in model.lora_modules(spec.lora.targets).items():
-        bound = 1.0 / math.sqrt(module.in_features)
-        a = (torch.rand(spec.lora.rank, module.in_features, generator=generator) * 2 - 1) * bound
-        b = torch.zeros(module.out_features, spec.lora.rank)
-        modules[name] = (a, b, spec.lora.scale)
-    dropout_rng = torch.Generator().manual_seed(spec.seed + 1)
-    return TrainableLora(modules, dropout=spec.lora.dropout, generator=dropout_rng).to(
-        model.device)
 
 
 def _general_text(tokenizer, max_length: int) -> list[Example]:
