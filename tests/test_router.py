@@ -22,7 +22,7 @@ from server_helpers import RunningServer, start_server, tiny_adapter_dir, tiny_m
 from test_metrics import free_port, scrape, value
 
 from cotune.bench.server_process import LISTENING, OPENAI_API, START_TIMEOUT_S
-from cotune.client import Client, Unauthenticated
+from cotune.client import Client, Example, Unauthenticated
 from cotune.router.hashing import first_unloaded, rendezvous_order
 from cotune.router.metrics import RouterMetrics
 from cotune.router.pool import Pool
@@ -310,6 +310,28 @@ def test_a_job_cancelled_at_a_worker_that_does_not_run_it_is_stopped_by_its_owne
         assert client.jobs.cancel(job.id).state == "cancelled"
         wait_for(lambda: cancelled_by_owner() == before + 1, what="the owner stopping the job")
         assert client.jobs.get(job.id).state == "cancelled"
+
+
+def test_every_call_on_a_session_reaches_the_worker_that_holds_it(cluster):
+    """A session lives in one worker's memory: the router that placed it sends its calls
+    there, and another router finds that worker by asking."""
+    example = Example([5, 9, 14, 3, 27], [0.0, 0.0, 0.0, 1.0, 1.0])
+    with router(cluster) as r, Client(r.address, cluster.token) as client:
+        session = client.sessions.create("routed-session", rank=4, lr=0.05)
+        for _ in range(3):  # three workers: a call sent anywhere would miss it
+            session.forward_backward([example])
+            session.optim_step()
+        assert session.sample(prompt_token_ids=[5, 9], max_tokens=2).weights_version == 3
+        held = {i for i in WORKER_IDS
+                if r.metric("cotune_router_calls_total", worker=i, method="OptimStep")}
+        assert len(held) == 1
+    with router(cluster) as other, Client(other.address, cluster.token) as client:
+        found = client.sessions.get(session.id)
+        assert found.info.steps == 3
+        assert found.save().ref == "routed-session@v1"
+        assert found.close().state == "closed"
+        assert other.metric("cotune_router_calls_total", worker=held.pop(), method="SaveVersion",
+                            code="OK") == 1
 
 
 def test_abort_reaches_the_worker_that_runs_the_request(cluster):

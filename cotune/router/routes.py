@@ -8,13 +8,16 @@ bytes (adapter, request id, job id); the call itself is forwarded as it came.
   its request or its first response).
 - CreateJob: the worker with the fewest unfinished jobs placed by this router; GetJob,
   CancelJob and WatchJob: the job's owner (placed here, else asked of any worker: Job.owner).
+- CreateSession: the least loaded worker; every call on the session (GetSession, CloseSession,
+  ForwardBackward, Forward, OptimStep, SaveVersion, and Generate with its id): the worker that
+  holds it in memory (placed here, else found by asking each worker for it).
 - Everything else: the least loaded worker (the workers share one registry).
 """
 
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +35,14 @@ CREATE_JOB = "/cotune.v1.TrainingService/CreateJob"
 GET_JOB = "/cotune.v1.TrainingService/GetJob"
 CANCEL_JOB = "/cotune.v1.TrainingService/CancelJob"
 WATCH_JOB = "/cotune.v1.TrainingService/WatchJob"
+CREATE_SESSION = "/cotune.v1.TrainingService/CreateSession"
+GET_SESSION = "/cotune.v1.TrainingService/GetSession"
+CLOSE_SESSION = "/cotune.v1.TrainingService/CloseSession"
+# calls on one session; the session's id is field 1 of each one's request
+SESSION_CALLS = {GET_SESSION, CLOSE_SESSION} | {
+    f"/cotune.v1.TrainingService/{name}"
+    for name in ("ForwardBackward", "Forward", "OptimStep", "SaveVersion")}
+SESSIONS_KEPT = 65536  # session -> worker entries this router remembers, the newest
 TERMINAL = {training_pb2.JOB_STATE_SUCCEEDED, training_pb2.JOB_STATE_FAILED,
             training_pb2.JOB_STATE_CANCELLED}
 OWNER_LOOKUP_TIMEOUT_S = 10.0
@@ -62,6 +73,7 @@ class Routes:
         self._requests: dict[tuple[str, str], str] = {}  # (caller, request id) -> worker id
         self._owners: dict[str, str] = {}  # job id -> worker id
         self._placed: dict[str, set[str]] = defaultdict(set)  # worker id -> unfinished jobs
+        self._sessions: OrderedDict[str, str] = OrderedDict()  # session id -> worker id
 
     def route(self, method: str, request: bytes | None, caller: Caller) -> Route:
         """Raises NoWorker when no worker is healthy."""
@@ -85,13 +97,23 @@ class Routes:
                 return Route(owner or _least_loaded(workers), self._learn_job_state(method))
             if method == GET_JOB:
                 return Route(_least_loaded(workers), self._learn_job_state(method))
+            if method == CREATE_SESSION:
+                return self._create_session(_least_loaded(workers))
+            if method in SESSION_CALLS:
+                session_id = training_pb2.GetSessionRequest.FromString(request).id
+                worker = self._session_worker(session_id, workers, caller)
+                learn = self._forget_session if method == CLOSE_SESSION else None
+                return Route(worker or _least_loaded(workers), learn)
         except DecodeError:
             pass  # a worker answers it INVALID_ARGUMENT, as it would without the router
         return Route(_least_loaded(workers))
 
     def _generate(self, request, workers: list[Worker], caller: Caller) -> Route:
         name = request.adapter.split("@", 1)[0]
-        if name:
+        if request.session:  # its live weights are in one worker's memory
+            worker = self._session_worker(request.session, workers, caller) or \
+                _least_loaded(workers)
+        elif name:
             order = rendezvous_order(name, workers, lambda w: w.id)
             worker = first_unloaded(order, lambda w: w.in_flight, self.spill_threshold)
             if worker is not order[0]:
@@ -170,6 +192,43 @@ class Routes:
             worker_id = job.owner
             with self._lock:
                 self._owners[job_id] = worker_id
+        return self._healthy(worker_id)
+
+    def _create_session(self, worker: Worker) -> Route:
+        def learn(response: bytes) -> None:
+            self._remember_session(training_pb2.Session.FromString(response).id, worker.id)
+        return Route(worker, learn)
+
+    def _remember_session(self, session_id: str, worker_id: str) -> None:
+        with self._lock:
+            self._sessions[session_id] = worker_id
+            self._sessions.move_to_end(session_id)
+            while len(self._sessions) > SESSIONS_KEPT:
+                self._sessions.popitem(last=False)
+
+    def _forget_session(self, response: bytes) -> None:
+        with self._lock:
+            self._sessions.pop(training_pb2.Session.FromString(response).id, None)
+
+    def _session_worker(self, session_id: str, workers: list[Worker],
+                        caller: Caller) -> Worker | None:
+        """The healthy worker that holds `session_id`, or None (no worker has it for this
+        caller: any worker then answers NOT_FOUND)."""
+        with self._lock:
+            worker_id = self._sessions.get(session_id)
+        if worker_id is None and session_id:
+            for worker in workers:  # a session this router did not place: who has it?
+                try:
+                    worker.channel.unary_unary(GET_SESSION)(
+                        training_pb2.GetSessionRequest(id=session_id).SerializeToString(),
+                        metadata=caller.metadata,
+                        timeout=min(caller.timeout or OWNER_LOOKUP_TIMEOUT_S,
+                                    OWNER_LOOKUP_TIMEOUT_S))
+                except grpc.RpcError:
+                    continue
+                self._remember_session(session_id, worker.id)
+                worker_id = worker.id
+                break
         return self._healthy(worker_id)
 
     def _healthy(self, worker_id: str | None) -> Worker | None:
