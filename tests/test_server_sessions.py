@@ -147,6 +147,20 @@ def test_a_session_trains_samples_its_live_weights_and_saves_a_version_that_serv
         continued.close()
 
 
+def test_a_generation_keeps_the_weights_it_started_with_through_an_optim_step(server, admin):
+    with tenant_client(server, admin, "steady") as client:
+        session = client.sessions.create("steady", **LORA, lr=0.05)
+        stream = session.stream(prompt_token_ids=PROMPT, max_tokens=200, ignore_eos=True)
+        deltas = [next(stream)]  # in flight now
+        session.forward_backward([example_of([7, 8, 9])])
+        assert session.optim_step().weights_version == 1
+        deltas += list(stream)
+        assert sum(len(d.token_ids) for d in deltas) == 200
+        assert {d.weights_version for d in deltas} == {0}
+        assert greedy(session).weights_version == 1  # issued after the step: the new weights
+        session.close()
+
+
 def test_another_tenant_gets_not_found_for_a_session_it_does_not_own(server, admin):
     with tenant_client(server, admin, "owner") as owner, \
             tenant_client(server, admin, "intruder") as intruder:
