@@ -253,6 +253,19 @@ def test_max_sessions_refuses_one_more_session_until_one_closes(server, admin):
         client.sessions.create("two", **LORA).close()
 
 
+def test_deleting_a_tenant_closes_its_sessions(server, admin):
+    with tenant_client(server, admin, "leaving") as client:
+        session = client.sessions.create("gone", **LORA)
+        admin.tenants.delete("leaving")
+    admin.tenants.create("leaving")  # the name again: a new tenant, which sees nothing of it
+    with Client(server.address, admin.tenants.issue_token("leaving").token) as client:
+        assert client.sessions.list() == []
+        with pytest.raises(NotFound):
+            Session(client.sessions, session.info).optim_step()
+        with pytest.raises(NotFound):
+            client.sessions.get(session.id)
+
+
 def test_an_idempotency_key_answers_the_session_it_opened(server, admin):
     with tenant_client(server, admin, "retrier", max_sessions=1) as client:
         first = client.sessions.create("again", **LORA, idempotency_key="k-1")

@@ -133,7 +133,7 @@ class CotuneServer:
             _model_info(self.runtime, args), self.metrics, args.max_logprobs, self.sessions),
             self.server)
         tenants_pb2_grpc.add_TenantServiceServicer_to_server(
-            TenantService(self.gate, self.registry, self.jobs), self.server)
+            TenantService(self.gate, self.registry, self.jobs, self.sessions), self.server)
         self.lifecycle = Lifecycle(SERVICES, args.grace_period, log)
         self.lifecycle.add_to(self.server)
         self.lifecycle.set_health(NOT_SERVING)  # until the jobs have resumed

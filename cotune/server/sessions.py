@@ -108,10 +108,23 @@ class SessionManager:
     def stop(self) -> None:
         """Closes every session (the server stops: their weights go with the engine)."""
         self._stop.set()
+        self.close_all(None, "the server stopped")
+
+    def close_all(self, tenant: str | None, reason: str) -> None:
+        """Closes every open session of `tenant` (None: of every tenant)."""
         with self._lock:
-            sessions = list(self._open.values())
+            sessions = [s for s in self._open.values() if tenant in (None, s.tenant)]
         for session in sessions:
-            self._close(session, "the server stopped")
+            self._close(session, reason)
+
+    def forget_tenant(self, tenant: str) -> None:
+        """A deleted tenant's sessions: closed, and forgotten with their idempotency keys (a
+        tenant created again under the name starts empty)."""
+        self.close_all(tenant, "its tenant was deleted")
+        with self._lock:
+            self._closed.pop(tenant, None)
+            for key in [k for k in self._keys if k[0] == tenant]:
+                del self._keys[key]
 
     def _sweep_forever(self) -> None:
         period = min(max(self.idle_timeout_s / 4, 0.05), 10.0)

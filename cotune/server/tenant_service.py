@@ -6,12 +6,14 @@ from cotune.adapters.registry import UNFINISHED_JOB_STATES, Registry
 from cotune.server import convert
 from cotune.server.handlers import Gate, rpc
 from cotune.server.jobs import JobManager
+from cotune.server.sessions import SessionManager
 from cotune.v1 import tenants_pb2, tenants_pb2_grpc
 
 
 class TenantService(tenants_pb2_grpc.TenantServiceServicer):
-    def __init__(self, gate: Gate, registry: Registry, jobs: JobManager):
-        self.gate, self.registry, self.jobs = gate, registry, jobs
+    def __init__(self, gate: Gate, registry: Registry, jobs: JobManager,
+                 sessions: SessionManager):
+        self.gate, self.registry, self.jobs, self.sessions = gate, registry, jobs, sessions
 
     def _tenant(self, name: str) -> tenants_pb2.Tenant:
         return convert.tenant(self.registry.get_tenant(name), self.registry.tokens(name))
@@ -43,6 +45,7 @@ class TenantService(tenants_pb2_grpc.TenantServiceServicer):
     @rpc(admin=True)
     def DeleteTenant(self, request, context, caller):
         deletion = self.jobs.delete_tenant(request.name)
+        self.sessions.forget_tenant(request.name)
         return tenants_pb2.DeleteTenantResponse(
             adapters_deleted=deletion.adapters, versions_deleted=deletion.versions,
             jobs_deleted=len(deletion.jobs), tokens_deleted=deletion.tokens,
