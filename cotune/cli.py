@@ -85,8 +85,17 @@ def build_parser() -> Parser:
     add_commands(commands)
     add_plan_command(commands)
 
-    demo = commands.add_parser("demo", help="generate for a mixed batch of adapters and explain")
+    demo = commands.add_parser("demo", help="adapters: generate for a mixed batch of adapters "
+                               "and explain; rl: GRPO over a real server (an RL session)")
+    demo.add_argument("what", nargs="?", default="adapters", choices=["adapters", "rl"])
     _model_options(demo)
+    demo.add_argument("--steps", type=int, default=12, help="rl: GRPO steps")
+    demo.add_argument("--address", default=None,
+                      help="rl: a running server (default: start one on --model)")
+    demo.add_argument("--token", default=os.environ.get("COTUNE_TOKEN"),
+                      help="rl: its token (default: $COTUNE_TOKEN)")
+    demo.add_argument("--out", default="grpo-demo",
+                      help="rl: where the reward curve goes (grpo-reward.svg and .json)")
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="run a benchmark; results go to benchmarks/results")
@@ -253,6 +262,13 @@ def _bench(args) -> int:
 
 
 def _demo(args) -> int:
+    if args.what == "rl":
+        from pathlib import Path
+
+        from cotune.grpo_demo import run_rl_demo
+
+        reports = run_rl_demo(args.steps, Path(args.out), args.address, args.token, args.model)
+        return 0 if reports else 1
     from cotune.demo import run_demo
 
     run_demo(args.model, args.dtype, args.max_rank)

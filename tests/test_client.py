@@ -11,6 +11,7 @@ import time
 
 import grpc
 import pytest
+from conftest import tiny_tokenizer
 from server_helpers import running_server, tiny_adapter_dir
 
 from cotune.client import (
@@ -213,6 +214,12 @@ def test_health_and_model_info_need_no_more_than_a_connection(server, client):
     info = client.model_info()
     assert info.vocab_size > 0 and info.max_rank == 16
     assert client.tokenize("hello") and all(isinstance(t, int) for t in client.tokenize("hi"))
+    chat = [{"role": "user", "content": "hi"}]
+    rendered = tiny_tokenizer().apply_chat_template(chat, tokenize=False,
+                                                    add_generation_prompt=True)
+    assert client.tokenize(chat=chat) == client.tokenize(rendered)  # the assistant's turn open
+    with pytest.raises(ValueError, match="one of them"):
+        client.tokenize("hi", chat=chat)
 
 
 def test_async_client_has_the_surface_of_the_sync_one(server, adapter_dirs, tmp_path):

@@ -89,9 +89,16 @@ class ClientBase:
                              inference_pb2.AbortRequest(request_id=request_id),
                              lambda response: response.aborted)
 
-    def tokenize(self, text: str) -> list[int]:
-        return self._t.unary(self._inference.Tokenize,
-                             inference_pb2.TokenizeRequest(text=text),
+    def tokenize(self, text: str | None = None, *, chat: Sequence[dict] | None = None
+                 ) -> list[int]:
+        """The token ids of `text` as a prompt, or of the conversation `chat` (messages with
+        a role and a content) as the model's chat template renders it for generation."""
+        if (text is None) == (chat is None):
+            raise ValueError("give text or chat, one of them")
+        request = inference_pb2.TokenizeRequest(text=text) if chat is None else \
+            inference_pb2.TokenizeRequest(chat=inference_pb2.ChatMessages(messages=[
+                inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in chat]))
+        return self._t.unary(self._inference.Tokenize, request,
                              lambda response: list(response.token_ids))
 
     def model_info(self) -> ModelInfo:

@@ -129,6 +129,8 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
 
     @rpc()
     def Tokenize(self, request, context, tenant):
+        if request.WhichOneof("input") == "chat":
+            return inference_pb2.TokenizeResponse(token_ids=self._chat_ids(request.chat.messages))
         if len(request.text.encode()) > MAX_TEXT_BYTES:
             raise invalid(f"text exceeds {MAX_TEXT_BYTES >> 20} MiB")
         ids = self.runtime.tokenizer(request.text).input_ids  # as Generate feeds a prompt

@@ -16,7 +16,6 @@ tenant's first, so that a place an idle session held is free at once.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import secrets
 import shutil
@@ -271,14 +270,12 @@ class SessionManager:
             saved = session.handle.save(timeout=timeout)
             if session.saved is not None and session.saved[0] == saved.weights_version:
                 return session.saved[1]
-            spec = session.spec
             provenance = {
                 **saved.provenance, "source": "session", "session_id": session.id,
                 "steps": saved.steps, "weights_version": saved.weights_version,
                 "parent_version": session.parent_version,
-                "hyperparameters": {"lora": dataclasses.asdict(spec.lora),
-                                    "optimizer": dataclasses.asdict(spec.optimizer),
-                                    "seed": spec.seed, "parent": session.parent}}
+                "hyperparameters": {**saved.provenance["hyperparameters"],
+                                    "parent": session.parent}}
             self.staging_dir.mkdir(parents=True, exist_ok=True)
             files = self.staging_dir / f"{session.id}-{secrets.token_hex(4)}"
             try:
