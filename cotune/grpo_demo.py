@@ -76,7 +76,7 @@ def run_rl_demo(steps: int, out: Path, address: str | None = None,
             finally:
                 policy.close()
             version = session.save()
-            print(f"saved the trained weights as {version.adapter}@v{version.version}")
+            print(f"saved the trained weights as {version.ref}")
             session.close()
     finally:
         if server is not None:
