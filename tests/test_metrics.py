@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.request
 
 import grpc
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from server_helpers import running_server, tiny_adapter_dir
 from wire import Caller
 
+from cotune.client import Client
 from cotune.v1 import inference_pb2, training_pb2
 
 pytestmark = pytest.mark.slow
@@ -143,3 +145,17 @@ def test_adapter_labels_name_the_busiest_few_and_call_the_rest_other(served):
                 if n == "cotune_requests_total" and dict(items)["tenant"] == "admin"}
     # --metrics-top-adapters 2: "first" and "trained" (the job's) took the two names.
     assert adapters == {"first", "other"}
+
+
+def test_open_rl_sessions_are_counted_apart_from_jobs(served):
+    server, port, *_ = served
+    with Client(server.address, server.admin_token) as client:
+        session = client.sessions.create("metered-policy", rank=4, alpha=8)
+        opened = scrape(port)
+        session.close()
+    assert value(opened, "cotune_rl_sessions_open") == 1
+    assert value(opened, "cotune_jobs_running") == 0  # a session is no job
+    deadline = time.monotonic() + 10  # the engine lets go of it at its next step boundary
+    while value(scrape(port), "cotune_rl_sessions_open") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert value(scrape(port), "cotune_rl_sessions_open") == 0

@@ -421,7 +421,8 @@ class Engine:
     def _phase(self) -> tuple[bool, bool]:
         """(whether this step serves, whether it trains): both, unless time slicing."""
         slice_s = self.config.time_slice_s
-        if slice_s is None or not (self.trainers and self.scheduler.has_work):
+        training = any(t not in self.sessions or t.has_work for t in self.trainers)
+        if slice_s is None or not (training and self.scheduler.has_work):
             return True, True
         serving_phase = int(time.monotonic() / slice_s) % 2 == 0
         return serving_phase, not serving_phase

@@ -214,7 +214,10 @@ class EngineCollector:
                      slots.host.size_bytes)
         yield _gauge("cotune_adapter_host_cache_adapters", "adapters in host memory",
                      slots.host.num_adapters)
-        yield _gauge("cotune_jobs_running", "fine-tuning jobs in the engine", len(engine.trainers))
+        sessions = len(engine.sessions)
+        yield _gauge("cotune_jobs_running", "fine-tuning jobs in the engine",
+                     len(engine.trainers) - sessions)
+        yield _gauge("cotune_rl_sessions_open", "RL sessions in the engine", sessions)
         slo = CounterMetricFamily("cotune_slo_requests", "finished requests by whether they met "
                                   "their latency target", labels=["tenant", "kind", "result"])
         counts = engine.slo_counts
