@@ -206,10 +206,14 @@ def _write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "rl.json").write_text(json.dumps(result, indent=2) + "\n")
     step = result["engine_step_s"]
+    recipe = result["recipe"]
     lines = [f"# cotune bench rl: {result['model']}, {result['machine']}", "",
-             f"{result['rounds']} interleaved rounds, medians; GRPO loop of "
-             f"{result['steps']} steps a round ({result['recipe']}). One engine step (a "
-             f"decode step of one request): {step * 1000:.1f} ms.", "",
+             f"{result['rounds']} interleaved rounds, medians. GRPO loop (cotune/grpo.py) of "
+             f"{result['steps']} steps a round: {recipe['prompts']} questions x "
+             f"{recipe['group']} completions of up to {recipe['max_tokens']} tokens a step, "
+             f"LoRA rank {recipe['lora']['rank']} on {len(recipe['lora']['targets'])} "
+             f"projections, AdamW lr {recipe['lr']:g}. One engine step (a decode step of one "
+             f"request): {step * 1000:.1f} ms.", "",
              "| design | weight sync (ms) | in engine steps | bytes written | "
              "RL steps/min |", "|---|---|---|---|---|"]
     for design, row in result["designs"].items():
