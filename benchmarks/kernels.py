@@ -105,7 +105,7 @@ class Inputs:
         n, r, t = case.adapters, case.rank, case.rows
         slots = sorted(i % n for i in range(case.sequences))  # sorted by adapter, as the engine
         routing = LoraRouting.from_sequences([case.tokens] * case.sequences, slots)
-        self.starts, self.slots = routing.starts, routing.slots  # (S+1,), (S,) CPU int64
+        self.batch = routing.batch(routing.slots)  # the segments, as the model passes them
         self.num_slots = n
         self.a_pool = (torch.randn(n, case.d_in, r, **like) / case.d_in ** 0.5).transpose(1, 2)
         self.b_pool = (torch.randn(n, r, case.d_out, **like) * 0.01).transpose(1, 2)
@@ -118,13 +118,15 @@ class Inputs:
     def calls(self, ops) -> dict:
         """Each op of `ops` (a cotune.kernels module) on these inputs, with the arguments the
         model passes (segmented_lora.py, virtualized_linear.py)."""
-        s, g = self.starts, self.slots
+        batch, tables = self.batch, {}
         return {
-            "shrink": lambda: ops.sgmv_shrink(self.x, self.a_pool, s, g),
-            "expand": lambda: ops.sgmv_expand(self.y, self.h, self.b_pool, s, g, self.scales),
-            "weight_grad_a": lambda: ops.sgmv_weight_grad(self.h, self.x, s, g, self.num_slots),
-            "weight_grad_b": lambda: ops.sgmv_weight_grad(self.dy, self.h, s, g, self.num_slots,
-                                                          self.scales),
+            "shrink": lambda: ops.sgmv_shrink(self.x, self.a_pool, batch, tables=tables),
+            "expand": lambda: ops.sgmv_expand(self.y, self.h, self.b_pool, batch, self.scales,
+                                              tables=tables),
+            "weight_grad_a": lambda: ops.sgmv_weight_grad(self.h, self.x, batch,
+                                                          self.num_slots),
+            "weight_grad_b": lambda: ops.sgmv_weight_grad(self.dy, self.h, batch,
+                                                          self.num_slots, self.scales),
         }
 
 

@@ -21,11 +21,9 @@ adapters through the Triton kernels and through batched torch (COTUNE_KERNELS).
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -80,10 +78,12 @@ def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) 
         model = CausalLM(config)
     state = {name: _random_weight(t.shape, dtype, device)
              for name, t in model.state_dict().items()}
-    together = backend(device).FUSED_SLICES  # as load_model decides it
-    model.load_state_dict(arranged(state, config, together), assign=True, strict=True)
+    ops = backend(device)  # as load_model decides it
+    model.load_state_dict(arranged(state, config, ops.FUSED_SLICES), assign=True, strict=True)
     for p in model.parameters():
         p.requires_grad_(False)
+    model.use_kernels(ops)
+    model.decide_fusion()
     return model.eval()
 
 
@@ -116,20 +116,6 @@ def decode_batches(model: CausalLM, s: Setup, dtype, device) -> tuple[ForwardBat
     lora = LoraRouting.from_sequences(seq_lens, [i % s.slots for i in order])
     return (ForwardBatch(tokens, seq_lens, kv=paged),
             ForwardBatch(tokens, seq_lens, kv=paged, lora=lora))
-
-
-@contextmanager
-def kernel_choice(choice: str):
-    """COTUNE_KERNELS=choice inside the block (read by every LoRA op at each call)."""
-    before = os.environ.get("COTUNE_KERNELS")
-    os.environ["COTUNE_KERNELS"] = choice
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["COTUNE_KERNELS"]
-        else:
-            os.environ["COTUNE_KERNELS"] = before
 
 
 @torch.no_grad()
@@ -173,8 +159,8 @@ def run(s: Setup, peaks: Peaks, dtype: torch.dtype, device: torch.device) -> dic
     runs = {name: [] for name in systems}
     for _ in range(s.rounds):  # interleaved: drift on the machine hits every system alike
         for name, (batch, choice) in systems.items():
-            with kernel_choice(choice):
-                runs[name].append(step_seconds(model, batch, s, device))
+            model.use_kernels(backend(device, choice))
+            runs[name].append(step_seconds(model, batch, s, device))
     step = {name: statistics.median(values) for name, values in runs.items()}
     distinct = min(s.slots, s.sequences)
     roofline = lora_roofline(model, peaks, s.sequences, distinct, dtype.itemsize)

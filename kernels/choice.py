@@ -3,10 +3,11 @@
 This folder is `cotune.kernels`, a package without an `__init__.py` (see "Layout" in the
 README): a top-level `kernels` on `sys.path` is the PyPI package's, never this folder.
 
-`COTUNE_KERNELS` picks the implementation: `reference` (plain torch written for clarity, a
-loop over segments), `torch` (batched torch, fast on the CPU), `triton` (fused kernels), or
-`auto` (the default: Triton for tensors on a CUDA device when Triton is installed, batched
-torch otherwise). Every implementation has the same signatures as
+The choice is made once, when a model is loaded (loading.load_model): `reference` (plain
+torch written for clarity, a loop over segments), `torch` (batched torch, fast on the CPU),
+`triton` (fused kernels), or `auto` (the default: Triton for tensors on a CUDA device when
+Triton is installed, batched torch otherwise); where the loader is not told, from
+`COTUNE_KERNELS`. Every implementation has the same signatures as
 `cotune.kernels.sgmv_reference`.
 """
 
@@ -22,15 +23,16 @@ CHOICES = ("reference", "torch", "triton", "auto")
 
 
 class KernelChoiceError(ValueError):
-    """COTUNE_KERNELS names an implementation that cannot run here."""
+    """The chosen implementation cannot run here, or is none of CHOICES."""
 
 
-def backend(device: torch.device | str = "cpu") -> ModuleType:
-    """The module of segmented ops for tensors on `device`, as COTUNE_KERNELS chooses (read at
-    each call)."""
-    choice = os.environ.get("COTUNE_KERNELS", "auto")
+def backend(device: torch.device | str = "cpu", choice: str | None = None) -> ModuleType:
+    """The module of segmented ops for tensors on `device`: `choice`, or where it is None
+    the one COTUNE_KERNELS names (read here, once per model)."""
+    choice = choice or os.environ.get("COTUNE_KERNELS", "auto")
     if choice not in CHOICES:
-        raise KernelChoiceError(f"COTUNE_KERNELS={choice!r} is not accepted; use one of {CHOICES}")
+        raise KernelChoiceError(f"kernels {choice!r} (COTUNE_KERNELS or --kernels) is not "
+                                f"accepted; use one of {CHOICES}")
     on_cuda = torch.device(device).type == "cuda"
     if choice == "auto":
         choice = "triton" if on_cuda and _triton_installed() else "torch"

@@ -1,12 +1,8 @@
 """Segmented LoRA ops in plain torch: the reference twins of the Triton kernels.
 
-A flat batch of T rows is cut into S contiguous segments; segment i covers rows
-`seg_starts[i]:seg_starts[i+1]` and uses the adapter in slot `seg_slots[i]` of a pool,
-or none when the slot is -1. Pools are padded to a common max rank R with zeros.
-
-Arguments shared by every op:
-  seg_starts: (S+1,) int tensor, non-decreasing, seg_starts[0] = 0, seg_starts[S] <= T
-  seg_slots:  (S,) int tensor, -1 or an index into the pool's first dimension
+A flat batch of T rows is cut into S contiguous segments (`batch`, a LoraBatch): segment i
+covers rows `s[i]:s[i+1]` and uses the adapter in slot `slot[i]` of a pool, or none when the
+slot is -1. Pools are padded to a common max rank R with zeros.
 
 Every op computes in float32 or wider (written for clarity, not speed) and writes the result
 in the dtype of its output. Rows outside an adapter segment are never written by an expand.
@@ -16,16 +12,17 @@ from __future__ import annotations
 
 import torch
 
+from cotune.kernels.lora_batch import LoraBatch
 from cotune.kernels.slices import expand_each, shrink_each
 
 # The slices of a layer run one op at a time: the model need not store their weights together.
 FUSED_SLICES = False
 
 
-def _segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor):
+def _segments(batch: LoraBatch):
     """Yields (start, end, slot) for every segment that has an adapter."""
-    starts = seg_starts.tolist()
-    for i, slot in enumerate(seg_slots.tolist()):
+    starts = batch.starts.tolist()
+    for i, slot in enumerate(batch.slots.tolist()):
         if slot >= 0 and starts[i + 1] > starts[i]:
             yield starts[i], starts[i + 1], slot
 
@@ -42,19 +39,21 @@ def _row_scale(scales: torch.Tensor | None, slot: int) -> float:
 def sgmv_shrink(
     x: torch.Tensor,
     weights: torch.Tensor,
-    seg_starts: torch.Tensor,
-    seg_slots: torch.Tensor,
+    batch: LoraBatch,
     scales: torch.Tensor | None = None,
+    tables: dict | None = None,
 ) -> torch.Tensor:
     """Semantics: h[s[i]:s[i+1]] = scale[slot[i]] * x[s[i]:s[i+1]] @ W[slot[i]].T
 
     x:       (T, d_in)
     weights: (N, R, d_in)  the A pool (or B transposed, for backward)
     scales:  (N,) float32, or None for 1
+    tables:  where an implementation keeps what it derives from pools that outlive the
+             batch (the Triton kernels' device tables); unused here
     returns h: (T, R) in x's dtype; rows without an adapter are zero.
     """
     h = torch.zeros(x.shape[0], weights.shape[1], dtype=x.dtype, device=x.device)
-    for start, end, slot in _segments(seg_starts, seg_slots):
+    for start, end, slot in _segments(batch):
         rows = _wide(x[start:end]) @ _wide(weights[slot]).T  # (n, R)
         h[start:end] = (_row_scale(scales, slot) * rows).to(h.dtype)
     return h
@@ -64,9 +63,9 @@ def sgmv_expand(
     y: torch.Tensor,
     h: torch.Tensor,
     weights: torch.Tensor,
-    seg_starts: torch.Tensor,
-    seg_slots: torch.Tensor,
+    batch: LoraBatch,
     scales: torch.Tensor | None = None,
+    tables: dict | None = None,
 ) -> torch.Tensor:
     """Semantics: y[s[i]:s[i+1]] += scale[slot[i]] * h[s[i]:s[i+1]] @ W[slot[i]].T  (in place)
 
@@ -75,22 +74,23 @@ def sgmv_expand(
     weights: (N, d_out, R)  the B pool (or A transposed, for backward)
     scales:  (N,) float32, or None for 1
     """
-    for start, end, slot in _segments(seg_starts, seg_slots):
+    for start, end, slot in _segments(batch):
         delta = _wide(h[start:end]) @ _wide(weights[slot]).T  # (n, d_out)
         y[start:end] = (_wide(y[start:end]) + _row_scale(scales, slot) * delta).to(y.dtype)
     return y
 
 
-def sgmv_shrink_slices(x, weights, seg_starts, seg_slots) -> torch.Tensor:
-    """Semantics: h[:, j*R:(j+1)*R] = sgmv_shrink(x, weights[j], seg_starts, seg_slots) for
+def sgmv_shrink_slices(x, weights, batch: LoraBatch, tables=None) -> torch.Tensor:
+    """Semantics: h[:, j*R:(j+1)*R] = sgmv_shrink(x, weights[j], batch) for
     every slice j: the LoRA A of several projections that read the same x (q, k and v).
 
     weights: J pools (N, R, d_in) of one rank R; returns h (T, J*R).
     """
-    return shrink_each(sgmv_shrink, x, weights, seg_starts, seg_slots)
+    return shrink_each(sgmv_shrink, x, weights, batch)
 
 
-def sgmv_expand_slices(y, h, weights, offsets, seg_starts, seg_slots, scales) -> torch.Tensor:
+def sgmv_expand_slices(y, h, weights, offsets, batch: LoraBatch, scales,
+                       tables=None) -> torch.Tensor:
     """Semantics: y[:, o_j:o_j+d_j] += sgmv_expand of h[:, j*R:(j+1)*R] through weights[j]
     with scales[j], for every slice j (in place): the LoRA B of projections whose outputs are
     columns of one y.
@@ -98,14 +98,13 @@ def sgmv_expand_slices(y, h, weights, offsets, seg_starts, seg_slots, scales) ->
     y: (T, >= o_j + d_j)   h: (T, J*R)   weights: J pools (N, d_j, R)
     offsets: each slice's first column in y   scales: J tensors (N,) or None
     """
-    return expand_each(sgmv_expand, y, h, weights, offsets, seg_starts, seg_slots, scales)
+    return expand_each(sgmv_expand, y, h, weights, offsets, batch, scales)
 
 
 def sgmv_weight_grad(
     grad_out: torch.Tensor,
     inputs: torch.Tensor,
-    seg_starts: torch.Tensor,
-    seg_slots: torch.Tensor,
+    batch: LoraBatch,
     num_slots: int,
     scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -119,7 +118,7 @@ def sgmv_weight_grad(
     """
     grad = torch.zeros(num_slots, grad_out.shape[1], inputs.shape[1],
                        dtype=_wide(inputs[:0]).dtype, device=inputs.device)
-    for start, end, slot in _segments(seg_starts, seg_slots):
+    for start, end, slot in _segments(batch):
         grad[slot] += _row_scale(scales, slot) * (_wide(grad_out[start:end]).T
                                                   @ _wide(inputs[start:end]))
     return grad

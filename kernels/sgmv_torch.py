@@ -17,11 +17,11 @@ batches run row by row on the pool in place (`sgmv_rows`).
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
 
+from cotune.kernels.lora_batch import LoraBatch
 from cotune.kernels.sgmv_rows import RowBags, expand_rows, shrink_rows, stored_rows
 from cotune.kernels.slices import expand_each, shrink_each
 
@@ -73,22 +73,11 @@ class _Layout:
         return pool.index_select(0, slots)
 
 
-# Each thread's last layout: (seg_starts, seg_slots, layout). Per thread, because the passes
-# of two threads (a training lane beside the serving steps) interleave.
-_last = threading.local()
-
-
-def _layout(seg_starts: torch.Tensor, seg_slots: torch.Tensor, device) -> _Layout | None:
-    """The layout of the segments that have an adapter, None when there are none.
-
-    Every projection of a step passes the same two tensors, so the last answer is kept and
-    reused while they are the very same objects (segment tensors are never modified)."""
-    starts, slots, layout = getattr(_last, "layout", (None, None, None))
-    if starts is seg_starts and slots is seg_slots:
-        return layout
-    layout = _plan(seg_starts, seg_slots, device)
-    _last.layout = (seg_starts, seg_slots, layout)
-    return layout
+def _layout(batch: LoraBatch, device) -> _Layout | None:
+    """The layout of the segments that have an adapter, None when there are none: worked
+    out at the batch's first op on `device`, for every projection of the step."""
+    return batch.derived(("torch layout", device),
+                         lambda: _plan(batch.starts, batch.slots, device))
 
 
 def _plan(seg_starts: torch.Tensor, seg_slots: torch.Tensor, device) -> _Layout | None:
@@ -137,9 +126,9 @@ def _segment_scales(scales, layout: _Layout, dtype) -> torch.Tensor:
     return layout.weights(scales).to(dtype)[:, None, None]
 
 
-def sgmv_shrink(x, weights, seg_starts, seg_slots, scales=None):
+def sgmv_shrink(x, weights, batch: LoraBatch, scales=None, tables=None):
     """Semantics: h[s[i]:s[i+1]] = scale[slot[i]] * x[s[i]:s[i+1]] @ W[slot[i]].T"""
-    layout = _layout(seg_starts, seg_slots, x.device)
+    layout = _layout(batch, x.device)
     if layout is None:
         return torch.zeros(x.shape[0], weights.shape[1], dtype=x.dtype, device=x.device)
     if (table := _stored_rows(layout, weights, x.dtype)) is not None:
@@ -158,9 +147,9 @@ def sgmv_shrink(x, weights, seg_starts, seg_slots, scales=None):
     return h
 
 
-def sgmv_expand(y, h, weights, seg_starts, seg_slots, scales=None):
+def sgmv_expand(y, h, weights, batch: LoraBatch, scales=None, tables=None):
     """Semantics: y[s[i]:s[i+1]] += scale[slot[i]] * h[s[i]:s[i+1]] @ W[slot[i]].T (in place)"""
-    layout = _layout(seg_starts, seg_slots, y.device)
+    layout = _layout(batch, y.device)
     if layout is None:
         return y
     if (table := _stored_rows(layout, weights, y.dtype)) is not None:
@@ -177,23 +166,23 @@ def sgmv_expand(y, h, weights, seg_starts, seg_slots, scales=None):
     return y
 
 
-def sgmv_shrink_slices(x, weights, seg_starts, seg_slots):
+def sgmv_shrink_slices(x, weights, batch: LoraBatch, tables=None):
     """Semantics: see sgmv_reference.sgmv_shrink_slices (here one op a slice)."""
-    return shrink_each(sgmv_shrink, x, weights, seg_starts, seg_slots)
+    return shrink_each(sgmv_shrink, x, weights, batch)
 
 
-def sgmv_expand_slices(y, h, weights, offsets, seg_starts, seg_slots, scales):
+def sgmv_expand_slices(y, h, weights, offsets, batch: LoraBatch, scales, tables=None):
     """Semantics: see sgmv_reference.sgmv_expand_slices (here one op a slice)."""
-    return expand_each(sgmv_expand, y, h, weights, offsets, seg_starts, seg_slots, scales)
+    return expand_each(sgmv_expand, y, h, weights, offsets, batch, scales)
 
 
-def sgmv_weight_grad(grad_out, inputs, seg_starts, seg_slots, num_slots, scales=None):
+def sgmv_weight_grad(grad_out, inputs, batch: LoraBatch, num_slots, scales=None):
     """Semantics: dW[slot] = sum over segments i of that slot of
                              scale[slot] * grad_out[s[i]:s[i+1]].T @ inputs[s[i]:s[i+1]]"""
     dtype = torch.promote_types(inputs.dtype, torch.float32)
     grad = torch.zeros(num_slots, grad_out.shape[1], inputs.shape[1], dtype=dtype,
                        device=inputs.device)
-    layout = _layout(seg_starts, seg_slots, inputs.device)
+    layout = _layout(batch, inputs.device)
     if layout is None:
         return grad
     g = layout.gather_rows(grad_out).to(dtype)

@@ -7,16 +7,15 @@ from __future__ import annotations
 import torch
 
 
-def shrink_each(shrink, x, weights, seg_starts, seg_slots) -> torch.Tensor:
-    """h[:, j*R:(j+1)*R] = shrink(x, weights[j], ...) for every slice j: (T, J*R)."""
-    return torch.cat([shrink(x, w, seg_starts, seg_slots) for w in weights], dim=1)
+def shrink_each(shrink, x, weights, batch) -> torch.Tensor:
+    """h[:, j*R:(j+1)*R] = shrink(x, weights[j], batch) for every slice j: (T, J*R)."""
+    return torch.cat([shrink(x, w, batch) for w in weights], dim=1)
 
 
-def expand_each(expand, y, h, weights, offsets, seg_starts, seg_slots, scales) -> torch.Tensor:
+def expand_each(expand, y, h, weights, offsets, batch, scales) -> torch.Tensor:
     """y[:, o_j:o_j+d_j] += expand of h[:, j*R:(j+1)*R] through weights[j] (N, d_j, R) with
     scales[j], for every slice j (in place, through a view of y's columns)."""
     rank = weights[0].shape[2]
     for j, (w, offset, s) in enumerate(zip(weights, offsets, scales)):
-        expand(y[:, offset:offset + w.shape[1]], h[:, j * rank:(j + 1) * rank], w, seg_starts,
-               seg_slots, s)
+        expand(y[:, offset:offset + w.shape[1]], h[:, j * rank:(j + 1) * rank], w, batch, s)
     return y

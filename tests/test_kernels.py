@@ -12,7 +12,9 @@ import torch
 
 from cotune.kernels import sgmv_reference, sgmv_rows, sgmv_torch, sgmv_triton
 from cotune.kernels.choice import KernelChoiceError, backend
+from cotune.kernels.lora_batch import LoraBatch
 from cotune.kernels.segmented_lora import segmented_lora
+from cotune.model.loading import load_model
 
 POPULARITY = ("distinct", "uniform", "zipf", "identical", "skewed")
 # Triton runs in its interpreter on the CPU (conftest switches it on where there is no GPU).
@@ -20,9 +22,8 @@ IMPLEMENTATIONS = {"reference": sgmv_reference, "torch": sgmv_torch, "triton": s
 
 
 @pytest.fixture(params=list(IMPLEMENTATIONS))
-def ops(request, monkeypatch):
-    """Each implementation, also chosen through COTUNE_KERNELS for the autograd op."""
-    monkeypatch.setenv("COTUNE_KERNELS", request.param)
+def ops(request):
+    """Each implementation."""
     return IMPLEMENTATIONS[request.param]
 
 
@@ -40,8 +41,8 @@ def _row_slots(num_rows: int, num_slots: int, popularity: str, rng: random.Rando
     return [0 if rng.random() < 0.9 else rng.randrange(-1, num_slots) for _ in range(num_rows)]
 
 
-def _segments(row_slots: list[int]):
-    """Cuts rows into runs of one slot: (seg_starts, seg_slots) tensors."""
+def _segments(row_slots: list[int]) -> LoraBatch:
+    """Cuts rows into runs of one slot."""
     starts, slots = [0], []
     for i, slot in enumerate(row_slots):
         if slots and slots[-1] == slot:
@@ -49,7 +50,7 @@ def _segments(row_slots: list[int]):
         else:
             slots.append(slot)
             starts.append(i + 1)
-    return torch.tensor(starts), torch.tensor(slots)
+    return LoraBatch.of(starts, slots)
 
 
 def _pools(num_slots: int, ranks: list[int], d_in: int, d_out: int):
@@ -78,10 +79,10 @@ def test_shrink_then_expand_matches_naive_rows(ops, popularity, num_rows, seed):
     ranks = [rng.choice(range(1, 65)) for _ in range(num_slots)]
     a, b, scales = _pools(num_slots, ranks, d_in, d_out)
     row_slots = _row_slots(num_rows, num_slots, popularity, rng)
-    starts, slots = _segments(row_slots)
+    segs = _segments(row_slots)
     x = torch.randn(num_rows, d_in)
     y0 = torch.randn(num_rows, d_out)
-    y = ops.sgmv_expand(y0.clone(), ops.sgmv_shrink(x, a, starts, slots), b, starts, slots, scales)
+    y = ops.sgmv_expand(y0.clone(), ops.sgmv_shrink(x, a, segs), b, segs, scales)
     expected = y0 + _naive_delta(x, a, b, scales, row_slots)
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4,
                                msg=lambda m: f"{m} (seed {seed}, ranks {ranks})")
@@ -89,21 +90,21 @@ def test_shrink_then_expand_matches_naive_rows(ops, popularity, num_rows, seed):
 
 def test_rows_without_adapter_are_untouched_bit_for_bit(ops, seed):
     row_slots = [-1, -1, 0, 0, -1, 1, -1]
-    starts, slots = _segments(row_slots)
+    segs = _segments(row_slots)
     a, b, scales = _pools(2, [3, 9], 17, 29)
     x, y0 = torch.randn(7, 17), torch.randn(7, 29)
-    y = ops.sgmv_expand(y0.clone(), ops.sgmv_shrink(x, a, starts, slots), b, starts, slots, scales)
+    y = ops.sgmv_expand(y0.clone(), ops.sgmv_shrink(x, a, segs), b, segs, scales)
     untouched = torch.tensor([s < 0 for s in row_slots])
     assert torch.equal(y[untouched], y0[untouched])
     assert not torch.equal(y[~untouched], y0[~untouched])
 
 
 def test_no_adapter_anywhere_leaves_output_identical(ops, seed):
-    starts, slots = _segments([-1] * 11)
+    segs = _segments([-1] * 11)
     a, b, scales = _pools(3, [4, 4, 4], 8, 8)
     y0 = torch.randn(11, 8)
-    y = ops.sgmv_expand(y0.clone(), ops.sgmv_shrink(torch.randn(11, 8), a, starts, slots),
-                        b, starts, slots, scales)
+    y = ops.sgmv_expand(y0.clone(), ops.sgmv_shrink(torch.randn(11, 8), a, segs),
+                        b, segs, scales)
     assert torch.equal(y, y0)
 
 
@@ -114,12 +115,12 @@ def test_segmented_lora_gradients_match_autograd_of_naive_rows(ops, popularity, 
     ranks = [rng.choice([1, 5, 16, 64]) for _ in range(num_slots)]
     a, b, scales = _pools(num_slots, ranks, d_in, d_out)
     row_slots = _row_slots(37, num_slots, popularity, rng)
-    starts, slots = _segments(row_slots)
+    segs = _segments(row_slots)
     x = torch.randn(37, d_in)
     upstream = torch.randn(37, d_out)
 
     leaves = [t.clone().requires_grad_() for t in (x, a, b)]
-    (segmented_lora(*leaves, scales, starts, slots) * upstream).sum().backward()
+    (segmented_lora(*leaves, scales, segs, ops) * upstream).sum().backward()
     naive = [t.clone().requires_grad_() for t in (x, a, b)]
     (_naive_delta(*naive, scales, row_slots) * upstream).sum().backward()
     for name, got, want in zip(("dx", "dA", "dB"), leaves, naive):
@@ -128,18 +129,18 @@ def test_segmented_lora_gradients_match_autograd_of_naive_rows(ops, popularity, 
 
 
 def test_segmented_lora_passes_gradcheck_in_float64(ops, seed):
-    starts, slots = _segments([1, 1, -1, 0, 0, 0, 2, 1])
+    segs = _segments([1, 1, -1, 0, 0, 0, 2, 1])
     a, b, scales = _pools(3, [2, 3, 1], 5, 4)
     inputs = [t.double().requires_grad_() for t in (torch.randn(8, 5), a, b)]
     assert torch.autograd.gradcheck(
-        lambda x, a, b: segmented_lora(x, a, b, scales.double(), starts, slots), inputs)
+        lambda x, a, b: segmented_lora(x, a, b, scales.double(), segs, ops), inputs)
 
 
 def test_weight_grad_reduces_over_all_segments_of_one_adapter(ops, seed):
     """Adapter 0 appears in two separate segments; its gradient sums both."""
-    starts, slots = torch.tensor([0, 3, 5, 9]), torch.tensor([0, 1, 0])
+    segs = LoraBatch.of([0, 3, 5, 9], [0, 1, 0])
     grad_out, inputs = torch.randn(9, 4), torch.randn(9, 6)
-    dw = ops.sgmv_weight_grad(grad_out, inputs, starts, slots, num_slots=2)
+    dw = ops.sgmv_weight_grad(grad_out, inputs, segs, num_slots=2)
     rows0 = torch.tensor([0, 1, 2, 5, 6, 7, 8])
     torch.testing.assert_close(dw[0], grad_out[rows0].T @ inputs[rows0])
     torch.testing.assert_close(dw[1], grad_out[3:5].T @ inputs[3:5])
@@ -168,18 +169,18 @@ def test_fast_ops_equal_the_reference(name, popularity, seed):
     num_slots, d_in, d_out, num_rows = 9, 173, 270, 133
     ranks = [rng.choice(range(1, 65)) for _ in range(num_slots)]
     a, b, scales = _pools(num_slots, ranks, d_in, d_out)
-    starts, slots = _segments(_row_slots(num_rows, num_slots, popularity, rng))
+    segs = _segments(_row_slots(num_rows, num_slots, popularity, rng))
     x, y0 = torch.randn(num_rows, d_in), torch.randn(num_rows, d_out)
     ops, ref = IMPLEMENTATIONS[name], sgmv_reference
-    h = ref.sgmv_shrink(x, a, starts, slots, scales)
-    y = ref.sgmv_expand(y0.clone(), h, b, starts, slots, scales)
+    h = ref.sgmv_shrink(x, a, segs, scales)
+    y = ref.sgmv_expand(y0.clone(), h, b, segs, scales)
     # Each op on the same inputs as the reference's; bounds relative to the largest value
     # (the weight gradient sums 133 rows of products).
     pairs = {
-        "shrink": (ops.sgmv_shrink(x, a, starts, slots, scales), h),
-        "expand": (ops.sgmv_expand(y0.clone(), h, b, starts, slots, scales), y),
-        "weight_grad": (ops.sgmv_weight_grad(y, x, starts, slots, num_slots, scales),
-                        ref.sgmv_weight_grad(y, x, starts, slots, num_slots, scales)),
+        "shrink": (ops.sgmv_shrink(x, a, segs, scales), h),
+        "expand": (ops.sgmv_expand(y0.clone(), h, b, segs, scales), y),
+        "weight_grad": (ops.sgmv_weight_grad(y, x, segs, num_slots, scales),
+                        ref.sgmv_weight_grad(y, x, segs, num_slots, scales)),
     }
     for op, (got, want) in pairs.items():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()),
@@ -212,7 +213,7 @@ def test_fast_ops_on_decode_layouts(name, layout, column_major, seed):
     rank slice taken as a view."""
     ops = IMPLEMENTATIONS[name]
     row_slots = DECODE_LAYOUTS[layout]
-    starts, slots = _segments(row_slots)
+    segs = _segments(row_slots)
     num_slots, d_in, d_out = 6, 21, 34
     a, b, scales = _pools(num_slots, [3, 8, 1, 8, 5, 2], d_in, d_out)
     if column_major:
@@ -221,17 +222,17 @@ def test_fast_ops_on_decode_layouts(name, layout, column_major, seed):
     rank = 6  # a rank slice, as the layer takes one: a view into the padded pool
     a, b = a[:, :rank], b[:, :, :rank]
     x, y0 = torch.randn(len(row_slots), d_in), torch.randn(len(row_slots), d_out)
-    h = ops.sgmv_shrink(x, a, starts, slots)
-    y = ops.sgmv_expand(y0.clone(), h, b, starts, slots, scales)
-    torch.testing.assert_close(h, sgmv_reference.sgmv_shrink(x, a, starts, slots))
-    torch.testing.assert_close(ops.sgmv_shrink(x, a, starts, slots, scales),
-                               sgmv_reference.sgmv_shrink(x, a, starts, slots, scales))
+    h = ops.sgmv_shrink(x, a, segs)
+    y = ops.sgmv_expand(y0.clone(), h, b, segs, scales)
+    torch.testing.assert_close(h, sgmv_reference.sgmv_shrink(x, a, segs))
+    torch.testing.assert_close(ops.sgmv_shrink(x, a, segs, scales),
+                               sgmv_reference.sgmv_shrink(x, a, segs, scales))
     torch.testing.assert_close(y, y0 + _naive_delta(x, a, b, scales, row_slots))
     untouched = torch.tensor([s < 0 for s in row_slots])
     assert torch.equal(y[untouched], y0[untouched])
     torch.testing.assert_close(
-        ops.sgmv_weight_grad(y, x, starts, slots, num_slots, scales),
-        sgmv_reference.sgmv_weight_grad(y, x, starts, slots, num_slots, scales))
+        ops.sgmv_weight_grad(y, x, segs, num_slots, scales),
+        sgmv_reference.sgmv_weight_grad(y, x, segs, num_slots, scales))
 
 
 def test_batched_torch_runs_row_by_row_exactly_where_it_would_gather_short_segments():
@@ -241,8 +242,8 @@ def test_batched_torch_runs_row_by_row_exactly_where_it_would_gather_short_segme
     stored_a = a.transpose(1, 2).contiguous().transpose(1, 2)[:, :6]
     stored_b = b.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :6]
     for layout, row_slots in DECODE_LAYOUTS.items():
-        starts, slots = _segments(row_slots)
-        plan = sgmv_torch._plan(starts, slots, "cpu")
+        segs = _segments(row_slots)
+        plan = sgmv_torch._plan(segs.starts, segs.slots, "cpu")
         assert (plan.bags is not None) == (layout in ROW_BY_ROW), layout
     table, rows_per_slot = sgmv_rows.stored_rows(stored_a)
     assert (tuple(table.shape), rows_per_slot) == ((6 * 21, 8), 21)
@@ -264,14 +265,14 @@ def test_triton_per_row_and_segment_kernels_both_equal_the_reference(kernels, po
     rng = random.Random(seed + 5)
     ranks = [rng.choice(range(1, 65)) for _ in range(5)]
     a, b, scales = _pools(5, ranks, 173, 270)
-    starts, slots = _segments(_row_slots(61, 5, popularity, rng))
+    segs = _segments(_row_slots(61, 5, popularity, rng))
     x, y0 = torch.randn(61, 173), torch.randn(61, 270)
     for scale in (None, scales):
-        h = sgmv_triton.sgmv_shrink(x, a, starts, slots, scale)
-        torch.testing.assert_close(h, sgmv_reference.sgmv_shrink(x, a, starts, slots, scale),
+        h = sgmv_triton.sgmv_shrink(x, a, segs, scale)
+        torch.testing.assert_close(h, sgmv_reference.sgmv_shrink(x, a, segs, scale),
                                    rtol=1e-4, atol=1e-4, msg=lambda m: f"{m} (seed {seed})")
-        y = sgmv_triton.sgmv_expand(y0.clone(), h, b, starts, slots, scale)
-        torch.testing.assert_close(y, sgmv_reference.sgmv_expand(y0.clone(), h, b, starts, slots,
+        y = sgmv_triton.sgmv_expand(y0.clone(), h, b, segs, scale)
+        torch.testing.assert_close(y, sgmv_reference.sgmv_expand(y0.clone(), h, b, segs,
                                                                  scale),
                                    rtol=1e-4, atol=1e-4, msg=lambda m: f"{m} (seed {seed})")
 
@@ -292,18 +293,81 @@ def test_slices_equal_one_op_per_slice(ops, popularity, storage, seed):
         a_pools[0], b_pools[0] = pools[0][0][:, :rank], pools[0][1][:, :, :rank]
     scales = [s for _, _, s in pools]
     row_slots = _row_slots(41, num_slots, popularity, rng)
-    starts, slots = _segments(row_slots)
+    segs = _segments(row_slots)
     x, y0 = torch.randn(41, d_in), torch.randn(41, sum(widths))
     offsets = [0, 70, 100]
 
-    h = ops.sgmv_shrink_slices(x, a_pools, starts, slots)
-    y = ops.sgmv_expand_slices(y0.clone(), h, b_pools, offsets, starts, slots, scales)
+    h = ops.sgmv_shrink_slices(x, a_pools, segs)
+    y = ops.sgmv_expand_slices(y0.clone(), h, b_pools, offsets, segs, scales)
     for j, (a, b, s, offset, width) in enumerate(zip(a_pools, b_pools, scales, offsets, widths)):
-        h_j = sgmv_reference.sgmv_shrink(x, a, starts, slots)
+        h_j = sgmv_reference.sgmv_shrink(x, a, segs)
         torch.testing.assert_close(h[:, j * rank:(j + 1) * rank], h_j, rtol=1e-4, atol=1e-4)
-        want = sgmv_reference.sgmv_expand(y0[:, offset:offset + width].clone(), h_j, b, starts,
-                                          slots, s)
+        want = sgmv_reference.sgmv_expand(y0[:, offset:offset + width].clone(), h_j, b, segs,
+                                          s)
         torch.testing.assert_close(y[:, offset:offset + width], want, rtol=1e-4, atol=1e-4,
                                    msg=lambda m, j=j: f"slice {j}: {m} (seed {seed})")
     untouched = torch.tensor([s < 0 for s in row_slots])
     assert torch.equal(y[untouched], y0[untouched])
+
+
+def test_segments_that_do_not_cut_rows_into_runs_are_refused():
+    with pytest.raises(ValueError, match="starts .S\\+1,. and slots .S,."):
+        LoraBatch.of([0, 3], [0, 1])
+    with pytest.raises(ValueError, match="rise from 0"):
+        LoraBatch.of([0, 5, 3], [0, 1])
+    with pytest.raises(ValueError, match="-1 .no adapter."):
+        LoraBatch.of([0, 2], [-2])
+    batch = LoraBatch.of([0, 2, 7], [3, -1])
+    assert (batch.rows, batch.top_slot) == (7, 3)
+
+
+@pytest.mark.parametrize("defect", ["dtype", "d_in", "rows", "slot", "scales", "h"])
+def test_triton_wrappers_refuse_what_a_launch_would_read_as_garbage(defect):
+    a, b, scales = _pools(3, [4, 4, 4], 16, 24)
+    x, y, segs = torch.randn(9, 16), torch.randn(9, 24), _segments([0] * 4 + [2] * 5)
+    h = torch.randn(9, 4)
+    if defect == "dtype":
+        x = x.double()
+    elif defect == "d_in":
+        x = torch.randn(9, 15)
+    elif defect == "rows":
+        x, y, h = x[:6], y[:6], h[:6]
+    elif defect == "slot":
+        segs = _segments([0] * 4 + [3] * 5)
+    elif defect == "scales":
+        scales = scales[:2]
+    else:
+        h = torch.randn(9, 5)
+    with pytest.raises(ValueError, match="accepted|covers rows|uses slot"):
+        if defect in ("h",):
+            sgmv_triton.sgmv_expand(y, h, b, segs, scales)
+        else:
+            sgmv_triton.sgmv_shrink(x, a, segs, scales)
+            sgmv_triton.sgmv_expand(y, h, b, segs, scales)
+
+
+def test_triton_tables_of_pools_are_kept_where_the_caller_says_across_batches():
+    a, b, scales = _pools(3, [4, 4, 4], 16, 24)
+    x, tables = torch.randn(9, 16), {}
+    for row_slots in ([0] * 4 + [2] * 5, [1] * 9):  # two steps' batches, one pool
+        sgmv_triton.sgmv_shrink(x, a, _segments(row_slots), scales, tables=tables)
+    assert len(tables) == 2  # the pool's addresses and its scales', made once for both
+    batch = _segments([1] * 9)
+    sgmv_triton.sgmv_shrink(x, a, batch, scales)  # no caller's dict: kept in the batch
+    assert len(tables) == 2
+
+
+def test_a_model_runs_the_kernels_chosen_when_it_was_loaded(tiny_checkpoint, monkeypatch):
+    _, path = tiny_checkpoint
+    monkeypatch.setenv("COTUNE_KERNELS", "reference")
+    chosen = load_model(path)
+    monkeypatch.setenv("COTUNE_KERNELS", "torch")  # read once, at the load: no effect now
+    told = load_model(path, kernels="torch")
+    assert {m.ops for m in chosen.lora_modules().values()} == {sgmv_reference}
+    assert {m.ops for m in told.lora_modules().values()} == {sgmv_torch}
+    assert told.model.layers[0].self_attn.qkv_joint is None  # batched torch: stored apart
+    fused = load_model(path, kernels="triton")  # in the interpreter (conftest)
+    attention = fused.model.layers[0].self_attn
+    weight, _ = attention.qkv_joint  # side by side: one GEMM, decided at the load
+    assert torch.equal(weight, torch.cat([attention.q_proj.weight, attention.k_proj.weight,
+                                          attention.v_proj.weight]))

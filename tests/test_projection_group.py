@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cotune.kernels import sgmv_torch, sgmv_triton
 from cotune.model.lora_routing import LoraRouting, TrainableLora
 from cotune.model.projection_group import joint_weight, project_together, side_by_side
 from cotune.model.virtualized_linear import VirtualizedLinear
@@ -14,11 +15,13 @@ WIDTHS = {"q": 40, "k": 24, "v": 24}
 D_IN, SLOTS, MAX_RANK = 33, 4, 16
 
 
-def _layers(bias: bool, together: bool) -> list[VirtualizedLinear]:
+def _layers(bias: bool, together: bool, ops=sgmv_torch) -> list[VirtualizedLinear]:
     """q, k and v with random weights and three resident adapters: slot 0 on q only, slot 1
-    on all three, slot 3 on k and v; weights side by side when `together`."""
+    on all three, slot 3 on k and v; weights side by side when `together`; LoRA by `ops`."""
     generator = torch.Generator().manual_seed(0)
     layers = [VirtualizedLinear(D_IN, width, bias, name) for name, width in WIDTHS.items()]
+    for layer in layers:
+        layer.ops = ops
     weights = [torch.randn(layer.out_features, D_IN, generator=generator) for layer in layers]
     biases = [torch.randn(layer.out_features, generator=generator) for layer in layers]
     if together:
@@ -45,11 +48,10 @@ def _trainable() -> TrainableLora:
                                 torch.randn(WIDTHS["q"], 6, generator=generator), 0.5)})
 
 
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("kernels", [sgmv_torch, sgmv_triton], ids=["torch", "triton"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_together_equals_each_layer_alone(kernels, bias, monkeypatch, seed):
-    monkeypatch.setenv("COTUNE_KERNELS", kernels)
-    together, alone = _layers(bias, together=True), _layers(bias, together=False)
+def test_together_equals_each_layer_alone(kernels, bias, seed):
+    together, alone = _layers(bias, True, kernels), _layers(bias, False, kernels)
     assert joint_weight(together) is not None and joint_weight(alone) is None
     x = torch.randn(18, D_IN)
     outputs, grads = [], []
@@ -59,7 +61,7 @@ def test_together_equals_each_layer_alone(kernels, bias, monkeypatch, seed):
         # per-row kernels
         lora = LoraRouting.from_sequences([1, 1, 2, 1, 4, 9],
                                           [0, 1, None, 3, trainable, 1])
-        outs = project_together(layers, x, lora)
+        outs = project_together(layers, x, lora, joint_weight(layers))
         sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
         outputs.append(outs)
         grads.append([p.grad for p in trainable.parameters()])
@@ -76,20 +78,17 @@ def test_together_equals_each_layer_alone(kernels, bias, monkeypatch, seed):
 def test_projections_holding_no_adapter_of_the_step_are_left_out(monkeypatch):
     """Rows on slot 0 only (an adapter on q alone): k and v are exactly the base, q equals q
     alone, and the LoRA ops get the q slice only."""
-    from cotune.kernels import sgmv_torch
-
     seen, shrink = [], sgmv_torch.sgmv_shrink_slices
 
-    def counting_shrink(x, weights, *rest):
+    def counting_shrink(x, weights, *rest, **options):
         seen.append(len(weights))
-        return shrink(x, weights, *rest)
+        return shrink(x, weights, *rest, **options)
 
     monkeypatch.setattr(sgmv_torch, "sgmv_shrink_slices", counting_shrink)
-    monkeypatch.setenv("COTUNE_KERNELS", "torch")
     together, alone = _layers(False, together=True), _layers(False, together=False)
     x = torch.randn(7, D_IN)
     lora = LoraRouting.from_sequences([3, 2, 2], [0, None, 0])
-    q, k, v = project_together(together, x, lora)
+    q, k, v = project_together(together, x, lora, joint_weight(together))
     assert seen == [1]
     torch.testing.assert_close(q, alone[0](x, lora), rtol=1e-5, atol=1e-5)
     base = torch.nn.functional.linear(x, *joint_weight(together))
@@ -105,8 +104,8 @@ def test_groups_share_the_gemm_and_equal_each_group_alone(together, monkeypatch,
     from cotune.model.projection_group import project_groups
     from cotune.model.row_groups import RowGroup
 
-    monkeypatch.setenv("COTUNE_KERNELS", "torch")
     layers = _layers(True, together)
+    joint = joint_weight(layers)
     served_x, trained_x = torch.randn(7, D_IN), torch.randn(5, D_IN)
     served = LoraRouting.from_sequences([1, 2, 4], [0, None, 1])
 
@@ -121,7 +120,7 @@ def test_groups_share_the_gemm_and_equal_each_group_alone(together, monkeypatch,
                         row_groups.shared_linear)
     trainable = _trainable()
     x = trained_x.clone().requires_grad_()
-    (served_out, trained_out) = project_groups(layers, [served_x, x], groups(trainable))
+    (served_out, trained_out) = project_groups(layers, [served_x, x], groups(trainable), joint)
     assert len(gemms) == (1 if together else len(layers))
     assert not any(o.requires_grad for o in served_out)
     sum((o * (i + 1)).sum() for i, o in enumerate(trained_out)).backward()
@@ -129,8 +128,8 @@ def test_groups_share_the_gemm_and_equal_each_group_alone(together, monkeypatch,
     alone = _trainable()
     x_alone = trained_x.clone().requires_grad_()
     with torch.no_grad():
-        want_served = project_together(layers, served_x, served)
-    want_trained = project_together(layers, x_alone, groups(alone)[1].batch.lora)
+        want_served = project_together(layers, served_x, served, joint)
+    want_trained = project_together(layers, x_alone, groups(alone)[1].batch.lora, joint)
     sum((o * (i + 1)).sum() for i, o in enumerate(want_trained)).backward()
     for got, want in zip(served_out + trained_out, want_served + want_trained):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5,

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 from cotune.distributed.lockstep import BACKWARD, FORWARD, Lockstep
+from cotune.kernels.choice import backend
 from cotune.model.config import ModelConfig
 from cotune.model.llama import CausalLM, ForwardBatch
 from cotune.model.loading import check_weights, weight_files
@@ -101,4 +102,7 @@ def load_sharded_model(path: str | Path, zero_config: dict) -> ShardedCausalLM:
                     param.data.copy_(readers[files[name]].get_tensor(name))
     for p in model.parameters():
         p.requires_grad_(False)
+    # The LoRA ops' implementation, chosen once; the weights, partitioned, are never side
+    # by side: each projection runs its own GEMM (no decide_fusion).
+    model.use_kernels(backend(model.device))
     return model.eval()

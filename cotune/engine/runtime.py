@@ -138,14 +138,15 @@ class Runtime:
 
     @classmethod
     def load(cls, model: str | Path = "default", *, dtype: str = "float32",
-             device: str = "cpu", **engine_options) -> Runtime:
+             device: str = "cpu", kernels: str | None = None, **engine_options) -> Runtime:
         """A runtime on `model` ('default', a checkpoint directory or a .gguf file); options
-        are the fields of EngineConfig (max_rank, num_slots, kv_cache_tokens, ...)."""
+        are the fields of EngineConfig (max_rank, num_slots, kv_cache_tokens, ...). `kernels`:
+        the LoRA ops' implementation (kernels.choice; None: $COTUNE_KERNELS, or auto)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; accepted: {', '.join(DTYPES)}")
         path = resolve_model_path(model)
         tokenizer = load_tokenizer(path)
-        base = load_model(path, dtype=DTYPES[dtype], device=device)
+        base = load_model(path, dtype=DTYPES[dtype], device=device, kernels=kernels)
         engine = Engine(base, tokenizer, stop_token_ids(path, tokenizer),
                         EngineConfig(**engine_options))
         return cls(engine, path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from cotune.model.config import ModelConfig
 from cotune.model.kv import CachedAttention
 from cotune.model.layer_checkpoint import CheckpointedLayer
 from cotune.model.lora_routing import LoraRouting
-from cotune.model.projection_group import project_groups
+from cotune.model.projection_group import joint_weight, project_groups
 from cotune.model.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 from cotune.model.row_groups import RowGroup, apart
 from cotune.model.targets import LORA_TARGETS
@@ -123,12 +124,18 @@ class Attention(nn.Module):
         self.k_proj = VirtualizedLinear(c.hidden_size, kv_out, c.qkv_bias, f"{prefix}.k_proj")
         self.v_proj = VirtualizedLinear(c.hidden_size, kv_out, c.qkv_bias, f"{prefix}.v_proj")
         self.o_proj = VirtualizedLinear(q_out, c.hidden_size, c.o_bias, f"{prefix}.o_proj")
+        self.qkv_joint = self.o_joint = None  # decide_fusion
+
+    def decide_fusion(self) -> None:
+        self.qkv_joint = joint_weight([self.q_proj, self.k_proj, self.v_proj])
+        self.o_joint = joint_weight([self.o_proj])
 
     def forward(self, hs: list[torch.Tensor], groups: list[RowGroup], layer: int
                 ) -> list[torch.Tensor]:
-        qkv = project_groups([self.q_proj, self.k_proj, self.v_proj], hs, groups)
+        qkv = project_groups([self.q_proj, self.k_proj, self.v_proj], hs, groups,
+                             self.qkv_joint)
         outs = apart(groups, lambda g, q_k_v: self._attend(g, *q_k_v, layer), groups, qkv)
-        return [o for (o,) in project_groups([self.o_proj], outs, groups)]
+        return [o for (o,) in project_groups([self.o_proj], outs, groups, self.o_joint)]
 
     def _attend(self, group: RowGroup, q, k, v, layer: int) -> torch.Tensor:
         c, T = self.config, q.shape[0]
@@ -149,11 +156,17 @@ class MLP(nn.Module):
                                          f"{prefix}.up_proj")
         self.down_proj = VirtualizedLinear(c.intermediate_size, c.hidden_size, c.mlp_bias,
                                            f"{prefix}.down_proj")
+        self.gate_up_joint = self.down_joint = None  # decide_fusion
+
+    def decide_fusion(self) -> None:
+        self.gate_up_joint = joint_weight([self.gate_proj, self.up_proj])
+        self.down_joint = joint_weight([self.down_proj])
 
     def forward(self, hs: list[torch.Tensor], groups: list[RowGroup]) -> list[torch.Tensor]:
-        gate_up = project_groups([self.gate_proj, self.up_proj], hs, groups)
+        gate_up = project_groups([self.gate_proj, self.up_proj], hs, groups,
+                                 self.gate_up_joint)
         acts = apart(groups, lambda g_u: F.silu(g_u[0]) * g_u[1], gate_up)
-        return [y for (y,) in project_groups([self.down_proj], acts, groups)]
+        return [y for (y,) in project_groups([self.down_proj], acts, groups, self.down_joint)]
 
 
 class DecoderLayer(nn.Module):
@@ -201,6 +214,19 @@ class CausalLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
             self.lm_head.weight.requires_grad_(False)
         self._inv_freq: torch.Tensor | None = None
+
+    def use_kernels(self, ops: ModuleType) -> None:
+        """Every projection runs its segmented LoRA ops with `ops` (kernels.choice.backend)."""
+        for module in self.modules():
+            if isinstance(module, VirtualizedLinear):
+                module.ops = ops
+
+    def decide_fusion(self) -> None:
+        """Each layer's projections that read one input run as one GEMM where their weights
+        lie side by side (projection_group): decided once, after the weights are loaded."""
+        for layer in self.model.layers:
+            layer.self_attn.decide_fusion()
+            layer.mlp.decide_fusion()
 
     def lora_modules(self, targets=LORA_TARGETS) -> dict[str, VirtualizedLinear]:
         """The projections that can carry LoRA, by full module path, restricted to `targets`."""

@@ -37,9 +37,11 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> CausalLM:
+               device: str | torch.device = "cpu", kernels: str | None = None) -> CausalLM:
     """The base model of checkpoint directory `path`, frozen, in `dtype` on `device`, its
-    weights stored as the chosen LoRA implementation reads them fastest (see arranged)."""
+    weights stored as the chosen LoRA implementation reads them fastest (see arranged). The
+    implementation is chosen here, once: `kernels` (kernels.choice.CHOICES), or where it is
+    None $COTUNE_KERNELS, or auto."""
     path = Path(path)
     config = ModelConfig.from_dir(path)
     with torch.device("meta"):
@@ -52,11 +54,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
     expected = model.state_dict()  # meta tensors: names and shapes only
     check_weights(path, config, {k: t.shape for k, t in state.items()},
                   {k: t.shape for k, t in expected.items()})
-    together = backend(device).FUSED_SLICES
-    model.load_state_dict(arranged({k: state[k].to(dtype) for k in expected}, config, together),
-                          assign=True, strict=True)
+    ops = backend(device, kernels)
+    model.load_state_dict(arranged({k: state[k].to(dtype) for k in expected}, config,
+                                   ops.FUSED_SLICES), assign=True, strict=True)
     for p in model.parameters():
         p.requires_grad_(False)
+    model.use_kernels(ops)
+    model.decide_fusion()
     return model.eval()
 
 

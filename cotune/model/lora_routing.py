@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cotune.kernels.lora_batch import LoraBatch
+
 
 class TrainableLora(nn.Module):
     """A LoRA adapter being trained: float32 A (r, d_in) and B (d_out, r) per target module,
@@ -62,6 +64,8 @@ class LoraRouting:
     trainables: list[TrainableLora] = field(default_factory=list)
     # what the layers serve in this step, by what they hold (virtualized_linear.served_slots)
     served: dict = field(default_factory=dict, repr=False)
+    # the step's LoraBatch of each set of segment slots (`batch`)
+    batches: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_sequences(cls, seq_lens: Sequence[int], adapters: Sequence) -> LoraRouting:
@@ -133,10 +137,20 @@ class LoraRouting:
         """seg_slots as a tensor, shared by every projection that holds all of them."""
         return torch.tensor(self.seg_slots, dtype=torch.int64)
 
+    def batch(self, seg_slots: torch.Tensor) -> LoraBatch:
+        """The segments of this routing on `seg_slots` (its own slots, or some of them, or
+        trained adapters' indices) as the LoRA ops take them: made once per step for each set
+        of slots, and shared by every projection that routes its rows so."""
+        key = tuple(seg_slots.tolist())
+        if key not in self.batches:
+            self.batches[key] = LoraBatch(self.starts, seg_slots)
+        return self.batches[key]
+
     def training_pool(self, name: str, device, dtype):
         """The trained adapters' weights of module `name`, stacked and padded to one rank:
-        (a_pool (N, R, d_in), b_pool (N, d_out, R), scales (N,), seg_slots (S,)); differentiable
-        with respect to each adapter's A and B. None when no trained segment targets `name`."""
+        (a_pool (N, R, d_in), b_pool (N, d_out, R), scales (N,), batch: each segment on its
+        adapter's index); differentiable with respect to each adapter's A and B. None when
+        no trained segment targets `name`."""
         weights = [t.weights(name) for t in self.trainables]
         seg_slots = [i if i >= 0 and weights[i] is not None else -1 for i in self.seg_trainables]
         if all(s < 0 for s in seg_slots):
@@ -155,5 +169,5 @@ class LoraRouting:
             a_pool.to(device=device, dtype=dtype),  # (N, R, d_in)
             b_pool.to(device=device, dtype=dtype),  # (N, d_out, R)
             torch.tensor(scales, dtype=torch.float32, device=device),
-            torch.tensor(seg_slots, dtype=torch.int64),
+            self.batch(torch.tensor(seg_slots, dtype=torch.int64)),
         )

@@ -1,6 +1,10 @@
 """Projections of one layer that read the same input (q, k and v; gate and up), computed
 together: one base GEMM over their weights stored side by side, and their served LoRA as the
-slices of one shrink and one expand (one launch each with the Triton kernels)."""
+slices of one shrink and one expand (one launch each with the Triton kernels).
+
+Whether a group's weights lie side by side is decided once, when the model is loaded
+(`joint_weight`, kept by the layer: CausalLM.decide_fusion); a group whose joint weight is
+None runs each projection's GEMM alone."""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ from collections.abc import Sequence
 import torch
 from torch.nn import functional as F
 
-from cotune.kernels.choice import backend
 from cotune.model.lora_routing import LoraRouting
 from cotune.model.row_groups import RowGroup, apart, shared_linear
 from cotune.model.virtualized_linear import VirtualizedLinear, served_slots
@@ -58,24 +61,25 @@ def _offsets(tensors) -> list[int]:
     return [sum(widths[:j]) for j in range(len(widths))]
 
 
+Joint = tuple[torch.Tensor, torch.Tensor | None] | None  # joint_weight's answer
+
+
 def project_together(layers: Sequence[VirtualizedLinear], x: torch.Tensor,
-                     lora: LoraRouting | None) -> list[torch.Tensor]:
+                     lora: LoraRouting | None, joint: Joint) -> list[torch.Tensor]:
     """[layer(x, lora) for layer in layers], computed together when their weights lie side by
-    side: outputs are column views of one (T, sum out_j) tensor."""
-    joint = joint_weight(layers)
+    side (`joint`): outputs are column views of one (T, sum out_j) tensor."""
     if joint is None:
         return [layer(x, lora) for layer in layers]
     return _add_lora(layers, x, F.linear(x, *joint), lora)
 
 
 def project_groups(layers: Sequence[VirtualizedLinear], xs: list[torch.Tensor],
-                   groups: list[RowGroup]) -> list[list[torch.Tensor]]:
+                   groups: list[RowGroup], joint: Joint) -> list[list[torch.Tensor]]:
     """project_together for each group's rows (with its routing), the base GEMMs shared by
     every group: each weight is read once for all (row_groups.shared_linear). Per group, a
     list of the layers' outputs."""
     if len(groups) == 1:
-        return [project_together(layers, xs[0], groups[0].batch.lora)]
-    joint = joint_weight(layers)
+        return [project_together(layers, xs[0], groups[0].batch.lora, joint)]
     if joint is not None:
         ys = shared_linear(xs, groups, *joint)
         return apart(groups, lambda g, x, y: _add_lora(layers, x, y, g.batch.lora), groups, xs,
@@ -95,17 +99,18 @@ def _add_lora(layers: Sequence[VirtualizedLinear], x: torch.Tensor, y: torch.Ten
         return list(y.split(widths, dim=1))
     served = served_slots(layers, lora)
     if served is not None:
-        slots, rank = served
+        batch, rank = served
         # only the projections that hold an adapter in this step's slots (k_proj, say, when
         # the adapters target q and v): the others would add exactly zero
         offsets = _offsets([layer.weight for layer in layers])
         holders = [j for j, layer in enumerate(layers) if served_slots([layer], lora) is not None]
-        ops = backend(x.device)
+        # the group's first layer keeps the tables of the group's pools
+        ops, tables = layers[0].ops, layers[0].kernel_tables
         with torch.no_grad():  # served rows carry no autograd state (see VirtualizedLinear)
-            h = ops.sgmv_shrink_slices(x, [layers[j].a_pool[:, :rank] for j in holders],
-                                       lora.starts, slots)
+            h = ops.sgmv_shrink_slices(x, [layers[j].a_pool[:, :rank] for j in holders], batch,
+                                       tables=tables)
             ops.sgmv_expand_slices(y, h, [layers[j].b_pool[:, :, :rank] for j in holders],
-                                   [offsets[j] for j in holders], lora.starts, slots,
-                                   [layers[j].scales for j in holders])
+                                   [offsets[j] for j in holders], batch,
+                                   [layers[j].scales for j in holders], tables=tables)
     return [layer.add_training(x, out, lora)
             for layer, out in zip(layers, y.split(widths, dim=1))]

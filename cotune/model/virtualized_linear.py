@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cotune.kernels.choice import backend
+from cotune.kernels import sgmv_torch
+from cotune.kernels.lora_batch import LoraBatch
 from cotune.kernels.segmented_lora import segmented_lora
 from cotune.model.lora_routing import LoraRouting
 
@@ -39,6 +40,10 @@ class VirtualizedLinear(nn.Module):
         self.slot_ranks = torch.zeros(0, dtype=torch.int64, device="cpu")
         self._ranks = self.slot_ranks.numpy()
         self.holding = b""  # slot_ranks as bytes: a key for what this module holds
+        # The implementation of the segmented ops, chosen once for the model
+        # (CausalLM.use_kernels), and what it keeps of this module's pools across steps.
+        self.ops = sgmv_torch
+        self.kernel_tables: dict = {}
 
     @property
     def num_slots(self) -> int:
@@ -57,6 +62,7 @@ class VirtualizedLinear(nn.Module):
         self.slot_ranks = torch.zeros(num_slots, dtype=torch.int64, device="cpu")
         self._ranks = self.slot_ranks.numpy()  # the same memory, written without torch's cost
         self.holding = self._ranks.tobytes()
+        self.kernel_tables = {}  # of the pools replaced
 
     @torch.no_grad()
     def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
@@ -102,13 +108,14 @@ class VirtualizedLinear(nn.Module):
             return y
         served = served_slots([self], lora)
         if served is not None:
-            slots, rank = served
-            ops = backend(x.device)
+            batch, rank = served
+            ops, tables = self.ops, self.kernel_tables
             # Served rows carry no autograd state. Adding a constant in place leaves y's
             # gradient unchanged, and rows outside served segments are never written.
             with torch.no_grad():
-                h = ops.sgmv_shrink(x, self.a_pool[:, :rank], lora.starts, slots)  # (T, rank)
-                ops.sgmv_expand(y, h, self.b_pool[:, :, :rank], lora.starts, slots, self.scales)
+                h = ops.sgmv_shrink(x, self.a_pool[:, :rank], batch, tables=tables)  # (T, rank)
+                ops.sgmv_expand(y, h, self.b_pool[:, :, :rank], batch, self.scales,
+                                tables=tables)
         return self.add_training(x, y, lora)
 
     def add_training(self, x: torch.Tensor, y: torch.Tensor, lora: LoraRouting) -> torch.Tensor:
@@ -125,26 +132,25 @@ class VirtualizedLinear(nn.Module):
         pool = lora.training_pool(self.name, x.device, x.dtype)
         if pool is None:
             return y
-        a_pool, b_pool, scales, seg_slots = pool
-        return y + segmented_lora(lora.dropped(x), a_pool, b_pool, scales, lora.starts,
-                                  seg_slots)
+        a_pool, b_pool, scales, batch = pool
+        return y + segmented_lora(lora.dropped(x), a_pool, b_pool, scales, batch, self.ops)
 
 
-def served_slots(layers, lora: LoraRouting) -> tuple[torch.Tensor, int] | None:
-    """(each segment's slot where one of `layers` holds an adapter there, else -1; the largest
-    rank they hold there), or None when no segment is served. A layer without that adapter
-    has zeros in the slot, so it adds exactly 0.
+def served_slots(layers, lora: LoraRouting) -> tuple[LoraBatch, int] | None:
+    """(the segments on the slot where one of `layers` holds an adapter there, else -1; the
+    largest rank they hold there), or None when no segment is served. A layer without that
+    adapter has zeros in the slot, so it adds exactly 0.
 
     Worked out once per step for each set of holdings (most layers hold alike), in tensor ops
-    whatever the number of segments; the routing's own slots tensor is returned when every
-    segment is served, so that the kernels' per-batch caches see the same object."""
+    whatever the number of segments; the LoraBatch is the routing's one for those slots, so
+    that what the kernels derive from it is derived once per step."""
     key = tuple(layer.holding for layer in layers)
     if key not in lora.served:
         lora.served[key] = _served_slots(layers, lora)
     return lora.served[key]
 
 
-def _served_slots(layers, lora: LoraRouting) -> tuple[torch.Tensor, int] | None:
+def _served_slots(layers, lora: LoraRouting) -> tuple[LoraBatch, int] | None:
     ranks = torch.stack([layer.slot_ranks for layer in layers]).amax(0)  # (num_slots,)
     seg = lora.slots
     inside = (seg >= 0) & (seg < len(ranks))
@@ -155,4 +161,4 @@ def _served_slots(layers, lora: LoraRouting) -> tuple[torch.Tensor, int] | None:
         return None
     served = held > 0
     slots = seg if bool(torch.equal(served, seg >= 0)) else torch.where(served, seg, -1)
-    return slots, int(held.max())
+    return lora.batch(slots), int(held.max())
