@@ -107,9 +107,10 @@ class MergeSpec:
         method = self.method
         if method in DENSITY_METHODS:
             if self.density is None or not 0 < self.density <= 1:
+                given = "none was given" if self.density is None else f"got {self.density!r}"
                 raise AdapterError(
                     f"merge method {method} needs a density, the share of entries it keeps, "
-                    f"got {self.density!r}; accepted: a density in (0, 1]")
+                    f"{given}; accepted: a density in (0, 1]")
         elif self.density is not None:
             raise AdapterError(f"merge method {method} takes no density; accepted: a density "
                                "only with " + ", ".join(DENSITY_METHODS))
