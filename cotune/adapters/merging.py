@@ -193,8 +193,10 @@ def merge_adapters(parents: Sequence[LoraAdapter], spec: MergeSpec,
     spec = plan.spec
     generator = torch.Generator().manual_seed(spec.seed)
     modules = {}
-    paths = set(parents[0].modules)
-    for path in [p for p in (order or parents[0].modules) if p in paths]:
+    paths = [p for p in order or () if p in parents[0].modules]
+    placed = set(paths)
+    paths += [p for p in parents[0].modules if p not in placed]  # any `order` left out
+    for path in paths:
         factors = [parent.modules[path] for parent in parents]
         if spec.method == "cat":
             a, b = _cat(factors, spec.weights, plan.rank)
