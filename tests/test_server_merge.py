@@ -134,13 +134,18 @@ def test_a_merge_into_an_existing_adapter_is_its_next_version_and_a_retry_is_one
     ({"a@v1": 1.0, "bobs@v1": 1.0}, dict(method="linear"), NotFound, "'bobs' not found"),
     ({"a@v1": 1.0, "b@v7": 1.0}, dict(method="linear"), NotFound, "not found"),
 ])
-def test_a_refused_merge_answers_its_code_and_publishes_nothing(client, parents, options,
-                                                                error, fragment):
-    before = [(a.name, a.latest_version) for a in client.adapters.list()]
+def test_a_refused_merge_answers_its_code_and_publishes_nothing(server, client, parents,
+                                                                options, error, fragment):
+    def stored():
+        return ([(a.name, a.latest_version) for a in client.adapters.list()],
+                sorted(p.name for p in (server.data_dir / "blobs").iterdir()))
+
+    before = stored()
     with pytest.raises(error) as refused:
         client.adapters.merge("refused", parents, **options)
     assert fragment in str(refused.value)
-    assert [(a.name, a.latest_version) for a in client.adapters.list()] == before
+    assert stored() == before
+    assert list((server.data_dir / "uploads").iterdir()) == []  # nothing staged is left
 
 
 def test_the_cli_merges_and_says_why_it_refuses(server, alice):
