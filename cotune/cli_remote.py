@@ -59,6 +59,27 @@ def add_commands(commands) -> None:
     p.add_argument("--description", default="", help="what the adapter is for")
     p.add_argument("--label", type=_label, action="append", default=[], metavar="K=V",
                    help="a label of the adapter (repeatable)")
+    p = command(group, "merge", _adapters_merge, "a new version merging weighted versions "
+                "(PEFT's add_weighted_adapter)")
+    p.add_argument("name", help="the adapter the merge becomes the next version of (new, or "
+                                "one of yours)")
+    p.add_argument("--from", dest="parents", type=_parent, action="append", required=True,
+                   metavar="NAME@vK:WEIGHT", help="a version to merge and its weight (1 when "
+                   "left out; negative subtracts); repeatable, 1 to 16")
+    p.add_argument("--method", required=True, help="linear, cat, svd, ties, ties_svd, "
+                   "dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune or "
+                   "magnitude_prune_svd")
+    p.add_argument("--density", type=float, help="share of entries kept, in (0, 1]: for the "
+                   "methods that prune (all but linear, cat and svd)")
+    p.add_argument("--majority-sign-method", choices=["total", "frequency"],
+                   help="how the ties methods elect each entry's sign (default total)")
+    p.add_argument("--svd-rank", type=int, help="rank of the svd methods' result (default: "
+                   "the largest parent rank)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dare methods' random "
+                   "masks (default 0)")
+    p.add_argument("--description", default="", help="what the adapter is for")
+    p.add_argument("--label", type=_label, action="append", default=[], metavar="K=V",
+                   help="a label of the adapter (repeatable)")
     p = command(group, "export", _adapters_export, "download a version into a new directory")
     p.add_argument("name", help="name (the newest version) or name@vK")
     p.add_argument("dest")
@@ -246,6 +267,18 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _parent(text: str) -> tuple[str, float]:
+    """NAME@vK:WEIGHT (or NAME@vK, of weight 1) of `adapters merge --from`."""
+    adapter, sep, weight = text.rpartition(":")
+    if not sep:
+        return text, 1.0
+    try:
+        return adapter, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a weighted version; write NAME@vK:WEIGHT, e.g. a@v2:0.7") from None
+
+
 def _quota_options(parser) -> None:
     for flag, (field, limits) in _QUOTA_FLAGS.items():
         parser.add_argument(flag, dest=field, type=int, help=f"{limits} (0: no limit)")
@@ -276,10 +309,17 @@ def _adapters_versions(args, client) -> int:
         ["version", "rank", "alpha", "targets", "bytes", "sha256", "source", "parent", "job",
          "dataset", "settings", "metrics", "created"],
         [[v.ref, v.rank, v.alpha, v.target_modules, v.size_bytes, v.sha256[:12],
-          v.provenance["source"], v.provenance["parent_version"], v.provenance["job_id"],
+          v.provenance["source"], _parents(v.provenance), v.provenance["job_id"],
           v.provenance["dataset_fingerprint"][:12], _flat(v.provenance["hyperparameters"]),
           dict(sorted(v.provenance["metrics"].items())), when(v.create_time)]
          for v in versions]))
+
+
+def _parents(provenance: dict):
+    """The parent version, or a merge's weighted parents."""
+    if provenance["parents"]:
+        return ", ".join(f"{p['adapter']} x {p['weight']:g}" for p in provenance["parents"])
+    return provenance["parent_version"]
 
 
 def _flat(settings: dict) -> dict:
@@ -296,6 +336,18 @@ def _adapters_import(args, client) -> int:
                                      labels=dict(args.label))
     return _emit(args, version,
                  f"published {version.ref} (rank {version.rank}, {version.size_bytes} bytes)")
+
+
+def _adapters_merge(args, client) -> int:
+    version = client.adapters.merge(
+        args.name, args.parents, method=args.method, density=args.density,
+        majority_sign_method=args.majority_sign_method, svd_rank=args.svd_rank,
+        seed=args.seed, description=args.description, labels=dict(args.label))
+    settings = version.provenance["hyperparameters"]
+    return _emit(args, version,
+                 f"published {version.ref} (rank {version.rank}, {settings['method']} of "
+                 + ", ".join(f"{p['adapter']} x {p['weight']:g}"
+                             for p in version.provenance["parents"]) + ")")
 
 
 def _adapters_export(args, client) -> int:

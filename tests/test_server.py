@@ -53,6 +53,9 @@ def every_rpc(caller: Caller) -> dict:
             adapters_pb2.DeleteAdapterRequest(name="x"), metadata=md),
         "AdapterService.ExportAdapter": lambda: list(a.ExportAdapter(
             adapters_pb2.ExportAdapterRequest(name="x"), metadata=md)),
+        "AdapterService.MergeAdapters": lambda: a.MergeAdapters(
+            adapters_pb2.MergeAdaptersRequest(name="x", method="linear", parents=[
+                adapters_pb2.MergeParent(adapter="y", weight=1)]), metadata=md),
         "TrainingService.CreateJob": lambda: t.CreateJob(
             training_pb2.CreateJobRequest(adapter="x", training_data=TRAINING_DATA), metadata=md),
         "TrainingService.GetJob": lambda: t.GetJob(training_pb2.GetJobRequest(id="j"),

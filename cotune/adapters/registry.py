@@ -64,7 +64,7 @@ class Repeated(RegistryError):
         self.earlier = earlier
 
 
-IDEMPOTENT_CALLS = ("CreateAdapter", "CreateJob")
+IDEMPOTENT_CALLS = ("CreateAdapter", "CreateJob", "MergeAdapters")
 IDEMPOTENCY_KEPT_S = 24 * 3600  # how long a key answers its retries
 _IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -262,17 +262,18 @@ class Registry(Protocol):
                         description: str | None = None,
                         labels: dict[str, str] | None = None,
                         idempotency: Idempotency | None = None,
-                        job_owner: tuple[str, str] | None = None) -> VersionRecord:
+                        job_owner: tuple[str, str] | None = None,
+                        call: str = "CreateAdapter") -> VersionRecord:
         """Publishes the PEFT files in directory `files` (already validated by the caller) as
         the next version of `name`, creating the adapter when new. The files are copied into
         the store atomically: a crash at any moment leaves the whole version or none.
         description/labels, when given, replace the adapter's. `idempotency`: a key the tenant
-        used for a CreateAdapter in the last IDEMPOTENCY_KEPT_S raises Repeated with that
-        call's version, and publishes nothing. `job_owner` (job id, worker): a job's version,
-        published only while that worker owns the job, else FailedPrecondition (another
-        worker took the job over). Raises InvalidName, NotFound (no such tenant),
-        QuotaExceeded("max_adapters" | "max_versions_per_adapter"), ValueError (the key was
-        used with another request)."""
+        used for a `call` (CreateAdapter or MergeAdapters) in the last IDEMPOTENCY_KEPT_S
+        raises Repeated with that call's version, and publishes nothing. `job_owner` (job id,
+        worker): a job's version, published only while that worker owns the job, else
+        FailedPrecondition (another worker took the job over). Raises InvalidName, NotFound
+        (no such tenant), QuotaExceeded("max_adapters" | "max_versions_per_adapter"),
+        ValueError (the key was used with another request)."""
 
     def get_adapter(self, tenant: str, name: str) -> AdapterRecord:
         """Raises NotFound (also for other tenants' adapters: nothing leaks)."""

@@ -47,7 +47,8 @@ class SqlVersions(SqlDatabase):
                         description: str | None = None,
                         labels: dict[str, str] | None = None,
                         idempotency: Idempotency | None = None,
-                        job_owner: tuple[str, str] | None = None) -> VersionRecord:
+                        job_owner: tuple[str, str] | None = None,
+                        call: str = "CreateAdapter") -> VersionRecord:
         check_name("adapter", name)
         provenance_json = json.dumps(provenance)
         rank, alpha, target_modules = _lora_shape(Path(files) / CONFIG_NAME)
@@ -58,7 +59,7 @@ class SqlVersions(SqlDatabase):
             now = time.time()
             with self._transaction(write=True) as db:
                 if idempotency is not None and \
-                        (done := earlier(db, tenant, "CreateAdapter", idempotency)):
+                        (done := earlier(db, tenant, call, idempotency)):
                     row = db.execute(_VERSIONS.format(
                         where="a.tenant = ? AND a.name = ? AND v.version = ?", order="ASC"),
                         (tenant, done["adapter"], done["version"], 1)).fetchone()
@@ -79,7 +80,7 @@ class SqlVersions(SqlDatabase):
                            (adapter_id, version, rank, alpha, json.dumps(target_modules),
                             size_bytes, sha256, provenance_json, now, blob_id))
                 if idempotency is not None:
-                    remember(db, tenant, "CreateAdapter", idempotency,
+                    remember(db, tenant, call, idempotency,
                              {"adapter": name, "version": version}, now)
         except BaseException:
             self._blobs.remove(blob_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cotune.client.files import ExportWriter, file_upload_requests, upload_requests
@@ -79,6 +80,30 @@ class Adapters:
         return self._t.upload(self._stub.CreateAdapter,
                               lambda: iter([adapters_pb2.CreateAdapterRequest(header=header)]),
                               AdapterVersion.from_pb)
+
+    def merge(self, name: str, parents: Mapping[str, float] | Sequence[tuple[str, float]], *,
+              method: str, density: float | None = None,
+              majority_sign_method: str | None = None, svd_rank: int | None = None,
+              seed: int = 0, description: str = "", labels: dict[str, str] | None = None,
+              idempotency_key: str | None = None) -> AdapterVersion:
+        """Publishes the next version of `name` (creating the adapter when it is new) as the
+        merge of weighted versions of the tenant's adapters, as PEFT's add_weighted_adapter
+        makes it: `parents` maps "name@vK" (or "name", its newest) to its weight, e.g.
+        {"a@v2": 0.7, "b@v1": 0.3}. `method`: linear, cat, svd, ties, ties_svd, dare_linear,
+        dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune or magnitude_prune_svd;
+        `density` (the share of entries kept, in (0, 1]) for those that prune,
+        `majority_sign_method` ("total" or "frequency") for the ties ones, `svd_rank` for the
+        svd ones, `seed` for the dare ones' random masks. The version's provenance names the
+        parents, their weights and the method. Retried as `create`."""
+        pairs = parents.items() if isinstance(parents, Mapping) else parents
+        request = adapters_pb2.MergeAdaptersRequest(
+            name=name, parents=[adapters_pb2.MergeParent(adapter=ref, weight=weight)
+                                for ref, weight in pairs],
+            method=method, density=density or 0.0,
+            majority_sign_method=majority_sign_method or "", svd_rank=svd_rank or 0,
+            seed=seed, description=description, labels=labels,
+            idempotency_key=idempotency_key or new_idempotency_key())
+        return self._t.unary(self._stub.MergeAdapters, request, AdapterVersion.from_pb)
 
     def get(self, name: str) -> Adapter:
         return self._t.unary(self._stub.GetAdapter, adapters_pb2.GetAdapterRequest(name=name),

@@ -84,7 +84,9 @@ class AdapterVersion:
                       "dataset_fingerprint": p.dataset_fingerprint,
                       "hyperparameters": _struct(p.hyperparameters), "job_id": p.job_id,
                       "metrics": dict(p.metrics), "session_id": p.session_id,
-                      "steps": p.steps}
+                      "steps": p.steps,
+                      "parents": [{"adapter": q.adapter, "weight": q.weight}
+                                  for q in p.parents]}
         return cls(m.name, m.version, m.rank, m.alpha, tuple(m.target_modules), m.size_bytes,
                    m.sha256, provenance, _time(m, "create_time"))
 

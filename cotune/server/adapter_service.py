@@ -12,6 +12,7 @@ from cotune.server import convert
 from cotune.server.errors import RpcError, invalid
 from cotune.server.handlers import Gate, rpc
 from cotune.server.idempotency import idempotency
+from cotune.server.merges import Merges
 from cotune.server.names import parse_reference
 from cotune.server.uploads import (
     ADAPTER_FILES,
@@ -34,6 +35,7 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
         self.base_modules, self.max_rank = base_modules, max_rank
         self.allowed_roots, self.max_upload_bytes = allowed_roots, max_upload_bytes
         self.upload_idle_s = upload_idle_s
+        self.merges = Merges(registry, staging, base_modules, max_rank, max_upload_bytes)
 
     @rpc(held_open=True)
     def CreateAdapter(self, request_iterator, context, tenant):
@@ -109,6 +111,12 @@ class AdapterService(adapters_pb2_grpc.AdapterServiceServicer):
         name, version = parse_reference(request.name)
         deleted = self.registry.delete_adapter(tenant.name, name, version)
         return adapters_pb2.DeleteAdapterResponse(versions_deleted=deleted)
+
+    @rpc()
+    def MergeAdapters(self, request, context, tenant):
+        # computed here, on this gRPC thread: the engine serves on meanwhile
+        _check_labels(request.labels, request.description)
+        return convert.version(self.merges.merge(tenant.name, request))
 
     @rpc(held_open=True)
     def ExportAdapter(self, request, context, tenant):

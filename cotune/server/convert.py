@@ -58,7 +58,9 @@ def version(record: VersionRecord) -> adapters_pb2.AdapterVersion:
         parent_version=p.get("parent_version") or 0,
         dataset_fingerprint=p.get("dataset_fingerprint") or "",
         hyperparameters=struct(p.get("hyperparameters") or {}), job_id=p.get("job_id") or "",
-        metrics=metrics, session_id=p.get("session_id") or "", steps=p.get("steps") or 0)
+        metrics=metrics, session_id=p.get("session_id") or "", steps=p.get("steps") or 0,
+        parents=[adapters_pb2.MergeParent(adapter=parent["adapter"], weight=parent["weight"])
+                 for parent in p.get("parents") or []])
     return adapters_pb2.AdapterVersion(
         name=record.name, version=record.version, rank=record.rank, alpha=record.alpha,
         target_modules=list(record.target_modules), size_bytes=record.size_bytes,

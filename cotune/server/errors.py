@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 
 from cotune.adapters.blob_store import StoreUnavailable
+from cotune.adapters.merging import IncompatibleParents
 from cotune.adapters.peft_format import AdapterError, AdapterMismatch
 from cotune.adapters.registry import (
     AlreadyExists,
@@ -48,6 +49,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (SessionFailed, grpc.StatusCode.ABORTED),
     (InvalidName, grpc.StatusCode.INVALID_ARGUMENT),
     (AdapterMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (IncompatibleParents, grpc.StatusCode.FAILED_PRECONDITION),  # a merge's parents
     (AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # sampling, prompts, specs, data
 )

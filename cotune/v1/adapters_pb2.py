@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63otune/v1/adapters.proto\x12\tcotune.v1\x1a\x16\x63otune/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"w\n\x14\x43reateAdapterRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.cotune.v1.CreateAdapterHeaderH\x00\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.cotune.v1.FileChunkH\x00\x42\x06\n\x04part\"\xd1\x01\n\x13\x43reateAdapterHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12:\n\x06labels\x18\x03 \x03(\x0b\x32*.cotune.v1.CreateAdapterHeader.LabelsEntry\x12\x13\n\x0bserver_path\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9c\x02\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0elatest_version\x18\x02 \x01(\x05\x12\x15\n\rversion_count\x18\x03 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12.\n\x06labels\x18\x05 \x03(\x0b\x32\x1e.cotune.v1.Adapter.LabelsEntry\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb5\x02\n\nProvenance\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x16\n\x0eparent_version\x18\x03 \x01(\x05\x12\x1b\n\x13\x64\x61taset_fingerprint\x18\x04 \x01(\t\x12\x30\n\x0fhyperparameters\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12\x33\n\x07metrics\x18\x07 \x03(\x0b\x32\".cotune.v1.Provenance.MetricsEntry\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\r\n\x05steps\x18\t \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xe4\x01\n\x0e\x41\x64\x61pterVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05\x61lpha\x18\x04 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12)\n\nprovenance\x18\x08 \x01(\x0b\x32\x15.cotune.v1.Provenance\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"!\n\x11GetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xbc\x01\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bname_prefix\x18\x03 \x01(\t\x12:\n\x06labels\x18\x04 \x03(\x0b\x32*.cotune.v1.ListAdaptersRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x14ListAdaptersResponse\x12$\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x12.cotune.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"J\n\x13ListVersionsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\\\n\x14ListVersionsResponse\x12+\n\x08versions\x18\x01 \x03(\x0b\x32\x19.cotune.v1.AdapterVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x14\x44\x65leteAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\x15\x44\x65leteAdapterResponse\x12\x18\n\x10versions_deleted\x18\x01 \x01(\x05\"$\n\x14\x45xportAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xdf\x03\n\x0e\x41\x64\x61pterService\x12M\n\rCreateAdapter\x12\x1f.cotune.v1.CreateAdapterRequest\x1a\x19.cotune.v1.AdapterVersion(\x01\x12>\n\nGetAdapter\x12\x1c.cotune.v1.GetAdapterRequest\x1a\x12.cotune.v1.Adapter\x12O\n\x0cListAdapters\x12\x1e.cotune.v1.ListAdaptersRequest\x1a\x1f.cotune.v1.ListAdaptersResponse\x12O\n\x0cListVersions\x12\x1e.cotune.v1.ListVersionsRequest\x1a\x1f.cotune.v1.ListVersionsResponse\x12R\n\rDeleteAdapter\x12\x1f.cotune.v1.DeleteAdapterRequest\x1a .cotune.v1.DeleteAdapterResponse\x12H\n\rExportAdapter\x12\x1f.cotune.v1.ExportAdapterRequest\x1a\x14.cotune.v1.FileChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63otune/v1/adapters.proto\x12\tcotune.v1\x1a\x16\x63otune/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"w\n\x14\x43reateAdapterRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.cotune.v1.CreateAdapterHeaderH\x00\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.cotune.v1.FileChunkH\x00\x42\x06\n\x04part\"\xd1\x01\n\x13\x43reateAdapterHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12:\n\x06labels\x18\x03 \x03(\x0b\x32*.cotune.v1.CreateAdapterHeader.LabelsEntry\x12\x13\n\x0bserver_path\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9c\x02\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0elatest_version\x18\x02 \x01(\x05\x12\x15\n\rversion_count\x18\x03 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12.\n\x06labels\x18\x05 \x03(\x0b\x32\x1e.cotune.v1.Adapter.LabelsEntry\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xde\x02\n\nProvenance\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x16\n\x0eparent_version\x18\x03 \x01(\x05\x12\x1b\n\x13\x64\x61taset_fingerprint\x18\x04 \x01(\t\x12\x30\n\x0fhyperparameters\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06job_id\x18\x06 \x01(\t\x12\x33\n\x07metrics\x18\x07 \x03(\x0b\x32\".cotune.v1.Provenance.MetricsEntry\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\r\n\x05steps\x18\t \x01(\x03\x12\'\n\x07parents\x18\n \x03(\x0b\x32\x16.cotune.v1.MergeParent\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xe4\x01\n\x0e\x41\x64\x61pterVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05\x61lpha\x18\x04 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12)\n\nprovenance\x18\x08 \x01(\x0b\x32\x15.cotune.v1.Provenance\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"!\n\x11GetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xbc\x01\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bname_prefix\x18\x03 \x01(\t\x12:\n\x06labels\x18\x04 \x03(\x0b\x32*.cotune.v1.ListAdaptersRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x14ListAdaptersResponse\x12$\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x12.cotune.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"J\n\x13ListVersionsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\\\n\x14ListVersionsResponse\x12+\n\x08versions\x18\x01 \x03(\x0b\x32\x19.cotune.v1.AdapterVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x14\x44\x65leteAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"1\n\x15\x44\x65leteAdapterResponse\x12\x18\n\x10versions_deleted\x18\x01 \x01(\x05\"$\n\x14\x45xportAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x0bMergeParent\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\xc6\x02\n\x14MergeAdaptersRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x07parents\x18\x02 \x03(\x0b\x32\x16.cotune.v1.MergeParent\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65nsity\x18\x04 \x01(\x01\x12\x1c\n\x14majority_sign_method\x18\x05 \x01(\t\x12\x10\n\x08svd_rank\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t\x12;\n\x06labels\x18\t \x03(\x0b\x32+.cotune.v1.MergeAdaptersRequest.LabelsEntry\x12\x17\n\x0fidempotency_key\x18\n \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xac\x04\n\x0e\x41\x64\x61pterService\x12M\n\rCreateAdapter\x12\x1f.cotune.v1.CreateAdapterRequest\x1a\x19.cotune.v1.AdapterVersion(\x01\x12>\n\nGetAdapter\x12\x1c.cotune.v1.GetAdapterRequest\x1a\x12.cotune.v1.Adapter\x12O\n\x0cListAdapters\x12\x1e.cotune.v1.ListAdaptersRequest\x1a\x1f.cotune.v1.ListAdaptersResponse\x12O\n\x0cListVersions\x12\x1e.cotune.v1.ListVersionsRequest\x1a\x1f.cotune.v1.ListVersionsResponse\x12R\n\rDeleteAdapter\x12\x1f.cotune.v1.DeleteAdapterRequest\x1a .cotune.v1.DeleteAdapterResponse\x12H\n\rExportAdapter\x12\x1f.cotune.v1.ExportAdapterRequest\x1a\x14.cotune.v1.FileChunk0\x01\x12K\n\rMergeAdapters\x12\x1f.cotune.v1.MergeAdaptersRequest\x1a\x19.cotune.v1.AdapterVersionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,6 +42,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROVENANCE_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_LISTADAPTERSREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_LISTADAPTERSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_MERGEADAPTERSREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_MERGEADAPTERSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CREATEADAPTERREQUEST']._serialized_start=126
   _globals['_CREATEADAPTERREQUEST']._serialized_end=245
   _globals['_CREATEADAPTERHEADER']._serialized_start=248
@@ -53,29 +55,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADAPTER_LABELSENTRY']._serialized_start=412
   _globals['_ADAPTER_LABELSENTRY']._serialized_end=457
   _globals['_PROVENANCE']._serialized_start=747
-  _globals['_PROVENANCE']._serialized_end=1056
-  _globals['_PROVENANCE_METRICSENTRY']._serialized_start=1010
-  _globals['_PROVENANCE_METRICSENTRY']._serialized_end=1056
-  _globals['_ADAPTERVERSION']._serialized_start=1059
-  _globals['_ADAPTERVERSION']._serialized_end=1287
-  _globals['_GETADAPTERREQUEST']._serialized_start=1289
-  _globals['_GETADAPTERREQUEST']._serialized_end=1322
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1325
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1513
+  _globals['_PROVENANCE']._serialized_end=1097
+  _globals['_PROVENANCE_METRICSENTRY']._serialized_start=1051
+  _globals['_PROVENANCE_METRICSENTRY']._serialized_end=1097
+  _globals['_ADAPTERVERSION']._serialized_start=1100
+  _globals['_ADAPTERVERSION']._serialized_end=1328
+  _globals['_GETADAPTERREQUEST']._serialized_start=1330
+  _globals['_GETADAPTERREQUEST']._serialized_end=1363
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1366
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1554
   _globals['_LISTADAPTERSREQUEST_LABELSENTRY']._serialized_start=412
   _globals['_LISTADAPTERSREQUEST_LABELSENTRY']._serialized_end=457
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1515
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1600
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=1602
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=1676
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1678
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1770
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=1772
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=1808
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1810
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1859
-  _globals['_EXPORTADAPTERREQUEST']._serialized_start=1861
-  _globals['_EXPORTADAPTERREQUEST']._serialized_end=1897
-  _globals['_ADAPTERSERVICE']._serialized_start=1900
-  _globals['_ADAPTERSERVICE']._serialized_end=2379
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1556
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1641
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=1643
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=1717
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=1719
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=1811
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=1813
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=1849
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1851
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1900
+  _globals['_EXPORTADAPTERREQUEST']._serialized_start=1902
+  _globals['_EXPORTADAPTERREQUEST']._serialized_end=1938
+  _globals['_MERGEPARENT']._serialized_start=1940
+  _globals['_MERGEPARENT']._serialized_end=1986
+  _globals['_MERGEADAPTERSREQUEST']._serialized_start=1989
+  _globals['_MERGEADAPTERSREQUEST']._serialized_end=2315
+  _globals['_MERGEADAPTERSREQUEST_LABELSENTRY']._serialized_start=412
+  _globals['_MERGEADAPTERSREQUEST_LABELSENTRY']._serialized_end=457
+  _globals['_ADAPTERSERVICE']._serialized_start=2318
+  _globals['_ADAPTERSERVICE']._serialized_end=2874
 # @@protoc_insertion_point(module_scope)

@@ -66,7 +66,7 @@ class Adapter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., latest_version: _Optional[int] = ..., version_count: _Optional[int] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Provenance(_message.Message):
-    __slots__ = ("source", "base_fingerprint", "parent_version", "dataset_fingerprint", "hyperparameters", "job_id", "metrics", "session_id", "steps")
+    __slots__ = ("source", "base_fingerprint", "parent_version", "dataset_fingerprint", "hyperparameters", "job_id", "metrics", "session_id", "steps", "parents")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class Provenance(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
     source: str
     base_fingerprint: str
     parent_version: int
@@ -92,7 +93,8 @@ class Provenance(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     session_id: str
     steps: int
-    def __init__(self, source: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., parent_version: _Optional[int] = ..., dataset_fingerprint: _Optional[str] = ..., hyperparameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., job_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., session_id: _Optional[str] = ..., steps: _Optional[int] = ...) -> None: ...
+    parents: _containers.RepeatedCompositeFieldContainer[MergeParent]
+    def __init__(self, source: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., parent_version: _Optional[int] = ..., dataset_fingerprint: _Optional[str] = ..., hyperparameters: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., job_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., session_id: _Optional[str] = ..., steps: _Optional[int] = ..., parents: _Optional[_Iterable[_Union[MergeParent, _Mapping]]] = ...) -> None: ...
 
 class AdapterVersion(_message.Message):
     __slots__ = ("name", "version", "rank", "alpha", "target_modules", "size_bytes", "sha256", "provenance", "create_time")
@@ -184,3 +186,42 @@ class ExportAdapterRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class MergeParent(_message.Message):
+    __slots__ = ("adapter", "weight")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    weight: float
+    def __init__(self, adapter: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class MergeAdaptersRequest(_message.Message):
+    __slots__ = ("name", "parents", "method", "density", "majority_sign_method", "svd_rank", "seed", "description", "labels", "idempotency_key")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MAJORITY_SIGN_METHOD_FIELD_NUMBER: _ClassVar[int]
+    SVD_RANK_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    parents: _containers.RepeatedCompositeFieldContainer[MergeParent]
+    method: str
+    density: float
+    majority_sign_method: str
+    svd_rank: int
+    seed: int
+    description: str
+    labels: _containers.ScalarMap[str, str]
+    idempotency_key: str
+    def __init__(self, name: _Optional[str] = ..., parents: _Optional[_Iterable[_Union[MergeParent, _Mapping]]] = ..., method: _Optional[str] = ..., density: _Optional[float] = ..., majority_sign_method: _Optional[str] = ..., svd_rank: _Optional[int] = ..., seed: _Optional[int] = ..., description: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...

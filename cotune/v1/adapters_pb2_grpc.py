@@ -65,6 +65,11 @@ class AdapterServiceStub:
                 request_serializer=cotune_dot_v1_dot_adapters__pb2.ExportAdapterRequest.SerializeToString,
                 response_deserializer=cotune_dot_v1_dot_common__pb2.FileChunk.FromString,
                 _registered_method=True)
+        self.MergeAdapters = channel.unary_unary(
+                '/cotune.v1.AdapterService/MergeAdapters',
+                request_serializer=cotune_dot_v1_dot_adapters__pb2.MergeAdaptersRequest.SerializeToString,
+                response_deserializer=cotune_dot_v1_dot_adapters__pb2.AdapterVersion.FromString,
+                _registered_method=True)
 
 
 class AdapterServiceServicer:
@@ -111,6 +116,20 @@ class AdapterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeAdapters(self, request, context):
+        """Publishes a new version of adapter `name` (creating the adapter when it is new) that
+        merges weighted versions of the caller's adapters, as PEFT's add_weighted_adapter does.
+        Its provenance (source "merge") names the parents, their weights, the method and its
+        parameters. Refused: INVALID_ARGUMENT for a bad method, weight or parameter;
+        FAILED_PRECONDITION for parents that cannot be merged so (other modules or bases, mixed
+        ranks where the method needs one rank, a merged rank past the server's --max-rank);
+        NOT_FOUND for a parent that is not one of the caller's versions; RESOURCE_EXHAUSTED for a
+        quota, or while another merge runs on the server. A refused merge publishes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdapterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +162,11 @@ def add_AdapterServiceServicer_to_server(servicer, server):
                     servicer.ExportAdapter,
                     request_deserializer=cotune_dot_v1_dot_adapters__pb2.ExportAdapterRequest.FromString,
                     response_serializer=cotune_dot_v1_dot_common__pb2.FileChunk.SerializeToString,
+            ),
+            'MergeAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeAdapters,
+                    request_deserializer=cotune_dot_v1_dot_adapters__pb2.MergeAdaptersRequest.FromString,
+                    response_serializer=cotune_dot_v1_dot_adapters__pb2.AdapterVersion.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +331,33 @@ class AdapterService:
             '/cotune.v1.AdapterService/ExportAdapter',
             cotune_dot_v1_dot_adapters__pb2.ExportAdapterRequest.SerializeToString,
             cotune_dot_v1_dot_common__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cotune.v1.AdapterService/MergeAdapters',
+            cotune_dot_v1_dot_adapters__pb2.MergeAdaptersRequest.SerializeToString,
+            cotune_dot_v1_dot_adapters__pb2.AdapterVersion.FromString,
             options,
             channel_credentials,
             insecure,
