@@ -122,3 +122,21 @@ def sgmv_weight_grad(
         grad[slot] += _row_scale(scales, slot) * (_wide(grad_out[start:end]).T
                                                   @ _wide(inputs[start:end]))
     return grad
+
+
+def sgmv_rescale(
+    y: torch.Tensor,
+    gains: torch.Tensor,
+    bias: torch.Tensor | None,
+    batch: LoraBatch,
+) -> torch.Tensor:
+    """Semantics: y[s[i]:s[i+1]] = g[slot[i]] * (y[s[i]:s[i+1]] - bias) + bias  (in place)
+
+    DoRA's output of its rows: y holds x W^T + bias + the LoRA delta; g is the slot's
+    magnitude over the norm of W + s B A, one per output.
+    y: (T, d_out)   gains: (N, d_out) float32   bias: (d_out,) or None for 0
+    """
+    for start, end, slot in _segments(batch):
+        b = 0.0 if bias is None else _wide(bias)
+        y[start:end] = (_wide(gains[slot]) * (_wide(y[start:end]) - b) + b).to(y.dtype)
+    return y

@@ -195,3 +195,28 @@ def sgmv_weight_grad(grad_out, inputs, batch: LoraBatch, num_slots, scales=None)
     if scales is not None:
         per_segment = per_segment * _segment_scales(scales, layout, dtype)
     return grad.index_add_(0, layout.slots, per_segment)
+
+
+def _adapter_rows(batch: LoraBatch, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(every row that has an adapter, its slot) on `device`, None when there is none."""
+    starts, slots = batch.starts, batch.slots
+    lengths = starts[1:] - starts[:-1]
+    keep = (slots >= 0) & (lengths > 0)
+    if not bool(keep.any()):
+        return None
+    lengths, firsts = lengths[keep], starts[:-1][keep]
+    before = torch.cumsum(lengths, 0) - lengths  # adapter rows before each segment
+    rows = (firsts - before).repeat_interleave(lengths) + torch.arange(int(lengths.sum()))
+    return rows.to(device), slots[keep].repeat_interleave(lengths).to(device)
+
+
+def sgmv_rescale(y, gains, bias, batch: LoraBatch):
+    """Semantics: see sgmv_reference.sgmv_rescale (in place)."""
+    found = batch.derived(("torch rows", y.device), lambda: _adapter_rows(batch, y.device))
+    if found is None:
+        return y
+    rows, slots = found
+    part = y.index_select(0, rows).float()
+    b = 0.0 if bias is None else bias.float()
+    y.index_copy_(0, rows, (gains.index_select(0, slots) * (part - b) + b).to(y.dtype))
+    return y

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from cotune.kernels import sgmv_torch
 from cotune.kernels.checks import check_expand, check_shrink, check_weight_grad
 from cotune.kernels.lora_batch import LoraBatch
 from cotune.kernels.triton_configs import DECODE_MAX_ROWS, rows_bucket
@@ -227,3 +228,9 @@ def sgmv_weight_grad(grad_out, inputs, batch: LoraBatch, num_slots, scales=None)
         grad_out.stride(1), inputs.stride(0), inputs.stride(1), *grad.stride(),
         HAS_SCALE=scales is not None, ACC=_accumulator(dtype))
     return grad
+
+
+def sgmv_rescale(y, gains, bias, batch: LoraBatch):
+    """Semantics: see sgmv_reference.sgmv_rescale (in place). Elementwise over the rows: torch's
+    own ops, as the batched torch implementation runs them."""
+    return sgmv_torch.sgmv_rescale(y, gains, bias, batch)

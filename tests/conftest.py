@@ -87,18 +87,21 @@ def hf_checkpoint(tmp_path, family):
 
 def make_peft_adapter(base: torch.nn.Module, path, *, r: int, alpha: float,
                       targets: list[str], rslora: bool = False, seed: int = 0,
-                      std: float = 0.1):
+                      std: float = 0.1, dora: bool = False):
     """Saves a real PEFT LoRA adapter of `base` with random A and B to `path`; returns its
-    LoraConfig."""
+    LoraConfig. With `dora`, a DoRA adapter: its magnitudes, PEFT's (the base's row norms),
+    each moved by a random 20% or so."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
-                        lora_dropout=0.0, task_type="CAUSAL_LM")
+                        lora_dropout=0.0, task_type="CAUSAL_LM", use_dora=dora)
     peft_model = get_peft_model(copy.deepcopy(base), config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_" in name:
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=generator))
+            elif "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
     peft_model.save_pretrained(path)
     return config

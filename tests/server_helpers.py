@@ -32,10 +32,10 @@ def tiny_model_dir(root: Path) -> Path:
 
 
 def tiny_adapter_dir(path: Path, seed: int = 0, r: int = 4,
-                     targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
-    """A real PEFT adapter for the tiny model of `tiny_model_dir`."""
+                     targets: tuple[str, ...] = ("q_proj", "v_proj"), dora: bool = False) -> Path:
+    """A real PEFT adapter for the tiny model of `tiny_model_dir` (DoRA with `dora`)."""
     make_peft_adapter(tiny_hf_model("llama2"), path, r=r, alpha=2 * r, targets=list(targets),
-                      seed=seed)
+                      seed=seed, dora=dora)
     return path
 
 

@@ -512,7 +512,6 @@ def test_refuses_tensors_that_are_not_lora_weights(adapter_dir, key, shape, what
 
 
 @pytest.mark.parametrize("option, value, why", [
-    ("use_dora", True, "DoRA"),
     ("modules_to_save", ["lm_head"], "full copies of base modules"),
     ("fan_in_fan_out", True, "(out_features, in_features)"),
     ("bias", "all", "trained biases"),
@@ -536,6 +535,26 @@ def test_refuses_options_that_change_the_math(adapter_dir, option, value, why):
             f"sets {option}={json.dumps(value)} in adapter_config.json, which cotune does not "
             "support: ") + f".*{re.escape(why)}.*accepted: {option}="):
         load(adapter_dir)
+
+
+def test_a_dora_adapter_loads_its_magnitudes_and_is_refused_without_them(tmp_path):
+    path = tmp_path / "dora"
+    peft_adapter(path, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True)
+    adapter = load(path)
+    magnitude = load_file(path / "adapter_model.safetensors")[
+        f"base_model.model.{Q0}.lora_magnitude_vector"]
+    assert torch.equal(adapter.modules[Q0].magnitude, magnitude)
+    edit_weights(path, lambda t: t.update({f"base_model.model.{Q0}.lora_magnitude_vector":
+                                           torch.ones(63)}))
+    with pytest.raises(AdapterError, match=r"DoRA magnitude of module .* \(63,\); accepted: "
+                                           r"\(64,\)"):
+        load(path)
+    edit_weights(path, lambda t: t.pop(f"base_model.model.{Q0}.lora_magnitude_vector"))
+    with pytest.raises(AdapterError, match="has use_dora but no lora_magnitude_vector for module"):
+        load(path)
+    edit_config(path, use_dora="yes")
+    with pytest.raises(AdapterError, match=r'use_dora="yes"; accepted: true \(DoRA\) or false'):
+        load(path)
 
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"])

@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 from conftest import tiny_tokenizer
-from server_helpers import running_server, tiny_adapter_dir
+from server_helpers import running_server, tiny_adapter_dir, tiny_model_dir
 
 from cotune.client import (
     AlreadyExists,
@@ -29,6 +29,7 @@ from cotune.client import (
     Unavailable,
 )
 from cotune.client.files import ADAPTER_FILES, ExportWriter
+from cotune.engine.runtime import Request, Runtime
 from cotune.v1 import common_pb2
 
 pytestmark = pytest.mark.slow
@@ -104,6 +105,21 @@ def test_export_writes_the_files_whole_and_refuses_an_existing_dest(client, adap
     with pytest.raises(NotFound):
         client.adapters.export("never-created", tmp_path / "missing")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_dora_adapter_serves_as_in_process_and_exports_as_it_came(server, client, tmp_path):
+    dora = tiny_adapter_dir(tmp_path / "dora", seed=5, targets=("q_proj", "v_proj", "up_proj"),
+                            dora=True)
+    client.adapters.create("dora", dora)
+    prompt = [5, 9, 14, 3, 27]
+    served = client.complete(prompt, adapter="dora", max_tokens=8, ignore_eos=True).token_ids
+    with Runtime.load(tiny_model_dir(server.data_dir.parent)) as runtime:
+        local = runtime.generate([Request(prompt_token_ids=prompt, adapter=str(dora),
+                                          max_tokens=8, ignore_eos=True)])[0].token_ids
+    assert list(served) == local
+    exported = client.adapters.export("dora", tmp_path / "exported")
+    for name in ADAPTER_FILES:
+        assert (exported / name).read_bytes() == (dora / name).read_bytes()
 
 
 def test_export_writer_refuses_a_file_name_outside_the_adapter(tmp_path):

@@ -371,3 +371,24 @@ def test_a_model_runs_the_kernels_chosen_when_it_was_loaded(tiny_checkpoint, mon
     weight, _ = attention.qkv_joint  # side by side: one GEMM, decided at the load
     assert torch.equal(weight, torch.cat([attention.q_proj.weight, attention.k_proj.weight,
                                           attention.v_proj.weight]))
+
+
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dora_rescale_equals_the_reference_and_leaves_other_rows(popularity, with_bias, seed):
+    rng = random.Random(seed + 13)
+    num_slots, d_out, num_rows = 7, 91, 53
+    row_slots = _row_slots(num_rows, num_slots, popularity, rng)
+    segs = _segments(row_slots)
+    gains = torch.rand(num_slots, d_out) + 0.5
+    bias = torch.randn(d_out) if with_bias else None
+    y0 = torch.randn(num_rows, 2 * d_out)[:, 7:7 + d_out]  # a column slice, as a group's
+    want = sgmv_reference.sgmv_rescale(y0.clone(), gains, bias, segs)
+    b = 0 if bias is None else bias
+    for t, slot in enumerate(row_slots):  # the semantics, row by row
+        expected = y0[t] if slot < 0 else gains[slot] * (y0[t] - b) + b
+        torch.testing.assert_close(want[t], expected)
+    for ops in (sgmv_torch, sgmv_triton):
+        y = y0.clone()
+        assert ops.sgmv_rescale(y, gains, bias, segs) is y
+        torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)

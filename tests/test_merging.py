@@ -233,6 +233,9 @@ def test_bad_requests_are_refused_saying_what_is_accepted(spec, fragment):
      "adapt different modules"),
     ([_adapter({Q0: 4}), _adapter({Q0: 4}, targets=r".*q_proj")], MergeSpec("cat", (1.0, 1.0)),
      "all lists or all regexes"),
+    ([_adapter({Q0: 4}), LoraAdapter(_adapter({Q0: 4}).modules,
+                                     {**_adapter({Q0: 4}).config, "use_dora": True})],
+     MergeSpec("linear", (1.0, 1.0)), "parent 2 is a DoRA adapter"),
 ])
 def test_parents_that_cannot_be_merged_are_refused(parents, spec, fragment):
     with pytest.raises(IncompatibleParents) as refused:

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import LOGIT_ATOL
+from conftest import LOGIT_ATOL, make_peft_adapter
 from engine_helpers import run_to_completion
 from parity import cotune_logits, cotune_trainable, relative_error
 from peft_reference import (
@@ -20,6 +20,12 @@ from peft_reference import (
     save_random_adapters,
 )
 
+from cotune.adapters.peft_format import (
+    LoraAdapter,
+    LoraModule,
+    load_peft_adapter,
+    save_peft_adapter,
+)
 from cotune.adapters.residency import ResidentAdapters
 from cotune.engine.engine import Engine, EngineConfig
 from cotune.engine.sampling import SamplingParams
@@ -70,6 +76,66 @@ def test_greedy_tokens_match_peft_for_32_new_tokens(hf_checkpoint, tmp_path, see
     for prompt, choice, seq in zip(prompts, choices, seqs):
         expected = reference_greedy(reference, prompt, choice, 32)
         assert seq.output_ids == expected, f"adapter {choice} (seed {seed})"
+
+
+def _dora_and_lora(hf_model, tmp_path, rng) -> list:
+    """Two DoRA adapters and two plain ones, on irregular ranks and targets."""
+    dirs = []
+    for i, (dora, r, targets) in enumerate([
+            (True, 4, ["q_proj", "v_proj", "up_proj"]), (False, 8, ["q_proj", "k_proj"]),
+            (True, 16, ["k_proj", "o_proj", "gate_proj", "down_proj"]),
+            (False, 2, ["v_proj", "down_proj"])]):
+        make_peft_adapter(hf_model, tmp_path / f"a{i}", r=r, alpha=2 * r, targets=targets,
+                          seed=rng.randint(0, 10**6), dora=dora, rslora=i == 2)
+        dirs.append(tmp_path / f"a{i}")
+    return dirs
+
+
+def test_dora_rows_beside_lora_and_base_rows_match_peft(hf_checkpoint, tmp_path, seed):
+    hf_model, base_dir = hf_checkpoint
+    rng = random.Random(seed)
+    dirs = _dora_and_lora(hf_model, tmp_path, rng)
+    model = load_model(base_dir)
+    resident = ResidentAdapters(model, num_slots=4, max_rank=16)
+    slots = [resident.load(str(d), d) for d in dirs]
+    choices = [0, None, 2, 1, 0, 3, 2, None, 1]  # DoRA, base and plain LoRA rows interleaved
+    seqs = [torch.randint(0, model.config.vocab_size, (rng.choice([1, 2, 5, 7, 13]),))
+            for _ in choices]
+    logits = cotune_logits(model, seqs, [None if c is None else slots[c] for c in choices])
+    reference = peft_with_adapters(hf_model, dirs)
+    expected = torch.cat([reference_logits(reference, s, c) for s, c in zip(seqs, choices)])
+    diff = (logits - expected).abs().max().item()
+    assert diff <= LOGIT_ATOL[torch.float32], f"max |diff| {diff:.2e} (seed {seed})"
+    dora = resident.host.fetch("dora", dirs[0]).result()  # its A and B without DoRA differ:
+    plain = LoraAdapter({n: LoraModule(m.a, m.b, m.scale) for n, m in dora.modules.items()},
+                        {**dora.config, "use_dora": False})
+    without = cotune_logits(model, seqs[:1], [resident.place("plain", plain)])
+    assert (without - reference_logits(reference, seqs[0], 0)).abs().max() > 1e-3
+
+
+def test_dora_greedy_tokens_match_peft_and_its_export_loads_in_peft(hf_checkpoint, tmp_path,
+                                                                    seed):
+    hf_model, base_dir = hf_checkpoint
+    rng = random.Random(seed)
+    dirs = _dora_and_lora(hf_model, tmp_path, rng)
+    engine = Engine(load_model(base_dir), config=EngineConfig(num_slots=4, max_rank=16))
+    choices = [2, 0, None, 1, 0, 3]
+    prompts = [torch.randint(0, engine.model.config.vocab_size, (rng.randint(1, 11),)).tolist()
+               for _ in choices]
+    seqs = [engine.add(p, SamplingParams(max_tokens=24),
+                       None if c is None else (str(dirs[c]), dirs[c]))
+            for p, c in zip(prompts, choices)]
+    run_to_completion(engine)
+    reference = peft_with_adapters(hf_model, dirs)
+    for prompt, choice, seq in zip(prompts, choices, seqs):
+        assert seq.output_ids == reference_greedy(reference, prompt, choice, 24), \
+            f"adapter {choice} (seed {seed})"
+    loaded = load_peft_adapter(dirs[0], engine.adapters.base_modules, max_rank=16)
+    save_peft_adapter(loaded, tmp_path / "exported")
+    reference.load_adapter(tmp_path / "exported", adapter_name=f"a{len(dirs)}")
+    ids = torch.tensor(prompts[1])
+    torch.testing.assert_close(reference_logits(reference, ids, len(dirs)),
+                               reference_logits(reference, ids, 0), rtol=0, atol=1e-6)
 
 
 def test_lora_gradients_match_peft_in_a_mixed_batch(hf_checkpoint, tmp_path, seed):

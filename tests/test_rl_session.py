@@ -15,7 +15,7 @@ from parity import relative_error
 from peft import PeftModel
 
 from cotune import Datum, LoraSettings, LossSpec, OptimizerSettings, Request, Runtime, SessionSpec
-from cotune.adapters.peft_format import save_peft_adapter
+from cotune.adapters.peft_format import AdapterError, save_peft_adapter
 from cotune.engine.finetune_spec import SpecError
 from cotune.engine.runtime import EngineStopped
 from cotune.engine.session import SessionClosed, SessionFailed
@@ -287,3 +287,11 @@ def test_a_session_trains_in_the_serving_steps_while_a_lane_trains_the_jobs(tiny
         handle = rt.open_session(_spec(start_adapter))
         assert handle.forward_backward(_examples()).loss > 0
         assert handle.optim_step().weights_version == 1
+
+
+def test_a_dora_version_is_refused_as_a_start_until_dora_trains(tiny_checkpoint, tmp_path):
+    hf_model, path = tiny_checkpoint
+    make_peft_adapter(hf_model, tmp_path / "dora", r=4, alpha=8, targets=list(TARGETS),
+                      dora=True)
+    with Runtime.load(path) as rt, pytest.raises(AdapterError, match="is a DoRA adapter"):
+        rt.open_session(_spec(tmp_path / "dora"))

@@ -19,7 +19,8 @@ from cotune.adapters.peft_format import LoraAdapter, LoraModule, load_peft_adapt
 
 
 def adapter_bytes(adapter: LoraAdapter) -> int:
-    return sum(t.numel() * t.element_size() for m in adapter.modules.values() for t in (m.a, m.b))
+    return sum(t.numel() * t.element_size() for m in adapter.modules.values()
+               for t in (m.a, m.b, m.magnitude) if t is not None)
 
 
 class HostCache:
@@ -115,5 +116,6 @@ class HostCache:
         def host(t):
             return t.cpu().pin_memory() if self.pin_memory else t.cpu()
 
-        return LoraAdapter({name: LoraModule(host(m.a), host(m.b), m.scale)
+        return LoraAdapter({name: LoraModule(host(m.a), host(m.b), m.scale,
+                                             None if m.magnitude is None else host(m.magnitude))
                             for name, m in adapter.modules.items()}, adapter.config)

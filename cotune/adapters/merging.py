@@ -166,6 +166,11 @@ def plan_merge(parents: Sequence[LoraAdapter], spec: MergeSpec,
         raise AdapterError(f"{len(parents)} parents but {len(spec.weights)} weights; "
                            "accepted: one weight per parent")
     names = list(names or (f"parent {i + 1}" for i in range(len(parents))))
+    for parent, name in zip(parents, names, strict=True):
+        if parent.config.get("use_dora") is True:
+            raise IncompatibleParents(
+                f"{name} is a DoRA adapter, and PEFT's add_weighted_adapter merges plain LoRA "
+                "only (a magnitude has no weighted sum); accepted: parents without use_dora")
     _check_same_modules(parents, names)
     spec = spec.applied()
     ranks = [_config_rank(p.config) for p in parents]  # PEFT's: r, or rank_pattern's largest

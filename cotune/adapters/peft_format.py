@@ -50,7 +50,8 @@ __all__ = ["AdapterError", "AdapterMismatch", "LoraAdapter", "LoraModule", "load
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight")
+_LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\."
+                       r"(?:lora_(?P<factor>[AB])\.weight|(?P<magnitude>lora_magnitude_vector))")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _ACCEPTED_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # safetensors' names: bytes per item
 # The largest entry of a module's delta, scale * B @ A, accepted in magnitude. A base's weights
@@ -66,6 +67,9 @@ class LoraModule:
     a: torch.Tensor  # (r, in_features), float32, contiguous
     b: torch.Tensor  # (out_features, r), float32, contiguous
     scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (per module)
+    # DoRA's magnitude m (out_features,), float32, for an adapter with use_dora: the module's
+    # output is then m / ||W + scale B A|| (each output row's norm) times that of W + scale B A
+    magnitude: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -99,10 +103,12 @@ def load_peft_adapter(path: str | Path, base_modules: Mapping[str, tuple[int, in
     check_targets_exist(config, base_modules, where)
     weights = _weights_file(path, where)
     header = _read_header(weights, where)
-    described = _lora_factors(header.tensors, where)
+    described = _lora_factors(header.tensors, config, where)
     _check_module_set(config, described, base_modules, where)
-    for name, (a, b) in described.items():
+    for name, (a, b, magnitude) in described.items():
         _check_factors(config, name, a, b, base_modules[name], where)
+        if magnitude is not None:
+            _check_magnitude(name, magnitude, base_modules[name][1], where)
     _check_max_rank(described, max_rank, where)
     _check_extent(weights, header, where)
     factors = _read_factors(weights, described, where)
@@ -160,16 +166,18 @@ def _check_extent(weights: Path, header: Header, where: str) -> None:
         raise _not_safetensors(weights, where, str(e)) from None
 
 
-def _read_factors(weights: Path, described: Mapping[str, tuple[TensorInfo, TensorInfo]],
-                  where: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The tensors of the checked header: {module path: (lora_A, lora_B)}."""
+def _read_factors(weights: Path, described: Mapping[str, tuple], where: str
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """The tensors of the checked header: {module path: (lora_A, lora_B, magnitude or
+    None)}."""
     try:
         # parses a header and copies bytes; runs no code (reading the file whole is 3x faster
         # than load_file's mapping for adapters of kilobytes to megabytes)
         tensors = load(weights.read_bytes())
     except SafetensorError as e:
         raise _not_safetensors(weights, where, str(e)) from None
-    return {name: (tensors[_key(name, "A")], tensors[_key(name, "B")]) for name in described}
+    return {name: (tensors[_key(name, "A")], tensors[_key(name, "B")],
+                   tensors.get(_magnitude_key(name))) for name in described}
 
 
 def _not_safetensors(weights: Path, where: str, reason: str) -> AdapterError:
@@ -185,32 +193,40 @@ def _not_safetensors(weights: Path, where: str, reason: str) -> AdapterError:
                         "save_pretrained writes it")
 
 
-def _lora_factors(tensors: Mapping[str, TensorInfo],
-                  where: str) -> dict[str, tuple[TensorInfo, TensorInfo]]:
-    """Groups PEFT's keys by module path: {path: (lora_A, lora_B)}; refuses any other key."""
+def _lora_factors(tensors: Mapping[str, TensorInfo], config: dict,
+                  where: str) -> dict[str, tuple[TensorInfo, TensorInfo, TensorInfo | None]]:
+    """Groups PEFT's keys by module path: {path: (lora_A, lora_B, DoRA magnitude or None)};
+    refuses any other key, and a magnitude where the config has no use_dora (or none where
+    it has)."""
     found: dict[str, dict[str, TensorInfo]] = {}
     unknown = []
+    dora = config.get("use_dora") is True
     for key, tensor in tensors.items():
         match = _LORA_KEY.fullmatch(key)
-        if match is None:
+        if match is None or (match["magnitude"] and not dora):
             unknown.append(key)
         else:
-            found.setdefault(match["module"], {})[match["factor"]] = tensor
+            found.setdefault(match["module"], {})[match["factor"] or "M"] = tensor
     if unknown:
         shown = ", ".join(f"{k!r} ({_what_is(k)})" for k in sorted(unknown)[:3])
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         raise AdapterError(
             f"adapter {where} has tensors that are not plain LoRA weights: {shown}{more}; "
             f"accepted: only '{KEY_PREFIX}<module>.lora_A.weight' and "
-            f"'{KEY_PREFIX}<module>.lora_B.weight'")
-    for module, pair in found.items():
-        if len(pair) == 1:
-            has = next(iter(pair))
-            missing = "B" if has == "A" else "A"
+            f"'{KEY_PREFIX}<module>.lora_B.weight'"
+            + (f", and '{KEY_PREFIX}<module>.lora_magnitude_vector' with use_dora" if not dora
+               else ""))
+    for module, factors in found.items():
+        for factor in ("A", "B"):
+            if factor not in factors:
+                raise AdapterError(
+                    f"adapter {where} has no lora_{factor} for module {module!r}; accepted: "
+                    "both lora_A and lora_B for every module")
+        if dora and "M" not in factors:
             raise AdapterError(
-                f"adapter {where} has lora_{has} but no lora_{missing} for module {module!r}; "
-                "accepted: both lora_A and lora_B for every module")
-    return {module: (pair["A"], pair["B"]) for module, pair in sorted(found.items())}
+                f"adapter {where} has use_dora but no lora_magnitude_vector for module "
+                f"{module!r}; accepted: a DoRA magnitude for every module of a DoRA adapter")
+    return {module: (f["A"], f["B"], f.get("M")) for module, f in sorted(found.items())}
 
 
 def _what_is(key: str) -> str:
@@ -276,9 +292,16 @@ def _check_factors(config: dict, name: str, a: TensorInfo, b: TensorInfo,
             "the same rank in both")
 
 
-def _check_max_rank(factors: Mapping[str, tuple[TensorInfo, TensorInfo]], max_rank: int,
-                    where: str) -> None:
-    rank = max(a.shape[0] for a, _ in factors.values())
+def _check_magnitude(name: str, magnitude: TensorInfo, out_features: int, where: str) -> None:
+    if magnitude.dtype not in _ACCEPTED_DTYPES or tuple(magnitude.shape) != (out_features,):
+        raise AdapterMismatch(
+            f"adapter {where}: the DoRA magnitude of module {name!r} is {magnitude.dtype_name} "
+            f"{tuple(magnitude.shape)}; accepted: ({out_features},) float32, float16 or "
+            "bfloat16, one per output feature")
+
+
+def _check_max_rank(factors: Mapping[str, tuple], max_rank: int, where: str) -> None:
+    rank = max(factors[0].shape[0] for factors in factors.values())
     if rank > max_rank:
         raise AdapterMismatch(
             f"adapter {where} has rank {rank}, which exceeds max_rank {max_rank} of this "
@@ -286,25 +309,32 @@ def _check_max_rank(factors: Mapping[str, tuple[TensorInfo, TensorInfo]], max_ra
             f"--max-rank {rank}")
 
 
-def _float32_modules(config: dict, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                     where: str) -> dict[str, LoraModule]:
-    """The checked factors as float32 views of one new buffer, all checked finite at once
-    (a few ops per adapter instead of a few per tensor: loads run beside the engine)."""
-    tensors = [t for pair in factors.values() for t in pair]
+def _float32_modules(config: dict, factors: Mapping[str, tuple], where: str
+                     ) -> dict[str, LoraModule]:
+    """The checked factors (and DoRA magnitudes) as float32 views of one new buffer, all
+    checked finite at once (a few ops per adapter instead of a few per tensor: loads run
+    beside the engine)."""
+    keys, tensors = [], []
+    for name, (a, b, magnitude) in factors.items():
+        keys += [_key(name, "A"), _key(name, "B")]
+        tensors += [a, b]
+        if magnitude is not None:
+            keys.append(_magnitude_key(name))
+            tensors.append(magnitude)
     buffer = torch.empty(sum(t.numel() for t in tensors), dtype=torch.float32)
-    views, offset = [], 0
-    for tensor in tensors:
-        views.append(buffer[offset:offset + tensor.numel()].view(tensor.shape))
-        views[-1].copy_(tensor)
+    views, offset = {}, 0
+    for key, tensor in zip(keys, tensors):
+        views[key] = buffer[offset:offset + tensor.numel()].view(tensor.shape)
+        views[key].copy_(tensor)
         offset += tensor.numel()
     if not torch.isfinite(buffer).all():
-        bad = next(i for i, view in enumerate(views) if not torch.isfinite(view).all())
-        raise AdapterError(
-            f"adapter {where}: tensor {_key(list(factors)[bad // 2], 'AB'[bad % 2])!r} contains "
-            "NaN or Inf; accepted: finite values only")
-    modules = {name: LoraModule(a=views[2 * i], b=views[2 * i + 1],
-                                scale=module_scale(config, name))
-               for i, name in enumerate(factors)}
+        bad = next(key for key, view in views.items() if not torch.isfinite(view).all())
+        raise AdapterError(f"adapter {where}: tensor {bad!r} contains NaN or Inf; accepted: "
+                           "finite values only")
+    modules = {name: LoraModule(a=views[_key(name, "A")], b=views[_key(name, "B")],
+                                scale=module_scale(config, name),
+                                magnitude=views.get(_magnitude_key(name)))
+               for name in factors}
     for name, module in modules.items():
         _check_delta(name, module, where)
     return modules
@@ -328,6 +358,10 @@ def _check_delta(name: str, module: LoraModule, where: str) -> None:
 
 def _key(module: str, factor: str) -> str:
     return f"{KEY_PREFIX}{module}.lora_{factor}.weight"
+
+
+def _magnitude_key(module: str) -> str:
+    return f"{KEY_PREFIX}{module}.lora_magnitude_vector"
 
 
 def _float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -373,6 +407,8 @@ def _tensors_to_save(adapter: LoraAdapter, where: str) -> dict[str, torch.Tensor
         _check_module_to_save(config, name, module, where)
         tensors[_key(name, "A")] = _float32(module.a)
         tensors[_key(name, "B")] = _float32(module.b)
+        if module.magnitude is not None:
+            tensors[_magnitude_key(name)] = _float32(module.magnitude)
     return tensors
 
 
@@ -395,3 +431,14 @@ def _check_module_to_save(config: dict, name: str, module: LoraModule, where: st
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise AdapterError(
             f"adapter {where}: module {name!r} contains NaN or Inf; accepted: finite values only")
+    dora = config.get("use_dora") is True
+    if dora != (module.magnitude is not None):
+        raise AdapterError(
+            f"adapter {where}: module {name!r} {'lacks' if dora else 'has'} a DoRA magnitude "
+            f"but the config's use_dora is {dora}; accepted: a magnitude for every module "
+            "exactly when use_dora is true")
+    if module.magnitude is not None and (tuple(module.magnitude.shape) != (b.shape[0],)
+                                         or not torch.isfinite(module.magnitude).all()):
+        raise AdapterError(
+            f"adapter {where}: module {name!r} has a DoRA magnitude of shape "
+            f"{tuple(module.magnitude.shape)}; accepted: ({b.shape[0]},) finite values")

@@ -137,6 +137,7 @@ class ResidentAdapters:
         Everything is checked before the first write, so a refusal changes nothing."""
         started = time.perf_counter()
         self._check_fits(key, adapter)
+        gains = self._dora_gains(key, adapter)
         if not self._free:
             idle = self._evictable()
             if idle is None:
@@ -144,7 +145,7 @@ class ResidentAdapters:
             self.evict(idle)
         slot = min(self._free)  # low slots first: the adapters of a step then tend to sit
         self._free.remove(slot)  # side by side, which the LoRA ops read without a gather
-        self._write(slot, adapter)
+        self._write(slot, adapter, gains)
         self._slot_of[key] = slot
         if self.on_load is not None:
             self.on_load(time.perf_counter() - started)
@@ -176,7 +177,20 @@ class ResidentAdapters:
         self._recent.append(key)
         self._traffic[key] += 1
 
-    def _write(self, slot: int, adapter: LoraAdapter) -> None:
+    def _dora_gains(self, key: str, adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+        """The gains of a DoRA adapter's modules on this base (VirtualizedLinear.dora_gains),
+        worked out before any slot is written."""
+        gains = {}
+        for name, lora in adapter.modules.items():
+            if lora.magnitude is not None:
+                try:
+                    gains[name] = self.modules[name].dora_gains(lora.a, lora.b, lora.scale,
+                                                                lora.magnitude)
+                except ValueError as e:
+                    raise AdapterError(f"adapter {key!r}: {e}") from None
+        return gains
+
+    def _write(self, slot: int, adapter: LoraAdapter, gains: dict[str, torch.Tensor]) -> None:
         """Host->device: on CUDA, asynchronous copies from pinned memory on the copy stream,
         which the compute stream then waits for (the slot is used by the next forward)."""
         stream = self._copy_stream
@@ -185,7 +199,7 @@ class ResidentAdapters:
                 module = self.modules[name]
                 a = lora.a.to(module.a_pool.device, non_blocking=True)
                 b = lora.b.to(module.b_pool.device, non_blocking=True)
-                module.load_slot(slot, a, b, lora.scale)
+                module.load_slot(slot, a, b, lora.scale, gains.get(name))
             for name in self._held.get(slot, ()):  # what the slot's last adapter left there
                 if name not in adapter.modules:
                     self.modules[name].clear_slot(slot)

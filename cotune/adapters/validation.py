@@ -21,7 +21,6 @@ import re2
 # The options whose non-default value changes the math of the LoRA delta (or adds parameters
 # cotune does not hold), with the values accepted and the reason. Defaults are PEFT's.
 _UNSUPPORTED_OPTIONS: dict[str, tuple[tuple, str]] = {
-    "use_dora": ((False,), "DoRA (a learned magnitude rescales each output) is not supported yet"),
     "modules_to_save": ((None, []), "full copies of base modules cannot share the one base"),
     "fan_in_fan_out": ((False,), "cotune's bases store weights as (out_features, in_features)"),
     "bias": (("none",), "trained biases of the base are not part of a LoRA delta"),
@@ -43,6 +42,7 @@ _UNSUPPORTED_OPTIONS: dict[str, tuple[tuple, str]] = {
 _HONOURED_OPTIONS = frozenset({
     "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",
     "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "init_lora_weights",
+    "use_dora",
 })
 
 # Options that leave the math of a saved adapter alone: metadata, training-time settings, and
@@ -94,6 +94,9 @@ def check_config(config: dict, where: str) -> None:
             f"adapter {where} has peft_type {config.get('peft_type')!r} in adapter_config.json; "
             "cotune accepts only peft_type 'LORA' (plain LoRA adapters)")
     _check_options(config, where)
+    if not isinstance(config.get("use_dora", False), bool):
+        raise AdapterError(f"adapter {where} sets use_dora={json.dumps(config['use_dora'])}; "
+                           "accepted: true (DoRA) or false")
     _check_init(config.get("init_lora_weights", True), where)
     _check_rank_and_alpha(config, where)
     _check_targeting(config, where)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from cotune.adapters.peft_format import LoraAdapter, LoraModule, load_peft_adapter
+from cotune.adapters.validation import AdapterError
 from cotune.engine.finetune_spec import LoraSettings
 from cotune.model.llama import CausalLM
 from cotune.model.lora_routing import TrainableLora
@@ -36,6 +37,9 @@ def load_lora_weights(lora: TrainableLora, settings: LoraSettings, model: Causal
     shapes = {n: (m.in_features, m.out_features)
               for n, m in model.lora_modules(settings.targets).items()}
     saved = load_peft_adapter(peft_dir, shapes, settings.rank)
+    if saved.config.get("use_dora") is True:
+        raise AdapterError(f"{peft_dir} is a DoRA adapter; training continues plain LoRA "
+                           "adapters only for now; accepted: a version without use_dora")
     with torch.no_grad():
         for name, module in saved.modules.items():
             a, b, _ = lora.weights(name)

@@ -99,7 +99,7 @@ def _add_lora(layers: Sequence[VirtualizedLinear], x: torch.Tensor, y: torch.Ten
         return list(y.split(widths, dim=1))
     served = served_slots(layers, lora)
     if served is not None:
-        batch, rank = served
+        batch, rank, _ = served
         # only the projections that hold an adapter in this step's slots (k_proj, say, when
         # the adapters target q and v): the others would add exactly zero
         offsets = _offsets([layer.weight for layer in layers])
@@ -112,5 +112,10 @@ def _add_lora(layers: Sequence[VirtualizedLinear], x: torch.Tensor, y: torch.Ten
             ops.sgmv_expand_slices(y, h, [layers[j].b_pool[:, :, :rank] for j in holders],
                                    [offsets[j] for j in holders], batch,
                                    [layers[j].scales for j in holders], tables=tables)
+            for j in holders:  # DoRA adapters' rows: each projection's columns rescaled
+                dora = served_slots([layers[j]], lora)[2]
+                if dora is not None:
+                    ops.sgmv_rescale(y[:, offsets[j]:offsets[j] + layers[j].out_features],
+                                     layers[j].gains, layers[j].bias, dora)
     return [layer.add_training(x, out, lora)
             for layer, out in zip(layers, y.split(widths, dim=1))]
