@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
 import time
 
 import pytest
@@ -113,6 +114,10 @@ def test_resumed_job_continues_step_for_step(tiny_checkpoint, tmp_path, dropout)
     assert whole.versions == [1, 2, 3] and len(whole.losses) == 6
     interrupted = run(tmp_path / "resumed", stop_at=2)  # v1 is published at step 2
     assert interrupted.versions == [1]
+    # what a writer stopped mid-checkpoint leaves (v2's state, or v3's version, alone) goes
+    adapter_dir = tmp_path / "resumed" / "facts"
+    shutil.copytree(adapter_dir / "v1.state", adapter_dir / "v2.state")
+    shutil.copytree(adapter_dir / "v1", adapter_dir / "v3")
     resumed = run(tmp_path / "resumed")  # a new process: resumes from v1
     assert resumed.losses == whole.losses
     for name in whole.lora.module_names():

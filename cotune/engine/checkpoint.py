@@ -34,6 +34,21 @@ def latest_version(adapter_dir: Path) -> int:
     return max(numbers, default=0)
 
 
+def discard_incomplete(adapter_dir: Path) -> int:
+    """Removes what an interrupted writer left past the newest complete version: a version
+    directory without its state, or a state without its version (a worker stopped or cut
+    off mid-checkpoint; its job files taken over part-written). Returns that version: the
+    job resumes from it, and writes the later ones anew."""
+    latest = latest_version(adapter_dir)
+    if not adapter_dir.is_dir():
+        return latest
+    for path in adapter_dir.iterdir():
+        match = _VERSION.match(path.name.removesuffix(".state"))
+        if match and int(match.group(1)) > latest:
+            shutil.rmtree(path)
+    return latest
+
+
 def save_checkpoint(adapter_dir: Path, version: int, adapter: LoraAdapter, trainer: dict,
                     optimizer: torch.optim.Optimizer, provenance: dict) -> Path:
     """Publishes v{version}; returns the PEFT directory."""

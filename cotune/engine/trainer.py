@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from cotune.adapters.peft_format import LoraAdapter
-from cotune.engine.checkpoint import latest_version, load_checkpoint, save_checkpoint
+from cotune.engine.checkpoint import discard_incomplete, load_checkpoint, save_checkpoint
 from cotune.engine.evaluation import Evaluation, shifted_targets
 from cotune.engine.example_pieces import Cost, ExamplePieces, ExampleRun, TrainingWork
 from cotune.engine.finetune_spec import MAX_STEPS, FinetuneSpec, SpecError
@@ -307,7 +307,7 @@ class Trainer:
                 "dropout_rng": self.lora.generator.get_state().tolist()}
 
     def _resume(self) -> None:
-        version = latest_version(self.spec.adapter_dir)
+        version = discard_incomplete(self.spec.adapter_dir)
         if not version:
             return
         load_lora_weights(self.lora, self.spec.lora, self.model,
