@@ -217,11 +217,13 @@ def _lora_factors(tensors: Mapping[str, TensorInfo], config: dict,
             + (f", and '{KEY_PREFIX}<module>.lora_magnitude_vector' with use_dora" if not dora
                else ""))
     for module, factors in found.items():
-        for factor in ("A", "B"):
-            if factor not in factors:
-                raise AdapterError(
-                    f"adapter {where} has no lora_{factor} for module {module!r}; accepted: "
-                    "both lora_A and lora_B for every module")
+        missing = [f"lora_{f}" for f in ("A", "B") if f not in factors]
+        if missing:
+            present = "lora_A" if "A" in factors else "lora_B" if "B" in factors \
+                else "a DoRA magnitude"
+            raise AdapterError(
+                f"adapter {where} has {present} but no {' or '.join(missing)} for module "
+                f"{module!r}; accepted: both lora_A and lora_B for every module")
         if dora and "M" not in factors:
             raise AdapterError(
                 f"adapter {where} has use_dora but no lora_magnitude_vector for module "
