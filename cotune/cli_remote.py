@@ -172,6 +172,8 @@ def add_finetune_options(parser) -> None:
     lora.add_argument("--alpha", type=float, help="LoRA alpha: the update is scaled by "
                                                   "alpha/rank (default 32)")
     lora.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(rank)")
+    lora.add_argument("--dora", action="store_true",
+                      help="DoRA: a learned magnitude per output (PEFT's use_dora)")
     lora.add_argument("--targets", dest="target_modules", type=lambda s: s.split(","),
                       help="modules to adapt, e.g. q_proj,v_proj (default "
                            "q_proj,k_proj,v_proj,o_proj)")
@@ -211,6 +213,7 @@ def finetune_settings(args) -> dict:
     settings = {name: getattr(args, name) for name in _FINETUNE_SETTINGS
                 if getattr(args, name) is not None}
     settings["rslora"] = args.rslora
+    settings["dora"] = args.dora
     settings["from_scratch"] = args.from_scratch
     return settings
 

@@ -174,6 +174,26 @@ def test_published_version_is_servable_at_once_and_equals_its_files(tiny_checkpo
     assert metrics["general_loss_adapter"] > 0 and metrics["retention"] > 0
 
 
+def test_a_dora_job_serves_its_versions_as_peft_loads_their_files(tiny_checkpoint, tmp_path):
+    hf_model, base = tiny_checkpoint
+    lora = LoraSettings(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"), dora=True)
+    with Runtime.load(base, num_slots=2) as rt:
+        job = rt.finetune(_spec(tmp_path, lora=lora, optimizer=OptimizerSettings(lr=0.05)))
+        job.wait(timeout=300)
+        request = dict(prompt_token_ids=[9, 10, 11], max_tokens=12, ignore_eos=True)
+        served = rt.generate([Request(**request, adapter="facts")])[0].token_ids
+        base_only = rt.generate([Request(**request)])[0].token_ids
+    version_dir = tmp_path / "out" / "facts" / "v1"
+    config = json.loads((version_dir / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and served != base_only
+    reference = PeftModel.from_pretrained(copy.deepcopy(hf_model), version_dir).eval()
+    with torch.no_grad():
+        expected = reference.generate(input_ids=torch.tensor([[9, 10, 11]]), max_new_tokens=12,
+                                      min_new_tokens=12, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, 3:].tolist()
+    assert served == expected
+
+
 def test_job_metrics_report_eval_loss_and_retention(tiny_checkpoint, tmp_path):
     _, base = tiny_checkpoint
     with Runtime.load(base) as rt:

@@ -13,7 +13,7 @@ import time
 
 import grpc
 import pytest
-from server_helpers import running_server
+from server_helpers import TRAINING_DATA, running_server
 
 from cotune.client import (
     AsyncClient,
@@ -145,6 +145,27 @@ def test_a_session_trains_samples_its_live_weights_and_saves_a_version_that_serv
         assert client.sessions.get(session.id).info.state == "closed"
         assert [s.id for s in client.sessions.list()] == [continued.id]
         continued.close()
+
+
+def test_dora_trains_in_a_session_and_in_a_job_and_serves_what_it_saved(server, admin,
+                                                                        tmp_path):
+    with tenant_client(server, admin, "dora") as client:
+        session = client.sessions.create("dora-policy", **LORA, dora=True, lr=0.05, seed=1)
+        before = greedy(session)
+        session.forward_backward([example_of(before.token_ids)])
+        assert session.optim_step().grad_norm > 0
+        live = greedy(session)
+        version = session.save()
+        exported = client.adapters.export(version.ref, tmp_path / "session")
+        assert json.loads((exported / "adapter_config.json").read_text())["use_dora"] is True
+        assert greedy(client, adapter=version.ref).token_ids == live.token_ids
+        job = client.jobs.create("dora-job", TRAINING_DATA, dora=True, rank=4, max_steps=2,
+                                 batch_size=2)
+        assert client.jobs.wait(job.id, timeout=300).state == "succeeded"
+        client.adapters.export("dora-job", tmp_path / "job")
+        assert json.loads((tmp_path / "job" / "adapter_config.json").read_text())["use_dora"]
+        with pytest.raises(InvalidArgument, match="DoRA adapter, and this training is plain"):
+            client.sessions.create(f"{version.ref}")  # continued without dora
 
 
 def test_a_generation_keeps_the_weights_it_started_with_through_an_optim_step(server, admin):

@@ -97,6 +97,59 @@ def test_split_examples_give_peft_gradients_of_whole_ones_beside_served_rows(
                                          f" with pieces of {max_tokens}")
 
 
+def test_a_dora_job_in_pieces_beside_served_dora_rows_has_peft_gradients(tiny_checkpoint,
+                                                                        tmp_path):
+    """A DoRA job's gradients (A, B and the magnitude) equal PEFT's, its examples split into
+    pieces, while a DoRA adapter is served in the same steps with PEFT's greedy tokens."""
+    hf_model, base = tiny_checkpoint
+    targets = ["q_proj", "v_proj", "up_proj"]
+    spec = _spec(tmp_path, lora=LoraSettings(rank=4, alpha=8, targets=tuple(targets), dora=True))
+    engine = Engine(load_model(base), config=EngineConfig(num_slots=2, max_batched_tokens=7))
+    trainer = Trainer(spec, engine.model, tiny_tokenizer(), "job")
+    make_peft_adapter(hf_model, tmp_path / "start", r=4, alpha=8, targets=targets, seed=11,
+                      dora=True)
+    reference = PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / "start",
+                                          is_trainable=True)
+    with torch.no_grad():
+        for name in trainer.lora.module_names():
+            a, b, _ = trainer.lora.weights(name)
+            peft_layer = reference.get_submodule(f"base_model.model.{name}")
+            a.copy_(peft_layer.lora_A["default"].weight)
+            b.copy_(peft_layer.lora_B["default"].weight)
+            trainer.lora.magnitude(name).copy_(peft_layer.lora_magnitude_vector["default"].weight)
+    pieces, reports = _record_pieces(trainer), []
+    engine.on_step = reports.append
+    engine.add_trainer(trainer)
+    make_peft_adapter(hf_model, tmp_path / "served", r=8, alpha=16,
+                      targets=["k_proj", "o_proj", "up_proj"], seed=2, dora=True)
+    prompt = [5, 6, 7, 8, 9]
+    served = engine.add(prompt, SamplingParams(max_tokens=12),
+                        (str(tmp_path / "served"), tmp_path / "served"))
+    served.adapter_load.result()
+    steps_until(engine, lambda: trainer.micro == 1 or trainer.step == 1)
+    steps_until(engine, lambda: served.is_finished)
+    assert any(p.start > 0 for p in pieces), "no example was split"
+    assert any(r.training_tokens and r.decode_tokens + r.prefill_tokens for r in reports)
+    examples = [trainer.train_examples[i] for i in trainer.order(0)[:spec.batch_size]]
+    reference.train()
+    assert_grads_match_training_examples(reference, trainer, examples, " (DoRA)")
+    for name in trainer.lora.module_names():
+        layer = reference.get_submodule(f"base_model.model.{name}")
+        rel = relative_error(trainer.lora.magnitude(name).grad,
+                             layer.lora_magnitude_vector["default"].weight.grad)
+        assert rel <= 1e-5, f"{name}: magnitude gradient relative error {rel:.2e}"
+    served_reference = PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / "served")
+    assert served.output_ids == reference_greedy_of(served_reference, prompt, 12)
+
+
+def reference_greedy_of(peft_model, prompt: list[int], new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        return peft_model.eval().generate(
+            input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+
+
 def _train(base, spec, max_tokens, stop=None) -> Trainer:
     engine = Engine(load_model(base), config=EngineConfig(max_batched_tokens=max_tokens))
     trainer = Trainer(spec, engine.model, tiny_tokenizer(), "job")

@@ -186,7 +186,7 @@ class Jobs:
     def create(self, adapter: str, data: str | os.PathLike | bytes | None = None, *,
                training_file: str | None = None, server_path: str | None = None,
                rank: int | None = None,
-               alpha: float | None = None, rslora: bool = False,
+               alpha: float | None = None, rslora: bool = False, dora: bool = False,
                target_modules: list[str] | None = None, dropout: float | None = None,
                lr: float | None = None, weight_decay: float | None = None,
                max_grad_norm: float | None = None, schedule: str = "",
@@ -205,8 +205,9 @@ class Jobs:
         with its weights and settings (the Job's hyperparameters name it: parent_version),
         unless `from_scratch`. `min_share`: the share of the server's step time the job keeps
         however busy serving is (by default it trains only in the room the serving SLOs
-        leave). Retried (after a lost reply too) under one idempotency key, so that it starts
-        one job: a fresh key per call, or `idempotency_key` to retry across processes."""
+        leave). `dora`: train a DoRA adapter (PEFT's use_dora). Retried (after a lost reply
+        too) under one idempotency key, so that it starts one job: a fresh key per call, or
+        `idempotency_key` to retry across processes."""
         if sum(given is not None for given in (data, training_file, server_path)) != 1:
             raise ValueError("give the training data (a JSONL path or its bytes), a "
                              "training_file or a server_path, exactly one of them")
@@ -215,7 +216,7 @@ class Jobs:
         request = training_pb2.CreateJobRequest(
             adapter=adapter, training_data=data, training_file=training_file,
             server_path=server_path,
-            lora=training_pb2.LoraConfig(rank=rank, alpha=alpha, rslora=rslora,
+            lora=training_pb2.LoraConfig(rank=rank, alpha=alpha, rslora=rslora, dora=dora,
                                          target_modules=target_modules, dropout=dropout),
             optimizer=training_pb2.OptimizerConfig(lr=lr, weight_decay=weight_decay,
                                                    max_grad_norm=max_grad_norm),

@@ -42,7 +42,8 @@ class Sessions:
         self._inference = inference_pb2_grpc.InferenceServiceStub(transport.channel)
 
     def create(self, adapter: str, *, rank: int | None = None, alpha: float | None = None,
-               rslora: bool = False, targets: Sequence[str] | None = None,
+               rslora: bool = False, dora: bool = False,
+               targets: Sequence[str] | None = None,
                dropout: float | None = None, lr: float | None = None,
                betas: tuple[float, float] | None = None, eps: float | None = None,
                weight_decay: float | None = None, max_grad_norm: float | None = None,
@@ -55,7 +56,7 @@ class Sessions:
         that it opens one session."""
         request = training_pb2.CreateSessionRequest(
             adapter=adapter,
-            lora=training_pb2.LoraConfig(rank=rank, alpha=alpha, rslora=rslora,
+            lora=training_pb2.LoraConfig(rank=rank, alpha=alpha, rslora=rslora, dora=dora,
                                          target_modules=targets, dropout=dropout),
             optimizer=_adamw(lr, betas, eps, weight_decay, max_grad_norm), seed=seed,
             min_share=min_share, idempotency_key=idempotency_key or new_idempotency_key())

@@ -35,9 +35,12 @@ class LoraSettings:
     rslora: bool = False
     targets: tuple[str, ...] = ATTENTION_TARGETS
     dropout: float = 0.0
+    dora: bool = False  # DoRA: a learned magnitude per output rescales W + s B A
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
+        _require(isinstance(self.dora, bool), f"dora {self.dora!r} not accepted; accepted: "
+                 "true or false")
         check_whole("rank", self.rank, 1, MAX_RANK)
         check_number("alpha", self.alpha, 0, MAX_LORA_ALPHA, above_low=True)
         unknown = sorted(set(self.targets) - set(LORA_TARGETS))

@@ -17,20 +17,33 @@ from cotune.kernels.lora_batch import LoraBatch
 class TrainableLora(nn.Module):
     """A LoRA adapter being trained: float32 A (r, d_in) and B (d_out, r) per target module,
     and LoRA dropout on its rows' inputs, drawn from its own generator (so that what else
-    shares the batch never changes its masks)."""
+    shares the batch never changes its masks). A DoRA adapter has a float32 magnitude
+    (d_out,) per module too (`magnitudes`)."""
 
     def __init__(self, modules: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
-                 dropout: float = 0.0, generator: torch.Generator | None = None):
+                 dropout: float = 0.0, generator: torch.Generator | None = None,
+                 magnitudes: Mapping[str, torch.Tensor] | None = None):
         super().__init__()
         self.dropout, self.generator = dropout, generator
         self.a = nn.ParameterDict()
         self.b = nn.ParameterDict()
+        self.m = nn.ParameterDict()
         self.scales: dict[str, float] = {}
         for name, (a, b, scale) in modules.items():
             key = _param_key(name)
             self.a[key] = nn.Parameter(a.detach().clone().float())
             self.b[key] = nn.Parameter(b.detach().clone().float())
             self.scales[name] = float(scale)
+        for name, magnitude in (magnitudes or {}).items():
+            self.m[_param_key(name)] = nn.Parameter(magnitude.detach().clone().float())
+
+    @property
+    def dora(self) -> bool:
+        return len(self.m) > 0
+
+    def magnitude(self, name: str) -> torch.Tensor | None:
+        """DoRA's magnitude of module `name`, or None (plain LoRA, or not targeted)."""
+        return self.m[_param_key(name)] if _param_key(name) in self.m else None
 
     def module_names(self) -> list[str]:
         return list(self.scales)
@@ -151,6 +164,9 @@ class LoraRouting:
         (a_pool (N, R, d_in), b_pool (N, d_out, R), scales (N,), batch: each segment on its
         adapter's index); differentiable with respect to each adapter's A and B. None when
         no trained segment targets `name`."""
+        if any(t.dora for t in self.trainables):
+            raise ValueError("a DoRA adapter trains alone in its pass (its rows' output is "
+                             "rescaled by its own magnitude); the engine never mixes them")
         weights = [t.weights(name) for t in self.trainables]
         seg_slots = [i if i >= 0 and weights[i] is not None else -1 for i in self.seg_trainables]
         if all(s < 0 for s in seg_slots):

@@ -155,6 +155,22 @@ class VirtualizedLinear(nn.Module):
                     ops.sgmv_rescale(y, self.gains, self.bias, dora)
         return self.add_training(x, y, lora)
 
+    def _dora_training(self, x, dropped, y, a, b, scale, magnitude, delta, with_dropout: bool
+                       ) -> torch.Tensor:
+        """What a DoRA adapter adds to its trained rows' base output y, as PEFT trains it:
+        (g - 1) * x W^T + g * delta, g = m / ||W + s B A|| with the norm taken as a constant
+        (DoRA's paper, 4.3): differentiable in m, and in A and B through delta. With
+        dropout, x W^T is of the dropped inputs, as PEFT computes it."""
+        with torch.no_grad():
+            norm = torch.linalg.norm(self.weight.float() + scale * (b.float() @ a.float()),
+                                     dim=1)
+        gains = (magnitude / norm).to(x.dtype)
+        if with_dropout:
+            base = F.linear(dropped, self.weight)
+        else:
+            base = y if self.bias is None else y - self.bias
+        return (gains - 1) * base + gains * delta
+
     def add_training(self, x: torch.Tensor, y: torch.Tensor, lora: LoraRouting) -> torch.Tensor:
         """y plus the delta of the adapters being trained on their rows (differentiable)."""
         if not lora.has_training:
@@ -165,7 +181,13 @@ class VirtualizedLinear(nn.Module):
             if weights is None:
                 return y
             a, b, scale = weights
-            return y + F.linear(F.linear(lora.dropped(x), a.to(x.dtype)), b.to(x.dtype)) * scale
+            dropped = lora.dropped(x)
+            delta = F.linear(F.linear(dropped, a.to(x.dtype)), b.to(x.dtype)) * scale
+            magnitude = only.magnitude(self.name)
+            if magnitude is None:
+                return y + delta
+            return y + self._dora_training(x, dropped, y, a, b, scale, magnitude, delta,
+                                           only.dropout > 0)
         pool = lora.training_pool(self.name, x.device, x.dtype)
         if pool is None:
             return y

@@ -223,6 +223,8 @@ def _lora_fields(config) -> dict:
             if config.HasField(name)}
     if config.rslora:
         lora["rslora"] = True
+    if config.dora:
+        lora["dora"] = True
     if config.target_modules:
         lora["targets"] = list(config.target_modules)
     return lora

@@ -37,18 +37,20 @@ SESSION_STATE_OPEN: SessionState
 SESSION_STATE_CLOSED: SessionState
 
 class LoraConfig(_message.Message):
-    __slots__ = ("rank", "alpha", "rslora", "target_modules", "dropout")
+    __slots__ = ("rank", "alpha", "rslora", "target_modules", "dropout", "dora")
     RANK_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     RSLORA_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    DORA_FIELD_NUMBER: _ClassVar[int]
     rank: int
     alpha: float
     rslora: bool
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     dropout: float
-    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., rslora: _Optional[bool] = ..., target_modules: _Optional[_Iterable[str]] = ..., dropout: _Optional[float] = ...) -> None: ...
+    dora: bool
+    def __init__(self, rank: _Optional[int] = ..., alpha: _Optional[float] = ..., rslora: _Optional[bool] = ..., target_modules: _Optional[_Iterable[str]] = ..., dropout: _Optional[float] = ..., dora: _Optional[bool] = ...) -> None: ...
 
 class OptimizerConfig(_message.Message):
     __slots__ = ("lr", "weight_decay", "max_grad_norm")
