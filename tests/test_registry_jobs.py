@@ -20,6 +20,7 @@ from cotune.adapters.migrations import MANAGED_BY_ALEMBIC
 from cotune.adapters.registry import FailedPrecondition, NotFound, QuotaExceeded, Quotas
 from cotune.adapters.schema_migrations import newest_revision
 from cotune.adapters.sql_registry import SqliteRegistry
+from cotune.server.job_leases import JobLeases
 
 pytest_plugins = ["registry_fixtures"]  # files, data_dir, backend, open_here and registry
 
@@ -271,3 +272,15 @@ def test_a_jobs_version_is_published_only_while_its_worker_owns_the_job(registry
     assert [v.version for v in registry.list_versions("acme", "foo")] == [kept.version]
     assert registry.publish_version("acme", "foo", files, UPLOAD,
                                     job_owner=(job.id, "w2")).version == 2
+
+
+def test_a_worker_holds_its_leases_only_until_they_would_end_unrenewed(registry):
+    """What fences a worker's job files (JobManager._keep_checkpoints): past its lease with no
+    renewal it no longer holds its jobs; a renewal holds them again."""
+    leases = JobLeases(registry, "w1", 0.3, running=lambda: [], lost=lambda job_id: None,
+                       claimed=lambda record: None)
+    assert leases.holds()
+    time.sleep(0.35)  # no renewal: cut off from the registry, or too busy to renew
+    assert not leases.holds()
+    leases.renew_and_claim()
+    assert leases.holds()

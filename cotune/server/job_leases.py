@@ -23,12 +23,20 @@ class JobLeases:
         `claimed(record)`: called on the leases' thread."""
         self.registry, self.worker_id, self.lease_s = registry, worker_id, lease_s
         self._running, self._lost, self._claimed = running, lost, claimed
+        # when the leases this worker last took or renewed end: past it, another worker may
+        # own its jobs, and their files are no longer this worker's to write
+        self._held_until = self.until()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="job-leases", daemon=True)
 
     def until(self) -> float:
         """When a lease taken or renewed now ends."""
         return time.time() + self.lease_s
+
+    def holds(self) -> bool:
+        """Whether the leases this worker last renewed still hold (a worker cut off from the
+        registry, or too busy to renew, no longer knows that its jobs are its own)."""
+        return time.time() < self._held_until
 
     def start(self) -> None:
         self._thread.start()
@@ -39,6 +47,7 @@ class JobLeases:
     def renew_and_claim(self) -> None:
         now = time.time()
         lost = self.registry.renew_leases(self.worker_id, self._running(), now + self.lease_s)
+        self._held_until = now + self.lease_s
         claimed = self.registry.claim_expired_jobs(self.worker_id, now, now + self.lease_s)
         for job_id in lost:
             self._lost(job_id)

@@ -468,6 +468,11 @@ class JobManager:
         """Stores the checkpoints not stored yet in the job files, each state before its
         version (resume takes the newest version that has both), for a worker that may take
         the job over; what the store refuses now waits for the next checkpoint."""
+        if not self.leases.holds():  # another worker may own the job and write its files now
+            log.warning("job %s: its lease was not renewed in time; its checkpoints are "
+                        "stored once it is (or the job stops here if another worker took "
+                        "it over)", live.record.id)
+            return
         adapter_dir = live.spec.adapter_dir
         new = [k for k in range(1, latest_version(adapter_dir) + 1)
                if k not in live.kept and (adapter_dir / f"v{k}.state").is_dir()]
