@@ -95,13 +95,13 @@ class InferenceService(inference_pb2_grpc.InferenceServiceServicer):
             for delta in self.runtime.stream(engine_request):
                 now, count = time.monotonic(), len(delta.token_ids)
                 if count:
+                    gaps, gap = count, (now - last) / count  # delivered together: shared
                     if ttft is None:
                         ttft = now - start
                         m.ttft.labels(tenant.name, protocol).observe(ttft)
-                    else:
-                        for _ in range(count):  # tokens sampled together share the gap
-                            m.inter_token.labels(tenant.name, protocol).observe(
-                                (now - last) / count)
+                        gaps, gap = count - 1, 0.0  # those that came with the first token
+                    for _ in range(gaps):
+                        m.inter_token.labels(tenant.name, protocol).observe(gap)
                     last = now
                 generated += count
                 m.generated_tokens.labels(tenant.name, label, protocol).inc(count)
