@@ -10,6 +10,7 @@ import sys
 from cotune.cli_plan import add_plan_command
 from cotune.cli_remote import add_commands, add_generate_options, generate_on_server
 from cotune.client import CotuneError
+from cotune.model.quantization import QUANTIZATIONS
 from cotune.router.options import add_route_arguments
 from cotune.server.options import add_serve_arguments
 
@@ -167,8 +168,12 @@ def _run(argv: list[str] | None) -> int:
 def _model_options(parser):
     parser.add_argument("--model", default="default",
                         help="'default' (SmolLM2-135M-Instruct), a checkpoint dir or a .gguf")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="dtype of the base's weights and activations")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="dtype of the base's weights and activations [float32; bfloat16 "
+                             "with --quantize]")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
+                        help="store the base's decoder projections in 8 or 4 bits (weight-only; "
+                             "adapters stay in --dtype) [none]")
     parser.add_argument("--max-rank", type=int, default=64,
                         help="largest LoRA rank the slot pool holds")
 
@@ -219,8 +224,8 @@ def _generate(args) -> int:
     else:
         requests = [Request(prompt=args.prompt, adapter=args.adapter, **_sampling(args))]
     distinct = {r.adapter for r in requests if r.adapter is not None}
-    with Runtime.load(args.model, dtype=args.dtype, max_rank=args.max_rank,
-                      num_slots=max(1, len(distinct))) as runtime:
+    with Runtime.load(args.model, dtype=args.dtype, quantize=args.quantize,
+                      max_rank=args.max_rank, num_slots=max(1, len(distinct))) as runtime:
         completions = runtime.generate(requests)
     if args.requests is None:
         print(completions[0].text)
@@ -278,7 +283,7 @@ def _demo(args) -> int:
         return 0 if reports else 1
     from cotune.demo import run_demo
 
-    run_demo(args.model, args.dtype, args.max_rank)
+    run_demo(args.model, args.dtype, args.quantize, args.max_rank)
     return 0
 
 

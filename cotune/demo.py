@@ -19,9 +19,10 @@ _DEMO_ADAPTERS = {"demo-r8-attention": (8, ["q_proj", "v_proj"]),
                                                "gate_proj", "up_proj", "down_proj"])}
 
 
-def run_demo(model: str = "default", dtype: str = "float32", max_rank: int = 64) -> None:
+def run_demo(model: str = "default", dtype: str | None = None, quantize: str | None = None,
+             max_rank: int = 64) -> None:
     started = time.perf_counter()
-    with Runtime.load(model, dtype=dtype, max_rank=max_rank,
+    with Runtime.load(model, dtype=dtype, quantize=quantize, max_rank=max_rank,
                       num_slots=len(_DEMO_ADAPTERS)) as runtime:
         config = runtime.engine.model.config
         print(f"loaded {runtime.model_path} in {time.perf_counter() - started:.1f}s: "

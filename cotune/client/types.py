@@ -264,11 +264,13 @@ class ModelInfo:
     device: str
     hidden_size: int
     num_layers: int
+    quantization: str | None  # "int8", "int4", or None: the base's projections in dtype
 
     @classmethod
     def from_pb(cls, m) -> ModelInfo:
         return cls(m.name, m.base_fingerprint, m.vocab_size, m.max_context, m.max_rank,
-                   tuple(m.lora_targets), m.dtype, m.device, m.hidden_size, m.num_layers)
+                   tuple(m.lora_targets), m.dtype, m.device, m.hidden_size, m.num_layers,
+                   m.quantization or None)
 
 
 @dataclass(frozen=True)

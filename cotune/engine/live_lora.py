@@ -13,6 +13,7 @@ from cotune.adapters.validation import AdapterError
 from cotune.engine.finetune_spec import LoraSettings
 from cotune.model.llama import CausalLM
 from cotune.model.lora_routing import TrainableLora
+from cotune.model.quantized import dense
 
 
 def new_lora(settings: LoraSettings, seed: int, model: CausalLM) -> TrainableLora:
@@ -27,7 +28,7 @@ def new_lora(settings: LoraSettings, seed: int, model: CausalLM) -> TrainableLor
         b = torch.zeros(module.out_features, settings.rank)
         modules[name] = (a, b, settings.scale)
         if settings.dora:
-            magnitudes[name] = torch.linalg.norm(module.weight.detach().float(), dim=1).cpu()
+            magnitudes[name] = torch.linalg.norm(dense(module.weight).float(), dim=1).cpu()
     dropout_rng = torch.Generator().manual_seed(seed + 1)
     return TrainableLora(modules, dropout=settings.dropout, generator=dropout_rng,
                          magnitudes=magnitudes).to(model.device)

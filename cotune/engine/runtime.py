@@ -40,9 +40,14 @@ from cotune.engine.session_spec import SessionSpec
 from cotune.engine.trainer import Published, Trainer
 from cotune.model.default_model import resolve_model_path
 from cotune.model.loading import checkpoint_fingerprint, load_model
+from cotune.model.quantization import check_quantization
 from cotune.model.tokenizer import load_tokenizer, stop_token_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, known in DTYPES.items() if known == dtype)
 SYNC_POLL_S = 0.05  # how often idle ranks of a sharded base ask each other for work
 
 
@@ -137,16 +142,24 @@ class Runtime:
         atexit.register(self._close_at_exit)
 
     @classmethod
-    def load(cls, model: str | Path = "default", *, dtype: str = "float32",
-             device: str = "cpu", kernels: str | None = None, **engine_options) -> Runtime:
+    def load(cls, model: str | Path = "default", *, dtype: str | None = None,
+             quantize: str | None = None, device: str = "cpu", kernels: str | None = None,
+             **engine_options) -> Runtime:
         """A runtime on `model` ('default', a checkpoint directory or a .gguf file); options
         are the fields of EngineConfig (max_rank, num_slots, kv_cache_tokens, ...). `kernels`:
-        the LoRA ops' implementation (kernels.choice; None: $COTUNE_KERNELS, or auto)."""
+        the LoRA ops' implementation (kernels.choice; None: $COTUNE_KERNELS, or auto).
+        `quantize`: 'int8' or 'int4' stores the base's decoder projections in 8 or 4 bits
+        (model.quantized). `dtype` (of the rest, and of the activations) defaults to
+        float32, or with `quantize` to bfloat16, in which the packed CPU matmuls run fast (in
+        float32 they dequantize each projection's weights as they use them)."""
+        dtype = dtype or ("float32" if quantize is None else "bfloat16")
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; accepted: {', '.join(DTYPES)}")
+        check_quantization(quantize)
         path = resolve_model_path(model)
         tokenizer = load_tokenizer(path)
-        base = load_model(path, dtype=DTYPES[dtype], device=device, kernels=kernels)
+        base = load_model(path, dtype=DTYPES[dtype], device=device, kernels=kernels,
+                          quantize=quantize)
         engine = Engine(base, tokenizer, stop_token_ids(path, tokenizer),
                         EngineConfig(**engine_options))
         return cls(engine, path)

@@ -25,8 +25,10 @@ from gguf import GGUFReader, Keys
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
 
+from cotune.model.gguf_int4 import INT4_FILE, block_levels, to_file
+
 # Bump when the output of the converter changes, so that stale cache entries are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: the 4-bit blocks kept (gguf_int4)
 
 # `general.architecture` values whose tensors map one to one onto transformers' Llama.
 # llama.cpp writes Mistral and other Llama derivatives under "llama" too.
@@ -131,6 +133,9 @@ def _write_checkpoint(gguf_path: Path, out_dir: Path) -> None:
     config = _llama_config(reader, gguf_path)
     tensors = _convert_tensors(reader, config, gguf_path)
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    int4 = _int4_tensors(reader, config)
+    if int4:
+        save_file(int4, out_dir / INT4_FILE, metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _save_tokenizer(gguf_path, out_dir)
 
@@ -324,6 +329,28 @@ def _convert_tensors(
     if missing:
         raise UnsupportedGGUFError(f"{gguf_path} lacks the tensors for {', '.join(missing)}")
     return tensors
+
+
+def _int4_tensors(reader: GGUFReader, config: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The 4-bit blocks of the projections stored in them (gguf_int4), rows in transformers'
+    order, by the weights' transformers names; the shapes were checked by _convert_tensors."""
+    heads_of = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    kept, projections = {}, _projection_names(config)
+    for tensor in reader.tensors:
+        name = _hf_tensor_name(tensor.name)
+        blocks = block_levels(tensor.data, tensor.tensor_type)
+        if name is None or blocks is None or name not in projections:
+            continue
+        proj = name.split(".")[-2]
+        if proj in heads_of:
+            blocks = tuple(_unpermute_rotary(part, heads_of[proj]) for part in blocks)
+        kept |= to_file(*blocks, name)
+    return kept
+
+
+def _projection_names(config: dict[str, Any]) -> set[str]:
+    return {name for name in _expected_shapes(config) if name.startswith("model.layers.")
+            and name.split(".")[-2].endswith("_proj")}
 
 
 def _save_tokenizer(gguf_path: Path, out_dir: Path) -> None:

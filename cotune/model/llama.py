@@ -290,6 +290,11 @@ class CausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Of the activations (and of every weight stored unquantized)."""
+        return self.model.embed_tokens.weight.dtype
+
     def _frequencies(self) -> torch.Tensor:
         if self._inv_freq is None or self._inv_freq.device != self.device:
             self._inv_freq = inverse_frequencies(self.config).to(self.device)

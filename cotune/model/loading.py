@@ -14,6 +14,8 @@ from cotune.kernels.choice import backend
 from cotune.model.config import ModelConfig, ModelConfigError
 from cotune.model.llama import PROJECTION_GROUPS, CausalLM
 from cotune.model.projection_group import side_by_side
+from cotune.model.quantization import check_quantization
+from cotune.model.quantized_loading import CheckpointTensors, check_device, quantize_projections
 
 _PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
 
@@ -37,26 +39,37 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", kernels: str | None = None) -> CausalLM:
+               device: str | torch.device = "cpu", kernels: str | None = None,
+               quantize: str | None = None) -> CausalLM:
     """The base model of checkpoint directory `path`, frozen, in `dtype` on `device`, its
     weights stored as the chosen LoRA implementation reads them fastest (see arranged). The
     implementation is chosen here, once: `kernels` (kernels.choice.CHOICES), or where it is
-    None $COTUNE_KERNELS, or auto."""
+    None $COTUNE_KERNELS, or auto. `quantize` ('int8', 'int4' or None) stores the decoder's
+    projections in 8 or 4 bits (quantized_loading)."""
+    check_quantization(quantize)
+    if quantize is not None:
+        check_device(quantize, device)
     path = Path(path)
     config = ModelConfig.from_dir(path)
     with torch.device("meta"):
         model = CausalLM(config)
-    state = {}
-    for file in weight_files(path):
-        state.update(load_file(file, device=str(device)))
+    tensors = CheckpointTensors(weight_files(path))
+    found = tensors.shapes()
     if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+        found.pop("lm_head.weight", None)
     expected = model.state_dict()  # meta tensors: names and shapes only
-    check_weights(path, config, {k: t.shape for k, t in state.items()},
-                  {k: t.shape for k, t in expected.items()})
+    check_weights(path, config, found, {k: t.shape for k, t in expected.items()})
     ops = backend(device, kernels)
-    model.load_state_dict(arranged({k: state[k].to(dtype) for k in expected}, config,
-                                   ops.FUSED_SLICES), assign=True, strict=True)
+    together = ops.FUSED_SLICES
+    if quantize is None:
+        state = {}
+        for file in weight_files(path):
+            state.update(load_file(file, device=str(device)))
+    else:  # one tensor at a time: no float copy of the whole base
+        stored = quantize_projections(model, path, tensors, quantize, dtype, together)
+        state = {k: tensors.read(k) for k in expected if k not in stored}
+    model.load_state_dict(arranged({k: state[k].to(dtype) for k in model.state_dict()}, config,
+                                   together), assign=True, strict=True)
     for p in model.parameters():
         p.requires_grad_(False)
     model.use_kernels(ops)

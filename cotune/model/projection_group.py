@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.nn import functional as F
 
 from cotune.model.lora_routing import LoraRouting
+from cotune.model.quantized import QuantizedRows, QuantizedWeight, linear
 from cotune.model.row_groups import RowGroup, apart, shared_linear
 from cotune.model.virtualized_linear import VirtualizedLinear, served_slots
 
@@ -36,15 +36,13 @@ def side_by_side(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def joint_weight(layers: Sequence[VirtualizedLinear]):
     """(weight (sum out_j, in), bias or None) of the group as views of the store side_by_side
-    made, or None when the layers' weights do not lie that way (then each runs alone)."""
+    made (or, quantized, the store whose rows the layers' weights are), or None when the
+    layers' weights do not lie that way (then each runs alone)."""
     weights = [layer.weight for layer in layers]
-    total, d_in = sum(w.shape[0] for w in weights), weights[0].shape[1]
-    start = weights[0].storage_offset()
-    for w, offset in zip(weights, _offsets(weights)):
-        if (w.stride() != (1, total) or w.storage_offset() != start + offset
-                or w.untyped_storage().data_ptr() != weights[0].untyped_storage().data_ptr()):
-            return None
-    weight = weights[0].as_strided((total, d_in), (1, total), start)
+    weight = _joint_float(weights) if isinstance(weights[0], torch.Tensor) else \
+        _joint_quantized(weights)
+    if weight is None:
+        return None
     biases = [layer.bias for layer in layers]
     if all(b is None for b in biases):
         return weight, None
@@ -52,7 +50,26 @@ def joint_weight(layers: Sequence[VirtualizedLinear]):
            != biases[0].untyped_storage().data_ptr() or b.storage_offset()
            != biases[0].storage_offset() + o for b, o in zip(biases, _offsets(weights))):
         return None
-    return weight, biases[0].as_strided((total,), (1,), biases[0].storage_offset())
+    return weight, biases[0].as_strided((weight.shape[0],), (1,), biases[0].storage_offset())
+
+
+def _joint_float(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    total, d_in = sum(w.shape[0] for w in weights), weights[0].shape[1]
+    start = weights[0].storage_offset()
+    for w, offset in zip(weights, _offsets(weights)):
+        if (not isinstance(w, torch.Tensor) or w.stride() != (1, total)
+                or w.storage_offset() != start + offset
+                or w.untyped_storage().data_ptr() != weights[0].untyped_storage().data_ptr()):
+            return None
+    return weights[0].as_strided((total, d_in), (1, total), start)
+
+
+def _joint_quantized(weights: list[QuantizedRows]) -> QuantizedWeight | None:
+    store = weights[0].store
+    if any(not isinstance(w, QuantizedRows) or w.store is not store or w.start != offset
+           for w, offset in zip(weights, _offsets(weights))):
+        return None
+    return store if weights[-1].stop == store.shape[0] else None
 
 
 def _offsets(tensors) -> list[int]:
@@ -70,7 +87,7 @@ def project_together(layers: Sequence[VirtualizedLinear], x: torch.Tensor,
     side (`joint`): outputs are column views of one (T, sum out_j) tensor."""
     if joint is None:
         return [layer(x, lora) for layer in layers]
-    return _add_lora(layers, x, F.linear(x, *joint), lora)
+    return _add_lora(layers, x, linear(x, *joint), lora)
 
 
 def project_groups(layers: Sequence[VirtualizedLinear], xs: list[torch.Tensor],

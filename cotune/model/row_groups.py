@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch.nn import functional as F
+
+from cotune.model.quantized import Weight, dense, linear
 
 if TYPE_CHECKING:
     from cotune.model.llama import ForwardBatch
@@ -46,12 +47,12 @@ def apart(groups: list[RowGroup], fn: Callable, *columns: list) -> list:
     return out
 
 
-def shared_linear(xs: list[torch.Tensor], groups: list[RowGroup], weight: torch.Tensor,
+def shared_linear(xs: list[torch.Tensor], groups: list[RowGroup], weight: Weight,
                   bias: torch.Tensor | None) -> list[torch.Tensor]:
     """[F.linear(x, weight, bias) for x in xs] as one GEMM over every group's rows; each
     output is differentiable with respect to its own input where that requires grad."""
     if len(xs) == 1:
-        return [F.linear(xs[0], weight, bias)]
+        return [linear(xs[0], weight, bias)]
     started = time.perf_counter()
     ys = _SharedGemm.apply(weight, bias, *xs)
     seconds, rows = time.perf_counter() - started, sum(len(x) for x in xs)
@@ -71,8 +72,11 @@ class _SharedGemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, bias, *xs):
-        y = F.linear(torch.cat(xs), weight, bias)
-        ctx.save_for_backward(weight)
+        y = linear(torch.cat(xs), weight, bias)
+        if isinstance(weight, torch.Tensor):
+            ctx.save_for_backward(weight)
+        else:  # quantized: read back in float by backward (no tensor to save)
+            ctx.quantized = weight
         needs = ctx.needs_input_grad[2:]
         outs = [part.clone() if need else part
                 for part, need in zip(y.split([len(x) for x in xs]), needs)]
@@ -81,7 +85,7 @@ class _SharedGemm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        (weight,) = ctx.saved_tensors
+        weight = ctx.saved_tensors[0] if ctx.saved_tensors else dense(ctx.quantized)
         needs = ctx.needs_input_grad[2:]
         return None, None, *(grad @ weight if need and grad is not None else None
                              for grad, need in zip(grads, needs))

@@ -10,6 +10,7 @@ from cotune.kernels import sgmv_torch
 from cotune.kernels.lora_batch import LoraBatch
 from cotune.kernels.segmented_lora import segmented_lora
 from cotune.model.lora_routing import LoraRouting
+from cotune.model.quantized import dense, linear
 
 
 class VirtualizedLinear(nn.Module):
@@ -37,6 +38,7 @@ class VirtualizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, name: str):
         super().__init__()
         self.in_features, self.out_features, self.name = in_features, out_features, name
+        # float, or stored in 8 or 4 bits (quantized.py: the loader replaces the parameter)
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.register_buffer("a_pool", None, persistent=False)
@@ -83,8 +85,9 @@ class VirtualizedLinear(nn.Module):
                    magnitude: torch.Tensor) -> torch.Tensor:
         """DoRA's gains of an adapter on this module: m / ||W + scale B A|| for each output
         row, (out_features,) float32, as PEFT computes them; ValueError unless finite."""
-        weight = self.weight.float() + scale * (b.to(self.weight.device, torch.float32)
-                                                @ a.to(self.weight.device, torch.float32))
+        device = self.weight.device
+        weight = dense(self.weight).float() + scale * (b.to(device, torch.float32)
+                                                       @ a.to(device, torch.float32))
         gains = magnitude.to(self.weight.device, torch.float32) / torch.linalg.norm(weight, dim=1)
         if not torch.isfinite(gains).all():
             raise ValueError(f"{self.name}: the DoRA magnitude over the norm of W + scale B A is "
@@ -138,7 +141,7 @@ class VirtualizedLinear(nn.Module):
         self.holding = self._ranks.tobytes() + self._dora.tobytes()
 
     def forward(self, x: torch.Tensor, lora: LoraRouting | None = None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (T, out_features), all rows at once
+        y = linear(x, self.weight, self.bias)  # (T, out_features), all rows at once
         if lora is None:
             return y
         served = served_slots([self], lora)
@@ -162,11 +165,11 @@ class VirtualizedLinear(nn.Module):
         (DoRA's paper, 4.3): differentiable in m, and in A and B through delta. With
         dropout, x W^T is of the dropped inputs, as PEFT computes it."""
         with torch.no_grad():
-            norm = torch.linalg.norm(self.weight.float() + scale * (b.float() @ a.float()),
+            norm = torch.linalg.norm(dense(self.weight).float() + scale * (b.float() @ a.float()),
                                      dim=1)
         gains = (magnitude / norm).to(x.dtype)
         if with_dropout:
-            base = F.linear(dropped, self.weight)
+            base = linear(dropped, self.weight)
         else:
             base = y if self.bias is None else y - self.bias
         return (gains - 1) * base + gains * delta

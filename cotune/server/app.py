@@ -33,7 +33,7 @@ from cotune.adapters.stores import open_stores
 from cotune.distributed.ranks import RankInfo
 from cotune.distributed.zero_config import check_sharding
 from cotune.engine.engine import EngineConfig
-from cotune.engine.runtime import Runtime
+from cotune.engine.runtime import Runtime, dtype_name
 from cotune.server.adapter_service import AdapterService
 from cotune.server.admission import Admission, OpenStreams
 from cotune.server.file_service import FileService
@@ -154,17 +154,22 @@ class CotuneServer:
         return port + self.rank.local_rank if self.rank is not None and port else port
 
     def _load_runtime(self, args) -> Runtime:
-        options = dict(dtype=args.dtype, max_rank=args.max_rank, num_slots=args.num_slots,
+        options = dict(max_rank=args.max_rank, num_slots=args.num_slots,
                        host_cache_mb=args.host_cache_mb, kv_cache_tokens=args.kv_cache_tokens,
                        ttft_target_s=args.ttft_target, tpot_target_s=args.tpot_target,
                        tenant_isolation=args.tenant_isolation,
                        num_threads=args.threads, time_slice_s=args.time_slice,
                        training_threads=self._training_threads(args))
         if self.rank is None:
-            return Runtime.load(args.model, device=args.device, **options)
+            return Runtime.load(args.model, device=args.device, dtype=args.dtype,
+                                quantize=args.quantize, **options)
+        if args.quantize is not None:
+            raise ValueError("--quantize applies to a base on one device; a base sharded over "
+                             "ranks (ZeRO-3) is stored in --dtype; accepted: one or the other")
         from cotune.distributed.sharded_runtime import load_sharded_runtime  # imports deepspeed
 
-        return load_sharded_runtime(args.model, self.rank, zero_offload=args.zero_offload,
+        return load_sharded_runtime(args.model, self.rank, dtype=args.dtype or "float32",
+                                    zero_offload=args.zero_offload,
                                     nvme_path=args.nvme_path, timeout_s=args.rank_timeout,
                                     **options)
 
@@ -258,8 +263,9 @@ def _model_info(runtime: Runtime, args) -> inference_pb2.ModelInfo:
         max_context=config.max_position_embeddings, max_rank=args.max_rank,
         lora_targets=sorted({name.rsplit(".", 1)[-1]
                              for name in runtime.engine.adapters.base_modules}),
-        dtype=args.dtype, device=args.device, hidden_size=config.hidden_size,
-        num_layers=config.num_layers)
+        dtype=dtype_name(runtime.engine.model.dtype), device=args.device,
+        hidden_size=config.hidden_size, num_layers=config.num_layers,
+        quantization=args.quantize or "")
 
 
 def serve_command(args) -> NoReturn:

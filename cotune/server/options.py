@@ -8,6 +8,8 @@ import os
 import socket
 from pathlib import Path
 
+from cotune.model.quantization import QUANTIZATIONS
+
 
 def positive_seconds(text: str) -> float:
     try:
@@ -82,8 +84,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="default",
                        help="'default' (SmolLM2-135M-Instruct), a checkpoint dir or a .gguf")
-    model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                       help="dtype of the base's weights and activations")
+    model.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                       help="dtype of the base's weights and activations [float32; bfloat16 "
+                            "with --quantize]")
+    model.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
+                       help="store the base's decoder projections in 8 or 4 bits (weight-only; "
+                            "adapters stay in --dtype) [none]")
     model.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     model.add_argument("--max-rank", type=int, default=64,
                        help="largest LoRA rank the slot pool holds")

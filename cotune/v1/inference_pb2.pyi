@@ -161,7 +161,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "base_fingerprint", "vocab_size", "max_context", "max_rank", "lora_targets", "dtype", "device", "hidden_size", "num_layers")
+    __slots__ = ("name", "base_fingerprint", "vocab_size", "max_context", "max_rank", "lora_targets", "dtype", "device", "hidden_size", "num_layers", "quantization")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,7 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     base_fingerprint: str
     vocab_size: int
@@ -182,4 +183,5 @@ class ModelInfo(_message.Message):
     device: str
     hidden_size: int
     num_layers: int
-    def __init__(self, name: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_rank: _Optional[int] = ..., lora_targets: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ...) -> None: ...
+    quantization: str
+    def __init__(self, name: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_rank: _Optional[int] = ..., lora_targets: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., quantization: _Optional[str] = ...) -> None: ...
