@@ -141,6 +141,7 @@ def test_monitoring_objects_can_each_be_turned_off():
     (["--set-string", "workers.replicas=two"], "workers.replicas"),
     (["--set", "workers.replica=2"], "replica"),
     (["--set", "server.dtype=float16"], "server.dtype"),
+    (["--set", "server.quantize=int3"], "server.quantize"),
     (["--set", "model.volume.type=nfs"], "model.volume.type"),
     (["--set", "ports.grpc=70000"], "ports.grpc"),
     (["--set", "ports.http=0"], "ports.http"),
@@ -187,6 +188,8 @@ def test_values_schema_rejects_a_bad_value_with_its_name(bad, message):
     (["-f", str(CHART / "ci/postgres-s3.yaml"),
       "--set", "workers.shardedBase=true,workers.ranksPerGroup=3,workers.replicas=3"],
      "registry.existingSecret does not go with workers.shardedBase"),
+    (["--set", "server.quantize=int4,workers.shardedBase=true,workers.ranksPerGroup=2,"
+               "workers.replicas=2"], "server.quantize does not go with workers.shardedBase"),
 ])
 def test_template_refuses_inconsistent_values_and_says_what_to_change(bad, message):
     result = helm("template", "rel", str(CHART), *bad)
@@ -331,7 +334,9 @@ def test_server_values_reach_the_flags_of_cotune_serve():
         "--set-json", "server.tenantIsolation=2.5", "--set", "server.maxFilesPerTenant=7",
         # floats to Helm, as numbers of a values file are: no 1.048576e+06 may reach int()
         "--set-json", "server.kvCacheTokens=1048576",
-        "--set-json", "server.defaultQuotas.tokensPerMinute=2000000")
+        "--set-json", "server.defaultQuotas.tokensPerMinute=2000000",
+        "--set", "server.quantize=int4,server.dtype=bfloat16")
+    assert (parsed.quantize, parsed.dtype) == ("int4", "bfloat16")
     assert (parsed.tenant_isolation, parsed.max_files_per_tenant) == (2.5, 7)
     assert (parsed.kv_cache_tokens, parsed.default_tokens_per_minute) == (1048576, 2000000)
     assert (parsed.max_open_streams, parsed.max_open_streams_per_tenant) == (12, 5)
@@ -353,7 +358,7 @@ def test_default_values_leave_the_servers_own_defaults():
                  "max_logprobs", "health_stall_seconds", "keep_training_states",
                  "max_queued_requests", "max_upload_mb", "max_rank", "num_slots",
                  "tenant_isolation", "max_files_per_tenant", "session_idle_timeout",
-                 "default_max_sessions"):
+                 "default_max_sessions", "quantize"):
         assert getattr(parsed, flag) == getattr(own, flag), flag
 
 
@@ -391,8 +396,10 @@ def test_every_flag_of_cotune_serve_is_set_by_a_value_or_left_to_extra_args():
                        "--set", "server.allowPaths={/srv},server.maxOpenStreamsPerTenant=2",
                        "--set", "workers.shardedBase=true,workers.ranksPerGroup=2,"
                        "workers.replicas=2")
-    # the external mode (registry, blobs) does not go with a sharded base: a second render
-    workers = [worker_container(s) for docs in (sharded, rendered("postgres-s3"))
+    # the external mode (registry, blobs) and a quantized base do not go with a sharded
+    # base: renders of their own
+    quantized = template("--set", "server.quantize=int8")
+    workers = [worker_container(s) for docs in (sharded, rendered("postgres-s3"), quantized)
                for s in of_kind(docs, "StatefulSet")]
     passed = {a.split("=", 1)[0] for c in workers for a in c["args"][1:]}
     from_environment = serve_flags_read_from({e["name"] for c in workers for e in c["env"]})
