@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from cotune.bench.json_worker import JsonWorker
 from cotune.engine.runtime import Request, Runtime
 from cotune.model.quantized import QuantizedRows
 
@@ -29,47 +29,24 @@ class BaseProcess:
 
     def __init__(self, quantize: str | None, dtype: str, adapters: list[Path], num_slots: int):
         self.name = f"cotune-{quantize or dtype}"
-        self._log = tempfile.TemporaryFile(mode="w+")
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "cotune.bench.base_process"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=tempfile.gettempdir())
-        self.loaded = self._ask({"quantize": quantize, "dtype": dtype, "num_slots": num_slots,
-                                 "adapters": [str(a) for a in adapters]})
+        self._worker = JsonWorker([sys.executable, "-m", "cotune.bench.base_process"],
+                                  f"{self.name} worker", cwd=tempfile.gettempdir())
+        self.loaded = self._worker.ask({"quantize": quantize, "dtype": dtype,
+                                        "num_slots": num_slots,
+                                        "adapters": [str(a) for a in adapters]})
 
     def generate(self, prompts: list[list[int]], adapters: list[int | None],
                  new_tokens: int) -> int:
         """Generates exactly `new_tokens` greedy tokens a prompt; returns the tokens."""
-        return self._ask({"prompts": prompts, "adapters": adapters,
-                          "new_tokens": new_tokens})["tokens"]
+        return self._worker.ask({"prompts": prompts, "adapters": adapters,
+                                 "new_tokens": new_tokens})["tokens"]
 
     def peak(self) -> dict:
         """{"peak_rss_mb"}: the most resident memory the process ever held."""
-        return self._ask({"peak": True})
+        return self._worker.ask({"peak": True})
 
     def close(self) -> None:
-        if self._process.poll() is None:
-            self._process.stdin.close()
-            try:
-                self._process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._log.close()
-
-    def _ask(self, message: dict) -> dict:
-        try:
-            self._process.stdin.write(json.dumps(message) + "\n")
-            self._process.stdin.flush()
-            line = self._process.stdout.readline()
-        except BrokenPipeError:
-            line = ""
-        if not line:
-            self._process.kill()
-            self._process.wait()
-            self._log.seek(0)
-            raise RuntimeError(f"the {self.name} worker exited (status "
-                               f"{self._process.returncode}):\n{self._log.read()[-4000:]}")
-        return json.loads(line)
+        self._worker.close()
 
 
 def _rss_mb() -> float:

@@ -10,9 +10,8 @@ import sys
 from cotune.cli_plan import add_plan_command
 from cotune.cli_remote import add_commands, add_generate_options, generate_on_server
 from cotune.client import CotuneError
-from cotune.model.quantization import QUANTIZATIONS
 from cotune.router.options import add_route_arguments
-from cotune.server.options import add_serve_arguments
+from cotune.server.options import add_base_storage_arguments, add_serve_arguments
 
 # What a shell sees of a command that SIGPIPE ends: 128 + 13.
 BROKEN_PIPE_STATUS = 141
@@ -170,12 +169,7 @@ def _run(argv: list[str] | None) -> int:
 def _model_options(parser):
     parser.add_argument("--model", default="default",
                         help="'default' (SmolLM2-135M-Instruct), a checkpoint dir or a .gguf")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                        help="dtype of the base's weights and activations [float32; bfloat16 "
-                             "with --quantize]")
-    parser.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
-                        help="store the base's decoder projections in 8 or 4 bits (weight-only; "
-                             "adapters stay in --dtype) [none]")
+    add_base_storage_arguments(parser)
     parser.add_argument("--max-rank", type=int, default=64,
                         help="largest LoRA rank the slot pool holds")
 

@@ -80,16 +80,22 @@ def add_grace_period_argument(group: argparse._ArgumentGroup, default: float) ->
                        help="seconds in-flight calls get to finish after SIGTERM")
 
 
+def add_base_storage_arguments(group) -> None:
+    """--dtype and --quantize, of `cotune serve` and of the commands that run a model
+    in-process."""
+    group.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                       help="dtype of the base's weights and activations [float32; bfloat16 "
+                            "with --quantize]")
+    group.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
+                       help="store the base's decoder projections in 8 or 4 bits (weight-only; "
+                            "adapters stay in --dtype) [none]")
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="default",
                        help="'default' (SmolLM2-135M-Instruct), a checkpoint dir or a .gguf")
-    model.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                       help="dtype of the base's weights and activations [float32; bfloat16 "
-                            "with --quantize]")
-    model.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
-                       help="store the base's decoder projections in 8 or 4 bits (weight-only; "
-                            "adapters stay in --dtype) [none]")
+    add_base_storage_arguments(model)
     model.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     model.add_argument("--max-rank", type=int, default=64,
                        help="largest LoRA rank the slot pool holds")
