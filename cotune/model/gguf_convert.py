@@ -28,7 +28,7 @@ from safetensors.numpy import save_file
 from cotune.model.gguf_int4 import INT4_FILE, block_levels, to_file
 
 # Bump when the output of the converter changes, so that stale cache entries are not reused.
-CONVERTER_VERSION = 2  # 2: the 4-bit blocks kept (gguf_int4)
+CONVERTER_VERSION = 3  # 3: the 4-bit blocks kept (gguf_int4)
 
 # `general.architecture` values whose tensors map one to one onto transformers' Llama.
 # llama.cpp writes Mistral and other Llama derivatives under "llama" too.
@@ -135,6 +135,7 @@ def _write_checkpoint(gguf_path: Path, out_dir: Path) -> None:
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     int4 = _int4_tensors(reader, config)
     if int4:
+        (out_dir / INT4_FILE).parent.mkdir()
         save_file(int4, out_dir / INT4_FILE, metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _save_tokenizer(gguf_path, out_dir)

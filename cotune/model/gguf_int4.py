@@ -17,7 +17,9 @@ import torch
 from gguf import GGMLQuantizationType
 from safetensors import safe_open
 
-INT4_FILE = "int4.safetensors"
+# In a folder of its own: readers of the checkpoint (vLLM, say) take every *.safetensors file
+# beside config.json for the model's weights.
+INT4_FILE = "gguf-int4/blocks.safetensors"
 BLOCK = 32
 _BLOCK_BYTES = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20}
 
