@@ -33,6 +33,7 @@ from cotune.engine.session import Session
 from cotune.engine.step_time import StepTimeModel
 from cotune.engine.trainer import Published, Trainer
 from cotune.engine.training_lane import LanePass, TrainingLane
+from cotune.engine.trains_in_steps import TrainsInSteps
 from cotune.model.llama import CausalLM, ForwardBatch
 from cotune.model.lora_routing import LoraRouting
 from cotune.model.training_rows import TrainingRows
@@ -138,7 +139,7 @@ class Engine:
             admit=self._admit, release=self._release)
         self.step_time = StepTimeModel()
         # (when, step seconds, trainer or None, its training seconds) over share_window_s
-        self._recent_steps: deque[tuple[float, float, Trainer | None, float]] = deque()
+        self._recent_steps: deque[tuple[float, float, TrainsInSteps | None, float]] = deque()
         self.adapters = ResidentAdapters(model, config.num_slots, config.max_rank,
                                          host_cache_bytes=config.host_cache_mb << 20,
                                          hot_share=config.hot_slot_share)
@@ -146,9 +147,9 @@ class Engine:
         # finished requests by (tenant, "ttft"|"tpot"|"both", "met"|"missed")
         self.slo_counts: Counter[tuple[str, str, str]] = Counter()
         self._ids = itertools.count()
-        # What trains in the steps, in turn: jobs (unless a training lane trains them) and
-        # RL sessions (session.py), which a job's interface fits.
-        self.trainers: list[Trainer | Session] = []
+        # What trains in the steps, in turn (trains_in_steps.py): jobs (unless a training
+        # lane trains them) and RL sessions; those of `trainers` that are sessions.
+        self.trainers: list[TrainsInSteps] = []
         self.sessions: list[Session] = []
         # Called as on_version(trainer, published) after a job publishes a version, and
         # on_job_end(trainer, error) when a job finishes (error None) or fails.
@@ -174,11 +175,16 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        if self.scheduler.has_work or any(s.has_work for s in self.sessions):
+        """Whether a step has anything to do: requests, work of what trains in the steps, or
+        passes of the training lane to take."""
+        if self.scheduler.has_work or any(t.has_work for t in self.trainers
+                                          if self._trains_in_steps(t)):
             return True
-        if self.lane is not None:
-            return self.lane.has_passes
-        return len(self.trainers) > len(self.sessions)  # a job
+        return self.lane is not None and self.lane.has_passes
+
+    def _trains_in_steps(self, trainer: TrainsInSteps) -> bool:
+        """Whether `trainer` trains in the serving steps, not on the training lane."""
+        return self.lane is None or not trainer.may_train_on_lane
 
     def add_trainer(self, trainer: Trainer) -> None:
         """Starts training a job in the steps to come (or on the training lane)."""
@@ -377,7 +383,7 @@ class Engine:
             try:
                 training = self._forward([], work)
             except Exception as e:  # noqa: BLE001 - the job alone
-                self._end_job(trainer, e)
+                self._work_failed(trainer, e)
                 trains_on = False
         return Forwarded(outputs, training.training_hidden, training.batch,
                          training.seconds), trains_on
@@ -421,7 +427,7 @@ class Engine:
     def _phase(self) -> tuple[bool, bool]:
         """(whether this step serves, whether it trains): both, unless time slicing."""
         slice_s = self.config.time_slice_s
-        training = any(t not in self.sessions or t.has_work for t in self.trainers)
+        training = any(t.has_work for t in self.trainers)
         if slice_s is None or not (training and self.scheduler.has_work):
             return True, True
         serving_phase = int(time.monotonic() / slice_s) % 2 == 0
@@ -442,8 +448,7 @@ class Engine:
         of this step, and at least the smallest unit of work; so does a job asked for a
         version before a stop (Runtime.checkpoint_jobs), whose work would otherwise be lost
         if the rooms of the grace period were too small for it."""
-        ready = [t for t in self.trainers if not t.awaiting_ranks and (
-            t in self.sessions or self.lane is None)]  # a lane trains the jobs
+        ready = [t for t in self.trainers if not t.awaiting_ranks and self._trains_in_steps(t)]
         if not ready:
             return None, None
         cap = self.config.max_batched_tokens
@@ -473,14 +478,14 @@ class Engine:
                 return trainer, work
         return None, None
 
-    def _remember_step(self, seconds: float, trainer: Trainer | None,
+    def _remember_step(self, seconds: float, trainer: TrainsInSteps | None,
                        training_seconds: float) -> None:
         now = time.monotonic()
         self._recent_steps.append((now, seconds, trainer, training_seconds))
         while self._recent_steps and self._recent_steps[0][0] < now - self.config.share_window_s:
             self._recent_steps.popleft()
 
-    def _training_share(self, trainer: Trainer) -> float:
+    def _training_share(self, trainer: TrainsInSteps) -> float:
         """The share of step time spent training `trainer` over the recent window."""
         total = sum(seconds for _, seconds, _, _ in self._recent_steps)
         trained = sum(spent for _, _, t, spent in self._recent_steps if t is trainer)
@@ -529,7 +534,7 @@ class Engine:
                 chunk.seq.computed += chunk.num_tokens
         return [self._advance(s, t, lp) for s, t, lp in zip(seqs, tokens, logprobs)]
 
-    def _train(self, trainer: Trainer, work: TrainingWork, hidden: torch.Tensor | None,
+    def _train(self, trainer: TrainsInSteps, work: TrainingWork, hidden: torch.Tensor | None,
                rows: TrainingRows | None) -> None:
         """Losses and backward of the training rows only (or a share of a version's
         evaluation); optimizer step, versions, job end. A job that fails ends alone:
@@ -538,7 +543,7 @@ class Engine:
             published = trainer.run(work, hidden, self.model.logits, rows,
                                     evaluate_at_once=self.step_sync is not None)
         except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
-            self._end_job(trainer, e)
+            self._work_failed(trainer, e)
             return
         self._conclude(trainer, published, trainer.done)
 
@@ -549,21 +554,22 @@ class Engine:
         try:
             published = trainer.after_optimizer_step(evaluate_at_once=True)
         except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
-            self._end_job(trainer, e)
+            self._work_failed(trainer, e)
             return
         self._conclude(trainer, published, trainer.done)
 
-    def _conclude(self, trainer: Trainer, published: Published | None, done: bool) -> None:
+    def _conclude(self, trainer: TrainsInSteps, published: Published | None,
+                  done: bool) -> None:
         """Announces a version the job saved, and ends the job when `done` (its state as of
         the work that saved it: a lane may have gone on since)."""
-        error = None
         if published is not None and self.on_version is not None:
             try:
                 self.on_version(trainer, published)
             except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
-                error = e
-        if error is not None or done:
-            self._end_job(trainer, error)
+                self._work_failed(trainer, e)
+                return
+        if done:
+            self._end_job(trainer, None)
 
     def _lane_passed(self) -> None:
         if self.on_lane_pass is not None:
@@ -581,15 +587,18 @@ class Engine:
             if done.trainer not in self.trainers:
                 continue
             if done.error is not None:
-                self._end_job(done.trainer, done.error)
+                self._work_failed(done.trainer, done.error)
             else:
                 self._conclude(done.trainer, done.published, done.ended)
 
-    def _end_job(self, trainer: Trainer | Session, error: BaseException | None) -> None:
-        """A job ends, or fails; a session whose work failed goes on (Session.discard)."""
-        if trainer in self.sessions:
-            trainer.discard(error)
-            return
+    def _work_failed(self, trainer: TrainsInSteps, error: BaseException) -> None:
+        """The work planned for `trainer` failed: a job ends with `error`, a session discards
+        that work and goes on (TrainsInSteps.work_failed)."""
+        if trainer.work_failed(error):
+            self._end_job(trainer, error)
+
+    def _end_job(self, trainer: Trainer, error: BaseException | None) -> None:
+        """A job ends: done (`error` None), or failed."""
         self.remove_trainer(trainer)
         if self.on_job_end is not None:
             self.on_job_end(trainer, error)

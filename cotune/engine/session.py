@@ -88,6 +88,10 @@ class Operation:
 
 
 class Session:
+    # What the engine asks of it (TrainsInSteps). Never on a training lane: its caller waits
+    # on each operation, and OptimStep changes the weights between two steps.
+    may_train_on_lane = False
+
     def __init__(self, spec: SessionSpec, model: CausalLM, session_id: str,
                  base_fingerprint: str = ""):
         """Reads `spec.init_adapter`'s files when it has one (AdapterError when they do not
@@ -109,7 +113,7 @@ class Session:
         self.on_weights: Callable[[Session, str], None] | None = None
         self._operations: deque[Operation] = deque()
         self._closed: BaseException | None = None
-        # What the engine reads of anything it trains in its steps (see Trainer).
+        # What the engine reads of anything it trains in its steps (TrainsInSteps).
         self.awaiting_ranks = self.checkpoint_requested = self.done = False
 
     @property
@@ -118,7 +122,8 @@ class Session:
 
     @property
     def has_work(self) -> bool:
-        """Whether examples wait for the steps to come."""
+        """Whether examples of its operations wait for the steps to come (an OptimStep or a
+        Save needs no step: it runs between two)."""
         return any(op.computes and not op.complete for op in self._operations)
 
     def submit(self, operation: Operation) -> None:
@@ -168,6 +173,11 @@ class Session:
             self._operations.popleft().future.set_exception(failed)
         self.pieces.runs.clear()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def work_failed(self, error: BaseException) -> bool:
+        """The session goes on: the failed work is discarded (`discard`)."""
+        self.discard(error)
+        return False
 
     def _settle(self) -> None:
         """Answers the computing operations that are done, and runs an OptimStep or Save
