@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
@@ -33,6 +33,7 @@ from cotune.engine.session import Session
 from cotune.engine.step_time import StepTimeModel
 from cotune.engine.trainer import Published, Trainer
 from cotune.engine.training_lane import LanePass, TrainingLane
+from cotune.engine.training_plan import TrainingPlan
 from cotune.engine.trains_in_steps import TrainsInSteps
 from cotune.model.llama import CausalLM, ForwardBatch
 from cotune.model.lora_routing import LoraRouting
@@ -138,8 +139,6 @@ class Engine:
             config.tpot_target_s, tenant_isolation=config.tenant_isolation), self.cache,
             admit=self._admit, release=self._release)
         self.step_time = StepTimeModel()
-        # (when, step seconds, trainer or None, its training seconds) over share_window_s
-        self._recent_steps: deque[tuple[float, float, TrainsInSteps | None, float]] = deque()
         self.adapters = ResidentAdapters(model, config.num_slots, config.max_rank,
                                          host_cache_bytes=config.host_cache_mb << 20,
                                          hot_share=config.hot_slot_share)
@@ -172,19 +171,18 @@ class Engine:
         self.quarantine = Quarantine()
         self.lane = None if not config.training_threads else TrainingLane(
             model, config.training_threads, config.max_batched_tokens, self._lane_passed)
+        self.training_plan = TrainingPlan(
+            self.scheduler, config.max_batched_tokens, config.share_window_s,
+            config.time_slice_s, lane=self.lane is not None, split_examples=step_sync is None)
 
     @property
     def has_work(self) -> bool:
         """Whether a step has anything to do: requests, work of what trains in the steps, or
         passes of the training lane to take."""
         if self.scheduler.has_work or any(t.has_work for t in self.trainers
-                                          if self._trains_in_steps(t)):
+                                          if not self.training_plan.lane_trains(t)):
             return True
         return self.lane is not None and self.lane.has_passes
-
-    def _trains_in_steps(self, trainer: TrainsInSteps) -> bool:
-        """Whether `trainer` trains in the serving steps, not on the training lane."""
-        return self.lane is None or not trainer.may_train_on_lane
 
     def add_trainer(self, trainer: Trainer) -> None:
         """Starts training a job in the steps to come (or on the training lane)."""
@@ -297,12 +295,14 @@ class Engine:
         if self.lane is not None:
             self._take_lane_passes()
         started = time.perf_counter()
-        serving, training = self._phase()
+        serving, training = self.training_plan.phase(self.trainers)
         plan = self.scheduler.schedule(*self.scheduler.slo_budget(
             self.step_time, time.monotonic())) if serving else StepPlan()
         # Rows of one adapter side by side: fewer segments for the LoRA ops.
         chunks = sorted(plan.chunks, key=lambda c: -1 if c.seq.slot is None else c.seq.slot)
-        trainer, work = self._plan_training(plan.num_tokens) if training else (None, None)
+        trainer, work = (self.training_plan.next_work(self.trainers, plan.num_tokens,
+                                                      self.step_time)
+                         if training else (None, None))
         if not chunks and work is None:
             self._await_loads()
             return []
@@ -335,7 +335,7 @@ class Engine:
         self.step_time.observe(inference_rows, seconds, train_rows, forward_seconds,
                                backward_tokens, 0 if work is None else work.backward_passes,
                                backward_seconds, decode_tokens)
-        self._remember_step(seconds, trainer, training_seconds)
+        self.training_plan.remember_step(seconds, trainer, training_seconds)
         self.progress += 1
         if self.on_step is not None:
             self.on_step(StepReport(decode_tokens, inference_rows - decode_tokens, train_rows,
@@ -423,73 +423,6 @@ class Engine:
         if rows.forward_seconds is not None:
             return rows.forward_seconds
         return seconds * sum(rows.lengths) / (inference_rows + sum(rows.lengths))
-
-    def _phase(self) -> tuple[bool, bool]:
-        """(whether this step serves, whether it trains): both, unless time slicing."""
-        slice_s = self.config.time_slice_s
-        training = any(t.has_work for t in self.trainers)
-        if slice_s is None or not (training and self.scheduler.has_work):
-            return True, True
-        serving_phase = int(time.monotonic() / slice_s) % 2 == 0
-        return serving_phase, not serving_phase
-
-    def _plan_training(self, inference_tokens: int):
-        """(trainer, its work in this step) for the first job in turn that has work that
-        fits, jobs below their floor (or asked for a version) first; (None, None) when none has.
-
-        Serving comes first: a job gets the room the requests' SLOs leave beside the step's
-        inference tokens (Scheduler.step_seconds); with nothing served, a step of the longest
-        any step may take (a request that arrives meanwhile waits it out), and at least one
-        unit of work.
-        A room too small for training to spend at least half of it on tokens rather than on
-        a pass's fixed cost is left unused while the requests' TPOT slack can still grow it:
-        a later step gets a room worth training in. A job whose share of step time over the
-        last share_window_s fell below its floor (spec.min_share) gets room for that share
-        of this step, and at least the smallest unit of work; so does a job asked for a
-        version before a stop (Runtime.checkpoint_jobs), whose work would otherwise be lost
-        if the rooms of the grace period were too small for it."""
-        ready = [t for t in self.trainers if not t.awaiting_ranks and self._trains_in_steps(t)]
-        if not ready:
-            return None, None
-        cap = self.config.max_batched_tokens
-        model, serving = self.step_time, self.scheduler.has_work
-        serve_seconds = model.predict(inference_tokens)
-        # with nothing served too: a request arriving meanwhile waits out this step
-        step = self.scheduler.step_seconds(time.monotonic())
-        room = step - serve_seconds
-        # a small room waits to grow, unless no step may be longer anyway
-        worth_training = (room >= 2 * model.training_overhead
-                          or step >= self.scheduler.max_step_seconds)
-        pressed = {t for t in ready if t.checkpoint_requested or (
-            t.spec.min_share > 0 and self._training_share(t) < t.spec.min_share)}
-        for trainer in sorted(ready, key=lambda t: t not in pressed):  # stable: round robin
-            if trainer not in pressed and not worth_training:
-                continue
-            share = trainer.spec.min_share
-            seconds = max(room, serve_seconds * share / (1 - share)) if trainer in pressed \
-                else room
-            work = trainer.plan(seconds, model.training_cost, cap - inference_tokens,
-                                split=self.step_sync is None,
-                                at_least_one=trainer in pressed or not serving)
-            if work:
-                self.trainers.remove(trainer)
-                self.trainers.append(trainer)  # round robin over jobs
-                self.scheduler.counters["training_tokens"] += work.forward_tokens
-                return trainer, work
-        return None, None
-
-    def _remember_step(self, seconds: float, trainer: TrainsInSteps | None,
-                       training_seconds: float) -> None:
-        now = time.monotonic()
-        self._recent_steps.append((now, seconds, trainer, training_seconds))
-        while self._recent_steps and self._recent_steps[0][0] < now - self.config.share_window_s:
-            self._recent_steps.popleft()
-
-    def _training_share(self, trainer: TrainsInSteps) -> float:
-        """The share of step time spent training `trainer` over the recent window."""
-        total = sum(seconds for _, seconds, _, _ in self._recent_steps)
-        trained = sum(spent for _, _, t, spent in self._recent_steps if t is trainer)
-        return trained / total if total else 0.0
 
     def _batch(self, chunks: list[ScheduledChunk], work: TrainingWork | None) -> ForwardBatch:
         lens = [c.num_tokens for c in chunks]
