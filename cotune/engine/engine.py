@@ -16,9 +16,10 @@ import torch
 
 from cotune.adapters.peft_format import AdapterError, LoraAdapter
 from cotune.adapters.residency import ResidentAdapters
-from cotune.engine.containment import Quarantine, RequestFailed, non_finite_rows
+from cotune.engine.containment import Containment, Quarantine, non_finite_rows
 from cotune.engine.detokenizer import IncrementalDetokenizer
 from cotune.engine.example_pieces import TrainingWork
+from cotune.engine.forwarded import Forwarded, StepOutput
 from cotune.engine.kv_cache import PagedBatch, PagedKVCache
 from cotune.engine.sampling import Sampler, SamplingParams, TokenLogprob
 from cotune.engine.scheduler import (
@@ -84,26 +85,6 @@ class EngineConfig:
         return max(0, (os.cpu_count() or 1) - self.torch_threads)
 
 
-@dataclass
-class StepOutput:
-    seq: Sequence
-    token_id: int
-    text: str  # text that became final with this token
-    logprob: TokenLogprob | None
-    finished: bool
-
-
-@dataclass(frozen=True)
-class Forwarded:
-    """A step's pass: the served rows' outputs, and what the training rows need for their
-    backward (their hidden states and rows), and the seconds of the forward itself."""
-
-    outputs: list[StepOutput]
-    training_hidden: torch.Tensor | None
-    batch: ForwardBatch | None
-    seconds: float
-
-
 @dataclass(frozen=True)
 class StepReport:
     """What one step computed, and how long it took."""
@@ -165,10 +146,10 @@ class Engine:
         # Called from the training lane's thread when a pass of it awaits the next step
         # boundary (has_work turned true): wakes an idle loop.
         self.on_lane_pass: Callable[[], None] | None = None
-        # Called as on_failure(seq, error) when the engine fails a request alone (its adapter
-        # failed to load or to run, or its outputs were not finite); other requests go on.
-        self.on_failure: Callable[[Sequence, BaseException], None] | None = None
+        # A request that the engine fails alone is reported through containment.on_failure.
         self.quarantine = Quarantine()
+        self.containment = Containment(model, self.scheduler, self.quarantine, self._forward,
+                                       self.abort)
         self.lane = None if not config.training_threads else TrainingLane(
             model, config.training_threads, config.max_batched_tokens, self._lane_passed)
         self.training_plan = TrainingPlan(
@@ -314,8 +295,10 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - traced to its rows where it can be
             if self.step_sync is not None:  # ranks pass together: one cannot run apart
                 raise
-            forwarded, trains_on = self._contain(chunks, trainer, work, error)
-            work = work if trains_on else None  # or it failed alone
+            forwarded, training_error = self.containment.contain(chunks, work, error)
+            if training_error is not None:  # the training rows failed alone
+                self._work_failed(trainer, training_error)
+                work = None
         outputs = forwarded.outputs
         if on_output is not None:
             on_output(outputs)  # streamed before backward: the stream must not wait
@@ -344,7 +327,7 @@ class Engine:
 
     def _forward(self, chunks: list[ScheduledChunk], work: TrainingWork | None) -> Forwarded:
         """One pass over the served chunks and the training rows; the served rows sampled
-        (a row whose logits are not finite fails its request alone: `_fail_rows`)."""
+        (a row whose logits are not finite fails its request alone: Containment.fail_rows)."""
         started = time.perf_counter()
         inference_rows = sum(c.num_tokens for c in chunks)
         hidden = batch = None
@@ -357,60 +340,6 @@ class Engine:
             outputs = self._sample(chunks, hidden[:inference_rows].detach()) if chunks else []
         return Forwarded(outputs, None if hidden is None else hidden[inference_rows:], batch,
                          seconds)
-
-    def _contain(self, chunks: list[ScheduledChunk], trainer: Trainer | None,
-                 work: TrainingWork | None, error: Exception) -> tuple[Forwarded, bool]:
-        """A step's pass failed. Each adapter's served rows, and the job's training rows,
-        run again apart (nothing of the failed pass was committed: a row's keys and values
-        are written again, the same): what fails again fails alone, its adapter
-        quarantined, and the rest of the step goes on. Where the base model itself fails a
-        pass of one token, the fault is no one row's, and the engine stops on `error`.
-        Returns the pass, and whether the training rows' work goes on (they did not fail)."""
-        try:
-            with torch.no_grad():
-                self.model(ForwardBatch(torch.zeros(1, dtype=torch.int64), [1]))
-        except Exception:
-            raise error from None
-        outputs = []
-        for _, group in itertools.groupby(chunks, key=lambda c: c.seq.adapter):
-            group = list(group)
-            try:
-                outputs += self._forward(group, None).outputs
-            except Exception as e:  # noqa: BLE001 - these rows alone
-                self._fail_rows([c.seq for c in group], f"a step over its rows failed ({e!r})")
-        training, trains_on = Forwarded([], None, None, 0.0), work is not None
-        if work is not None:
-            try:
-                training = self._forward([], work)
-            except Exception as e:  # noqa: BLE001 - the job alone
-                self._work_failed(trainer, e)
-                trains_on = False
-        return Forwarded(outputs, training.training_hidden, training.batch,
-                         training.seconds), trains_on
-
-    def _fail_rows(self, seqs: list[Sequence], reason: str) -> None:
-        """Fails requests whose rows failed, and quarantines their adapter: its requests
-        waiting or running fail too, and new ones are refused."""
-        for seq in seqs:
-            if seq.adapter is None:
-                self._fail(seq, RequestFailed(f"request {seq.id!r} failed: {reason}"))
-            elif seq.adapter not in self.quarantine:
-                quarantined = self.quarantine.add(seq.adapter, reason)
-                for other in [*self.scheduler.running, *self.scheduler.waiting]:
-                    if other.adapter == seq.adapter:
-                        self._fail(other, quarantined)
-            if not seq.is_finished:
-                self._fail(seq, self.quarantine.error(seq.adapter))
-
-    def _fail(self, seq: Sequence, error: BaseException) -> None:
-        """Ends a queued or running request with `error`; the engine goes on."""
-        self.abort(seq)
-        self._report_failure(seq, error)
-
-    def _report_failure(self, seq: Sequence, error: BaseException) -> None:
-        seq.finish_reason = "error"
-        if self.on_failure is not None:
-            self.on_failure(seq, error)
 
     @staticmethod
     def _training_forward(seconds: float, inference_rows: int, batch: ForwardBatch | None
@@ -455,8 +384,8 @@ class Engine:
             seqs = [chunks[i].seq for i in sampling]
             bad = non_finite_rows(logits)
             if bad:
-                self._fail_rows([seqs[i] for i in bad], "its outputs were not finite (NaN or "
-                                "Inf in the logits)")
+                self.containment.fail_rows([seqs[i] for i in bad], "its outputs were not "
+                                           "finite (NaN or Inf in the logits)")
                 keep = [i for i in range(len(seqs)) if not seqs[i].is_finished]
                 logits, seqs = logits[keep], [seqs[i] for i in keep]
             tokens, logprobs = self.sampler.sample(logits, [s.params for s in seqs],
@@ -588,7 +517,7 @@ class Engine:
 
     def _refuse(self, seq: Sequence, error: BaseException) -> Admission:
         """A request that cannot be admitted ends with `error` (the scheduler drops it)."""
-        self._report_failure(seq, error)
+        self.containment.report_failure(seq, error)
         return Admission.FAILED
 
     def _await_loads(self) -> None:
