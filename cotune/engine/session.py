@@ -271,12 +271,17 @@ class Session:
         return OptimResult(self.steps, self.weights_version, norm)
 
     def _saved(self) -> SavedWeights:
+        """The live weights, with the provenance that a version saved from them records
+        (the registry stores it as it is)."""
+        spec = self.spec
+        parent = f"{spec.name}@v{spec.parent_version}" if spec.parent_version else ""
         provenance = {"base_fingerprint": self.base_fingerprint, "session_id": self.id,
-                      "parent_version": self.spec.parent, "steps": self.steps,
+                      "parent_version": spec.parent_version, "steps": self.steps,
                       "weights_version": self.weights_version,
-                      "hyperparameters": {"lora": asdict(self.spec.lora),
+                      "hyperparameters": {"lora": asdict(spec.lora),
                                           "optimizer": asdict(self.last_settings),
-                                          "seed": self.spec.seed}}
+                                          "seed": spec.seed, "parent": parent},
+                      "source": "session"}
         return SavedWeights(self.live.adapter, self.steps, self.weights_version, provenance)
 
     def _snapshot(self, version: int) -> LiveWeights:
