@@ -20,7 +20,7 @@ from cotune.engine.containment import Containment, Quarantine, non_finite_rows
 from cotune.engine.detokenizer import IncrementalDetokenizer
 from cotune.engine.example_pieces import TrainingWork
 from cotune.engine.forwarded import Forwarded, StepOutput
-from cotune.engine.kv_cache import PagedBatch, PagedKVCache
+from cotune.engine.kv_cache import PagedKVCache
 from cotune.engine.sampling import Sampler, SamplingParams, TokenLogprob
 from cotune.engine.scheduler import (
     Admission,
@@ -31,13 +31,13 @@ from cotune.engine.scheduler import (
 )
 from cotune.engine.sequence import Sequence
 from cotune.engine.session import Session
+from cotune.engine.step_batch import step_batch
 from cotune.engine.step_time import StepTimeModel
 from cotune.engine.trainer import Published, Trainer
 from cotune.engine.training_lane import LanePass, TrainingLane
 from cotune.engine.training_plan import TrainingPlan
 from cotune.engine.trains_in_steps import TrainsInSteps
-from cotune.model.llama import CausalLM, ForwardBatch
-from cotune.model.lora_routing import LoraRouting
+from cotune.model.llama import CausalLM
 from cotune.model.training_rows import TrainingRows
 
 IDLE_WAIT_S = 0.005  # a step with nothing to compute waits this long at most for a load
@@ -308,8 +308,7 @@ class Engine:
                         None if forwarded.batch is None else forwarded.batch.training)
         ended = time.perf_counter()
         seconds = ended - started
-        forward_seconds = self._training_forward(forwarded.seconds, inference_rows,
-                                                 forwarded.batch)
+        forward_seconds = forwarded.training_seconds(inference_rows)
         backward_seconds = 0.0 if work is None else ended - sampled  # losses, backward
         if work is not None and not work.backward_passes:
             forward_seconds, backward_seconds = forward_seconds + backward_seconds, 0.0
@@ -332,7 +331,7 @@ class Engine:
         inference_rows = sum(c.num_tokens for c in chunks)
         hidden = batch = None
         if inference_rows or (work is not None and work.forward_tokens):
-            batch = self._batch(chunks, work)
+            batch = step_batch(self.cache, chunks, work)
             with torch.set_grad_enabled(work is not None and work.needs_grad):
                 hidden = self.model(batch)  # (T, hidden)
         seconds = time.perf_counter() - started
@@ -340,37 +339,6 @@ class Engine:
             outputs = self._sample(chunks, hidden[:inference_rows].detach()) if chunks else []
         return Forwarded(outputs, None if hidden is None else hidden[inference_rows:], batch,
                          seconds)
-
-    @staticmethod
-    def _training_forward(seconds: float, inference_rows: int, batch: ForwardBatch | None
-                          ) -> float:
-        """The seconds of a pass of `seconds` spent on its training rows: as timed, where the
-        model runs them apart from the served rows, else their share of the rows."""
-        rows = None if batch is None else batch.training
-        if rows is None:
-            return 0.0
-        if rows.forward_seconds is not None:
-            return rows.forward_seconds
-        return seconds * sum(rows.lengths) / (inference_rows + sum(rows.lengths))
-
-    def _batch(self, chunks: list[ScheduledChunk], work: TrainingWork | None) -> ForwardBatch:
-        lens = [c.num_tokens for c in chunks]
-        ids = [c.seq.token_ids[c.seq.computed:c.seq.computed + c.num_tokens] for c in chunks]
-        adapters = [c.seq.slot for c in chunks]
-        kv = PagedBatch(self.cache, [c.seq.id for c in chunks], list(lens))
-        training = None
-        if work is not None and work.pieces:  # training rows: pieces of examples, after
-            training = TrainingRows(work.pieces)
-            ids += work.token_ids()
-            lens += training.lengths
-            adapters += [piece.lora for piece in work.pieces]
-        return ForwardBatch(
-            token_ids=torch.tensor([t for row_ids in ids for t in row_ids]),
-            seq_lens=lens,
-            kv=kv,
-            lora=LoraRouting.from_sequences(lens, adapters),
-            training=training,
-        )
 
     def _sample(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> list[StepOutput]:
         """Samples the rows that end their prompt or decode, then commits the chunks' keys

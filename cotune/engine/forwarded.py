@@ -30,3 +30,13 @@ class Forwarded:
     training_hidden: torch.Tensor | None
     batch: ForwardBatch | None
     seconds: float
+
+    def training_seconds(self, inference_rows: int) -> float:
+        """The seconds of this pass spent on its training rows: as timed, where the model
+        runs them apart from the `inference_rows` served rows, else their share of the rows."""
+        rows = None if self.batch is None else self.batch.training
+        if rows is None:
+            return 0.0
+        if rows.forward_seconds is not None:
+            return rows.forward_seconds
+        return self.seconds * sum(rows.lengths) / (inference_rows + sum(rows.lengths))
