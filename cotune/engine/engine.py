@@ -8,7 +8,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from cotune.adapters.peft_format import AdapterError, LoraAdapter
 from cotune.adapters.residency import ResidentAdapters
+from cotune.engine.adapter_admission import AdapterAdmission
 from cotune.engine.containment import Containment, Quarantine, non_finite_rows
 from cotune.engine.detokenizer import IncrementalDetokenizer
 from cotune.engine.example_pieces import TrainingWork
@@ -23,7 +23,6 @@ from cotune.engine.forwarded import Forwarded, StepOutput
 from cotune.engine.kv_cache import PagedKVCache
 from cotune.engine.sampling import Sampler, SamplingParams, TokenLogprob
 from cotune.engine.scheduler import (
-    Admission,
     ScheduledChunk,
     Scheduler,
     SchedulerConfig,
@@ -39,8 +38,6 @@ from cotune.engine.training_plan import TrainingPlan
 from cotune.engine.trains_in_steps import TrainsInSteps
 from cotune.model.llama import CausalLM
 from cotune.model.training_rows import TrainingRows
-
-IDLE_WAIT_S = 0.005  # a step with nothing to compute waits this long at most for a load
 
 
 @dataclass
@@ -115,14 +112,21 @@ class Engine:
         weight = model.model.embed_tokens.weight
         self.cache = PagedKVCache(model.config, num_blocks, config.block_size,
                                   dtype=weight.dtype, device=weight.device)
-        self.scheduler = Scheduler(SchedulerConfig(
-            config.max_batched_tokens, config.max_running, config.ttft_target_s,
-            config.tpot_target_s, tenant_isolation=config.tenant_isolation), self.cache,
-            admit=self._admit, release=self._release)
-        self.step_time = StepTimeModel()
         self.adapters = ResidentAdapters(model, config.num_slots, config.max_rank,
                                          host_cache_bytes=config.host_cache_mb << 20,
                                          hot_share=config.hot_slot_share)
+        self.quarantine = Quarantine()
+        self.admission = AdapterAdmission(self.adapters, self.quarantine)
+        self.scheduler = Scheduler(SchedulerConfig(
+            config.max_batched_tokens, config.max_running, config.ttft_target_s,
+            config.tpot_target_s, tenant_isolation=config.tenant_isolation), self.cache,
+            admit=self.admission.admit, release=self.admission.release)
+        # A request that the engine fails alone, or refuses for its adapter, is reported
+        # through containment.on_failure.
+        self.containment = Containment(model, self.scheduler, self.quarantine, self._forward,
+                                       self.abort)
+        self.admission.on_refused = self.containment.report_failure
+        self.step_time = StepTimeModel()
         self.sampler = Sampler()
         # finished requests by (tenant, "ttft"|"tpot"|"both", "met"|"missed")
         self.slo_counts: Counter[tuple[str, str, str]] = Counter()
@@ -146,10 +150,6 @@ class Engine:
         # Called from the training lane's thread when a pass of it awaits the next step
         # boundary (has_work turned true): wakes an idle loop.
         self.on_lane_pass: Callable[[], None] | None = None
-        # A request that the engine fails alone is reported through containment.on_failure.
-        self.quarantine = Quarantine()
-        self.containment = Containment(model, self.scheduler, self.quarantine, self._forward,
-                                       self.abort)
         self.lane = None if not config.training_threads else TrainingLane(
             model, config.training_threads, config.max_batched_tokens, self._lane_passed)
         self.training_plan = TrainingPlan(
@@ -240,11 +240,8 @@ class Engine:
         seq = Sequence(request_id, list(prompt_ids), params, tenant=tenant,
                        adapter=None if adapter is None else adapter[0])
         self.scheduler.check_fits(seq)
-        if adapter is not None and isinstance(adapter[1], LoraAdapter):
-            seq.adapter_load = Future()
-            seq.adapter_load.set_result(adapter[1])
-        elif adapter is not None:
-            seq.adapter_load = self.adapters.prefetch(*adapter)
+        if adapter is not None:
+            self.admission.start_load(seq, adapter[1])
         if self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params.stop)
         return seq
@@ -257,7 +254,7 @@ class Engine:
         if not seq.is_finished:
             self.scheduler.abort(seq)
             seq.finish_reason = "abort"
-            self._release(seq)
+            self.admission.release(seq)
 
     def step(self, on_output: Callable[[list[StepOutput]], None] | None = None
              ) -> list[StepOutput]:
@@ -285,7 +282,7 @@ class Engine:
                                                       self.step_time)
                          if training else (None, None))
         if not chunks and work is None:
-            self._await_loads()
+            self.admission.await_loads(self.scheduler.waiting)
             return []
         inference_rows = plan.num_tokens
         decode_tokens = sum(c.num_tokens for c in chunks if c.seq.pending == 1)
@@ -452,7 +449,7 @@ class Engine:
             if seq.detokenizer is not None and not seq.detokenizer.stopped:
                 text += seq.detokenizer.finish()
             self.scheduler.finish(seq)
-            self._release(seq)
+            self.admission.release(seq)
         return StepOutput(seq, token, text, logprob, seq.finish_reason is not None)
 
     def _count_slo(self, seq: Sequence) -> None:
@@ -464,44 +461,6 @@ class Engine:
         ttft_met, tpot_met = ttft <= config.ttft_target_s, tpot <= config.tpot_target_s
         for kind, met in (("ttft", ttft_met), ("tpot", tpot_met), ("both", ttft_met and tpot_met)):
             counters[seq.tenant, kind, "met" if met else "missed"] += 1
-
-    def _admit(self, seq: Sequence) -> Admission:
-        """Called by the scheduler when `seq` is about to run: pins its adapter in a slot."""
-        if seq.adapter is None or seq.slot is not None:
-            return Admission.READY
-        load = seq.adapter_load
-        if load.done() and load.exception() is not None:
-            return self._refuse(seq, load.exception())
-        if seq.adapter in self.quarantine:
-            return self._refuse(seq, self.quarantine.error(seq.adapter))
-        try:
-            seq.slot = self.adapters.try_acquire(seq.adapter, load)
-        except Exception as e:  # noqa: BLE001 - this adapter alone
-            return self._refuse(seq, self.quarantine.add(
-                seq.adapter, f"it could not be placed in a device slot ({e})"))
-        if seq.slot is not None:
-            return Admission.READY
-        return Admission.NO_SLOT if load.done() else Admission.LOADING
-
-    def _refuse(self, seq: Sequence, error: BaseException) -> Admission:
-        """A request that cannot be admitted ends with `error` (the scheduler drops it)."""
-        self.containment.report_failure(seq, error)
-        return Admission.FAILED
-
-    def _await_loads(self) -> None:
-        """Called by a step with nothing to compute: waits a little for an adapter that
-        waiting requests need, so that the caller's loop does not spin against the loader
-        thread (briefly: a request that needs no load may arrive meanwhile)."""
-        loads = [s.adapter_load for s in self.scheduler.waiting
-                 if s.adapter_load is not None and not s.adapter_load.done()]
-        if loads:
-            wait(loads, timeout=IDLE_WAIT_S, return_when=FIRST_COMPLETED)
-
-    def _release(self, seq: Sequence) -> None:
-        """Unpins the slot of a sequence that ended or was preempted."""
-        if seq.slot is not None:
-            self.adapters.release(seq.adapter)
-            seq.slot = None
 
     def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         config = self.model.config
