@@ -132,7 +132,7 @@ class Engine:
         self.slo_counts: Counter[tuple[str, str, str]] = Counter()
         self._ids = itertools.count()
         # What trains in the steps, in turn (trains_in_steps.py): jobs (unless a training
-        # lane trains them) and RL sessions; those of `trainers` that are sessions.
+        # lane trains them) and RL sessions; `sessions`: those that are RL sessions.
         self.trainers: list[TrainsInSteps] = []
         self.sessions: list[Session] = []
         # Called as on_version(trainer, published) after a job publishes a version, and
@@ -179,8 +179,7 @@ class Engine:
 
     def add_session(self, session: Session) -> None:
         """Starts running an RL session's operations in the steps to come (never on a
-        training lane: its caller waits on each operation, and OptimStep changes the
-        weights between two steps)."""
+        training lane: Session.may_train_on_lane)."""
         session.on_weights = self._live_weights
         self.sessions.append(session)
         self.trainers.append(session)
@@ -364,8 +363,8 @@ class Engine:
     def _train(self, trainer: TrainsInSteps, work: TrainingWork, hidden: torch.Tensor | None,
                rows: TrainingRows | None) -> None:
         """Losses and backward of the training rows only (or a share of a version's
-        evaluation); optimizer step, versions, job end. A job that fails ends alone:
-        serving and other jobs go on."""
+        evaluation); optimizer step, versions, job end. A job whose work fails ends alone,
+        a session discards that work (`_work_failed`): serving and the others go on."""
         try:
             published = trainer.run(work, hidden, self.model.logits, rows,
                                     evaluate_at_once=self.step_sync is not None)
