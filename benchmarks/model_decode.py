@@ -13,7 +13,7 @@ flatters the ratio by that much at most.
 A decode step: `sequences` sequences of CONTEXT cached tokens, one new token each, sequence i
 on slot i % slots, sorted by slot as Engine.step sorts its chunks. The adapters are resident
 through ResidentAdapters, as the engine makes them. Timed: the model's forward over a
-ForwardBatch (paged KV cache view and LoraRouting, as Engine._batch builds them, built once
+ForwardBatch (paged KV cache view and LoraRouting, as step_batch builds them, built once
 outside the clock) and the logits of every row: a decode step less scheduling and sampling.
 Systems, interleaved over rounds: the base alone (no LoRA routing), and the same batch with
 adapters through the Triton kernels and through batched torch (COTUNE_KERNELS).

@@ -261,6 +261,28 @@ def test_a_loss_that_is_not_finite_fails_its_call_and_the_session_goes_on(tiny_c
         assert handle.optim_step().weights_version == 1
 
 
+def test_a_step_that_fails_on_a_sessions_rows_fails_its_call_and_the_session_goes_on(
+        tiny_checkpoint, start_adapter):
+    _, path = tiny_checkpoint
+    with Runtime.load(path) as rt:
+        handle = rt.open_session(_spec(start_adapter))
+        model = rt.engine.model
+        forward = model.forward
+
+        def failing(batch):  # a pass with training rows fails, again when they run alone
+            if batch.training is not None:
+                raise RuntimeError("a kernel failed")
+            return forward(batch)
+
+        model.forward = failing
+        with pytest.raises(SessionFailed, match="a kernel failed"):
+            handle.forward_backward(_examples())
+        model.forward = forward
+        assert handle.session in rt.engine.trainers  # not ended as a job would be
+        assert handle.forward_backward(_examples()).loss > 0  # it goes on
+        assert handle.optim_step().weights_version == 1
+
+
 def test_a_closed_session_takes_nothing_and_a_stop_fails_what_waits(tiny_checkpoint,
                                                                    start_adapter):
     _, path = tiny_checkpoint

@@ -6,9 +6,8 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +15,14 @@ import torch
 
 from cotune.adapters.peft_format import AdapterError, LoraAdapter
 from cotune.adapters.residency import ResidentAdapters
-from cotune.engine.containment import Quarantine, RequestFailed, non_finite_rows
+from cotune.engine.adapter_admission import AdapterAdmission
+from cotune.engine.containment import Containment, Quarantine, non_finite_rows
 from cotune.engine.detokenizer import IncrementalDetokenizer
 from cotune.engine.example_pieces import TrainingWork
-from cotune.engine.kv_cache import PagedBatch, PagedKVCache
+from cotune.engine.forwarded import Forwarded, StepOutput
+from cotune.engine.kv_cache import PagedKVCache
 from cotune.engine.sampling import Sampler, SamplingParams, TokenLogprob
 from cotune.engine.scheduler import (
-    Admission,
     ScheduledChunk,
     Scheduler,
     SchedulerConfig,
@@ -30,14 +30,14 @@ from cotune.engine.scheduler import (
 )
 from cotune.engine.sequence import Sequence
 from cotune.engine.session import Session
+from cotune.engine.step_batch import step_batch
 from cotune.engine.step_time import StepTimeModel
 from cotune.engine.trainer import Published, Trainer
 from cotune.engine.training_lane import LanePass, TrainingLane
-from cotune.model.llama import CausalLM, ForwardBatch
-from cotune.model.lora_routing import LoraRouting
+from cotune.engine.training_plan import TrainingPlan
+from cotune.engine.trains_in_steps import TrainsInSteps
+from cotune.model.llama import CausalLM
 from cotune.model.training_rows import TrainingRows
-
-IDLE_WAIT_S = 0.005  # a step with nothing to compute waits this long at most for a load
 
 
 @dataclass
@@ -82,26 +82,6 @@ class EngineConfig:
         return max(0, (os.cpu_count() or 1) - self.torch_threads)
 
 
-@dataclass
-class StepOutput:
-    seq: Sequence
-    token_id: int
-    text: str  # text that became final with this token
-    logprob: TokenLogprob | None
-    finished: bool
-
-
-@dataclass(frozen=True)
-class Forwarded:
-    """A step's pass: the served rows' outputs, and what the training rows need for their
-    backward (their hidden states and rows), and the seconds of the forward itself."""
-
-    outputs: list[StepOutput]
-    training_hidden: torch.Tensor | None
-    batch: ForwardBatch | None
-    seconds: float
-
-
 @dataclass(frozen=True)
 class StepReport:
     """What one step computed, and how long it took."""
@@ -132,23 +112,28 @@ class Engine:
         weight = model.model.embed_tokens.weight
         self.cache = PagedKVCache(model.config, num_blocks, config.block_size,
                                   dtype=weight.dtype, device=weight.device)
-        self.scheduler = Scheduler(SchedulerConfig(
-            config.max_batched_tokens, config.max_running, config.ttft_target_s,
-            config.tpot_target_s, tenant_isolation=config.tenant_isolation), self.cache,
-            admit=self._admit, release=self._release)
-        self.step_time = StepTimeModel()
-        # (when, step seconds, trainer or None, its training seconds) over share_window_s
-        self._recent_steps: deque[tuple[float, float, Trainer | None, float]] = deque()
         self.adapters = ResidentAdapters(model, config.num_slots, config.max_rank,
                                          host_cache_bytes=config.host_cache_mb << 20,
                                          hot_share=config.hot_slot_share)
+        self.quarantine = Quarantine()
+        self.admission = AdapterAdmission(self.adapters, self.quarantine)
+        self.scheduler = Scheduler(SchedulerConfig(
+            config.max_batched_tokens, config.max_running, config.ttft_target_s,
+            config.tpot_target_s, tenant_isolation=config.tenant_isolation), self.cache,
+            admit=self.admission.admit, release=self.admission.release)
+        # A request that the engine fails alone, or refuses for its adapter, is reported
+        # through containment.on_failure.
+        self.containment = Containment(model, self.scheduler, self.quarantine, self._forward,
+                                       self.abort)
+        self.admission.on_refused = self.containment.report_failure
+        self.step_time = StepTimeModel()
         self.sampler = Sampler()
         # finished requests by (tenant, "ttft"|"tpot"|"both", "met"|"missed")
         self.slo_counts: Counter[tuple[str, str, str]] = Counter()
         self._ids = itertools.count()
-        # What trains in the steps, in turn: jobs (unless a training lane trains them) and
-        # RL sessions (session.py), which a job's interface fits.
-        self.trainers: list[Trainer | Session] = []
+        # What trains in the steps, in turn (trains_in_steps.py): jobs (unless a training
+        # lane trains them) and RL sessions; `sessions`: those that are RL sessions.
+        self.trainers: list[TrainsInSteps] = []
         self.sessions: list[Session] = []
         # Called as on_version(trainer, published) after a job publishes a version, and
         # on_job_end(trainer, error) when a job finishes (error None) or fails.
@@ -165,20 +150,20 @@ class Engine:
         # Called from the training lane's thread when a pass of it awaits the next step
         # boundary (has_work turned true): wakes an idle loop.
         self.on_lane_pass: Callable[[], None] | None = None
-        # Called as on_failure(seq, error) when the engine fails a request alone (its adapter
-        # failed to load or to run, or its outputs were not finite); other requests go on.
-        self.on_failure: Callable[[Sequence, BaseException], None] | None = None
-        self.quarantine = Quarantine()
         self.lane = None if not config.training_threads else TrainingLane(
             model, config.training_threads, config.max_batched_tokens, self._lane_passed)
+        self.training_plan = TrainingPlan(
+            self.scheduler, config.max_batched_tokens, config.share_window_s,
+            config.time_slice_s, lane=self.lane is not None, split_examples=step_sync is None)
 
     @property
     def has_work(self) -> bool:
-        if self.scheduler.has_work or any(s.has_work for s in self.sessions):
+        """Whether a step has anything to do: requests, work of what trains in the steps, or
+        passes of the training lane to take."""
+        if self.scheduler.has_work or any(t.has_work for t in self.trainers
+                                          if not self.training_plan.lane_trains(t)):
             return True
-        if self.lane is not None:
-            return self.lane.has_passes
-        return len(self.trainers) > len(self.sessions)  # a job
+        return self.lane is not None and self.lane.has_passes
 
     def add_trainer(self, trainer: Trainer) -> None:
         """Starts training a job in the steps to come (or on the training lane)."""
@@ -194,8 +179,7 @@ class Engine:
 
     def add_session(self, session: Session) -> None:
         """Starts running an RL session's operations in the steps to come (never on a
-        training lane: its caller waits on each operation, and OptimStep changes the
-        weights between two steps)."""
+        training lane: Session.may_train_on_lane)."""
         session.on_weights = self._live_weights
         self.sessions.append(session)
         self.trainers.append(session)
@@ -255,11 +239,8 @@ class Engine:
         seq = Sequence(request_id, list(prompt_ids), params, tenant=tenant,
                        adapter=None if adapter is None else adapter[0])
         self.scheduler.check_fits(seq)
-        if adapter is not None and isinstance(adapter[1], LoraAdapter):
-            seq.adapter_load = Future()
-            seq.adapter_load.set_result(adapter[1])
-        elif adapter is not None:
-            seq.adapter_load = self.adapters.prefetch(*adapter)
+        if adapter is not None:
+            self.admission.start_load(seq, adapter[1])
         if self.tokenizer is not None:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params.stop)
         return seq
@@ -272,7 +253,7 @@ class Engine:
         if not seq.is_finished:
             self.scheduler.abort(seq)
             seq.finish_reason = "abort"
-            self._release(seq)
+            self.admission.release(seq)
 
     def step(self, on_output: Callable[[list[StepOutput]], None] | None = None
              ) -> list[StepOutput]:
@@ -291,14 +272,16 @@ class Engine:
         if self.lane is not None:
             self._take_lane_passes()
         started = time.perf_counter()
-        serving, training = self._phase()
+        serving, training = self.training_plan.phase(self.trainers)
         plan = self.scheduler.schedule(*self.scheduler.slo_budget(
             self.step_time, time.monotonic())) if serving else StepPlan()
         # Rows of one adapter side by side: fewer segments for the LoRA ops.
         chunks = sorted(plan.chunks, key=lambda c: -1 if c.seq.slot is None else c.seq.slot)
-        trainer, work = self._plan_training(plan.num_tokens) if training else (None, None)
+        trainer, work = (self.training_plan.next_work(self.trainers, plan.num_tokens,
+                                                      self.step_time)
+                         if training else (None, None))
         if not chunks and work is None:
-            self._await_loads()
+            self.admission.await_loads(self.scheduler.waiting)
             return []
         inference_rows = plan.num_tokens
         decode_tokens = sum(c.num_tokens for c in chunks if c.seq.pending == 1)
@@ -308,8 +291,10 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - traced to its rows where it can be
             if self.step_sync is not None:  # ranks pass together: one cannot run apart
                 raise
-            forwarded, trains_on = self._contain(chunks, trainer, work, error)
-            work = work if trains_on else None  # or it failed alone
+            forwarded, training_error = self.containment.contain(chunks, work, error)
+            if training_error is not None:  # the training rows failed alone
+                self._work_failed(trainer, training_error)
+                work = None
         outputs = forwarded.outputs
         if on_output is not None:
             on_output(outputs)  # streamed before backward: the stream must not wait
@@ -319,8 +304,7 @@ class Engine:
                         None if forwarded.batch is None else forwarded.batch.training)
         ended = time.perf_counter()
         seconds = ended - started
-        forward_seconds = self._training_forward(forwarded.seconds, inference_rows,
-                                                 forwarded.batch)
+        forward_seconds = forwarded.training_seconds(inference_rows)
         backward_seconds = 0.0 if work is None else ended - sampled  # losses, backward
         if work is not None and not work.backward_passes:
             forward_seconds, backward_seconds = forward_seconds + backward_seconds, 0.0
@@ -329,7 +313,7 @@ class Engine:
         self.step_time.observe(inference_rows, seconds, train_rows, forward_seconds,
                                backward_tokens, 0 if work is None else work.backward_passes,
                                backward_seconds, decode_tokens)
-        self._remember_step(seconds, trainer, training_seconds)
+        self.training_plan.remember_step(seconds, trainer, training_seconds)
         self.progress += 1
         if self.on_step is not None:
             self.on_step(StepReport(decode_tokens, inference_rows - decode_tokens, train_rows,
@@ -338,12 +322,12 @@ class Engine:
 
     def _forward(self, chunks: list[ScheduledChunk], work: TrainingWork | None) -> Forwarded:
         """One pass over the served chunks and the training rows; the served rows sampled
-        (a row whose logits are not finite fails its request alone: `_fail_rows`)."""
+        (a row whose logits are not finite fails its request alone: Containment.fail_rows)."""
         started = time.perf_counter()
         inference_rows = sum(c.num_tokens for c in chunks)
         hidden = batch = None
         if inference_rows or (work is not None and work.forward_tokens):
-            batch = self._batch(chunks, work)
+            batch = step_batch(self.cache, chunks, work)
             with torch.set_grad_enabled(work is not None and work.needs_grad):
                 hidden = self.model(batch)  # (T, hidden)
         seconds = time.perf_counter() - started
@@ -351,159 +335,6 @@ class Engine:
             outputs = self._sample(chunks, hidden[:inference_rows].detach()) if chunks else []
         return Forwarded(outputs, None if hidden is None else hidden[inference_rows:], batch,
                          seconds)
-
-    def _contain(self, chunks: list[ScheduledChunk], trainer: Trainer | None,
-                 work: TrainingWork | None, error: Exception) -> tuple[Forwarded, bool]:
-        """A step's pass failed. Each adapter's served rows, and the job's training rows,
-        run again apart (nothing of the failed pass was committed: a row's keys and values
-        are written again, the same): what fails again fails alone, its adapter
-        quarantined, and the rest of the step goes on. Where the base model itself fails a
-        pass of one token, the fault is no one row's, and the engine stops on `error`.
-        Returns the pass, and whether the training rows' work goes on (they did not fail)."""
-        try:
-            with torch.no_grad():
-                self.model(ForwardBatch(torch.zeros(1, dtype=torch.int64), [1]))
-        except Exception:
-            raise error from None
-        outputs = []
-        for _, group in itertools.groupby(chunks, key=lambda c: c.seq.adapter):
-            group = list(group)
-            try:
-                outputs += self._forward(group, None).outputs
-            except Exception as e:  # noqa: BLE001 - these rows alone
-                self._fail_rows([c.seq for c in group], f"a step over its rows failed ({e!r})")
-        training, trains_on = Forwarded([], None, None, 0.0), work is not None
-        if work is not None:
-            try:
-                training = self._forward([], work)
-            except Exception as e:  # noqa: BLE001 - the job alone
-                self._end_job(trainer, e)
-                trains_on = False
-        return Forwarded(outputs, training.training_hidden, training.batch,
-                         training.seconds), trains_on
-
-    def _fail_rows(self, seqs: list[Sequence], reason: str) -> None:
-        """Fails requests whose rows failed, and quarantines their adapter: its requests
-        waiting or running fail too, and new ones are refused."""
-        for seq in seqs:
-            if seq.adapter is None:
-                self._fail(seq, RequestFailed(f"request {seq.id!r} failed: {reason}"))
-            elif seq.adapter not in self.quarantine:
-                quarantined = self.quarantine.add(seq.adapter, reason)
-                for other in [*self.scheduler.running, *self.scheduler.waiting]:
-                    if other.adapter == seq.adapter:
-                        self._fail(other, quarantined)
-            if not seq.is_finished:
-                self._fail(seq, self.quarantine.error(seq.adapter))
-
-    def _fail(self, seq: Sequence, error: BaseException) -> None:
-        """Ends a queued or running request with `error`; the engine goes on."""
-        self.abort(seq)
-        self._report_failure(seq, error)
-
-    def _report_failure(self, seq: Sequence, error: BaseException) -> None:
-        seq.finish_reason = "error"
-        if self.on_failure is not None:
-            self.on_failure(seq, error)
-
-    @staticmethod
-    def _training_forward(seconds: float, inference_rows: int, batch: ForwardBatch | None
-                          ) -> float:
-        """The seconds of a pass of `seconds` spent on its training rows: as timed, where the
-        model runs them apart from the served rows, else their share of the rows."""
-        rows = None if batch is None else batch.training
-        if rows is None:
-            return 0.0
-        if rows.forward_seconds is not None:
-            return rows.forward_seconds
-        return seconds * sum(rows.lengths) / (inference_rows + sum(rows.lengths))
-
-    def _phase(self) -> tuple[bool, bool]:
-        """(whether this step serves, whether it trains): both, unless time slicing."""
-        slice_s = self.config.time_slice_s
-        training = any(t not in self.sessions or t.has_work for t in self.trainers)
-        if slice_s is None or not (training and self.scheduler.has_work):
-            return True, True
-        serving_phase = int(time.monotonic() / slice_s) % 2 == 0
-        return serving_phase, not serving_phase
-
-    def _plan_training(self, inference_tokens: int):
-        """(trainer, its work in this step) for the first job in turn that has work that
-        fits, jobs below their floor (or asked for a version) first; (None, None) when none has.
-
-        Serving comes first: a job gets the room the requests' SLOs leave beside the step's
-        inference tokens (Scheduler.step_seconds); with nothing served, a step of the longest
-        any step may take (a request that arrives meanwhile waits it out), and at least one
-        unit of work.
-        A room too small for training to spend at least half of it on tokens rather than on
-        a pass's fixed cost is left unused while the requests' TPOT slack can still grow it:
-        a later step gets a room worth training in. A job whose share of step time over the
-        last share_window_s fell below its floor (spec.min_share) gets room for that share
-        of this step, and at least the smallest unit of work; so does a job asked for a
-        version before a stop (Runtime.checkpoint_jobs), whose work would otherwise be lost
-        if the rooms of the grace period were too small for it."""
-        ready = [t for t in self.trainers if not t.awaiting_ranks and (
-            t in self.sessions or self.lane is None)]  # a lane trains the jobs
-        if not ready:
-            return None, None
-        cap = self.config.max_batched_tokens
-        model, serving = self.step_time, self.scheduler.has_work
-        serve_seconds = model.predict(inference_tokens)
-        # with nothing served too: a request arriving meanwhile waits out this step
-        step = self.scheduler.step_seconds(time.monotonic())
-        room = step - serve_seconds
-        # a small room waits to grow, unless no step may be longer anyway
-        worth_training = (room >= 2 * model.training_overhead
-                          or step >= self.scheduler.max_step_seconds)
-        pressed = {t for t in ready if t.checkpoint_requested or (
-            t.spec.min_share > 0 and self._training_share(t) < t.spec.min_share)}
-        for trainer in sorted(ready, key=lambda t: t not in pressed):  # stable: round robin
-            if trainer not in pressed and not worth_training:
-                continue
-            share = trainer.spec.min_share
-            seconds = max(room, serve_seconds * share / (1 - share)) if trainer in pressed \
-                else room
-            work = trainer.plan(seconds, model.training_cost, cap - inference_tokens,
-                                split=self.step_sync is None,
-                                at_least_one=trainer in pressed or not serving)
-            if work:
-                self.trainers.remove(trainer)
-                self.trainers.append(trainer)  # round robin over jobs
-                self.scheduler.counters["training_tokens"] += work.forward_tokens
-                return trainer, work
-        return None, None
-
-    def _remember_step(self, seconds: float, trainer: Trainer | None,
-                       training_seconds: float) -> None:
-        now = time.monotonic()
-        self._recent_steps.append((now, seconds, trainer, training_seconds))
-        while self._recent_steps and self._recent_steps[0][0] < now - self.config.share_window_s:
-            self._recent_steps.popleft()
-
-    def _training_share(self, trainer: Trainer) -> float:
-        """The share of step time spent training `trainer` over the recent window."""
-        total = sum(seconds for _, seconds, _, _ in self._recent_steps)
-        trained = sum(spent for _, _, t, spent in self._recent_steps if t is trainer)
-        return trained / total if total else 0.0
-
-    def _batch(self, chunks: list[ScheduledChunk], work: TrainingWork | None) -> ForwardBatch:
-        lens = [c.num_tokens for c in chunks]
-        ids = [c.seq.token_ids[c.seq.computed:c.seq.computed + c.num_tokens] for c in chunks]
-        adapters = [c.seq.slot for c in chunks]
-        kv = PagedBatch(self.cache, [c.seq.id for c in chunks], list(lens))
-        training = None
-        if work is not None and work.pieces:  # training rows: pieces of examples, after
-            training = TrainingRows(work.pieces)
-            ids += work.token_ids()
-            lens += training.lengths
-            adapters += [piece.lora for piece in work.pieces]
-        return ForwardBatch(
-            token_ids=torch.tensor([t for row_ids in ids for t in row_ids]),
-            seq_lens=lens,
-            kv=kv,
-            lora=LoraRouting.from_sequences(lens, adapters),
-            training=training,
-        )
 
     def _sample(self, chunks: list[ScheduledChunk], hidden: torch.Tensor) -> list[StepOutput]:
         """Samples the rows that end their prompt or decode, then commits the chunks' keys
@@ -517,8 +348,8 @@ class Engine:
             seqs = [chunks[i].seq for i in sampling]
             bad = non_finite_rows(logits)
             if bad:
-                self._fail_rows([seqs[i] for i in bad], "its outputs were not finite (NaN or "
-                                "Inf in the logits)")
+                self.containment.fail_rows([seqs[i] for i in bad], "its outputs were not "
+                                           "finite (NaN or Inf in the logits)")
                 keep = [i for i in range(len(seqs)) if not seqs[i].is_finished]
                 logits, seqs = logits[keep], [seqs[i] for i in keep]
             tokens, logprobs = self.sampler.sample(logits, [s.params for s in seqs],
@@ -529,16 +360,16 @@ class Engine:
                 chunk.seq.computed += chunk.num_tokens
         return [self._advance(s, t, lp) for s, t, lp in zip(seqs, tokens, logprobs)]
 
-    def _train(self, trainer: Trainer, work: TrainingWork, hidden: torch.Tensor | None,
+    def _train(self, trainer: TrainsInSteps, work: TrainingWork, hidden: torch.Tensor | None,
                rows: TrainingRows | None) -> None:
         """Losses and backward of the training rows only (or a share of a version's
-        evaluation); optimizer step, versions, job end. A job that fails ends alone:
-        serving and other jobs go on."""
+        evaluation); optimizer step, versions, job end. A job whose work fails ends alone,
+        a session discards that work (`_work_failed`): serving and the others go on."""
         try:
             published = trainer.run(work, hidden, self.model.logits, rows,
                                     evaluate_at_once=self.step_sync is not None)
         except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
-            self._end_job(trainer, e)
+            self._work_failed(trainer, e)
             return
         self._conclude(trainer, published, trainer.done)
 
@@ -549,21 +380,22 @@ class Engine:
         try:
             published = trainer.after_optimizer_step(evaluate_at_once=True)
         except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
-            self._end_job(trainer, e)
+            self._work_failed(trainer, e)
             return
         self._conclude(trainer, published, trainer.done)
 
-    def _conclude(self, trainer: Trainer, published: Published | None, done: bool) -> None:
+    def _conclude(self, trainer: TrainsInSteps, published: Published | None,
+                  done: bool) -> None:
         """Announces a version the job saved, and ends the job when `done` (its state as of
         the work that saved it: a lane may have gone on since)."""
-        error = None
         if published is not None and self.on_version is not None:
             try:
                 self.on_version(trainer, published)
             except Exception as e:  # noqa: BLE001 - the job reports it; the engine goes on
-                error = e
-        if error is not None or done:
-            self._end_job(trainer, error)
+                self._work_failed(trainer, e)
+                return
+        if done:
+            self._end_job(trainer, None)
 
     def _lane_passed(self) -> None:
         if self.on_lane_pass is not None:
@@ -581,15 +413,18 @@ class Engine:
             if done.trainer not in self.trainers:
                 continue
             if done.error is not None:
-                self._end_job(done.trainer, done.error)
+                self._work_failed(done.trainer, done.error)
             else:
                 self._conclude(done.trainer, done.published, done.ended)
 
-    def _end_job(self, trainer: Trainer | Session, error: BaseException | None) -> None:
-        """A job ends, or fails; a session whose work failed goes on (Session.discard)."""
-        if trainer in self.sessions:
-            trainer.discard(error)
-            return
+    def _work_failed(self, trainer: TrainsInSteps, error: BaseException) -> None:
+        """The work planned for `trainer` failed: a job ends with `error`, a session discards
+        that work and goes on (TrainsInSteps.work_failed)."""
+        if trainer.work_failed(error):
+            self._end_job(trainer, error)
+
+    def _end_job(self, trainer: Trainer, error: BaseException | None) -> None:
+        """A job ends: done (`error` None), or failed."""
         self.remove_trainer(trainer)
         if self.on_job_end is not None:
             self.on_job_end(trainer, error)
@@ -613,7 +448,7 @@ class Engine:
             if seq.detokenizer is not None and not seq.detokenizer.stopped:
                 text += seq.detokenizer.finish()
             self.scheduler.finish(seq)
-            self._release(seq)
+            self.admission.release(seq)
         return StepOutput(seq, token, text, logprob, seq.finish_reason is not None)
 
     def _count_slo(self, seq: Sequence) -> None:
@@ -625,44 +460,6 @@ class Engine:
         ttft_met, tpot_met = ttft <= config.ttft_target_s, tpot <= config.tpot_target_s
         for kind, met in (("ttft", ttft_met), ("tpot", tpot_met), ("both", ttft_met and tpot_met)):
             counters[seq.tenant, kind, "met" if met else "missed"] += 1
-
-    def _admit(self, seq: Sequence) -> Admission:
-        """Called by the scheduler when `seq` is about to run: pins its adapter in a slot."""
-        if seq.adapter is None or seq.slot is not None:
-            return Admission.READY
-        load = seq.adapter_load
-        if load.done() and load.exception() is not None:
-            return self._refuse(seq, load.exception())
-        if seq.adapter in self.quarantine:
-            return self._refuse(seq, self.quarantine.error(seq.adapter))
-        try:
-            seq.slot = self.adapters.try_acquire(seq.adapter, load)
-        except Exception as e:  # noqa: BLE001 - this adapter alone
-            return self._refuse(seq, self.quarantine.add(
-                seq.adapter, f"it could not be placed in a device slot ({e})"))
-        if seq.slot is not None:
-            return Admission.READY
-        return Admission.NO_SLOT if load.done() else Admission.LOADING
-
-    def _refuse(self, seq: Sequence, error: BaseException) -> Admission:
-        """A request that cannot be admitted ends with `error` (the scheduler drops it)."""
-        self._report_failure(seq, error)
-        return Admission.FAILED
-
-    def _await_loads(self) -> None:
-        """Called by a step with nothing to compute: waits a little for an adapter that
-        waiting requests need, so that the caller's loop does not spin against the loader
-        thread (briefly: a request that needs no load may arrive meanwhile)."""
-        loads = [s.adapter_load for s in self.scheduler.waiting
-                 if s.adapter_load is not None and not s.adapter_load.done()]
-        if loads:
-            wait(loads, timeout=IDLE_WAIT_S, return_when=FIRST_COMPLETED)
-
-    def _release(self, seq: Sequence) -> None:
-        """Unpins the slot of a sequence that ended or was preempted."""
-        if seq.slot is not None:
-            self.adapters.release(seq.adapter)
-            seq.slot = None
 
     def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         config = self.model.config

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 from cotune.adapters.peft_format import AdapterError, LoraAdapter
-from cotune.engine.engine import Engine, EngineConfig, StepOutput
+from cotune.engine.engine import Engine, EngineConfig
 from cotune.engine.finetune_spec import FinetuneSpec
+from cotune.engine.forwarded import StepOutput
 from cotune.engine.inbox import Inbox
 from cotune.engine.job import Job, JobState
 from cotune.engine.sampling import SamplingParams, TokenLogprob
@@ -129,7 +130,7 @@ class Runtime:
         engine.on_job_end = self._job_ended
         self._inbox = Inbox()
         engine.on_lane_pass = self._inbox.wake
-        engine.on_failure = self._fail_request
+        engine.containment.on_failure = self._fail_request
         self._lock = threading.Lock()  # the tables below; never held across engine work
         self._listeners: dict[Sequence, queue.SimpleQueue] = {}
         self._closed = False

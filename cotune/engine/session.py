@@ -88,6 +88,10 @@ class Operation:
 
 
 class Session:
+    # What the engine asks of it (TrainsInSteps). Never on a training lane: its caller waits
+    # on each operation, and OptimStep changes the weights between two steps.
+    may_train_on_lane = False
+
     def __init__(self, spec: SessionSpec, model: CausalLM, session_id: str,
                  base_fingerprint: str = ""):
         """Reads `spec.init_adapter`'s files when it has one (AdapterError when they do not
@@ -109,7 +113,7 @@ class Session:
         self.on_weights: Callable[[Session, str], None] | None = None
         self._operations: deque[Operation] = deque()
         self._closed: BaseException | None = None
-        # What the engine reads of anything it trains in its steps (see Trainer).
+        # What the engine reads of anything it trains in its steps (TrainsInSteps).
         self.awaiting_ranks = self.checkpoint_requested = self.done = False
 
     @property
@@ -118,7 +122,8 @@ class Session:
 
     @property
     def has_work(self) -> bool:
-        """Whether examples wait for the steps to come."""
+        """Whether examples of its operations wait for the steps to come (an OptimStep or a
+        Save needs no step: it runs between two)."""
         return any(op.computes and not op.complete for op in self._operations)
 
     def submit(self, operation: Operation) -> None:
@@ -168,6 +173,11 @@ class Session:
             self._operations.popleft().future.set_exception(failed)
         self.pieces.runs.clear()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def work_failed(self, error: BaseException) -> bool:
+        """The session goes on: the failed work is discarded (`discard`)."""
+        self.discard(error)
+        return False
 
     def _settle(self) -> None:
         """Answers the computing operations that are done, and runs an OptimStep or Save
@@ -261,12 +271,17 @@ class Session:
         return OptimResult(self.steps, self.weights_version, norm)
 
     def _saved(self) -> SavedWeights:
+        """The live weights, with the provenance that a version saved from them records
+        (the registry stores it as it is)."""
+        spec = self.spec
+        parent = f"{spec.name}@v{spec.parent_version}" if spec.parent_version else ""
         provenance = {"base_fingerprint": self.base_fingerprint, "session_id": self.id,
-                      "parent_version": self.spec.parent, "steps": self.steps,
+                      "parent_version": spec.parent_version, "steps": self.steps,
                       "weights_version": self.weights_version,
-                      "hyperparameters": {"lora": asdict(self.spec.lora),
+                      "hyperparameters": {"lora": asdict(spec.lora),
                                           "optimizer": asdict(self.last_settings),
-                                          "seed": self.spec.seed}}
+                                          "seed": spec.seed, "parent": parent},
+                      "source": "session"}
         return SavedWeights(self.live.adapter, self.steps, self.weights_version, provenance)
 
     def _snapshot(self, version: int) -> LiveWeights:

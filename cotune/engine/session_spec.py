@@ -41,7 +41,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 @dataclass(frozen=True)
 class SessionSpec:
     """A session on adapter `name`: new weights drawn from `seed`, or those of the PEFT
-    directory `init_adapter` (a version it continues, which `parent` names for provenance)."""
+    directory `init_adapter` (version `parent_version` of `name`, which it continues)."""
 
     name: str
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -49,7 +49,7 @@ class SessionSpec:
     seed: int = 0
     tenant: str = "default"
     init_adapter: str | Path | None = None
-    parent: str | None = None  # e.g. "tenant/name@v3", recorded in saved versions
+    parent_version: int = 0  # 0: new weights; recorded in the provenance of saved versions
     # the share of step time its work keeps however busy serving is (as FinetuneSpec's)
     min_share: float = 0.0
 

@@ -51,6 +51,10 @@ class Published:
 
 
 class Trainer:
+    # What the engine asks of it (TrainsInSteps). Its caller waits on no step of it: a
+    # training lane may train it beside the serving steps.
+    may_train_on_lane = True
+
     def __init__(self, spec: FinetuneSpec, model: CausalLM, tokenizer, job_id: str,
                  base_fingerprint: str = "", span: tuple[int, int] | None = None):
         """`span`: (rank, world_size) for a job that spans the ranks of a sharded base."""
@@ -98,6 +102,12 @@ class Trainer:
     def finished(self) -> bool:
         """Every optimizer step taken (its last version may still be on its way: `done`)."""
         return self.step >= self.total_steps
+
+    @property
+    def has_work(self) -> bool:
+        """Always, while it is in the engine: its next examples, its version's evaluation, or
+        its wait for the other ranks (which the steps go on for)."""
+        return True
 
     @property
     def partial_examples(self) -> int:
@@ -162,6 +172,10 @@ class Trainer:
             if evaluate_at_once:
                 self.evaluate_now()
         return self._publish_ready()
+
+    def work_failed(self, error: BaseException) -> bool:
+        """A job ends on the first failure of its work; its versions published so far stay."""
+        return True
 
     def _publish_ready(self) -> Published | None:
         return self.checkpoint() if self.checkpoint_ready else None

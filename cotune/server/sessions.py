@@ -61,7 +61,6 @@ class LiveSession:
     tenant: str
     adapter: str
     parent: str  # "name@vK" it continues, "" for new weights
-    parent_version: int  # 0 for new weights
     handle: SessionHandle
     spec: SessionSpec
     created: float  # time.time()
@@ -158,7 +157,7 @@ class SessionManager:
                 "server whose whole base is in one process")
         if idempotency is not None and (earlier := self._repeated(tenant.name, idempotency)):
             return earlier
-        parent = parent_version = None
+        parent = None
         if version is not None:
             parent = self.registry.get_version(tenant.name, adapter, version)
             lora = continued_fields(parent, {"lora": lora})["lora"]
@@ -167,16 +166,13 @@ class SessionManager:
                            tenant=tenant.name, min_share=min_share,
                            init_adapter=None if parent is None else
                            self.registry.version_dir(parent),
-                           parent=None if parent is None else
-                           f"{tenant.name}/{reference(adapter, parent.version)}")
+                           parent_version=0 if parent is None else parent.version)
         max_rank = self.runtime.engine.config.max_rank
         if spec.lora.rank > max_rank:  # its saved versions could not be served
             raise AdapterMismatch(
                 f"rank {spec.lora.rank} exceeds max_rank {max_rank} of this server; lower the "
                 f"rank to at most {max_rank} or start the server with --max-rank "
                 f"{spec.lora.rank}")
-        if parent is not None:
-            parent_version = parent.version
         self.sweep(tenant.name)  # an idle session's place is free now, not at the next sweep
         session_id = "sess-" + secrets.token_hex(16)
         with self._lock:  # the count and the claim of a place are one step
@@ -198,9 +194,9 @@ class SessionManager:
         now = time.time()
         session = LiveSession(
             id=session_id, tenant=tenant.name, adapter=adapter,
-            parent="" if parent_version is None else reference(adapter, parent_version),
-            parent_version=parent_version or 0, handle=handle, spec=spec, created=now,
-            idle_timeout_s=self.idle_timeout_s, last_used=now)
+            parent="" if parent is None else reference(adapter, parent.version),
+            handle=handle, spec=spec, created=now, idle_timeout_s=self.idle_timeout_s,
+            last_used=now)
         with self._lock:
             self._opening.pop(session_id, None)
             self._open[session_id] = session
@@ -270,18 +266,12 @@ class SessionManager:
             saved = session.handle.save(timeout=timeout)
             if session.saved is not None and session.saved[0] == saved.weights_version:
                 return session.saved[1]
-            provenance = {
-                **saved.provenance, "source": "session", "session_id": session.id,
-                "steps": saved.steps, "weights_version": saved.weights_version,
-                "parent_version": session.parent_version,
-                "hyperparameters": {**saved.provenance["hyperparameters"],
-                                    "parent": session.parent}}
             self.staging_dir.mkdir(parents=True, exist_ok=True)
             files = self.staging_dir / f"{session.id}-{secrets.token_hex(4)}"
             try:
                 save_peft_adapter(saved.adapter, files)
                 record = self.registry.publish_version(session.tenant, session.adapter, files,
-                                                       provenance)
+                                                       saved.provenance)
             finally:
                 shutil.rmtree(files, ignore_errors=True)
             # its first request (Generate on the version) reads no file
