@@ -222,8 +222,7 @@ class Engine:
 
     def prepare(self, prompt_ids: list[int], params: SamplingParams,
                 adapter: tuple[str, str | Path | LoraAdapter] | None = None,
-            request_id: str | None = None,
-                tenant: str = "default") -> Sequence:
+                request_id: str | None = None, tenant: str = "default") -> Sequence:
         """A request checked and ready to queue; `adapter` is (key, PEFT directory) or None for
         the base model, or (key, weights) for weights in memory (an RL session's live
         version). Everything but the adapter's file is checked here; the adapter's

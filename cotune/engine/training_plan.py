@@ -43,9 +43,10 @@ class TrainingPlan:
 
     def next_work(self, trainers: list[TrainsInSteps], inference_tokens: int,
                   step_time: StepTimeModel) -> tuple[TrainsInSteps | None, TrainingWork | None]:
-        """(trainer, its work in this step) for the first job in turn of `trainers` that has
-        work that fits, jobs below their floor (or asked for a version) first; (None, None)
-        when none has. The one that gets work goes to the end of `trainers` (round robin).
+        """(trainer, its work in this step) for the first in turn of `trainers` (jobs and RL
+        sessions) that has work that fits, those below their floor (or asked for a version)
+        first; (None, None) when none has. The one that gets work goes to the end of
+        `trainers` (round robin).
         `step_time`: the engine's model of what a step's tokens cost.
 
         Serving comes first: a job gets the room the requests' SLOs leave beside the step's
