@@ -63,8 +63,10 @@ def test_split_examples_give_peft_gradients_of_whole_ones_beside_served_rows(
     hf_model, base = tiny_checkpoint
     targets = ["q_proj", "v_proj", "up_proj"]
     spec = _spec(tmp_path, lora=LoraSettings(rank=4, alpha=8, targets=tuple(targets)))
-    engine = Engine(load_model(base), config=EngineConfig(num_slots=2,
-                                                          max_batched_tokens=max_tokens))
+    # SLO targets of an hour: the steps' room never binds, whatever the machine's speed, so
+    # that pieces are bounded by max_tokens alone and training always shares served steps
+    engine = Engine(load_model(base), config=EngineConfig(
+        num_slots=2, max_batched_tokens=max_tokens, ttft_target_s=3600.0, tpot_target_s=3600.0))
     trainer = Trainer(spec, engine.model, tiny_tokenizer(), "job")
     make_peft_adapter(hf_model, tmp_path / "start", r=4, alpha=8, targets=targets, seed=11)
     reference = PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / "start",
@@ -151,7 +153,11 @@ def reference_greedy_of(peft_model, prompt: list[int], new_tokens: int) -> list[
 
 
 def _train(base, spec, max_tokens, stop=None) -> Trainer:
-    engine = Engine(load_model(base), config=EngineConfig(max_batched_tokens=max_tokens))
+    """A job trained alone, in pieces of at most `max_tokens` tokens: with a TTFT target of an
+    hour a step's room never binds (it would vary with the machine's measured step times, and
+    with it the pieces and the order of the float sums the tests compare exactly)."""
+    engine = Engine(load_model(base), config=EngineConfig(max_batched_tokens=max_tokens,
+                                                          ttft_target_s=3600.0))
     trainer = Trainer(spec, engine.model, tiny_tokenizer(), "job")
     engine.add_trainer(trainer)
     steps_until(engine, lambda: trainer.finished or (stop is not None and stop(trainer)))
