@@ -348,3 +348,29 @@ def test_time_slicing_never_serves_and_trains_in_one_step(tiny_checkpoint, tmp_p
     trained = [r.training_tokens + r.backward_tokens > 0 for r in reports]
     assert not any(s and t for s, t in zip(served, trained))
     assert any(served) and any(trained)
+
+
+def test_dora_norms_are_taken_again_only_after_a_and_b_change(tiny_checkpoint):
+    """A pass reads DoRA's ||W + s B A|| as of the last optimizer step: worked out once per
+    step, whatever the number of pieces, and anew once the step changed A or B."""
+    _, base = tiny_checkpoint
+    name, module = next(iter(load_model(base).lora_modules(("q_proj",)).items()))
+    lora = TrainableLora({name: (torch.randn(4, module.in_features),
+                                 torch.randn(module.out_features, 4), 2.0)},
+                         magnitudes={name: torch.rand(module.out_features)})
+    reads = []
+
+    def base_weight():
+        reads.append(name)
+        return module.weight
+
+    first = lora.dora_norm(name, base_weight)
+    assert lora.dora_norm(name, base_weight) is first and len(reads) == 1
+    a, b, _ = lora.weights(name)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    torch.optim.AdamW(lora.parameters(), lr=0.1).step()
+    after = lora.dora_norm(name, base_weight)
+    assert len(reads) == 2
+    torch.testing.assert_close(after, torch.linalg.norm(
+        module.weight + 2.0 * b.detach() @ a.detach(), dim=1))
+    assert not torch.allclose(after, first)

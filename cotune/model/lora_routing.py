@@ -3,7 +3,7 @@ every VirtualizedLinear of the model."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -36,6 +36,8 @@ class TrainableLora(nn.Module):
             self.scales[name] = float(scale)
         for name, magnitude in (magnitudes or {}).items():
             self.m[_param_key(name)] = nn.Parameter(magnitude.detach().clone().float())
+        # DoRA's norms by module, with the versions of A and B they were taken at (dora_norm)
+        self._norms: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
 
     @property
     def dora(self) -> bool:
@@ -44,6 +46,20 @@ class TrainableLora(nn.Module):
     def magnitude(self, name: str) -> torch.Tensor | None:
         """DoRA's magnitude of module `name`, or None (plain LoRA, or not targeted)."""
         return self.m[_param_key(name)] if _param_key(name) in self.m else None
+
+    def dora_norm(self, name: str, base_weight: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """||W + scale B A|| per output row of module `name`, float32 without autograd (DoRA
+        takes it as a constant), W = base_weight(). A and B change only at an optimizer step
+        (or a load), and every pass until then reads the same norm: it is worked out again
+        only when their version counters moved (torch counts every in-place update of a
+        tensor, an optimizer step's and copy_ included)."""
+        a, b, scale = self.weights(name)
+        versions = (a._version, b._version)
+        if name not in self._norms or self._norms[name][0] != versions:
+            with torch.no_grad():
+                weight = base_weight().float() + scale * (b.float() @ a.float())
+                self._norms[name] = versions, torch.linalg.norm(weight, dim=1)
+        return self._norms[name][1]
 
     def module_names(self) -> list[str]:
         return list(self.scales)

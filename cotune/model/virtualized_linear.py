@@ -158,16 +158,13 @@ class VirtualizedLinear(nn.Module):
                     ops.sgmv_rescale(y, self.gains, self.bias, dora)
         return self.add_training(x, y, lora)
 
-    def _dora_training(self, x, dropped, y, a, b, scale, magnitude, delta, with_dropout: bool
+    def _dora_training(self, dropped, y, norm, magnitude, delta, with_dropout: bool
                        ) -> torch.Tensor:
         """What a DoRA adapter adds to its trained rows' base output y, as PEFT trains it:
         (g - 1) * x W^T + g * delta, g = m / ||W + s B A|| with the norm taken as a constant
         (DoRA's paper, 4.3): differentiable in m, and in A and B through delta. With
         dropout, x W^T is of the dropped inputs, as PEFT computes it."""
-        with torch.no_grad():
-            norm = torch.linalg.norm(dense(self.weight).float() + scale * (b.float() @ a.float()),
-                                     dim=1)
-        gains = (magnitude / norm).to(x.dtype)
+        gains = (magnitude / norm).to(y.dtype)
         if with_dropout:
             base = linear(dropped, self.weight)
         else:
@@ -189,8 +186,8 @@ class VirtualizedLinear(nn.Module):
             magnitude = only.magnitude(self.name)
             if magnitude is None:
                 return y + delta
-            return y + self._dora_training(x, dropped, y, a, b, scale, magnitude, delta,
-                                           only.dropout > 0)
+            norm = only.dora_norm(self.name, lambda: dense(self.weight))
+            return y + self._dora_training(dropped, y, norm, magnitude, delta, only.dropout > 0)
         pool = lora.training_pool(self.name, x.device, x.dtype)
         if pool is None:
             return y
