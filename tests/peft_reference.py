@@ -113,3 +113,16 @@ def assert_grads_match_training_examples(reference, trainer, examples, context: 
         for ours, theirs in ((a, peft_layer.lora_A["default"]), (b, peft_layer.lora_B["default"])):
             rel = relative_error(ours.grad, theirs.weight.grad)
             assert rel <= 1e-5, f"{name}: relative error {rel:.2e}{context}"
+
+
+def start_as_peft(lora, reference) -> None:
+    """Sets `lora` (a TrainableLora) to the weights of the adapter "default" of `reference` (a
+    PeftModel): A and B, and a DoRA adapter's magnitudes."""
+    with torch.no_grad():
+        for name in lora.module_names():
+            a, b, _ = lora.weights(name)
+            layer = reference.get_submodule(f"base_model.model.{name}")
+            a.copy_(layer.lora_A["default"].weight)
+            b.copy_(layer.lora_B["default"].weight)
+            if lora.magnitude(name) is not None:
+                lora.magnitude(name).copy_(layer.lora_magnitude_vector["default"].weight)

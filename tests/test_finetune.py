@@ -14,7 +14,7 @@ import torch
 from conftest import make_peft_adapter, tiny_tokenizer
 from engine_helpers import steps_until
 from peft import PeftModel
-from peft_reference import assert_grads_match_training_examples
+from peft_reference import assert_grads_match_training_examples, start_as_peft
 
 from cotune import FinetuneSpec, JobState, LoraSettings, OptimizerSettings, Request, Runtime
 from cotune.engine.engine import Engine, EngineConfig
@@ -67,12 +67,7 @@ def test_gradients_in_a_mixed_batch_equal_peft_on_the_same_data_alone(tiny_check
     reference = PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / "start",
                                           is_trainable=True)
     assert peft_config.use_rslora
-    with torch.no_grad():
-        for name in trainer.lora.module_names():
-            a, b, _ = trainer.lora.weights(name)
-            peft_layer = reference.get_submodule(f"base_model.model.{name}")
-            a.copy_(peft_layer.lora_A["default"].weight)
-            b.copy_(peft_layer.lora_B["default"].weight)
+    start_as_peft(trainer.lora, reference)
     engine.add_trainer(trainer)
     # Served requests share every step with the training rows.
     served = make_peft_adapter(hf_model, tmp_path / "served", r=8, alpha=16,

@@ -13,7 +13,7 @@ from conftest import make_peft_adapter, tiny_tokenizer
 from engine_helpers import steps_until
 from parity import relative_error
 from peft import PeftModel
-from peft_reference import assert_grads_match_training_examples
+from peft_reference import assert_grads_match_training_examples, start_as_peft
 
 from cotune import FinetuneSpec, LoraSettings, OptimizerSettings
 from cotune.engine.engine import Engine, EngineConfig
@@ -71,12 +71,7 @@ def test_split_examples_give_peft_gradients_of_whole_ones_beside_served_rows(
     make_peft_adapter(hf_model, tmp_path / "start", r=4, alpha=8, targets=targets, seed=11)
     reference = PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / "start",
                                           is_trainable=True)
-    with torch.no_grad():  # a random B too, so that dA does not vanish
-        for name in trainer.lora.module_names():
-            a, b, _ = trainer.lora.weights(name)
-            peft_layer = reference.get_submodule(f"base_model.model.{name}")
-            a.copy_(peft_layer.lora_A["default"].weight)
-            b.copy_(peft_layer.lora_B["default"].weight)
+    start_as_peft(trainer.lora, reference)  # a random B too, so that dA does not vanish
     pieces = _record_pieces(trainer)
     reports = []
     engine.on_step = reports.append
@@ -112,13 +107,7 @@ def test_a_dora_job_in_pieces_beside_served_dora_rows_has_peft_gradients(tiny_ch
                       dora=True)
     reference = PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / "start",
                                           is_trainable=True)
-    with torch.no_grad():
-        for name in trainer.lora.module_names():
-            a, b, _ = trainer.lora.weights(name)
-            peft_layer = reference.get_submodule(f"base_model.model.{name}")
-            a.copy_(peft_layer.lora_A["default"].weight)
-            b.copy_(peft_layer.lora_B["default"].weight)
-            trainer.lora.magnitude(name).copy_(peft_layer.lora_magnitude_vector["default"].weight)
+    start_as_peft(trainer.lora, reference)
     pieces, reports = _record_pieces(trainer), []
     engine.on_step = reports.append
     engine.add_trainer(trainer)
