@@ -339,8 +339,9 @@ def _int4_tensors(reader: GGUFReader, config: dict[str, Any]) -> dict[str, np.nd
     kept, projections = {}, _projection_names(config)
     for tensor in reader.tensors:
         name = _hf_tensor_name(tensor.name)
-        blocks = block_levels(tensor.data, tensor.tensor_type)
-        if name is None or blocks is None or name not in projections:
+        blocks = None if name not in projections else \
+            block_levels(tensor.data, tensor.tensor_type)
+        if blocks is None:
             continue
         proj = name.split(".")[-2]
         if proj in heads_of:

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from cotune.kernels.choice import backend
 from cotune.model.config import ModelConfig, ModelConfigError
@@ -61,15 +60,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
     check_weights(path, config, found, {k: t.shape for k, t in expected.items()})
     ops = backend(device, kernels)
     together = ops.FUSED_SLICES
-    if quantize is None:
-        state = {}
-        for file in weight_files(path):
-            state.update(load_file(file, device=str(device)))
-    else:  # one tensor at a time: no float copy of the whole base
-        stored = quantize_projections(model, path, tensors, quantize, dtype, together)
-        state = {k: tensors.read(k) for k in expected if k not in stored}
-    model.load_state_dict(arranged({k: state[k].to(dtype) for k in model.state_dict()}, config,
-                                   together), assign=True, strict=True)
+    if quantize is not None:  # the projections' parameters become quantized weights
+        quantize_projections(model, path, tensors, quantize, dtype, together)
+    state = {k: tensors.read(k).to(device, dtype) for k in model.state_dict()}
+    model.load_state_dict(arranged(state, config, together), assign=True, strict=True)
     for p in model.parameters():
         p.requires_grad_(False)
     model.use_kernels(ops)

@@ -44,11 +44,10 @@ def check_device(quantize: str, device: str | torch.device) -> None:
 
 
 def quantize_projections(model: CausalLM, path: Path, tensors: CheckpointTensors,
-                         quantize: str, dtype: torch.dtype, together: bool) -> set[str]:
+                         quantize: str, dtype: torch.dtype, together: bool) -> None:
     """Stores every decoder projection's weight of `model` quantized, group by group (each
-    projection alone unless `together`); returns the names of the weights it stored."""
+    projection alone unless `together`): they leave the model's parameters."""
     int4 = Int4File(path) if quantize == "int4" else None
-    stored = set()
     for layer in model.model.layers:
         for group in _groups(layer, together):
             names = [f"{module.name}.weight" for module in group]
@@ -58,8 +57,6 @@ def quantize_projections(model: CausalLM, path: Path, tensors: CheckpointTensors
                 del module.weight  # the float parameter, still on meta
                 module.weight = store.rows(start, start + module.out_features)
                 start += module.out_features
-            stored.update(names)
-    return stored
 
 
 def _groups(layer, together: bool) -> list[list[VirtualizedLinear]]:
