@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from cotune import Request, Runtime
 from cotune.adapters.peft_format import AdapterError, LoraAdapter, load_peft_adapter
-from cotune.engine.containment import AdapterQuarantined, RequestFailed
+from cotune.engine.containment import AdapterQuarantined, RequestFailed, non_finite_rows
 from cotune.engine.runtime import EngineStopped
 
 PROMPTS = [[5, 6, 7, 8, 9], [1, 2], [44, 45, 46, 47], [12] * 9]
@@ -195,3 +195,23 @@ def test_an_adapter_stored_before_the_bounds_fails_its_requests_alone(tiny_check
         assert isinstance(results["stored"], AdapterError), results["stored"]
         assert "lora_alpha=1e+308" in str(results["stored"])
         assert isinstance(results["good"], list) and rt.running
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_rows_are_exactly_those_with_a_nan_or_an_infinity(dtype):
+    """Random logits with NaN, +inf, -inf and +inf beside -inf planted in some rows, and rows of
+    huge finite logits whose sum overflows: the rows named are those with a non-finite logit,
+    as testing every logit says, and no other."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 1000, generator=generator)
+    planted = {3: [float("nan")], 7: [float("inf")], 8: [float("-inf")],
+               21: [float("inf"), float("-inf")], 39: [float("nan"), float("inf")]}
+    for row, values in planted.items():
+        for value in values:
+            logits[row, torch.randint(1000, (1,), generator=generator)] = value
+    huge = torch.finfo(dtype).max / 4
+    logits[[5, 30]] = huge  # finite; their sums overflow
+    logits = logits.to(dtype)
+    reference = [i for i in range(40) if not bool(torch.isfinite(logits[i]).all())]
+    assert non_finite_rows(logits) == reference == sorted(planted)
+    assert non_finite_rows(torch.randn(6, 1000).to(dtype)) == []

@@ -272,7 +272,7 @@ class Engine:
             self._take_lane_passes()
         started = time.perf_counter()
         serving, training = self.training_plan.phase(self.trainers)
-        plan = self.scheduler.schedule(*self.scheduler.slo_budget(
+        plan = self.scheduler.schedule(self.scheduler.slo_budget(
             self.step_time, time.monotonic())) if serving else StepPlan()
         # Rows of one adapter side by side: fewer segments for the LoRA ops.
         chunks = sorted(plan.chunks, key=lambda c: -1 if c.seq.slot is None else c.seq.slot)

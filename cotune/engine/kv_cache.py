@@ -130,19 +130,28 @@ class PagedBatch:
             values[self.write_rows] = v[self.write_tokens].detach().to(values.dtype)
         pieces = []
         if self.decode_tokens.numel():
-            pieces.append(attend_decode(q[self.decode_tokens], keys[self.decode_rows].to(q.dtype),
-                                        values[self.decode_rows].to(q.dtype),
+            pieces.append(attend_decode(q[self.decode_tokens],
+                                        _gather(keys, self.decode_rows, q.dtype),
+                                        _gather(values, self.decode_rows, q.dtype),
                                         self.decode_lengths, window))  # (B, H, D)
         for start, n, rows in self.others:
             if rows is None:
                 ki, vi = k[start:start + n], v[start:start + n]
             else:
-                ki, vi = keys[rows].to(q.dtype), values[rows].to(q.dtype)
+                ki, vi = _gather(keys, rows, q.dtype), _gather(values, rows, q.dtype)
             out = attend_one(q[start:start + n].transpose(0, 1), ki.transpose(0, 1),
                              vi.transpose(0, 1), window)  # (H, n, D)
             pieces.append(out.transpose(0, 1))
         out = torch.cat(pieces)
         return out if self.inverse is None else out[self.inverse]
+
+
+def _gather(cache: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cache[rows] (rows of any shape) in `dtype`: index_select of the flat rows, which a CPU
+    runs three times faster than advanced indexing (185 against 60 us for 16 decodes of 91
+    rows, SmolLM2's layer)."""
+    picked = cache.index_select(0, rows.reshape(-1))
+    return picked.view(*rows.shape, *cache.shape[1:]).to(dtype)
 
 
 def _cat_or_empty(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -73,6 +73,19 @@ class StepPlan:
         return sum(c.num_tokens for c in self.chunks)
 
 
+@dataclass(frozen=True)
+class StepBudget:
+    """What the SLOs allow the next step (`Scheduler.slo_budget`), for `Scheduler.schedule`."""
+
+    tokens: int | None = None  # decode and prefill tokens at most (None: the hard cap)
+    # how many decodes the step may hold when more are ready and several tenants are at work
+    # (each tenant's fair share of them: `_fair_decodes`); None: all
+    decode_limit: int | None = None
+    tenants: int = 0  # how many are at work, when counted (0: counted when needed)
+    # tenants past their fair share: their prompts take what the others' leave
+    heavy: frozenset[str] = frozenset()
+
+
 def _always_ready(seq: Sequence) -> Admission:
     return Admission.READY
 
@@ -125,9 +138,8 @@ class Scheduler:
         self.cache.free(seq.id)
         seq.state = SeqState.FINISHED
 
-    def slo_budget(self, step_time: StepTimeModel, now: float) -> tuple[int, int | None, int]:
-        """(the step's inference tokens, the decodes it may hold: None for all, the tenants
-        at work), for `schedule`, from the measured step time.
+    def slo_budget(self, step_time: StepTimeModel, now: float) -> StepBudget:
+        """The next step's budget, for `schedule`, from the measured step time.
 
         One tenant at work: while requests decode, the largest step that keeps their time per
         output token, and at least the prefill floor; past what the target allows (or with
@@ -141,12 +153,14 @@ class Scheduler:
         `tenant_isolation` times the light work's own step (half of it for their prompts
         while they have some): one tenant's flood then makes its own tokens slower, not the
         few requests of another tenant. Without heavy tenants, a TPOT target the decodes
-        cannot keep is kept with each tenant's fair share of them."""
+        cannot keep is kept with each tenant's fair share of them. Either way the light
+        tenants' prompts are prefilled before the heavy ones' (which would otherwise come
+        first whenever their tenant was served less of late)."""
         c = self.config
         cap, decodes = c.max_batched_tokens, self.decoding
         tenants = self._tenants_at_work(now)
         if not decodes:
-            return cap, None, 0
+            return StepBudget(cap)
         budget = step_time.inference_budget(c.tpot_target_s, cap)
         if len(tenants) > 1:
             limit = max(1, budget)
@@ -159,16 +173,16 @@ class Scheduler:
             if heavy or budget <= decodes:
                 # the prompts of tenants within their share are prefilled whole, as they
                 # would be alone; those of a tenant past it wait for room its decodes leave
-                return min(cap, limit + self.prompt_tokens(excluding=heavy)), limit, \
-                    len(tenants)
+                return StepBudget(min(cap, limit + self.prompt_tokens(excluding=heavy)),
+                                  limit, len(tenants), frozenset(heavy))
         if budget > decodes:
             floor = min(self._prefill_floor(now),
                         step_time.inference_budget(self.max_step_seconds, cap))
-            return min(cap, max(budget, decodes + floor)), None, 0
-        return cap, None, 0
+            return StepBudget(min(cap, max(budget, decodes + floor)))
+        return StepBudget(cap)
 
     def _isolated_budget(self, step_time: StepTimeModel, tenants: Counter[str], limit: int
-                         ) -> tuple[int, int, int] | None:
+                         ) -> StepBudget | None:
         """`slo_budget`'s answer while light and heavy tenants are at work, None otherwise.
         Light: a tenant within its share of the decodes of an isolated step (one a single
         decode would take, times `tenant_isolation`); heavy: the others. The step keeps the
@@ -189,7 +203,8 @@ class Scheduler:
         # the heavy tenants' decodes; a room their decodes leave (as their requests end)
         # goes to their prompts, so that they keep about as many requests running as it holds
         room = max(len(heavy), min(isolated, limit) - light)
-        return min(c.max_batched_tokens, light + room + prompts), light + room, len(tenants)
+        return StepBudget(min(c.max_batched_tokens, light + room + prompts), light + room,
+                          len(tenants), frozenset(heavy))
 
     def _tenants_at_work(self, now: float) -> Counter[str]:
         """`tenant_decodes`, and (with 0) the tenants that had work within the last TTFT
@@ -222,16 +237,14 @@ class Scheduler:
                 floor += -(-seq.pending // steps)
         return floor
 
-    def schedule(self, budget: int | None = None, decode_limit: int | None = None,
-                 tenants: int = 0) -> StepPlan:
-        """The chunks of the next step, at most `budget` tokens (default: the config's).
-        `decode_limit`: how many decodes the step may hold when more are ready and several
-        tenants are at work (each tenant's fair share of them: `_fair_decodes`); None: all.
-        `tenants`: how many are at work, when the caller counted them (0: counted here)."""
-        budget = self.config.max_batched_tokens if budget is None else budget
+    def schedule(self, budget: StepBudget = StepBudget()) -> StepPlan:
+        """The chunks of the next step, within `budget` (default: the hard cap, every
+        decode)."""
+        cap = self.config.max_batched_tokens
+        tokens = cap if budget.tokens is None else budget.tokens
         plan = StepPlan()
-        budget -= self._schedule_decodes(plan, decode_limit, tenants)
-        self._schedule_prefills(plan, min(budget, self.config.max_batched_tokens - plan.num_tokens))
+        tokens -= self._schedule_decodes(plan, budget.decode_limit, budget.tenants)
+        self._schedule_prefills(plan, min(tokens, cap - plan.num_tokens), budget.heavy)
         self.counters["steps"] += 1
         self.counters["decode_tokens"] += sum(c.num_tokens for c in plan.chunks
                                               if c.seq.pending == 1)
@@ -304,24 +317,40 @@ class Scheduler:
                 used += 1
         return used
 
-    def _schedule_prefills(self, plan: StepPlan, budget: int) -> None:
-        # Sequences already running with a partial prefill continue first (the tenant served
-        # least recently first), then new ones.
+    def _schedule_prefills(self, plan: StepPlan, budget: int, heavy: frozenset[str]) -> None:
+        """Prompts within `budget`: those of the tenants not `heavy` first, then the heavy
+        ones'. Of each, sequences already running with a partial prefill continue first (the
+        tenant served least recently first), then new ones are admitted."""
         partial = sorted((s for s in self.running if s.pending > 1),
                          key=lambda s: self.tenant_tokens[s.tenant])
-        for seq in partial:
-            if budget <= 0:
+        groups = [lambda t: t not in heavy, lambda t: t in heavy] if heavy else [lambda t: True]
+        for group in groups:
+            for seq in partial:
+                if budget > 0 and group(seq.tenant):
+                    chunk = self._reserve_chunk(seq, budget)
+                    if chunk:
+                        plan.chunks.append(ScheduledChunk(seq, chunk))
+                        budget -= chunk
+            budget = self._admit_prefills(plan, budget, group)
+            if budget is None:
                 return
-            chunk = self._reserve_chunk(seq, budget)
-            if chunk:
-                plan.chunks.append(ScheduledChunk(seq, chunk))
-                budget -= chunk
-        for seq in self.waiting.in_admission_order(self.tenant_tokens):
-            if budget <= 0 or len(self.running) >= self.config.max_running:
-                break
+
+    def _admit_prefills(self, plan: StepPlan, budget: int, group: Callable[[str], bool]
+                        ) -> int | None:
+        """Admits waiting requests of the tenants in `group` (the tenant served least recently
+        first, each one's oldest first) with a first chunk each, within `budget`: what is
+        left of it, or None when no request behind may pass (a full cache, or one that waited
+        too long for an adapter slot)."""
+        for seq in self.waiting.in_admission_order(self.tenant_tokens.__getitem__):
+            if not group(seq.tenant):
+                continue
+            if budget <= 0:
+                return budget
+            if len(self.running) >= self.config.max_running:
+                return None
             chunk = self._reserve_chunk(seq, budget)
             if not chunk:
-                break
+                return None
             verdict = self.admit(seq)
             if verdict is not Admission.READY:
                 self.cache.free(seq.id)
@@ -332,7 +361,7 @@ class Scheduler:
                 elif verdict is Admission.NO_SLOT:
                     self.slot_waits[seq] += 1
                     if self.slot_waits[seq] > self.config.max_slot_waits:
-                        break  # the running adapters drain until a slot frees for it
+                        return None  # the running adapters drain until a slot frees for it
                 continue
             self.slot_waits.pop(seq, None)
             self.waiting.remove(seq)
@@ -340,6 +369,7 @@ class Scheduler:
             self.running.append(seq)
             plan.chunks.append(ScheduledChunk(seq, chunk))
             budget -= chunk
+        return budget
 
     def _reserve_chunk(self, seq: Sequence, budget: int) -> int:
         """The largest chunk of seq's pending tokens, up to `budget`, that the cache can take."""

@@ -27,6 +27,7 @@ the time-per-output-token target, and the training work that fits beside it.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
@@ -34,6 +35,10 @@ import numpy as np
 # (a, b_serve, c_forward, b_forward, c_backward, b_backward)
 PRIOR = (0.02, 1e-3, 0.01, 1.5e-3, 0.02, 3e-3)
 MIN_SAMPLES = 8  # of a kind before its fit replaces the prior
+# steps of each size (rows 1, 2, 3-4, 5-8, ...) kept for the fit of decode rows and prompt
+# tokens: a long flood of large steps does not make it forget what a small one costs
+SAMPLES_PER_SIZE = 32
+MAX_ROWS = 1 << 20  # decodes_within never answers more
 OUTLIER = 4.0  # a sample this many median absolute residuals off the first fit is dropped
 
 
@@ -45,19 +50,26 @@ class StepTimeModel:
         self._forward: deque[tuple[int, float]] = deque(maxlen=window)  # (tokens, seconds)
         # (tokens, passes, seconds)
         self._backward: deque[tuple[int, int, float]] = deque(maxlen=window)
-        # (decode tokens, prefill tokens, serving seconds), and the fit of them: a decode row
-        # costs more than a prefill row (its attention reads a whole context, its sequence is
-        # sampled and streamed), so a step's mix of the two tells its time better than their
-        # sum where the mix moves (a flood's steps beside another tenant's few requests)
-        self._rows: deque[tuple[int, int, float]] = deque(maxlen=window)
-        self._rows_fit: tuple[float, float, float] | None = None
+        # (decode tokens, prefill tokens, serving seconds) by step size (`_size`), and the fit
+        # of them: a decode row costs more than a prefill row (its attention reads a whole
+        # context, its sequence is sampled and streamed), so a step's mix of the two tells
+        # its time better than their sum where the mix moves (a flood's steps beside another
+        # tenant's few requests). And a row costs less the more there are (on a CPU the
+        # second row of a step cost 23 ms, the tenth 4 ms, SmolLM2 in float32): the
+        # logarithm of the rows is a term of its own (it fitted such steps best, within 2
+        # ms where a square root was 10 ms off and a straight line 20)
+        self._rows: dict[int, deque[tuple[int, int, float]]] = {}
+        self._rows_fit: tuple[float, float, float, float] | None = None
 
     @property
-    def rows(self) -> tuple[float, float, float]:
-        """(a, b_decode, b_prefill): the fit of the steps' decode rows and prompt tokens."""
+    def rows(self) -> tuple[float, float, float, float]:
+        """(a, b_decode, b_prefill, c_rows): the fit of the steps' decode rows and prompt
+        tokens, `predict_rows`."""
         if self._rows_fit is None:
-            self._rows_fit = _fit(self._rows, self._rows_prior()) \
-                if len(self._rows) >= MIN_SAMPLES else self._rows_prior()
+            samples = [(decodes, prefill, _log_rows(decodes + prefill), seconds)
+                       for size in self._rows.values() for decodes, prefill, seconds in size]
+            self._rows_fit = _fit(samples, self._rows_prior()) \
+                if len(samples) >= MIN_SAMPLES else self._rows_prior()
         return self._rows_fit
 
     def observe(self, inference_tokens: int, seconds: float, training_tokens: int = 0,
@@ -71,7 +83,9 @@ class StepTimeModel:
         serving = seconds - forward_seconds - backward_seconds
         self._serving.append((inference_tokens, serving))
         if decode_tokens is not None and inference_tokens:
-            self._rows.append((decode_tokens, inference_tokens - decode_tokens, serving))
+            size = (inference_tokens - 1).bit_length()
+            self._rows.setdefault(size, deque(maxlen=SAMPLES_PER_SIZE)).append(
+                (decode_tokens, inference_tokens - decode_tokens, serving))
             self._rows_fit = None  # fitted again when asked (only tenant isolation asks)
         if training_tokens:
             self._forward.append((training_tokens, forward_seconds))
@@ -110,20 +124,31 @@ class StepTimeModel:
         part, of a forward or of a backward."""
         return max(self.coefficients[2], self.coefficients[4])
 
-    def _rows_prior(self) -> tuple[float, float, float]:
+    def _rows_prior(self) -> tuple[float, float, float, float]:
         a, b_serve = self.coefficients[:2]
-        return a, b_serve, b_serve
+        return a, b_serve, b_serve, 0.0
 
     def predict_rows(self, decodes: int, prefill: int) -> float:
-        """Seconds of a step serving `decodes` decode rows and `prefill` prompt tokens."""
-        a, b_decode, b_prefill = self.rows
-        return a + b_decode * decodes + b_prefill * prefill
+        """Seconds of a step serving `decodes` decode rows and `prefill` prompt tokens:
+        a + b_decode * decodes + b_prefill * prefill + c_rows * log(decodes + prefill)."""
+        a, b_decode, b_prefill, c_rows = self.rows
+        return a + b_decode * decodes + b_prefill * prefill + c_rows * _log_rows(decodes + prefill)
 
     def decodes_within(self, seconds: float, prefill: int) -> int:
         """The most decode rows a step with `prefill` prompt tokens may hold and still take at
-        most `seconds` (0 or more)."""
-        a, b_decode, b_prefill = self.rows
-        return max(0, int((seconds - a - b_prefill * prefill) / b_decode))
+        most `seconds` (0 or more; the prediction grows with the rows, so a bisection)."""
+        if self.predict_rows(0, prefill) > seconds:
+            return 0
+        low, high = 0, 1
+        while self.predict_rows(high, prefill) <= seconds:
+            if high >= MAX_ROWS:
+                return high
+            low, high = high, 2 * high
+        while high - low > 1:  # predict_rows(low) <= seconds < predict_rows(high)
+            middle = (low + high) // 2
+            low, high = (middle, high) if self.predict_rows(middle, prefill) <= seconds \
+                else (low, middle)
+        return low
 
     def inference_budget(self, seconds: float, cap: int) -> int:
         """The most inference tokens a step may hold and still take at most `seconds`."""
@@ -131,11 +156,17 @@ class StepTimeModel:
         return int(max(1, min(cap, (seconds - a) / b_serve)))
 
 
+def _log_rows(rows: int) -> float:
+    return math.log(max(rows, 1))
+
+
 def _fit(samples, prior: tuple[float, ...], per_pass: bool = False) -> tuple[float, ...]:
     """(fixed >= 0, per unit > 0 of each feature...) seconds fitted to samples (features...,
     seconds), or (tokens, passes, seconds) with `per_pass` (the fixed cost then counts once
     per pass). A little ridge toward the prior keeps the fit sane while the features hardly
-    vary; samples far off the first fit are dropped and the fit is made again."""
+    vary; samples far off the first fit are dropped and the fit is made again. A cost the data
+    would make negative is held at zero and the others fitted without it (clamping it after
+    the fit would leave the others fitted to its negative share)."""
     data = np.array(samples, dtype=np.float64)
     features = data[:, :1] if per_pass else data[:, :-1]
     fixed = data[:, 1] if per_pass else np.ones(len(data))
@@ -143,8 +174,16 @@ def _fit(samples, prior: tuple[float, ...], per_pass: bool = False) -> tuple[flo
     ridge = 1e-3 * np.diag([1.0] + [1e2] * features.shape[1])
 
     def solve(rows):
-        xs = x[rows]
-        return np.linalg.solve(xs.T @ xs + ridge, xs.T @ y[rows] + ridge @ np.array(prior))
+        xs, free = x[rows], np.ones(x.shape[1], dtype=bool)
+        while True:
+            coefficients = np.zeros(x.shape[1])
+            part, held = xs[:, free], ridge[np.ix_(free, free)]
+            coefficients[free] = np.linalg.solve(
+                part.T @ part + held, part.T @ y[rows] + held @ np.array(prior)[free])
+            negative = coefficients < 0
+            if not negative.any():
+                return coefficients
+            free &= ~negative
 
     coefficients = solve(slice(None))
     residuals = np.abs(x @ coefficients - y)
