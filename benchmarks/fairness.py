@@ -6,14 +6,14 @@ Tenant "light" sends requests of 4 new tokens one after another. Tenant "flood" 
 `flood` generations of up to 64 tokens in flight, each replaced as it ends. Light's latency
 (the call, from its start to its last token) is measured:
   - unloaded: light alone;
-  - isolated: light beside the flood, as two tenants, on a server with --tenant-isolation
-    1.5 (a step beside light's requests takes at most 1.5 times what they would take alone;
-    the flood's tokens slow down instead);
+  - isolated (1.5) and (1.25): light beside the flood, as two tenants, on servers with
+    --tenant-isolation 1.5 and 1.25 (a step beside light's requests takes at most that many
+    times what they would take alone; the flood's tokens slow down instead);
   - fair shares: the same on a server with the default, no isolation (only fair shares of
     the decodes the TPOT target allows);
   - one tenant: the same requests sent as the flood's own tenant, which no tenant share
     protects (what every request got before the fair shares).
-The four run interleaved over rounds on two servers started side by side (each idles while
+The five run interleaved over rounds on three servers started side by side (each idles while
 the other is measured), each point `duration` seconds; medians of the
 rounds' p50 and p99 are reported, with the flood's tokens per second. Target (issue 18):
 under the flood, light's p99 at most 2 x its unloaded p99.
@@ -35,10 +35,10 @@ from cotune.bench.serving import machine
 from cotune.client import Client
 
 SMALL_TOKENS, FLOOD_TOKENS = 4, 64
-SYSTEMS = ("unloaded", "isolated", "fair shares", "one tenant")
+SYSTEMS = ("unloaded", "isolated (1.5)", "isolated (1.25)", "fair shares", "one tenant")
 # the servers, by the --tenant-isolation they run with (None: the default, 0)
-ISOLATION = "1.5"
-SERVER_OF = {"unloaded": None, "isolated": ISOLATION, "fair shares": None, "one tenant": None}
+SERVER_OF = {"unloaded": None, "isolated (1.5)": "1.5", "isolated (1.25)": "1.25",
+             "fair shares": None, "one tenant": None}
 
 
 def _call_seconds(client: Client, prompt: str, max_tokens: int,
