@@ -172,6 +172,7 @@ class Engine:
             self.lane.add(trainer)
 
     def remove_trainer(self, trainer: Trainer) -> None:
+        """Stops running a job's work (between steps; a job not running is ignored)."""
         if trainer in self.trainers:
             self.trainers.remove(trainer)
             if self.lane is not None:
@@ -429,6 +430,8 @@ class Engine:
             self.on_job_end(trainer, error)
 
     def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> StepOutput:
+        """Appends a sampled token to its request, and ends the request where the token, its
+        stop strings or its length say so (its SLOs counted, its blocks and slot freed)."""
         now = time.monotonic()
         seq.first_token_time = seq.first_token_time or now
         seq.last_token_time = now
@@ -461,6 +464,8 @@ class Engine:
             counters[seq.tenant, kind, "met" if met else "missed"] += 1
 
     def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Refuses an empty prompt, token ids outside the vocabulary, and a prompt whose
+        max_tokens would pass the model's context (ValueError naming what was wrong)."""
         config = self.model.config
         if not prompt_ids:
             raise ValueError("a request needs a non-empty prompt")
