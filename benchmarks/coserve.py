@@ -285,6 +285,7 @@ def run(duration: float, num_adapters: int, new_tokens: int, rounds: int, slice_
         load_thread.start()
         time.sleep(duration / 2)
         sigterm_exit_s = shared.process.stop()
+        load_thread.join()  # its later calls fail on the stopped server, not a closed channel
     finally:
         for server in (shared, split_serve, split_train):
             server.close()
