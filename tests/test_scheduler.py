@@ -241,7 +241,7 @@ def test_waiting_queue_admits_in_the_order_of_preempted_then_least_served_then_o
     expected = sorted(queue, key=lambda s: (s.preemptions == 0, served[s.tenant], s.arrival))
     order = []
     # removing as it goes, as admission does
-    for seq in queue.in_admission_order(served.__getitem__):
+    for seq in queue.in_admission_order(served):
         order.append(seq)
         queue.remove(seq)
     assert order == expected and len(order) == 55 and not queue

@@ -341,9 +341,7 @@ class Scheduler:
         first, each one's oldest first) with a first chunk each, within `budget`: what is
         left of it, or None when no request behind may pass (a full cache, or one that waited
         too long for an adapter slot)."""
-        for seq in self.waiting.in_admission_order(self.tenant_tokens.__getitem__):
-            if not group(seq.tenant):
-                continue
+        for seq in self.waiting.in_admission_order(self.tenant_tokens, group):
             if budget <= 0:
                 return budget
             if len(self.running) >= self.config.max_running:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 
 from cotune.engine.sequence import Sequence
@@ -54,13 +54,17 @@ class WaitingQueue:
         if not queue:
             del self._tenants[seq.tenant]
 
-    def in_admission_order(self, rank: Callable[[str], object]) -> Iterator[Sequence]:
-        """Preempted requests first, then tenant by tenant, the lowest `rank` first (the
-        scheduler's: the tenant served least recently), each tenant's oldest request first.
-        The caller may remove the request it was given before taking the next."""
-        yield from sorted(self._preempted, key=lambda s: (rank(s.tenant), s.arrival))
-        by_rank = sorted(self._tenants, key=rank)
-        for _, tied in itertools.groupby(by_rank, key=rank):
+    def in_admission_order(self, served: Counter[str],
+                           include: Callable[[str], bool] = lambda tenant: True
+                           ) -> Iterator[Sequence]:
+        """The requests of the tenants `include` accepts: preempted ones first, then the
+        tenant served least recently (`served`: its recent tokens) first, each tenant's
+        oldest request first. The caller may remove the request it was given before taking
+        the next."""
+        yield from sorted((s for s in self._preempted if include(s.tenant)),
+                          key=lambda s: (served[s.tenant], s.arrival))
+        by_served = sorted((t for t in self._tenants if include(t)), key=lambda t: served[t])
+        for _, tied in itertools.groupby(by_served, key=lambda t: served[t]):
             # copies: the caller removes what it admits
             yield from heapq.merge(*(tuple(self._tenants[t]) for t in tied),
                                    key=lambda s: s.arrival)
